@@ -1,0 +1,45 @@
+"""Where a job's files live in object storage (the trainer -> storage contract).
+
+    <output.uri>/<namespace>/<name>/<uid>/             one prefix per job (uid: a re-created job
+                                                      with the same name never sees old files)
+        checkpoints/step-<N>/...                      resumable checkpoints
+        adapter/sha256-<hex>/<files>                   the adapter, content-addressed
+        manifest.json                                  written last: present == published
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+MANIFEST_FILE = "manifest.json"
+
+
+def _join(prefix: str, *parts: str) -> str:
+    return "/".join([prefix.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def job_prefix(output_uri: str, namespace: str, name: str, uid: str) -> str:
+    return _join(output_uri, namespace, name, uid) + "/"
+
+
+def checkpoints_prefix(job_prefix_uri: str) -> str:
+    return _join(job_prefix_uri, "checkpoints") + "/"
+
+
+def manifest_uri(job_prefix_uri: str) -> str:
+    return _join(job_prefix_uri, MANIFEST_FILE)
+
+
+def adapter_prefix(job_prefix_uri: str, digest: str) -> str:
+    algorithm, _, hexdigest = digest.partition(":")
+    return _join(job_prefix_uri, "adapter", f"{algorithm}-{hexdigest}") + "/"
+
+
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """``s3://bucket/key`` -> ("s3", "bucket", "key"); ``file:///p`` -> ("file", "", "/p")."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return "s3", parsed.netloc, parsed.path.lstrip("/")
+    if parsed.scheme == "file":
+        return "file", "", parsed.path
+    raise ValueError(f"unsupported storage uri {uri!r} (use s3:// or file://)")

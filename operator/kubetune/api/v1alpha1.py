@@ -1,0 +1,754 @@
+"""The kubetune.io/v1alpha1 API: FineTuneJob and AdapterDeployment, defined once.
+
+`crds/`, the Helm chart's CRDs, defaulting, client-side validation, the CEL rule tests and the
+field reference are generated from the schemas in this module. Edit here, then run
+``kubetune generate`` (CI fails when the generated files differ).
+
+Reserved for later phases of a FineTuneJob (they are not accepted yet, so that nobody relies on a
+field that does nothing): ``spec.baseline`` (evaluate the base model first and stop when it is good
+enough), ``spec.rankSweep`` (pick the LoRA rank on a holdout) and ``spec.tracking`` (MLflow/W&B).
+"""
+
+from __future__ import annotations
+
+from .schema import (
+    DNS_LABEL_PATTERN,
+    array,
+    boolean,
+    integer,
+    number,
+    obj,
+    opaque_object,
+    quantity,
+    quantity_map,
+    rule,
+    string,
+    string_map,
+)
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CATEGORY = "kubetune"
+
+TASKS = ("CausalLM", "SequenceClassification")
+DATASET_FORMATS = ("prompt-completion", "chat", "text", "text-label")
+METHODS = ("LoRA", "QLoRA", "Full", "FreezeThaw")
+PRECISIONS = ("Auto", "BF16", "FP16", "FP32")
+SCHEDULERS = ("linear", "cosine", "constant")
+MAX_LORA_RANK = 512
+
+# --- shared pieces ---------------------------------------------------------------------------------
+
+STORAGE_URI = r"^(s3|file)://.+"
+
+
+def _s3_credentials(what: str) -> dict:
+    return obj(
+        f"Credentials for {what}, read from a Secret in the job's namespace through secretKeyRef "
+        "(never copied into ConfigMaps, arguments or logs).",
+        {
+            "secretName": string("Name of the Secret holding the keys.", pattern=DNS_LABEL_PATTERN, max_length=253),
+            "accessKeyIdKey": string("Key of the access key id in the Secret.", default="AWS_ACCESS_KEY_ID"),
+            "secretAccessKeyKey": string(
+                "Key of the secret access key in the Secret.", default="AWS_SECRET_ACCESS_KEY"
+            ),
+        },
+        required=["secretName"],
+    )
+
+
+def _s3_endpoint() -> dict:
+    return string(
+        "Endpoint URL of an S3-compatible store (MinIO, SeaweedFS, Ceph). Empty means AWS S3.",
+        pattern=r"^https?://.+",
+    )
+
+
+# --- FineTuneJob ------------------------------------------------------------------------------------
+
+BASE_MODEL = obj(
+    "The model to fine-tune.",
+    {
+        "uri": string(
+            "Where the weights come from: hf://ORG/NAME (a Hugging Face repository, or a mirror), "
+            "s3://BUCKET/PREFIX or file:///PATH (a directory in the trainer image or a mounted volume).",
+            pattern=r"^(hf|s3|file)://.+",
+            max_length=1024,
+        ),
+        "revision": string(
+            "Revision to pin (commit, tag or branch) so a rerun trains on the same weights.",
+            default="main",
+            max_length=255,
+        ),
+        "trustRemoteCode": boolean(
+            "Allow custom modelling code shipped with the model. Off by default: it is code execution.",
+            default=False,
+        ),
+        "credentials": obj(
+            "Token for a private model repository, read from a Secret through secretKeyRef.",
+            {
+                "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
+                "tokenKey": string("Key of the token in the Secret.", default="token"),
+            },
+            required=["secretName"],
+        ),
+        "s3": obj(
+            "Access to the model when uri is s3://.",
+            {"endpoint": _s3_endpoint(), "credentials": _s3_credentials("the model bucket")},
+        ),
+    },
+    required=["uri"],
+    rules=[
+        rule(
+            "!has(self.s3) || self.uri.startsWith('s3://')",
+            "baseModel.s3 applies only when baseModel.uri is s3://",
+            field_path=".s3",
+        ),
+    ],
+)
+
+DATASET = obj(
+    "Training data: JSON Lines, one example per line.",
+    {
+        "uri": string("JSONL file: s3://BUCKET/KEY or file:///PATH.", pattern=STORAGE_URI, max_length=1024),
+        "format": string(
+            "Line format. prompt-completion: {prompt, completion}; chat: {messages: [{role, content}]}; "
+            "text: {text}; text-label: {text, label} for sequence classification.",
+            enum=DATASET_FORMATS,
+        ),
+        "validationUri": string(
+            "Optional separate validation file; when set, validationSplit is not used.",
+            pattern=STORAGE_URI,
+            max_length=1024,
+        ),
+        "validationSplit": number(
+            "Fraction of the data held out for evaluation when no validationUri is given.",
+            default=0.1,
+            minimum=0,
+            maximum=0.5,
+        ),
+        "stratifyBy": string(
+            "Field whose values must appear in both splits in proportion (defaults to the label for "
+            "text-label data).",
+            max_length=128,
+        ),
+        "seed": integer("Seed of the shuffle and the split.", default=42, minimum=0),
+        "maxInvalidFraction": number(
+            "Share of invalid lines tolerated (skipped and reported). 0 rejects the dataset on the first "
+            "error class, before any GPU time is spent.",
+            default=0.0,
+            minimum=0,
+            maximum=1,
+        ),
+        "s3": obj(
+            "Access to the data when uri is s3://. Defaults to the output's endpoint and credentials.",
+            {"endpoint": _s3_endpoint(), "credentials": _s3_credentials("the data bucket")},
+        ),
+    },
+    required=["uri", "format"],
+)
+
+LORA = obj(
+    "Low-rank adapter parameters (LoRA and QLoRA).",
+    {
+        "rank": integer("Adapter rank r.", default=16, minimum=1, maximum=MAX_LORA_RANK),
+        "alpha": integer("Scaling alpha; the update is scaled by alpha/r.", default=32, minimum=1, maximum=4096),
+        "dropout": number("Dropout on the adapter input.", default=0.05, minimum=0, maximum=0.9),
+        "targetModules": array(
+            "Module names to adapt (e.g. q_proj, v_proj), or the single entry all-linear for every linear "
+            "layer except the output head. A name that matches no module fails the job at once and lists "
+            "the model's real linear module names.",
+            string("A module name suffix, or all-linear.", min_length=1, max_length=128),
+            default=["all-linear"],
+            min_items=1,
+            max_items=64,
+            list_type="set",
+            rules=[
+                rule(
+                    "!self.exists(m, m == 'all-linear') || size(self) == 1",
+                    "method.lora.targetModules: all-linear cannot be combined with other names",
+                )
+            ],
+        ),
+        "useRslora": boolean("Rank-stabilised scaling alpha/sqrt(r).", default=False),
+    },
+)
+
+QUANTIZATION = obj(
+    "4-bit quantization of the frozen base model (QLoRA, bitsandbytes).",
+    {
+        "bits": integer("Bits per base weight.", default=4, enum=[4]),
+        "quantType": string("4-bit data type; nf4 suits normally distributed weights.", default="nf4",
+                            enum=["nf4", "fp4"]),
+        "doubleQuant": boolean("Quantize the quantization constants too (saves ~0.4 bit/param).", default=True),
+        "computeDtype": string("Dtype of the matmuls on dequantized weights.", default="bfloat16",
+                               enum=["bfloat16", "float16", "float32"]),
+    },
+)
+
+FREEZE_THAW = obj(
+    "Freeze-thaw: train the top blocks and the head, unfreeze one more block when the eval metric "
+    "plateaus.",
+    {
+        "initialTrainableBlocks": integer("Top transformer blocks trainable from the start.", default=2,
+                                          minimum=0),
+        "thawPerPlateau": integer("Blocks unfrozen at each plateau.", default=1, minimum=1),
+        "plateauPatience": integer("Evaluations without improvement that count as a plateau.", default=2,
+                                   minimum=1),
+        "minDelta": number("Smallest improvement of the metric that counts.", default=0.0, minimum=0),
+        "maxTrainableBlocks": integer("Stop thawing at this many blocks (default: all).", minimum=1),
+    },
+    rules=[
+        rule(
+            "!has(self.maxTrainableBlocks) || self.maxTrainableBlocks >= self.initialTrainableBlocks",
+            "method.freezeThaw.maxTrainableBlocks must be >= initialTrainableBlocks",
+            field_path=".maxTrainableBlocks",
+        )
+    ],
+)
+
+METHOD = obj(
+    "How the weights are adapted.",
+    {
+        "type": string("LoRA, QLoRA (LoRA on a 4-bit base), Full, or FreezeThaw.", default="LoRA", enum=METHODS),
+        "lora": LORA,
+        "quantization": QUANTIZATION,
+        "freezeThaw": FREEZE_THAW,
+    },
+    default={},
+    rules=[
+        rule(
+            "self.type != 'QLoRA' || has(self.quantization)",
+            "method.quantization is required when method.type is QLoRA",
+            field_path=".quantization",
+            reason="FieldValueRequired",
+        ),
+        rule(
+            "self.type == 'QLoRA' || !has(self.quantization)",
+            "method.quantization is only valid when method.type is QLoRA",
+            field_path=".quantization",
+        ),
+        rule(
+            "self.type in ['LoRA', 'QLoRA'] || !has(self.lora)",
+            "method.lora is only valid when method.type is LoRA or QLoRA",
+            field_path=".lora",
+        ),
+        rule(
+            "self.type == 'FreezeThaw' || !has(self.freezeThaw)",
+            "method.freezeThaw is only valid when method.type is FreezeThaw",
+            field_path=".freezeThaw",
+        ),
+    ],
+)
+
+TRAINING = obj(
+    "Optimisation hyperparameters. Set exactly one of epochs or maxSteps.",
+    {
+        "epochs": number("Passes over the training split.", minimum=0, exclusive_minimum=True, maximum=1000),
+        "maxSteps": integer("Optimizer steps to run.", minimum=1, maximum=10_000_000),
+        "learningRate": number("Peak learning rate.", default=2e-4, minimum=0, exclusive_minimum=True,
+                               maximum=1),
+        "scheduler": obj(
+            "Learning-rate schedule.",
+            {
+                "type": string("linear decay, cosine decay, or constant, each after warmup.", default="linear",
+                               enum=SCHEDULERS),
+                "warmupRatio": number("Share of the steps spent warming up linearly from 0.", default=0.1,
+                                      minimum=0, maximum=0.5),
+            },
+            default={},
+        ),
+        "weightDecay": number("AdamW weight decay.", default=0.0, minimum=0, maximum=1),
+        "maxGradNorm": number("Gradient clipping norm.", default=1.0, minimum=0, exclusive_minimum=True),
+        "perDeviceBatchSize": integer("Sequences (or packed rows) per device per micro-step.", default=4,
+                                      minimum=1, maximum=4096),
+        "effectiveBatchSize": integer(
+            "Sequences per optimizer step across all devices; gradient accumulation is derived from it, "
+            "the per-device batch and the world size. Default: per-device batch x world size.",
+            minimum=1,
+            maximum=1_000_000,
+        ),
+        "maxSeqLength": integer("Tokens per sequence after tokenisation; longer examples are truncated "
+                                "and counted.", default=2048, minimum=16, maximum=262_144),
+        "precision": string("Auto picks bf16 where the GPU supports it, fp16 with loss scaling otherwise, "
+                            "fp32 on CPU.", default="Auto", enum=PRECISIONS),
+        "gradientCheckpointing": boolean("Recompute activations in backward (non-reentrant).", default=True),
+        "packing": boolean("Padding-free packing of several sequences per row (position ids reset per "
+                           "sequence); off means length-grouped dynamic padding.", default=True),
+        "evalSteps": integer("Evaluate every N optimizer steps (default: once per epoch, or every 10% of "
+                             "maxSteps).", minimum=1),
+        "checkpointSteps": integer("Save a resumable checkpoint to storage every N steps.", default=500,
+                                   minimum=1),
+        "earlyStopping": obj(
+            "Stop when the eval metric stops improving.",
+            {
+                "patience": integer("Evaluations without improvement before stopping.", default=3, minimum=1),
+                "metric": string("Metric to watch.", default="eval_loss",
+                                 enum=["eval_loss", "accuracy", "macro_f1", "perplexity"]),
+                "minDelta": number("Smallest improvement that counts.", default=0.0, minimum=0),
+            },
+        ),
+        "seed": integer("Seed of initialisation, dropout and data order.", default=42, minimum=0),
+    },
+    default={},
+    rules=[
+        rule(
+            "has(self.epochs) != has(self.maxSteps)",
+            "training: set exactly one of training.epochs or training.maxSteps",
+            reason="FieldValueInvalid",
+        ),
+        rule(
+            "!has(self.effectiveBatchSize) || self.effectiveBatchSize >= self.perDeviceBatchSize",
+            "training.effectiveBatchSize must be >= training.perDeviceBatchSize",
+            field_path=".effectiveBatchSize",
+        ),
+    ],
+)
+
+DISTRIBUTED = obj(
+    "Where and how wide training runs: a PyTorchJob of `nodes` pods (1 Master + nodes-1 Workers), "
+    "each running torchrun with one process per GPU.",
+    {
+        "nodes": integer("Pods (machines).", default=1, minimum=1, maximum=1024),
+        "gpusPerNode": integer("GPUs per pod; 0 runs on CPU (gloo), for small models and tests.", default=1,
+                               minimum=0, maximum=16),
+        "processesPerNode": integer("torchrun processes per pod when gpusPerNode is 0.", default=1,
+                                    minimum=1, maximum=256),
+        "deepspeed": obj(
+            "DeepSpeed ZeRO settings; the config is generated from the world size and the method.",
+            {
+                "enabled": boolean("Use DeepSpeed (otherwise plain DDP).", default=True),
+                "zeroStage": integer("ZeRO stage: 3 partitions weights, gradients and optimizer state.",
+                                     default=3, enum=[0, 1, 2, 3]),
+                "offloadOptimizer": boolean("Keep optimizer state in CPU memory.", default=False),
+                "offloadParams": boolean("Keep partitioned weights in CPU memory (ZeRO-3 only).",
+                                         default=False),
+            },
+            default={},
+            rules=[
+                rule(
+                    "!self.offloadParams || self.zeroStage == 3",
+                    "distributed.deepspeed.offloadParams requires distributed.deepspeed.zeroStage 3",
+                    field_path=".offloadParams",
+                ),
+            ],
+        ),
+    },
+    default={},
+    rules=[
+        rule(
+            "self.gpusPerNode == 0 || self.processesPerNode == 1",
+            "distributed.processesPerNode applies only to CPU jobs (gpusPerNode 0): a GPU job runs one "
+            "process per GPU",
+            field_path=".processesPerNode",
+        ),
+    ],
+)
+
+RESOURCES = obj(
+    "Compute resources of each training pod beyond the GPUs.",
+    {
+        "requests": quantity_map("Resource requests (cpu, memory, ephemeral-storage...)."),
+        "limits": quantity_map("Resource limits."),
+        "gpuResourceName": string("Extended resource name of the GPUs.", default="nvidia.com/gpu",
+                                  max_length=253),
+        "sharedMemory": quantity("Size of the memory-backed /dev/shm (NCCL and data loaders need it).",
+                                 default="16Gi"),
+    },
+    default={},
+)
+
+SCHEDULING = obj(
+    "Placement of the training pods.",
+    {
+        "nodeSelector": string_map("Node labels the pods must match."),
+        "tolerations": array("Tolerations (core/v1 Toleration).", opaque_object("A toleration.")),
+        "affinity": opaque_object("Affinity (core/v1 Affinity)."),
+        "priorityClassName": string("PriorityClass of the pods.", max_length=253),
+        "queueName": string("Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the PyTorchJob.",
+                            max_length=253),
+    },
+)
+
+OUTPUT = obj(
+    "Where checkpoints and the published adapter go.",
+    {
+        "uri": string("S3 prefix (s3://BUCKET/PREFIX); each job writes under PREFIX/NAMESPACE/NAME/UID/.",
+                      pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", max_length=1024),
+        "endpoint": _s3_endpoint(),
+        "region": string("Region of the bucket.", default="us-east-1", max_length=64),
+        "credentials": _s3_credentials("the output bucket"),
+        "mergeAdapter": boolean("Also publish the adapter merged into the base weights (QLoRA merges into "
+                                "a bf16 copy of the base, never into 4-bit weights).", default=False),
+    },
+    required=["uri"],
+)
+
+RUN_POLICY = obj(
+    "Lifecycle of the training run, passed through to the PyTorchJob.",
+    {
+        "suspend": boolean("Suspend the run (pods are removed; resume by setting it back to false).",
+                           default=False),
+        "backoffLimit": integer("Retries after retryable failures before the job fails.", default=3, minimum=0,
+                                maximum=100),
+        "activeDeadlineSeconds": integer("Fail the job after this long.", minimum=1),
+        "ttlSecondsAfterFinished": integer("Remove the PyTorchJob this long after it finishes; the "
+                                           "FineTuneJob keeps its final status.", minimum=0),
+    },
+    default={},
+)
+
+FINETUNEJOB_SPEC = obj(
+    "What to fine-tune, on what data, how, and where the adapter goes.",
+    {
+        "baseModel": BASE_MODEL,
+        "task": string("CausalLM (generation) or SequenceClassification (a trainable head is saved with "
+                       "the adapter).", default="CausalLM", enum=TASKS),
+        "labels": array(
+            "Class names for SequenceClassification, in id order (default: discovered from the data, "
+            "sorted).",
+            string("A class name.", min_length=1, max_length=256),
+            max_items=10_000,
+            list_type="set",
+        ),
+        "dataset": DATASET,
+        "method": METHOD,
+        "training": TRAINING,
+        "distributed": DISTRIBUTED,
+        "resources": RESOURCES,
+        "scheduling": SCHEDULING,
+        "image": string("Trainer image override (default: the operator's configured trainer image).",
+                        max_length=1024),
+        "serviceAccountName": string("ServiceAccount of the training pods.", pattern=DNS_LABEL_PATTERN,
+                                     max_length=253),
+        "output": OUTPUT,
+        "runPolicy": RUN_POLICY,
+    },
+    required=["baseModel", "dataset", "output"],
+    rules=[
+        rule(
+            "self.task == 'SequenceClassification' || self.dataset.format != 'text-label'",
+            "dataset.format text-label needs task SequenceClassification",
+            field_path=".dataset.format",
+        ),
+        rule(
+            "self.task != 'SequenceClassification' || self.dataset.format == 'text-label'",
+            "task SequenceClassification needs dataset.format text-label",
+            field_path=".task",
+        ),
+        rule(
+            "!has(self.labels) || self.task == 'SequenceClassification'",
+            "labels apply only to task SequenceClassification",
+            field_path=".labels",
+        ),
+        rule(
+            "self.method.type != 'QLoRA' || self.distributed.gpusPerNode > 0",
+            "method.type QLoRA needs GPUs (distributed.gpusPerNode > 0)",
+            field_path=".distributed.gpusPerNode",
+        ),
+    ],
+)
+
+CONDITION = obj(
+    "A metav1.Condition.",
+    {
+        "type": string("Condition type.", max_length=316),
+        "status": string("True, False or Unknown.", enum=["True", "False", "Unknown"]),
+        "observedGeneration": integer("The .metadata.generation this condition was set against.", minimum=0),
+        "lastTransitionTime": string("When the status last changed.", fmt="date-time"),
+        "reason": string("CamelCase reason.", max_length=1024),
+        "message": string("Human-readable detail.", max_length=32_768),
+    },
+    required=["type", "status", "lastTransitionTime", "reason", "message"],
+)
+
+
+def _conditions() -> dict:
+    schema = array("Conditions (metav1.Condition).", CONDITION, list_type="map")
+    schema["x-kubernetes-list-map-keys"] = ["type"]
+    return schema
+
+
+REPLICA_STATUS = obj(
+    "Pod counts of one replica type.",
+    {
+        "active": integer("Running pods.", minimum=0),
+        "succeeded": integer("Succeeded pods.", minimum=0),
+        "failed": integer("Failed pods.", minimum=0),
+    },
+)
+
+_METRICS = {
+    "type": "object",
+    "description": "Metric name to value.",
+    "additionalProperties": {"type": "number"},
+}
+
+FINETUNEJOB_STATUS = obj(
+    "Observed state, written only by the operator.",
+    {
+        "phase": string("Informational summary; use conditions for decisions.",
+                        enum=["Pending", "Suspended", "Running", "Publishing", "Succeeded", "Failed"]),
+        "observedGeneration": integer("The generation the operator last acted on.", minimum=0),
+        "conditions": _conditions(),
+        "method": string("Method in use.", max_length=32),
+        "rank": integer("LoRA rank in use.", minimum=0),
+        "trainingJob": obj(
+            "The PyTorchJob running the training.",
+            {
+                "name": string("Name of the PyTorchJob.", max_length=253),
+                "configMap": string("Name of the job config ConfigMap.", max_length=253),
+                "generation": integer("Spec generation the training job was created from.", minimum=0),
+            },
+        ),
+        "startTime": string("When training started.", fmt="date-time"),
+        "completionTime": string("When the job finished (succeeded or failed).", fmt="date-time"),
+        "attempts": integer("Training pod launches of the Master replica (1 + retries).", minimum=0),
+        "replicas": {
+            "type": "object",
+            "description": "Pod counts per replica type (Master, Worker).",
+            "additionalProperties": REPLICA_STATUS,
+        },
+        "progress": obj(
+            "Training progress reported by the trainer.",
+            {
+                "step": integer("Optimizer step.", minimum=0),
+                "totalSteps": integer("Planned optimizer steps.", minimum=0),
+                "epoch": number("Fractional epoch."),
+                "percent": integer("Percent of planned steps done.", minimum=0, maximum=100),
+                "trainLoss": number("Latest training loss."),
+                "evalLoss": number("Latest evaluation loss."),
+                "tokensPerSecond": number("Training throughput."),
+                "etaSeconds": integer("Estimated seconds to finish.", minimum=0),
+                "updateTime": string("When the trainer reported this.", fmt="date-time"),
+            },
+        ),
+        "adapter": obj(
+            "The published adapter, recorded only after its manifest was read and verified.",
+            {
+                "uri": string("Content-addressed location of the adapter files.", max_length=2048),
+                "manifestUri": string("Location of manifest.json.", max_length=2048),
+                "digest": string("sha256:HEX over the manifest's file list.", max_length=80),
+                "sizeBytes": integer("Total size of the adapter files.", minimum=0),
+                "metrics": _METRICS,
+                "baselineMetrics": _METRICS,
+                "publishTime": string("When the manifest was written.", fmt="date-time"),
+            },
+        ),
+        "failure": obj(
+            "Why the job failed.",
+            {
+                "reason": string("CamelCase reason.", max_length=1024),
+                "message": string("Detail.", max_length=32_768),
+            },
+        ),
+    },
+)
+
+FINETUNEJOB_PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri"},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
+    {"name": "Rank", "type": "integer", "jsonPath": ".status.rank"},
+    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
+     "description": "Percent of planned steps done"},
+    {"name": "Eval Loss", "type": "number", "jsonPath": ".status.progress.evalLoss"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+# --- AdapterDeployment ------------------------------------------------------------------------------
+
+ADAPTER_SOURCE = obj(
+    "Where an adapter version comes from: a FineTuneJob's published adapter, or a uri with its digest.",
+    {
+        "fineTuneJobRef": obj(
+            "A FineTuneJob in this namespace; resolves to its status.adapter (uri and digest).",
+            {"name": string("Name of the FineTuneJob.", pattern=DNS_LABEL_PATTERN, max_length=253)},
+            required=["name"],
+        ),
+        "uri": string("Location of the adapter's manifest.json or its directory.", pattern=STORAGE_URI,
+                      max_length=2048),
+        "digest": string("Expected sha256:HEX digest of the adapter.", pattern=r"^sha256:[a-f0-9]{64}$"),
+    },
+    rules=[
+        rule(
+            "has(self.fineTuneJobRef) != has(self.uri)",
+            "source: set exactly one of source.fineTuneJobRef or source.uri",
+        ),
+        rule(
+            "!has(self.uri) || has(self.digest)",
+            "source.digest is required with source.uri, so the weights served are the weights meant",
+            field_path=".digest",
+        ),
+    ],
+)
+
+ANALYSIS = obj(
+    "Canary-versus-stable comparison over a window; failing any threshold rolls back.",
+    {
+        "windowSeconds": integer("Length of the comparison window.", default=300, minimum=10),
+        "minRequests": integer("Requests the canary must serve before a verdict.", default=100, minimum=1),
+        "maxErrorRateIncrease": number("Allowed canary error rate minus stable error rate.", default=0.01,
+                                       minimum=0, maximum=1),
+        "maxLatencyRatio": number("Allowed canary/stable p95 latency ratio.", default=1.5, minimum=1),
+        "maxConfidenceDrop": number("Allowed drop of mean confidence against stable.", default=0.05, minimum=0,
+                                    maximum=1),
+    },
+    default={},
+)
+
+CANARY_STEP = obj(
+    "One step of a canary: exactly one of setWeight, pause or analysis.",
+    {
+        "setWeight": integer("Percent of the alias's traffic sent to the canary.", minimum=0, maximum=100),
+        "pause": obj("Wait before the next step.",
+                     {"seconds": integer("Seconds to wait.", minimum=1, maximum=86_400)},
+                     required=["seconds"]),
+        "analysis": ANALYSIS,
+    },
+    rules=[
+        rule(
+            "[has(self.setWeight), has(self.pause), has(self.analysis)].filter(x, x).size() == 1",
+            "strategy.canary.steps[]: set exactly one of setWeight, pause or analysis",
+        )
+    ],
+)
+
+ADAPTER = obj(
+    "An adapter served under a stable alias.",
+    {
+        "name": string("Stable alias clients request as the model name (served namespace-qualified).",
+                       pattern=DNS_LABEL_PATTERN, max_length=63),
+        "source": ADAPTER_SOURCE,
+    },
+    required=["name", "source"],
+)
+
+ADAPTERDEPLOYMENT_SPEC = obj(
+    "Which adapters to serve on which base model, and how new versions roll out.",
+    {
+        "baseModel": obj(
+            "The base model the serving pods run; adapters trained on another base are refused.",
+            {
+                "uri": string("Same form as FineTuneJob spec.baseModel.uri.", pattern=r"^(hf|s3|file)://.+"),
+                "revision": string("Revision of the base model.", default="main"),
+            },
+            required=["uri"],
+        ),
+        "runtime": obj(
+            "Serving pods: a managed vLLM Deployment, or existing pods selected by labels.",
+            {
+                "managed": obj(
+                    "A vLLM Deployment and Service rendered by the operator.",
+                    {
+                        "replicas": integer("Serving pods.", default=1, minimum=0, maximum=1000),
+                        "image": string("vLLM image override.", max_length=1024),
+                        "gpusPerReplica": integer("GPUs per pod (tensor parallel size).", default=1, minimum=0,
+                                                  maximum=16),
+                        "maxLoras": integer("Adapters resident at once per pod.", default=4, minimum=1,
+                                            maximum=256),
+                        "maxLoraRank": integer("Largest rank served (vLLM allows 8, 16, 32, 64, 128, 256, "
+                                               "320, 512); default derived from the adapters.",
+                                               enum=[1, 8, 16, 32, 64, 128, 256, 320, 512]),
+                    },
+                ),
+                "selector": obj(
+                    "Existing serving pods (every matching pod of every replica).",
+                    {"matchLabels": string_map("Labels the serving pods carry.")},
+                    required=["matchLabels"],
+                ),
+            },
+            rules=[rule("has(self.managed) != has(self.selector)",
+                        "runtime: set exactly one of runtime.managed or runtime.selector")],
+        ),
+        "adapters": array("Adapters to serve.", ADAPTER, min_items=1, max_items=256, list_type="map",
+                          rules=[rule("self.all(a, self.exists_one(b, b.name == a.name))",
+                                      "adapters[].name must be unique")]),
+        "strategy": obj(
+            "How a new adapter version replaces the serving one.",
+            {
+                "type": string("Immediate switches every pod; Canary follows the steps.", default="Canary",
+                               enum=["Immediate", "Canary"]),
+                "canary": obj(
+                    "Canary steps.",
+                    {"steps": array("Steps in order.", CANARY_STEP, min_items=1, max_items=64)},
+                    required=["steps"],
+                ),
+                "unloadGraceSeconds": integer("Keep the old version loaded this long after promotion.",
+                                              default=60, minimum=0),
+            },
+            default={},
+            rules=[rule("self.type != 'Canary' || has(self.canary)",
+                        "strategy.canary is required when strategy.type is Canary",
+                        field_path=".canary")],
+        ),
+        "trafficSampling": obj(
+            "Requests and responses sampled to storage for drift analysis.",
+            {
+                "rate": number("Share of requests sampled.", default=0.0, minimum=0, maximum=1),
+                "uri": string("S3 prefix for samples.", pattern=r"^s3://.+"),
+            },
+            default={},
+        ),
+    },
+    required=["baseModel", "runtime", "adapters"],
+)
+# The list-map above is keyed by name.
+ADAPTERDEPLOYMENT_SPEC["properties"]["adapters"]["x-kubernetes-list-map-keys"] = ["name"]
+
+ADAPTERDEPLOYMENT_STATUS = obj(
+    "Observed state, written only by the operator.",
+    {
+        "phase": string("Informational summary.", enum=["Pending", "Progressing", "Ready", "Degraded"]),
+        "observedGeneration": integer("The generation the operator last acted on.", minimum=0),
+        "conditions": _conditions(),
+        "adapters": array(
+            "Per-alias rollout state.",
+            obj(
+                "Versions behind one alias.",
+                {
+                    "name": string("Alias.", max_length=63),
+                    "stable": obj("Serving version.", {"digest": string("Digest.", max_length=80),
+                                                       "uri": string("Location.", max_length=2048)}),
+                    "canary": obj("Candidate version.", {"digest": string("Digest.", max_length=80),
+                                                         "uri": string("Location.", max_length=2048)}),
+                    "canaryWeight": integer("Percent of traffic on the canary.", minimum=0, maximum=100),
+                    "stepIndex": integer("Current canary step.", minimum=0),
+                    "podsReady": integer("Pods serving the desired version.", minimum=0),
+                    "podsTotal": integer("Pods selected.", minimum=0),
+                },
+            ),
+        ),
+    },
+)
+
+ADAPTERDEPLOYMENT_PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri"},
+    {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+KINDS = {
+    "FineTuneJob": {
+        "plural": "finetunejobs",
+        "singular": "finetunejob",
+        "shortNames": ["ftj"],
+        "spec": FINETUNEJOB_SPEC,
+        "status": FINETUNEJOB_STATUS,
+        "printerColumns": FINETUNEJOB_PRINTER_COLUMNS,
+        "description": "Fine-tune a base model with LoRA, QLoRA, full or freeze-thaw training and publish "
+                       "a checksummed adapter to S3.",
+    },
+    "AdapterDeployment": {
+        "plural": "adapterdeployments",
+        "singular": "adapterdeployment",
+        "shortNames": ["adep"],
+        "spec": ADAPTERDEPLOYMENT_SPEC,
+        "status": ADAPTERDEPLOYMENT_STATUS,
+        "printerColumns": ADAPTERDEPLOYMENT_PRINTER_COLUMNS,
+        "description": "Serve versioned LoRA adapters on a base model, rolled out by canary with "
+                       "automatic rollback.",
+    },
+}

@@ -1,0 +1,220 @@
+"""Validation of kubetune objects as the API server would do it, plus checks it cannot do.
+
+Three layers, each reporting errors as ``FieldError(path, message)``:
+
+1. structural: the generated OpenAPI schema (types, enums, bounds, required fields, and unknown
+   fields, which the API server would silently prune);
+2. CEL: every ``x-kubernetes-validations`` rule, evaluated with a CEL engine on the defaulted object;
+3. semantic: rules that need arithmetic across sections (world size, batch divisibility) or knowledge
+   of the engines (DeepSpeed cannot change trainable parameters mid-run).
+
+`kubetune validate`, the operator (before it creates any child) and the tests all call `validate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import cel
+import jsonschema
+
+from . import v1alpha1 as api
+from .crd import custom_resource_definition
+from .schema import apply_defaults, iter_rules, strict_json_schema
+
+
+@dataclass(frozen=True)
+class FieldError:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+@dataclass
+class ValidationResult:
+    errors: list[FieldError] = field(default_factory=list)
+    warnings: list[FieldError] = field(default_factory=list)
+    defaulted: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@functools.cache
+def root_schema(kind: str) -> dict:
+    crd = custom_resource_definition(kind)
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+@functools.cache
+def _structural_validator(kind: str) -> jsonschema.Draft4Validator:
+    schema = strict_json_schema(root_schema(kind))
+    # metadata is validated by the API server itself; status is never written by users
+    schema["properties"]["metadata"] = {"type": "object"}
+    schema["properties"].pop("status", None)
+    schema["additionalProperties"] = True
+    return jsonschema.Draft4Validator(schema)
+
+
+@functools.cache
+def _compiled(rule: str):
+    return cel.compile(rule)
+
+
+def _coerce_numbers(schema: dict, value: Any) -> Any:
+    """Kubernetes CEL sees every `type: number` field as a double, even when written as 0 or 3."""
+    kind = schema.get("type")
+    if kind == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {
+            k: _coerce_numbers(props.get(k, extra if isinstance(extra, dict) else {}), v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_coerce_numbers(schema.get("items", {}), v) for v in value]
+    return value
+
+
+def _json_path(parts) -> str:
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def structural_errors(kind: str, document: dict) -> list[FieldError]:
+    errors = []
+    for error in sorted(_structural_validator(kind).iter_errors(document), key=lambda e: list(e.absolute_path)):
+        path = _json_path(error.absolute_path)
+        message = error.message
+        if error.validator == "additionalProperties":
+            for name in re.findall(r"'([^']+)'", message.split("(", 1)[-1]):
+                errors.append(FieldError(f"{path}.{name}" if path else name, "unknown field"))
+            continue
+        if error.validator == "required":
+            missing = error.message.split("'")[1]
+            path = f"{path}.{missing}" if path else missing
+            message = "required field is missing"
+        errors.append(FieldError(path, message))
+    return errors
+
+
+def cel_errors(kind: str, document: dict) -> list[FieldError]:
+    """Evaluate every CEL rule on the (defaulted) document, as the API server does on create."""
+    root = root_schema(kind)
+    coerced = _coerce_numbers(root, document)
+    errors = []
+    for path, entry, value in iter_rules(root, coerced):
+        program = _compiled(entry["rule"])
+        if "oldSelf" in program.variables():
+            continue  # transition rules apply to updates only
+        try:
+            passed = program.execute({"self": value})
+        except (KeyError, TypeError, RuntimeError, IndexError, ValueError, ZeroDivisionError) as exc:
+            errors.append(FieldError(path, f"rule {entry['rule']!r} could not be evaluated: {exc}"))
+            continue
+        if passed is not True:
+            where = path + entry.get("fieldPath", "") if entry.get("fieldPath") else path
+            errors.append(FieldError(where.lstrip("."), entry["message"]))
+    return errors
+
+
+def world_size(spec: dict) -> int:
+    distributed = spec.get("distributed", {})
+    per_node = distributed.get("gpusPerNode", 1) or distributed.get("processesPerNode", 1)
+    return distributed.get("nodes", 1) * per_node
+
+
+def semantic_errors(spec: dict) -> tuple[list[FieldError], list[FieldError]]:
+    """Checks that need arithmetic across sections. Expects a defaulted spec."""
+    errors: list[FieldError] = []
+    warnings: list[FieldError] = []
+    training = spec.get("training", {})
+    distributed = spec.get("distributed", {})
+    method = spec.get("method", {})
+    deepspeed = distributed.get("deepspeed", {})
+    world = world_size(spec)
+
+    per_device = training.get("perDeviceBatchSize", 1)
+    effective = training.get("effectiveBatchSize")
+    if effective is not None and effective % (per_device * world):
+        errors.append(
+            FieldError(
+                "spec.training.effectiveBatchSize",
+                f"{effective} is not a multiple of perDeviceBatchSize x world size = {per_device} x {world}; "
+                f"gradient accumulation must be a whole number (try {per_device * world * max(1, round(effective / (per_device * world)))})",  # noqa: E501
+            )
+        )
+    if method.get("type") == "FreezeThaw" and deepspeed.get("enabled", True) and world > 1:
+        errors.append(
+            FieldError(
+                "spec.distributed.deepspeed.enabled",
+                "method FreezeThaw unfreezes blocks during the run, which a DeepSpeed engine cannot do after it "
+                "is built; set distributed.deepspeed.enabled to false (DDP) or use one process",
+            )
+        )
+    if distributed.get("gpusPerNode", 1) == 0 and training.get("precision") == "FP16":
+        errors.append(
+            FieldError("spec.training.precision", "FP16 with loss scaling needs GPUs; use FP32 or BF16 on CPU")
+        )
+    if method.get("type") == "QLoRA" and deepspeed.get("enabled", True) and deepspeed.get("offloadParams"):
+        errors.append(
+            FieldError(
+                "spec.distributed.deepspeed.offloadParams",
+                "4-bit quantized weights cannot be offloaded by DeepSpeed; turn offloadParams off for QLoRA",
+            )
+        )
+    if training.get("maxSteps") and training.get("checkpointSteps", 500) > training["maxSteps"]:
+        warnings.append(
+            FieldError(
+                "spec.training.checkpointSteps",
+                f"{training['checkpointSteps']} > maxSteps {training['maxSteps']}: no intermediate checkpoint, "
+                "a restarted run starts over",
+            )
+        )
+    return errors, warnings
+
+
+def resolve_method_defaults(spec: dict) -> dict:
+    """Fill the section of the chosen method with its defaults (`lora` for LoRA/QLoRA, `freezeThaw`
+    for FreezeThaw). The CRD cannot default them itself: they are forbidden for the other methods."""
+    method = dict(spec.get("method", {}))
+    if method.get("type") in ("LoRA", "QLoRA"):
+        method["lora"] = apply_defaults(api.LORA, method.get("lora", {}))
+    if method.get("type") == "FreezeThaw":
+        method["freezeThaw"] = apply_defaults(api.FREEZE_THAW, method.get("freezeThaw", {}))
+    return {**spec, "method": method}
+
+
+def validate(document: dict) -> ValidationResult:
+    """Validate a kubetune object; on success `defaulted` holds it with schema defaults applied."""
+    result = ValidationResult()
+    api_version, kind = document.get("apiVersion"), document.get("kind")
+    if api_version != api.API_VERSION:
+        result.errors.append(FieldError("apiVersion", f"must be {api.API_VERSION}, got {api_version!r}"))
+        return result
+    if kind not in api.KINDS:
+        result.errors.append(FieldError("kind", f"must be one of {sorted(api.KINDS)}, got {kind!r}"))
+        return result
+    result.errors.extend(structural_errors(kind, document))
+    if result.errors:
+        return result  # CEL on a structurally broken object only adds noise
+    defaulted = apply_defaults(root_schema(kind), document)
+    if kind == "FineTuneJob":
+        defaulted = {**defaulted, "spec": resolve_method_defaults(defaulted["spec"])}
+    result.errors.extend(cel_errors(kind, defaulted))
+    if kind == "FineTuneJob" and not result.errors:
+        errors, warnings = semantic_errors(defaulted["spec"])
+        result.errors.extend(errors)
+        result.warnings.extend(warnings)
+    if result.ok:
+        result.defaulted = defaulted
+    return result

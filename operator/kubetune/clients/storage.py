@@ -1,0 +1,226 @@
+"""Object storage for checkpoints, adapters and manifests: S3 (boto3) or a local directory.
+
+Used by the trainer to publish and by the operator to verify. Publishing uploads every file first
+and `manifest.json` last, so a reader never sees a manifest whose files are not all there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.api import manifest as manifest_api
+from kubetune.api import storage_layout
+
+log = logging.getLogger(__name__)
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+
+    def __repr__(self) -> str:  # never print credentials
+        return f"S3Settings(endpoint={self.endpoint!r}, region={self.region!r}, credentials={'set' if self.access_key else 'default chain'})"
+
+
+class ObjectStore:
+    """Reads and writes `s3://` and `file://` URIs."""
+
+    def __init__(self, s3: S3Settings | None = None):
+        self.s3_settings = s3 or S3Settings()
+        self._s3 = None
+
+    @property
+    def s3(self):
+        if self._s3 is None:
+            import boto3
+            from botocore.config import Config
+
+            self._s3 = boto3.client(
+                "s3",
+                endpoint_url=self.s3_settings.endpoint,
+                region_name=self.s3_settings.region or "us-east-1",
+                aws_access_key_id=self.s3_settings.access_key,
+                aws_secret_access_key=self.s3_settings.secret_key,
+                config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+            )
+        return self._s3
+
+    # --- primitives ----------------------------------------------------------------------------
+
+    def read(self, uri: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        scheme, bucket, key = storage_layout.split_uri(uri)
+        if scheme == "file":
+            try:
+                return Path(key).read_bytes()
+            except FileNotFoundError:
+                return None
+        try:
+            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+        except Exception as exc:  # botocore.ClientError without a typed subclass (404 on some stores)
+            if _is_not_found(exc):
+                return None
+            raise
+
+    def size(self, uri: str) -> int | None:
+        scheme, bucket, key = storage_layout.split_uri(uri)
+        if scheme == "file":
+            try:
+                return Path(key).stat().st_size
+            except FileNotFoundError:
+                return None
+        try:
+            return int(self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+
+    def sha256(self, uri: str) -> str | None:
+        scheme, bucket, key = storage_layout.split_uri(uri)
+        digest = hashlib.sha256()
+        if scheme == "file":
+            try:
+                with open(key, "rb") as handle:
+                    while chunk := handle.read(_CHUNK):
+                        digest.update(chunk)
+            except FileNotFoundError:
+                return None
+            return digest.hexdigest()
+        try:
+            body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+        for chunk in body.iter_chunks(_CHUNK):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def write(self, uri: str, data: bytes) -> None:
+        scheme, bucket, key = storage_layout.split_uri(uri)
+        if scheme == "file":
+            target = Path(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # write-then-rename: a reader sees the old file or the whole new one
+            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as handle:
+                handle.write(data)
+            os.replace(handle.name, target)
+            return
+        self.s3.put_object(Bucket=bucket, Key=key, Body=data)
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        scheme, bucket, key = storage_layout.split_uri(uri)
+        if scheme == "file":
+            Path(key).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(key).with_name(Path(key).name + ".partial")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, key)
+            return
+        self.s3.upload_file(str(path), bucket, key)
+
+    def list(self, prefix_uri: str) -> list[str]:
+        scheme, bucket, key = storage_layout.split_uri(prefix_uri)
+        if scheme == "file":
+            root = Path(key)
+            if not root.exists():
+                return []
+            return sorted(f"file://{p}" for p in root.rglob("*") if p.is_file())
+        uris = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            uris.extend(f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", []))
+        return uris
+
+
+def _is_not_found(exc: Exception) -> bool:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- publishing and verifying ------------------------------------------------------------------
+
+
+def publish_adapter(store: ObjectStore, adapter_dir: Path, job_prefix: str, fields: dict) -> dict:
+    """Upload every file of `adapter_dir` under its content-addressed path, then `manifest.json`.
+
+    `fields` carries the rest of the manifest (baseModel, dataset, config, metrics...). Empty files
+    are refused: an adapter with an empty tensor file is a broken save, not something to serve.
+    """
+    adapter_dir = Path(adapter_dir)
+    files = []
+    for path in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        if size == 0:
+            raise ValueError(f"refusing to publish empty file {path.relative_to(adapter_dir)}")
+        files.append({"path": str(path.relative_to(adapter_dir)), "sha256": _file_sha256(path), "size": size})
+    if not files:
+        raise ValueError(f"no files to publish in {adapter_dir}")
+    digest = manifest_api.files_digest(files)
+    prefix = storage_layout.adapter_prefix(job_prefix, digest)
+    for index, entry in enumerate(files, 1):
+        store.upload_file(adapter_dir / entry["path"], prefix + entry["path"])
+        log.info("uploaded adapter file", extra={"file": entry["path"], "n": index, "of": len(files)})
+    document = {
+        **fields,
+        "api": manifest_api.MANIFEST_API,
+        "digest": digest,
+        "adapterPath": prefix[len(job_prefix.rstrip("/")) + 1 :],
+        "files": files,
+        "createdAt": fields.get("createdAt") or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    store.write(storage_layout.manifest_uri(job_prefix), json.dumps(document, indent=2, sort_keys=True).encode())
+    return document
+
+
+def check_published(store: ObjectStore, job_prefix: str, verify_content: bool = True) -> manifest_api.ManifestCheck:
+    """Read `manifest.json`, check its digest, and check every file's size (and sha256 when asked)."""
+    raw = store.read(storage_layout.manifest_uri(job_prefix))
+    if raw is None:
+        return manifest_api.ManifestCheck(found=False)
+    try:
+        document = json.loads(raw)
+    except ValueError as exc:
+        return manifest_api.ManifestCheck(True, [manifest_api.ManifestProblem("ManifestInvalid", f"not JSON: {exc}")])
+    problems = manifest_api.check_document(document)
+    if problems:
+        return manifest_api.ManifestCheck(True, problems, document)
+    adapter_uri = job_prefix.rstrip("/") + "/" + document["adapterPath"].strip("/") + "/"
+    expected_prefix = storage_layout.adapter_prefix(job_prefix, document["digest"])
+    if adapter_uri != expected_prefix:
+        problems.append(manifest_api.ManifestProblem(
+            "DigestMismatch", f"adapterPath {document['adapterPath']!r} is not the digest's path"))
+    for entry in document["files"]:
+        uri = adapter_uri + entry["path"]
+        size = store.size(uri)
+        if size is None:
+            problems.append(manifest_api.ManifestProblem("AdapterFileMissing", f"{entry['path']} is missing"))
+        elif size != entry["size"]:
+            problems.append(manifest_api.ManifestProblem(
+                "AdapterFileCorrupt", f"{entry['path']} has {size} bytes, manifest says {entry['size']}"))
+        elif verify_content and store.sha256(uri) != entry["sha256"]:
+            problems.append(manifest_api.ManifestProblem(
+                "DigestMismatch", f"{entry['path']} does not match its sha256 in the manifest"))
+    return manifest_api.ManifestCheck(True, problems, document, adapter_uri)

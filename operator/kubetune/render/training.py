@@ -1,0 +1,259 @@
+"""Child objects of a FineTuneJob: the job-config ConfigMap and the Kubeflow PyTorchJob.
+
+Pure functions of (FineTuneJob, settings). Names are deterministic, so any number of reconciles,
+restarts or retries converges on exactly one of each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from kubetune.api import jobconfig
+from kubetune.api import v1alpha1 as api
+
+PYTORCHJOB_API = "kubeflow.org/v1"
+CONTAINER_NAME = "pytorch"  # the training operator requires this name
+TRAINER_MODULE = "kubetune_trainer"
+CACHE_DIR = "/var/cache/kubetune"
+RUN_AS_USER = 1000
+
+LABEL_JOB = "kubetune.io/finetunejob"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """Operator-wide settings that shape children (from the operator's flags / Helm values)."""
+
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    default_service_account: str | None = None
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-config"
+
+
+def pytorchjob_name(job_name: str) -> str:
+    return job_name
+
+
+def labels(job_name: str, component: str = "training") -> dict[str, str]:
+    """Recommended labels; user labels (and GitOps tracking labels) are deliberately not copied."""
+    return {
+        "app.kubernetes.io/name": "kubetune-trainer",
+        "app.kubernetes.io/instance": job_name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "kubetune",
+        "app.kubernetes.io/managed-by": "kubetune-operator",
+        LABEL_JOB: job_name,
+    }
+
+
+def owner_reference(job: dict) -> dict:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": "FineTuneJob",
+        "name": job["metadata"]["name"],
+        "uid": job["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def render_job_config(job: dict) -> jobconfig.JobConfig:
+    meta = job["metadata"]
+    return jobconfig.job_config(meta["namespace"], meta["name"], meta["uid"], job["spec"])
+
+
+def render_config_map(job: dict) -> dict:
+    meta = job["metadata"]
+    data = {jobconfig.CONFIG_FILE: render_job_config(job).to_json()}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": labels(meta["name"], "job-config"),
+            "annotations": {ANNOTATION_CONFIG_HASH: config_hash(data)},
+            "ownerReferences": [owner_reference(job)],
+        },
+        "data": data,
+    }
+
+
+def config_hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _s3_env(credentials: dict | None, access_var: str, secret_var: str) -> list[dict]:
+    if not credentials:
+        return []
+    return [
+        _secret_env(access_var, credentials["secretName"], credentials["accessKeyIdKey"]),
+        _secret_env(secret_var, credentials["secretName"], credentials["secretAccessKeyKey"]),
+    ]
+
+
+def trainer_env(spec: dict) -> list[dict]:
+    """Environment of the trainer: credentials only as secretKeyRef, never values."""
+    env = [
+        {"name": "KUBETUNE_JOB_CONFIG", "value": jobconfig.CONFIG_PATH},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "TMPDIR", "value": "/tmp"},
+    ]
+    output = spec["output"]
+    env += _s3_env(output.get("credentials"), jobconfig.ENV_S3_ACCESS_KEY, jobconfig.ENV_S3_SECRET_KEY)
+    data_creds = spec["dataset"].get("s3", {}).get("credentials")
+    env += _s3_env(data_creds, jobconfig.ENV_DATA_S3_ACCESS_KEY, jobconfig.ENV_DATA_S3_SECRET_KEY)
+    model = spec["baseModel"]
+    if model.get("credentials"):
+        env.append(_secret_env(jobconfig.ENV_HF_TOKEN, model["credentials"]["secretName"],
+                               model["credentials"]["tokenKey"]))
+    env += _s3_env(model.get("s3", {}).get("credentials"), jobconfig.ENV_MODEL_S3_ACCESS_KEY,
+                   jobconfig.ENV_MODEL_S3_SECRET_KEY)
+    return env
+
+
+def _resources(spec: dict) -> dict:
+    resources = spec.get("resources", {})
+    gpus = spec["distributed"]["gpusPerNode"]
+    requests = dict(resources.get("requests", {}))
+    limits = dict(resources.get("limits", {}))
+    if gpus:
+        # extended resources must have requests == limits
+        requests[resources.get("gpuResourceName", "nvidia.com/gpu")] = gpus
+        limits[resources.get("gpuResourceName", "nvidia.com/gpu")] = gpus
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _pod_template(job: dict, settings: RenderSettings) -> dict:
+    meta, spec = job["metadata"], job["spec"]
+    scheduling = spec.get("scheduling", {})
+    container = {
+        "name": CONTAINER_NAME,
+        "image": spec.get("image") or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        # torchrun takes --nnodes/--nproc-per-node/--node-rank/--master-* from the PET_* variables
+        # and MASTER_ADDR/PORT that the training operator sets in every replica.
+        "command": ["torchrun", "--module", TRAINER_MODULE, "--config", jobconfig.CONFIG_PATH],
+        "env": trainer_env(spec),
+        "resources": _resources(spec),
+        "volumeMounts": [
+            {"name": "job-config", "mountPath": jobconfig.CONFIG_MOUNT, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": CACHE_DIR},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict = {
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "job-config", "configMap": {"name": config_map_name(meta["name"])}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory",
+                                          "sizeLimit": str(spec.get("resources", {}).get("sharedMemory", "16Gi"))}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+        ],
+        "automountServiceAccountToken": False,
+    }
+    service_account = spec.get("serviceAccountName") or settings.default_service_account
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    if scheduling.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(scheduling["nodeSelector"])
+    if scheduling.get("tolerations"):
+        pod_spec["tolerations"] = list(scheduling["tolerations"])
+    if scheduling.get("affinity"):
+        pod_spec["affinity"] = scheduling["affinity"]
+    if scheduling.get("priorityClassName"):
+        pod_spec["priorityClassName"] = scheduling["priorityClassName"]
+    return {"metadata": {"labels": labels(meta["name"])}, "spec": pod_spec}
+
+
+def _run_policy(spec: dict) -> dict:
+    policy = spec.get("runPolicy", {})
+    run_policy: dict = {
+        "suspend": bool(policy.get("suspend", False)),
+        "backoffLimit": policy.get("backoffLimit", 3),
+        "cleanPodPolicy": "None",
+    }
+    for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        if key in policy:
+            run_policy[key] = policy[key]
+    scheduling = spec.get("scheduling", {})
+    scheduling_policy = {}
+    if scheduling.get("priorityClassName"):
+        scheduling_policy["priorityClass"] = scheduling["priorityClassName"]
+    if scheduling.get("queueName"):
+        scheduling_policy["queue"] = scheduling["queueName"]
+    if scheduling_policy:
+        run_policy["schedulingPolicy"] = scheduling_policy
+    return run_policy
+
+
+def render_pytorchjob(job: dict, settings: RenderSettings) -> dict:
+    """The PyTorchJob for a defaulted FineTuneJob: Master + (nodes-1) Workers, torchrun in each."""
+    meta, spec = job["metadata"], job["spec"]
+    distributed = spec["distributed"]
+    nodes = distributed["nodes"]
+    per_node = distributed["gpusPerNode"] or distributed.get("processesPerNode", 1)
+    template = _pod_template(job, settings)
+    # ExitCode: 128-255 (signals, EXIT_RETRYABLE) are retried, bad input (EXIT_BAD_INPUT) is not.
+    replica_specs = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
+    if nodes > 1:
+        replica_specs["Worker"] = {"replicas": nodes - 1, "restartPolicy": "ExitCode", "template": template}
+    job_labels = labels(meta["name"])
+    if spec.get("scheduling", {}).get("queueName"):
+        job_labels[LABEL_QUEUE] = spec["scheduling"]["queueName"]
+    config = render_config_map(job)
+    return {
+        "apiVersion": PYTORCHJOB_API,
+        "kind": "PyTorchJob",
+        "metadata": {
+            "name": pytorchjob_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": job_labels,
+            "annotations": {ANNOTATION_CONFIG_HASH: config["metadata"]["annotations"][ANNOTATION_CONFIG_HASH]},
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": {
+            "nprocPerNode": str(per_node),
+            "runPolicy": _run_policy(spec),
+            "pytorchReplicaSpecs": replica_specs,
+        },
+    }
+
+
+def render_children(job: dict, settings: RenderSettings) -> list[dict]:
+    """Every child of a defaulted FineTuneJob, in creation order (the ConfigMap first: pods mount it)."""
+    return [render_config_map(job), render_pytorchjob(job, settings)]
