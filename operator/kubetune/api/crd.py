@@ -11,7 +11,8 @@ MAX_JOB_NAME = 45
 NAME_RULES = {
     "FineTuneJob": [
         rule(
-            f"self.metadata.name.size() <= {MAX_JOB_NAME} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+            f"self.metadata.name.size() <= {MAX_JOB_NAME}"
+            " && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
             f"metadata.name must be a DNS-1035 label of at most {MAX_JOB_NAME} characters (lower case, starting "
             "with a letter): the training pods and services are named after it",
             field_path=".metadata.name",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -83,7 +84,8 @@ def numeric_metrics(metrics: object) -> dict[str, float]:
         return {}
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if finite:
             out[str(key)] = float(value)
     return out
 

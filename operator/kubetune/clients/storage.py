@@ -31,7 +31,8 @@ class S3Settings:
     secret_key: str | None = None
 
     def __repr__(self) -> str:  # never print credentials
-        return f"S3Settings(endpoint={self.endpoint!r}, region={self.region!r}, credentials={'set' if self.access_key else 'default chain'})"
+        credentials = "set" if self.access_key else "default chain"
+        return f"S3Settings(endpoint={self.endpoint!r}, region={self.region!r}, credentials={credentials})"
 
 
 class ObjectStore:

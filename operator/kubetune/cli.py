@@ -1,0 +1,155 @@
+"""`kubetune` command line: validate, render, generate, operator."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import yaml
+
+from kubetune.api import crd
+from kubetune.api.validation import validate
+from kubetune.reconcile import finetunejob as ftj
+from kubetune.render import training as render
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GENERATED_CRD_DIRS = ("crds", "charts/kubetune/crds")
+
+
+def _load_documents(path: str) -> list[dict]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def dump_yaml(documents: list[dict]) -> str:
+    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False, width=110)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = False
+    for doc in _load_documents(args.file):
+        name = f"{doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
+        result = validate(doc)
+        for warning in result.warnings:
+            print(f"{name}: warning: {warning}", file=sys.stderr)
+        if result.ok:
+            print(f"{name}: valid")
+        else:
+            failed = True
+            for error in result.errors:
+                print(f"{name}: error: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def preview_job(doc: dict, namespace: str) -> dict:
+    """The object as the API server would hand it to the operator (namespace, uid, generation)."""
+    meta = dict(doc.get("metadata") or {})
+    meta.setdefault("namespace", namespace)
+    meta.setdefault("uid", str(uuid.uuid5(uuid.NAMESPACE_URL, f"kubetune:{meta['namespace']}/{meta.get('name')}")))
+    meta.setdefault("generation", 1)
+    return {**doc, "metadata": meta}
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    settings = ftj.Settings(render=render.RenderSettings(trainer_image=args.trainer_image))
+    out = []
+    for doc in _load_documents(args.file):
+        if doc.get("kind") != "FineTuneJob":
+            print(f"skipping {doc.get('kind')}: only FineTuneJob has children to render", file=sys.stderr)
+            continue
+        job = preview_job(doc, args.namespace)
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        plan = ftj.decide(ftj.Observed(job=job, now=now), settings)
+        if not plan.create:
+            for condition in plan.status.get("conditions", []):
+                if condition["status"] == "False":
+                    print(f"FineTuneJob/{job['metadata']['name']}: {condition['message']}", file=sys.stderr)
+            return 1
+        out.extend(plan.create)
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print(dump_yaml(out), end="")
+    return 0
+
+
+def generated_files() -> dict[str, str]:
+    """Relative path -> content of every file generated from the API definition."""
+    files = {}
+    for filename, document in crd.all_crds().items():
+        text = "# Generated from operator/kubetune/api/v1alpha1.py by `kubetune generate`. Do not edit.\n"
+        text += dump_yaml([document])
+        for directory in GENERATED_CRD_DIRS:
+            files[f"{directory}/{filename}"] = text
+    return files
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    stale = []
+    for relative, content in generated_files().items():
+        target = root / relative
+        current = target.read_text() if target.exists() else None
+        if current == content:
+            continue
+        stale.append(relative)
+        if not args.check:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+    if args.check and stale:
+        print("generated files are out of date (run `kubetune generate`): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    for relative in stale:
+        print(f"wrote {relative}")
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from kubetune.controllers import main as operator_main  # kopf only where it is needed
+
+    return operator_main.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="schema + CEL + semantic checks, errors with field paths")
+    p.add_argument("-f", "--file", required=True, help="YAML file (or - for stdin)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("render", help="print the exact objects the operator would create")
+    p.add_argument("-f", "--file", required=True)
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    p.add_argument("--trainer-image", default=render.RenderSettings().trainer_image)
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("generate", help="write the CRDs generated from the API definition")
+    p.add_argument("--root", default=str(REPO_ROOT))
+    p.add_argument("--check", action="store_true", help="fail if a generated file differs, write nothing")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("operator", help="run the operator (kopf)")
+    p.add_argument("-n", "--namespace", action="append", default=[], help="watch only these namespaces (repeat)")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
+    p.add_argument("--trainer-image", default=render.RenderSettings().trainer_image)
+    p.add_argument("--health-port", type=int, default=8080)
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument("--publish-timeout", type=int, default=600, help="seconds to wait for a manifest")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_operator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""A small asyncio Kubernetes REST client over aiohttp.
+
+kopf watches and calls our handlers; the handlers read and write child objects through this
+client with the same credentials kopf logged in with (`kopf.ConnectionInfo`). It covers what the
+operator needs (get, create, merge-patch, status patch, delete, list, events) and nothing more.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import ssl
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resource:
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{name}"
+        if subresource:
+            base += f"/{subresource}"
+        return base
+
+
+FINETUNEJOBS = Resource("kubetune.io", "v1alpha1", "finetunejobs")
+ADAPTERDEPLOYMENTS = Resource("kubetune.io", "v1alpha1", "adapterdeployments")
+PYTORCHJOBS = Resource("kubeflow.org", "v1", "pytorchjobs")
+CONFIGMAPS = Resource("", "v1", "configmaps")
+SECRETS = Resource("", "v1", "secrets")
+EVENTS = Resource("", "v1", "events")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class KubeClient:
+    def __init__(self, server: str, *, token: str | None = None, ssl_context: ssl.SSLContext | bool | None = None,
+                 timeout: float = 30.0):
+        self.server = server.rstrip("/")
+        self._headers = {"Accept": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_connection_info(cls, info: Any) -> KubeClient:
+        """Build from a `kopf.ConnectionInfo` (what kopf's login handlers return)."""
+        context: ssl.SSLContext | bool | None = None
+        if info.insecure:
+            context = False
+        elif info.ca_path or info.ca_data or info.certificate_path or info.certificate_data:
+            context = ssl.create_default_context(cafile=info.ca_path)
+            if info.ca_data:
+                context.load_verify_locations(cadata=_pem(info.ca_data))
+            if info.certificate_path or info.certificate_data:
+                cert = info.certificate_path or _to_file(info.certificate_data)
+                key = info.private_key_path or _to_file(info.private_key_data)
+                context.load_cert_chain(cert, key)
+        token = info.token
+        return cls(info.server, token=token, ssl_context=context)
+
+    async def _request(self, method: str, path: str, *, json: Any = None, content_type: str | None = None,
+                       params: dict | None = None) -> Any:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        headers = dict(self._headers)
+        if content_type:
+            headers["Content-Type"] = content_type
+        async with self._session.request(method, self.server + path, json=json, headers=headers, params=params,
+                                         ssl=self._ssl) as response:
+            if response.status >= 400:
+                text = await response.text()
+                raise ApiError(response.status, text[:500])
+            if response.content_type == "application/json":
+                return await response.json()
+            return await response.text()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # --- verbs ---------------------------------------------------------------------------------------
+
+    async def get(self, resource: Resource, namespace: str, name: str) -> dict | None:
+        try:
+            return await self._request("GET", resource.path(namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def list(self, resource: Resource, namespace: str | None = None, label_selector: str | None = None
+                   ) -> list[dict]:
+        params = {"labelSelector": label_selector} if label_selector else None
+        result = await self._request("GET", resource.path(namespace), params=params)
+        return list(result.get("items") or [])
+
+    async def create(self, resource: Resource, body: dict) -> tuple[dict, bool]:
+        """Create; on 409 return the existing object. Returns (object, created)."""
+        namespace = body["metadata"].get("namespace")
+        try:
+            return await self._request("POST", resource.path(namespace), json=body), True
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        existing = await self.get(resource, namespace, body["metadata"]["name"])
+        if existing is None:
+            raise ApiError(409, f"{body['metadata']['name']} conflicts but cannot be read")
+        return existing, False
+
+    async def patch(self, resource: Resource, namespace: str, name: str, patch: dict,
+                    subresource: str | None = None) -> dict:
+        return await self._request("PATCH", resource.path(namespace, name, subresource), json=patch,
+                                   content_type="application/merge-patch+json")
+
+    async def delete(self, resource: Resource, namespace: str, name: str) -> bool:
+        try:
+            await self._request("DELETE", resource.path(namespace, name),
+                                json={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+            return True
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    async def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        secret = await self.get(SECRETS, namespace, name)
+        if not secret or key not in (secret.get("data") or {}):
+            return None
+        return base64.b64decode(secret["data"][key]).decode()
+
+    async def post_event(self, involved: dict, event_type: str, reason: str, message: str,
+                         component: str = "kubetune-operator") -> None:
+        meta = involved["metadata"]
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion"),
+                "kind": involved.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": component,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._request("POST", EVENTS.path(meta["namespace"]), json=body)
+        except (ApiError, aiohttp.ClientError) as exc:  # events are best-effort, never fail a reconcile
+            log.warning("could not post event", extra={"reason": reason, "error": str(exc)})
+
+
+def _pem(data: bytes | str) -> str:
+    text = data.decode() if isinstance(data, bytes) else data
+    if "BEGIN CERTIFICATE" in text:
+        return text
+    return base64.b64decode(text).decode()
+
+
+def _to_file(data: bytes | str | None) -> str:
+    with tempfile.NamedTemporaryFile(delete=False, suffix=".pem") as handle:
+        handle.write(data if isinstance(data, bytes) else data.encode())
+    return handle.name

@@ -1,0 +1,154 @@
+"""kopf handlers for FineTuneJob: thin triggers around one level-based reconcile.
+
+Every trigger (the FineTuneJob created, changed or resumed; its PyTorchJob changed; a periodic
+resync) runs the same `reconcile(namespace, name)`: read the FineTuneJob and its children, read the
+manifest when the pure logic asks for it, call `finetunejob.decide`, carry out the plan. A per-job
+lock serialises concurrent triggers; deterministic child names and create-or-get make any number
+of runs, restarts and retries converge on exactly one PyTorchJob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import kopf
+
+from kubetune.api import manifest as manifest_api
+from kubetune.api import v1alpha1 as api
+from kubetune.clients import kube, storage
+from kubetune.reconcile import finetunejob as ftj
+from kubetune.render import training as render
+
+from . import metrics
+
+log = logging.getLogger("kubetune.finetunejob")
+
+
+@dataclass
+class Runtime:
+    """What the handlers share: the API client, settings, and per-object locks."""
+
+    client: kube.KubeClient | None = None
+    settings: ftj.Settings = field(default_factory=ftj.Settings)
+    default_s3: storage.S3Settings = field(default_factory=storage.S3Settings)
+    verify_content: bool = True
+    locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
+
+
+RUNTIME = Runtime()
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def _store_for(job: dict) -> storage.ObjectStore:
+    """Storage access with the job's own output credentials (read from its Secret), else the
+    operator's defaults. Secret values stay in memory and are never logged."""
+    output = job["spec"]["output"]
+    credentials = output.get("credentials")
+    settings = RUNTIME.default_s3
+    endpoint = output.get("endpoint") or settings.endpoint
+    region = output.get("region") or settings.region
+    if credentials:
+        namespace = job["metadata"]["namespace"]
+        access = await RUNTIME.client.secret_value(namespace, credentials["secretName"],
+                                                   credentials.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"))
+        secret = await RUNTIME.client.secret_value(namespace, credentials["secretName"],
+                                                   credentials.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
+        settings = storage.S3Settings(endpoint=endpoint, region=region, access_key=access, secret_key=secret)
+    else:
+        settings = storage.S3Settings(endpoint=endpoint, region=region, access_key=settings.access_key,
+                                      secret_key=settings.secret_key)
+    return storage.ObjectStore(settings)
+
+
+async def _check_manifest(job: dict) -> manifest_api.ManifestCheck:
+    store = await _store_for(job)
+    try:
+        return await asyncio.to_thread(storage.check_published, store, ftj.job_prefix(job), RUNTIME.verify_content)
+    except Exception as exc:  # storage down: treat as "not there yet"; the resync retries
+        log.warning("manifest check failed", extra={"job": job["metadata"]["name"], "error": str(exc)})
+        return manifest_api.ManifestCheck(found=False)
+
+
+async def reconcile(namespace: str, name: str) -> float | None:
+    """One pass of the FineTuneJob control loop. Returns seconds until the next resync, if any."""
+    client = RUNTIME.client
+    async with RUNTIME.locks[(namespace, name)]:
+        started = time.monotonic()
+        job = await client.get(kube.FINETUNEJOBS, namespace, name)
+        if job is None:
+            return None
+        job.setdefault("apiVersion", api.API_VERSION)
+        job.setdefault("kind", "FineTuneJob")
+        config_map = await client.get(kube.CONFIGMAPS, namespace, render.config_map_name(name))
+        pytorchjob = await client.get(kube.PYTORCHJOBS, namespace, render.pytorchjob_name(name))
+        manifest = await _check_manifest(job) if ftj.needs_manifest(job, pytorchjob) else None
+        plan = ftj.decide(
+            ftj.Observed(job=job, now=now_rfc3339(), config_map=config_map, pytorchjob=pytorchjob, manifest=manifest),
+            RUNTIME.settings,
+        )
+        for child in plan.create:
+            resource = kube.CONFIGMAPS if child["kind"] == "ConfigMap" else kube.PYTORCHJOBS
+            _, created = await client.create(resource, child)
+            if created:
+                metrics.CHILDREN_CREATED.labels(kind=child["kind"]).inc()
+                log.info("created child", extra={"job": name, "namespace": namespace, "kind": child["kind"]})
+        if plan.patch_pytorchjob:
+            await client.patch(kube.PYTORCHJOBS, namespace, render.pytorchjob_name(name), plan.patch_pytorchjob)
+        patch = ftj.status_patch(job.get("status"), plan.status)
+        if patch:
+            await client.patch(kube.FINETUNEJOBS, namespace, name, {"status": patch}, subresource="status")
+        for event in plan.events:
+            await client.post_event(job, event.type, event.reason, event.message)
+        old_phase = (job.get("status") or {}).get("phase")
+        new_phase = plan.status.get("phase")
+        if old_phase != new_phase:
+            metrics.PHASE_TRANSITIONS.labels(phase=new_phase or "").inc()
+            log.info("phase", extra={"job": name, "namespace": namespace, "from": old_phase, "to": new_phase})
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        return plan.requeue_after
+
+
+def _owner_name(body: dict) -> str | None:
+    for owner in body.get("metadata", {}).get("ownerReferences") or []:
+        if owner.get("kind") == "FineTuneJob" and owner.get("apiVersion", "").startswith(api.GROUP + "/"):
+            return owner.get("name")
+    return None
+
+
+async def _reconcile_logged(namespace: str, name: str) -> None:
+    try:
+        await reconcile(namespace, name)
+    except kube.ApiError as exc:
+        metrics.RECONCILE_ERRORS.inc()
+        raise kopf.TemporaryError(f"API error: {exc}", delay=5) from exc
+
+
+def register(registry: kopf.OperatorRegistry | None = None) -> None:
+    """Register the handlers (on the given registry, or kopf's default one)."""
+    kw = {"registry": registry} if registry is not None else {}
+
+    @kopf.on.resume(api.GROUP, api.VERSION, "finetunejobs", **kw)
+    @kopf.on.create(api.GROUP, api.VERSION, "finetunejobs", **kw)
+    @kopf.on.update(api.GROUP, api.VERSION, "finetunejobs", field="spec", **kw)
+    async def finetunejob_changed(namespace, name, **_):
+        await _reconcile_logged(namespace, name)
+
+    @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={render.LABEL_JOB: kopf.PRESENT}, **kw)
+    async def pytorchjob_event(body, namespace, type, **_):
+        owner = _owner_name(body)
+        if owner:
+            await _reconcile_logged(namespace, owner)
+
+    @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.resync_seconds,
+                initial_delay=RUNTIME.settings.resync_seconds, idle=None,
+                when=lambda status, **_: (status or {}).get("phase") not in ftj.TERMINAL, **kw)
+    async def finetunejob_resync(namespace, name, **_):
+        await _reconcile_logged(namespace, name)

@@ -1,0 +1,98 @@
+"""Running the operator: logging, login, health probe, metrics, namespace scope, kopf."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+
+import kopf
+from prometheus_client import start_http_server
+
+from kubetune.clients import kube, storage
+from kubetune.reconcile import finetunejob as ftj
+from kubetune.render import training as render
+
+from . import finetunejob
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `extra=` fields become keys. Secrets are never passed to logs."""
+
+    _skip = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                   "message": record.getMessage()}
+        payload.update({k: v for k, v in vars(record).items() if k not in self._skip and not k.startswith("_")})
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+
+
+def configure(settings: kopf.OperatorSettings, *, standalone: bool = True) -> None:
+    settings.peering.standalone = standalone
+    settings.posting.level = logging.WARNING  # our own Events tell the story; kopf's only on problems
+    settings.persistence.finalizer = "kubetune.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.io")
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+
+
+def register_all(registry: kopf.OperatorRegistry | None = None) -> None:
+    finetunejob.register(registry)
+
+    kw = {"registry": registry} if registry is not None else {}
+
+    @kopf.on.startup(**kw)
+    async def startup(settings: kopf.OperatorSettings, **_):
+        configure(settings)
+
+    @kopf.on.probe(id="finetunejob-locks", **kw)
+    def probe(**_):
+        return len(finetunejob.RUNTIME.locks)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.verbose)
+    finetunejob.RUNTIME.settings = ftj.Settings(
+        render=render.RenderSettings(trainer_image=args.trainer_image),
+        publish_timeout_seconds=args.publish_timeout,
+    )
+    finetunejob.RUNTIME.default_s3 = storage.S3Settings(
+        endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT") or None,
+        region=os.environ.get("AWS_REGION") or None,
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+    )
+    register_all()
+
+    @kopf.on.login()
+    def login(**kwargs):
+        try:
+            info = kopf.login_with_service_account(**kwargs)
+        except Exception:  # not in a cluster
+            info = None
+        info = info or kopf.login_with_kubeconfig(**kwargs)
+        finetunejob.RUNTIME.client = kube.KubeClient.from_connection_info(info)
+        return info
+
+    start_http_server(args.metrics_port)
+    if not args.namespace and not args.all_namespaces:
+        raise SystemExit("choose the scope: --all-namespaces, or --namespace NS (repeatable)")
+    asyncio.run(kopf.operator(
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace or None,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+        standalone=True,
+    ))
+    return 0

@@ -1,0 +1,14 @@
+"""Prometheus metrics of the operator (served on --metrics-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+RECONCILE_SECONDS = Histogram(
+    "kubetune_finetunejob_reconcile_seconds",
+    "Duration of one FineTuneJob reconcile pass (API reads, manifest check, writes).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RECONCILE_ERRORS = Counter("kubetune_finetunejob_reconcile_errors_total", "Reconciles that failed with an API error.")
+CHILDREN_CREATED = Counter("kubetune_children_created_total", "Child objects created.", ["kind"])
+PHASE_TRANSITIONS = Counter("kubetune_finetunejob_phase_transitions_total", "FineTuneJob phase changes.", ["phase"])

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, layer contracts, generated-file check, unit and integration tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.tools/bin:$PWD/.venv/bin:$PATH"
+echo "== ruff"
+ruff check operator tests
+echo "== import-linter (operator layers)"
+lint-imports --no-cache
+echo "== generated files"
+kubetune generate --check
+echo "== pytest"
+pytest -q -p no:cacheprovider "$@"
