@@ -439,7 +439,7 @@ FINETUNEJOB_SPEC = obj(
         ),
         rule(
             "!has(self.labels) || self.task == 'SequenceClassification'",
-            "labels apply only to task SequenceClassification",
+            "labels: only valid when task is SequenceClassification",
             field_path=".labels",
         ),
         rule(
@@ -595,7 +595,6 @@ ANALYSIS = obj(
         "maxConfidenceDrop": number("Allowed drop of mean confidence against stable.", default=0.05, minimum=0,
                                     maximum=1),
     },
-    default={},
 )
 
 CANARY_STEP = obj(

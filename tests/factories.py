@@ -1,0 +1,58 @@
+"""Builders of valid kubetune objects for tests; each test mutates a fresh copy."""
+
+from __future__ import annotations
+
+import copy
+
+
+def finetunejob(**spec_overrides) -> dict:
+    doc = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "llama-lora", "namespace": "team-a", "uid": "0b7f-uid", "generation": 1},
+        "spec": {
+            "baseModel": {"uri": "hf://meta-llama/Llama-2-7b-hf", "revision": "abc123"},
+            "dataset": {"uri": "s3://data/train.jsonl", "format": "chat"},
+            "method": {"type": "LoRA", "lora": {"rank": 16}},
+            "training": {"epochs": 3},
+            "distributed": {"nodes": 2, "gpusPerNode": 8},
+            "output": {
+                "uri": "s3://adapters/team-a",
+                "endpoint": "http://127.0.0.1:8333",
+                "credentials": {"secretName": "s3-creds"},
+            },
+        },
+    }
+    doc["spec"].update(copy.deepcopy(spec_overrides))
+    return doc
+
+
+def adapterdeployment() -> dict:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "support", "namespace": "team-a"},
+        "spec": {
+            "baseModel": {"uri": "hf://meta-llama/Llama-2-7b-hf"},
+            "runtime": {"managed": {"replicas": 2}},
+            "adapters": [{"name": "support-bot", "source": {"fineTuneJobRef": {"name": "llama-lora"}}}],
+            "strategy": {
+                "type": "Canary",
+                "canary": {"steps": [{"setWeight": 10}, {"analysis": {}}, {"setWeight": 100}]},
+            },
+        },
+    }
+
+
+def set_path(doc: dict, path: str, value) -> dict:
+    """Return a copy of doc with a dotted path set (value None deletes)."""
+    doc = copy.deepcopy(doc)
+    node = doc
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    if value is None:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = value
+    return doc

@@ -1,0 +1,143 @@
+"""Every CEL rule of the API, evaluated with a CEL engine on an accepted and a rejected example.
+
+A rule added to the schema without a row here fails `test_every_rule_has_examples`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.api import v1alpha1 as api
+from kubetune.api.schema import iter_fields
+from kubetune.api.validation import cel_errors, root_schema, validate
+from tests.factories import adapterdeployment, finetunejob, set_path
+
+F, A = "FineTuneJob", "AdapterDeployment"
+
+# (kind, a distinctive part of the rule, accepted mutations, rejected mutations, expected message part)
+CASES = [
+    (F, "self.metadata.name.size()", {"metadata.name": "a" * 45}, {"metadata.name": "a" * 46}, "metadata.name"),
+    (F, "self.metadata.name.size()", {"metadata.name": "job-1"}, {"metadata.name": "1job"}, "DNS-1035"),
+    (F, "!has(self.s3) || self.uri.startsWith('s3://')",
+     {"spec.baseModel": {"uri": "s3://models/llama", "s3": {"endpoint": "http://minio:9000"}}},
+     {"spec.baseModel": {"uri": "hf://org/m", "s3": {"endpoint": "http://minio:9000"}}}, "baseModel.s3"),
+    (F, "!self.exists(m, m == 'all-linear') || size(self) == 1",
+     {"spec.method.lora": {"targetModules": ["q_proj", "v_proj"]}},
+     {"spec.method.lora": {"targetModules": ["all-linear", "q_proj"]}}, "all-linear cannot be combined"),
+    (F, "self.maxTrainableBlocks >= self.initialTrainableBlocks",
+     {"spec.method": {"type": "FreezeThaw", "freezeThaw": {"initialTrainableBlocks": 2, "maxTrainableBlocks": 4}},
+      "spec.distributed": {"nodes": 1, "gpusPerNode": 1}},
+     {"spec.method": {"type": "FreezeThaw", "freezeThaw": {"initialTrainableBlocks": 3, "maxTrainableBlocks": 2}},
+      "spec.distributed": {"nodes": 1, "gpusPerNode": 1}}, "maxTrainableBlocks must be >= initialTrainableBlocks"),
+    (F, "self.type != 'QLoRA' || has(self.quantization)",
+     {"spec.method": {"type": "QLoRA", "quantization": {}}},
+     {"spec.method": {"type": "QLoRA"}}, "method.quantization is required when method.type is QLoRA"),
+    (F, "self.type == 'QLoRA' || !has(self.quantization)",
+     {"spec.method": {"type": "LoRA"}},
+     {"spec.method": {"type": "LoRA", "quantization": {}}}, "method.quantization is only valid"),
+    (F, "self.type in ['LoRA', 'QLoRA'] || !has(self.lora)",
+     {"spec.method": {"type": "Full"}},
+     {"spec.method": {"type": "Full", "lora": {"rank": 8}}}, "method.lora is only valid"),
+    (F, "self.type == 'FreezeThaw' || !has(self.freezeThaw)",
+     {"spec.method": {"type": "FreezeThaw", "freezeThaw": {}}, "spec.distributed": {"nodes": 1, "gpusPerNode": 1}},
+     {"spec.method": {"type": "LoRA", "freezeThaw": {}}}, "method.freezeThaw is only valid"),
+    (F, "has(self.epochs) != has(self.maxSteps)",
+     {"spec.training": {"maxSteps": 100}},
+     {"spec.training": {"epochs": 1, "maxSteps": 100}}, "exactly one of training.epochs or training.maxSteps"),
+    (F, "has(self.epochs) != has(self.maxSteps)",
+     {"spec.training": {"epochs": 0.5}},
+     {"spec.training": {}}, "exactly one of training.epochs or training.maxSteps"),
+    (F, "self.effectiveBatchSize >= self.perDeviceBatchSize",
+     {"spec.training": {"epochs": 1, "perDeviceBatchSize": 4, "effectiveBatchSize": 64}},
+     {"spec.training": {"epochs": 1, "perDeviceBatchSize": 8, "effectiveBatchSize": 4}},
+     "effectiveBatchSize must be >= training.perDeviceBatchSize"),
+    (F, "!self.offloadParams || self.zeroStage == 3",
+     {"spec.distributed": {"deepspeed": {"zeroStage": 3, "offloadParams": True}}},
+     {"spec.distributed": {"deepspeed": {"zeroStage": 2, "offloadParams": True}}}, "offloadParams requires"),
+    (F, "self.gpusPerNode == 0 || self.processesPerNode == 1",
+     {"spec.distributed": {"gpusPerNode": 0, "processesPerNode": 2, "deepspeed": {"enabled": False}}},
+     {"spec.distributed": {"gpusPerNode": 1, "processesPerNode": 2}}, "processesPerNode applies only to CPU"),
+    (F, "self.task == 'SequenceClassification' || self.dataset.format != 'text-label'",
+     {"spec.task": "SequenceClassification", "spec.dataset": {"uri": "s3://d/x.jsonl", "format": "text-label"}},
+     {"spec.dataset": {"uri": "s3://d/x.jsonl", "format": "text-label"}}, "text-label needs task"),
+    (F, "self.task != 'SequenceClassification' || self.dataset.format == 'text-label'",
+     {"spec.task": "CausalLM"},
+     {"spec.task": "SequenceClassification"}, "task SequenceClassification needs dataset.format text-label"),
+    (F, "!has(self.labels) || self.task == 'SequenceClassification'",
+     {"spec.task": "SequenceClassification", "spec.labels": ["a", "b"],
+      "spec.dataset": {"uri": "s3://d/x.jsonl", "format": "text-label"}},
+     {"spec.labels": ["a", "b"]}, "labels: only valid when task is SequenceClassification"),
+    (F, "self.method.type != 'QLoRA' || self.distributed.gpusPerNode > 0",
+     {"spec.method": {"type": "QLoRA", "quantization": {}}, "spec.distributed": {"gpusPerNode": 1}},
+     {"spec.method": {"type": "QLoRA", "quantization": {}},
+      "spec.distributed": {"gpusPerNode": 0, "deepspeed": {"enabled": False}}}, "QLoRA needs GPUs"),
+    (A, "has(self.fineTuneJobRef) != has(self.uri)",
+     {"spec.adapters": [{"name": "x", "source": {"uri": "s3://b/m.json", "digest": "sha256:" + "a" * 64}}]},
+     {"spec.adapters": [{"name": "x", "source": {"fineTuneJobRef": {"name": "j"}, "uri": "s3://b/m.json",
+                                                 "digest": "sha256:" + "a" * 64}}]}, "exactly one of source"),
+    (A, "!has(self.uri) || has(self.digest)",
+     {"spec.adapters": [{"name": "x", "source": {"uri": "s3://b/m.json", "digest": "sha256:" + "b" * 64}}]},
+     {"spec.adapters": [{"name": "x", "source": {"uri": "s3://b/m.json"}}]}, "source.digest is required"),
+    (A, "[has(self.setWeight), has(self.pause), has(self.analysis)]",
+     {"spec.strategy": {"type": "Canary", "canary": {"steps": [{"pause": {"seconds": 30}}]}}},
+     {"spec.strategy": {"type": "Canary", "canary": {"steps": [{"setWeight": 5, "pause": {"seconds": 30}}]}}},
+     "set exactly one of setWeight, pause or analysis"),
+    (A, "has(self.managed) != has(self.selector)",
+     {"spec.runtime": {"selector": {"matchLabels": {"app": "vllm"}}}},
+     {"spec.runtime": {"managed": {}, "selector": {"matchLabels": {"app": "vllm"}}}}, "exactly one of runtime"),
+    (A, "self.all(a, self.exists_one(b, b.name == a.name))",
+     {"spec.adapters": [{"name": "x", "source": {"fineTuneJobRef": {"name": "j"}}},
+                        {"name": "y", "source": {"fineTuneJobRef": {"name": "k"}}}]},
+     {"spec.adapters": [{"name": "x", "source": {"fineTuneJobRef": {"name": "j"}}},
+                        {"name": "x", "source": {"fineTuneJobRef": {"name": "k"}}}]}, "must be unique"),
+    (A, "self.type != 'Canary' || has(self.canary)",
+     {"spec.strategy": {"type": "Immediate"}},
+     {"spec.strategy": {"type": "Canary"}}, "strategy.canary is required"),
+]
+
+
+def _apply(kind: str, mutations: dict) -> dict:
+    doc = finetunejob() if kind == F else adapterdeployment()
+    for path, value in mutations.items():
+        doc = set_path(doc, path, value)
+    return doc
+
+
+def _all_rules(kind: str) -> set[str]:
+    rules = set()
+    for _, schema in iter_fields(root_schema(kind)):
+        rules.update(entry["rule"] for entry in schema.get("x-kubernetes-validations", []))
+    return rules
+
+
+@pytest.mark.parametrize("kind", [F, A])
+def test_every_rule_has_examples(kind):
+    covered = {case[1] for case in CASES if case[0] == kind}
+    uncovered = [rule for rule in _all_rules(kind) if not any(part in rule for part in covered)]
+    assert uncovered == [], f"CEL rules without accepted/rejected examples: {uncovered}"
+
+
+@pytest.mark.parametrize(("kind", "rule", "accepted", "rejected", "message"), CASES,
+                         ids=[f"{c[0]}:{c[4][:40]}" for c in CASES])
+def test_rule_accepts_and_rejects(kind, rule, accepted, rejected, message):
+    good = validate(_apply(kind, accepted))
+    assert good.ok, good.errors
+    bad = validate(_apply(kind, rejected))
+    assert not bad.ok
+    assert any(message in error.message for error in bad.errors), bad.errors
+
+
+def test_cel_runs_on_defaulted_object():
+    # warmupRatio is defaulted to 0.1 (a double) and offloadParams to false; rules see the defaults
+    doc = finetunejob()
+    result = validate(doc)
+    assert result.ok
+    assert cel_errors(F, result.defaulted) == []
+
+
+def test_all_rules_have_messages_naming_a_field():
+    for kind in api.KINDS:
+        for path, schema in iter_fields(root_schema(kind)):
+            for entry in schema.get("x-kubernetes-validations", []):
+                assert entry.get("message"), (kind, path, entry["rule"])
+                assert "." in entry["message"] or ":" in entry["message"], entry["message"]

@@ -1,0 +1,246 @@
+"""The FineTuneJob state machine, one observation at a time."""
+
+from __future__ import annotations
+
+import copy
+
+from kubetune.api.manifest import ManifestCheck, ManifestProblem
+from kubetune.reconcile import conditions as cond
+from kubetune.reconcile import finetunejob as ftj
+from tests.factories import finetunejob
+
+NOW = "2026-11-28T12:00:00Z"
+SETTINGS = ftj.Settings(publish_timeout_seconds=600)
+MANIFEST = {
+    "api": "kubetune.io/manifest/v1",
+    "digest": "sha256:" + "d" * 64,
+    "adapterPath": "adapter/sha256-" + "d" * 64 + "/",
+    "files": [{"path": "adapter_model.safetensors", "sha256": "e" * 64, "size": 1000},
+              {"path": "adapter_config.json", "sha256": "f" * 64, "size": 24}],
+    "metrics": {"eval_loss": 1.25, "accuracy": 0.9, "note": "text is dropped"},
+    "baselineMetrics": {"eval_loss": 2.5},
+    "createdAt": "2026-11-28T11:59:00Z",
+}
+
+
+def step(job, pytorchjob=None, config_map=True, manifest=None, now=NOW):
+    cm = {"metadata": {"name": "llama-lora-config"}} if config_map else None
+    plan = ftj.decide(ftj.Observed(job=job, now=now, config_map=cm, pytorchjob=pytorchjob, manifest=manifest),
+                      SETTINGS)
+    after = copy.deepcopy(job)
+    after["status"] = plan.status
+    return plan, after
+
+
+def pj(*conditions, suspend=False, replicas=None, start="2026-11-28T11:00:00Z", completion=None):
+    status = {"conditions": [{"type": t, "status": "True", "reason": r, "message": m,
+                              "lastTransitionTime": "2026-11-28T11:30:00Z"} for t, r, m in conditions]}
+    if replicas:
+        status["replicaStatuses"] = replicas
+    if start:
+        status["startTime"] = start
+    if completion:
+        status["completionTime"] = completion
+    return {"metadata": {"name": "llama-lora"}, "spec": {"runPolicy": {"suspend": suspend}}, "status": status}
+
+
+def condition(job, kind):
+    return cond.find(job["status"].get("conditions"), kind)
+
+
+def created_job():
+    plan, job = step(finetunejob(), config_map=False)
+    return job
+
+
+def test_new_job_creates_config_map_then_pytorchjob():
+    plan, job = step(finetunejob(), config_map=False)
+    assert [c["kind"] for c in plan.create] == ["ConfigMap", "PyTorchJob"]
+    assert job["status"]["phase"] == "Pending"
+    assert condition(job, "Accepted")["status"] == "True"
+    assert condition(job, "Accepted")["observedGeneration"] == 1
+    assert job["status"]["trainingJob"] == {"name": "llama-lora", "configMap": "llama-lora-config", "generation": 1}
+    assert job["status"]["rank"] == 16 and job["status"]["method"] == "LoRA"
+    assert [e.reason for e in plan.events] == ["Created", "Pending"]
+
+
+def test_existing_pytorchjob_is_never_created_again():
+    job = created_job()
+    for _ in range(3):
+        plan, job = step(job, pytorchjob=pj())
+        assert plan.create == []
+    plan, _ = step(job, pytorchjob=pj(), config_map=False)
+    assert [c["kind"] for c in plan.create] == ["ConfigMap"]  # pods need it; recreated alone
+
+
+def test_invalid_spec_fails_without_children():
+    doc = finetunejob(training={"epochs": 1, "maxSteps": 5})
+    plan, job = step(doc, config_map=False)
+    assert plan.create == []
+    assert job["status"]["phase"] == "Failed"
+    accepted = condition(job, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
+    assert "training.epochs or training.maxSteps" in accepted["message"]
+    assert plan.events[-1].type == "Warning"
+
+
+def test_fixed_spec_after_invalid_one_proceeds():
+    _, job = step(finetunejob(training={}), config_map=False)
+    assert job["status"]["phase"] == "Failed"
+    job["spec"]["training"] = {"epochs": 1}
+    job["metadata"]["generation"] = 2
+    plan, job = step(job, config_map=False)
+    assert [c["kind"] for c in plan.create] == ["ConfigMap", "PyTorchJob"]
+    assert condition(job, "Accepted")["observedGeneration"] == 2
+
+
+def test_running_restarting_and_attempts_follow_the_pytorchjob():
+    job = created_job()
+    replicas = {"Master": {"active": 1}, "Worker": {"active": 1}}
+    plan, job = step(job, pytorchjob=pj(("Created", "Created", ""), ("Running", "Running", "up"), replicas=replicas))
+    assert job["status"]["phase"] == "Running"
+    assert condition(job, "Running")["status"] == "True"
+    assert job["status"]["startTime"] == "2026-11-28T11:00:00Z"
+    assert job["status"]["replicas"]["Worker"] == {"active": 1, "succeeded": 0, "failed": 0}
+    assert job["status"]["attempts"] == 1
+    assert [e.reason for e in plan.events] == ["Running"]
+    replicas = {"Master": {"active": 1, "failed": 1}}
+    plan, job = step(job, pytorchjob=pj(("Restarting", "Restarting", "pod failed"), replicas=replicas))
+    assert condition(job, "Running")["reason"] == "Restarting"
+    assert job["status"]["attempts"] == 2
+    assert plan.events == []  # phase unchanged: no event storm
+
+
+def test_condition_transition_time_moves_only_on_status_change():
+    job = created_job()
+    _, job = step(job, pytorchjob=pj(("Running", "Running", "")), now="2026-11-28T12:00:00Z")
+    _, job = step(job, pytorchjob=pj(("Running", "Running", "")), now="2026-11-28T12:05:00Z")
+    assert condition(job, "Running")["lastTransitionTime"] == "2026-11-28T12:00:00Z"
+
+
+def test_suspend_and_resume_patch_the_pytorchjob():
+    job = created_job()
+    _, job = step(job, pytorchjob=pj(("Running", "Running", "")))
+    job["spec"]["runPolicy"] = {"suspend": True}
+    job["metadata"]["generation"] = 2
+    plan, job = step(job, pytorchjob=pj(("Running", "Running", "")))
+    assert plan.patch_pytorchjob == {"spec": {"runPolicy": {"suspend": True}}}
+    assert job["status"]["phase"] == "Suspended"
+    assert condition(job, "Suspended")["status"] == "True"
+    assert condition(job, "Running")["status"] == "False"
+    assert condition(job, "Accepted")["reason"] == "TrainingSpecLocked"
+    plan, job = step(job, pytorchjob=pj(("Suspended", "Suspended", ""), suspend=True))
+    assert plan.patch_pytorchjob is None
+    job["spec"]["runPolicy"] = {"suspend": False}
+    job["metadata"]["generation"] = 3
+    plan, job = step(job, pytorchjob=pj(("Suspended", "Suspended", ""), suspend=True))
+    assert plan.patch_pytorchjob == {"spec": {"runPolicy": {"suspend": False}}}
+    assert condition(job, "Suspended")["status"] == "False"
+    plan, job = step(job, pytorchjob=pj(("Running", "Running", "")))
+    assert job["status"]["phase"] == "Running"
+
+
+def test_created_suspended():
+    plan, job = step(finetunejob(runPolicy={"suspend": True}), config_map=False)
+    assert plan.create[1]["spec"]["runPolicy"]["suspend"] is True
+    assert job["status"]["phase"] == "Suspended"
+
+
+def test_failure_carries_the_reason():
+    job = created_job()
+    failed = pj(("Failed", "PyTorchJobFailed", "1 Master replica(s) failed"), completion="2026-11-28T11:40:00Z")
+    plan, job = step(job, pytorchjob=failed)
+    assert job["status"]["phase"] == "Failed"
+    assert job["status"]["failure"] == {"reason": "PyTorchJobFailed", "message": "1 Master replica(s) failed"}
+    assert condition(job, "Failed")["status"] == "True"
+    assert job["status"]["completionTime"] == "2026-11-28T11:40:00Z"
+    assert plan.events[-1].type == "Warning" and plan.events[-1].reason == "PyTorchJobFailed"
+
+
+def test_success_waits_for_the_manifest_then_publishes():
+    job = created_job()
+    succeeded = pj(("Succeeded", "PyTorchJobSucceeded", "done"), completion="2026-11-28T11:55:00Z")
+    assert ftj.needs_manifest(job, succeeded)
+    plan, job = step(job, pytorchjob=succeeded, manifest=ManifestCheck(found=False))
+    assert job["status"]["phase"] == "Publishing"
+    published = condition(job, "AdapterPublished")
+    assert published["status"] == "False" and published["reason"] == "ManifestMissing"
+    assert "manifest.json" in published["message"]
+    assert plan.requeue_after
+    check = ManifestCheck(found=True, document=MANIFEST, adapter_uri="s3://adapters/x/adapter/sha256-d/")
+    plan, job = step(job, pytorchjob=succeeded, manifest=check)
+    assert job["status"]["phase"] == "Succeeded"
+    assert condition(job, "AdapterPublished")["status"] == "True"
+    adapter = job["status"]["adapter"]
+    assert adapter["digest"] == MANIFEST["digest"]
+    assert adapter["sizeBytes"] == 1024
+    assert adapter["metrics"] == {"eval_loss": 1.25, "accuracy": 0.9}
+    assert adapter["baselineMetrics"] == {"eval_loss": 2.5}
+    assert adapter["manifestUri"] == "s3://adapters/team-a/team-a/llama-lora/0b7f-uid/manifest.json"
+    assert job["status"]["progress"]["evalLoss"] == 1.25
+    assert plan.events[-1].reason == "AdapterPublished"
+    assert not ftj.needs_manifest(job, succeeded)
+
+
+def test_missing_manifest_fails_after_the_timeout():
+    job = created_job()
+    succeeded = pj(("Succeeded", "PyTorchJobSucceeded", "done"), completion="2026-11-28T11:50:00Z")
+    _, job = step(job, pytorchjob=succeeded, manifest=ManifestCheck(found=False), now="2026-11-28T11:59:59Z")
+    assert job["status"]["phase"] == "Publishing"
+    _, job = step(job, pytorchjob=succeeded, manifest=ManifestCheck(found=False), now="2026-11-28T12:00:00Z")
+    assert job["status"]["phase"] == "Failed"
+    assert job["status"]["failure"]["reason"] == "ManifestMissing"
+
+
+def test_digest_mismatch_is_never_published():
+    job = created_job()
+    succeeded = pj(("Succeeded", "PyTorchJobSucceeded", "done"))
+    check = ManifestCheck(True, [ManifestProblem("DigestMismatch", "adapter_model.safetensors does not match")],
+                          MANIFEST)
+    plan, job = step(job, pytorchjob=succeeded, manifest=check)
+    assert job["status"]["phase"] == "Failed"
+    assert condition(job, "AdapterPublished")["status"] == "False"
+    assert condition(job, "AdapterPublished")["reason"] == "DigestMismatch"
+    assert "adapter" not in job["status"]
+
+
+def test_finished_job_survives_ttl_removal_of_the_pytorchjob():
+    job = created_job()
+    check = ManifestCheck(found=True, document=MANIFEST, adapter_uri="s3://a/")
+    _, job = step(job, pytorchjob=pj(("Succeeded", "S", "")), manifest=check)
+    final = copy.deepcopy(job["status"])
+    plan, job = step(job, pytorchjob=None, config_map=False)
+    assert plan.create == [] and plan.patch_pytorchjob is None
+    assert job["status"] == final
+
+
+def test_pytorchjob_removed_before_we_saw_success_is_recovered_from_the_manifest():
+    job = created_job()
+    _, job = step(job, pytorchjob=pj(("Running", "Running", "")))
+    assert ftj.needs_manifest(job, None)
+    check = ManifestCheck(found=True, document=MANIFEST, adapter_uri="s3://a/")
+    plan, job = step(job, pytorchjob=None, manifest=check)
+    assert plan.create == []
+    assert job["status"]["phase"] == "Succeeded"
+
+
+def test_pytorchjob_deleted_mid_run_fails_instead_of_restarting():
+    job = created_job()
+    _, job = step(job, pytorchjob=pj(("Running", "Running", "")))
+    plan, job = step(job, pytorchjob=None, manifest=ManifestCheck(found=False))
+    assert plan.create == []
+    assert job["status"]["failure"]["reason"] == "TrainingJobLost"
+
+
+def test_deleting_job_decides_nothing():
+    job = created_job()
+    job["metadata"]["deletionTimestamp"] = NOW
+    plan, after = step(job, pytorchjob=None, config_map=False)
+    assert plan.create == [] and plan.events == [] and after["status"] == job["status"]
+
+
+def test_status_patch_is_minimal_and_removes_keys():
+    old = {"phase": "Running", "progress": {"step": 1, "evalLoss": 2.0}, "failure": {"reason": "x"}}
+    new = {"phase": "Running", "progress": {"step": 2, "evalLoss": 2.0}}
+    assert ftj.status_patch(old, new) == {"progress": {"step": 2}, "failure": None}
+    assert ftj.status_patch(new, new) == {}

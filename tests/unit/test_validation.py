@@ -1,0 +1,85 @@
+"""Client-side validation: structural errors with field paths, unknown fields, semantic checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.api.validation import validate
+from tests.factories import finetunejob, set_path
+
+
+def errors_of(doc) -> list[str]:
+    return [str(e) for e in validate(doc).errors]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), [
+    ("spec.method.lora", {"rank": 0}, "spec.method.lora.rank: 0 is less than the minimum of 1"),
+    ("spec.method.lora", {"rank": 513}, "spec.method.lora.rank: 513 is greater than the maximum of 512"),
+    ("spec.method.type", "Adapter", "spec.method.type: 'Adapter' is not one of"),
+    ("spec.dataset.format", "csv", "spec.dataset.format: 'csv' is not one of"),
+    ("spec.dataset.uri", "http://x/y.jsonl", "spec.dataset.uri: 'http://x/y.jsonl' does not match"),
+    ("spec.output.uri", "s3://", "spec.output.uri"),
+    ("spec.training.learningRate", 0, "spec.training.learningRate: 0 is less than or equal to the minimum of 0"),
+    ("spec.training.precision", "bf16", "spec.training.precision: 'bf16' is not one of"),
+    ("spec.distributed.deepspeed", {"zeroStage": 4}, "spec.distributed.deepspeed.zeroStage: 4 is not one of"),
+    ("spec.resources", {"sharedMemory": "lots"}, "spec.resources.sharedMemory"),
+    ("spec.output", None, "spec.output: required field is missing"),
+    ("spec.training.learningrate", 0.1, "spec.training.learningrate: unknown field"),
+    ("spec.scheduling", {"queue": "x"}, "spec.scheduling.queue: unknown field"),
+])
+def test_structural_errors_name_the_field(path, value, expected):
+    errors = errors_of(set_path(finetunejob(), path, value))
+    assert any(expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"training": {"epochs": 1, "perDeviceBatchSize": 4, "effectiveBatchSize": 100}},
+     "spec.training.effectiveBatchSize: 100 is not a multiple of perDeviceBatchSize x world size = 4 x 16"),
+    ({"method": {"type": "FreezeThaw"}}, "spec.distributed.deepspeed.enabled: method FreezeThaw"),
+    ({"distributed": {"gpusPerNode": 0, "deepspeed": {"enabled": False}}, "training": {"epochs": 1,
+                                                                                         "precision": "FP16"}},
+     "spec.training.precision: FP16 with loss scaling needs GPUs"),
+    ({"method": {"type": "QLoRA", "quantization": {}},
+      "distributed": {"gpusPerNode": 1, "deepspeed": {"offloadParams": True}}},
+     "spec.distributed.deepspeed.offloadParams: 4-bit quantized weights"),
+])
+def test_semantic_errors(overrides, expected):
+    errors = errors_of(finetunejob(**overrides))
+    assert any(expected in e for e in errors), errors
+
+
+def test_checkpoint_interval_beyond_the_run_is_a_warning():
+    result = validate(finetunejob(training={"maxSteps": 100}))
+    assert result.ok
+    assert any("checkpointSteps" in str(w) for w in result.warnings)
+
+
+def test_defaults_fill_every_section():
+    spec = validate(finetunejob()).defaulted["spec"]
+    assert spec["task"] == "CausalLM"
+    assert spec["training"]["scheduler"] == {"type": "linear", "warmupRatio": 0.1}
+    assert spec["training"]["precision"] == "Auto"
+    assert spec["distributed"]["deepspeed"]["zeroStage"] == 3
+    assert spec["runPolicy"] == {"suspend": False, "backoffLimit": 3}
+    assert spec["dataset"]["validationSplit"] == 0.1
+    qlora = validate(finetunejob(method={"type": "QLoRA", "quantization": {}},
+                                 distributed={"gpusPerNode": 1})).defaulted["spec"]["method"]
+    assert qlora["quantization"] == {"bits": 4, "quantType": "nf4", "doubleQuant": True,
+                                     "computeDtype": "bfloat16"}
+    assert qlora["lora"]["rank"] == 16
+    freeze = validate(finetunejob(method={"type": "FreezeThaw"}, distributed={"nodes": 1, "gpusPerNode": 1})
+                      ).defaulted["spec"]["method"]
+    assert freeze["freezeThaw"]["initialTrainableBlocks"] == 2 and "lora" not in freeze
+
+
+def test_wrong_api_version_or_kind():
+    assert errors_of(set_path(finetunejob(), "apiVersion", "kubetune.io/v1")) == [
+        "apiVersion: must be kubetune.io/v1alpha1, got 'kubetune.io/v1'"]
+    assert "kind: must be one of" in errors_of(set_path(finetunejob(), "kind", "Job"))[0]
+
+
+def test_validation_does_not_modify_its_input():
+    doc = finetunejob()
+    before = repr(doc)
+    validate(doc)
+    assert repr(doc) == before
