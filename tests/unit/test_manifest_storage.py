@@ -91,7 +91,7 @@ def test_manifest_edited_after_publishing_fails_digest(adapter_dir, job_prefix):
 def test_empty_files_are_refused_and_nothing_is_published(adapter_dir, job_prefix):
     (adapter_dir / "adapter_model.safetensors").write_bytes(b"")
     store = ObjectStore()
-    with pytest.raises(ValueError, match="empty file adapter_model.safetensors"):
+    with pytest.raises(ValueError, match=r"empty file adapter_model\.safetensors"):
         publish_adapter(store, adapter_dir, job_prefix, {})
     assert store.list(job_prefix) == []
 

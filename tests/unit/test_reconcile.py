@@ -49,7 +49,7 @@ def condition(job, kind):
 
 
 def created_job():
-    plan, job = step(finetunejob(), config_map=False)
+    _, job = step(finetunejob(), config_map=False)
     return job
 
 
@@ -197,7 +197,7 @@ def test_digest_mismatch_is_never_published():
     succeeded = pj(("Succeeded", "PyTorchJobSucceeded", "done"))
     check = ManifestCheck(True, [ManifestProblem("DigestMismatch", "adapter_model.safetensors does not match")],
                           MANIFEST)
-    plan, job = step(job, pytorchjob=succeeded, manifest=check)
+    _, job = step(job, pytorchjob=succeeded, manifest=check)
     assert job["status"]["phase"] == "Failed"
     assert condition(job, "AdapterPublished")["status"] == "False"
     assert condition(job, "AdapterPublished")["reason"] == "DigestMismatch"
