@@ -57,6 +57,11 @@ def register_all(registry: kopf.OperatorRegistry | None = None) -> None:
     async def startup(settings: kopf.OperatorSettings, **_):
         configure(settings)
 
+    @kopf.on.cleanup(**kw)
+    async def cleanup(**_):
+        if finetunejob.RUNTIME.client is not None:
+            await finetunejob.RUNTIME.client.close()
+
     @kopf.on.probe(id="finetunejob-locks", **kw)
     def probe(**_):
         return len(finetunejob.RUNTIME.locks)

@@ -1,0 +1,289 @@
+"""FineTuneJob flows through kopf + KMock + SeaweedFS, the way a user's `kubectl apply` drives them."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+
+import kmock
+import pytest
+
+from kubetune.api import storage_layout
+from kubetune.clients import kube
+from kubetune.clients.storage import publish_adapter
+from kubetune.controllers import finetunejob as ftj_controller
+from kubetune.reconcile import conditions as cond
+from tests.factories import finetunejob
+
+from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+
+pytestmark = pytest.mark.integration
+
+
+def job_doc(name: str, s3_endpoint: str, **overrides) -> dict:
+    doc = finetunejob(**overrides)
+    doc["metadata"] = {"name": name, "namespace": NS}
+    doc["spec"]["output"] = {"uri": f"s3://{BUCKET}/jobs", "endpoint": s3_endpoint,
+                             "credentials": {"secretName": "s3-creds"}}
+    return doc
+
+
+async def submit(api, s3_server, name: str, **overrides) -> dict:
+    await api.create_secret("s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+    created, _ = await api.client.create(kube.FINETUNEJOBS, job_doc(name, s3_server.endpoint, **overrides))
+    return created
+
+
+async def status_of(api, name: str) -> dict:
+    job = await api.get(kube.FINETUNEJOBS, name)
+    return (job or {}).get("status") or {}
+
+
+async def wait_phase(api, name: str, phase: str, timeout: float = 10.0) -> dict:
+    async def check():
+        status = await status_of(api, name)
+        return status if status.get("phase") == phase else None
+    return await eventually(check, timeout=timeout)
+
+
+def condition(status: dict, kind: str) -> dict:
+    return cond.find(status.get("conditions"), kind) or {}
+
+
+async def events_for(api, name: str) -> list[dict]:
+    return [e for e in await api.list(kube.EVENTS) if e.get("involvedObject", {}).get("name") == name]
+
+
+def fake_adapter(tmp_path, content: bytes = b"\x07" * 2048):
+    root = tmp_path / "adapter"
+    root.mkdir(exist_ok=True)
+    (root / "adapter_model.safetensors").write_bytes(content)
+    (root / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32}))
+    return root
+
+
+async def test_create_renders_configmap_and_pytorchjob(operator, api, s3_server):
+    created = await submit(api, s3_server, "create-job")
+    pytorchjob = await eventually(lambda: api.get(kube.PYTORCHJOBS, "create-job"))
+    config_map = await api.get(kube.CONFIGMAPS, "create-job-config")
+    assert config_map is not None
+    config = json.loads(config_map["data"]["config.json"])
+    assert config["job"]["uid"] == created["metadata"]["uid"]
+    assert pytorchjob["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    assert pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    status = await wait_phase(api, "create-job", "Pending")
+    assert condition(status, "Accepted")["status"] == "True"
+    assert condition(status, "Accepted")["observedGeneration"] == created["metadata"]["generation"]
+    assert status["trainingJob"]["name"] == "create-job"
+    events = await eventually(lambda: events_for(api, "create-job"))
+    assert {"Created"} <= {e["reason"] for e in events}
+    assert SECRET_KEY not in json.dumps(await api.list(kube.EVENTS)) + json.dumps(config_map)
+
+
+async def test_pytorchjob_conditions_flow_into_status(operator, api, s3_server):
+    await submit(api, s3_server, "run-job")
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "run-job"))
+    await api.set_pytorchjob_conditions(
+        "run-job", ("Created", "PyTorchJobCreated", "created"), ("Running", "PyTorchJobRunning", "running"),
+        startTime="2026-11-28T11:00:00Z",
+        replicaStatuses={"Master": {"active": 1}, "Worker": {"active": 1}})
+    status = await wait_phase(api, "run-job", "Running")
+    assert condition(status, "Running")["status"] == "True"
+    assert status["startTime"] == "2026-11-28T11:00:00Z"
+    assert status["replicas"]["Worker"]["active"] == 1
+    assert status["attempts"] == 1
+    await api.set_pytorchjob_conditions(
+        "run-job", ("Restarting", "PyTorchJobRestarting", "master exited 143"),
+        replicaStatuses={"Master": {"active": 1, "failed": 1}, "Worker": {"active": 1}})
+    status = await eventually(lambda: _attempts_at_least(api, "run-job", 2))
+    assert condition(status, "Running")["reason"] == "Restarting"
+
+
+async def _attempts_at_least(api, name, n):
+    status = await status_of(api, name)
+    return status if status.get("attempts", 0) >= n else None
+
+
+async def test_success_with_manifest_publishes_the_adapter(operator, api, s3_server, tmp_path):
+    created = await submit(api, s3_server, "ok-job")
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "ok-job"))
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/jobs", NS, "ok-job", created["metadata"]["uid"])
+    manifest = publish_adapter(s3_server.store(), fake_adapter(tmp_path), prefix,
+                               {"metrics": {"eval_loss": 0.42, "accuracy": 0.91},
+                                "baselineMetrics": {"eval_loss": 1.9}})
+    completed = ftj_controller.now_rfc3339()
+    await api.set_pytorchjob_conditions("ok-job", ("Succeeded", "PyTorchJobSucceeded", "done"),
+                                        completionTime=completed)
+    status = await wait_phase(api, "ok-job", "Succeeded")
+    published = condition(status, "AdapterPublished")
+    assert published["status"] == "True" and published["reason"] == "Verified"
+    adapter = status["adapter"]
+    assert adapter["digest"] == manifest["digest"]
+    assert adapter["uri"] == storage_layout.adapter_prefix(prefix, manifest["digest"])
+    assert adapter["sizeBytes"] == sum(f["size"] for f in manifest["files"])
+    assert adapter["metrics"] == {"eval_loss": 0.42, "accuracy": 0.91}
+    assert status["completionTime"] == completed
+    events = await eventually(lambda: events_for(api, "ok-job"))
+    assert "AdapterPublished" in {e["reason"] for e in events}
+
+
+async def test_missing_manifest_is_not_published_until_it_appears(operator, api, s3_server, tmp_path):
+    created = await submit(api, s3_server, "late-job")
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "late-job"))
+    await api.set_pytorchjob_conditions("late-job", ("Succeeded", "PyTorchJobSucceeded", "done"))
+    status = await wait_phase(api, "late-job", "Publishing")
+    published = condition(status, "AdapterPublished")
+    assert published["status"] == "False" and published["reason"] == "ManifestMissing"
+    assert "adapter" not in status
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/jobs", NS, "late-job", created["metadata"]["uid"])
+    publish_adapter(s3_server.store(), fake_adapter(tmp_path), prefix, {})
+    status = await wait_phase(api, "late-job", "Succeeded")  # found by the periodic resync
+    assert condition(status, "AdapterPublished")["status"] == "True"
+
+
+async def test_manifest_that_never_appears_fails_the_job(operator, api, s3_server):
+    await submit(api, s3_server, "lost-job")
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "lost-job"))
+    await api.set_pytorchjob_conditions("lost-job", ("Succeeded", "PyTorchJobSucceeded", "done"),
+                                        completionTime="2026-11-28T00:00:00Z")
+    status = await wait_phase(api, "lost-job", "Failed")
+    assert status["failure"]["reason"] == "ManifestMissing"
+    assert condition(status, "AdapterPublished")["status"] == "False"
+
+
+async def test_tampered_adapter_is_refused(operator, api, s3_server, tmp_path):
+    created = await submit(api, s3_server, "bad-digest")
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "bad-digest"))
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/jobs", NS, "bad-digest", created["metadata"]["uid"])
+    manifest = publish_adapter(s3_server.store(), fake_adapter(tmp_path), prefix, {})
+    # same size, different bytes: only a content check can see it
+    _, bucket, key = storage_layout.split_uri(prefix + manifest["adapterPath"] + "adapter_model.safetensors")
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"\x08" * 2048)
+    await api.set_pytorchjob_conditions("bad-digest", ("Succeeded", "PyTorchJobSucceeded", "done"))
+    status = await wait_phase(api, "bad-digest", "Failed")
+    published = condition(status, "AdapterPublished")
+    assert published["status"] == "False" and published["reason"] == "DigestMismatch"
+    assert "adapter_model.safetensors" in published["message"]
+    assert "adapter" not in status
+
+
+async def test_training_failure_carries_the_reason(operator, api, s3_server):
+    await submit(api, s3_server, "fail-job")
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "fail-job"))
+    await api.set_pytorchjob_conditions(
+        "fail-job", ("Failed", "PyTorchJobFailed", "PyTorchJob team-a/fail-job is failed because 1 Master replica(s) "
+                                                   "failed."))
+    status = await wait_phase(api, "fail-job", "Failed")
+    assert status["failure"]["reason"] == "PyTorchJobFailed"
+    assert "1 Master replica(s) failed" in condition(status, "Failed")["message"]
+    events = await eventually(lambda: events_for(api, "fail-job"))
+    assert any(e["type"] == "Warning" and e["reason"] == "PyTorchJobFailed" for e in events)
+
+
+async def test_suspend_and_resume(operator, api, s3_server):
+    await submit(api, s3_server, "pause-job")
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "pause-job"))
+    await api.set_pytorchjob_conditions("pause-job", ("Running", "PyTorchJobRunning", "running"))
+    await wait_phase(api, "pause-job", "Running")
+    await api.client.patch(kube.FINETUNEJOBS, NS, "pause-job", {"spec": {"runPolicy": {"suspend": True}}})
+
+    async def suspended_pj():
+        pj = await api.get(kube.PYTORCHJOBS, "pause-job")
+        return pj if pj["spec"]["runPolicy"]["suspend"] is True else None
+    await eventually(suspended_pj)
+    await api.set_pytorchjob_conditions("pause-job", ("Suspended", "PyTorchJobSuspended", "suspended"))
+    status = await wait_phase(api, "pause-job", "Suspended")
+    assert condition(status, "Suspended")["status"] == "True"
+    await api.client.patch(kube.FINETUNEJOBS, NS, "pause-job", {"spec": {"runPolicy": {"suspend": False}}})
+
+    async def resumed_pj():
+        pj = await api.get(kube.PYTORCHJOBS, "pause-job")
+        return pj if pj["spec"]["runPolicy"]["suspend"] is False else None
+    await eventually(resumed_pj)
+    await api.set_pytorchjob_conditions("pause-job", ("Running", "PyTorchJobResumed", "resumed"))
+    status = await wait_phase(api, "pause-job", "Running")
+    assert condition(status, "Suspended")["status"] == "False"
+
+
+async def test_operator_restart_mid_flight_keeps_exactly_one_pytorchjob(operator, api, s3_server, k8s):
+    await submit(api, s3_server, "restart-job")
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "restart-job"))
+    await wait_phase(api, "restart-job", "Pending")
+    for _ in range(2):
+        await operator.stop()
+        await api.set_pytorchjob_conditions("restart-job", ("Running", "PyTorchJobRunning", "running"))
+        await operator.start()
+        await wait_phase(api, "restart-job", "Running")
+        await asyncio.sleep(1.0)  # a few resyncs
+    names = [pj["metadata"]["name"] for pj in await api.list(kube.PYTORCHJOBS)]
+    assert names.count("restart-job") == 1
+    assert len(k8s[kmock.action.CREATE, kmock.resource("kubeflow.org", "v1", "pytorchjobs")]) == 1
+
+
+async def test_crash_after_creating_children_before_status_adopts_them(operator, api, s3_server, k8s):
+    """The operator died after creating the PyTorchJob but before writing status: a restart adopts it."""
+    await operator.stop()
+    created = await submit(api, s3_server, "adopt-job")
+    from kubetune.api.validation import validate
+    from kubetune.render import training as render
+
+    job = copy.deepcopy(created)
+    job.update({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"})
+    for child in render.render_children(validate(job).defaulted | {"metadata": job["metadata"]},
+                                        operator.settings.render):
+        resource = kube.CONFIGMAPS if child["kind"] == "ConfigMap" else kube.PYTORCHJOBS
+        await api.client.create(resource, child)
+    await operator.start()
+    status = await wait_phase(api, "adopt-job", "Pending")
+    assert status["trainingJob"]["name"] == "adopt-job"
+    await asyncio.sleep(1.0)
+    assert [pj["metadata"]["name"] for pj in await api.list(kube.PYTORCHJOBS)] == ["adopt-job"]
+
+
+async def test_final_status_survives_the_ttl_removal(operator, api, s3_server, tmp_path):
+    created = await submit(api, s3_server, "ttl-job", runPolicy={"ttlSecondsAfterFinished": 0})
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "ttl-job"))
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/jobs", NS, "ttl-job", created["metadata"]["uid"])
+    publish_adapter(s3_server.store(), fake_adapter(tmp_path), prefix, {})
+    await api.set_pytorchjob_conditions("ttl-job", ("Succeeded", "PyTorchJobSucceeded", "done"))
+    final = await wait_phase(api, "ttl-job", "Succeeded")
+    await api.client.delete(kube.PYTORCHJOBS, NS, "ttl-job")  # what the training operator's TTL does
+    await asyncio.sleep(1.5)
+    assert await api.get(kube.PYTORCHJOBS, "ttl-job") is None  # not recreated
+    after = await status_of(api, "ttl-job")
+    assert after["phase"] == "Succeeded" and after["adapter"] == final["adapter"]
+
+
+async def test_invalid_spec_is_rejected_without_children(operator, api, s3_server):
+    # The API server's CEL rules would refuse this; KMock has no admission, so the operator's own
+    # validation is what stands between a bad spec and GPU time.
+    await submit(api, s3_server, "bad-spec", method={"type": "QLoRA", "lora": {"rank": 8}},
+                 distributed={"nodes": 1, "gpusPerNode": 1})
+    status = await wait_phase(api, "bad-spec", "Failed")
+    accepted = condition(status, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
+    assert "method.quantization is required when method.type is QLoRA" in accepted["message"]
+    assert await api.get(kube.PYTORCHJOBS, "bad-spec") is None
+    assert await api.get(kube.CONFIGMAPS, "bad-spec-config") is None
+
+
+async def test_deleting_the_job_leaves_children_to_garbage_collection(operator, api, s3_server):
+    created = await submit(api, s3_server, "gone-job")
+    pj = await eventually(lambda: api.get(kube.PYTORCHJOBS, "gone-job"))
+    cm = await api.get(kube.CONFIGMAPS, "gone-job-config")
+    for child in (pj, cm):
+        owner = child["metadata"]["ownerReferences"][0]
+        assert owner["uid"] == created["metadata"]["uid"]
+        assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
+    await api.client.delete(kube.FINETUNEJOBS, NS, "gone-job")
+    await eventually(lambda: _gone(api, "gone-job"))
+    # the operator holds no finalizer (an uninstalled operator must never block deletion) and
+    # does not recreate anything for a job that is gone
+    await asyncio.sleep(1.0)
+    assert len([p for p in await api.list(kube.PYTORCHJOBS) if p["metadata"]["name"] == "gone-job"]) == 1
+
+
+async def _gone(api, name):
+    return await api.get(kube.FINETUNEJOBS, name) is None
+
