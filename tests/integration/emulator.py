@@ -18,6 +18,23 @@ from typing import Any
 
 import jsonpatch
 import kmock
+from kmock._internal import parsing as _kmock_parsing
+
+_parse_path = _kmock_parsing.parse_path
+
+
+def _parse_path_with_namespaces(path: str):
+    """KMock 0.8 reads `/api/v1/namespaces[/NAME]` as "a namespace called ..." with no resource,
+    so kopf's namespace observer (needed for `--namespace` scoping) gets HTTP 500. Parse the core
+    Namespace collection and objects as the API server does."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (3, 4):
+        name = parts[3] if len(parts) == 4 else None
+        return _kmock_parsing.ParsedPath("", "v1", "namespaces", None, name, None)
+    return _parse_path(path)
+
+
+_kmock_parsing.parse_path = _parse_path_with_namespaces
 
 
 class K8sEmulator(kmock.KubernetesEmulator):

@@ -1,0 +1,101 @@
+"""`kubetune operator` as a real process (what the chart's Deployment runs): kubeconfig login,
+namespace scope, /healthz, Prometheus metrics, structured logs, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import sys
+
+import aiohttp
+import kmock
+import pytest
+import yaml
+
+from kubetune.clients import kube
+from tests.factories import finetunejob
+
+from .conftest import ACCESS_KEY, SECRET_KEY, _free_port, eventually
+
+pytestmark = pytest.mark.integration
+
+
+def _job(name: str, namespace: str, endpoint: str) -> dict:
+    doc = finetunejob()
+    doc["metadata"] = {"name": name, "namespace": namespace}
+    doc["spec"]["output"] = {"uri": "s3://adapters/jobs", "endpoint": endpoint,
+                             "credentials": {"secretName": "s3-creds"}}
+    return doc
+
+
+async def _http_get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.text()
+
+
+async def test_operator_process_scoped_to_a_namespace(k8s, s3_server, tmp_path):
+    client = kube.KubeClient(str(k8s.url))
+    for namespace in ("team-a", "team-b"):  # KMock's HTTP side cannot create cluster-scoped objects
+        k8s.objects[kmock.resource("", "v1", "namespaces"), None, namespace] = {
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": str(k8s.url).rstrip("/")}}],
+        "users": [{"name": "operator", "user": {"token": "operator-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}],
+    }))
+    health, metrics = _free_port(), _free_port()
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_server.endpoint}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubetune.cli", "operator", "--namespace", "team-a",
+        "--health-port", str(health), "--metrics-port", str(metrics), "--publish-timeout", "5",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    try:
+        async def healthy():
+            try:
+                status, _ = await _http_get(f"http://127.0.0.1:{health}/healthz")
+            except aiohttp.ClientError:
+                return False
+            return status == 200
+        await eventually(healthy, timeout=30, interval=0.2)
+
+        for namespace in ("team-a", "team-b"):
+            await client.create(kube.SECRETS, {
+                "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": namespace},
+                "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(ACCESS_KEY.encode()).decode(),
+                         "AWS_SECRET_ACCESS_KEY": base64.b64encode(SECRET_KEY.encode()).decode()}})
+            await client.create(kube.FINETUNEJOBS, _job("scoped", namespace, s3_server.endpoint))
+        try:
+            await eventually(lambda: client.get(kube.PYTORCHJOBS, "team-a", "scoped"), timeout=15)
+        except TimeoutError:
+            process.send_signal(signal.SIGTERM)
+            print((await process.communicate())[0].decode()[-6000:])
+            raise
+        await asyncio.sleep(2.0)
+        assert await client.get(kube.PYTORCHJOBS, "team-b", "scoped") is None  # outside the scope
+        other = await client.get(kube.FINETUNEJOBS, "team-b", "scoped")
+        assert not other.get("status")
+
+        status, text = await _http_get(f"http://127.0.0.1:{metrics}/metrics")
+        assert status == 200
+        assert 'kubetune_children_created_total{kind="PyTorchJob"} 1.0' in text
+        assert "kubetune_finetunejob_reconcile_seconds_count" in text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+        except TimeoutError:
+            process.kill()
+            output, _ = await process.communicate()
+        await client.close()
+    assert process.returncode == 0, output.decode()[-3000:]
+    lines = [line for line in output.decode().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert records, lines[:20]
+    assert any(r.get("message") == "created child" and r.get("kind") == "PyTorchJob" for r in records)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert SECRET_KEY not in output.decode()
