@@ -181,26 +181,26 @@ async def test_training_failure_carries_the_reason(operator, api, s3_server):
     assert any(e["type"] == "Warning" and e["reason"] == "PyTorchJobFailed" for e in events)
 
 
+async def set_suspend(api, name: str, suspend: bool) -> None:
+    """Flip spec.runPolicy.suspend like `kubectl patch`, and wait until the operator mirrored it."""
+    await api.client.patch(kube.FINETUNEJOBS, NS, name, {"spec": {"runPolicy": {"suspend": suspend}}})
+
+    async def mirrored():
+        pytorchjob = await api.get(kube.PYTORCHJOBS, name)
+        return pytorchjob["spec"]["runPolicy"]["suspend"] is suspend
+    await eventually(mirrored)
+
+
 async def test_suspend_and_resume(operator, api, s3_server):
     await submit(api, s3_server, "pause-job")
     await eventually(lambda: api.get(kube.PYTORCHJOBS, "pause-job"))
     await api.set_pytorchjob_conditions("pause-job", ("Running", "PyTorchJobRunning", "running"))
     await wait_phase(api, "pause-job", "Running")
-    await api.client.patch(kube.FINETUNEJOBS, NS, "pause-job", {"spec": {"runPolicy": {"suspend": True}}})
-
-    async def suspended_pj():
-        pj = await api.get(kube.PYTORCHJOBS, "pause-job")
-        return pj if pj["spec"]["runPolicy"]["suspend"] is True else None
-    await eventually(suspended_pj)
+    await set_suspend(api, "pause-job", True)
     await api.set_pytorchjob_conditions("pause-job", ("Suspended", "PyTorchJobSuspended", "suspended"))
     status = await wait_phase(api, "pause-job", "Suspended")
     assert condition(status, "Suspended")["status"] == "True"
-    await api.client.patch(kube.FINETUNEJOBS, NS, "pause-job", {"spec": {"runPolicy": {"suspend": False}}})
-
-    async def resumed_pj():
-        pj = await api.get(kube.PYTORCHJOBS, "pause-job")
-        return pj if pj["spec"]["runPolicy"]["suspend"] is False else None
-    await eventually(resumed_pj)
+    await set_suspend(api, "pause-job", False)
     await api.set_pytorchjob_conditions("pause-job", ("Running", "PyTorchJobResumed", "resumed"))
     status = await wait_phase(api, "pause-job", "Running")
     assert condition(status, "Suspended")["status"] == "False"
