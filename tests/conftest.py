@@ -14,3 +14,11 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"shared material not found at {SHARED} (set KUBETUNE_SHARED)")
     return SHARED
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of the read-only ../shared material (read in place, never copied)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"{path} not found: the tests read ../shared in place (or set KUBETUNE_SHARED)")
+    return path

@@ -54,6 +54,8 @@ class K8sEmulator(kmock.KubernetesEmulator):
       so writes in between are lost (kopf then acts on stale bodies forever). Here, the bus
       is marked under the lock, and ``?resourceVersion=N`` replays only objects newer than N.
     * ``labelSelector`` (k=v, k==v, k!=v, k, !k) on LIST & WATCH (vanilla kmock ignores it).
+    * garbage collection: deleting an object deletes its dependents (``ownerReferences`` by uid),
+      as the cluster's garbage collector does with background propagation.
     """
 
     def __attrs_post_init__(self) -> None:
@@ -133,13 +135,35 @@ class K8sEmulator(kmock.KubernetesEmulator):
                     meta = obj.get('metadata', {})
                     if meta.get('finalizers') and not meta.get('deletionTimestamp'):
                         obj['metadata']['resourceVersion'] = rv  # in-place; kmock then patches
+            target = (request.resource, request.namespace, request.name)
+            target_uid = None
+            if request.name is not None and target in self.objects and not self.objects[target].deleted:
+                target_uid = self.objects[target].get('metadata', {}).get('uid')
             try:
                 response = await super()._handle(request)
             except jsonpatch.JsonPatchException as e:  # incl. JsonPatchTestFailed/Conflict
                 raise kmock.KubernetesError(422, 'Invalid', str(e)) from e
             if response.status < 400:
                 self._rv += 1
+            if target_uid and self.objects[target].deleted:
+                await self._collect_garbage(target_uid)
             return response
+
+    async def _collect_garbage(self, owner_uid: str) -> None:
+        """The garbage collector's background propagation: delete every object that names the
+        deleted one in its ownerReferences, then their dependents."""
+        for (resource, _, _), obj in list(self.objects.items()):
+            if obj.deleted:
+                continue
+            meta = obj.get('metadata', {}) or {}
+            if not any(ref.get('uid') == owner_uid for ref in meta.get('ownerReferences') or []):
+                continue
+            async with self._lock:
+                raw = obj.raw
+                obj.delete()
+                await self._buses[resource].put({'type': 'DELETED', 'object': raw})
+            if meta.get('uid'):
+                await self._collect_garbage(meta['uid'])
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         result = await super()._serve_list(request)

@@ -268,7 +268,7 @@ async def test_invalid_spec_is_rejected_without_children(operator, api, s3_serve
     assert await api.get(kube.CONFIGMAPS, "bad-spec-config") is None
 
 
-async def test_deleting_the_job_leaves_children_to_garbage_collection(operator, api, s3_server):
+async def test_deleting_the_job_removes_its_children(operator, api, s3_server):
     created = await submit(api, s3_server, "gone-job")
     pj = await eventually(lambda: api.get(kube.PYTORCHJOBS, "gone-job"))
     cm = await api.get(kube.CONFIGMAPS, "gone-job-config")
@@ -278,10 +278,13 @@ async def test_deleting_the_job_leaves_children_to_garbage_collection(operator, 
         assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
     await api.client.delete(kube.FINETUNEJOBS, NS, "gone-job")
     await eventually(lambda: _gone(api, "gone-job"))
-    # the operator holds no finalizer (an uninstalled operator must never block deletion) and
-    # does not recreate anything for a job that is gone
+    # the children go with their owner (the emulator's garbage collector follows ownerReferences)
+    assert await api.get(kube.PYTORCHJOBS, "gone-job") is None
+    assert await api.get(kube.CONFIGMAPS, "gone-job-config") is None
+    # the operator holds no finalizer (an uninstalled operator never blocks deletion) and does not
+    # recreate anything for a job that is gone
     await asyncio.sleep(1.0)
-    assert len([p for p in await api.list(kube.PYTORCHJOBS) if p["metadata"]["name"] == "gone-job"]) == 1
+    assert await api.get(kube.PYTORCHJOBS, "gone-job") is None
 
 
 async def _gone(api, name):

@@ -13,7 +13,7 @@ import yaml
 from kubetune.api.schema import strict_json_schema
 from kubetune.api.validation import validate
 from kubetune.render import training as render
-from tests.conftest import SHARED
+from tests.conftest import shared_file
 from tests.factories import finetunejob
 
 SETTINGS = render.RenderSettings(trainer_image="registry.local/kubetune/trainer:test")
@@ -21,7 +21,7 @@ SETTINGS = render.RenderSettings(trainer_image="registry.local/kubetune/trainer:
 
 @functools.cache
 def pytorchjob_validator() -> jsonschema.Draft4Validator:
-    crd = yaml.safe_load((SHARED / "schemas" / "kubeflow.org_pytorchjobs.yaml").read_text())
+    crd = yaml.safe_load(shared_file("schemas", "kubeflow.org_pytorchjobs.yaml").read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = strict_json_schema(version["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = {"type": "object"}
