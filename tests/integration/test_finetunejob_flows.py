@@ -55,6 +55,12 @@ async def events_for(api, name: str) -> list[dict]:
     return [e for e in await api.list(kube.EVENTS) if e.get("involvedObject", {}).get("name") == name]
 
 
+async def wait_event(api, name: str, reason: str) -> dict:
+    async def check():
+        return next((e for e in await events_for(api, name) if e.get("reason") == reason), None)
+    return await eventually(check)
+
+
 def fake_adapter(tmp_path, content: bytes = b"\x07" * 2048):
     root = tmp_path / "adapter"
     root.mkdir(exist_ok=True)
@@ -76,8 +82,9 @@ async def test_create_renders_configmap_and_pytorchjob(operator, api, s3_server)
     assert condition(status, "Accepted")["status"] == "True"
     assert condition(status, "Accepted")["observedGeneration"] == created["metadata"]["generation"]
     assert status["trainingJob"]["name"] == "create-job"
-    events = await eventually(lambda: events_for(api, "create-job"))
-    assert {"Created"} <= {e["reason"] for e in events}
+    created_event = await wait_event(api, "create-job", "Created")
+    assert created_event["type"] == "Normal"
+    assert created_event["involvedObject"]["uid"] == created["metadata"]["uid"]
     assert SECRET_KEY not in json.dumps(await api.list(kube.EVENTS)) + json.dumps(config_map)
 
 
@@ -124,8 +131,8 @@ async def test_success_with_manifest_publishes_the_adapter(operator, api, s3_ser
     assert adapter["sizeBytes"] == sum(f["size"] for f in manifest["files"])
     assert adapter["metrics"] == {"eval_loss": 0.42, "accuracy": 0.91}
     assert status["completionTime"] == completed
-    events = await eventually(lambda: events_for(api, "ok-job"))
-    assert "AdapterPublished" in {e["reason"] for e in events}
+    event = await wait_event(api, "ok-job", "AdapterPublished")
+    assert manifest["digest"] in event["message"]
 
 
 async def test_missing_manifest_is_not_published_until_it_appears(operator, api, s3_server, tmp_path):
@@ -177,8 +184,8 @@ async def test_training_failure_carries_the_reason(operator, api, s3_server):
     status = await wait_phase(api, "fail-job", "Failed")
     assert status["failure"]["reason"] == "PyTorchJobFailed"
     assert "1 Master replica(s) failed" in condition(status, "Failed")["message"]
-    events = await eventually(lambda: events_for(api, "fail-job"))
-    assert any(e["type"] == "Warning" and e["reason"] == "PyTorchJobFailed" for e in events)
+    event = await wait_event(api, "fail-job", "PyTorchJobFailed")
+    assert event["type"] == "Warning"
 
 
 async def set_suspend(api, name: str, suspend: bool) -> None:
