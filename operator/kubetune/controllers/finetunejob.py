@@ -84,6 +84,7 @@ async def reconcile(namespace: str, name: str) -> float | None:
         started = time.monotonic()
         job = await client.get(kube.FINETUNEJOBS, namespace, name)
         if job is None:
+            RUNTIME.locks.pop((namespace, name), None)  # waiters keep their reference; memory stays bounded
             return None
         job.setdefault("apiVersion", api.API_VERSION)
         job.setdefault("kind", "FineTuneJob")

@@ -62,9 +62,9 @@ def register_all(registry: kopf.OperatorRegistry | None = None) -> None:
         if finetunejob.RUNTIME.client is not None:
             await finetunejob.RUNTIME.client.close()
 
-    @kopf.on.probe(id="finetunejob-locks", **kw)
+    @kopf.on.probe(id="finetunejobs-tracked", **kw)
     def probe(**_):
-        return len(finetunejob.RUNTIME.locks)
+        return len(finetunejob.RUNTIME.locks)  # FineTuneJobs reconciled since start, and not deleted
 
 
 def run(args: argparse.Namespace) -> int:
