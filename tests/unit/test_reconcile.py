@@ -92,6 +92,27 @@ def test_fixed_spec_after_invalid_one_proceeds():
     plan, job = step(job, config_map=False)
     assert [c["kind"] for c in plan.create] == ["ConfigMap", "PyTorchJob"]
     assert condition(job, "Accepted")["observedGeneration"] == 2
+    assert job["status"]["phase"] == "Pending"
+    assert condition(job, "Failed")["status"] == "False"
+    assert "failure" not in job["status"] and "completionTime" not in job["status"]
+
+
+def test_invalid_spec_update_while_running_keeps_following_the_job():
+    job = created_job()
+    _, job = step(job, pytorchjob=pj(("Running", "Running", "")))
+    job["spec"]["training"] = {"epochs": 1, "maxSteps": 3}  # an API server without our CRD rules let it in
+    job["metadata"]["generation"] = 2
+    plan, job = step(job, pytorchjob=pj(("Running", "Running", "")), config_map=False)
+    assert plan.create == []  # nothing is rendered from an invalid spec
+    assert job["status"]["phase"] == "Running"
+    accepted = condition(job, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpecUpdate"
+
+
+def test_accepted_reason_stays_validated_while_the_spec_is_unchanged():
+    job = created_job()
+    _, job = step(job, pytorchjob=pj(("Running", "Running", "")))
+    assert condition(job, "Accepted")["reason"] == "Validated"
 
 
 def test_running_restarting_and_attempts_follow_the_pytorchjob():

@@ -191,10 +191,11 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
         if result.warnings:
             accepted_message += "; warnings: " + "; ".join(str(w) for w in result.warnings)
         created_from = (previous.get("trainingJob") or {}).get("generation")
-        if started and created_from not in (None, status.generation):
+        locked = started and created_from not in (None, status.generation)
+        if locked:
             accepted_message = ("training has started: only runPolicy.suspend applies to the running job; other "
                                 "spec changes take effect in a new FineTuneJob")
-        status.condition("Accepted", True, "Validated" if not started else "TrainingSpecLocked", accepted_message)
+        status.condition("Accepted", True, "TrainingSpecLocked" if locked else "Validated", accepted_message)
 
     if pytorchjob is None:
         if started:
@@ -203,6 +204,10 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
         plan.create = render.render_children(job, settings.render)
         if observed.config_map is not None:
             plan.create = plan.create[1:]
+        # a spec fixed after an InvalidSpec failure starts afresh
+        status.value.pop("failure", None)
+        status.value.pop("completionTime", None)
+        status.clear("Failed", "SpecFixed", "the spec is valid now; training is starting")
         meta = job["metadata"]
         status.value["trainingJob"] = {
             "name": render.pytorchjob_name(meta["name"]),
@@ -217,9 +222,8 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
                                  f"created PyTorchJob {status.value['trainingJob']['name']} and its job config"))
         return
 
-    if observed.config_map is None and not _pj_condition(pytorchjob, "Succeeded") and not _pj_condition(
-        pytorchjob, "Failed"
-    ):
+    finished = _pj_condition(pytorchjob, "Succeeded") or _pj_condition(pytorchjob, "Failed")
+    if observed.config_map is None and result.ok and not finished:
         plan.create = [render.render_config_map(job)]  # pods cannot start without it
     status.value.setdefault("trainingJob", {
         "name": pytorchjob["metadata"]["name"],
