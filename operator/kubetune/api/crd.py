@@ -81,6 +81,3 @@ def all_crds() -> dict[str, dict]:
         f"{api.GROUP}_{info['plural']}.yaml": custom_resource_definition(kind) for kind, info in api.KINDS.items()
     }
 
-
-def spec_schema(kind: str) -> dict:
-    return api.KINDS[kind]["spec"]

@@ -27,10 +27,6 @@ class Resource:
     plural: str
     namespaced: bool = True
 
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
     def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
         base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
         if self.namespaced and namespace:
@@ -44,7 +40,6 @@ class Resource:
 
 
 FINETUNEJOBS = Resource("kubetune.io", "v1alpha1", "finetunejobs")
-ADAPTERDEPLOYMENTS = Resource("kubetune.io", "v1alpha1", "adapterdeployments")
 PYTORCHJOBS = Resource("kubeflow.org", "v1", "pytorchjobs")
 CONFIGMAPS = Resource("", "v1", "configmaps")
 SECRETS = Resource("", "v1", "secrets")
@@ -149,11 +144,10 @@ class KubeClient:
                 return False
             raise
 
-    async def secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        secret = await self.get(SECRETS, namespace, name)
-        if not secret or key not in (secret.get("data") or {}):
-            return None
-        return base64.b64decode(secret["data"][key]).decode()
+    async def secret_values(self, namespace: str, name: str, *keys: str) -> list[str | None]:
+        """Decoded values of `keys` from one read of the Secret (None where missing)."""
+        data = ((await self.get(SECRETS, namespace, name)) or {}).get("data") or {}
+        return [base64.b64decode(data[key]).decode() if key in data else None for key in keys]
 
     async def post_event(self, involved: dict, event_type: str, reason: str, message: str,
                          component: str = "kubetune-operator") -> None:

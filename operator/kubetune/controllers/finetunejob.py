@@ -56,11 +56,10 @@ async def _store_for(job: dict) -> storage.ObjectStore:
     endpoint = output.get("endpoint") or settings.endpoint
     region = output.get("region") or settings.region
     if credentials:
-        namespace = job["metadata"]["namespace"]
-        access = await RUNTIME.client.secret_value(namespace, credentials["secretName"],
-                                                   credentials.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"))
-        secret = await RUNTIME.client.secret_value(namespace, credentials["secretName"],
-                                                   credentials.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
+        access, secret = await RUNTIME.client.secret_values(
+            job["metadata"]["namespace"], credentials["secretName"],
+            credentials.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
+            credentials.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
         settings = storage.S3Settings(endpoint=endpoint, region=region, access_key=access, secret_key=secret)
     else:
         settings = storage.S3Settings(endpoint=endpoint, region=region, access_key=settings.access_key,

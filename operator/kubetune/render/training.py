@@ -69,9 +69,13 @@ def render_job_config(job: dict) -> jobconfig.JobConfig:
     return jobconfig.job_config(meta["namespace"], meta["name"], meta["uid"], job["spec"])
 
 
-def render_config_map(job: dict) -> dict:
+def config_map_data(job: dict) -> dict[str, str]:
+    return {jobconfig.CONFIG_FILE: render_job_config(job).to_json()}
+
+
+def render_config_map(job: dict, data: dict[str, str] | None = None) -> dict:
     meta = job["metadata"]
-    data = {jobconfig.CONFIG_FILE: render_job_config(job).to_json()}
+    data = data if data is not None else config_map_data(job)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -221,7 +225,7 @@ def _run_policy(spec: dict) -> dict:
     return run_policy
 
 
-def render_pytorchjob(job: dict, settings: RenderSettings) -> dict:
+def render_pytorchjob(job: dict, settings: RenderSettings, config_data: dict[str, str] | None = None) -> dict:
     """The PyTorchJob for a defaulted FineTuneJob: Master + (nodes-1) Workers, torchrun in each."""
     meta, spec = job["metadata"], job["spec"]
     distributed = spec["distributed"]
@@ -235,7 +239,7 @@ def render_pytorchjob(job: dict, settings: RenderSettings) -> dict:
     job_labels = labels(meta["name"])
     if spec.get("scheduling", {}).get("queueName"):
         job_labels[LABEL_QUEUE] = spec["scheduling"]["queueName"]
-    config = render_config_map(job)
+    config_data = config_data if config_data is not None else config_map_data(job)
     return {
         "apiVersion": PYTORCHJOB_API,
         "kind": "PyTorchJob",
@@ -243,7 +247,7 @@ def render_pytorchjob(job: dict, settings: RenderSettings) -> dict:
             "name": pytorchjob_name(meta["name"]),
             "namespace": meta["namespace"],
             "labels": job_labels,
-            "annotations": {ANNOTATION_CONFIG_HASH: config["metadata"]["annotations"][ANNOTATION_CONFIG_HASH]},
+            "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config_data)},
             "ownerReferences": [owner_reference(job)],
         },
         "spec": {
@@ -256,4 +260,5 @@ def render_pytorchjob(job: dict, settings: RenderSettings) -> dict:
 
 def render_children(job: dict, settings: RenderSettings) -> list[dict]:
     """Every child of a defaulted FineTuneJob, in creation order (the ConfigMap first: pods mount it)."""
-    return [render_config_map(job), render_pytorchjob(job, settings)]
+    data = config_map_data(job)
+    return [render_config_map(job, data), render_pytorchjob(job, settings, data)]
