@@ -10,7 +10,11 @@ fi
 stamp=.venv/.kubetune-setup
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+  # torch first, pinned: the CPU build on this disk (a bare range would pull a multi-GB CUDA build).
+  .venv/bin/python -m pip install --quiet torch==2.13.0
+  # deepspeed is an sdist whose setup.py imports torch: build it against the torch just installed.
+  DS_BUILD_OPS=0 .venv/bin/python -m pip install --quiet --no-build-isolation 'deepspeed>=0.16'
   .venv/bin/python -m pip install --quiet -e '.[dev]'
   echo "$want" > "$stamp"
 fi

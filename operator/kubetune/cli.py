@@ -1,4 +1,4 @@
-"""`kubetune` command line: validate, render, generate, operator."""
+"""`kubetune` command line: validate, render, generate, local, operator."""
 
 from __future__ import annotations
 
@@ -108,6 +108,94 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_line(job: dict) -> str:
+    status = job.get("status") or {}
+    progress = status.get("progress") or {}
+    phase = status.get("phase", "")
+    stage = progress.get("stage", "")
+    if progress.get("totalSteps"):
+        done = progress.get("percent", 0)
+        bar = "#" * (done // 4) + "." * (25 - done // 4)
+        parts = [f"[{bar}] {done:3d}% step {progress.get('step', 0)}/{progress['totalSteps']}"]
+        for key, label in (("trainLoss", "loss"), ("evalLoss", "eval"), ("accuracy", "acc")):
+            if key in progress:
+                parts.append(f"{label} {progress[key]:.4f}")
+        if "tokensPerSecond" in progress:
+            parts.append(f"{progress['tokensPerSecond']:.0f} tok/s")
+        if "etaSeconds" in progress:
+            parts.append(f"eta {progress['etaSeconds']}s")
+        return f"{phase}/{stage}: " + "  ".join(parts)
+    return f"{phase}/{stage}" if stage else phase
+
+
+def _summary(result, run_dir: Path) -> str:
+    status = result.job.get("status") or {}
+    lines = ["", f"FineTuneJob {result.job['metadata']['name']}: {status.get('phase')}"]
+    adapter = status.get("adapter")
+    if adapter:
+        baseline, final = adapter.get("baselineMetrics", {}), adapter.get("metrics", {})
+        lines.append(f"  {'metric':<12} {'baseline':>10} {'fine-tuned':>11}")
+        for name in sorted(set(baseline) | set(final)):
+            b = f"{baseline[name]:.4f}" if name in baseline else "-"
+            f = f"{final[name]:.4f}" if name in final else "-"
+            lines.append(f"  {name:<12} {b:>10} {f:>11}")
+        lines.append(f"  adapter   {adapter['uri']}")
+        lines.append(f"  manifest  {adapter['manifestUri']}")
+        lines.append(f"  digest    {adapter['digest']} ({adapter['sizeBytes']} bytes)")
+    failure = status.get("failure")
+    if failure:
+        lines.append(f"  {failure['reason']}: {failure['message']}")
+    lines.append(f"  run directory {run_dir} (trainer.log, config.json)")
+    return "\n".join(lines)
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from kubetune import local  # subprocesses and storage only where they are needed
+
+    documents = [d for d in _load_documents(args.file) if d.get("kind") == "FineTuneJob"]
+    if len(documents) != 1:
+        print(f"{args.file}: expected exactly one FineTuneJob, found {len(documents)}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir).resolve()
+    output = args.output
+    if output is None:
+        output = f"file://{run_dir / 'storage'}"
+    elif output == "spec":
+        output = None
+    try:
+        overrides = [local.parse_override(item) for item in args.set]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    job = local.prepare_job(documents[0], namespace=args.namespace, output=output, overrides=overrides)
+    result = validate(job, local=True)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not result.ok:
+        for error in result.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    job_dir = run_dir / job["metadata"]["name"] / job["metadata"]["uid"]
+    interactive = sys.stderr.isatty()
+    last = {"line": ""}
+
+    def on_change(current: dict, events: list) -> None:
+        for event in events:
+            end = "\n" if not interactive else "\x1b[K\n"
+            print(f"\r{event.type:<7} {event.reason}: {event.message}", end=end, file=sys.stderr)
+        line = _progress_line(current)
+        if line != last["line"]:
+            last["line"] = line
+            print(("\r" + line + "\x1b[K") if interactive else line, end="" if interactive else "\n",
+                  file=sys.stderr, flush=True)
+
+    outcome = local.run(job, run_dir=job_dir, on_change=on_change, poll_seconds=args.poll)
+    print(_summary(outcome, job_dir))
+    if args.status_file:
+        Path(args.status_file).write_text(json.dumps(outcome.job, indent=2))
+    return 0 if outcome.phase == "Succeeded" else 1
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from kubetune.controllers import main as operator_main  # kopf only where it is needed
 
@@ -133,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=str(REPO_ROOT))
     p.add_argument("--check", action="store_true", help="fail if a generated file differs, write nothing")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("local", help="run a FineTuneJob on this machine through the operator's state machine")
+    p.add_argument("-f", "--file", required=True, help="YAML file with one FineTuneJob")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--run-dir", default="kubetune-runs", help="where configs, logs and file:// outputs go")
+    p.add_argument("--output", help="output URI (default: file://RUN_DIR/storage; 'spec' keeps spec.output.uri)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a spec field, e.g. --set baseModel.uri=file:///models/x (YAML value; repeat)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between state-machine rounds")
+    p.add_argument("--status-file", help="write the final FineTuneJob (with status) here as JSON")
+    p.set_defaults(func=cmd_local)
 
     p = sub.add_parser("operator", help="run the operator (kopf)")
     p.add_argument("-n", "--namespace", action="append", default=[], help="watch only these namespaces (repeat)")

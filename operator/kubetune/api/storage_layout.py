@@ -3,6 +3,8 @@
     <output.uri>/<namespace>/<name>/<uid>/             one prefix per job (uid: a re-created job
                                                       with the same name never sees old files)
         checkpoints/step-<N>/...                      resumable checkpoints
+        checkpoints/latest.json                        written after a checkpoint's files: {"step", "path"}
+        progress.json                                  the trainer's latest progress (throttled)
         adapter/sha256-<hex>/<files>                   the adapter, content-addressed
         manifest.json                                  written last: present == published
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 MANIFEST_FILE = "manifest.json"
+PROGRESS_FILE = "progress.json"
+LATEST_CHECKPOINT_FILE = "latest.json"
 
 
 def _join(prefix: str, *parts: str) -> str:
@@ -28,6 +32,18 @@ def checkpoints_prefix(job_prefix_uri: str) -> str:
 
 def manifest_uri(job_prefix_uri: str) -> str:
     return _join(job_prefix_uri, MANIFEST_FILE)
+
+
+def progress_uri(job_prefix_uri: str) -> str:
+    return _join(job_prefix_uri, PROGRESS_FILE)
+
+
+def checkpoint_prefix(job_prefix_uri: str, step: int) -> str:
+    return _join(checkpoints_prefix(job_prefix_uri), f"step-{step:08d}") + "/"
+
+
+def latest_checkpoint_uri(job_prefix_uri: str) -> str:
+    return _join(checkpoints_prefix(job_prefix_uri), LATEST_CHECKPOINT_FILE)
 
 
 def adapter_prefix(job_prefix_uri: str, digest: str) -> str:

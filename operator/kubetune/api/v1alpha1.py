@@ -374,8 +374,9 @@ SCHEDULING = obj(
 OUTPUT = obj(
     "Where checkpoints and the published adapter go.",
     {
-        "uri": string("S3 prefix (s3://BUCKET/PREFIX); each job writes under PREFIX/NAMESPACE/NAME/UID/.",
-                      pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", max_length=1024),
+        "uri": string("S3 prefix (s3://BUCKET/PREFIX); each job writes under PREFIX/NAMESPACE/NAME/UID/. "
+                      "file:///PATH is accepted only by `kubetune local` (a cluster's pods cannot write to it).",
+                      pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.+)$", max_length=1024),
         "endpoint": _s3_endpoint(),
         "region": string("Region of the bucket.", default="us-east-1", max_length=64),
         "credentials": _s3_credentials("the output bucket"),
@@ -511,14 +512,19 @@ FINETUNEJOB_STATUS = obj(
             "additionalProperties": REPLICA_STATUS,
         },
         "progress": obj(
-            "Training progress reported by the trainer.",
+            "Training progress reported by the trainer (through progress.json in the job's storage prefix).",
             {
+                "stage": string("What the trainer is doing: validating, loading, baseline, training, evaluating, "
+                                "publishing, done.", max_length=256),
                 "step": integer("Optimizer step.", minimum=0),
                 "totalSteps": integer("Planned optimizer steps.", minimum=0),
                 "epoch": number("Fractional epoch."),
                 "percent": integer("Percent of planned steps done.", minimum=0, maximum=100),
                 "trainLoss": number("Latest training loss."),
                 "evalLoss": number("Latest evaluation loss."),
+                "accuracy": number("Latest evaluation accuracy (classification)."),
+                "macroF1": number("Latest evaluation macro-F1 (classification)."),
+                "perplexity": number("Latest evaluation perplexity (causal LM)."),
                 "tokensPerSecond": number("Training throughput."),
                 "etaSeconds": integer("Estimated seconds to finish.", minimum=0),
                 "updateTime": string("When the trainer reported this.", fmt="date-time"),

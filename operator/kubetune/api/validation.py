@@ -133,10 +133,16 @@ def world_size(spec: dict) -> int:
     return distributed.get("nodes", 1) * per_node
 
 
-def semantic_errors(spec: dict) -> tuple[list[FieldError], list[FieldError]]:
-    """Checks that need arithmetic across sections. Expects a defaulted spec."""
+def semantic_errors(spec: dict, *, local: bool = False) -> tuple[list[FieldError], list[FieldError]]:
+    """Checks that need arithmetic across sections. Expects a defaulted spec.
+
+    `local`: the job runs on this machine (`kubetune local`), where a file:// output is fine.
+    """
     errors: list[FieldError] = []
     warnings: list[FieldError] = []
+    if not local and spec.get("output", {}).get("uri", "").startswith("file://"):
+        errors.append(FieldError("spec.output.uri", "file:// outputs work only with `kubetune local`; in a cluster "
+                                 "use s3://BUCKET/PREFIX"))
     training = spec.get("training", {})
     distributed = spec.get("distributed", {})
     method = spec.get("method", {})
@@ -194,8 +200,10 @@ def resolve_method_defaults(spec: dict) -> dict:
     return {**spec, "method": method}
 
 
-def validate(document: dict) -> ValidationResult:
-    """Validate a kubetune object; on success `defaulted` holds it with schema defaults applied."""
+def validate(document: dict, *, local: bool = False) -> ValidationResult:
+    """Validate a kubetune object; on success `defaulted` holds it with schema defaults applied.
+
+    `local`: validate for `kubetune local` (file:// outputs allowed) instead of a cluster."""
     result = ValidationResult()
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if api_version != api.API_VERSION:
@@ -212,7 +220,7 @@ def validate(document: dict) -> ValidationResult:
         defaulted = {**defaulted, "spec": resolve_method_defaults(defaulted["spec"])}
     result.errors.extend(cel_errors(kind, defaulted))
     if kind == "FineTuneJob" and not result.errors:
-        errors, warnings = semantic_errors(defaulted["spec"])
+        errors, warnings = semantic_errors(defaulted["spec"], local=local)
         result.errors.extend(errors)
         result.warnings.extend(warnings)
     if result.ok:

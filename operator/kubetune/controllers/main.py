@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 
@@ -12,30 +11,11 @@ import kopf
 from prometheus_client import start_http_server
 
 from kubetune.clients import kube, storage
+from kubetune.logs import configure_logging
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import training as render
 
 from . import finetunejob
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; `extra=` fields become keys. Secrets are never passed to logs."""
-
-    _skip = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        payload = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                   "message": record.getMessage()}
-        payload.update({k: v for k, v in vars(record).items() if k not in self._skip and not k.startswith("_")})
-        if record.exc_info:
-            payload["exception"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
-
-
-def configure_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
 
 
 def configure(settings: kopf.OperatorSettings, *, standalone: bool = True) -> None:

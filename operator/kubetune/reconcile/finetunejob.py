@@ -19,6 +19,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from kubetune.api import manifest as manifest_api
+from kubetune.api import progress as progress_api
 from kubetune.api import storage_layout
 from kubetune.api.validation import validate
 from kubetune.render import training as render
@@ -34,6 +35,8 @@ class Settings:
     render: render.RenderSettings = field(default_factory=render.RenderSettings)
     publish_timeout_seconds: int = 600  # how long a missing manifest may take to appear after success
     resync_seconds: float = 30.0
+    progress_seconds: float = progress_api.WRITE_INTERVAL_SECONDS  # how often a running job's progress is read
+    local: bool = False  # `kubetune local`: file:// outputs are allowed
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Observed:
     config_map: dict | None = None
     pytorchjob: dict | None = None
     manifest: manifest_api.ManifestCheck | None = None  # None: not looked at (see `needs_manifest`)
+    progress: dict | None = None  # progress.json as the trainer last wrote it (see `needs_progress`)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,12 @@ def needs_manifest(job: dict, pytorchjob: dict | None) -> bool:
     return pytorchjob is None and bool(status.get("trainingJob"))
 
 
+def needs_progress(job: dict, pytorchjob: dict | None) -> bool:
+    """Whether the shell should read the trainer's progress.json: while its PyTorchJob exists and the job
+    has not finished (a failed trainer leaves its reason there too)."""
+    return pytorchjob is not None and (job.get("status") or {}).get("phase") not in TERMINAL
+
+
 def job_prefix(job: dict) -> str:
     meta = job["metadata"]
     return storage_layout.job_prefix(job["spec"]["output"]["uri"], meta["namespace"], meta["name"], meta["uid"])
@@ -155,7 +165,8 @@ def decide(observed: Observed, settings: Settings) -> Plan:
     if after != before and after:
         plan.events.append(_phase_event(after, plan.status))
     if after not in TERMINAL and plan.requeue_after is None:
-        plan.requeue_after = settings.resync_seconds
+        running = after in ("Pending", "Running")
+        plan.requeue_after = settings.progress_seconds if running else settings.resync_seconds
     return plan
 
 
@@ -171,7 +182,7 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
                              "the job has finished; spec changes take effect only in a new FineTuneJob")
         return
 
-    result = validate(job)
+    result = validate(job, local=settings.local)
     if not result.ok:
         message = "; ".join(str(error) for error in result.errors)
         if started:
@@ -235,6 +246,9 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
 def _follow_pytorchjob(observed: Observed, job: dict, settings: Settings, plan: Plan, status: _Status) -> None:
     pytorchjob = observed.pytorchjob
     pj_status = pytorchjob.get("status") or {}
+    reported = progress_api.to_status(observed.progress)
+    if reported:
+        status.value["progress"] = {**(status.value.get("progress") or {}), **reported}
     replicas = _replica_counts(pytorchjob)
     if replicas:
         status.value["replicas"] = replicas
@@ -246,7 +260,13 @@ def _follow_pytorchjob(observed: Observed, job: dict, settings: Settings, plan: 
     succeeded = _pj_condition(pytorchjob, "Succeeded")
     if failed:
         status.value["completionTime"] = pj_status.get("completionTime") or observed.now
-        status.fail(failed.get("reason") or "TrainingFailed", failed.get("message") or "the PyTorchJob failed")
+        reason, message = failed.get("reason") or "TrainingFailed", failed.get("message") or "the PyTorchJob failed"
+        trainer_failure = (observed.progress or {}).get("failure")
+        if isinstance(trainer_failure, dict) and trainer_failure.get("reason"):
+            # the trainer's own words (bad data lines, NaN at step N) beat "pod exited with code 2"
+            reason = str(trainer_failure["reason"])
+            message = f"{trainer_failure.get('message', '')} ({message})"
+        status.fail(reason, message)
         return
     if succeeded:
         status.condition("Succeeded", True, "TrainingSucceeded", succeeded.get("message") or "training finished")

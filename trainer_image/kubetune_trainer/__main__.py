@@ -1,0 +1,98 @@
+"""`torchrun --module kubetune_trainer --config /etc/kubetune/job/config.json`
+
+Exit codes are the contract with the PyTorchJob's `restartPolicy: ExitCode` (kubetune.api.jobconfig):
+0 done, 2 bad input (never retried), 1 a failure no retry fixes (NaN loss, a bug), 143 retryable
+(storage or network unavailable, preemption).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from kubetune.api import jobconfig
+from kubetune.logs import configure_logging
+
+log = logging.getLogger("kubetune_trainer")
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Storage and network trouble: the next attempt (a pod restart) may well succeed."""
+    names = {type(e).__name__ for e in _chain(exc)}
+    retryable = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                 "ConnectionError", "ConnectionResetError", "ConnectionRefusedError", "TimeoutError",
+                 "DistBackendError", "DistNetworkError"}
+    return bool(names & retryable)
+
+
+def _chain(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _report_failure(config: jobconfig.JobConfig, reason: str, message: str) -> None:
+    """Leave the reason where the operator and `kubetune local` look (progress.json)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        from . import storage
+
+        writer = storage.ProgressWriter(storage.output_store(config.spec), config.storage.job_prefix, enabled=True)
+        writer.update(force=True, stage="failed", failure={"reason": reason, "message": message[:4000]})
+    except Exception:  # the exit code still tells the story
+        log.exception("could not record the failure in progress.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
+    parser.add_argument("--config", default=jobconfig.CONFIG_PATH, help="job config JSON (kubetune.api.jobconfig)")
+    parser.add_argument("--work-dir", default=os.environ.get("KUBETUNE_WORK_DIR"),
+                        help="local scratch for model cache and checkpoints (default: a temp dir)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    # SIGTERM (preemption, pod deletion) exits with the retryable code; the last checkpoint resumes it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(jobconfig.EXIT_RETRYABLE))
+    try:
+        config = jobconfig.JobConfig.from_json(Path(args.config).read_text())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("cannot read the job config", extra={"path": args.config, "error": str(exc)})
+        return jobconfig.EXIT_BAD_INPUT
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kubetune-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    from . import train  # torch is imported here, after the cheap checks
+    from .modeling import BadInput
+
+    try:
+        document = train.run(config, work_dir=work_dir)
+    except BadInput as exc:
+        log.error("bad input: nothing was trained", extra={"reason": "BadInput", "error": str(exc)})
+        _report_failure(config, "BadInput", str(exc))
+        return jobconfig.EXIT_BAD_INPUT
+    except train.TrainingHalted as exc:
+        log.error("training halted", extra={"reason": exc.reason, "error": str(exc)})
+        _report_failure(config, exc.reason, str(exc))
+        return jobconfig.EXIT_FAILED
+    except Exception as exc:
+        if _retryable(exc):
+            log.exception("retryable failure", extra={"reason": "Retryable"})
+            return jobconfig.EXIT_RETRYABLE
+        log.exception("training failed", extra={"reason": "TrainingFailed"})
+        _report_failure(config, "TrainingFailed", f"{type(exc).__name__}: {exc}")
+        return jobconfig.EXIT_FAILED
+    if document:
+        print(json.dumps({"published": config.storage.manifest_uri, "digest": document["digest"],
+                          "metrics": document.get("metrics"), "baselineMetrics": document.get("baselineMetrics")}))
+    return jobconfig.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

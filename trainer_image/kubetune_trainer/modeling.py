@@ -1,0 +1,267 @@
+"""Loading the base model and applying the method: LoRA, QLoRA, Full or FreezeThaw.
+
+Errors a user can fix (no such model, a target module that matches nothing) raise `BadInput`, which
+the entrypoint turns into exit code 2 (never retried) with the message in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class BadInput(Exception):
+    """The spec or the data is wrong; retrying cannot help."""
+
+
+# --- where the weights are -------------------------------------------------------------------------
+
+
+def resolve_model_dir(base_model: dict, store, cache_dir: Path) -> Path:
+    """A local directory holding the base model: file:// as is, s3:// downloaded once into the cache,
+    hf:// through huggingface_hub (which honours HF_HUB_OFFLINE and HF_ENDPOINT mirrors)."""
+    uri, revision = base_model["uri"], base_model.get("revision", "main")
+    scheme, _, rest = uri.partition("://")
+    if scheme == "file":
+        path = Path("/" + rest.lstrip("/"))
+        if not (path / "config.json").is_file():
+            raise BadInput(f"baseModel.uri {uri}: no config.json in {path}")
+        return path
+    if scheme == "s3":
+        prefix = uri.rstrip("/") + "/"
+        target = cache_dir / "models" / re.sub(r"[^A-Za-z0-9._-]", "_", prefix)
+        done = target / ".complete"
+        if not done.exists():
+            objects = store.list(prefix)
+            if not objects:
+                raise BadInput(f"baseModel.uri {uri}: no objects under that prefix")
+            for count, object_uri in enumerate(objects, 1):
+                relative = object_uri[len(prefix):]
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                data = store.read(object_uri)
+                (target / relative).write_bytes(data)
+                log.info("downloaded model file", extra={"file": relative, "n": count, "of": len(objects)})
+            done.write_text("ok")
+        return target
+    if scheme == "hf":
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(rest, revision=revision, token=os.environ.get("HF_TOKEN") or None,
+                                          cache_dir=str(cache_dir / "hf")))
+        except Exception as exc:  # offline, private, missing: all need a spec or mirror fix
+            raise BadInput(f"baseModel.uri {uri}@{revision}: {exc}") from exc
+    raise BadInput(f"baseModel.uri {uri}: unsupported scheme")
+
+
+# --- precision -------------------------------------------------------------------------------------
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """Auto: bf16 where the GPU supports it, fp16 (with loss scaling) on older GPUs, fp32 on CPU."""
+    if requested != "Auto":
+        return requested.lower()
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+def load_model(model_dir: Path, spec: dict, *, precision: str, num_labels: int | None, label_ids: dict | None,
+               device: torch.device):
+    """The base model for the task, with the method's quantization when it is QLoRA."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    method = spec["method"]["type"]
+    kwargs: dict = {"trust_remote_code": bool(spec["baseModel"].get("trustRemoteCode", False))}
+    # Weights stay fp32 for fp16 training (the loss scaler needs fp32 masters); bf16 weights are fine.
+    kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
+    if method == "QLoRA":
+        from transformers import BitsAndBytesConfig
+
+        quant = spec["method"]["quantization"]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant["quantType"],
+            bnb_4bit_use_double_quant=quant["doubleQuant"],
+            bnb_4bit_compute_dtype=getattr(torch, quant["computeDtype"]),
+            bnb_4bit_quant_storage=kwargs["dtype"],  # lets ZeRO-3 shard the packed 4-bit weights
+        )
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    if spec["task"] == "SequenceClassification":
+        id2label = {i: name for name, i in label_ids.items()}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=num_labels, id2label=id2label, label2id=label_ids, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False  # no KV cache in training (and needed for padding-free packing)
+    return model
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct last-name parts of the model's linear layers (what targetModules can name)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """The output head(s): never LoRA targets; trained in full and saved with the adapter."""
+    heads = []
+    for candidate in ("lm_head", "score", "classifier", "cls"):
+        if getattr(model, candidate, None) is not None:
+            heads.append(candidate)
+    return heads
+
+
+def resolve_target_modules(model: nn.Module, requested: list[str]) -> list[str] | str:
+    if requested == ["all-linear"]:
+        return "all-linear"
+    available = linear_module_names(model)
+    missing = [name for name in requested if name not in available]
+    if missing:
+        raise BadInput(
+            f"method.lora.targetModules {missing} match no module of this model; its linear modules are: "
+            f"{', '.join(available)} (or use all-linear)")
+    return requested
+
+
+def apply_lora(model, spec: dict, *, task: str, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lora = spec["method"]["lora"]
+    if spec["method"]["type"] == "QLoRA":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    classification = task == "SequenceClassification"
+    config = LoraConfig(
+        r=lora["rank"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=resolve_target_modules(model, lora["targetModules"]),
+        use_rslora=lora.get("useRslora", False),
+        task_type="SEQ_CLS" if classification else "CAUSAL_LM",
+        # The classifier head starts random: it must be trained and saved with the adapter.
+        modules_to_save=head_module_names(model) if classification else None,
+    )
+    return get_peft_model(model, config)
+
+
+# --- freeze-thaw -----------------------------------------------------------------------------------
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks, bottom to top (the longest ModuleList of the model)."""
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            best = list(module)
+    if not best:
+        raise BadInput("method FreezeThaw: cannot find the model's transformer blocks")
+    return best
+
+
+@dataclass
+class FreezeThaw:
+    """Top `trainable` blocks + head train; `thaw()` unfreezes the next block down."""
+
+    model: nn.Module
+    blocks: list[nn.Module]
+    trainable: int
+    per_plateau: int
+    maximum: int
+
+    @classmethod
+    def apply(cls, model: nn.Module, settings: dict) -> FreezeThaw:
+        blocks = transformer_blocks(model)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for head in head_module_names(model):
+            for parameter in getattr(model, head).parameters():
+                parameter.requires_grad_(True)
+        state = cls(model, blocks, 0, settings["thawPerPlateau"],
+                    min(settings.get("maxTrainableBlocks") or len(blocks), len(blocks)))
+        state.set_trainable(settings["initialTrainableBlocks"])
+        return state
+
+    def set_trainable(self, count: int) -> None:
+        self.trainable = min(count, self.maximum)
+        for index, block in enumerate(self.blocks):
+            trainable = index >= len(self.blocks) - self.trainable
+            for parameter in block.parameters():
+                parameter.requires_grad_(trainable)
+
+    def thaw(self) -> bool:
+        if self.trainable >= self.maximum:
+            return False
+        self.set_trainable(self.trainable + self.per_plateau)
+        return True
+
+
+def prepare(model, spec: dict, *, gradient_checkpointing: bool):
+    """Apply the method. Returns (model, FreezeThaw | None)."""
+    method = spec["method"]["type"]
+    if gradient_checkpointing and method != "QLoRA":  # QLoRA's k-bit preparation enables it itself
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method in ("LoRA",):
+            model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
+    if method in ("LoRA", "QLoRA"):
+        return apply_lora(model, spec, task=spec["task"], gradient_checkpointing=gradient_checkpointing), None
+    if method == "FreezeThaw":
+        return model, FreezeThaw.apply(model, spec["method"]["freezeThaw"])
+    return model, None  # Full: everything trains
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def lora_to_base_ratios(model: nn.Module) -> dict[str, float]:
+    """Per adapted module: ||B·A·scale|| / ||W||, how far the adapter has moved each layer."""
+    ratios = {}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict) or "default" not in lora_a:
+            continue
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        if a.numel() == 0 or b.numel() == 0:  # ZeRO-3 partitioned: not available on this rank
+            continue
+        base = module.base_layer.weight
+        if base.numel() == 0 or base.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            continue  # 4-bit packed weights: no cheap norm
+        with torch.no_grad():
+            delta = (b.float() @ a.float()) * module.scaling["default"]
+            ratios[name] = float(delta.norm() / base.float().norm().clamp_min(1e-12))
+    return ratios
+
+
+def grad_norms(model: nn.Module) -> tuple[float, float]:
+    """(norm of adapter/head gradients, norm of other trainable gradients)."""
+    adapter, other = 0.0, 0.0
+    for name, parameter in model.named_parameters():
+        if parameter.grad is None:
+            continue
+        value = float(parameter.grad.detach().float().norm()) ** 2
+        if "lora_" in name or "modules_to_save" in name:
+            adapter += value
+        else:
+            other += value
+    return adapter ** 0.5, other ** 0.5

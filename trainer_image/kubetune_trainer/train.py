@@ -1,0 +1,704 @@
+"""One fine-tuning run, top to bottom.
+
+    validate data ─▶ load model + method ─▶ baseline eval ─▶ smoke step ─▶ train (eval, early stop,
+    thaw, checkpoint) ─▶ final eval ─▶ publish adapter + manifest (rank 0)
+
+Every process of a torchrun launch runs this file; rank 0 alone writes progress and publishes.
+Decisions that need no tensors (metrics, early stopping, the DeepSpeed config, data checks) live in
+plain modules with their own unit tests; this file is the loop that strings them together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kubetune.api import storage_layout
+from kubetune.api.jobconfig import JobConfig
+from kubetune.clients.storage import publish_adapter
+
+from . import __version__, data, distributed, ds_config, metrics, modeling, storage, text
+from .modeling import BadInput
+
+log = logging.getLogger(__name__)
+
+SPIKE_WINDOW = 20  # steps of history before the loss-spike guard is armed
+SPIKE_FACTOR = 4.0  # a step loss this many times the recent mean stops the run...
+SPIKE_MIN_RISE = 1.0  # ...if it is also this much above it (near-zero losses jitter by large factors)
+
+
+class TrainingHalted(Exception):
+    """The guard stopped training (NaN/inf or a loss spike): not retryable, the config must change."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Schedule:
+    """The numbers derived from the spec and the world size (logged, and saved in the manifest)."""
+
+    world_size: int
+    per_device_batch: int
+    grad_accum: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_every: int
+    checkpoint_every: int
+
+    @classmethod
+    def from_spec(cls, training: dict, world_size: int, train_size: int) -> Schedule:
+        per_device = training["perDeviceBatchSize"]
+        effective = training.get("effectiveBatchSize") or per_device * world_size
+        accum = max(1, effective // (per_device * world_size))
+        micro = max(1, train_size // (per_device * world_size))  # equal on every rank (collectives align)
+        steps_per_epoch = max(1, micro // accum)
+        if training.get("maxSteps"):
+            total = training["maxSteps"]
+        else:
+            total = max(1, math.ceil(training["epochs"] * steps_per_epoch))
+        eval_every = training.get("evalSteps") or (steps_per_epoch if training.get("epochs") else max(1, total // 10))
+        warmup = round(training["scheduler"]["warmupRatio"] * total)
+        return cls(world_size, per_device, accum, micro, steps_per_epoch, total, warmup, min(eval_every, total),
+                   training["checkpointSteps"])
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return factor
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs (saved in every checkpoint)."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0  # next micro-batch of `epoch` (data position)
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    plateau_evals: int = 0
+    trainable_blocks: int | None = None
+    baseline: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # [{step, trainLoss | eval metrics}]
+    tokens_seen: int = 0
+    padding_tokens: int = 0
+    real_tokens: int = 0
+
+
+# --- the engine: plain, DDP or DeepSpeed ----------------------------------------------------------------
+
+
+class Engine:
+    """The three ways of stepping, behind one interface the loop uses."""
+
+    def __init__(self, model, optimizer, scheduler, dist: distributed.DistInfo, ds: dict | None, max_grad_norm: float,
+                 grad_accum: int, scaler: torch.amp.GradScaler | None, autocast_dtype):
+        self.module, self.optimizer, self.scheduler, self.dist = model, optimizer, scheduler, dist
+        self.max_grad_norm, self.grad_accum, self.scaler = max_grad_norm, grad_accum, scaler
+        self.autocast_dtype = autocast_dtype
+        self.deepspeed = None
+        self.ddp = None
+        if ds is not None:
+            self.deepspeed = distributed.wrap_deepspeed(model, optimizer, scheduler, ds)
+        elif dist.world_size > 1:
+            self._wrap_ddp()
+        self.last_grad_norm = 0.0
+
+    def _wrap_ddp(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(self.module, device_ids=ids)
+
+    def parameters_changed(self) -> None:
+        """Freeze-thaw made more parameters trainable: DDP must register them."""
+        if self.ddp is not None:
+            self._wrap_ddp()
+
+    def forward(self, tensors: dict):
+        model = self.deepspeed or self.ddp or self.module
+        tensors = {k: v.to(self.dist.device) for k, v in tensors.items()}
+        if self.autocast_dtype is not None and self.deepspeed is None:
+            with torch.autocast(self.dist.device.type, dtype=self.autocast_dtype):
+                return model(**tensors, use_cache=False) if "position_ids" in tensors else model(**tensors)
+        return model(**tensors, use_cache=False) if "position_ids" in tensors else model(**tensors)
+
+    def backward(self, loss) -> None:
+        if self.deepspeed is not None:
+            self.deepspeed.backward(loss)  # DeepSpeed scales by 1/accumulation itself
+        elif self.scaler is not None:
+            self.scaler.scale(loss / self.grad_accum).backward()
+        else:
+            (loss / self.grad_accum).backward()
+
+    def micro_step(self, boundary: bool) -> None:
+        """After every micro-batch; the optimizer steps only at an accumulation boundary."""
+        if self.deepspeed is not None:
+            self.deepspeed.step()
+            if boundary:
+                norm = self.deepspeed.get_global_grad_norm()
+                self.last_grad_norm = float(norm) if norm is not None else 0.0
+            return
+        if not boundary:
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        if self.deepspeed is not None:
+            self.deepspeed.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self, mode: bool = True) -> None:
+        (self.deepspeed or self.module).train(mode)
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    def save(self, directory: Path, state: TrainerState) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   directory / f"rng-rank{self.dist.rank}.pt")
+        if self.deepspeed is not None:
+            self.deepspeed.save_checkpoint(str(directory), tag="ds", client_state={"trainer": state.__dict__})
+            return
+        if self.dist.is_main:
+            trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict() if self.scaler else None,
+                        "trainer": state.__dict__}, directory / "state.pt")
+
+    def load(self, directory: Path) -> TrainerState:
+        if self.deepspeed is not None:
+            _, client = self.deepspeed.load_checkpoint(str(directory), tag="ds")
+            saved = client["trainer"]
+        else:
+            blob = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
+            missing = self.module.load_state_dict(blob["model"], strict=False)
+            unexpected = [k for k in missing.unexpected_keys]
+            if unexpected:
+                raise RuntimeError(f"checkpoint does not fit the model: unexpected {unexpected[:5]}")
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.scheduler.load_state_dict(blob["scheduler"])
+            if self.scaler and blob.get("scaler"):
+                self.scaler.load_state_dict(blob["scaler"])
+            saved = blob["trainer"]
+        rng_file = directory / f"rng-rank{self.dist.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        return TrainerState(**saved)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    confidences: list[float]
+    entropies: list[float]
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, examples: list[text.Example], *, task: str, batch_size: int, pad_id: int,
+             pack: bool) -> Evaluation:
+    """Loss, and accuracy + macro-F1 (classification) or perplexity (causal LM), on every rank.
+
+    Every rank evaluates the whole holdout: under ZeRO-3 each forward is a collective, so all ranks
+    must run the same number of them; the holdout is small next to training.
+    """
+    engine.train(False)
+    loss_sum, weight, predictions, labels, confidences, entropies = 0.0, 0, [], [], [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        if task == "SequenceClassification":
+            batch = text.padded_batch(chunk, pad_id, torch)
+            out = engine.forward(batch.tensors)
+            logits = out.logits.float()
+            gold = batch.tensors["labels"]
+            loss_sum += float(F.cross_entropy(logits, gold.to(logits.device), reduction="sum"))
+            weight += len(chunk)
+            probs = logits.softmax(-1)
+            predictions.extend(probs.argmax(-1).tolist())
+            labels.extend(gold.tolist())
+            confidences.extend(probs.max(-1).values.tolist())
+            entropies.extend((-(probs * probs.clamp_min(1e-12).log()).sum(-1)).tolist())
+            continue
+        for example in chunk:  # per sequence, so confidence and entropy are per example
+            batch = text.make_batch([example], pack=pack, pad_id=pad_id, torch=torch)
+            out = engine.forward(batch.tensors)
+            logits = out.logits[0, :-1].float()
+            target = batch.tensors["labels"][0, 1:].to(logits.device)
+            keep = target != text.IGNORE
+            if not bool(keep.any()):
+                continue
+            log_probs = logits[keep].log_softmax(-1)
+            token_lp = log_probs.gather(-1, target[keep].unsqueeze(-1)).squeeze(-1)
+            loss_sum += float(-token_lp.sum())
+            weight += int(keep.sum())
+            confidences.append(float(token_lp.exp().mean()))
+            entropies.append(float((-(log_probs.exp() * log_probs).sum(-1)).mean()))
+    engine.train(True)
+    mean_loss = loss_sum / max(weight, 1)
+    result = {"eval_loss": mean_loss}
+    if task == "SequenceClassification":
+        result["accuracy"] = metrics.accuracy(predictions, labels)
+        result["macro_f1"] = metrics.macro_f1(predictions, labels)
+    else:
+        result["perplexity"] = metrics.perplexity(mean_loss)
+    return Evaluation(result, confidences, entropies)
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """Data and model, ready to train."""
+
+    loaded: data.LoadedData
+    tokenizer: object
+    model_dir: Path
+    label_ids: dict | None
+    train: list[text.Example]
+    validation: list[text.Example]
+    token_stats: dict
+
+
+def load_data(config: JobConfig, progress: storage.ProgressWriter) -> data.LoadedData:
+    spec = config.spec
+    dataset = spec["dataset"]
+    store = storage.data_store(spec)
+    progress.update(stage="validating", force=True)
+    raw = store.read(dataset["uri"])
+    if raw is None:
+        raise BadInput(f"dataset.uri {dataset['uri']} does not exist")
+    validation_raw = None
+    if dataset.get("validationUri"):
+        validation_raw = store.read(dataset["validationUri"])
+        if validation_raw is None:
+            raise BadInput(f"dataset.validationUri {dataset['validationUri']} does not exist")
+    stratify = dataset.get("stratifyBy") or ("label" if dataset["format"] == "text-label" else None)
+    loaded = data.load_dataset(raw, dataset["format"], labels=spec.get("labels"), validation_bytes=validation_raw,
+                               validation_fraction=dataset["validationSplit"], seed=dataset["seed"],
+                               stratify_by=stratify, source_name=dataset["uri"],
+                               validation_source_name=dataset.get("validationUri") or "validation.jsonl")
+    return loaded
+
+
+def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer, progress) -> tuple:
+    spec = config.spec
+    fmt, max_len = spec["dataset"]["format"], spec["training"]["maxSeqLength"]
+
+    def count(piece: str) -> int:
+        return len(tokenizer(piece, add_special_tokens=True)["input_ids"])
+
+    def render_chat(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    chat_template = fmt == "chat" and getattr(tokenizer, "chat_template", None)
+    loaded.apply_length_check(count, max_len, render_chat=render_chat if chat_template else None)
+    if not loaded.acceptable(spec["dataset"]["maxInvalidFraction"]):
+        raise BadInput("the dataset has invalid lines (nothing was trained):\n" + loaded.summary())
+    label_ids = None
+    if fmt == "text-label":
+        label_ids = {name: i for i, name in enumerate(loaded.labels)}
+    train_examples, train_stats = text.tokenize(loaded.train, fmt, tokenizer, max_len, label_ids)
+    val_examples, val_stats = text.tokenize(loaded.validation, fmt, tokenizer, max_len, label_ids)
+    if not train_examples:
+        raise BadInput("the dataset has no valid training examples")
+    return label_ids, train_examples, val_examples, {"train": train_stats.as_dict(), "validation": val_stats.as_dict()}
+
+
+def run(config: JobConfig, *, work_dir: Path) -> dict:
+    """Train and publish. Returns the manifest document (on rank 0; other ranks get {})."""
+    dist = distributed.init_process_group()
+    try:
+        return _run(config, dist, work_dir)
+    finally:
+        distributed.cleanup()
+
+
+def _run(config: JobConfig, dist, work_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    spec, training = config.spec, config.spec["training"]
+    task, method = spec["task"], spec["method"]["type"]
+    random.seed(training["seed"])
+    torch.manual_seed(training["seed"])
+    out_store = storage.output_store(spec)
+    prefix = config.storage.job_prefix
+    progress = storage.ProgressWriter(out_store, prefix, enabled=dist.is_main)
+    started = time.monotonic()
+
+    # 1. data, validated before the model is even loaded ----------------------------------------------
+    loaded = load_data(config, progress)
+    progress.update(stage="loading", force=True)
+    model_dir = modeling.resolve_model_dir(spec["baseModel"], storage.model_store(spec), work_dir / "cache")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_note = text.choose_pad_token(tokenizer) if task == "CausalLM" else "classification: the tokenizer's pad"
+    label_ids, train_examples, val_examples, token_stats = prepare_data(config, loaded, tokenizer, progress)
+    if loaded.leakage:
+        log.warning("exact duplicates across the train and validation splits (leakage)",
+                    extra={"pairs": len(loaded.leakage), "first": loaded.leakage[:10]})
+    log.info("dataset report", extra={"summary": loaded.summary()})
+    log.info("data ready", extra={"train": len(train_examples), "validation": len(val_examples),
+                                  "truncated": token_stats["train"]["truncated"], "pad": pad_note})
+
+    # 2. model and method ----------------------------------------------------------------------------
+    precision = modeling.pick_precision(training["precision"], dist.device)
+    model = modeling.load_model(model_dir, spec, precision=precision, num_labels=len(label_ids or {}) or None,
+                                label_ids=label_ids, device=dist.device)
+    if task == "SequenceClassification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model, freeze = modeling.prepare(model, spec, gradient_checkpointing=training["gradientCheckpointing"])
+    if method != "QLoRA":
+        model.to(dist.device)
+    trainable, total = modeling.trainable_parameters(model)
+    log.info("model ready", extra={"method": method, "precision": precision, "trainable": trainable, "total": total})
+
+    schedule = Schedule.from_spec(training, dist.world_size, len(train_examples))
+    log.info("schedule", extra=schedule.__dict__)
+    # Every parameter that may ever train is given to the optimizer now (freeze-thaw unfreezes later;
+    # AdamW skips parameters without gradients).
+    params = [p for p in model.parameters() if p.requires_grad or freeze is not None]
+    if freeze is not None:
+        params = [p for p in model.parameters() if p.dtype.is_floating_point]
+    optimizer = torch.optim.AdamW(params, lr=training["learningRate"], weight_decay=training["weightDecay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(training["scheduler"]["type"], schedule.warmup_steps, schedule.total_steps))
+    ds = None
+    deepspeed_spec = spec["distributed"]["deepspeed"]
+    if deepspeed_spec["enabled"]:
+        ds = ds_config.deepspeed_config(
+            world_size=dist.world_size, per_device_batch=schedule.per_device_batch, grad_accum=schedule.grad_accum,
+            zero_stage=deepspeed_spec["zeroStage"], precision=precision, method=method,
+            offload_optimizer=deepspeed_spec["offloadOptimizer"], offload_params=deepspeed_spec["offloadParams"],
+            max_grad_norm=training["maxGradNorm"])
+    use_scaler = precision == "fp16" and ds is None
+    engine = Engine(model, optimizer, scheduler, dist, ds, training["maxGradNorm"], schedule.grad_accum,
+                    torch.amp.GradScaler(dist.device.type) if use_scaler else None,
+                    {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if method != "QLoRA" else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pack = bool(training["packing"]) and task == "CausalLM"
+
+    def run_eval() -> Evaluation:
+        return evaluate(engine, val_examples, task=task, batch_size=schedule.per_device_batch, pad_id=pad_id,
+                        pack=pack)
+
+    # 3. resume, or evaluate the base model first (the baseline) ----------------------------------------
+    state = TrainerState()
+    resumed = _resume(engine, out_store, prefix, work_dir, dist)
+    if resumed is not None:
+        state = resumed
+        if freeze is not None and state.trainable_blocks is not None:
+            freeze.set_trainable(state.trainable_blocks)
+            engine.parameters_changed()
+        log.info("resumed from checkpoint", extra={"step": state.step, "epoch": state.epoch})
+    elif val_examples:
+        progress.update(stage="baseline", force=True)
+        state.baseline = run_eval().metrics
+        log.info("baseline", extra={"metrics": state.baseline})
+        progress.update(force=True, evalMetrics=state.baseline, baselineMetrics=state.baseline)
+
+    # 4. one smoke step on one batch: shapes, memory and a finite loss before the long run -----------------
+    order = text.batch_order([len(e.input_ids) for e in train_examples], schedule.per_device_batch,
+                             training["seed"], group_by_length=not pack)
+    smoke = text.make_batch([train_examples[i] for i in order[0]], pack=pack, pad_id=pad_id, torch=torch)
+    smoke_loss = engine.forward(smoke.tensors).loss
+    if not torch.isfinite(smoke_loss):
+        raise TrainingHalted("NonFiniteLoss", f"the smoke step's loss is {float(smoke_loss)} before any update")
+    engine.backward(smoke_loss)
+    engine.zero_grad()
+    log.info("smoke step passed", extra={"loss": float(smoke_loss)})
+
+    # 5. training ------------------------------------------------------------------------------------
+    stop_reason = _train(engine, state, schedule, train_examples, training, freeze, pack, pad_id, progress,
+                         out_store, prefix, work_dir, dist, run_eval)
+    log.info("training finished", extra={"step": state.step, "reason": stop_reason})
+
+    # 6. final evaluation and publishing -------------------------------------------------------------
+    progress.update(stage="evaluating", force=True)
+    final = run_eval() if val_examples else Evaluation({}, [], [])
+    document: dict = {}
+    if dist.is_main:
+        progress.update(stage="publishing", force=True, evalMetrics=final.metrics,
+                        evalLoss=final.metrics.get("eval_loss"))
+        document = _publish(config, engine, tokenizer, model_dir, loaded, val_examples, final, state, schedule,
+                            token_stats, precision, stop_reason, out_store, work_dir, time.monotonic() - started)
+        progress.update(stage="done", force=True, step=state.step)
+    distributed.barrier()
+    return document
+
+
+def _resume(engine: Engine, store, prefix: str, work_dir: Path, dist) -> TrainerState | None:
+    pointer = storage.latest_checkpoint(store, prefix)
+    if pointer is None:
+        return None
+    local = work_dir / "resume" / f"step-{pointer['step']}"
+    if dist.local_rank == 0:
+        count = storage.download_prefix(store, pointer["path"], local)
+        log.info("downloaded checkpoint", extra={"step": pointer["step"], "files": count})
+    distributed.barrier()
+    return engine.load(local)
+
+
+def _checkpoint(engine: Engine, state: TrainerState, store, prefix: str, work_dir: Path, dist) -> None:
+    local = work_dir / "checkpoints" / f"step-{state.step}"
+    engine.save(local, state)
+    distributed.barrier()
+    if dist.local_rank == 0:  # one uploader per pod; each pod holds its own ranks' shards
+        count = storage.upload_dir(store, local, storage_layout.checkpoint_prefix(prefix, state.step))
+        log.info("checkpoint uploaded", extra={"step": state.step, "files": count})
+    distributed.barrier()
+    if dist.is_main:
+        storage.mark_latest_checkpoint(store, prefix, state.step)
+
+
+def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, training: dict, freeze, pack: bool,
+           pad_id: int, progress, store, prefix: str, work_dir: Path, dist, run_eval) -> str:
+    stopping = training.get("earlyStopping")
+    watch = (stopping or {}).get("metric", "eval_loss")
+    lengths = [len(e.input_ids) for e in examples]
+    recent: list[float] = []
+    window_start, window_tokens = time.monotonic(), 0
+    engine.train(True)
+    while state.step < schedule.total_steps:
+        batches = text.batch_order(lengths, schedule.per_device_batch, training["seed"] + state.epoch,
+                                   group_by_length=not pack)
+        mine = batches[dist.rank::dist.world_size][: schedule.micro_batches_per_epoch]
+        step_losses: list[float] = []
+        while state.micro_in_epoch < len(mine) and state.step < schedule.total_steps:
+            batch = text.make_batch([examples[i] for i in mine[state.micro_in_epoch]], pack=pack, pad_id=pad_id,
+                                    torch=torch)
+            loss = engine.forward(batch.tensors).loss
+            value = float(distributed.all_reduce_mean(loss.detach().float()))
+            if not math.isfinite(value):
+                raise TrainingHalted("NonFiniteLoss", f"loss became {value} at step {state.step + 1}")
+            engine.backward(loss)
+            state.micro_in_epoch += 1
+            boundary = state.micro_in_epoch % schedule.grad_accum == 0 or state.micro_in_epoch == len(mine)
+            engine.micro_step(boundary)
+            step_losses.append(value)
+            state.real_tokens += batch.real_tokens * dist.world_size
+            state.padding_tokens += (batch.total_tokens - batch.real_tokens) * dist.world_size
+            window_tokens += batch.real_tokens * dist.world_size
+            if not boundary:
+                continue
+            state.step += 1
+            step_loss = sum(step_losses) / len(step_losses)
+            step_losses = []
+            mean = sum(recent) / len(recent) if recent else 0.0
+            if len(recent) >= SPIKE_WINDOW and step_loss > max(SPIKE_FACTOR * mean, mean + SPIKE_MIN_RISE):
+                raise TrainingHalted("LossSpike", f"loss {step_loss:.4f} at step {state.step} is over "
+                                     f"{SPIKE_FACTOR}x the mean of the last {len(recent)} steps "
+                                     f"({mean:.4f}); lower the learning rate")
+            recent = [*recent, step_loss][-SPIKE_WINDOW:]
+            elapsed = max(time.monotonic() - window_start, 1e-9)
+            tokens_per_second = window_tokens / elapsed
+            remaining = schedule.total_steps - state.step
+            seconds_per_step = elapsed / max(1, len(state.history) and 1)
+            state.history.append({"step": state.step, "trainLoss": step_loss, "lr": engine.lr(),
+                                  "gradNorm": engine.last_grad_norm})
+            progress.update(stage="training", step=state.step, totalSteps=schedule.total_steps,
+                            epoch=state.epoch + state.micro_in_epoch / len(mine), trainLoss=step_loss,
+                            tokensPerSecond=tokens_per_second,
+                            etaSeconds=int(remaining * elapsed / max(1, state.step - _window_first_step(state))))
+            del seconds_per_step
+            if state.step % schedule.eval_every == 0 or state.step == schedule.total_steps:
+                stop = _evaluate_and_decide(engine, state, training, stopping, watch, freeze, progress, run_eval)
+                if stop:
+                    return stop
+            if state.step % schedule.checkpoint_every == 0 and state.step < schedule.total_steps:
+                _checkpoint(engine, state, store, prefix, work_dir, dist)
+        if state.micro_in_epoch >= len(mine):
+            state.epoch += 1
+            state.micro_in_epoch = 0
+    return "completed"
+
+
+def _window_first_step(state: TrainerState) -> int:
+    return state.history[0]["step"] - 1 if state.history else 0
+
+
+def _evaluate_and_decide(engine, state: TrainerState, training, stopping, watch: str, freeze, progress,
+                         run_eval) -> str | None:
+    evaluation = run_eval()
+    result = evaluation.metrics
+    ratios = modeling.lora_to_base_ratios(engine.module)
+    monitor = {}
+    if ratios:
+        top = max(ratios, key=ratios.get)
+        monitor = {"loraToBaseMax": ratios[top], "loraToBaseMean": sum(ratios.values()) / len(ratios),
+                   "loraToBaseTopLayer": top}
+    state.history.append({"step": state.step, **result, **monitor})
+    log.info("evaluation", extra={"step": state.step, "metrics": result, "gradNorm": engine.last_grad_norm,
+                                  **monitor})
+    progress.update(force=True, evalLoss=result.get("eval_loss"), evalMetrics=result)
+    value = result.get(watch, result.get("eval_loss"))
+    min_delta = (stopping or {}).get("minDelta", 0.0)
+    if metrics.improved(watch, value, state.best_metric, min_delta):
+        state.best_metric = value
+        state.evals_without_improvement = 0
+        state.plateau_evals = 0
+        return None
+    state.evals_without_improvement += 1
+    state.plateau_evals += 1
+    if freeze is not None and state.plateau_evals >= training_plateau(freeze):
+        state.plateau_evals = 0
+        if freeze.thaw():
+            state.trainable_blocks = freeze.trainable
+            engine.parameters_changed()
+            log.info("plateau: thawed more blocks", extra={"trainableBlocks": freeze.trainable, "step": state.step})
+            state.evals_without_improvement = 0
+            return None
+    if stopping and state.evals_without_improvement >= stopping["patience"]:
+        return f"early stopping: {watch} did not improve for {stopping['patience']} evaluations"
+    return None
+
+
+def training_plateau(freeze: modeling.FreezeThaw) -> int:
+    return getattr(freeze, "patience", 2)
+
+
+# --- publishing ----------------------------------------------------------------------------------------
+
+
+def _save_adapter(engine: Engine, tokenizer, model_dir: Path, spec: dict, target: Path) -> None:
+    method = spec["method"]["type"]
+    model = engine.module
+    target.mkdir(parents=True, exist_ok=True)
+    state_dict = distributed.gathered_trainable_state_dict(engine.deepspeed or model,
+                                                           only_trainable=method in ("LoRA", "QLoRA"))
+    if method in ("LoRA", "QLoRA"):
+        model.save_pretrained(target, state_dict=state_dict if engine.deepspeed is not None else None)
+    else:
+        model.save_pretrained(target, state_dict=state_dict if engine.deepspeed is not None else None,
+                              safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    _refuse_empty_tensors(target)
+    if spec["output"].get("mergeAdapter") and method in ("LoRA", "QLoRA"):
+        _merge(model_dir, target, spec, target / "merged")
+
+
+def _refuse_empty_tensors(directory: Path) -> None:
+    from safetensors import safe_open
+
+    tensors = 0
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                shape = handle.get_slice(key).get_shape()
+                if not shape or math.prod(shape) == 0:
+                    raise RuntimeError(f"refusing to publish: tensor {key} in {path.name} is empty {shape}")
+                tensors += 1
+    if tensors == 0:
+        raise RuntimeError(f"refusing to publish: no tensors were saved in {directory}")
+
+
+def _merge(model_dir: Path, adapter_dir: Path, spec: dict, target: Path) -> None:
+    """Merge into a bf16 (or fp32 on CPU) copy of the base: never into 4-bit weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    cls = AutoModelForSequenceClassification if spec["task"] == "SequenceClassification" else AutoModelForCausalLM
+    kwargs = {}
+    if spec["task"] == "SequenceClassification":
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        del config
+        labels = spec.get("labels")
+        if labels:
+            kwargs["num_labels"] = len(labels)
+    base = cls.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(target, safe_serialization=True)
+
+
+def input_text(fields: dict) -> str:
+    """What a user sends (for the vocabulary of the drift profile): never the completion."""
+    if "messages" in fields:
+        return " ".join(m["content"] for m in fields["messages"] if m["role"] != "assistant")
+    return fields.get("prompt") or fields.get("text") or ""
+
+
+def _publish(config: JobConfig, engine: Engine, tokenizer, model_dir: Path, loaded, val_examples, final: Evaluation,
+             state: TrainerState, schedule: Schedule, token_stats: dict, precision: str, stop_reason: str, store,
+             work_dir: Path, seconds: float) -> dict:
+    import peft
+    import transformers
+
+    spec = config.spec
+    adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-", dir=work_dir))
+    _save_adapter(engine, tokenizer, model_dir, spec, adapter_dir)
+    kind = "classification" if spec["task"] == "SequenceClassification" else "causal-lm"
+    profile = metrics.drift_profile(
+        input_lengths=[len(e.input_ids) for e in val_examples],
+        texts=[input_text(r.fields) for r in loaded.train],
+        confidences=final.confidences, entropies=final.entropies, kind=kind)
+    padding = state.padding_tokens / max(1, state.padding_tokens + state.real_tokens)
+    fields = {
+        "job": {"namespace": config.job.namespace, "name": config.job.name, "uid": config.job.uid},
+        "task": spec["task"],
+        "method": spec["method"]["type"],
+        "rank": spec["method"].get("lora", {}).get("rank"),
+        "labels": list(loaded.labels) if spec["task"] == "SequenceClassification" else None,
+        "baseModel": {"uri": spec["baseModel"]["uri"], "revision": spec["baseModel"].get("revision")},
+        "dataset": {"uri": spec["dataset"]["uri"], "validationUri": spec["dataset"].get("validationUri"),
+                    "format": spec["dataset"]["format"], "digest": loaded.digest,
+                    "trainExamples": len(loaded.train), "validationExamples": len(loaded.validation),
+                    "tokens": token_stats, "leakage": len(loaded.leakage)},
+        "config": spec,
+        "metrics": final.metrics,
+        "baselineMetrics": state.baseline,
+        "training": {"steps": state.step, "stopReason": stop_reason, "precision": precision,
+                     "schedule": schedule.__dict__, "paddingFraction": padding, "realTokens": state.real_tokens,
+                     "seconds": round(seconds, 1), "history": state.history[-500:]},
+        "trainer": {"version": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                    "peft": peft.__version__},
+        "driftProfile": profile,
+    }
+    document = publish_adapter(store, adapter_dir, config.storage.job_prefix, fields)
+    log.info("adapter published", extra={"digest": document["digest"], "files": len(document["files"]),
+                                         "manifest": config.storage.manifest_uri})
+    return document
