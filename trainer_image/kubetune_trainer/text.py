@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 IGNORE = -100
@@ -82,7 +83,7 @@ def _chat_turns(tokenizer, messages: list[dict]) -> list[tuple[list[int], bool]]
         pieces, previous = [], []
         for index in range(len(messages)):
             ids = tokenizer.apply_chat_template(messages[: index + 1], tokenize=True)
-            if isinstance(ids, dict):  # transformers 5 returns a BatchEncoding
+            if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
                 ids = ids["input_ids"]
             ids = list(ids)
             shared = 0

@@ -352,6 +352,7 @@ def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer, progress
 
 def run(config: JobConfig, *, work_dir: Path) -> dict:
     """Train and publish. Returns the manifest document (on rank 0; other ranks get {})."""
+    work_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.init_process_group()
     try:
         return _run(config, dist, work_dir)
@@ -450,7 +451,7 @@ def _run(config: JobConfig, dist, work_dir: Path) -> dict:
         raise TrainingHalted("NonFiniteLoss", f"the smoke step's loss is {float(smoke_loss)} before any update")
     engine.backward(smoke_loss)
     engine.zero_grad()
-    log.info("smoke step passed", extra={"loss": float(smoke_loss)})
+    log.info("smoke step passed", extra={"loss": float(smoke_loss.detach())})
 
     # 5. training ------------------------------------------------------------------------------------
     stop_reason = _train(engine, state, schedule, train_examples, training, freeze, pack, pad_id, progress,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import time
 from collections import defaultdict
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import kopf
 
 from kubetune.api import manifest as manifest_api
+from kubetune.api import storage_layout
 from kubetune.api import v1alpha1 as api
 from kubetune.clients import kube, storage
 from kubetune.reconcile import finetunejob as ftj
@@ -76,6 +78,17 @@ async def _check_manifest(job: dict) -> manifest_api.ManifestCheck:
         return manifest_api.ManifestCheck(found=False)
 
 
+async def _read_progress(job: dict) -> dict | None:
+    """The trainer's progress.json (None when absent, unreadable or storage is down: progress can wait)."""
+    store = await _store_for(job)
+    try:
+        raw = await asyncio.to_thread(store.read, storage_layout.progress_uri(ftj.job_prefix(job)))
+        return json.loads(raw) if raw else None
+    except Exception as exc:
+        log.debug("progress read failed", extra={"job": job["metadata"]["name"], "error": str(exc)})
+        return None
+
+
 async def reconcile(namespace: str, name: str) -> float | None:
     """One pass of the FineTuneJob control loop. Returns seconds until the next resync, if any."""
     client = RUNTIME.client
@@ -90,8 +103,10 @@ async def reconcile(namespace: str, name: str) -> float | None:
         config_map = await client.get(kube.CONFIGMAPS, namespace, render.config_map_name(name))
         pytorchjob = await client.get(kube.PYTORCHJOBS, namespace, render.pytorchjob_name(name))
         manifest = await _check_manifest(job) if ftj.needs_manifest(job, pytorchjob) else None
+        progress = await _read_progress(job) if ftj.needs_progress(job, pytorchjob) else None
         plan = ftj.decide(
-            ftj.Observed(job=job, now=now_rfc3339(), config_map=config_map, pytorchjob=pytorchjob, manifest=manifest),
+            ftj.Observed(job=job, now=now_rfc3339(), config_map=config_map, pytorchjob=pytorchjob, manifest=manifest,
+                         progress=progress),
             RUNTIME.settings,
         )
         for child in plan.create:
@@ -151,4 +166,12 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
                 initial_delay=RUNTIME.settings.resync_seconds, idle=None,
                 when=lambda status, **_: (status or {}).get("phase") not in ftj.TERMINAL, **kw)
     async def finetunejob_resync(namespace, name, **_):
+        await _reconcile_logged(namespace, name)
+
+    # Training progress reaches status within seconds: running jobs are re-read as often as the
+    # trainer writes progress.json (a cheap GET per job; status is patched only when it changed).
+    @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.progress_seconds,
+                initial_delay=RUNTIME.settings.progress_seconds, idle=None,
+                when=lambda status, **_: (status or {}).get("phase") in ("Pending", "Running"), **kw)
+    async def finetunejob_progress(namespace, name, **_):
         await _reconcile_logged(namespace, name)
