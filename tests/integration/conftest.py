@@ -196,7 +196,7 @@ class Operator:
 @pytest_asyncio.fixture()
 async def operator(k8s, s3_server) -> AsyncIterator[Operator]:
     logging.getLogger("kopf").setLevel(logging.INFO)
-    handle = Operator(k8s, s3_server, ftj.Settings(publish_timeout_seconds=5, resync_seconds=0.5))
+    handle = Operator(k8s, s3_server, ftj.Settings(publish_timeout_seconds=5, resync_seconds=0.5, progress_seconds=0.5))
     await handle.start()
     yield handle
     await handle.stop()

@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from kubetune.api import jobconfig, storage_layout
 from kubetune.api.validation import validate
 from kubetune.clients.storage import ObjectStore
@@ -41,14 +39,6 @@ def lm_corpus(n: int = 96, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    from kubetune_trainer.tiny import make_tiny_llama
-
-    texts = [f"{r['prompt']} {r['completion']}" for r in lm_corpus()] + ["system user assistant"]
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts)
 
 
 def job_spec(model_dir: Path, data: Path, out: Path, **overrides) -> dict:

@@ -18,7 +18,10 @@ with a single plain `python` process):
    `from_pretrained`, keep `hf_deepspeed_config(config)` alive while loading instead: transformers then
    enters zero.Init itself (never for quantized/QLoRA models).
 3. Build the optimizer over the trainable parameters only, and the LR scheduler, ourselves.
-4. `engine = wrap_deepspeed(model, optimizer, lr_scheduler, config)` (config from `ds_config.py`).
+4. `engine = wrap_deepspeed(model, optimizer, lr_scheduler, config)`, config from
+   `ds_config.deepspeed_config(..., accelerator=info.device.type)` ("cpu" turns overlap_comm off: on
+   CPU it made ZeRO-3 ~40x slower with 2 intra-op threads). On CPU this also keeps DeepSpeed from
+   JIT-compiling its shared-memory comm op (needs ninja + g++; unused by training), see `_deepspeed_comm`.
 5. Per micro-batch: `train_micro_step(engine, batch)`, i.e. `loss = engine(**batch).loss;
    engine.backward(loss); engine.step()`. DeepSpeed divides the loss by the accumulation steps in
    backward, reduce-scatters gradients every micro-step (ZeRO-2/3 keep only their gradient slice), and
@@ -30,7 +33,10 @@ with a single plain `python` process):
    forward passes under ZeRO-3 (parameters are all-gathered per layer: give every rank the same number of
    eval batches, `generate(synced_gpus=True)`), `gathered_trainable_state_dict`, `save_checkpoint`,
    `load_checkpoint`, `barrier`, `all_reduce_mean`.
-7. `cleanup()` at the end.
+7. Resume: `save_checkpoint(engine, dir, tag, client_state)` on every rank; to resume, build model and
+   engine afresh (same base weights), then `client_state = load_checkpoint(engine, dir, tag)`.
+8. Adapter: `gathered_trainable_state_dict(engine)` on every rank; rank 0 gets the full tensors.
+9. `cleanup()` at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -156,8 +163,19 @@ def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
 
 
 def cleanup() -> None:
-    """Destroy the process group (lets gloo/nccl shut down cleanly instead of warning at exit)."""
-    if dist.is_initialized():
+    """Destroy the process group (lets gloo/nccl shut down cleanly instead of warning at exit).
+
+    Through DeepSpeed when it has adopted the group: `deepspeed.comm.destroy_process_group` also drops the
+    groups DeepSpeed cached (deepspeed.utils.groups), which would otherwise outlive the process group and
+    make a second run in the same process (tests) fail with "Group ... is not registered".
+    """
+    if not dist.is_initialized():
+        return
+    if getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None) is not None:
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 
@@ -169,7 +187,8 @@ def _quiet_deprecated_collectives() -> None:
 
 
 def _deepspeed_comm() -> Any:
-    """Import deepspeed and register our torch process group with deepspeed.comm (idempotent).
+    """Import deepspeed and register our torch process group with deepspeed.comm (idempotent, must run
+    before anything else in DeepSpeed touches deepspeed.comm).
 
     `deepspeed.initialize` does this itself, but zero.Init (ours or transformers') runs before it and
     builds a DeepSpeedConfig whose world size comes from deepspeed.comm: unregistered, it sees world size
@@ -180,6 +199,14 @@ def _deepspeed_comm() -> Any:
 
     if not dist.is_initialized():
         raise RuntimeError("call init_process_group() before building a DeepSpeed model or engine")
+    if get_dist_info().device.type == "cpu" and os.environ.get("KUBETUNE_DS_SHM_COMM") != "1":
+        # On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (ninja + g++, ~25 s on
+        # 2 cores) when it is created, and dies without a toolchain ("Unable to JIT load the
+        # deepspeed_shm_comm op"). Only inference all-reduce (AutoTP) uses it, never ZeRO training, so mark
+        # it unavailable; DeepSpeed documents that edits to this cached dict persist (deepspeed/ops).
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=str(dist.get_backend()))
     return deepspeed
 
@@ -265,6 +292,7 @@ def gathered_trainable_state_dict(
     *,
     adapter_name: str = "default",
     dtype: torch.dtype | None = None,
+    peft_keys: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Full (unpartitioned) tensors on rank 0, CPU copies; `{}` on the other ranks. A collective.
 
@@ -272,7 +300,9 @@ def gathered_trainable_state_dict(
     is all-gathered (`deepspeed.zero.GatheredParameters`, read-only: `modifier_rank=None`, re-partitioned
     on exit) in bounded chunks and copied. Without ZeRO-3 the tensors are copied as they are.
     For a peft model the keys are those of `peft.get_peft_model_state_dict` (adapter name stripped), so
-    the dict can be written as `adapter_model.safetensors` next to the peft config.
+    the dict can be written as `adapter_model.safetensors` next to the peft config. `peft_keys=False`
+    keeps the module's own keys (`...lora_A.default.weight`): what `PeftModel.save_pretrained(dir,
+    state_dict=...)` expects, since it applies get_peft_model_state_dict itself.
 
     Dtype: the parameters' own unless `dtype` is given (floating tensors only). Under bf16 it depends on
     how the model was built: built normally, `deepspeed.initialize` casts the whole module, LoRA included,
@@ -307,7 +337,7 @@ def gathered_trainable_state_dict(
     if dtype is not None:
         copies = {pid: t.to(dtype) if t.is_floating_point() else t for pid, t in copies.items()}
     state = {k: copies[id(v)] for k, v in wanted.items()}
-    if hasattr(model, "peft_config"):
+    if peft_keys and hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 
         # "auto" would look for base embedding weights, which a trainable-only dict does not carry.

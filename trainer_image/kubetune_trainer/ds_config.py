@@ -180,11 +180,6 @@ def deepspeed_config(
         raise ValueError(f"hidden_size must be >= 1, got {hidden_size!r}")
     if accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
-    # The same rules as the operator's validation, for configs that did not come through it (kubetune local).
-    if accelerator == "cpu" and precision == "fp16":
-        raise ValueError("fp16 with loss scaling needs GPUs; use fp32 or bf16 on CPU")
-    if accelerator == "cpu" and method == "QLoRA":
-        raise ValueError("QLoRA (bitsandbytes 4-bit) needs GPUs")
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": per_device_batch,
         "gradient_accumulation_steps": grad_accum,

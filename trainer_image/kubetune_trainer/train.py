@@ -102,9 +102,9 @@ class TrainerState:
     trainable_blocks: int | None = None
     baseline: dict = field(default_factory=dict)
     history: list = field(default_factory=list)  # [{step, trainLoss | eval metrics}]
-    tokens_seen: int = 0
     padding_tokens: int = 0
     real_tokens: int = 0
+    train_seconds: float = 0.0  # optimizer steps only (no evaluation, checkpointing or loading)
 
 
 # --- the engine: plain, DDP or DeepSpeed ----------------------------------------------------------------
@@ -510,6 +510,7 @@ def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, tr
         mine = batches[dist.rank::dist.world_size][: schedule.micro_batches_per_epoch]
         step_losses: list[float] = []
         while state.micro_in_epoch < len(mine) and state.step < schedule.total_steps:
+            micro_started = time.monotonic()
             batch = text.make_batch([examples[i] for i in mine[state.micro_in_epoch]], pack=pack, pad_id=pad_id,
                                     torch=torch)
             loss = engine.forward(batch.tensors).loss
@@ -524,6 +525,7 @@ def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, tr
             state.real_tokens += batch.real_tokens * dist.world_size
             state.padding_tokens += (batch.total_tokens - batch.real_tokens) * dist.world_size
             window_tokens += batch.real_tokens * dist.world_size
+            state.train_seconds += time.monotonic() - micro_started
             if not boundary:
                 continue
             state.step += 1
@@ -694,6 +696,8 @@ def _publish(config: JobConfig, engine: Engine, tokenizer, model_dir: Path, load
         "baselineMetrics": state.baseline,
         "training": {"steps": state.step, "stopReason": stop_reason, "precision": precision,
                      "schedule": schedule.__dict__, "paddingFraction": padding, "realTokens": state.real_tokens,
+                     "trainSeconds": round(state.train_seconds, 3),
+                     "realTokensPerSecond": state.real_tokens / max(state.train_seconds, 1e-9),
                      "seconds": round(seconds, 1), "history": state.history[-500:]},
         "trainer": {"version": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                     "peft": peft.__version__},

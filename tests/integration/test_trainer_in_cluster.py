@@ -1,0 +1,101 @@
+"""The operator and the real trainer together: kopf + KMock + SeaweedFS + a trainer process.
+
+The test plays only what cannot run here, the Kubeflow training operator: it reads the ConfigMap
+the operator rendered, starts the PyTorchJob's command (`python -m kubetune_trainer --config ...`,
+with the S3 credentials the pod would get through secretKeyRef) and writes the PyTorchJob's
+conditions. Data comes from S3 and the adapter goes to S3, as in a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import pytest
+
+from kubetune.api import jobconfig
+from kubetune.clients import kube
+from kubetune.clients.storage import check_published
+from tests.trainer.conftest import lm_corpus
+
+from .conftest import ACCESS_KEY, BUCKET, SECRET_KEY, eventually
+from .test_finetunejob_flows import condition, status_of, submit, wait_phase
+
+pytestmark = pytest.mark.integration
+
+
+async def start_trainer(api, name: str, tmp_path) -> asyncio.subprocess.Process:
+    config_map = await eventually(lambda: api.get(kube.CONFIGMAPS, f"{name}-config"))
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config_map["data"][jobconfig.CONFIG_FILE])
+    env = {**os.environ, jobconfig.ENV_S3_ACCESS_KEY: ACCESS_KEY, jobconfig.ENV_S3_SECRET_KEY: SECRET_KEY,
+           "OMP_NUM_THREADS": "1"}
+    await api.set_pytorchjob_conditions(name, ("Created", "PyTorchJobCreated", "created"),
+                                        ("Running", "PyTorchJobRunning", "running"),
+                                        replicaStatuses={"Master": {"active": 1}})
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubetune_trainer", "--config", str(config_path), "--work-dir", str(tmp_path / "work"),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+
+
+async def finish(api, name: str, process) -> tuple[int, str]:
+    output, _ = await process.communicate()
+    code = process.returncode
+    if code == 0:
+        await api.set_pytorchjob_conditions(name, ("Succeeded", "PyTorchJobSucceeded", "done"),
+                                            replicaStatuses={"Master": {"succeeded": 1}})
+    else:
+        await api.set_pytorchjob_conditions(name, ("Failed", "PyTorchJobFailed", f"Master exited with {code}"),
+                                            replicaStatuses={"Master": {"failed": 1}})
+    return code, output.decode(errors="replace")
+
+
+def spec_for(tiny_llama, rows) -> dict:
+    return {
+        "baseModel": {"uri": f"file://{tiny_llama}"},
+        "dataset": {"uri": f"s3://{BUCKET}/data/train.jsonl", "format": "prompt-completion"},
+        "method": {"type": "LoRA", "lora": {"rank": 4, "targetModules": ["q_proj", "v_proj"]}},
+        "training": {"maxSteps": 60, "learningRate": 0.01, "perDeviceBatchSize": 4, "maxSeqLength": 64,
+                     "precision": "FP32", "gradientCheckpointing": False, "evalSteps": 20},
+        "distributed": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1, "deepspeed": {"enabled": False}},
+    }
+
+
+async def test_real_training_publishes_and_reports_progress(operator, api, s3_server, tiny_llama, tmp_path):
+    s3_server.store().write(f"s3://{BUCKET}/data/train.jsonl",
+                            "".join(json.dumps(r) + "\n" for r in lm_corpus(96)).encode())
+    await submit(api, s3_server, "real-train", **spec_for(tiny_llama, None))
+    process = await start_trainer(api, "real-train", tmp_path)
+
+    async def training_progress():
+        progress = (await status_of(api, "real-train")).get("progress") or {}
+        return progress if progress.get("stage") == "training" and progress.get("step", 0) > 0 else None
+
+    progress = await eventually(training_progress, timeout=60)
+    assert progress["totalSteps"] == 60 and 0 <= progress["percent"] <= 100
+    assert progress["trainLoss"] > 0 and progress["tokensPerSecond"] > 0
+
+    code, output = await finish(api, "real-train", process)
+    assert code == 0, output[-3000:]
+    status = await wait_phase(api, "real-train", "Succeeded", timeout=20)
+    assert condition(status, "AdapterPublished")["reason"] == "Verified"
+    adapter = status["adapter"]
+    assert adapter["metrics"]["eval_loss"] < adapter["baselineMetrics"]["eval_loss"]
+    assert adapter["uri"].startswith(f"s3://{BUCKET}/jobs/")
+    job = await api.get(kube.FINETUNEJOBS, "real-train")
+    assert check_published(s3_server.store(), adapter["manifestUri"].rsplit("/", 1)[0] + "/").verified
+    assert SECRET_KEY not in json.dumps(job) + output
+
+
+async def test_bad_data_fails_the_job_with_the_trainers_reason(operator, api, s3_server, tiny_llama, tmp_path):
+    rows = [json.dumps(r) for r in lm_corpus(10)] + ['{"prompt": "alpha"}']
+    s3_server.store().write(f"s3://{BUCKET}/data/train.jsonl", ("\n".join(rows) + "\n").encode())
+    await submit(api, s3_server, "bad-train", **spec_for(tiny_llama, None))
+    process = await start_trainer(api, "bad-train", tmp_path)
+    code, _ = await finish(api, "bad-train", process)
+    assert code == jobconfig.EXIT_BAD_INPUT
+    status = await wait_phase(api, "bad-train", "Failed")
+    assert status["failure"]["reason"] == "BadInput"
+    assert "line 11" in status["failure"]["message"] and "missing_field" in status["failure"]["message"]
