@@ -190,13 +190,13 @@ class Engine:
     # checkpoints --------------------------------------------------------------------------------
 
     def save(self, directory: Path, state: TrainerState) -> None:
+        """Every rank writes its part (a collective under DeepSpeed: frozen weights left out, one RNG file
+        per rank); the plain/DDP model and optimizer are the same on every rank, so rank 0 writes them."""
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   directory / f"rng-rank{self.dist.rank}.pt")
         if self.deepspeed is not None:
-            self.deepspeed.save_checkpoint(str(directory), tag="ds", client_state={"trainer": state.__dict__})
+            distributed.save_checkpoint(self.deepspeed, directory, "ds", {"trainer": state.__dict__})
             return
+        torch.save(distributed.capture_rng_state(), directory / f"rng-rank{self.dist.rank}.pt")
         if self.dist.is_main:
             trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
             torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(),
@@ -206,8 +206,7 @@ class Engine:
 
     def load(self, directory: Path) -> TrainerState:
         if self.deepspeed is not None:
-            _, client = self.deepspeed.load_checkpoint(str(directory), tag="ds")
-            saved = client["trainer"]
+            return TrainerState(**distributed.load_checkpoint(self.deepspeed, directory, "ds")["trainer"])
         else:
             blob = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
             missing = self.module.load_state_dict(blob["model"], strict=False)
@@ -221,11 +220,7 @@ class Engine:
             saved = blob["trainer"]
         rng_file = directory / f"rng-rank{self.dist.rank}.pt"
         if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            random.setstate(rng["python"])
-            torch.set_rng_state(rng["torch"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            distributed.restore_rng_state(torch.load(rng_file, weights_only=False))
         return TrainerState(**saved)
 
 
@@ -415,7 +410,8 @@ def _run(config: JobConfig, dist, work_dir: Path) -> dict:
             world_size=dist.world_size, per_device_batch=schedule.per_device_batch, grad_accum=schedule.grad_accum,
             zero_stage=deepspeed_spec["zeroStage"], precision=precision, method=method,
             offload_optimizer=deepspeed_spec["offloadOptimizer"], offload_params=deepspeed_spec["offloadParams"],
-            max_grad_norm=training["maxGradNorm"])
+            max_grad_norm=training["maxGradNorm"], hidden_size=getattr(model.config, "hidden_size", None),
+            accelerator=dist.device.type)
     use_scaler = precision == "fp16" and ds is None
     engine = Engine(model, optimizer, scheduler, dist, ds, training["maxGradNorm"], schedule.grad_accum,
                     torch.amp.GradScaler(dist.device.type) if use_scaler else None,
@@ -446,11 +442,17 @@ def _run(config: JobConfig, dist, work_dir: Path) -> dict:
     order = text.batch_order([len(e.input_ids) for e in train_examples], schedule.per_device_batch,
                              training["seed"], group_by_length=not pack)
     smoke = text.make_batch([train_examples[i] for i in order[0]], pack=pack, pad_id=pad_id, torch=torch)
-    smoke_loss = engine.forward(smoke.tensors).loss
+    if engine.deepspeed is None:
+        smoke_loss = engine.forward(smoke.tensors).loss
+        engine.backward(smoke_loss)
+        engine.zero_grad()
+    else:
+        # Forward only: a backward outside the engine's own step would leave gradients in ZeRO's
+        # partitioned buffers and leak them into the first real step.
+        with torch.no_grad():
+            smoke_loss = engine.forward(smoke.tensors).loss
     if not torch.isfinite(smoke_loss):
         raise TrainingHalted("NonFiniteLoss", f"the smoke step's loss is {float(smoke_loss)} before any update")
-    engine.backward(smoke_loss)
-    engine.zero_grad()
     log.info("smoke step passed", extra={"loss": float(smoke_loss.detach())})
 
     # 5. training ------------------------------------------------------------------------------------

@@ -332,6 +332,11 @@ DISTRIBUTED = obj(
                     "distributed.deepspeed.offloadParams requires distributed.deepspeed.zeroStage 3",
                     field_path=".offloadParams",
                 ),
+                rule(
+                    "!self.offloadOptimizer || self.zeroStage > 0",
+                    "distributed.deepspeed.offloadOptimizer requires distributed.deepspeed.zeroStage 1, 2 or 3",
+                    field_path=".offloadOptimizer",
+                ),
             ],
         ),
     },
