@@ -265,3 +265,55 @@ def test_status_patch_is_minimal_and_removes_keys():
     new = {"phase": "Running", "progress": {"step": 2, "evalLoss": 2.0}}
     assert ftj.status_patch(old, new) == {"progress": {"step": 2}, "failure": None}
     assert ftj.status_patch(new, new) == {}
+
+
+# --- trainer progress (progress.json) ---------------------------------------------------------------
+
+PROGRESS = {"api": "kubetune.io/progress/v1", "stage": "training", "step": 30, "totalSteps": 120, "epoch": 0.75,
+            "trainLoss": 1.5, "evalLoss": 1.7, "tokensPerSecond": 900.0, "etaSeconds": 42,
+            "updateTime": "2026-11-28T11:59:55Z", "evalMetrics": {"accuracy": 0.61, "macro_f1": 0.5}}
+
+
+def progress_step(job, pytorchjob, progress):
+    plan = ftj.decide(ftj.Observed(job=job, now=NOW, config_map={"metadata": {}}, pytorchjob=pytorchjob,
+                                   progress=progress), SETTINGS)
+    return plan, {**job, "status": plan.status}
+
+
+def test_trainer_progress_reaches_status_with_percent():
+    running = pj(("Running", "PyTorchJobRunning", "running"))
+    job = created_job()
+    assert ftj.needs_progress(job, running) and not ftj.needs_progress(job, None)
+    plan, job = progress_step(job, running, PROGRESS)
+    progress = job["status"]["progress"]
+    assert progress["step"] == 30 and progress["percent"] == 25 and progress["stage"] == "training"
+    assert progress["accuracy"] == 0.61 and progress["macroF1"] == 0.5
+    assert plan.requeue_after == SETTINGS.progress_seconds  # running: re-read as often as the trainer writes
+
+
+def test_malformed_progress_is_ignored_field_by_field():
+    running = pj(("Running", "PyTorchJobRunning", "running"))
+    _, job = progress_step(created_job(), running, {**PROGRESS, "step": -1, "trainLoss": float("nan"),
+                                                    "etaSeconds": "soon"})
+    progress = job["status"]["progress"]
+    assert "step" not in progress and "trainLoss" not in progress and "etaSeconds" not in progress
+    _, job = progress_step(created_job(), running, {"api": "something/else", "step": 3})
+    assert "progress" not in job["status"]
+
+
+def test_failure_reason_comes_from_the_trainer_when_it_left_one():
+    failed = pj(("Failed", "PyTorchJobFailed", "Master exited with code 2"))
+    report = {**PROGRESS, "stage": "failed",
+              "failure": {"reason": "BadInput", "message": "train.jsonl line 7: invalid_json"}}
+    _, job = progress_step(created_job(), failed, report)
+    assert job["status"]["failure"]["reason"] == "BadInput"
+    assert "line 7: invalid_json" in job["status"]["failure"]["message"]
+    assert "Master exited with code 2" in job["status"]["failure"]["message"]
+
+
+def test_local_runs_accept_file_outputs_and_clusters_do_not():
+    job = finetunejob(output={"uri": "file:///tmp/out"})
+    plan, after = step(job, config_map=False)
+    assert after["status"]["phase"] == "Failed" and "kubetune local" in after["status"]["failure"]["message"]
+    plan = ftj.decide(ftj.Observed(job=job, now=NOW), ftj.Settings(local=True))
+    assert [c["kind"] for c in plan.create] == ["ConfigMap", "PyTorchJob"]
