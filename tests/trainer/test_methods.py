@@ -55,3 +55,43 @@ def test_qlora_nf4_trains_on_cpu(tiny_llama, tmp_path):
     with safe_open(str(adapter_dir(config, manifest) / "adapter_model.safetensors"), framework="pt") as handle:
         names = list(handle.keys())
     assert names and all("lora_" in n for n in names)
+
+
+def test_checkpointing_accumulation_monitor_and_merge(tiny_llama, tmp_path):
+    """Gradient checkpointing (non-reentrant) with gradient accumulation derived from the effective batch,
+    the LoRA-to-base monitor in the history, and a merged copy published next to the adapter."""
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "train.jsonl", lm_corpus())
+    spec = job_spec(tiny_llama, data, tmp_path / "out", training__gradientCheckpointing=True,
+                    training__perDeviceBatchSize=4, training__effectiveBatchSize=8, training__maxSteps=10,
+                    training__evalSteps=5, output={"uri": f"file://{tmp_path / 'out'}", "mergeAdapter": True})
+    config = make_config(spec, name="merge")
+    manifest = run_in_process(config, tmp_path / "work")
+    assert manifest["training"]["schedule"]["grad_accum"] == 2
+    evals = [h for h in manifest["training"]["history"] if "eval_loss" in h]
+    assert evals and all(h["loraToBaseMax"] > 0 for h in evals)
+    paths = {f["path"] for f in manifest["files"]}
+    assert "merged/model.safetensors" in paths and "merged/config.json" in paths
+    merged = AutoModelForCausalLM.from_pretrained(adapter_dir(config, manifest) / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_early_stopping_ends_a_run_that_stopped_improving(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", lm_corpus())
+    spec = job_spec(tiny_llama, data, tmp_path / "out", training__learningRate=1e-7, training__maxSteps=40,
+                    training__evalSteps=2, training__earlyStopping={"patience": 2, "minDelta": 0.01})
+    manifest = run_in_process(make_config(spec, name="early"), tmp_path / "work")
+    assert manifest["training"]["stopReason"].startswith("early stopping: eval_loss did not improve")
+    assert manifest["training"]["steps"] == 6  # first evaluation sets the best, two more without a 0.01 gain
+
+
+def test_freeze_thaw_unfreezes_a_block_on_a_plateau(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", lm_corpus())
+    spec = job_spec(tiny_llama, data, tmp_path / "out", training__maxSteps=6, training__evalSteps=2,
+                    training__learningRate=0.003,
+                    method={"type": "FreezeThaw", "freezeThaw": {"initialTrainableBlocks": 1, "plateauPatience": 1,
+                                                                 "minDelta": 10.0}})
+    manifest = run_in_process(make_config(spec, name="thaw"), tmp_path / "work")
+    thaws = [h for h in manifest["training"]["history"] if "thawedBlocks" in h]
+    assert thaws and thaws[0]["thawedBlocks"] == 2

@@ -6,6 +6,7 @@ import math
 import re
 import statistics
 from collections import Counter
+from dataclasses import dataclass
 
 WORD = re.compile(r"[a-z0-9']+")
 
@@ -98,3 +99,50 @@ def drift_profile(*, input_lengths: list[int], texts: list[str], confidences: li
         },
         "entropy": {**summary_stats(entropies), "values": [round(v, 6) for v in entropies[:sample_limit]]},
     }
+
+
+# --- decisions the training loop takes (pure, unit-tested) -------------------------------------------
+
+SPIKE_WINDOW = 20  # steps of history before the loss-spike guard is armed
+SPIKE_FACTOR = 4.0  # a step loss this many times the recent mean stops the run...
+SPIKE_MIN_RISE = 1.0  # ...if it is also this much above it (near-zero losses jitter by large factors)
+
+
+def loss_guard(step: int, loss: float, recent: list[float]) -> tuple[str, str] | None:
+    """(reason, message) when training must stop: a NaN/inf loss, or a spike over the recent mean."""
+    if not math.isfinite(loss):
+        return "NonFiniteLoss", f"loss became {loss} at step {step}; lower the learning rate or use FP32/BF16"
+    if len(recent) < SPIKE_WINDOW:
+        return None
+    mean = sum(recent) / len(recent)
+    if loss > max(SPIKE_FACTOR * mean, mean + SPIKE_MIN_RISE):
+        return "LossSpike", (f"loss {loss:.4f} at step {step} is over {SPIKE_FACTOR}x the mean of the last "
+                             f"{len(recent)} steps ({mean:.4f}); lower the learning rate")
+    return None
+
+
+@dataclass(frozen=True)
+class EvalDecision:
+    best: float | None
+    stale: int  # evaluations without an improvement that counts for early stopping
+    plateau: int  # evaluations without an improvement that counts for freeze-thaw
+    thaw: bool  # unfreeze more blocks now
+    stop: bool  # stop training now
+
+
+def after_evaluation(value: float, *, metric: str, best: float | None, stale: int, plateau: int,
+                     stop_patience: int | None, stop_min_delta: float, thaw_patience: int | None,
+                     thaw_min_delta: float, can_thaw: bool) -> EvalDecision:
+    """Early stopping and freeze-thaw after one evaluation.
+
+    A plateau thaws more blocks (when any are left) instead of stopping: new capacity gets a fresh
+    patience. Early stopping fires only when nothing is left to thaw.
+    """
+    new_best = value if improved(metric, value, best, 0.0) else best
+    stale = 0 if improved(metric, value, best, stop_min_delta) else stale + 1
+    plateau = 0 if improved(metric, value, best, thaw_min_delta) else plateau + 1
+    thaw = bool(thaw_patience) and can_thaw and plateau >= thaw_patience
+    if thaw:
+        stale, plateau = 0, 0
+    stop = bool(stop_patience) and stale >= stop_patience
+    return EvalDecision(new_best, stale, plateau, thaw, stop)

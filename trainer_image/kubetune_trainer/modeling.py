@@ -186,6 +186,8 @@ class FreezeThaw:
     trainable: int
     per_plateau: int
     maximum: int
+    patience: int
+    min_delta: float
 
     @classmethod
     def apply(cls, model: nn.Module, settings: dict) -> FreezeThaw:
@@ -196,7 +198,8 @@ class FreezeThaw:
             for parameter in getattr(model, head).parameters():
                 parameter.requires_grad_(True)
         state = cls(model, blocks, 0, settings["thawPerPlateau"],
-                    min(settings.get("maxTrainableBlocks") or len(blocks), len(blocks)))
+                    min(settings.get("maxTrainableBlocks") or len(blocks), len(blocks)),
+                    settings["plateauPatience"], settings["minDelta"])
         state.set_trainable(settings["initialTrainableBlocks"])
         return state
 
@@ -207,11 +210,12 @@ class FreezeThaw:
             for parameter in block.parameters():
                 parameter.requires_grad_(trainable)
 
-    def thaw(self) -> bool:
-        if self.trainable >= self.maximum:
-            return False
+    @property
+    def can_thaw(self) -> bool:
+        return self.trainable < self.maximum
+
+    def thaw(self) -> None:
         self.set_trainable(self.trainable + self.per_plateau)
-        return True
 
 
 def prepare(model, spec: dict, *, gradient_checkpointing: bool):

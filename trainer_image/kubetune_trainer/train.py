@@ -31,9 +31,6 @@ from .modeling import BadInput
 
 log = logging.getLogger(__name__)
 
-SPIKE_WINDOW = 20  # steps of history before the loss-spike guard is armed
-SPIKE_FACTOR = 4.0  # a step loss this many times the recent mean stops the run...
-SPIKE_MIN_RISE = 1.0  # ...if it is also this much above it (near-zero losses jitter by large factors)
 
 
 class TrainingHalted(Exception):
@@ -504,7 +501,7 @@ def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, tr
     watch = (stopping or {}).get("metric", "eval_loss")
     lengths = [len(e.input_ids) for e in examples]
     recent: list[float] = []
-    window_start, window_tokens = time.monotonic(), 0
+    window_start, window_tokens, start_step = time.monotonic(), 0, state.step
     engine.train(True)
     while state.step < schedule.total_steps:
         batches = text.batch_order(lengths, schedule.per_device_batch, training["seed"] + state.epoch,
@@ -517,8 +514,8 @@ def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, tr
                                     torch=torch)
             loss = engine.forward(batch.tensors).loss
             value = float(distributed.all_reduce_mean(loss.detach().float()))
-            if not math.isfinite(value):
-                raise TrainingHalted("NonFiniteLoss", f"loss became {value} at step {state.step + 1}")
+            if not math.isfinite(value):  # before backward: a NaN must never reach the weights
+                raise TrainingHalted(*metrics.loss_guard(state.step + 1, value, []))
             engine.backward(loss)
             state.micro_in_epoch += 1
             boundary = state.micro_in_epoch % schedule.grad_accum == 0 or state.micro_in_epoch == len(mine)
@@ -533,25 +530,21 @@ def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, tr
             state.step += 1
             step_loss = sum(step_losses) / len(step_losses)
             step_losses = []
-            mean = sum(recent) / len(recent) if recent else 0.0
-            if len(recent) >= SPIKE_WINDOW and step_loss > max(SPIKE_FACTOR * mean, mean + SPIKE_MIN_RISE):
-                raise TrainingHalted("LossSpike", f"loss {step_loss:.4f} at step {state.step} is over "
-                                     f"{SPIKE_FACTOR}x the mean of the last {len(recent)} steps "
-                                     f"({mean:.4f}); lower the learning rate")
-            recent = [*recent, step_loss][-SPIKE_WINDOW:]
+            halt = metrics.loss_guard(state.step, step_loss, recent)
+            if halt:
+                raise TrainingHalted(*halt)
+            recent = [*recent, step_loss][-metrics.SPIKE_WINDOW:]
             elapsed = max(time.monotonic() - window_start, 1e-9)
             tokens_per_second = window_tokens / elapsed
             remaining = schedule.total_steps - state.step
-            seconds_per_step = elapsed / max(1, len(state.history) and 1)
             state.history.append({"step": state.step, "trainLoss": step_loss, "lr": engine.lr(),
                                   "gradNorm": engine.last_grad_norm})
             progress.update(stage="training", step=state.step, totalSteps=schedule.total_steps,
                             epoch=state.epoch + state.micro_in_epoch / len(mine), trainLoss=step_loss,
                             tokensPerSecond=tokens_per_second,
-                            etaSeconds=int(remaining * elapsed / max(1, state.step - _window_first_step(state))))
-            del seconds_per_step
+                            etaSeconds=int(remaining * elapsed / max(1, state.step - start_step)))
             if state.step % schedule.eval_every == 0 or state.step == schedule.total_steps:
-                stop = _evaluate_and_decide(engine, state, training, stopping, watch, freeze, progress, run_eval)
+                stop = _evaluate_and_decide(engine, state, stopping, watch, freeze, progress, run_eval)
                 if stop:
                     return stop
             if state.step % schedule.checkpoint_every == 0 and state.step < schedule.total_steps:
@@ -562,14 +555,12 @@ def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, tr
     return "completed"
 
 
-def _window_first_step(state: TrainerState) -> int:
-    return state.history[0]["step"] - 1 if state.history else 0
-
-
-def _evaluate_and_decide(engine, state: TrainerState, training, stopping, watch: str, freeze, progress,
+def _evaluate_and_decide(engine, state: TrainerState, stopping, watch: str, freeze, progress,
                          run_eval) -> str | None:
     evaluation = run_eval()
     result = evaluation.metrics
+    if watch not in result:  # e.g. accuracy asked of a causal LM: the loss is what there is
+        watch = "eval_loss"
     ratios = modeling.lora_to_base_ratios(engine.module)
     monitor = {}
     if ratios:
@@ -581,29 +572,22 @@ def _evaluate_and_decide(engine, state: TrainerState, training, stopping, watch:
                                   **monitor})
     progress.update(force=True, evalLoss=result.get("eval_loss"), evalMetrics=result)
     value = result.get(watch, result.get("eval_loss"))
-    min_delta = (stopping or {}).get("minDelta", 0.0)
-    if metrics.improved(watch, value, state.best_metric, min_delta):
-        state.best_metric = value
-        state.evals_without_improvement = 0
-        state.plateau_evals = 0
-        return None
-    state.evals_without_improvement += 1
-    state.plateau_evals += 1
-    if freeze is not None and state.plateau_evals >= training_plateau(freeze):
-        state.plateau_evals = 0
-        if freeze.thaw():
-            state.trainable_blocks = freeze.trainable
-            engine.parameters_changed()
-            log.info("plateau: thawed more blocks", extra={"trainableBlocks": freeze.trainable, "step": state.step})
-            state.evals_without_improvement = 0
-            return None
-    if stopping and state.evals_without_improvement >= stopping["patience"]:
+    decision = metrics.after_evaluation(
+        value, metric=watch, best=state.best_metric, stale=state.evals_without_improvement,
+        plateau=state.plateau_evals, stop_patience=(stopping or {}).get("patience"),
+        stop_min_delta=(stopping or {}).get("minDelta", 0.0), thaw_patience=freeze.patience if freeze else None,
+        thaw_min_delta=freeze.min_delta if freeze else 0.0, can_thaw=bool(freeze and freeze.can_thaw))
+    state.best_metric, state.evals_without_improvement, state.plateau_evals = (
+        decision.best, decision.stale, decision.plateau)
+    if decision.thaw:
+        freeze.thaw()
+        state.trainable_blocks = freeze.trainable
+        engine.parameters_changed()
+        state.history.append({"step": state.step, "thawedBlocks": freeze.trainable})
+        log.info("plateau: thawed more blocks", extra={"trainableBlocks": freeze.trainable, "step": state.step})
+    if decision.stop:
         return f"early stopping: {watch} did not improve for {stopping['patience']} evaluations"
     return None
-
-
-def training_plateau(freeze: modeling.FreezeThaw) -> int:
-    return getattr(freeze, "patience", 2)
 
 
 # --- publishing ----------------------------------------------------------------------------------------

@@ -1,0 +1,43 @@
+"""The benchmarks in bench/ still run: each in its smoke mode, as a subprocess from the repository root."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT, SHARED, shared_file
+
+
+def _run(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KUBETUNE_SHARED": str(SHARED), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, f"{script} exited {result.returncode}:\n{result.stdout}\n{result.stderr[-4000:]}"
+    return result
+
+
+def test_trainer_throughput_smoke(tmp_path: Path):
+    shared_file("datasets", "clinc150", "data_full.json")  # fails clearly when ../shared is missing
+    out = tmp_path / "throughput.json"
+    _run("trainer_throughput.py", "--smoke", "--json", str(out), timeout=120)
+    report = json.loads(out.read_text())
+    kubetune, seed = report["results"]["kubetune"], report["results"]["seed"]
+    for result in (kubetune, seed):
+        assert result["real_tokens_per_second"] > 0, result
+        assert result["steps"] == report["settings"]["steps"], result
+    assert kubetune["padding_fraction"] < 0.05, kubetune  # packed, padding-free
+    assert seed["padding_fraction"] > 0.5, seed  # every example padded to 512
+    assert report["ratio"] > 0
+
+
+def test_gpu_lora_llama_cpu_smoke(tmp_path: Path):
+    out = tmp_path / "lora.json"
+    _run("gpu_lora_llama.py", "--cpu-smoke", "--json", str(out), timeout=90)
+    report = json.loads(out.read_text())
+    assert report["tokens_per_second"] > 0, report
+    assert report["tokens_per_step"] == report["seq"]  # rows are packed full
+    assert report["trainable_params"] < report["params"]  # LoRA: the base is frozen
+    assert report["mfu"] is None and report["peak_memory_gib"] is None  # CPU: n/a
