@@ -49,7 +49,9 @@ EXAMPLES = {
                    "suspend": True},
         resources={"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "64Gi"}},
         baseModel={"uri": "hf://org/model", "credentials": {"secretName": "hf"}},
-        dataset={"uri": "s3://d/x.jsonl", "format": "chat", "s3": {"credentials": {"secretName": "data"}}}),
+        dataset={"uri": "s3://d/x.jsonl", "format": "chat", "s3": {"credentials": {"secretName": "data"}}},
+        tracking={"mlflow": {"trackingUri": "https://mlflow.example.com", "credentials": {"secretName": "mlflow"}},
+                  "wandb": {"project": "p", "credentials": {"secretName": "wandb"}}}),
 }
 
 
@@ -110,7 +112,8 @@ def test_credentials_only_through_secret_key_refs():
     env = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
     by_name = {e["name"]: e for e in env}
     for var, secret in [("AWS_ACCESS_KEY_ID", "s3-creds"), ("AWS_SECRET_ACCESS_KEY", "s3-creds"),
-                        ("HF_TOKEN", "hf"), ("KUBETUNE_DATA_AWS_ACCESS_KEY_ID", "data")]:
+                        ("HF_TOKEN", "hf"), ("KUBETUNE_DATA_AWS_ACCESS_KEY_ID", "data"),
+                        ("MLFLOW_TRACKING_TOKEN", "mlflow"), ("WANDB_API_KEY", "wandb")]:
         assert "value" not in by_name[var]
         assert by_name[var]["valueFrom"]["secretKeyRef"]["name"] == secret
     # the job config names Secrets, never carries values, and no env var carries a literal credential

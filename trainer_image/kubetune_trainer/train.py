@@ -26,7 +26,7 @@ from kubetune.api import storage_layout
 from kubetune.api.jobconfig import JobConfig
 from kubetune.clients.storage import publish_adapter
 
-from . import __version__, data, distributed, ds_config, metrics, modeling, storage, text
+from . import __version__, data, distributed, ds_config, metrics, modeling, storage, text, tracking
 from .modeling import BadInput
 
 log = logging.getLogger(__name__)
@@ -346,13 +346,18 @@ def run(config: JobConfig, *, work_dir: Path) -> dict:
     """Train and publish. Returns the manifest document (on rank 0; other ranks get {})."""
     work_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.init_process_group()
+    tracker = tracking.Tracker(config.spec, config.job.__dict__, enabled=dist.is_main)
+    status = "FAILED"
     try:
-        return _run(config, dist, work_dir)
+        document = _run(config, dist, work_dir, tracker)
+        status = "FINISHED"
+        return document
     finally:
+        tracker.finish(status)
         distributed.cleanup()
 
 
-def _run(config: JobConfig, dist, work_dir: Path) -> dict:
+def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> dict:
     from transformers import AutoTokenizer
 
     spec, training = config.spec, config.spec["training"]
@@ -434,6 +439,7 @@ def _run(config: JobConfig, dist, work_dir: Path) -> dict:
         state.baseline = run_eval().metrics
         log.info("baseline", extra={"metrics": state.baseline})
         progress.update(force=True, evalMetrics=state.baseline, baselineMetrics=state.baseline)
+        tracker.log({f"baseline_{k}": v for k, v in state.baseline.items()}, step=0)
 
     # 4. one smoke step on one batch: shapes, memory and a finite loss before the long run -----------------
     order = text.batch_order([len(e.input_ids) for e in train_examples], schedule.per_device_batch,
@@ -454,12 +460,13 @@ def _run(config: JobConfig, dist, work_dir: Path) -> dict:
 
     # 5. training ------------------------------------------------------------------------------------
     stop_reason = _train(engine, state, schedule, train_examples, training, freeze, pack, pad_id, progress,
-                         out_store, prefix, work_dir, dist, run_eval)
+                         out_store, prefix, work_dir, dist, run_eval, tracker)
     log.info("training finished", extra={"step": state.step, "reason": stop_reason})
 
     # 6. final evaluation and publishing -------------------------------------------------------------
     progress.update(stage="evaluating", force=True)
     final = run_eval() if val_examples else Evaluation({}, [], [])
+    tracker.log({f"final_{k}": v for k, v in final.metrics.items()}, step=state.step)
     document: dict = {}
     if dist.is_main:
         progress.update(stage="publishing", force=True, evalMetrics=final.metrics,
@@ -496,7 +503,7 @@ def _checkpoint(engine: Engine, state: TrainerState, store, prefix: str, work_di
 
 
 def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, training: dict, freeze, pack: bool,
-           pad_id: int, progress, store, prefix: str, work_dir: Path, dist, run_eval) -> str:
+           pad_id: int, progress, store, prefix: str, work_dir: Path, dist, run_eval, tracker) -> str:
     stopping = training.get("earlyStopping")
     watch = (stopping or {}).get("metric", "eval_loss")
     lengths = [len(e.input_ids) for e in examples]
@@ -539,12 +546,16 @@ def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, tr
             remaining = schedule.total_steps - state.step
             state.history.append({"step": state.step, "trainLoss": step_loss, "lr": engine.lr(),
                                   "gradNorm": engine.last_grad_norm})
+            tracker.log({**state.history[-1], "tokensPerSecond": tokens_per_second}, step=state.step)
             progress.update(stage="training", step=state.step, totalSteps=schedule.total_steps,
                             epoch=state.epoch + state.micro_in_epoch / len(mine), trainLoss=step_loss,
                             tokensPerSecond=tokens_per_second,
                             etaSeconds=int(remaining * elapsed / max(1, state.step - start_step)))
             if state.step % schedule.eval_every == 0 or state.step == schedule.total_steps:
+                logged = len(state.history)
                 stop = _evaluate_and_decide(engine, state, stopping, watch, freeze, progress, run_eval)
+                for entry in state.history[logged:]:  # the evaluation, and a thaw if one happened
+                    tracker.log(entry, step=state.step)
                 if stop:
                     return stop
             if state.step % schedule.checkpoint_every == 0 and state.step < schedule.total_steps:

@@ -5,8 +5,9 @@ field reference are generated from the schemas in this module. Edit here, then r
 ``kubetune generate`` (CI fails when the generated files differ).
 
 Reserved for later phases of a FineTuneJob (they are not accepted yet, so that nobody relies on a
-field that does nothing): ``spec.baseline`` (evaluate the base model first and stop when it is good
-enough), ``spec.rankSweep`` (pick the LoRA rank on a holdout) and ``spec.tracking`` (MLflow/W&B).
+field that does nothing): ``spec.baseline`` (stop when the base model is already good enough; the
+trainer always evaluates the base model first and records it) and ``spec.rankSweep`` (pick the LoRA
+rank on a holdout).
 """
 
 from __future__ import annotations
@@ -391,6 +392,48 @@ OUTPUT = obj(
     required=["uri"],
 )
 
+TRACKING = obj(
+    "Experiment tracking. Parameters, per-step losses and eval metrics go to the tracker from rank 0; "
+    "when the tracker is unreachable or its client is not installed the run goes on and says so in its log.",
+    {
+        "mlflow": obj(
+            "MLflow tracking server.",
+            {
+                "trackingUri": string("Tracking URI (https://mlflow.example.com).", pattern=r"^(https?|file)://.+",
+                                      max_length=1024),
+                "experiment": string("Experiment name (default: the job's namespace).", max_length=256),
+                "credentials": obj(
+                    "Token for the server, from a Secret (MLFLOW_TRACKING_TOKEN in the pod).",
+                    {
+                        "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
+                        "tokenKey": string("Key of the token in the Secret.", default="token"),
+                    },
+                    required=["secretName"],
+                ),
+            },
+            required=["trackingUri"],
+        ),
+        "wandb": obj(
+            "Weights & Biases.",
+            {
+                "project": string("Project.", max_length=256),
+                "entity": string("Entity (team or user).", max_length=256),
+                "mode": string("online, or offline (written to the pod's disk only).", default="online",
+                               enum=["online", "offline"]),
+                "credentials": obj(
+                    "API key, from a Secret (WANDB_API_KEY in the pod).",
+                    {
+                        "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
+                        "apiKeyKey": string("Key of the API key in the Secret.", default="api-key"),
+                    },
+                    required=["secretName"],
+                ),
+            },
+            required=["project"],
+        ),
+    },
+)
+
 RUN_POLICY = obj(
     "Lifecycle of the training run, passed through to the PyTorchJob.",
     {
@@ -429,6 +472,7 @@ FINETUNEJOB_SPEC = obj(
         "serviceAccountName": string("ServiceAccount of the training pods.", pattern=DNS_LABEL_PATTERN,
                                      max_length=253),
         "output": OUTPUT,
+        "tracking": TRACKING,
         "runPolicy": RUN_POLICY,
     },
     required=["baseModel", "dataset", "output"],

@@ -126,6 +126,13 @@ def trainer_env(spec: dict) -> list[dict]:
                                model["credentials"]["tokenKey"]))
     env += _s3_env(model.get("s3", {}).get("credentials"), jobconfig.ENV_MODEL_S3_ACCESS_KEY,
                    jobconfig.ENV_MODEL_S3_SECRET_KEY)
+    tracking = spec.get("tracking") or {}
+    mlflow_creds = (tracking.get("mlflow") or {}).get("credentials")
+    if mlflow_creds:
+        env.append(_secret_env(jobconfig.ENV_MLFLOW_TOKEN, mlflow_creds["secretName"], mlflow_creds["tokenKey"]))
+    wandb_creds = (tracking.get("wandb") or {}).get("credentials")
+    if wandb_creds:
+        env.append(_secret_env(jobconfig.ENV_WANDB_API_KEY, wandb_creds["secretName"], wandb_creds["apiKeyKey"]))
     return env
 
 
