@@ -11,7 +11,7 @@ test: setup
 	@bash scripts/test.sh
 
 lint: setup
-	@.venv/bin/ruff check operator trainer_image tests examples
+	@.venv/bin/ruff check operator trainer_image tests examples bench
 	@.venv/bin/lint-imports
 
 generate: setup
