@@ -84,6 +84,9 @@ class DistInfo:
         return self.local_rank == 0
 
 
+_ENV_WE_SET: list[str] = []  # torchrun variables a single-process run set for DeepSpeed (cleanup removes them)
+
+
 def _launched_by_torchrun() -> bool:
     # MASTER_ADDR too: a single-process run sets RANK/WORLD_SIZE itself (for DeepSpeed), and a second run
     # in the same process must not mistake that for a torchrun launch.
@@ -128,7 +131,9 @@ def init_process_group(*, backend: str | None = None, timeout: timedelta = DEFAU
     if not torchrun:
         # DeepSpeed reads these from the environment, not from the process group.
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
+            if key not in os.environ:
+                os.environ[key] = value
+                _ENV_WE_SET.append(key)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
     if backend == "nccl":
@@ -169,6 +174,10 @@ def cleanup() -> None:
     groups DeepSpeed cached (deepspeed.utils.groups), which would otherwise outlive the process group and
     make a second run in the same process (tests) fail with "Group ... is not registered".
     """
+    # Leave the environment as we found it: a later subprocess (or HF Accelerate in the same process)
+    # would read RANK/WORLD_SIZE as a torchrun launch.
+    while _ENV_WE_SET:
+        os.environ.pop(_ENV_WE_SET.pop(), None)
     if not dist.is_initialized():
         return
     if getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None) is not None:
