@@ -71,7 +71,8 @@ async def test_real_training_publishes_and_reports_progress(operator, api, s3_se
 
     async def training_progress():
         progress = (await status_of(api, "real-train")).get("progress") or {}
-        return progress if progress.get("stage") == "training" and progress.get("step", 0) > 0 else None
+        # any stage past the first step: on a fast machine the run may be done before a poll sees "training"
+        return progress if progress.get("step", 0) > 0 else None
 
     progress = await eventually(training_progress, timeout=60)
     assert progress["totalSteps"] == 60 and 0 <= progress["percent"] <= 100
