@@ -29,7 +29,7 @@ from pathlib import Path
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.api.validation import validate, world_size
-from kubetune.clients.storage import ObjectStore, S3Settings, check_published
+from kubetune.clients.storage import check_published, output_store_from_env
 from kubetune.reconcile import finetunejob as ftj
 
 log = logging.getLogger(__name__)
@@ -136,13 +136,6 @@ def local_processes(spec: dict) -> int:
     return world_size(spec)
 
 
-def output_store(spec: dict) -> ObjectStore:
-    output = spec["output"]
-    return ObjectStore(S3Settings(endpoint=output.get("endpoint"), region=output.get("region"),
-                                  access_key=os.environ.get(jobconfig.ENV_S3_ACCESS_KEY),
-                                  secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY)))
-
-
 def parse_override(item: str) -> tuple[list[str], object]:
     """`training.maxSteps=20` -> (["training", "maxSteps"], 20); the value is read as YAML."""
     import yaml
@@ -186,7 +179,7 @@ def run(job: dict, *, run_dir: Path, on_change=None, poll_seconds: float = 1.0,
             pytorchjob = trainer.object if trainer else None
             manifest = progress = None
             if store is None and (job.get("status") or {}).get("trainingJob"):
-                store = output_store(validate(job, local=True).defaulted["spec"])
+                store = output_store_from_env(validate(job, local=True).defaulted["spec"])
             if store is not None and ftj.needs_manifest(job, pytorchjob):
                 manifest = check_published(store, ftj.job_prefix(job))
             if store is not None and ftj.needs_progress(job, pytorchjob):

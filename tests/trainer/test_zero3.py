@@ -23,6 +23,7 @@ def test_zero3_two_processes_matches_single_process_adapter(tiny_llama, tmp_path
 
     result = run_torchrun(zero3, tmp_path, nproc=2)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert '"zeroInit": true' in result.stderr  # weights partitioned while loading, never whole on a rank
     result = run_torchrun(single, tmp_path, nproc=1)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 

@@ -44,7 +44,8 @@ def _report_failure(config: jobconfig.JobConfig, reason: str, message: str) -> N
     try:
         from . import storage
 
-        writer = storage.ProgressWriter(storage.output_store(config.spec), config.storage.job_prefix, enabled=True)
+        store = storage.output_store_from_env(config.spec)
+        writer = storage.ProgressWriter(store, config.storage.job_prefix, enabled=True)
         writer.update(force=True, stage="failed", failure={"reason": reason, "message": message[:4000]})
     except Exception:  # the exit code still tells the story
         log.exception("could not record the failure in progress.json")

@@ -15,23 +15,16 @@ from pathlib import Path
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.api import progress as progress_api
-from kubetune.clients.storage import ObjectStore, S3Settings
+from kubetune.clients.storage import ObjectStore, S3Settings, output_store_from_env
 
 log = logging.getLogger(__name__)
-
-
-def output_store(spec: dict) -> ObjectStore:
-    output = spec["output"]
-    return ObjectStore(S3Settings(
-        endpoint=output.get("endpoint"), region=output.get("region"),
-        access_key=os.environ.get(jobconfig.ENV_S3_ACCESS_KEY), secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY)))
 
 
 def _scoped_store(spec: dict, section: dict, access_env: str, secret_env: str) -> ObjectStore:
     """The data or model store: its own endpoint/credentials when given, else the output's."""
     s3 = section.get("s3") or {}
     if not s3:
-        return output_store(spec)
+        return output_store_from_env(spec)
     output = spec["output"]
     has_own = bool(s3.get("credentials"))
     return ObjectStore(S3Settings(

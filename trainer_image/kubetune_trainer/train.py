@@ -10,7 +10,6 @@ plain modules with their own unit tests; this file is the loop that strings them
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -284,19 +283,6 @@ def evaluate(engine: Engine, examples: list[text.Example], *, task: str, batch_s
 # --- the run ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Prepared:
-    """Data and model, ready to train."""
-
-    loaded: data.LoadedData
-    tokenizer: object
-    model_dir: Path
-    label_ids: dict | None
-    train: list[text.Example]
-    validation: list[text.Example]
-    token_stats: dict
-
-
 def load_data(config: JobConfig, progress: storage.ProgressWriter) -> data.LoadedData:
     spec = config.spec
     dataset = spec["dataset"]
@@ -318,7 +304,7 @@ def load_data(config: JobConfig, progress: storage.ProgressWriter) -> data.Loade
     return loaded
 
 
-def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer, progress) -> tuple:
+def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple:
     spec = config.spec
     fmt, max_len = spec["dataset"]["format"], spec["training"]["maxSeqLength"]
 
@@ -364,7 +350,7 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
     task, method = spec["task"], spec["method"]["type"]
     random.seed(training["seed"])
     torch.manual_seed(training["seed"])
-    out_store = storage.output_store(spec)
+    out_store = storage.output_store_from_env(spec)
     prefix = config.storage.job_prefix
     progress = storage.ProgressWriter(out_store, prefix, enabled=dist.is_main)
     started = time.monotonic()
@@ -375,7 +361,7 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
     model_dir = modeling.resolve_model_dir(spec["baseModel"], storage.model_store(spec), work_dir / "cache")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_note = text.choose_pad_token(tokenizer) if task == "CausalLM" else "classification: the tokenizer's pad"
-    label_ids, train_examples, val_examples, token_stats = prepare_data(config, loaded, tokenizer, progress)
+    label_ids, train_examples, val_examples, token_stats = prepare_data(config, loaded, tokenizer)
     if loaded.leakage:
         log.warning("exact duplicates across the train and validation splits (leakage)",
                     extra={"pairs": len(loaded.leakage), "first": loaded.leakage[:10]})
@@ -385,39 +371,47 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
 
     # 2. model and method ----------------------------------------------------------------------------
     precision = modeling.pick_precision(training["precision"], dist.device)
+    schedule = Schedule.from_spec(training, dist.world_size, len(train_examples))
+    log.info("schedule", extra=schedule.__dict__)
+    ds = None
+    deepspeed_spec = spec["distributed"]["deepspeed"]
+    zero_init = None
+    if deepspeed_spec["enabled"]:
+        from transformers import AutoConfig
+
+        ds = ds_config.deepspeed_config(
+            world_size=dist.world_size, per_device_batch=schedule.per_device_batch, grad_accum=schedule.grad_accum,
+            zero_stage=deepspeed_spec["zeroStage"], precision=precision, method=method,
+            offload_optimizer=deepspeed_spec["offloadOptimizer"], offload_params=deepspeed_spec["offloadParams"],
+            max_grad_norm=training["maxGradNorm"],
+            hidden_size=getattr(AutoConfig.from_pretrained(model_dir), "hidden_size", None),
+            accelerator=dist.device.type)
+        if ds_config.use_zero_init(zero_stage=deepspeed_spec["zeroStage"], method=method):
+            # Held while loading: weights are partitioned as they load, so no rank ever holds the whole
+            # base model (8 ranks x a 70B model would not fit in one node's memory otherwise).
+            zero_init = distributed.hf_deepspeed_config(ds)
     model = modeling.load_model(model_dir, spec, precision=precision, num_labels=len(label_ids or {}) or None,
                                 label_ids=label_ids, device=dist.device)
     if task == "SequenceClassification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model, freeze = modeling.prepare(model, spec, gradient_checkpointing=training["gradientCheckpointing"])
-    if method != "QLoRA":
+    if method != "QLoRA" and ds is None:  # DeepSpeed places (and partitions) the module itself
         model.to(dist.device)
     trainable, total = modeling.trainable_parameters(model)
-    log.info("model ready", extra={"method": method, "precision": precision, "trainable": trainable, "total": total})
-
-    schedule = Schedule.from_spec(training, dist.world_size, len(train_examples))
-    log.info("schedule", extra=schedule.__dict__)
-    # Every parameter that may ever train is given to the optimizer now (freeze-thaw unfreezes later;
-    # AdamW skips parameters without gradients).
-    params = [p for p in model.parameters() if p.requires_grad or freeze is not None]
-    if freeze is not None:
+    log.info("model ready", extra={"method": method, "precision": precision, "trainable": trainable, "total": total,
+                                   "zeroInit": zero_init is not None})
+    if freeze is not None:  # every block may thaw later; AdamW skips parameters without gradients
         params = [p for p in model.parameters() if p.dtype.is_floating_point]
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=training["learningRate"], weight_decay=training["weightDecay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(training["scheduler"]["type"], schedule.warmup_steps, schedule.total_steps))
-    ds = None
-    deepspeed_spec = spec["distributed"]["deepspeed"]
-    if deepspeed_spec["enabled"]:
-        ds = ds_config.deepspeed_config(
-            world_size=dist.world_size, per_device_batch=schedule.per_device_batch, grad_accum=schedule.grad_accum,
-            zero_stage=deepspeed_spec["zeroStage"], precision=precision, method=method,
-            offload_optimizer=deepspeed_spec["offloadOptimizer"], offload_params=deepspeed_spec["offloadParams"],
-            max_grad_norm=training["maxGradNorm"], hidden_size=getattr(model.config, "hidden_size", None),
-            accelerator=dist.device.type)
     use_scaler = precision == "fp16" and ds is None
     engine = Engine(model, optimizer, scheduler, dist, ds, training["maxGradNorm"], schedule.grad_accum,
                     torch.amp.GradScaler(dist.device.type) if use_scaler else None,
                     {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if method != "QLoRA" else None)
+    del zero_init  # the engine owns the partitioned model now
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pack = bool(training["packing"]) and task == "CausalLM"
 
@@ -604,7 +598,7 @@ def _evaluate_and_decide(engine, state: TrainerState, stopping, watch: str, free
 # --- publishing ----------------------------------------------------------------------------------------
 
 
-def _save_adapter(engine: Engine, tokenizer, model_dir: Path, spec: dict, target: Path) -> None:
+def _save_adapter(engine: Engine, tokenizer, model_dir: Path, spec: dict, target: Path, labels: list[str]) -> None:
     method = spec["method"]["type"]
     model = engine.module
     target.mkdir(parents=True, exist_ok=True)
@@ -618,7 +612,7 @@ def _save_adapter(engine: Engine, tokenizer, model_dir: Path, spec: dict, target
     tokenizer.save_pretrained(target)
     _refuse_empty_tensors(target)
     if spec["output"].get("mergeAdapter") and method in ("LoRA", "QLoRA"):
-        _merge(model_dir, target, spec, target / "merged")
+        _merge(model_dir, target, spec, target / "merged", labels)
 
 
 def _refuse_empty_tensors(directory: Path) -> None:
@@ -636,20 +630,14 @@ def _refuse_empty_tensors(directory: Path) -> None:
         raise RuntimeError(f"refusing to publish: no tensors were saved in {directory}")
 
 
-def _merge(model_dir: Path, adapter_dir: Path, spec: dict, target: Path) -> None:
+def _merge(model_dir: Path, adapter_dir: Path, spec: dict, target: Path, labels: list[str]) -> None:
     """Merge into a bf16 (or fp32 on CPU) copy of the base: never into 4-bit weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     cls = AutoModelForSequenceClassification if spec["task"] == "SequenceClassification" else AutoModelForCausalLM
-    kwargs = {}
-    if spec["task"] == "SequenceClassification":
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        del config
-        labels = spec.get("labels")
-        if labels:
-            kwargs["num_labels"] = len(labels)
+    kwargs = {"num_labels": len(labels)} if spec["task"] == "SequenceClassification" else {}
     base = cls.from_pretrained(model_dir, dtype=dtype, **kwargs)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(target, safe_serialization=True)
@@ -670,7 +658,7 @@ def _publish(config: JobConfig, engine: Engine, tokenizer, model_dir: Path, load
 
     spec = config.spec
     adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-", dir=work_dir))
-    _save_adapter(engine, tokenizer, model_dir, spec, adapter_dir)
+    _save_adapter(engine, tokenizer, model_dir, spec, adapter_dir, list(loaded.labels))
     kind = "classification" if spec["task"] == "SequenceClassification" else "causal-lm"
     profile = metrics.drift_profile(
         input_lengths=[len(e.input_ids) for e in val_examples],

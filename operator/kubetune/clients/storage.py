@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.api import jobconfig, storage_layout
 from kubetune.api import manifest as manifest_api
-from kubetune.api import storage_layout
 
 log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
@@ -33,6 +33,15 @@ class S3Settings:
     def __repr__(self) -> str:  # never print credentials
         credentials = "set" if self.access_key else "default chain"
         return f"S3Settings(endpoint={self.endpoint!r}, region={self.region!r}, credentials={credentials})"
+
+
+def output_store_from_env(spec: dict) -> ObjectStore:
+    """The job's output store with credentials from this process's environment: how the trainer (from
+    its secretKeyRef variables) and `kubetune local` (from the user's shell) reach it."""
+    output = spec["output"]
+    return ObjectStore(S3Settings(endpoint=output.get("endpoint"), region=output.get("region"),
+                                  access_key=os.environ.get(jobconfig.ENV_S3_ACCESS_KEY),
+                                  secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY)))
 
 
 class ObjectStore:
