@@ -71,11 +71,11 @@ class LocalPyTorchJob:
     def command(self) -> list[str]:
         container = self.object["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
         command = list(container["command"])
-        if command[0] != "torchrun":
+        if command[:2] != ["python", "-m"]:
             raise ValueError(f"unexpected trainer command {command}")
-        args = command[1:]
+        launcher, args = command[2], command[3:]  # the pod's launcher and its torchrun-style arguments
         args[args.index("--config") + 1] = str(self.config_path)
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc), "--nnodes", "1",
+        return [sys.executable, "-m", launcher, "--nproc_per_node", str(self.nproc), "--nnodes", "1",
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args,
                 "--work-dir", str(self.run_dir / "scratch")]
 
@@ -85,7 +85,7 @@ class LocalPyTorchJob:
         handle = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         self.process = subprocess.Popen(self.command(), stdout=handle, stderr=subprocess.STDOUT,
                                         env={**os.environ, **self.env}, cwd=self.run_dir)
-        self.object["status"]["replicaStatuses"]["Master"] = {"active": 1}
+        self.object["status"]["replicaStatuses"]["Master"]["active"] = 1  # failed counts stay: attempts
         if self.attempts == 1:
             self._condition("Running", "PyTorchJobRunning", f"torchrun with {self.nproc} process(es)")
         else:

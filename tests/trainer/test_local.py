@@ -56,6 +56,8 @@ def test_local_run_reports_bad_data_and_fails(tmp_path, tiny_llama):
     assert result.returncode == 1
     status = json.loads((tmp_path / "status.json").read_text())["status"]
     assert status["phase"] == "Failed" and status["failure"]["reason"] == "BadInput"
+    assert "exited with code 2" in status["failure"]["message"]  # the launcher passes the worker's code through
+    assert status["attempts"] == 1  # bad input is never retried
     assert "invalid_json" in result.stdout and "line 9" in result.stdout
 
 
@@ -65,3 +67,20 @@ def test_local_refuses_an_invalid_spec_before_running_anything(tmp_path, tiny_ll
     assert result.returncode == 2
     assert "spec.method.lora.rank" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_local_retries_a_retryable_exit_up_to_the_backoff_limit(tmp_path, tiny_llama, monkeypatch):
+    """Storage that cannot be reached is a retryable failure (exit 143): restarted like a pod, then failed."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local-test")  # credentials from the shell, as `kubetune local` reads
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-test-secret")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(8))
+    result = run_local(tmp_path, _job_file(tmp_path, tiny_llama, data), "--set",
+                       "dataset={uri: 's3://data/train.jsonl', format: prompt-completion, "
+                       "s3: {endpoint: 'http://127.0.0.1:9'}}", "--set", "runPolicy.backoffLimit=1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    status = json.loads((tmp_path / "status.json").read_text())["status"]
+    assert status["phase"] == "Failed"
+    assert "exited with code 143" in status["failure"]["message"]
+    assert status["attempts"] == 2  # the first launch and one retry
+    assert "Restarting" in result.stderr or status["replicas"]["Master"]["failed"] == 2

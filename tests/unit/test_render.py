@@ -82,7 +82,7 @@ def test_master_and_workers_follow_nodes_and_gpus():
     assert container["name"] == "pytorch"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 8
-    assert container["command"][:3] == ["torchrun", "--module", "kubetune_trainer"]
+    assert container["command"][:5] == ["python", "-m", "kubetune_trainer.launch", "--module", "kubetune_trainer"]
     _, single = children(EXAMPLES["single-node"])
     assert set(single["spec"]["pytorchReplicaSpecs"]) == {"Master"}
     _, cpu = children(EXAMPLES["cpu"])

@@ -71,3 +71,12 @@ def test_drift_profile_keeps_raw_values_for_bootstrapping():
     assert profile["confidence"]["values"] == [0.9, 0.5, 1.0]
     assert sum(profile["confidence"]["histogram"]["counts"]) == 3
     assert profile["holdoutSize"] == 3
+
+
+def test_launcher_exit_codes_keep_the_retry_contract():
+    from kubetune_trainer.launch import exit_code_of
+
+    assert exit_code_of(2) == 2  # bad input: never retried by restartPolicy ExitCode
+    assert exit_code_of(143) == 143  # retryable
+    assert exit_code_of(-15) == 143 and exit_code_of(-9) == 137  # killed by a signal: retried
+    assert exit_code_of(0) == 1  # a failure reported without a code is still a failure

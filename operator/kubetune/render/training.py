@@ -162,7 +162,10 @@ def _pod_template(job: dict, settings: RenderSettings) -> dict:
         "imagePullPolicy": settings.image_pull_policy,
         # torchrun takes --nnodes/--nproc-per-node/--node-rank/--master-* from the PET_* variables
         # and MASTER_ADDR/PORT that the training operator sets in every replica.
-        "command": ["torchrun", "--module", TRAINER_MODULE, "--config", jobconfig.CONFIG_PATH],
+        # kubetune_trainer.launch is torchrun (same arguments, same PET_* variables) but exits with the
+        # failing worker's code: torchrun's own 1 would defeat restartPolicy ExitCode (2 vs 143).
+        "command": ["python", "-m", f"{TRAINER_MODULE}.launch", "--module", TRAINER_MODULE,
+                    "--config", jobconfig.CONFIG_PATH],
         "env": trainer_env(spec),
         "resources": _resources(spec),
         "volumeMounts": [
