@@ -71,6 +71,7 @@ def test_checkpointing_accumulation_monitor_and_merge(tiny_llama, tmp_path):
     assert manifest["training"]["schedule"]["grad_accum"] == 2
     evals = [h for h in manifest["training"]["history"] if "eval_loss" in h]
     assert evals and all(h["loraToBaseMax"] > 0 for h in evals)
+    assert all(h["layerGradNormMax"] > 0 and ".lora" not in h["layerGradNormTopLayer"] for h in evals)
     paths = {f["path"] for f in manifest["files"]}
     assert "merged/model.safetensors" in paths and "merged/config.json" in paths
     merged = AutoModelForCausalLM.from_pretrained(adapter_dir(config, manifest) / "merged")

@@ -257,15 +257,14 @@ def lora_to_base_ratios(model: nn.Module) -> dict[str, float]:
     return ratios
 
 
-def grad_norms(model: nn.Module) -> tuple[float, float]:
-    """(norm of adapter/head gradients, norm of other trainable gradients)."""
-    adapter, other = 0.0, 0.0
+def layer_grad_norms(model: nn.Module) -> dict[str, float]:
+    """Gradient norm per adapted layer (its LoRA A and B together), or per trainable module for the other
+    methods; partitioned (ZeRO-3) or missing gradients are left out."""
+    squares: dict[str, float] = {}
     for name, parameter in model.named_parameters():
-        if parameter.grad is None:
+        grad = parameter.grad
+        if grad is None or grad.numel() == 0:
             continue
-        value = float(parameter.grad.detach().float().norm()) ** 2
-        if "lora_" in name or "modules_to_save" in name:
-            adapter += value
-        else:
-            other += value
-    return adapter ** 0.5, other ** 0.5
+        layer = name.split(".lora_")[0] if ".lora_" in name else name.rsplit(".", 1)[0]
+        squares[layer] = squares.get(layer, 0.0) + float(grad.detach().float().norm()) ** 2
+    return {layer: value ** 0.5 for layer, value in squares.items()}

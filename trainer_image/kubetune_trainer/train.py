@@ -121,6 +121,8 @@ class Engine:
         elif dist.world_size > 1:
             self._wrap_ddp()
         self.last_grad_norm = 0.0
+        self.monitor_layers = False  # set by the loop before a step it will evaluate
+        self.layer_grad_norms: dict[str, float] = {}
 
     def _wrap_ddp(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -161,6 +163,8 @@ class Engine:
             return
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        if self.monitor_layers:  # before clipping: the gradients as the loss made them
+            self.layer_grad_norms = modeling.layer_grad_norms(self.module)
         params = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
         self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         if self.scaler is not None:
@@ -511,6 +515,7 @@ def _train(engine: Engine, state: TrainerState, schedule: Schedule, examples, tr
         step_losses: list[float] = []
         while state.micro_in_epoch < len(mine) and state.step < schedule.total_steps:
             micro_started = time.monotonic()
+            engine.monitor_layers = (state.step + 1) % schedule.eval_every == 0
             batch = text.make_batch([examples[i] for i in mine[state.micro_in_epoch]], pack=pack, pad_id=pad_id,
                                     torch=torch)
             loss = engine.forward(batch.tensors).loss
@@ -566,12 +571,17 @@ def _evaluate_and_decide(engine, state: TrainerState, stopping, watch: str, free
     result = evaluation.metrics
     if watch not in result:  # e.g. accuracy asked of a causal LM: the loss is what there is
         watch = "eval_loss"
-    ratios = modeling.lora_to_base_ratios(engine.module)
     monitor = {}
-    if ratios:
+    ratios = modeling.lora_to_base_ratios(engine.module)
+    if ratios:  # how far each adapted layer has moved from its base weights
         top = max(ratios, key=ratios.get)
-        monitor = {"loraToBaseMax": ratios[top], "loraToBaseMean": sum(ratios.values()) / len(ratios),
-                   "loraToBaseTopLayer": top}
+        monitor |= {"loraToBaseMax": ratios[top], "loraToBaseMean": sum(ratios.values()) / len(ratios),
+                    "loraToBaseTopLayer": top}
+    norms = engine.layer_grad_norms
+    if norms:  # per-layer gradient norms of the step before this evaluation
+        top = max(norms, key=norms.get)
+        monitor |= {"layerGradNormMax": norms[top], "layerGradNormMean": sum(norms.values()) / len(norms),
+                    "layerGradNormTopLayer": top}
     state.history.append({"step": state.step, **result, **monitor})
     log.info("evaluation", extra={"step": state.step, "metrics": result, "gradNorm": engine.last_grad_norm,
                                   **monitor})
