@@ -1,9 +1,9 @@
 """The operator and the real trainer together: kopf + KMock + SeaweedFS + a trainer process.
 
-The test plays only what cannot run here, the Kubeflow training operator: it reads the ConfigMap
-the operator rendered, starts the PyTorchJob's command (`python -m kubetune_trainer --config ...`,
-with the S3 credentials the pod would get through secretKeyRef) and writes the PyTorchJob's
-conditions. Data comes from S3 and the adapter goes to S3, as in a cluster.
+The test plays only what cannot run here, the Kubeflow training operator and the kubelet: it runs
+the Master container's own command with its own environment (secretKeyRefs resolved, PET_* added)
+against the ConfigMap the operator rendered, and writes the PyTorchJob's conditions from the exit
+code. Data comes from S3 and the adapter goes to S3, as in a cluster.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 
 import pytest
@@ -26,18 +27,43 @@ from .test_finetunejob_flows import condition, status_of, submit, wait_phase
 pytestmark = pytest.mark.integration
 
 
-async def start_trainer(api, name: str, tmp_path) -> asyncio.subprocess.Process:
+async def pod_command_and_env(api, name: str, tmp_path) -> tuple[list[str], dict]:
+    """The Master pod's container command and environment, as the kubelet would run them: the config
+    mounted (here: a file), secretKeyRefs resolved from the Secret, and the PET_* variables the
+    Kubeflow training operator adds for torchrun."""
     config_map = await eventually(lambda: api.get(kube.CONFIGMAPS, f"{name}-config"))
+    pytorchjob = await api.get(kube.PYTORCHJOBS, name)
     config_path = tmp_path / "config.json"
     config_path.write_text(config_map["data"][jobconfig.CONFIG_FILE])
-    env = {**os.environ, jobconfig.ENV_S3_ACCESS_KEY: ACCESS_KEY, jobconfig.ENV_S3_SECRET_KEY: SECRET_KEY,
-           "OMP_NUM_THREADS": "1"}
+    container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    command = [sys.executable if part == "python" else part for part in container["command"]]
+    command[command.index("--config") + 1] = str(config_path)
+    secrets = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}  # the s3-creds Secret
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            env[item["name"]] = secrets[item["valueFrom"]["secretKeyRef"]["key"]]
+    env["HF_HOME"] = str(tmp_path / "hf")  # the pod's cache volume
+    env.update({"PET_NNODES": "1", "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": pytorchjob["spec"]["nprocPerNode"],
+                "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())})
+    return [*command, "--work-dir", str(tmp_path / "work")], env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def start_trainer(api, name: str, tmp_path) -> asyncio.subprocess.Process:
+    command, env = await pod_command_and_env(api, name, tmp_path)
     await api.set_pytorchjob_conditions(name, ("Created", "PyTorchJobCreated", "created"),
                                         ("Running", "PyTorchJobRunning", "running"),
                                         replicaStatuses={"Master": {"active": 1}})
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetune_trainer", "--config", str(config_path), "--work-dir", str(tmp_path / "work"),
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    return await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
 
 
 async def finish(api, name: str, process) -> tuple[int, str]:
