@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from safetensors import safe_open
 
-from .conftest import adapter_dir, job_spec, lm_corpus, losses, make_config, run_in_process, write_jsonl
+from .conftest import WORDS, adapter_dir, job_spec, lm_corpus, losses, make_config, run_in_process, write_jsonl
 
 
 def _first_last(values: list[float], k: int = 5) -> tuple[float, float]:
@@ -85,6 +87,33 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tiny_llama, tmp_path):
     manifest = run_in_process(make_config(spec, name="early"), tmp_path / "work")
     assert manifest["training"]["stopReason"].startswith("early stopping: eval_loss did not improve")
     assert manifest["training"]["steps"] == 6  # first evaluation sets the best, two more without a 0.01 gain
+    # the published weights are the best evaluation's (as load_best_model_at_end), not the last step's
+    evals = [h for h in manifest["training"]["history"] if "eval_loss" in h]
+    best = min(evals, key=lambda h: h["eval_loss"])
+    assert manifest["training"]["bestStep"] == best["step"]
+    assert manifest["metrics"]["eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-6)
+    if best["step"] != 6:
+        assert f"restored the weights of step {best['step']}" in manifest["training"]["stopReason"]
+
+
+def test_early_stopping_publishes_the_best_weights_not_the_last(tiny_llama, tmp_path):
+    """Full fine-tuning on 18 random sequences memorises them: the validation loss rises after a few
+    evaluations. The published weights must be the best evaluation's (as load_best_model_at_end)."""
+    rng = random.Random(3)
+    rows = [{"prompt": " ".join(rng.choices(WORDS, k=3)), "completion": " ".join(rng.choices(WORDS, k=6))}
+            for _ in range(24)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    spec = job_spec(tiny_llama, data, tmp_path / "out", method={"type": "Full"}, training__learningRate=0.01,
+                    training__maxSteps=60, training__evalSteps=5, dataset__validationSplit=0.25,
+                    training__scheduler={"type": "constant", "warmupRatio": 0.0},
+                    training__earlyStopping={"patience": 3})
+    manifest = run_in_process(make_config(spec, name="best"), tmp_path / "work")
+    evals = [h for h in manifest["training"]["history"] if "eval_loss" in h]
+    best = min(evals, key=lambda h: h["eval_loss"])
+    assert evals[-1]["eval_loss"] > best["eval_loss"] + 0.1  # it did get worse
+    assert manifest["training"]["bestStep"] == best["step"]
+    assert f"restored the weights of step {best['step']}" in manifest["training"]["stopReason"]
+    assert manifest["metrics"]["eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)
 
 
 def test_freeze_thaw_unfreezes_a_block_on_a_plateau(tiny_llama, tmp_path):

@@ -93,6 +93,7 @@ class TrainerState:
     epoch: int = 0
     micro_in_epoch: int = 0  # next micro-batch of `epoch` (data position)
     best_metric: float | None = None
+    best_step: int | None = None
     evals_without_improvement: int = 0
     plateau_evals: int = 0
     trainable_blocks: int | None = None
@@ -123,6 +124,7 @@ class Engine:
         self.last_grad_norm = 0.0
         self.monitor_layers = False  # set by the loop before a step it will evaluate
         self.layer_grad_norms: dict[str, float] = {}
+        self.best_weights: dict | None = None  # early stopping: a CPU copy of the best evaluation's weights
 
     def _wrap_ddp(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -175,6 +177,24 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _optimized_parameters(self) -> dict:
+        """Name -> parameter for everything the optimizer updates (the adapter, a thawed block, all)."""
+        ids = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        return {n: p for n, p in self.module.named_parameters() if id(p) in ids}
+
+    @property
+    def can_keep_best(self) -> bool:
+        return self.deepspeed is None  # ZeRO partitions the weights: no cheap local copy
+
+    def remember_best(self) -> None:
+        self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in self._optimized_parameters().items()}
+
+    def restore_best(self) -> None:
+        parameters = self._optimized_parameters()
+        with torch.no_grad():
+            for name, value in self.best_weights.items():
+                parameters[name].copy_(value.to(parameters[name].device))
+
     def zero_grad(self) -> None:
         if self.deepspeed is not None:
             self.deepspeed.zero_grad()
@@ -199,7 +219,7 @@ class Engine:
         torch.save(distributed.capture_rng_state(), directory / f"rng-rank{self.dist.rank}.pt")
         if self.dist.is_main:
             trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
-            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(),
+            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(), "best": self.best_weights,
                         "scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict() if self.scaler else None,
                         "trainer": state.__dict__}, directory / "state.pt")
@@ -214,6 +234,7 @@ class Engine:
             if unexpected:
                 raise RuntimeError(f"checkpoint does not fit the model: unexpected {unexpected[:5]}")
             self.optimizer.load_state_dict(blob["optimizer"])
+            self.best_weights = blob.get("best")
             self.scheduler.load_state_dict(blob["scheduler"])
             if self.scaler and blob.get("scaler"):
                 self.scaler.load_state_dict(blob["scaler"])
@@ -460,6 +481,11 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
     stop_reason = _train(engine, state, schedule, train_examples, training, freeze, pack, pad_id, progress,
                          out_store, prefix, work_dir, dist, run_eval, tracker)
     log.info("training finished", extra={"step": state.step, "reason": stop_reason})
+    if engine.best_weights is not None and state.best_step != state.step:
+        # Early stopping publishes the best evaluation's weights, not the last (as load_best_model_at_end).
+        engine.restore_best()
+        stop_reason += f"; restored the weights of step {state.best_step} (best {state.best_metric:.6g})"
+        log.info("restored the best weights", extra={"step": state.best_step, "metric": state.best_metric})
 
     # 6. final evaluation and publishing -------------------------------------------------------------
     progress.update(stage="evaluating", force=True)
@@ -592,6 +618,9 @@ def _evaluate_and_decide(engine, state: TrainerState, stopping, watch: str, free
         plateau=state.plateau_evals, stop_patience=(stopping or {}).get("patience"),
         stop_min_delta=(stopping or {}).get("minDelta", 0.0), thaw_patience=freeze.patience if freeze else None,
         thaw_min_delta=freeze.min_delta if freeze else 0.0, can_thaw=bool(freeze and freeze.can_thaw))
+    if stopping and engine.can_keep_best and decision.best is not None and decision.best != state.best_metric:
+        engine.remember_best()
+        state.best_step = state.step
     state.best_metric, state.evals_without_improvement, state.plateau_evals = (
         decision.best, decision.stale, decision.plateau)
     if decision.thaw:
@@ -689,7 +718,8 @@ def _publish(config: JobConfig, engine: Engine, tokenizer, model_dir: Path, load
         "config": spec,
         "metrics": final.metrics,
         "baselineMetrics": state.baseline,
-        "training": {"steps": state.step, "stopReason": stop_reason, "precision": precision,
+        "training": {"steps": state.step, "stopReason": stop_reason, "bestStep": state.best_step,
+                     "precision": precision,
                      "schedule": schedule.__dict__, "paddingFraction": padding, "realTokens": state.real_tokens,
                      "trainSeconds": round(state.train_seconds, 3),
                      "realTokensPerSecond": state.real_tokens / max(state.train_seconds, 1e-9),
