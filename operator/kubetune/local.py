@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.api import jobconfig, storage_layout
-from kubetune.api.validation import validate, world_size
 from kubetune.clients.storage import check_published, output_store_from_env
 from kubetune.reconcile import finetunejob as ftj
 
@@ -131,9 +130,10 @@ class LocalResult:
         return (self.job.get("status") or {}).get("phase", "")
 
 
-def local_processes(spec: dict) -> int:
-    """Processes on this machine: one per GPU, or processesPerNode on CPU; several nodes run as one."""
-    return world_size(spec)
+def local_processes(pytorchjob: dict) -> int:
+    """The PyTorchJob's whole world on this machine: nprocPerNode x its pods (several nodes run as one)."""
+    pods = sum(int(r.get("replicas", 1)) for r in pytorchjob["spec"]["pytorchReplicaSpecs"].values())
+    return int(pytorchjob["spec"]["nprocPerNode"]) * pods
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
@@ -173,16 +173,14 @@ def run(job: dict, *, run_dir: Path, on_change=None, poll_seconds: float = 1.0,
     config_map: dict | None = None
     trainer: LocalPyTorchJob | None = None
     all_events: list[ftj.Event] = []
-    store = None
+    store = output_store_from_env(job["spec"])  # connects lazily, on the first read
     try:
         while True:
             pytorchjob = trainer.object if trainer else None
             manifest = progress = None
-            if store is None and (job.get("status") or {}).get("trainingJob"):
-                store = output_store_from_env(validate(job, local=True).defaulted["spec"])
-            if store is not None and ftj.needs_manifest(job, pytorchjob):
+            if ftj.needs_manifest(job, pytorchjob):
                 manifest = check_published(store, ftj.job_prefix(job))
-            if store is not None and ftj.needs_progress(job, pytorchjob):
+            if ftj.needs_progress(job, pytorchjob):
                 raw = store.read(storage_layout.progress_uri(ftj.job_prefix(job)))
                 progress = json.loads(raw) if raw else None
             plan = ftj.decide(ftj.Observed(job=job, now=now(), config_map=config_map, pytorchjob=pytorchjob,
@@ -192,9 +190,8 @@ def run(job: dict, *, run_dir: Path, on_change=None, poll_seconds: float = 1.0,
                     config_map = child
                     (run_dir / jobconfig.CONFIG_FILE).write_text(child["data"][jobconfig.CONFIG_FILE])
                 elif child["kind"] == "PyTorchJob":
-                    spec = validate(job, local=True).defaulted["spec"]
                     trainer = LocalPyTorchJob(child, run_dir / jobconfig.CONFIG_FILE, run_dir,
-                                              local_processes(spec), env={"KUBETUNE_LOCAL": "1"})
+                                              local_processes(child), env={"KUBETUNE_LOCAL": "1"})
                     trainer.start()
             job = {**job, "status": plan.status}
             all_events.extend(plan.events)

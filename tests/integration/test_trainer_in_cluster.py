@@ -126,3 +126,19 @@ async def test_bad_data_fails_the_job_with_the_trainers_reason(operator, api, s3
     status = await wait_phase(api, "bad-train", "Failed")
     assert status["failure"]["reason"] == "BadInput"
     assert "line 11" in status["failure"]["message"] and "missing_field" in status["failure"]["message"]
+
+
+def test_s3_base_model_is_downloaded_once_into_the_cache(s3_server, tiny_llama, tmp_path):
+    from kubetune_trainer.modeling import BadInput, resolve_model_dir
+
+    store = s3_server.store()
+    for path in sorted(p for p in tiny_llama.rglob("*") if p.is_file()):
+        store.upload_file(path, f"s3://{BUCKET}/models/tiny/{path.relative_to(tiny_llama)}")
+    local = resolve_model_dir({"uri": f"s3://{BUCKET}/models/tiny"}, store, tmp_path / "cache")
+    assert sorted(p.name for p in local.iterdir() if p.name != ".complete") == \
+        sorted(p.name for p in tiny_llama.iterdir())
+    assert (local / "model.safetensors").read_bytes() == (tiny_llama / "model.safetensors").read_bytes()
+    again = resolve_model_dir({"uri": f"s3://{BUCKET}/models/tiny/"}, store, tmp_path / "cache")
+    assert again == local  # cached: not downloaded twice
+    with pytest.raises(BadInput, match="no objects"):
+        resolve_model_dir({"uri": f"s3://{BUCKET}/models/missing"}, store, tmp_path / "cache")

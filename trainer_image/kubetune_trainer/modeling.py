@@ -40,15 +40,10 @@ def resolve_model_dir(base_model: dict, store, cache_dir: Path) -> Path:
         target = cache_dir / "models" / re.sub(r"[^A-Za-z0-9._-]", "_", prefix)
         done = target / ".complete"
         if not done.exists():
-            objects = store.list(prefix)
-            if not objects:
+            from .storage import download_prefix
+
+            if not download_prefix(store, prefix, target):
                 raise BadInput(f"baseModel.uri {uri}: no objects under that prefix")
-            for count, object_uri in enumerate(objects, 1):
-                relative = object_uri[len(prefix):]
-                (target / relative).parent.mkdir(parents=True, exist_ok=True)
-                data = store.read(object_uri)
-                (target / relative).write_bytes(data)
-                log.info("downloaded model file", extra={"file": relative, "n": count, "of": len(objects)})
             done.write_text("ok")
         return target
     if scheme == "hf":

@@ -79,10 +79,9 @@ def upload_dir(store: ObjectStore, local: Path, prefix_uri: str) -> int:
 
 def download_prefix(store: ObjectStore, prefix_uri: str, local: Path) -> int:
     objects = store.list(prefix_uri)
-    for uri in objects:
-        target = local / uri[len(prefix_uri):]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(store.read(uri))
+    for count, uri in enumerate(objects, 1):
+        store.download_file(uri, local / uri[len(prefix_uri):])
+        log.info("downloaded", extra={"file": uri[len(prefix_uri):], "n": count, "of": len(objects)})
     return len(objects)
 
 

@@ -168,8 +168,6 @@ class Batch:
     tensors: dict  # keyword arguments of the model's forward
     real_tokens: int  # non-padding tokens
     total_tokens: int  # including padding
-    target_tokens: int  # tokens (or sequences, for classification) that carry a label
-    sequences: int
 
 
 def packed_batch(examples: list[Example], torch) -> Batch:
@@ -184,8 +182,7 @@ def packed_batch(examples: list[Example], torch) -> Batch:
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
     }
-    targets = sum(1 for label in labels if label != IGNORE)
-    return Batch(tensors, len(ids), len(ids), targets, len(examples))
+    return Batch(tensors, len(ids), len(ids))
 
 
 def padded_batch(examples: list[Example], pad_id: int, torch) -> Batch:
@@ -197,12 +194,10 @@ def padded_batch(examples: list[Example], pad_id: int, torch) -> Batch:
     real = sum(len(e.input_ids) for e in examples)
     if examples[0].label is not None:
         tensors["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
-        targets = len(examples)
     else:
         labels = [e.labels + [IGNORE] * (width - len(e.labels)) for e in examples]
         tensors["labels"] = torch.tensor(labels, dtype=torch.long)
-        targets = sum(1 for row in labels for label in row[1:] if label != IGNORE)
-    return Batch(tensors, real, width * len(examples), targets, len(examples))
+    return Batch(tensors, real, width * len(examples))
 
 
 def make_batch(examples: list[Example], *, pack: bool, pad_id: int, torch) -> Batch:

@@ -229,10 +229,9 @@ class Engine:
             return TrainerState(**distributed.load_checkpoint(self.deepspeed, directory, "ds")["trainer"])
         else:
             blob = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
-            missing = self.module.load_state_dict(blob["model"], strict=False)
-            unexpected = [k for k in missing.unexpected_keys]
-            if unexpected:
-                raise RuntimeError(f"checkpoint does not fit the model: unexpected {unexpected[:5]}")
+            loaded = self.module.load_state_dict(blob["model"], strict=False)  # frozen weights are not in it
+            if loaded.unexpected_keys:
+                raise RuntimeError(f"checkpoint does not fit the model: unexpected {loaded.unexpected_keys[:5]}")
             self.optimizer.load_state_dict(blob["optimizer"])
             self.best_weights = blob.get("best")
             self.scheduler.load_state_dict(blob["scheduler"])
@@ -280,20 +279,29 @@ def evaluate(engine: Engine, examples: list[text.Example], *, task: str, batch_s
             confidences.extend(probs.max(-1).values.tolist())
             entropies.extend((-(probs * probs.clamp_min(1e-12).log()).sum(-1)).tolist())
             continue
-        for example in chunk:  # per sequence, so confidence and entropy are per example
-            batch = text.make_batch([example], pack=pack, pad_id=pad_id, torch=torch)
-            out = engine.forward(batch.tensors)
-            logits = out.logits[0, :-1].float()
-            target = batch.tensors["labels"][0, 1:].to(logits.device)
-            keep = target != text.IGNORE
-            if not bool(keep.any()):
-                continue
-            log_probs = logits[keep].log_softmax(-1)
-            token_lp = log_probs.gather(-1, target[keep].unsqueeze(-1)).squeeze(-1)
-            loss_sum += float(-token_lp.sum())
-            weight += int(keep.sum())
-            confidences.append(float(token_lp.exp().mean()))
-            entropies.append(float((-(log_probs.exp() * log_probs).sum(-1)).mean()))
+        # One forward per micro-batch (packed or padded, as in training); per-example confidence and
+        # entropy come from knowing which sequence owns each predicted token.
+        batch = text.make_batch(chunk, pack=pack, pad_id=pad_id, torch=torch)
+        logits = engine.forward(batch.tensors).logits.float()
+        rows, width = batch.tensors["input_ids"].shape
+        if rows == 1:  # packed: sequences side by side in one row
+            owner_rows = [[i for i, e in enumerate(chunk) for _ in e.input_ids]]
+        else:  # padded: one sequence per row, -1 on padding
+            owner_rows = [[i] * len(e.input_ids) + [-1] * (width - len(e.input_ids)) for i, e in enumerate(chunk)]
+        owner = torch.tensor(owner_rows, device=logits.device)
+        target = batch.tensors["labels"][:, 1:].to(logits.device)
+        keep = target != text.IGNORE
+        log_probs = logits[:, :-1][keep].log_softmax(-1)
+        token_lp = log_probs.gather(-1, target[keep].unsqueeze(-1)).squeeze(-1)
+        token_entropy = -(log_probs.exp() * log_probs).sum(-1)
+        token_owner = owner[:, 1:][keep]
+        loss_sum += float(-token_lp.sum())
+        weight += int(keep.sum())
+        for index in range(len(chunk)):
+            mine = token_owner == index
+            if bool(mine.any()):
+                confidences.append(float(token_lp[mine].exp().mean()))
+                entropies.append(float(token_entropy[mine].mean()))
     engine.train(True)
     mean_loss = loss_sum / max(weight, 1)
     result = {"eval_loss": mean_loss}

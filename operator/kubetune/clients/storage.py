@@ -143,6 +143,15 @@ class ObjectStore:
             return
         self.s3.upload_file(str(path), bucket, key)
 
+    def download_file(self, uri: str, path: Path) -> None:
+        """Stream an object to a local file (model shards are larger than memory should hold twice)."""
+        scheme, bucket, key = storage_layout.split_uri(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if scheme == "file":
+            shutil.copyfile(key, path)
+            return
+        self.s3.download_file(bucket, key, str(path))
+
     def list(self, prefix_uri: str) -> list[str]:
         scheme, bucket, key = storage_layout.split_uri(prefix_uri)
         if scheme == "file":
