@@ -3,12 +3,15 @@
 The same `reconcile.finetunejob.decide` that drives the operator decides every phase here; this module
 only carries out its plans on the local machine:
 
-- the ConfigMap it asks for becomes a job config file in the run directory;
+- the ConfigMaps it asks for become job config files in the run directory (a baseline or sweep
+  trial job runs in its own subdirectory);
 - the PyTorchJob it asks for is played by `LocalPyTorchJob`: torchrun as a subprocess with the
   PyTorchJob's own command (CPU processes or local GPUs), reporting the conditions the Kubeflow
   training operator would (Created, Running, Restarting, Succeeded, Failed) and retrying retryable
   exits (143) up to the job's backoffLimit, as `restartPolicy: ExitCode` does;
-- progress.json and manifest.json are read from the job's storage exactly as the operator reads them.
+- progress.json, manifest.json and the stages' result.json are read from the job's storage exactly
+  as the operator reads them. Sweep trials run one after another or, with rankSweep.parallelism,
+  as parallel processes sharing the cores.
 
 Storage credentials come from this shell's environment (AWS_ACCESS_KEY_ID...), not from Secrets.
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 from kubetune.api import jobconfig, storage_layout
 from kubetune.clients.storage import check_published, output_store_from_env
 from kubetune.reconcile import finetunejob as ftj
+from kubetune.render import training as render
 
 log = logging.getLogger(__name__)
 
@@ -165,34 +169,66 @@ def prepare_job(document: dict, *, namespace: str, output: str | None,
     return job
 
 
+def _threads_per_process(job: dict, pytorchjob: dict) -> dict:
+    """Trials running side by side share the cores instead of each taking all of them."""
+    labels = pytorchjob["metadata"].get("labels") or {}
+    parallel = int((job["spec"].get("rankSweep") or {}).get("parallelism", 1) or 1)
+    if labels.get("kubetune.io/stage") != jobconfig.STAGE_TRIAL or parallel <= 1:
+        return {}
+    per = max(1, (os.cpu_count() or 1) // (parallel * local_processes(pytorchjob)))
+    return {"OMP_NUM_THREADS": str(per)}
+
+
 def run(job: dict, *, run_dir: Path, on_change=None, poll_seconds: float = 1.0,
         settings: ftj.Settings | None = None) -> LocalResult:
-    """Drive `job` to a terminal phase. `on_change(job, events)` is called after every decision."""
+    """Drive `job` to a terminal phase. `on_change(job, events)` is called after every decision.
+
+    The training job runs in `run_dir`; a baseline or sweep-trial job in `run_dir/<its name>/`."""
     settings = settings or ftj.Settings(local=True, publish_timeout_seconds=60)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_map: dict | None = None
-    trainer: LocalPyTorchJob | None = None
+    main_name = job["metadata"]["name"]
+    config_maps: dict[str, dict] = {}
+    trainers: dict[str, LocalPyTorchJob] = {}
     all_events: list[ftj.Event] = []
     store = output_store_from_env(job["spec"])  # connects lazily, on the first read
+
+    def read_json(uri: str) -> dict | None:
+        raw = store.read(uri)
+        return json.loads(raw) if raw else None
+
     try:
         while True:
+            trainer = trainers.get(main_name)
             pytorchjob = trainer.object if trainer else None
+            stage_jobs = {name: t.object for name, t in trainers.items() if name != main_name}
             manifest = progress = None
             if ftj.needs_manifest(job, pytorchjob):
                 manifest = check_published(store, ftj.job_prefix(job))
             if ftj.needs_progress(job, pytorchjob):
-                raw = store.read(storage_layout.progress_uri(ftj.job_prefix(job)))
-                progress = json.loads(raw) if raw else None
-            plan = ftj.decide(ftj.Observed(job=job, now=now(), config_map=config_map, pytorchjob=pytorchjob,
-                                           manifest=manifest, progress=progress), settings)
+                progress = read_json(storage_layout.progress_uri(ftj.job_prefix(job)))
+            reports = {
+                name: ftj.StageReport(result=read_json(storage_layout.result_uri(prefix)),
+                                      progress=read_json(storage_layout.progress_uri(prefix)))
+                for name, prefix in ftj.needs_stage_reports(job, stage_jobs).items()
+            }
+            plan = ftj.decide(ftj.Observed(
+                job=job, now=now(), config_map=config_maps.get(render.config_map_name(main_name)), pytorchjob=pytorchjob,
+                manifest=manifest, progress=progress, stage_jobs=stage_jobs,
+                stage_config_maps=frozenset(n for n in config_maps if n != render.config_map_name(main_name)),
+                stage_reports=reports), settings)
             for child in plan.create:
+                name = child["metadata"]["name"]
                 if child["kind"] == "ConfigMap":
-                    config_map = child
-                    (run_dir / jobconfig.CONFIG_FILE).write_text(child["data"][jobconfig.CONFIG_FILE])
-                elif child["kind"] == "PyTorchJob":
-                    trainer = LocalPyTorchJob(child, run_dir / jobconfig.CONFIG_FILE, run_dir,
-                                              local_processes(child), env={"KUBETUNE_LOCAL": "1"})
-                    trainer.start()
+                    config_maps[name] = child
+                elif child["kind"] == "PyTorchJob" and name not in trainers:
+                    work = run_dir if name == main_name else run_dir / name
+                    work.mkdir(parents=True, exist_ok=True)
+                    volumes = child["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]
+                    config_map = config_maps[next(v["configMap"]["name"] for v in volumes if "configMap" in v)]
+                    (work / jobconfig.CONFIG_FILE).write_text(config_map["data"][jobconfig.CONFIG_FILE])
+                    trainers[name] = LocalPyTorchJob(child, work / jobconfig.CONFIG_FILE, work, local_processes(child),
+                                                     env={"KUBETUNE_LOCAL": "1", **_threads_per_process(job, child)})
+                    trainers[name].start()
             job = {**job, "status": plan.status}
             all_events.extend(plan.events)
             if on_change:
@@ -200,8 +236,8 @@ def run(job: dict, *, run_dir: Path, on_change=None, poll_seconds: float = 1.0,
             if job["status"].get("phase") in ftj.TERMINAL:
                 return LocalResult(job, run_dir, all_events)
             time.sleep(poll_seconds)
-            if trainer:
-                trainer.poll()
+            for each in trainers.values():
+                each.poll()
     finally:
-        if trainer:
-            trainer.stop()
+        for each in trainers.values():
+            each.stop()

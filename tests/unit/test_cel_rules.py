@@ -14,6 +14,8 @@ from tests.factories import adapterdeployment, finetunejob, set_path
 
 F, A = "FineTuneJob", "AdapterDeployment"
 
+CLS = {"spec.task": "SequenceClassification", "spec.dataset": {"uri": "s3://d/x.jsonl", "format": "text-label"}}
+
 # (kind, a distinctive part of the rule, accepted mutations, rejected mutations, expected message part)
 CASES = [
     (F, "self.metadata.name.size()", {"metadata.name": "a" * 45}, {"metadata.name": "a" * 46}, "metadata.name"),
@@ -74,6 +76,39 @@ CASES = [
      {"spec.method": {"type": "QLoRA", "quantization": {}}, "spec.distributed": {"gpusPerNode": 1}},
      {"spec.method": {"type": "QLoRA", "quantization": {}},
       "spec.distributed": {"gpusPerNode": 0, "deepspeed": {"enabled": False}}}, "QLoRA needs GPUs"),
+    (F, "!has(self.target) || self.enabled",
+     {"spec.baseline": {"target": {"metric": "eval_loss", "value": 1.2}}},
+     {"spec.baseline": {"enabled": False, "target": {"metric": "eval_loss", "value": 1.2}}},
+     "baseline.target needs baseline.enabled"),
+    (F, "(self.value >= 0.0 && self.value <= 1.0)",
+     {**CLS, "spec.baseline": {"target": {"metric": "accuracy", "value": 0.9}}},
+     {**CLS, "spec.baseline": {"target": {"metric": "accuracy", "value": 90}}}, "must be between 0 and 1"),
+    (F, "self.all(r, self.exists_one(s, s == r))",
+     {"spec.rankSweep": {"ranks": [4, 8]}}, {"spec.rankSweep": {"ranks": [4, 8, 4]}}, "must not repeat a rank"),
+    (F, "!has(self.rankSweep) || self.method.type in ['LoRA', 'QLoRA']",
+     {"spec.method": {"type": "QLoRA", "quantization": {}}, "spec.rankSweep": {}},
+     {"spec.method": {"type": "Full"}, "spec.rankSweep": {}}, "rankSweep applies only when method.type is LoRA"),
+    (F, "self.rankSweep.metric in ['accuracy', 'macro_f1']",
+     {**CLS, "spec.rankSweep": {"metric": "macro_f1"}},
+     {"spec.rankSweep": {"metric": "accuracy"}}, "rankSweep.metric accuracy and macro_f1 need task"),
+    (F, "self.rankSweep.metric != 'perplexity'",
+     {"spec.rankSweep": {"metric": "perplexity"}},
+     {**CLS, "spec.rankSweep": {"metric": "perplexity"}}, "rankSweep.metric perplexity needs task CausalLM"),
+    (F, "self.baseline.target.metric in ['accuracy', 'macro_f1']",
+     {**CLS, "spec.baseline": {"target": {"metric": "accuracy", "value": 0.8}}},
+     {"spec.baseline": {"target": {"metric": "accuracy", "value": 0.8}}},
+     "baseline.target.metric accuracy and macro_f1 need task"),
+    (F, "self.baseline.target.metric != 'perplexity'",
+     {"spec.baseline": {"target": {"metric": "perplexity", "value": 12}}},
+     {**CLS, "spec.baseline": {"target": {"metric": "perplexity", "value": 12}}},
+     "baseline.target.metric perplexity needs task CausalLM"),
+    (F, "has(self.dataset.validationUri) || self.dataset.validationSplit > 0.0",
+     {"spec.baseline": {"target": {"metric": "eval_loss", "value": 1}},
+      "spec.dataset": {"uri": "s3://d/x.jsonl", "format": "chat", "validationSplit": 0,
+                       "validationUri": "s3://d/v.jsonl"}},
+     {"spec.baseline": {"target": {"metric": "eval_loss", "value": 1}},
+      "spec.dataset": {"uri": "s3://d/x.jsonl", "format": "chat", "validationSplit": 0}},
+     "baseline.target needs validation data"),
     (A, "has(self.fineTuneJobRef) != has(self.uri)",
      {"spec.adapters": [{"name": "x", "source": {"uri": "s3://b/m.json", "digest": "sha256:" + "a" * 64}}]},
      {"spec.adapters": [{"name": "x", "source": {"fineTuneJobRef": {"name": "j"}, "uri": "s3://b/m.json",

@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("training failed", extra={"reason": "TrainingFailed"})
         _report_failure(config, "TrainingFailed", f"{type(exc).__name__}: {exc}")
         return jobconfig.EXIT_FAILED
-    if document:
+    if document and config.stage.kind != jobconfig.STAGE_TRAIN:
+        print(json.dumps({"stage": config.stage.kind, "rank": config.stage.rank, "result": config.storage.result_uri,
+                          "metrics": document.get("metrics")}))
+    elif document:
         print(json.dumps({"published": config.storage.manifest_uri, "digest": document["digest"],
                           "metrics": document.get("metrics"), "baselineMetrics": document.get("baselineMetrics")}))
     return jobconfig.EXIT_OK

@@ -10,6 +10,7 @@ plain modules with their own unit tests; this file is the loop that strings them
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kubetune.api import storage_layout
+from kubetune.api import jobconfig, storage_layout
 from kubetune.api.jobconfig import JobConfig
 from kubetune.clients.storage import publish_adapter
 
@@ -55,7 +56,8 @@ class Schedule:
     checkpoint_every: int
 
     @classmethod
-    def from_spec(cls, training: dict, world_size: int, train_size: int) -> Schedule:
+    def from_spec(cls, training: dict, world_size: int, train_size: int, cap: int | None = None) -> Schedule:
+        """`cap` bounds the steps (a rank-sweep trial's maxSteps); warmup and evaluation follow the cap."""
         per_device = training["perDeviceBatchSize"]
         effective = training.get("effectiveBatchSize") or per_device * world_size
         accum = max(1, effective // (per_device * world_size))
@@ -65,6 +67,8 @@ class Schedule:
             total = training["maxSteps"]
         else:
             total = max(1, math.ceil(training["epochs"] * steps_per_epoch))
+        if cap:
+            total = min(total, cap)
         eval_every = training.get("evalSteps") or (steps_per_epoch if training.get("epochs") else max(1, total // 10))
         warmup = round(training["scheduler"]["warmupRatio"] * total)
         return cls(world_size, per_device, accum, micro, steps_per_epoch, total, warmup, min(eval_every, total),
@@ -340,6 +344,7 @@ def load_data(config: JobConfig, progress: storage.ProgressWriter) -> data.Loade
 def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple:
     spec = config.spec
     fmt, max_len = spec["dataset"]["format"], spec["training"]["maxSeqLength"]
+    holdout = config.stage.holdout_fraction if config.stage.kind == jobconfig.STAGE_TRIAL else None
 
     def count(piece: str) -> int:
         return len(tokenizer(piece, add_special_tokens=True)["input_ids"])
@@ -351,6 +356,15 @@ def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple
     loaded.apply_length_check(count, max_len, render_chat=render_chat if chat_template else None)
     if not loaded.acceptable(spec["dataset"]["maxInvalidFraction"]):
         raise BadInput("the dataset has invalid lines (nothing was trained):\n" + loaded.summary())
+    if holdout:
+        # A rank-sweep trial trains on the training split minus a holdout and is scored on that holdout:
+        # the validation split stays unseen until the full run's final evaluation (no selection bias).
+        stratify = spec["dataset"].get("stratifyBy") or ("label" if fmt == "text-label" else None)
+        loaded.train, loaded.validation = data.split_records(loaded.train, holdout, spec["dataset"]["seed"] + 1,
+                                                             stratify)
+        if not loaded.validation:
+            raise BadInput(f"rankSweep.holdoutFraction {holdout} of {len(loaded.train)} training examples "
+                           "leaves no holdout to score the trial")
     label_ids = None
     if fmt == "text-label":
         label_ids = {name: i for i, name in enumerate(loaded.labels)}
@@ -404,7 +418,7 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
 
     # 2. model and method ----------------------------------------------------------------------------
     precision = modeling.pick_precision(training["precision"], dist.device)
-    schedule = Schedule.from_spec(training, dist.world_size, len(train_examples))
+    schedule = Schedule.from_spec(training, dist.world_size, len(train_examples), cap=config.stage.max_steps)
     log.info("schedule", extra=schedule.__dict__)
     ds = None
     deepspeed_spec = spec["distributed"]["deepspeed"]
@@ -461,12 +475,22 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
             freeze.set_trainable(state.trainable_blocks)
             engine.parameters_changed()
         log.info("resumed from checkpoint", extra={"step": state.step, "epoch": state.epoch})
-    elif val_examples:
+    elif config.stage.baseline_metrics is not None:
+        state.baseline = dict(config.stage.baseline_metrics)  # the separate baseline job measured it
+        progress.update(force=True, baselineMetrics=state.baseline)
+    elif val_examples and (spec.get("baseline") or {}).get("enabled", True):
         progress.update(stage="baseline", force=True)
-        state.baseline = run_eval().metrics
+        baseline_eval = run_eval()
+        state.baseline = baseline_eval.metrics
         log.info("baseline", extra={"metrics": state.baseline})
         progress.update(force=True, evalMetrics=state.baseline, baselineMetrics=state.baseline)
         tracker.log({f"baseline_{k}": v for k, v in state.baseline.items()}, step=0)
+        if config.stage.kind == jobconfig.STAGE_BASELINE:
+            return _finish_stage(config, dist, out_store, progress, {
+                "metrics": state.baseline, "examples": {"validation": len(val_examples)},
+                "seconds": round(time.monotonic() - started, 1)})
+    if config.stage.kind == jobconfig.STAGE_BASELINE:
+        raise BadInput("the baseline cannot be evaluated: the validation split is empty")
 
     # 4. one smoke step on one batch: shapes, memory and a finite loss before the long run -----------------
     order = text.batch_order([len(e.input_ids) for e in train_examples], schedule.per_device_batch,
@@ -499,6 +523,13 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
     progress.update(stage="evaluating", force=True)
     final = run_eval() if val_examples else Evaluation({}, [], [])
     tracker.log({f"final_{k}": v for k, v in final.metrics.items()}, step=state.step)
+    if config.stage.kind == jobconfig.STAGE_TRIAL:
+        lora = spec["method"].get("lora") or {}
+        return _finish_stage(config, dist, out_store, progress, {
+            "rank": lora.get("rank"), "alpha": lora.get("alpha"), "metrics": final.metrics,
+            "examples": {"train": len(train_examples), "holdout": len(val_examples)},
+            "steps": state.step, "stopReason": stop_reason, "trainSeconds": round(state.train_seconds, 3),
+            "seconds": round(time.monotonic() - started, 1), "history": state.history[-200:]})
     document: dict = {}
     if dist.is_main:
         progress.update(stage="publishing", force=True, evalMetrics=final.metrics,
@@ -506,6 +537,20 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
         document = _publish(config, engine, tokenizer, model_dir, loaded, val_examples, final, state, schedule,
                             token_stats, precision, stop_reason, out_store, work_dir, time.monotonic() - started)
         progress.update(stage="done", force=True, step=state.step)
+    distributed.barrier()
+    return document
+
+
+def _finish_stage(config: JobConfig, dist, store, progress, fields: dict) -> dict:
+    """A baseline or trial stage ends with its result.json (written last: its presence means done)."""
+    document = {"api": jobconfig.STAGE_RESULT_API, "kind": config.stage.kind,
+                "job": {"namespace": config.job.namespace, "name": config.job.name, "uid": config.job.uid},
+                "createdAt": storage.now_rfc3339(), **fields}
+    if dist.is_main:
+        store.write(config.storage.result_uri, json.dumps(document, sort_keys=True).encode())
+        progress.update(stage="done", force=True)
+        log.info("stage finished", extra={"stage": config.stage.kind, "rank": config.stage.rank,
+                                          "metrics": fields.get("metrics"), "result": config.storage.result_uri})
     distributed.barrier()
     return document
 

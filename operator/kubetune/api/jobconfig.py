@@ -9,11 +9,12 @@ config names Secrets, and their values reach the pod only through `secretKeyRef`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from . import storage_layout
 
 JOB_CONFIG_API = "kubetune.io/jobconfig/v1"
+STAGE_RESULT_API = "kubetune.io/stage-result/v1"
 CONFIG_FILE = "config.json"
 CONFIG_MOUNT = "/etc/kubetune/job"
 CONFIG_PATH = f"{CONFIG_MOUNT}/{CONFIG_FILE}"
@@ -44,11 +45,29 @@ class JobIdentity:
     uid: str
 
 
+STAGE_TRAIN = "train"  # train and publish the adapter
+STAGE_BASELINE = "baseline"  # evaluate the base model on the validation split, write result.json, stop
+STAGE_TRIAL = "trial"  # a rank-sweep trial: train on the training split minus a holdout, score the holdout
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Which of a FineTuneJob's stages this PyTorchJob runs (all stages share one trainer image)."""
+
+    kind: str = STAGE_TRAIN
+    rank: int | None = None  # trial: the LoRA rank under test (also in the spec the trial gets)
+    holdout_fraction: float | None = None  # trial: share of the training split held out for scoring
+    max_steps: int | None = None  # trial: cap on optimizer steps (rankSweep.maxSteps)
+    # train: the separate baseline job's metrics, so training does not evaluate the base model again
+    baseline_metrics: dict | None = None
+
+
 @dataclass(frozen=True)
 class JobStorage:
-    job_prefix: str  # s3://bucket/prefix/<namespace>/<name>/<uid>/
+    job_prefix: str  # s3://bucket/prefix/<namespace>/<name>/<uid>/ (a stage's own prefix under it)
     checkpoints_prefix: str
     manifest_uri: str  # written last: its presence means "published"
+    result_uri: str = ""  # baseline and trial stages: their result.json, written last
 
 
 @dataclass(frozen=True)
@@ -56,6 +75,7 @@ class JobConfig:
     job: JobIdentity
     spec: dict  # the FineTuneJob spec with every default applied (the resolved config)
     storage: JobStorage
+    stage: Stage = field(default_factory=Stage)
     api: str = JOB_CONFIG_API
 
     def to_json(self) -> str:
@@ -70,17 +90,31 @@ class JobConfig:
             job=JobIdentity(**raw["job"]),
             spec=raw["spec"],
             storage=JobStorage(**raw["storage"]),
+            stage=Stage(**raw.get("stage", {})),
         )
 
 
-def job_config(namespace: str, name: str, uid: str, spec: dict) -> JobConfig:
-    prefix = storage_layout.job_prefix(spec["output"]["uri"], namespace, name, uid)
+def stage_prefix(job_prefix: str, stage: Stage) -> str:
+    """Where a stage writes progress, checkpoints and its result: each stage has its own prefix."""
+    if stage.kind == STAGE_BASELINE:
+        return storage_layout.baseline_prefix(job_prefix)
+    if stage.kind == STAGE_TRIAL:
+        return storage_layout.trial_prefix(job_prefix, stage.rank)
+    return job_prefix
+
+
+def job_config(namespace: str, name: str, uid: str, spec: dict, stage: Stage | None = None) -> JobConfig:
+    stage = stage or Stage()
+    root = storage_layout.job_prefix(spec["output"]["uri"], namespace, name, uid)
+    prefix = stage_prefix(root, stage)
     return JobConfig(
         job=JobIdentity(namespace=namespace, name=name, uid=uid),
         spec=spec,
         storage=JobStorage(
             job_prefix=prefix,
             checkpoints_prefix=storage_layout.checkpoints_prefix(prefix),
-            manifest_uri=storage_layout.manifest_uri(prefix),
+            manifest_uri=storage_layout.manifest_uri(root),
+            result_uri=storage_layout.result_uri(prefix) if stage.kind != STAGE_TRAIN else "",
         ),
+        stage=stage,
     )

@@ -7,6 +7,9 @@
         progress.json                                  the trainer's latest progress (throttled)
         adapter/sha256-<hex>/<files>                   the adapter, content-addressed
         manifest.json                                  written last: present == published
+        baseline/progress.json, baseline/result.json   the separate baseline evaluation (spec.baseline.target)
+        sweep/rank-<r>/progress.json, result.json,     one prefix per rank-sweep trial (its checkpoints
+                      checkpoints/...                 too); result.json is written last
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from urllib.parse import urlparse
 MANIFEST_FILE = "manifest.json"
 PROGRESS_FILE = "progress.json"
 LATEST_CHECKPOINT_FILE = "latest.json"
+RESULT_FILE = "result.json"
 
 
 def _join(prefix: str, *parts: str) -> str:
@@ -44,6 +48,19 @@ def checkpoint_prefix(job_prefix_uri: str, step: int) -> str:
 
 def latest_checkpoint_uri(job_prefix_uri: str) -> str:
     return _join(checkpoints_prefix(job_prefix_uri), LATEST_CHECKPOINT_FILE)
+
+
+def baseline_prefix(job_prefix_uri: str) -> str:
+    return _join(job_prefix_uri, "baseline") + "/"
+
+
+def trial_prefix(job_prefix_uri: str, rank: int) -> str:
+    return _join(job_prefix_uri, "sweep", f"rank-{int(rank)}") + "/"
+
+
+def result_uri(stage_prefix_uri: str) -> str:
+    """A stage's outcome (baseline metrics, a trial's holdout metrics): written last by the trainer."""
+    return _join(stage_prefix_uri, RESULT_FILE)
 
 
 def adapter_prefix(job_prefix_uri: str, digest: str) -> str:

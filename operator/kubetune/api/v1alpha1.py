@@ -4,10 +4,9 @@
 field reference are generated from the schemas in this module. Edit here, then run
 ``kubetune generate`` (CI fails when the generated files differ).
 
-Reserved for later phases of a FineTuneJob (they are not accepted yet, so that nobody relies on a
-field that does nothing): ``spec.baseline`` (stop when the base model is already good enough; the
-trainer always evaluates the base model first and records it) and ``spec.rankSweep`` (pick the LoRA
-rank on a holdout).
+A FineTuneJob runs up to three stages, each its own PyTorchJob: the baseline evaluation of the base
+model (``spec.baseline``, a separate job only when a target can stop the run), the LoRA rank sweep
+(``spec.rankSweep``, one trial per rank on a holdout carved from the training split), and training.
 """
 
 from __future__ import annotations
@@ -38,6 +37,10 @@ METHODS = ("LoRA", "QLoRA", "Full", "FreezeThaw")
 PRECISIONS = ("Auto", "BF16", "FP16", "FP32")
 SCHEDULERS = ("linear", "cosine", "constant")
 MAX_LORA_RANK = 512
+METRICS = ("eval_loss", "accuracy", "macro_f1", "perplexity")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1")
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+CAUSAL_LM_METRICS = ("perplexity",)
 
 # --- shared pieces ---------------------------------------------------------------------------------
 
@@ -448,6 +451,65 @@ RUN_POLICY = obj(
     default={},
 )
 
+BASELINE = obj(
+    "Evaluate the base model on the validation split before any training, with the task's metrics "
+    "(recorded in status.baseline). With a target, a base model that already meets it stops the job "
+    "(phase Skipped, condition BaselineSufficient) before any training GPU time is spent.",
+    {
+        "enabled": boolean("Evaluate the base model first.", default=True),
+        "target": obj(
+            "The metric value that is good enough. Loss and perplexity are met at or below the value, "
+            "accuracy and macro_f1 at or above it.",
+            {
+                "metric": string("Metric to compare: eval_loss, perplexity (CausalLM), accuracy or macro_f1 "
+                                 "(SequenceClassification).", enum=list(METRICS)),
+                "value": number("Target value of the metric."),
+            },
+            required=["metric", "value"],
+            rules=[
+                rule(
+                    "!(self.metric in ['accuracy', 'macro_f1']) || (self.value >= 0.0 && self.value <= 1.0)",
+                    "baseline.target.value of accuracy or macro_f1 must be between 0 and 1",
+                    field_path=".value",
+                ),
+            ],
+        ),
+        "forceTraining": boolean("Train even when the base model meets the target (the baseline is still "
+                                 "evaluated and recorded).", default=False),
+    },
+    default={},
+    rules=[
+        rule("!has(self.target) || self.enabled", "baseline.target needs baseline.enabled: true",
+             field_path=".target"),
+    ],
+)
+
+RANK_SWEEP = obj(
+    "Choose the LoRA rank before training: one short trial per rank, each its own PyTorchJob, trained on "
+    "the training split minus a holdout and scored on that holdout (the validation split stays unseen "
+    "until the final evaluation). The best rank (ties go to the smaller rank) is used for the full run.",
+    {
+        "ranks": array("Ranks to try.", integer("A LoRA rank.", minimum=1, maximum=MAX_LORA_RANK),
+                       default=[4, 8, 16, 32], min_items=2, max_items=16, list_type="set",
+                       rules=[rule("self.all(r, self.exists_one(s, s == r))",
+                                   "rankSweep.ranks must not repeat a rank")]),
+        "holdoutFraction": number("Share of the training split held out to score the trials.", default=0.1,
+                                  minimum=0, exclusive_minimum=True, maximum=0.5),
+        "epochs": number("Passes over the remaining training data per trial.", default=1, minimum=0,
+                         exclusive_minimum=True, maximum=100),
+        "maxSteps": integer("Cap on each trial's optimizer steps (default: no cap beyond epochs).", minimum=1),
+        "metric": string("Holdout metric that ranks the trials: eval_loss, perplexity (lower is better), "
+                         "accuracy or macro_f1 (higher is better; SequenceClassification).",
+                         default="eval_loss", enum=list(METRICS)),
+        "parallelism": integer("Trials running at once.", default=1, minimum=1, maximum=16),
+        "alpha": string("Proportional keeps alpha/rank at the spec's ratio for every trial (and the full run), "
+                        "so ranks are compared at the same update scale; Fixed keeps method.lora.alpha.",
+                        default="Proportional", enum=["Proportional", "Fixed"]),
+        "tieTolerance": number("Metrics within this distance of the best count as a tie; the smallest tied "
+                               "rank wins.", default=0.0, minimum=0),
+    },
+)
+
 FINETUNEJOB_SPEC = obj(
     "What to fine-tune, on what data, how, and where the adapter goes.",
     {
@@ -474,9 +536,43 @@ FINETUNEJOB_SPEC = obj(
         "output": OUTPUT,
         "tracking": TRACKING,
         "runPolicy": RUN_POLICY,
+        "baseline": BASELINE,
+        "rankSweep": RANK_SWEEP,
     },
     required=["baseModel", "dataset", "output"],
     rules=[
+        rule(
+            "!has(self.rankSweep) || self.method.type in ['LoRA', 'QLoRA']",
+            "rankSweep applies only when method.type is LoRA or QLoRA",
+            field_path=".rankSweep",
+        ),
+        rule(
+            "!has(self.rankSweep) || !(self.rankSweep.metric in ['accuracy', 'macro_f1']) "
+            "|| self.task == 'SequenceClassification'",
+            "rankSweep.metric accuracy and macro_f1 need task SequenceClassification",
+            field_path=".rankSweep.metric",
+        ),
+        rule(
+            "!has(self.rankSweep) || self.rankSweep.metric != 'perplexity' || self.task == 'CausalLM'",
+            "rankSweep.metric perplexity needs task CausalLM",
+            field_path=".rankSweep.metric",
+        ),
+        rule(
+            "!has(self.baseline.target) || !(self.baseline.target.metric in ['accuracy', 'macro_f1']) "
+            "|| self.task == 'SequenceClassification'",
+            "baseline.target.metric accuracy and macro_f1 need task SequenceClassification",
+            field_path=".baseline.target.metric",
+        ),
+        rule(
+            "!has(self.baseline.target) || self.baseline.target.metric != 'perplexity' || self.task == 'CausalLM'",
+            "baseline.target.metric perplexity needs task CausalLM",
+            field_path=".baseline.target.metric",
+        ),
+        rule(
+            "!has(self.baseline.target) || has(self.dataset.validationUri) || self.dataset.validationSplit > 0.0",
+            "baseline.target needs validation data (dataset.validationUri or dataset.validationSplit > 0)",
+            field_path=".baseline.target",
+        ),
         rule(
             "self.task == 'SequenceClassification' || self.dataset.format != 'text-label'",
             "dataset.format text-label needs task SequenceClassification",
@@ -535,11 +631,70 @@ _METRICS = {
     "additionalProperties": {"type": "number"},
 }
 
+FINETUNEJOB_PHASES = ("Pending", "Baseline", "Sweeping", "Suspended", "Running", "Publishing", "Succeeded",
+                      "Skipped", "Failed")
+STAGE_STATES = ("Pending", "Running", "Succeeded", "Failed")
+
+BASELINE_STATUS = obj(
+    "The base model's evaluation on the validation split.",
+    {
+        "source": string("BaselineJob: a separate evaluation job (a target can stop the run); TrainingJob: the "
+                         "training job's first evaluation.", enum=["BaselineJob", "TrainingJob"]),
+        "job": string("The PyTorchJob that evaluates it.", max_length=253),
+        "state": string("State of the evaluation.", enum=list(STAGE_STATES)),
+        "metrics": _METRICS,
+        "examples": integer("Validation examples evaluated.", minimum=0),
+        "target": obj("The target from the spec.", {"metric": string("Metric.", max_length=64),
+                                                    "value": number("Value.")}),
+        "met": boolean("Whether the base model meets the target."),
+        "summary": string("One line for kubectl get, e.g. 'accuracy 0.41 < 0.90'.", max_length=256),
+        "message": string("Why the evaluation failed, when it did.", max_length=32_768),
+    },
+)
+
+SWEEP_TRIAL = obj(
+    "One rank's trial.",
+    {
+        "rank": integer("LoRA rank.", minimum=1),
+        "alpha": integer("LoRA alpha used.", minimum=1),
+        "job": string("The trial's PyTorchJob.", max_length=253),
+        "state": string("Pending (created), Running, Succeeded or Failed.", enum=list(STAGE_STATES)),
+        "metric": number("The sweep metric on the holdout."),
+        "metrics": _METRICS,
+        "durationSeconds": number("Wall time from start to completion.", minimum=0),
+        "startTime": string("When the trial started.", fmt="date-time"),
+        "completionTime": string("When it finished.", fmt="date-time"),
+        "message": string("Why it failed, when it did.", max_length=32_768),
+    },
+    required=["rank", "state"],
+)
+
+
+def _trials() -> dict:
+    schema = array("Trials in rank order.", SWEEP_TRIAL, list_type="map", max_items=16)
+    schema["x-kubernetes-list-map-keys"] = ["rank"]
+    return schema
+
+
+SWEEP_STATUS = obj(
+    "The rank sweep: every trial and the choice.",
+    {
+        "metric": string("Metric that ranks the trials.", max_length=64),
+        "trials": _trials(),
+        "bestRank": integer("The rank chosen for training.", minimum=1),
+        "bestMetric": number("The chosen rank's metric."),
+        "completed": integer("Trials finished (succeeded or failed).", minimum=0),
+        "total": integer("Trials in the sweep.", minimum=0),
+        "summary": string("One line for kubectl get, e.g. '3/4 done, best r8'.", max_length=256),
+    },
+)
+
 FINETUNEJOB_STATUS = obj(
     "Observed state, written only by the operator.",
     {
-        "phase": string("Informational summary; use conditions for decisions.",
-                        enum=["Pending", "Suspended", "Running", "Publishing", "Succeeded", "Failed"]),
+        "phase": string("Informational summary; use conditions for decisions. Baseline and Sweeping come "
+                        "before training when configured; Skipped means the base model met the target.",
+                        enum=list(FINETUNEJOB_PHASES)),
         "observedGeneration": integer("The generation the operator last acted on.", minimum=0),
         "conditions": _conditions(),
         "method": string("Method in use.", max_length=32),
@@ -591,6 +746,8 @@ FINETUNEJOB_STATUS = obj(
                 "publishTime": string("When the manifest was written.", fmt="date-time"),
             },
         ),
+        "baseline": BASELINE_STATUS,
+        "sweep": SWEEP_STATUS,
         "failure": obj(
             "Why the job failed.",
             {
@@ -603,8 +760,12 @@ FINETUNEJOB_STATUS = obj(
 
 FINETUNEJOB_PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri"},
+    {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri", "priority": 1},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
+    {"name": "Baseline", "type": "string", "jsonPath": ".status.baseline.summary",
+     "description": "The base model's score against the target"},
+    {"name": "Sweep", "type": "string", "jsonPath": ".status.sweep.summary",
+     "description": "Rank sweep progress and choice"},
     {"name": "Rank", "type": "integer", "jsonPath": ".status.rank"},
     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
      "description": "Percent of planned steps done"},

@@ -89,6 +89,33 @@ async def _read_progress(job: dict) -> dict | None:
         return None
 
 
+async def _read_json(store: storage.ObjectStore, uri: str) -> dict | None:
+    raw = await asyncio.to_thread(store.read, uri)
+    return json.loads(raw) if raw else None
+
+
+async def _read_stage_reports(job: dict, wanted: dict[str, str]) -> dict[str, ftj.StageReport]:
+    """result.json and progress.json of finished (or vanished) stage jobs. A stage whose files cannot be
+    read now is left out: the state machine waits for the next pass instead of guessing."""
+    if not wanted:
+        return {}
+    store = await _store_for(job)
+    reports = {}
+    for name, prefix in wanted.items():
+        try:
+            reports[name] = ftj.StageReport(
+                result=await _read_json(store, storage_layout.result_uri(prefix)),
+                progress=await _read_json(store, storage_layout.progress_uri(prefix)))
+        except Exception as exc:
+            log.warning("stage result read failed", extra={"job": job["metadata"]["name"], "stage": name,
+                                                           "error": str(exc)})
+    return reports
+
+
+def _owned_by(child: dict, job: dict) -> bool:
+    return any(o.get("uid") == job["metadata"].get("uid") for o in child["metadata"].get("ownerReferences") or [])
+
+
 async def reconcile(namespace: str, name: str) -> float | None:
     """One pass of the FineTuneJob control loop. Returns seconds until the next resync, if any."""
     client = RUNTIME.client
@@ -100,13 +127,20 @@ async def reconcile(namespace: str, name: str) -> float | None:
             return None
         job.setdefault("apiVersion", api.API_VERSION)
         job.setdefault("kind", "FineTuneJob")
-        config_map = await client.get(kube.CONFIGMAPS, namespace, render.config_map_name(name))
-        pytorchjob = await client.get(kube.PYTORCHJOBS, namespace, render.pytorchjob_name(name))
+        selector = f"{render.LABEL_JOB}={name}"
+        config_maps = {c["metadata"]["name"]: c for c in await client.list(kube.CONFIGMAPS, namespace, selector)}
+        pytorchjobs = {p["metadata"]["name"]: p for p in await client.list(kube.PYTORCHJOBS, namespace, selector)}
+        config_map = config_maps.pop(render.config_map_name(name), None)
+        pytorchjob = pytorchjobs.pop(render.pytorchjob_name(name), None)
+        stage_jobs = {n: p for n, p in pytorchjobs.items() if _owned_by(p, job)}
         manifest = await _check_manifest(job) if ftj.needs_manifest(job, pytorchjob) else None
         progress = await _read_progress(job) if ftj.needs_progress(job, pytorchjob) else None
+        reports = await _read_stage_reports(job, ftj.needs_stage_reports(job, stage_jobs))
         plan = ftj.decide(
             ftj.Observed(job=job, now=now_rfc3339(), config_map=config_map, pytorchjob=pytorchjob, manifest=manifest,
-                         progress=progress),
+                         progress=progress, stage_jobs=stage_jobs,
+                         stage_config_maps=frozenset(n for n, c in config_maps.items() if _owned_by(c, job)),
+                         stage_reports=reports),
             RUNTIME.settings,
         )
         for child in plan.create:
@@ -117,6 +151,8 @@ async def reconcile(namespace: str, name: str) -> float | None:
                 log.info("created child", extra={"job": name, "namespace": namespace, "kind": child["kind"]})
         if plan.patch_pytorchjob:
             await client.patch(kube.PYTORCHJOBS, namespace, render.pytorchjob_name(name), plan.patch_pytorchjob)
+        for stage_job, stage_patch in plan.patch_stage_jobs.items():
+            await client.patch(kube.PYTORCHJOBS, namespace, stage_job, stage_patch)
         patch = ftj.status_patch(job.get("status"), plan.status)
         if patch:
             await client.patch(kube.FINETUNEJOBS, namespace, name, {"status": patch}, subresource="status")
@@ -172,6 +208,6 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     # trainer writes progress.json (a cheap GET per job; status is patched only when it changed).
     @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.progress_seconds,
                 initial_delay=RUNTIME.settings.progress_seconds, idle=None,
-                when=lambda status, **_: (status or {}).get("phase") in ("Pending", "Running"), **kw)
+                when=lambda status, **_: (status or {}).get("phase") in ftj.ACTIVE, **kw)
     async def finetunejob_progress(namespace, name, **_):
         await _reconcile_logged(namespace, name)

@@ -6,11 +6,17 @@ gives the same plan, so reconciling twice, after a crash or from two triggers, i
 
 Phases (informational; conditions carry the decisions):
 
-    Pending ──▶ Running ──▶ Publishing ──▶ Succeeded
-       │  ▲        │  ▲          │
-       ▼  │        ▼  │          ▼
-     Suspended ◀───┘  │        Failed   (also from Pending/Running: invalid spec, training failed,
-                                          training job lost, manifest missing for too long)
+    Baseline ──▶ Sweeping ──▶ Pending ──▶ Running ──▶ Publishing ──▶ Succeeded
+       │            │            │  ▲        │  ▲          │
+       ▼            ▼            ▼  │        ▼  │          ▼
+    Skipped      Failed       Suspended ◀───┘  │        Failed   (also: invalid spec, baseline or
+    (target met)  (all trials failed)                               training failed, a job lost,
+                                                                    manifest missing for too long)
+
+Baseline runs only when spec.baseline has a target (otherwise training's own first evaluation is the
+baseline); Sweeping only with spec.rankSweep. Their state lives in status (status.baseline,
+status.sweep.trials), and their PyTorchJobs have deterministic names, so an operator restart resumes
+them: finished trials are never re-run, a running one is followed, never created twice.
 """
 
 from __future__ import annotations
@@ -18,16 +24,19 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+from kubetune.api import jobconfig, storage_layout
 from kubetune.api import manifest as manifest_api
 from kubetune.api import progress as progress_api
-from kubetune.api import storage_layout
 from kubetune.api.validation import validate
 from kubetune.render import training as render
 
 from . import conditions as cond
+from . import stages
 
-TERMINAL = ("Succeeded", "Failed")
-CONDITION_TYPES = ("Accepted", "Running", "Suspended", "Succeeded", "Failed", "AdapterPublished")
+TERMINAL = ("Succeeded", "Skipped", "Failed")
+ACTIVE = ("Pending", "Baseline", "Sweeping", "Running")  # phases whose progress is followed closely
+CONDITION_TYPES = ("Accepted", "BaselineSufficient", "RankSelected", "Running", "Suspended", "Succeeded", "Failed",
+                   "AdapterPublished")
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,17 @@ class Observed:
     pytorchjob: dict | None = None
     manifest: manifest_api.ManifestCheck | None = None  # None: not looked at (see `needs_manifest`)
     progress: dict | None = None  # progress.json as the trainer last wrote it (see `needs_progress`)
+    stage_jobs: dict = field(default_factory=dict)  # PyTorchJobs of the baseline and the trials, by name
+    stage_config_maps: frozenset = frozenset()  # names of the stages' ConfigMaps that exist
+    stage_reports: dict = field(default_factory=dict)  # name -> StageReport (see `needs_stage_reports`)
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What a baseline or trial job left in its storage prefix."""
+
+    result: dict | None = None  # result.json: written last, so its presence means the stage finished
+    progress: dict | None = None  # progress.json: carries the trainer's failure reason
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,7 @@ class Event:
 class Plan:
     create: list[dict] = field(default_factory=list)
     patch_pytorchjob: dict | None = None  # merge patch for the existing PyTorchJob
+    patch_stage_jobs: dict = field(default_factory=dict)  # stage PyTorchJob name -> merge patch
     status: dict = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
@@ -110,6 +131,55 @@ def needs_progress(job: dict, pytorchjob: dict | None) -> bool:
     """Whether the shell should read the trainer's progress.json: while its PyTorchJob exists and the job
     has not finished (a failed trainer leaves its reason there too)."""
     return pytorchjob is not None and (job.get("status") or {}).get("phase") not in TERMINAL
+
+
+def _stage_entries(job: dict) -> dict[str, tuple[jobconfig.Stage, str | None]]:
+    """Stage jobs the status knows about: name -> (stage, recorded state)."""
+    status = job.get("status") or {}
+    name = job["metadata"]["name"]
+    out: dict[str, tuple[jobconfig.Stage, str | None]] = {}
+    baseline = status.get("baseline") or {}
+    if baseline.get("source") == "BaselineJob":
+        stage = jobconfig.Stage(kind=jobconfig.STAGE_BASELINE)
+        out[render.stage_job_name(name, stage)] = (stage, baseline.get("state"))
+    for trial in (status.get("sweep") or {}).get("trials") or []:
+        stage = jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=int(trial["rank"]))
+        out[render.stage_job_name(name, stage)] = (stage, trial.get("state"))
+    return out
+
+
+def stage_of(job: dict, pytorchjob: dict) -> jobconfig.Stage | None:
+    """The stage a child PyTorchJob runs, from its labels (None: the training job, or not a stage)."""
+    labels = pytorchjob.get("metadata", {}).get("labels") or {}
+    kind = labels.get(render.LABEL_STAGE)
+    if kind == jobconfig.STAGE_BASELINE:
+        return jobconfig.Stage(kind=kind)
+    if kind == jobconfig.STAGE_TRIAL and str(labels.get(render.LABEL_RANK, "")).isdigit():
+        return jobconfig.Stage(kind=kind, rank=int(labels[render.LABEL_RANK]))
+    return None
+
+
+def needs_stage_reports(job: dict, stage_jobs: dict) -> dict[str, str]:
+    """Stage jobs whose result.json / progress.json the shell should read: name -> the stage's storage
+    prefix. Those that finished (or vanished) and whose outcome the status has not recorded yet."""
+    if (job.get("status") or {}).get("phase") in TERMINAL:
+        return {}
+    root = job_prefix(job)
+    entries = _stage_entries(job)
+    for name, pytorchjob in stage_jobs.items():
+        stage = stage_of(job, pytorchjob)
+        if stage is not None:
+            entries.setdefault(name, (stage, None))
+    wanted = {}
+    for name, (stage, state) in entries.items():
+        if state in stages.FINISHED or state == stages.QUEUED:
+            continue
+        pytorchjob = stage_jobs.get(name)
+        finished = pytorchjob is not None and (_pj_condition(pytorchjob, "Succeeded") or
+                                               _pj_condition(pytorchjob, "Failed"))
+        if finished or (pytorchjob is None and state is not None):
+            wanted[name] = jobconfig.stage_prefix(root, stage)
+    return wanted
 
 
 def job_prefix(job: dict) -> str:
@@ -165,17 +235,26 @@ def decide(observed: Observed, settings: Settings) -> Plan:
     if after != before and after:
         plan.events.append(_phase_event(after, plan.status))
     if after not in TERMINAL and plan.requeue_after is None:
-        running = after in ("Pending", "Running")
+        running = after in ACTIVE
         plan.requeue_after = settings.progress_seconds if running else settings.resync_seconds
     return plan
+
+
+def _stages_started(previous: dict) -> bool:
+    baseline = previous.get("baseline") or {}
+    if baseline.get("source") == "BaselineJob" and baseline.get("state"):
+        return True
+    return any(t.get("state") != stages.QUEUED for t in (previous.get("sweep") or {}).get("trials") or [])
 
 
 def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _Status) -> None:
     job, pytorchjob = observed.job, observed.pytorchjob
     previous = job.get("status") or {}
     started = bool(previous.get("trainingJob"))
+    stages_started = _stages_started(previous)
 
-    if previous.get("phase") in TERMINAL and (started or previous.get("phase") == "Succeeded"):
+    phase = previous.get("phase")
+    if phase in TERMINAL and (started or stages_started or phase != "Failed"):
         # The record of a finished run is final; children may be gone (TTL) and must not come back.
         if previous.get("observedGeneration") != status.generation:
             status.condition("Accepted", True, "Finished",
@@ -185,9 +264,11 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
     result = validate(job, local=settings.local)
     if not result.ok:
         message = "; ".join(str(error) for error in result.errors)
-        if started:
+        if started or stages_started:
             status.condition("Accepted", False, "InvalidSpecUpdate",
                              f"the updated spec is invalid and was not applied: {message}")
+            if not started:
+                return  # stage jobs already running go on; nothing new starts until the spec is fixed
         else:
             status.condition("Accepted", False, "InvalidSpec", message)
             status.fail("InvalidSpec", message)
@@ -196,8 +277,12 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
         job = {**job, "spec": result.defaulted["spec"]}
         spec = job["spec"]
         status.value["method"] = spec["method"]["type"]
+        best_rank = (previous.get("sweep") or {}).get("bestRank")
         if spec["method"]["type"] in ("LoRA", "QLoRA"):
-            status.value["rank"] = spec["method"]["lora"]["rank"]
+            if best_rank is not None:
+                status.value["rank"] = best_rank
+            elif not stages.sweep_requested(spec):
+                status.value["rank"] = spec["method"]["lora"]["rank"]
         accepted_message = "spec is valid"
         if result.warnings:
             accepted_message += "; warnings: " + "; ".join(str(w) for w in result.warnings)
@@ -212,9 +297,12 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
         if started:
             _follow_missing_pytorchjob(observed, settings, status)
             return
-        plan.create = render.render_children(job, settings.render)
+        if not _pre_training_stages(observed, settings, job, plan, status):
+            return
+        training_job, training_stage = _training_inputs(job, status.value)
+        plan.create += render.render_children(training_job, settings.render, training_stage)
         if observed.config_map is not None:
-            plan.create = plan.create[1:]
+            plan.create = [c for c in plan.create if c["metadata"]["name"] != observed.config_map["metadata"]["name"]]
         # a spec fixed after an InvalidSpec failure starts afresh
         status.value.pop("failure", None)
         status.value.pop("completionTime", None)
@@ -235,12 +323,278 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
 
     finished = _pj_condition(pytorchjob, "Succeeded") or _pj_condition(pytorchjob, "Failed")
     if observed.config_map is None and result.ok and not finished:
-        plan.create = [render.render_config_map(job)]  # pods cannot start without it
+        training_job, training_stage = _training_inputs(job, status.value)
+        plan.create = [render.render_config_map(training_job, stage=training_stage)]  # pods cannot start without it
     status.value.setdefault("trainingJob", {
         "name": pytorchjob["metadata"]["name"],
         "configMap": render.config_map_name(job["metadata"]["name"]),
     })
     _follow_pytorchjob(observed, job, settings, plan, status)
+
+
+def _training_inputs(job: dict, status: dict) -> tuple[dict, jobconfig.Stage]:
+    """The spec the full run trains with (the sweep's rank) and its stage (the separate baseline's
+    metrics, so the base model is not evaluated twice)."""
+    spec = stages.training_spec(job["spec"], (status.get("sweep") or {}).get("bestRank"))
+    baseline = status.get("baseline") or {}
+    metrics = None
+    if baseline.get("source") == "BaselineJob" and baseline.get("state") == stages.SUCCEEDED:
+        metrics = dict(baseline.get("metrics") or {})
+    return {**job, "spec": spec}, jobconfig.Stage(kind=jobconfig.STAGE_TRAIN, baseline_metrics=metrics)
+
+
+# --- the stages before training ----------------------------------------------------------------------
+
+
+def _pre_training_stages(observed: Observed, settings: Settings, job: dict, plan: Plan, status: _Status) -> bool:
+    """Run the baseline gate and the rank sweep; True once training may start."""
+    spec = job["spec"]
+    if stages.baseline_gates(spec) and not _baseline_stage(observed, settings, job, plan, status):
+        return False
+    return not stages.sweep_requested(spec) or _sweep_stage(observed, settings, job, plan, status)
+
+
+def _suspend_stage_job(plan: Plan, name: str, pytorchjob: dict, desired: bool) -> None:
+    actual = bool(((pytorchjob.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    finished = _pj_condition(pytorchjob, "Succeeded") or _pj_condition(pytorchjob, "Failed")
+    if actual != desired and not finished:
+        plan.patch_stage_jobs[name] = {"spec": {"runPolicy": {"suspend": desired}}}
+
+
+def _launch_stage(observed: Observed, settings: Settings, job: dict, stage_spec: dict, stage: jobconfig.Stage,
+                  plan: Plan) -> str:
+    stage_job = {**job, "spec": stage_spec}
+    children = render.render_children(stage_job, settings.render, stage)
+    plan.create += [c for c in children if c["kind"] != "ConfigMap"
+                    or c["metadata"]["name"] not in observed.stage_config_maps]
+    return children[1]["metadata"]["name"]
+
+
+def _follow_stage(observed: Observed, settings: Settings, job: dict, stage_spec: dict, stage: jobconfig.Stage,
+                  record: dict, plan: Plan) -> None:
+    """Move a baseline or trial record along with its PyTorchJob (or, when the job is gone, its result)."""
+    name = record["job"]
+    pytorchjob = observed.stage_jobs.get(name)
+    report = observed.stage_reports.get(name) or StageReport()
+    if pytorchjob is None:
+        if record.get("state") in (stages.PENDING, stages.RUNNING):
+            if report.result is not None:  # finished, then removed by its TTL before we looked
+                _stage_succeeded(record, report.result, observed.now)
+            else:
+                _stage_failed(record, "JobLost", f"PyTorchJob {name} was deleted before it finished", observed.now)
+        return
+    config_map = render.stage_config_map_name(job["metadata"]["name"], stage)
+    pj_status = pytorchjob.get("status") or {}
+    if pj_status.get("startTime"):
+        record["startTime"] = pj_status["startTime"]
+    failed, succeeded = _pj_condition(pytorchjob, "Failed"), _pj_condition(pytorchjob, "Succeeded")
+    if failed:
+        message = failed.get("message") or "the PyTorchJob failed"
+        trainer_failure = (report.progress or {}).get("failure")
+        reason = "TrainingFailed"
+        if isinstance(trainer_failure, dict) and trainer_failure.get("reason"):
+            reason = str(trainer_failure["reason"])
+            message = f"{trainer_failure.get('message', '')} ({message})"
+        _stage_failed(record, reason, message, pj_status.get("completionTime") or observed.now)
+        return
+    if succeeded:
+        completed = pj_status.get("completionTime") or succeeded.get("lastTransitionTime") or observed.now
+        if report.result is not None:
+            _stage_succeeded(record, report.result, completed)
+        elif _seconds_between(completed, observed.now) >= settings.publish_timeout_seconds:
+            _stage_failed(record, "ResultMissing", f"{name} succeeded but wrote no result.json within "
+                          f"{settings.publish_timeout_seconds}s", completed)
+        return
+    if config_map not in observed.stage_config_maps:
+        plan.create.append(render.render_config_map({**job, "spec": stage_spec}, stage=stage))
+    running = _pj_condition(pytorchjob, "Running") or _pj_condition(pytorchjob, "Restarting")
+    record["state"] = stages.RUNNING if running else stages.PENDING
+
+
+def _stage_succeeded(record: dict, result: dict, completed: str) -> None:
+    record["state"] = stages.SUCCEEDED
+    record["metrics"] = manifest_api.numeric_metrics(result.get("metrics"))
+    record["completionTime"] = completed
+    _duration(record, result)
+    record.pop("message", None)
+
+
+def _stage_failed(record: dict, reason: str, message: str, completed: str) -> None:
+    record["state"] = stages.FAILED
+    record["message"] = f"{reason}: {message}"[:4000]
+    record["completionTime"] = completed
+    _duration(record, {})
+
+
+def _duration(record: dict, result: dict) -> None:
+    if record.get("startTime") and record.get("completionTime"):
+        record["durationSeconds"] = max(0.0, _seconds_between(record["startTime"], record["completionTime"]))
+    elif isinstance(result.get("seconds"), int | float):
+        record["durationSeconds"] = float(result["seconds"])
+
+
+def _baseline_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, status: _Status) -> bool:
+    spec, meta = job["spec"], job["metadata"]
+    target = spec["baseline"]["target"]
+    stage = jobconfig.Stage(kind=jobconfig.STAGE_BASELINE)
+    name = render.stage_job_name(meta["name"], stage)
+    record = dict(status.value.get("baseline") or {})
+    record.update(source="BaselineJob", job=name, target=dict(target))
+    before = record.get("state")
+    suspended = bool(spec.get("runPolicy", {}).get("suspend"))
+    pytorchjob = observed.stage_jobs.get(name)
+    if before not in stages.FINISHED:
+        if pytorchjob is not None or before is not None:
+            _follow_stage(observed, settings, job, spec, stage, record, plan)
+        elif not suspended:
+            _launch_stage(observed, settings, job, spec, stage, plan)
+            record["state"] = stages.PENDING
+            plan.events.append(Event("Normal", "BaselineStarted",
+                                     f"evaluating the base model on the validation split ({name})"))
+        if pytorchjob is not None:
+            _suspend_stage_job(plan, name, pytorchjob, suspended)
+    status.value["baseline"] = record
+    state = record.get("state")
+    if state == stages.FAILED:
+        status.fail("BaselineFailed", f"the base model could not be evaluated: {record.get('message', '')}")
+        return False
+    if state != stages.SUCCEEDED:
+        _stage_phase(status, suspended, "Baseline", "the baseline evaluation is suspended")
+        return False
+    metrics = record.get("metrics") or {}
+    met = stages.baseline_met(metrics, target)
+    record["met"] = bool(met)
+    record["summary"] = stages.baseline_summary(metrics, target, spec["task"])
+    if before != stages.SUCCEEDED:
+        plan.events.append(Event("Normal", "BaselineEvaluated", f"base model: {_metrics_text(metrics)}"))
+    if met:
+        message = (f"the base model already meets the target ({record['summary']}); training was skipped. "
+                   "Set spec.baseline.forceTraining: true to train anyway")
+        status.condition("BaselineSufficient", True, "TargetMet", message)
+        status.value["phase"] = "Skipped"
+        status.value.setdefault("completionTime", observed.now)
+        return False
+    reason = "BelowTarget" if met is not None else "MetricMissing"
+    status.condition("BaselineSufficient", False, reason, f"the base model does not meet the target "
+                     f"({record['summary']}): fine-tuning")
+    return True
+
+
+def _sweep_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, status: _Status) -> bool:
+    spec, meta = job["spec"], job["metadata"]
+    sweep = spec["rankSweep"]
+    metric = sweep["metric"]
+    suspended = bool(spec.get("runPolicy", {}).get("suspend"))
+    previous = {int(t["rank"]): t for t in (status.value.get("sweep") or {}).get("trials") or []}
+    trials = []
+    for rank in stages.sweep_ranks(spec):
+        stage = stages.trial_stage(spec, rank)
+        name = render.stage_job_name(meta["name"], stage)
+        record = dict(previous.get(rank) or {"rank": rank, "state": stages.QUEUED})
+        record.setdefault("alpha", stages.lora_alpha(spec, rank))
+        record["job"] = name
+        before = record["state"]
+        pytorchjob = observed.stage_jobs.get(name)
+        if before not in stages.FINISHED and (pytorchjob is not None or before != stages.QUEUED):
+            _follow_stage(observed, settings, job, stages.trial_spec(spec, rank), stage, record, plan)
+            if record["state"] == stages.SUCCEEDED and "metric" not in record:
+                report = observed.stage_reports.get(name) or StageReport()
+                value = stages.trial_metric(report.result, metric)
+                if value is None:
+                    _stage_failed(record, "MetricMissing", f"the trial reported no {metric}",
+                                  record["completionTime"])
+                else:
+                    record["metric"] = value
+        if pytorchjob is not None:
+            _suspend_stage_job(plan, name, pytorchjob, suspended)
+        if record["state"] != before:
+            _trial_event(plan, record, metric)
+        trials.append(record)
+    if not suspended:
+        for rank in stages.runnable(trials, sweep["parallelism"]):
+            record = next(t for t in trials if t["rank"] == rank)
+            _launch_stage(observed, settings, job, stages.trial_spec(spec, rank), stages.trial_stage(spec, rank),
+                          plan)
+            record["state"] = stages.PENDING
+            plan.events.append(Event("Normal", "TrialStarted",
+                                     f"rank {rank} (alpha {record['alpha']}): {record['job']}"))
+    finished = all(t["state"] in stages.FINISHED for t in trials)
+    best = stages.choose_rank(trials, metric, sweep["tieTolerance"]) if finished else None
+    record = {
+        "metric": metric,
+        "trials": trials,
+        "completed": sum(1 for t in trials if t["state"] in stages.FINISHED),
+        "total": len(trials),
+        "summary": stages.sweep_summary(trials, best),
+    }
+    had_best = (status.value.get("sweep") or {}).get("bestRank")
+    status.value["sweep"] = record
+    if not finished:
+        _stage_phase(status, suspended, "Sweeping", "the rank sweep is suspended")
+        return False
+    if best is None:
+        reasons = "; ".join(f"r{t['rank']}: {t.get('message', 'failed')}" for t in trials)
+        status.fail("SweepFailed", f"all {len(trials)} rank-sweep trials failed: {reasons}")
+        return False
+    record["bestRank"], record["bestMetric"] = best["rank"], best["metric"]
+    status.value["rank"] = best["rank"]
+    direction = "highest" if stages.higher_is_better(metric) else "lowest"
+    message = (f"rank {best['rank']} (alpha {best['alpha']}) has the {direction} holdout {metric} "
+               f"({best['metric']:.4g}) of {len(trials)} trials")
+    if sweep["tieTolerance"]:
+        message += f"; ties within {sweep['tieTolerance']:g} go to the smaller rank"
+    status.condition("RankSelected", True, "BestHoldoutMetric", message)
+    if had_best != best["rank"]:
+        plan.events.append(Event("Normal", "RankChosen", message + "\n" + stages.table(trials, metric, best["rank"])))
+    return True
+
+
+def _stage_phase(status: _Status, suspended: bool, phase: str, suspended_message: str) -> None:
+    if suspended:
+        status.value["phase"] = "Suspended"
+        status.condition("Suspended", True, "SuspendedBySpec", f"spec.runPolicy.suspend is true: {suspended_message}")
+    else:
+        status.value["phase"] = phase
+        status.clear("Suspended", "Resumed", "spec.runPolicy.suspend is false")
+
+
+def _trial_event(plan: Plan, record: dict, metric: str) -> None:
+    if record["state"] == stages.SUCCEEDED:
+        seconds = record.get("durationSeconds")
+        took = f" in {seconds:.0f}s" if isinstance(seconds, int | float) else ""
+        plan.events.append(Event("Normal", "TrialSucceeded",
+                                 f"rank {record['rank']}: holdout {metric} {record['metric']:.4g}{took}"))
+    elif record["state"] == stages.FAILED:
+        plan.events.append(Event("Warning", "TrialFailed", f"rank {record['rank']}: {record.get('message', '')}"))
+
+
+def _metrics_text(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())) or "no metrics"
+
+
+def _record_training_baseline(status: _Status, job: dict, metrics: dict | None) -> None:
+    """The training job's own first evaluation is the baseline when no separate job ran."""
+    spec = job["spec"]
+    if not metrics or not stages.baseline_spec(spec).get("enabled", True):
+        return
+    if (status.value.get("baseline") or {}).get("source") == "BaselineJob":
+        return
+    metrics = manifest_api.numeric_metrics(metrics)
+    target = stages.baseline_spec(spec).get("target")
+    record = {"source": "TrainingJob", "job": render.pytorchjob_name(job["metadata"]["name"]),
+              "state": stages.SUCCEEDED, "metrics": metrics,
+              "summary": stages.baseline_summary(metrics, target, spec["task"])}
+    if target:
+        met = stages.baseline_met(metrics, target)
+        record["target"], record["met"] = dict(target), bool(met)
+        if met:
+            status.condition("BaselineSufficient", True, "TrainingForced",
+                             f"the base model meets the target ({record['summary']}); training anyway "
+                             "(spec.baseline.forceTraining)")
+        else:
+            status.condition("BaselineSufficient", False, "BelowTarget",
+                             f"the base model does not meet the target ({record['summary']})")
+    status.value["baseline"] = record
 
 
 def _follow_pytorchjob(observed: Observed, job: dict, settings: Settings, plan: Plan, status: _Status) -> None:
@@ -249,6 +603,9 @@ def _follow_pytorchjob(observed: Observed, job: dict, settings: Settings, plan: 
     reported = progress_api.to_status(observed.progress)
     if reported:
         status.value["progress"] = {**(status.value.get("progress") or {}), **reported}
+    baseline = (observed.progress or {}).get("baselineMetrics")
+    if isinstance(baseline, dict):
+        _record_training_baseline(status, job, baseline)
     replicas = _replica_counts(pytorchjob)
     if replicas:
         status.value["replicas"] = replicas
@@ -345,6 +702,8 @@ def _publish(observed: Observed, settings: Settings, status: _Status, completed:
         "baselineMetrics": manifest_api.numeric_metrics(document.get("baselineMetrics")),
         "publishTime": document.get("createdAt") or observed.now,
     }
+    if observed.job.get("spec"):
+        _record_training_baseline(status, _defaulted(observed.job), document.get("baselineMetrics"))
     eval_loss = status.value["adapter"]["metrics"].get("eval_loss")
     if eval_loss is not None:
         status.value.setdefault("progress", {})["evalLoss"] = eval_loss
@@ -353,7 +712,15 @@ def _publish(observed: Observed, settings: Settings, status: _Status, completed:
                      f"adapter {document['digest']} verified ({len(document['files'])} files)")
 
 
+def _defaulted(job: dict) -> dict:
+    result = validate(job, local=True)
+    return {**job, "spec": result.defaulted["spec"]} if result.ok else job
+
+
 def _phase_event(phase: str, status: dict) -> Event:
+    if phase == "Skipped":
+        condition = cond.find(status.get("conditions"), "BaselineSufficient") or {}
+        return Event("Normal", "BaselineSufficient", condition.get("message", "the base model meets the target"))
     if phase == "Failed":
         failure = status.get("failure") or {}
         return Event("Warning", failure.get("reason", "Failed"), failure.get("message", "the job failed"))
@@ -362,6 +729,8 @@ def _phase_event(phase: str, status: dict) -> Event:
         return Event("Normal", "AdapterPublished", f"adapter {adapter.get('digest')} published at {adapter.get('uri')}")
     messages = {
         "Pending": "waiting for the training pods",
+        "Baseline": "evaluating the base model before training",
+        "Sweeping": "sweeping LoRA ranks on a holdout",
         "Running": "training is running",
         "Suspended": "training is suspended",
         "Publishing": "training finished; verifying the published adapter",

@@ -1,7 +1,9 @@
-"""Child objects of a FineTuneJob: the job-config ConfigMap and the Kubeflow PyTorchJob.
+"""Child objects of a FineTuneJob: a job-config ConfigMap and a Kubeflow PyTorchJob per stage.
 
-Pure functions of (FineTuneJob, settings). Names are deterministic, so any number of reconciles,
-restarts or retries converges on exactly one of each.
+Pure functions of (FineTuneJob, stage, settings). The training stage's children are named after the
+job; the baseline evaluation and each rank-sweep trial get their own pair (`<job>-baseline`,
+`<job>-sweep-r<rank>`). Names are deterministic, so any number of reconciles, restarts or retries
+converges on exactly one of each.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ CACHE_DIR = "/var/cache/kubetune"
 RUN_AS_USER = 1000
 
 LABEL_JOB = "kubetune.io/finetunejob"
+LABEL_STAGE = "kubetune.io/stage"
+LABEL_RANK = "kubetune.io/rank"
+MAX_PYTORCHJOB_NAME = 63  # the training operator requires a DNS-1035 label
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
 
@@ -39,6 +44,31 @@ def config_map_name(job_name: str) -> str:
 
 def pytorchjob_name(job_name: str) -> str:
     return job_name
+
+
+def _suffixed(job_name: str, suffix: str) -> str:
+    """`<job>-<suffix>`, shortened with a hash of the job name when it would pass 63 characters."""
+    name = f"{job_name}-{suffix}"
+    if len(name) <= MAX_PYTORCHJOB_NAME:
+        return name
+    digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
+    keep = MAX_PYTORCHJOB_NAME - len(suffix) - len(digest) - 2
+    return f"{job_name[:keep].rstrip('-')}-{digest}-{suffix}"
+
+
+def stage_job_name(job_name: str, stage: jobconfig.Stage) -> str:
+    """The PyTorchJob of a stage (the training stage keeps the job's own name)."""
+    if stage.kind == jobconfig.STAGE_BASELINE:
+        return _suffixed(job_name, "baseline")
+    if stage.kind == jobconfig.STAGE_TRIAL:
+        return _suffixed(job_name, f"sweep-r{int(stage.rank)}")
+    return pytorchjob_name(job_name)
+
+
+def stage_config_map_name(job_name: str, stage: jobconfig.Stage) -> str:
+    if stage.kind == jobconfig.STAGE_TRAIN:
+        return config_map_name(job_name)
+    return f"{stage_job_name(job_name, stage)}-config"
 
 
 def labels(job_name: str, component: str = "training") -> dict[str, str]:
@@ -64,25 +94,34 @@ def owner_reference(job: dict) -> dict:
     }
 
 
-def render_job_config(job: dict) -> jobconfig.JobConfig:
+def render_job_config(job: dict, stage: jobconfig.Stage | None = None) -> jobconfig.JobConfig:
     meta = job["metadata"]
-    return jobconfig.job_config(meta["namespace"], meta["name"], meta["uid"], job["spec"])
+    return jobconfig.job_config(meta["namespace"], meta["name"], meta["uid"], job["spec"], stage)
 
 
-def config_map_data(job: dict) -> dict[str, str]:
-    return {jobconfig.CONFIG_FILE: render_job_config(job).to_json()}
+def config_map_data(job: dict, stage: jobconfig.Stage | None = None) -> dict[str, str]:
+    return {jobconfig.CONFIG_FILE: render_job_config(job, stage).to_json()}
 
 
-def render_config_map(job: dict, data: dict[str, str] | None = None) -> dict:
+def _stage_labels(job_name: str, component: str, stage: jobconfig.Stage) -> dict[str, str]:
+    out = labels(job_name, component)
+    out[LABEL_STAGE] = stage.kind
+    if stage.rank is not None:
+        out[LABEL_RANK] = str(stage.rank)
+    return out
+
+
+def render_config_map(job: dict, data: dict[str, str] | None = None, stage: jobconfig.Stage | None = None) -> dict:
     meta = job["metadata"]
-    data = data if data is not None else config_map_data(job)
+    stage = stage or jobconfig.Stage()
+    data = data if data is not None else config_map_data(job, stage)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": config_map_name(meta["name"]),
+            "name": stage_config_map_name(meta["name"], stage),
             "namespace": meta["namespace"],
-            "labels": labels(meta["name"], "job-config"),
+            "labels": _stage_labels(meta["name"], "job-config", stage),
             "annotations": {ANNOTATION_CONFIG_HASH: config_hash(data)},
             "ownerReferences": [owner_reference(job)],
         },
@@ -153,7 +192,7 @@ def _resources(spec: dict) -> dict:
     return out
 
 
-def _pod_template(job: dict, settings: RenderSettings) -> dict:
+def _pod_template(job: dict, settings: RenderSettings, stage: jobconfig.Stage) -> dict:
     meta, spec = job["metadata"], job["spec"]
     scheduling = spec.get("scheduling", {})
     container = {
@@ -192,7 +231,7 @@ def _pod_template(job: dict, settings: RenderSettings) -> dict:
         },
         "containers": [container],
         "volumes": [
-            {"name": "job-config", "configMap": {"name": config_map_name(meta["name"])}},
+            {"name": "job-config", "configMap": {"name": stage_config_map_name(meta["name"], stage)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory",
                                           "sizeLimit": str(spec.get("resources", {}).get("sharedMemory", "16Gi"))}},
             {"name": "tmp", "emptyDir": {}},
@@ -211,7 +250,11 @@ def _pod_template(job: dict, settings: RenderSettings) -> dict:
         pod_spec["affinity"] = scheduling["affinity"]
     if scheduling.get("priorityClassName"):
         pod_spec["priorityClassName"] = scheduling["priorityClassName"]
-    return {"metadata": {"labels": labels(meta["name"])}, "spec": pod_spec}
+    return {"metadata": {"labels": _stage_labels(meta["name"], _component(stage), stage)}, "spec": pod_spec}
+
+
+def _component(stage: jobconfig.Stage) -> str:
+    return {jobconfig.STAGE_BASELINE: "baseline", jobconfig.STAGE_TRIAL: "sweep-trial"}.get(stage.kind, "training")
 
 
 def _run_policy(spec: dict) -> dict:
@@ -235,26 +278,28 @@ def _run_policy(spec: dict) -> dict:
     return run_policy
 
 
-def render_pytorchjob(job: dict, settings: RenderSettings, config_data: dict[str, str] | None = None) -> dict:
-    """The PyTorchJob for a defaulted FineTuneJob: Master + (nodes-1) Workers, torchrun in each."""
+def render_pytorchjob(job: dict, settings: RenderSettings, config_data: dict[str, str] | None = None,
+                      stage: jobconfig.Stage | None = None) -> dict:
+    """The PyTorchJob for a defaulted FineTuneJob's stage: Master + (nodes-1) Workers, torchrun in each."""
     meta, spec = job["metadata"], job["spec"]
+    stage = stage or jobconfig.Stage()
     distributed = spec["distributed"]
     nodes = distributed["nodes"]
     per_node = distributed["gpusPerNode"] or distributed.get("processesPerNode", 1)
-    template = _pod_template(job, settings)
+    template = _pod_template(job, settings, stage)
     # ExitCode: 128-255 (signals, EXIT_RETRYABLE) are retried, bad input (EXIT_BAD_INPUT) is not.
     replica_specs = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
     if nodes > 1:
         replica_specs["Worker"] = {"replicas": nodes - 1, "restartPolicy": "ExitCode", "template": template}
-    job_labels = labels(meta["name"])
+    job_labels = _stage_labels(meta["name"], _component(stage), stage)
     if spec.get("scheduling", {}).get("queueName"):
         job_labels[LABEL_QUEUE] = spec["scheduling"]["queueName"]
-    config_data = config_data if config_data is not None else config_map_data(job)
+    config_data = config_data if config_data is not None else config_map_data(job, stage)
     return {
         "apiVersion": PYTORCHJOB_API,
         "kind": "PyTorchJob",
         "metadata": {
-            "name": pytorchjob_name(meta["name"]),
+            "name": stage_job_name(meta["name"], stage),
             "namespace": meta["namespace"],
             "labels": job_labels,
             "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config_data)},
@@ -268,7 +313,8 @@ def render_pytorchjob(job: dict, settings: RenderSettings, config_data: dict[str
     }
 
 
-def render_children(job: dict, settings: RenderSettings) -> list[dict]:
-    """Every child of a defaulted FineTuneJob, in creation order (the ConfigMap first: pods mount it)."""
-    data = config_map_data(job)
-    return [render_config_map(job, data), render_pytorchjob(job, settings, data)]
+def render_children(job: dict, settings: RenderSettings, stage: jobconfig.Stage | None = None) -> list[dict]:
+    """The children of one stage of a defaulted FineTuneJob, in creation order (the ConfigMap first:
+    pods mount it)."""
+    data = config_map_data(job, stage)
+    return [render_config_map(job, data, stage), render_pytorchjob(job, settings, data, stage)]
