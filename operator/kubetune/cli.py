@@ -129,8 +129,24 @@ def _progress_line(job: dict) -> str:
 
 
 def _summary(result, run_dir: Path) -> str:
+    from kubetune import report
+
     status = result.job.get("status") or {}
     lines = ["", f"FineTuneJob {result.job['metadata']['name']}: {status.get('phase')}"]
+    baseline_status = status.get("baseline") or {}
+    if status.get("phase") == "Skipped":
+        lines.append(f"  the base model meets the target ({baseline_status.get('summary', '')}): nothing was trained")
+        lines.append("  set spec.baseline.forceTraining: true (--set baseline.forceTraining=true) to train anyway")
+    table = report.sweep_table(status)
+    if table:
+        lines.append(f"  rank sweep (holdout {status['sweep'].get('metric')}):")
+        lines += ["    " + row for row in table.splitlines()]
+        try:
+            chart = report.sweep_chart(status, run_dir / "sweep.png",
+                                       title=f"{result.job['metadata']['name']}: LoRA rank sweep")
+            lines.append(f"  sweep chart {chart}")
+        except ImportError:
+            lines.append("  (install matplotlib, or kubetune[local], for the sweep chart)")
     adapter = status.get("adapter")
     if adapter:
         baseline, final = adapter.get("baselineMetrics", {}), adapter.get("metrics", {})
@@ -193,7 +209,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     print(_summary(outcome, job_dir))
     if args.status_file:
         Path(args.status_file).write_text(json.dumps(outcome.job, indent=2))
-    return 0 if outcome.phase == "Succeeded" else 1
+    return 0 if outcome.phase in ("Succeeded", "Skipped") else 1
 
 
 def cmd_operator(args: argparse.Namespace) -> int:

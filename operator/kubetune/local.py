@@ -211,10 +211,11 @@ def run(job: dict, *, run_dir: Path, on_change=None, poll_seconds: float = 1.0,
                                       progress=read_json(storage_layout.progress_uri(prefix)))
                 for name, prefix in ftj.needs_stage_reports(job, stage_jobs).items()
             }
+            main_config = render.config_map_name(main_name)
             plan = ftj.decide(ftj.Observed(
-                job=job, now=now(), config_map=config_maps.get(render.config_map_name(main_name)), pytorchjob=pytorchjob,
+                job=job, now=now(), config_map=config_maps.get(main_config), pytorchjob=pytorchjob,
                 manifest=manifest, progress=progress, stage_jobs=stage_jobs,
-                stage_config_maps=frozenset(n for n in config_maps if n != render.config_map_name(main_name)),
+                stage_config_maps=frozenset(n for n in config_maps if n != main_config),
                 stage_reports=reports), settings)
             for child in plan.create:
                 name = child["metadata"]["name"]

@@ -62,7 +62,8 @@ def job_spec(model_dir: Path, data: Path, out: Path, **overrides) -> dict:
     return spec
 
 
-def make_config(spec: dict, *, name: str = "job", allow_cpu_qlora: bool = False) -> jobconfig.JobConfig:
+def make_config(spec: dict, *, name: str = "job", allow_cpu_qlora: bool = False,
+                stage: jobconfig.Stage | None = None) -> jobconfig.JobConfig:
     doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": name, "namespace": "test", "uid": f"uid-{name}", "generation": 1}, "spec": spec}
     if allow_cpu_qlora:
@@ -75,7 +76,7 @@ def make_config(spec: dict, *, name: str = "job", allow_cpu_qlora: bool = False)
     resolved = result.defaulted["spec"]
     if allow_cpu_qlora:
         resolved["distributed"]["gpusPerNode"] = 0
-    return jobconfig.job_config("test", name, f"uid-{name}", resolved)
+    return jobconfig.job_config("test", name, f"uid-{name}", resolved, stage)
 
 
 def run_in_process(config: jobconfig.JobConfig, work_dir: Path) -> dict:
