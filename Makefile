@@ -1,11 +1,16 @@
 # The two commands of the README: `make run` (the main job on the embedded default) and `make test`.
-.PHONY: setup run test lint generate
+.PHONY: setup run sweep test lint generate
 
 setup:
 	@bash scripts/setup.sh
 
 run: setup
 	@bash scripts/run-default.sh
+
+# The main job with the baseline gate and a rank sweep in front (two trials in parallel, ~45 s on 2 cores)
+sweep: setup
+	@bash scripts/run-default.sh --set 'baseline={target: {metric: accuracy, value: 0.95}}' \
+	  --set 'rankSweep={ranks: [1, 2, 4, 8], metric: eval_loss, maxSteps: 12, parallelism: 2}'
 
 test: setup
 	@bash scripts/test.sh

@@ -12,4 +12,4 @@ kubetune validate -f "$example"
 kubetune local -f "$example" --run-dir kubetune-runs \
   --set "dataset.uri=file://$PWD/examples/data/intents/train.jsonl" \
   --set "dataset.validationUri=file://$PWD/examples/data/intents/validation.jsonl" \
-  --set "baseModel.uri=file://$model"
+  --set "baseModel.uri=file://$model" "$@"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO_ROOT, SHARED, shared_file
 
 
@@ -41,3 +43,19 @@ def test_gpu_lora_llama_cpu_smoke(tmp_path: Path):
     assert report["tokens_per_step"] == report["seq"]  # rows are packed full
     assert report["trainable_params"] < report["params"]  # LoRA: the base is frozen
     assert report["mfu"] is None and report["peak_memory_gib"] is None  # CPU: n/a
+
+
+def test_rank_sweep_smoke(tmp_path: Path):
+    out = tmp_path / "sweep.json"
+    _run("rank_sweep.py", "--smoke", "--json", str(out), timeout=300)
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert results["plain"]["best_rank"] is None and results["plain"]["sweep_seconds"] == 0
+    for name in ("sequential", "parallel"):
+        assert [t["rank"] for t in results[name]["trials"]] == report["settings"]["ranks"]
+        assert all(t["state"] == "Succeeded" for t in results[name]["trials"])
+        assert results[name]["sweep_seconds"] > 0
+    # seeded trials: the parallel sweep measures the same metrics (up to thread-count rounding)
+    sequential = [t["metric"] for t in results["sequential"]["trials"]]
+    assert [t["metric"] for t in results["parallel"]["trials"]] == pytest.approx(sequential, rel=1e-4)
+    assert report["same_choice"]

@@ -507,6 +507,10 @@ RANK_SWEEP = obj(
                         default="Proportional", enum=["Proportional", "Fixed"]),
         "tieTolerance": number("Metrics within this distance of the best count as a tie; the smallest tied "
                                "rank wins.", default=0.0, minimum=0),
+        "nodes": integer("Pods per trial (default: distributed.nodes). Trials are short: a smaller world "
+                         "lets several run side by side; the effective batch stays the same.", minimum=1,
+                         maximum=1024),
+        "gpusPerNode": integer("GPUs per trial pod (default: distributed.gpusPerNode).", minimum=0, maximum=16),
     },
 )
 
@@ -551,6 +555,12 @@ FINETUNEJOB_SPEC = obj(
             "|| self.task == 'SequenceClassification'",
             "rankSweep.metric accuracy and macro_f1 need task SequenceClassification",
             field_path=".rankSweep.metric",
+        ),
+        rule(
+            "!has(self.rankSweep) || !has(self.rankSweep.gpusPerNode) "
+            "|| (self.rankSweep.gpusPerNode > 0) == (self.distributed.gpusPerNode > 0)",
+            "rankSweep.gpusPerNode: trials run on the same kind of device as training (both on GPUs or both on CPU)",
+            field_path=".rankSweep.gpusPerNode",
         ),
         rule(
             "!has(self.rankSweep) || self.rankSweep.metric != 'perplexity' || self.task == 'CausalLM'",

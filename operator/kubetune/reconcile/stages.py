@@ -119,6 +119,9 @@ def trial_spec(spec: dict, rank: int) -> dict:
     training["epochs"] = sweep["epochs"]
     out["baseline"] = {"enabled": False, "forceTraining": False}
     out["output"]["mergeAdapter"] = False
+    for key in ("nodes", "gpusPerNode"):  # a smaller world per trial, when asked
+        if sweep.get(key) is not None:
+            out["distributed"][key] = sweep[key]
     out.pop("rankSweep", None)
     return out
 
