@@ -17,7 +17,16 @@ NAME_RULES = {
             "with a letter): the training pods and services are named after it",
             field_path=".metadata.name",
             reason="FieldValueInvalid",
-        )
+        ),
+        # Stage jobs are named <job>-baseline and <job>-sweep-r<rank>: a FineTuneJob with such a name
+        # would own a training PyTorchJob (and ConfigMap) of the same name as another job's stage.
+        rule(
+            "!self.metadata.name.endsWith('-baseline') && !self.metadata.name.matches('-sweep-r[0-9]+$')",
+            "metadata.name must not end in -baseline or -sweep-r<number>: those are the names of another "
+            "FineTuneJob's baseline and rank-sweep jobs",
+            field_path=".metadata.name",
+            reason="FieldValueInvalid",
+        ),
     ],
 }
 

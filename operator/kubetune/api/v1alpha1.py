@@ -644,6 +644,7 @@ _METRICS = {
 FINETUNEJOB_PHASES = ("Pending", "Baseline", "Sweeping", "Suspended", "Running", "Publishing", "Succeeded",
                       "Skipped", "Failed")
 STAGE_STATES = ("Pending", "Running", "Succeeded", "Failed")
+TRIAL_STATES = ("Queued", *STAGE_STATES)  # Queued: waiting for a free slot (rankSweep.parallelism)
 
 BASELINE_STATUS = obj(
     "The base model's evaluation on the validation split.",
@@ -658,6 +659,9 @@ BASELINE_STATUS = obj(
                                                     "value": number("Value.")}),
         "met": boolean("Whether the base model meets the target."),
         "summary": string("One line for kubectl get, e.g. 'accuracy 0.41 < 0.90'.", max_length=256),
+        "startTime": string("When the evaluation job started.", fmt="date-time"),
+        "completionTime": string("When it finished.", fmt="date-time"),
+        "durationSeconds": number("Wall time from start to completion.", minimum=0),
         "message": string("Why the evaluation failed, when it did.", max_length=32_768),
     },
 )
@@ -668,7 +672,8 @@ SWEEP_TRIAL = obj(
         "rank": integer("LoRA rank.", minimum=1),
         "alpha": integer("LoRA alpha used.", minimum=1),
         "job": string("The trial's PyTorchJob.", max_length=253),
-        "state": string("Pending (created), Running, Succeeded or Failed.", enum=list(STAGE_STATES)),
+        "state": string("Queued (waiting for a free slot), Pending (created), Running, Succeeded or Failed.",
+                        enum=list(TRIAL_STATES)),
         "metric": number("The sweep metric on the holdout."),
         "metrics": _METRICS,
         "durationSeconds": number("Wall time from start to completion.", minimum=0),

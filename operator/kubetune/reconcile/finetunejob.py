@@ -172,9 +172,11 @@ def needs_stage_reports(job: dict, stage_jobs: dict) -> dict[str, str]:
             entries.setdefault(name, (stage, None))
     wanted = {}
     for name, (stage, state) in entries.items():
-        if state in stages.FINISHED or state == stages.QUEUED:
-            continue
         pytorchjob = stage_jobs.get(name)
+        if state in stages.FINISHED or (state == stages.QUEUED and pytorchjob is None):
+            continue
+        if state == stages.QUEUED:
+            state = None  # created, then the status write was lost: adopted like an unrecorded job
         finished = pytorchjob is not None and (_pj_condition(pytorchjob, "Succeeded") or
                                                _pj_condition(pytorchjob, "Failed"))
         if finished or (pytorchjob is None and state is not None):
@@ -383,6 +385,8 @@ def _follow_stage(observed: Observed, settings: Settings, job: dict, stage_spec:
             else:
                 _stage_failed(record, "JobLost", f"PyTorchJob {name} was deleted before it finished", observed.now)
         return
+    if record.get("state") in (None, stages.QUEUED):
+        record["state"] = stages.PENDING  # adopted (its status write was lost): it exists, it is not queued
     config_map = render.stage_config_map_name(job["metadata"]["name"], stage)
     pj_status = pytorchjob.get("status") or {}
     if pj_status.get("startTime"):
@@ -486,8 +490,13 @@ def _sweep_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, 
     metric = sweep["metric"]
     suspended = bool(spec.get("runPolicy", {}).get("suspend"))
     previous = {int(t["rank"]): t for t in (status.value.get("sweep") or {}).get("trials") or []}
+    # Ranks added to the spec while the sweep runs join it; a trial that has started stays in it even when
+    # its rank is removed (its job runs on, counts against parallelism and its result is still compared).
+    launched = {rank for rank, t in previous.items() if t.get("state") != stages.QUEUED}
+    launched |= {stage.rank for name, pj in observed.stage_jobs.items()
+                 if (stage := stage_of(job, pj)) is not None and stage.kind == jobconfig.STAGE_TRIAL}
     trials = []
-    for rank in stages.sweep_ranks(spec):
+    for rank in sorted(set(stages.sweep_ranks(spec)) | launched):
         stage = stages.trial_stage(spec, rank)
         name = render.stage_job_name(meta["name"], stage)
         record = dict(previous.get(rank) or {"rank": rank, "state": stages.QUEUED})

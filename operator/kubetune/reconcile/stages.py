@@ -141,7 +141,8 @@ def choose_rank(trials: list[dict], metric: str, tolerance: float = 0.0) -> dict
         return None
     values = [t["metric"] for t in scored]
     best = max(values) if higher_is_better(metric) else min(values)
-    tied = [t for t in scored if abs(t["metric"] - best) <= tolerance]
+    slack = 1e-9 * max(1.0, abs(best))  # 1.10 vs 1.00 with tolerance 0.1 is a tie, whatever the float rounding
+    tied = [t for t in scored if abs(t["metric"] - best) <= tolerance + slack]
     return min(tied, key=lambda t: t["rank"])
 
 
