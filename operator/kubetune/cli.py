@@ -64,6 +64,11 @@ def cmd_render(args: argparse.Namespace) -> int:
         job = preview_job(doc, args.namespace)
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         plan = ftj.decide(ftj.Observed(job=job, now=now), settings)
+        phase = plan.status.get("phase")
+        if phase in ("Baseline", "Sweeping"):
+            print(f"FineTuneJob/{job['metadata']['name']} starts in phase {phase}: these are its first children; "
+                  "the rank-sweep trials and the training job are created as the earlier stages finish",
+                  file=sys.stderr)
         if not plan.create:
             for condition in plan.status.get("conditions", []):
                 if condition["status"] == "False":
@@ -113,6 +118,10 @@ def _progress_line(job: dict) -> str:
     progress = status.get("progress") or {}
     phase = status.get("phase", "")
     stage = progress.get("stage", "")
+    if phase == "Sweeping" and (status.get("sweep") or {}).get("summary"):
+        return f"Sweeping: {status['sweep']['summary']}"
+    if phase == "Baseline":
+        return f"Baseline: {(status.get('baseline') or {}).get('state', 'Pending')}"
     if progress.get("totalSteps"):
         done = progress.get("percent", 0)
         bar = "#" * (done // 4) + "." * (25 - done // 4)
