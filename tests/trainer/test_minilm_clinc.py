@@ -35,20 +35,24 @@ def clinc_subset(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     return write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "val.jsonl", validation), intents
 
 
-def test_minilm_lora_intent_classifier_beats_its_baseline(tmp_path):
-    train, validation, intents = clinc_subset(tmp_path)
-    spec = {
+def minilm_spec(train: Path, validation: Path, output_uri: str, epochs: float = 4) -> dict:
+    """LoRA r8 on MiniLM for intent classification, CPU-sized (shared with the sweep tests)."""
+    return {
         "baseModel": {"uri": f"file://{minilm_dir()}"},
         "task": "SequenceClassification",
         "dataset": {"uri": f"file://{train}", "validationUri": f"file://{validation}", "format": "text-label"},
         "method": {"type": "LoRA", "lora": {"rank": 8, "alpha": 16, "dropout": 0.05,
                                             "targetModules": ["query", "key", "value", "dense"]}},
-        "training": {"epochs": 4, "learningRate": 0.003, "perDeviceBatchSize": 16, "maxSeqLength": 48,
+        "training": {"epochs": epochs, "learningRate": 0.003, "perDeviceBatchSize": 16, "maxSeqLength": 48,
                      "precision": "Auto", "gradientCheckpointing": False, "checkpointSteps": 10_000},
         "distributed": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1, "deepspeed": {"enabled": False}},
-        "output": {"uri": f"file://{tmp_path / 'out'}"},
+        "output": {"uri": output_uri},
     }
-    config = make_config(spec, name="minilm-clinc")
+
+
+def test_minilm_lora_intent_classifier_beats_its_baseline(tmp_path):
+    train, validation, intents = clinc_subset(tmp_path)
+    config = make_config(minilm_spec(train, validation, f"file://{tmp_path / 'out'}"), name="minilm-clinc")
     manifest = run_in_process(config, tmp_path / "work")
     baseline, final = manifest["baselineMetrics"], manifest["metrics"]
     assert baseline["accuracy"] < 0.3  # an untrained head over 10 intents: near chance

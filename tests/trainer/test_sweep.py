@@ -12,22 +12,14 @@ import yaml
 
 from kubetune.reconcile import stages
 
-from .test_minilm_clinc import clinc_subset, minilm_dir
+from .test_minilm_clinc import clinc_subset, minilm_spec
 
 
 def _job_file(tmp_path, train, validation, **spec_extra) -> str:
     doc = {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "clinc-sweep"},
         "spec": {
-            "baseModel": {"uri": f"file://{minilm_dir()}"},
-            "task": "SequenceClassification",
-            "dataset": {"uri": f"file://{train}", "validationUri": f"file://{validation}", "format": "text-label"},
-            "method": {"type": "LoRA", "lora": {"rank": 8, "alpha": 16, "dropout": 0.05,
-                                                "targetModules": ["query", "key", "value", "dense"]}},
-            "training": {"epochs": 2, "learningRate": 0.003, "perDeviceBatchSize": 16, "maxSeqLength": 48,
-                         "precision": "Auto", "gradientCheckpointing": False, "checkpointSteps": 10_000},
-            "distributed": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1, "deepspeed": {"enabled": False}},
-            "output": {"uri": "s3://not-used-locally/prefix"},
+            **minilm_spec(train, validation, "s3://not-used-locally/prefix", epochs=2),
             **spec_extra,
         },
     }
