@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 
 
+LABELS_FILE = "labels.json"  # classification adapters: class names in id order, next to the head
+
+
 class TrainingHalted(Exception):
     """The guard stopped training (NaN/inf or a loss spike): not retryable, the config must change."""
 
@@ -702,6 +705,9 @@ def _save_adapter(engine: Engine, tokenizer, model_dir: Path, spec: dict, target
         model.save_pretrained(target, state_dict=state_dict if engine.deepspeed is not None else None,
                               safe_serialization=True)
     tokenizer.save_pretrained(target)
+    if labels and spec["task"] == "SequenceClassification":
+        # the serving engine needs the class names in id order to size the head and name its predictions
+        (target / LABELS_FILE).write_text(json.dumps({"labels": list(labels)}))
     _refuse_empty_tensors(target)
     if spec["output"].get("mergeAdapter") and method in ("LoRA", "QLoRA"):
         _merge(model_dir, target, spec, target / "merged", labels)
