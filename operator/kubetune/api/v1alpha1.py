@@ -884,8 +884,13 @@ ADAPTERDEPLOYMENT_SPEC = obj(
                     },
                 ),
                 "selector": obj(
-                    "Existing serving pods (every matching pod of every replica).",
-                    {"matchLabels": string_map("Labels the serving pods carry.")},
+                    "Existing serving pods (every matching pod of every replica), each running the kubetune agent "
+                    "next to its engine.",
+                    {
+                        "matchLabels": string_map("Labels the serving pods carry."),
+                        "maxLoraRank": integer("The --max-lora-rank the existing engines run with (adapters above "
+                                               "it are refused).", minimum=1, maximum=512),
+                    },
                     required=["matchLabels"],
                 ),
             },
@@ -927,6 +932,16 @@ ADAPTERDEPLOYMENT_SPEC = obj(
 # The list-map above is keyed by name.
 ADAPTERDEPLOYMENT_SPEC["properties"]["adapters"]["x-kubernetes-list-map-keys"] = ["name"]
 
+ADAPTER_VERSION = obj(
+    "One version of an adapter.",
+    {
+        "version": string("Served name: <namespace>/<adapter>@<first 12 hex of the digest>.", max_length=320),
+        "digest": string("sha256:HEX of the adapter's manifest file list.", max_length=80),
+        "manifestUri": string("Location of its manifest.json.", max_length=2048),
+        "rank": integer("LoRA rank.", minimum=0),
+    },
+)
+
 ADAPTERDEPLOYMENT_STATUS = obj(
     "Observed state, written only by the operator.",
     {
@@ -938,15 +953,41 @@ ADAPTERDEPLOYMENT_STATUS = obj(
             obj(
                 "Versions behind one alias.",
                 {
-                    "name": string("Alias.", max_length=63),
-                    "stable": obj("Serving version.", {"digest": string("Digest.", max_length=80),
-                                                       "uri": string("Location.", max_length=2048)}),
-                    "canary": obj("Candidate version.", {"digest": string("Digest.", max_length=80),
-                                                         "uri": string("Location.", max_length=2048)}),
+                    "name": string("Adapter name (spec.adapters[].name).", max_length=63),
+                    "alias": string("What clients request: <namespace>/<name>.", max_length=320),
+                    "stable": ADAPTER_VERSION,
+                    "canary": ADAPTER_VERSION,
                     "canaryWeight": integer("Percent of traffic on the canary.", minimum=0, maximum=100),
                     "stepIndex": integer("Current canary step.", minimum=0),
+                    "stepStartTime": string("When the current step started.", fmt="date-time"),
+                    "analysis": opaque_object("The running analysis step: per-pod counter snapshots taken at its "
+                                              "start and the last verdict."),
+                    "retiring": array("Former stable versions kept loaded (weight 0) until their grace period ends.",
+                                      obj("A retiring version.", {
+                                          **ADAPTER_VERSION["properties"],
+                                          "unloadAfter": string("When it is unloaded.", fmt="date-time"),
+                                      })),
+                    "rolledBack": obj("The last canary rolled back; its digest is not tried again.", {
+                        "digest": string("Digest.", max_length=80),
+                        "version": string("Served name.", max_length=320),
+                        "reason": string("Reason.", max_length=256),
+                        "metric": string("The metric that failed.", max_length=64),
+                        "message": string("Detail.", max_length=32_768),
+                        "time": string("When.", fmt="date-time"),
+                    }),
+                    "refused": obj("Why the source's version is refused (preflight).", {
+                        "digest": string("Digest.", max_length=80),
+                        "reason": string("Reason.", max_length=256),
+                        "message": string("Detail.", max_length=32_768),
+                    }),
                     "podsReady": integer("Pods serving the desired version.", minimum=0),
                     "podsTotal": integer("Pods selected.", minimum=0),
+                    "podErrors": array("Errors the agents report for this alias's versions.", obj("An error.", {
+                        "pod": string("Pod.", max_length=253),
+                        "version": string("Served name.", max_length=320),
+                        "reason": string("Reason.", max_length=256),
+                        "message": string("Detail.", max_length=4096),
+                    }), max_items=20),
                 },
             ),
         ),

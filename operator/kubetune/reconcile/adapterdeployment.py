@@ -1,0 +1,404 @@
+"""The AdapterDeployment state machine (pure): sources, agent reports and the clock in; the desired
+serving state for the agents, status and events out.
+
+Per adapter (alias), level-based and restart-safe (everything it remembers is in status):
+
+    source resolves to digest D ── preflight (manifest verified, digest, rank <= runtime max, base model,
+    allowed source prefix) ── refused: Validated=False, nothing touches the pods
+        │ ok
+        ▼
+    no stable yet: D becomes stable at once (there is nothing to compare a canary with)
+    D != stable: D is the canary; Immediate: weight 100 at once, promoted when every pod loaded it;
+                 Canary: steps in order: setWeight (waits until every pod loaded the canary),
+                 pause (seconds), analysis (canary vs stable over a window, `analysis.judge`)
+        │ all steps passed                         │ analysis failed
+        ▼                                          ▼
+    promoted: D is stable; the old stable stays   rolled back: weight 0, canary unloaded, Degraded=True
+    loaded (weight 0) for unloadGraceSeconds      naming the metric; D is never retried (a new digest is)
+
+The agents pull the desired state (`serving.DesiredState`) from the ConfigMap this machine asks for
+and report on their Pods; the shell (`controllers.adapterdeployment`, `kubetune local`) resolves the
+sources, reads the reports and carries out the plan.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from kubetune.api import serving
+
+from . import analysis
+from . import conditions as cond
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank values vLLM accepts
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the shell resolved for one adapter's spec.source (a FineTuneJob's status.adapter, or a uri),
+    after reading and verifying its manifest."""
+
+    manifest_uri: str | None = None
+    digest: str | None = None
+    rank: int | None = None
+    base_model: dict | None = None  # the manifest's {uri, revision}
+    problems: tuple[tuple[str, str], ...] = ()  # (reason, message): FineTuneJobNotReady, ManifestMissing...
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    ready: bool
+    report: dict | None = None  # the agent's report (serving.AgentReport as JSON), None until it wrote one
+
+
+@dataclass(frozen=True)
+class Settings:
+    # namespace -> URI prefixes adapters may come from ("*": every namespace). Empty: no restriction.
+    allowed_sources: dict = field(default_factory=dict)
+    resync_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class Observed:
+    adep: dict  # the AdapterDeployment, spec defaulted
+    now: str
+    sources: dict  # adapter name -> Source
+    pods: list  # Pod, every serving pod selected
+    desired: serving.DesiredState | None = None  # what the desired ConfigMap holds now
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    desired: serving.DesiredState | None = None  # write when it differs from Observed.desired
+    status: dict = field(default_factory=dict)
+    events: list = field(default_factory=list)
+    requeue_after: float | None = None
+
+
+def _seconds(start: str | None, end: str) -> float:
+    if not start:
+        return 0.0
+    parse = dt.datetime.fromisoformat
+    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
+
+
+def _plus(now: str, seconds: float) -> str:
+    moment = dt.datetime.fromisoformat(now.replace("Z", "+00:00")) + dt.timedelta(seconds=seconds)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --- preflight -----------------------------------------------------------------------------------------
+
+
+def runtime_max_rank(spec: dict, ranks: list[int]) -> int | None:
+    """The runtime's --max-lora-rank: the spec's, else the smallest value vLLM accepts that fits every
+    adapter (None when an adapter is larger than vLLM allows)."""
+    runtime = spec.get("runtime") or {}
+    explicit = (runtime.get("managed") or runtime.get("selector") or {}).get("maxLoraRank")
+    if explicit:
+        return int(explicit)
+    needed = max(ranks, default=8)
+    return next((r for r in VLLM_LORA_RANKS if r >= needed), None)
+
+
+def allowed(uri: str, namespace: str, settings: Settings) -> bool:
+    prefixes = tuple(settings.allowed_sources.get(namespace, ())) + tuple(settings.allowed_sources.get("*", ()))
+    if not settings.allowed_sources:
+        return True
+    return any(uri.startswith(prefix) for prefix in prefixes)
+
+
+def preflight(adep: dict, adapter: dict, source: Source, settings: Settings, max_rank: int | None) -> list:
+    """Reasons to refuse a candidate before any pod is touched: [(reason, message)], empty when it may roll."""
+    if source.problems:
+        return list(source.problems)
+    name, namespace = adapter["name"], adep["metadata"]["namespace"]
+    problems = []
+    if not allowed(source.manifest_uri or "", namespace, settings):
+        problems.append(("SourceNotAllowed", f"adapters[{name}]: {source.manifest_uri} is outside the storage "
+                         f"prefixes namespace {namespace} may serve from"))
+    expected = adapter["source"].get("digest")
+    if expected and expected != source.digest:
+        problems.append(("DigestMismatch", f"adapters[{name}]: the manifest's digest {source.digest} is not "
+                         f"source.digest {expected}"))
+    if source.rank is not None and max_rank is not None and source.rank > max_rank:
+        problems.append(("RankTooHigh", f"adapters[{name}]: rank {source.rank} is above the runtime's "
+                         f"--max-lora-rank {max_rank}"))
+    if source.rank is not None and max_rank is None:
+        problems.append(("RankTooHigh", f"adapters[{name}]: rank {source.rank} is above every --max-lora-rank "
+                         f"vLLM accepts ({VLLM_LORA_RANKS[-1]})"))
+    base = adep["spec"]["baseModel"]
+    trained_on = source.base_model or {}
+    if trained_on.get("uri") and trained_on["uri"] != base["uri"]:
+        problems.append(("BaseModelMismatch", f"adapters[{name}]: trained on {trained_on['uri']}, served on "
+                         f"{base['uri']}"))
+    elif (trained_on.get("revision") and base.get("revision") and trained_on["revision"] != base["revision"]):
+        problems.append(("BaseModelMismatch", f"adapters[{name}]: trained on revision {trained_on['revision']}, "
+                         f"served on {base['revision']}"))
+    return problems
+
+
+# --- the decision --------------------------------------------------------------------------------------
+
+
+def _version(namespace: str, adapter: str, source: Source) -> dict:
+    return {"digest": source.digest, "manifestUri": source.manifest_uri, "rank": source.rank,
+            "version": serving.version_name(namespace, adapter, source.digest)}
+
+
+def _reports(pods: list[Pod]) -> dict[str, dict]:
+    return {p.name: p.report for p in pods if p.report}
+
+
+def _loaded_everywhere(pods: list[Pod], version: str, digest: str) -> tuple[int, int]:
+    ready = sum(1 for p in pods if p.report and (p.report.get("loaded") or {}).get(version) == digest)
+    return ready, len(pods)
+
+
+def decide(observed: Observed, settings: Settings) -> Plan:
+    adep, now = observed.adep, observed.now
+    meta, spec = adep["metadata"], adep["spec"]
+    namespace = meta["namespace"]
+    generation = int(meta.get("generation", 1))
+    previous = adep.get("status") or {}
+    records = {r["name"]: r for r in previous.get("adapters") or []}
+    plan = Plan()
+    status = {k: v for k, v in previous.items() if k not in ("adapters",)}
+    status["observedGeneration"] = generation
+    conditions = status.get("conditions")
+    requeue = [settings.resync_seconds]
+    ranks = [s.rank for s in observed.sources.values() if s.rank is not None]
+    max_rank = runtime_max_rank(spec, ranks)
+    refused, degraded, progressing, not_ready = [], [], [], []
+    new_records, aliases = [], []
+    reports = _reports(observed.pods)
+
+    for adapter in spec["adapters"]:
+        name = adapter["name"]
+        rec = dict(records.get(name) or {"name": name})
+        rec["alias"] = serving.alias_name(namespace, name)
+        source = observed.sources.get(name) or Source(problems=(("SourceUnresolved", f"adapters[{name}]: "
+                                                                                      "source not resolved"),))
+        problems = preflight(adep, adapter, source, settings, max_rank)
+        candidate = None if problems else _version(namespace, name, source)
+        if problems:
+            refused.append(problems[0])
+            if (rec.get("refused") or {}).get("reason") != problems[0][0]:
+                plan.events.append(Event("Warning", problems[0][0], problems[0][1]))
+            rec["refused"] = {"digest": source.digest, "reason": problems[0][0],
+                              "message": "; ".join(m for _, m in problems)}
+        else:
+            rec.pop("refused", None)
+        _step(rec, candidate, adapter, spec, observed, plan, requeue, reports, now)
+        # retire versions whose grace period is over
+        rec["retiring"] = [r for r in rec.get("retiring") or [] if _seconds(now, r["unloadAfter"]) > 0]
+        for r in rec["retiring"]:
+            requeue.append(max(1.0, _seconds(now, r["unloadAfter"])))
+        if not rec["retiring"]:
+            rec.pop("retiring")
+        stable, canary = rec.get("stable"), rec.get("canary")
+        weight = int(rec.get("canaryWeight", 0)) if canary else 0
+        versions = []
+        if stable:
+            versions.append(serving.Version(stable["version"], stable["digest"], stable["manifestUri"], 100 - weight,
+                                            "stable"))
+        if canary:
+            versions.append(serving.Version(canary["version"], canary["digest"], canary["manifestUri"], weight,
+                                            "canary"))
+        for old in rec.get("retiring") or []:
+            versions.append(serving.Version(old["version"], old["digest"], old["manifestUri"], 0, "retiring"))
+        if versions:
+            aliases.append(serving.AliasState(rec["alias"], versions))
+        # pods: how many serve what is desired, and what they complain about
+        target = canary or stable
+        if target:
+            ready, total = _loaded_everywhere(observed.pods, target["version"], target["digest"])
+            rec["podsReady"], rec["podsTotal"] = ready, total
+            if ready < total or total == 0:
+                not_ready.append(name)
+        errors = []
+        for pod in observed.pods:
+            for version, error in ((pod.report or {}).get("errors") or {}).items():
+                if version.startswith(rec["alias"] + "@"):
+                    errors.append({"pod": pod.name, "version": version, "reason": error.get("reason", ""),
+                                   "message": str(error.get("message", ""))[:1000]})
+        if errors:
+            rec["podErrors"] = errors[:20]
+        else:
+            rec.pop("podErrors", None)
+        if canary:
+            progressing.append(name)
+        if rec.get("rolledBack") and not canary:
+            degraded.append(rec["rolledBack"])
+        new_records.append(rec)
+
+    status["adapters"] = new_records
+    sampling = spec.get("trafficSampling") or {}
+    desired = serving.DesiredState(generation=0, adapters=aliases, sampling_rate=float(sampling.get("rate", 0.0)),
+                                   sampling_uri=sampling.get("uri"))
+    current = observed.desired
+    if current is None or _content(current) != _content(desired):
+        plan.desired = serving.DesiredState(generation=(current.generation + 1) if current else 1,
+                                            adapters=desired.adapters, sampling_rate=desired.sampling_rate,
+                                            sampling_uri=desired.sampling_uri)
+
+    def set_condition(kind: str, value: bool, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = cond.set_condition(conditions, kind, value, reason, message, generation, now)
+
+    if refused:
+        set_condition("Validated", False, refused[0][0], refused[0][1])
+    else:
+        set_condition("Validated", True, "PreflightPassed", "every adapter source is verified and servable")
+    if progressing or not_ready:
+        detail = ", ".join(progressing) or ", ".join(not_ready)
+        set_condition("Progressing", True, "RollingOut", f"rolling out: {detail}")
+    else:
+        set_condition("Progressing", False, "Stable", "every alias serves its stable version")
+    if degraded:
+        set_condition("Degraded", True, degraded[0]["reason"], degraded[0]["message"])
+    elif any(r.get("podErrors") for r in new_records):
+        first = next(r["podErrors"][0] for r in new_records if r.get("podErrors"))
+        set_condition("Degraded", True, "AgentErrors",
+                      f"pod {first['pod']}: {first['version']}: {first['reason']}: {first['message']}")
+    else:
+        set_condition("Degraded", False, "Healthy", "no rollback and no agent errors")
+    ready = bool(observed.pods) and not not_ready and all(r.get("stable") for r in new_records)
+    set_condition("Ready", ready, "AllPodsServing" if ready else "NotReady",
+                  "every pod serves every alias" if ready else
+                  (f"waiting for pods: {', '.join(not_ready)}" if not_ready else "no serving pods yet"))
+    status["conditions"] = conditions
+    if degraded or any(r.get("podErrors") for r in new_records):
+        status["phase"] = "Degraded"
+    elif ready and not progressing:
+        status["phase"] = "Ready"
+    elif any(r.get("stable") for r in new_records):
+        status["phase"] = "Progressing"
+    else:
+        status["phase"] = "Pending"
+    plan.status = status
+    plan.requeue_after = min(requeue)
+    return plan
+
+
+def _content(state: serving.DesiredState) -> tuple:
+    return (state.adapters, state.sampling_rate, state.sampling_uri)
+
+
+def _step(rec: dict, candidate: dict | None, adapter: dict, spec: dict, observed: Observed, plan: Plan,
+          requeue: list, reports: dict, now: str) -> None:
+    """Advance one alias's rollout by as many steps as the observation allows."""
+    name = rec["name"]
+    stable, canary = rec.get("stable"), rec.get("canary")
+    if candidate is None:
+        if canary:  # the source went bad mid-rollout: stop offering the canary
+            _abandon(rec, plan, "SourceRefused", f"{name}: the canary's source no longer passes preflight")
+        return
+    digest = candidate["digest"]
+    if stable is None:
+        rec["stable"] = candidate
+        rec.pop("canary", None)
+        plan.events.append(Event("Normal", "Deploying", f"{name}: first version {candidate['version']}"))
+        return
+    if digest == stable["digest"]:
+        if canary:
+            _abandon(rec, plan, "SourceReverted", f"{name}: the source points at the stable version again")
+        return
+    if (rec.get("rolledBack") or {}).get("digest") == digest:
+        return  # this candidate failed its analysis: only a new digest is tried
+    strategy = spec["strategy"]
+    if not canary or canary["digest"] != digest:
+        rec["canary"] = candidate
+        rec["stepIndex"] = 0
+        rec["stepStartTime"] = now
+        rec["canaryWeight"] = 100 if strategy["type"] == "Immediate" else 0
+        rec.pop("analysis", None)
+        plan.events.append(Event("Normal", "RolloutStarted", f"{name}: {stable['version']} -> {candidate['version']} "
+                                 f"({strategy['type']})"))
+        canary = rec["canary"]
+    ready, total = _loaded_everywhere(observed.pods, canary["version"], canary["digest"])
+    if strategy["type"] == "Immediate":
+        if total and ready == total:
+            _promote(rec, spec, plan, now)
+        return
+    steps = strategy["canary"]["steps"]
+    while rec["stepIndex"] < len(steps):
+        step = steps[rec["stepIndex"]]
+        if "setWeight" in step:
+            rec["canaryWeight"] = int(step["setWeight"])
+            if not total or ready < total:
+                return  # the weight applies where the canary is loaded; the step completes when it is everywhere
+        elif "pause" in step:
+            left = step["pause"]["seconds"] - _seconds(rec["stepStartTime"], now)
+            if left > 0:
+                requeue.append(left)
+                return
+        else:
+            if not _analyse(rec, step["analysis"], reports, plan, requeue, now):
+                return
+        rec["stepIndex"] += 1
+        rec["stepStartTime"] = now
+        rec.pop("analysis", None)
+    _promote(rec, spec, plan, now)
+
+
+def _analyse(rec: dict, thresholds: dict, reports: dict, plan: Plan, requeue: list, now: str) -> bool:
+    stable, canary = rec["stable"], rec["canary"]
+    state = rec.get("analysis")
+    if not state or state.get("step") != rec["stepIndex"]:
+        rec["analysis"] = {"step": rec["stepIndex"], "startTime": now,
+                           "stable": analysis.snapshot(reports, stable["version"]),
+                           "canary": analysis.snapshot(reports, canary["version"])}
+        requeue.append(min(thresholds.get("windowSeconds", 300), 5.0))
+        return False
+    canary_window = analysis.window(reports, canary["version"], state["canary"])
+    stable_window = analysis.window(reports, stable["version"], state["stable"])
+    verdict = analysis.judge(canary_window, stable_window, thresholds, _seconds(state["startTime"], now))
+    rec["analysis"]["last"] = {"outcome": verdict.outcome, "message": verdict.message,
+                               "canaryRequests": canary_window.requests, "stableRequests": stable_window.requests}
+    if verdict.outcome == analysis.PASS:
+        plan.events.append(Event("Normal", "AnalysisPassed", f"{rec['name']}: {verdict.message}"))
+        return True
+    if verdict.outcome == analysis.FAIL:
+        rec["rolledBack"] = {"digest": canary["digest"], "version": canary["version"], "reason": "AnalysisFailed",
+                             "metric": verdict.metric,
+                             "message": f"{rec['name']}: canary {canary['version']} rolled back: {verdict.message}",
+                             "time": now}
+        plan.events.append(Event("Warning", "RolledBack", rec["rolledBack"]["message"]))
+        _drop_canary(rec)
+        return False
+    requeue.append(min(5.0, max(1.0, thresholds.get("windowSeconds", 300) - _seconds(state["startTime"], now))))
+    return False
+
+
+def _promote(rec: dict, spec: dict, plan: Plan, now: str) -> None:
+    old, new = rec["stable"], rec["canary"]
+    grace = int(spec["strategy"].get("unloadGraceSeconds", 60))
+    retiring = [r for r in rec.get("retiring") or [] if r["digest"] != new["digest"]]
+    if grace > 0:
+        retiring.append({**old, "unloadAfter": _plus(now, grace)})
+    rec["retiring"] = retiring
+    rec["stable"] = new
+    rec.pop("rolledBack", None)
+    _drop_canary(rec)
+    plan.events.append(Event("Normal", "Promoted", f"{rec['name']}: {new['version']} is stable "
+                             f"({old['version']} unloads in {grace}s)"))
+
+
+def _abandon(rec: dict, plan: Plan, reason: str, message: str) -> None:
+    plan.events.append(Event("Normal", reason, message))
+    _drop_canary(rec)
+
+
+def _drop_canary(rec: dict) -> None:
+    for key in ("canary", "canaryWeight", "stepIndex", "stepStartTime", "analysis"):
+        rec.pop(key, None)
