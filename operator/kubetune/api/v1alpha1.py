@@ -918,6 +918,14 @@ ADAPTERDEPLOYMENT_SPEC = obj(
                         "strategy.canary is required when strategy.type is Canary",
                         field_path=".canary")],
         ),
+        "storage": obj(
+            "How the serving pods' agents reach the adapters and the sample prefix (S3-compatible).",
+            {
+                "endpoint": _s3_endpoint(),
+                "region": string("Region of the bucket.", default="us-east-1", max_length=64),
+                "credentials": _s3_credentials("the adapter and sample buckets"),
+            },
+        ),
         "trafficSampling": obj(
             "Requests and responses sampled to storage for drift analysis.",
             {

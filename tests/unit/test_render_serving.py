@@ -1,0 +1,75 @@
+"""The AdapterDeployment's children: valid Kubernetes objects, least privilege, runtime LoRA updating on."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+
+from kubetune.api import serving
+from kubetune.api.validation import validate
+from kubetune.render import serving as render
+from tests.factories import adapterdeployment
+
+DESIRED = serving.DesiredState(generation=3, adapters=[serving.AliasState("team-a/support-bot", [
+    serving.Version("team-a/support-bot@" + "a" * 12, "sha256:" + "a" * 64, "s3://adapters/x/manifest.json", 100)])])
+
+
+def defaulted(doc: dict) -> dict:
+    result = validate(doc)
+    assert result.ok, result.errors
+    return {**doc, "metadata": {**doc["metadata"], "uid": "uid-1"}, "spec": result.defaulted["spec"]}
+
+
+def test_managed_runtime_children_are_valid_kubernetes_objects():
+    doc = adapterdeployment()
+    doc["spec"]["storage"] = {"endpoint": "http://minio:9000", "credentials": {"secretName": "s3-adapters"}}
+    children = render.render_children(defaulted(doc), render.ServingSettings(), DESIRED, max_lora_rank=16)
+    kinds = [c["kind"] for c in children]
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service"]
+    for child in children:
+        kubernetes_validate.validate(child, "1.34", strict=True)
+        assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    config_map, deployment, service = children[0], children[4], children[5]
+    assert config_map["metadata"]["name"] == "support-desired"
+    assert serving.DesiredState.from_json(config_map["data"][serving.DESIRED_KEY]) == DESIRED
+    engine, agent = deployment["spec"]["template"]["spec"]["containers"]
+    args = engine["args"]
+    assert args[args.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in args
+    assert args[args.index("--max-loras") + 1] == "4" and args[args.index("--model") + 1] == "meta-llama/Llama-2-7b-hf"
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in engine["env"]
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert deployment["spec"]["replicas"] == 2
+    command = agent["command"]
+    assert command[command.index("--desired-configmap") + 1] == "support-desired"
+    secret_refs = [e["valueFrom"]["secretKeyRef"] for e in agent["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    assert {r["name"] for r in secret_refs} == {"s3-adapters"}  # credentials by reference only
+    assert service["spec"]["ports"][0]["targetPort"] == render.AGENT_PORT  # clients reach the agent's router
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert all(template_labels[k] == v for k, v in deployment["spec"]["selector"]["matchLabels"].items())
+
+
+def test_agent_rbac_reads_one_configmap_and_patches_pods_only():
+    role = next(c for c in render.render_agent_rbac(defaulted(adapterdeployment())) if c["kind"] == "Role")
+    rules = role["rules"]
+    assert {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["support-desired"],
+            "verbs": ["get"]} in rules
+    assert all("*" not in json.dumps(rule) for rule in rules)
+    assert sorted(v for r in rules for v in r["verbs"]) == ["get", "get", "patch"]
+
+
+def test_selected_pods_get_only_the_desired_state_and_rbac():
+    doc = adapterdeployment()
+    doc["spec"]["runtime"] = {"selector": {"matchLabels": {"app": "vllm"}, "maxLoraRank": 64}}
+    adep = defaulted(doc)
+    kinds = [c["kind"] for c in render.render_children(adep, render.ServingSettings(), DESIRED, 64)]
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding"]
+    assert render.pod_selector(adep) == {"app": "vllm"}
+
+
+def test_model_locations_map_to_vllm_arguments():
+    assert render._model_args({"uri": "hf://org/m", "revision": "abc"}) == ["--model", "org/m", "--revision", "abc"]
+    assert render._model_args({"uri": "s3://models/m"}) == ["--model", "s3://models/m", "--load-format",
+                                                             "runai_streamer"]
+    assert render._model_args({"uri": "file:///opt/models/m"}) == ["--model", "/opt/models/m"]
