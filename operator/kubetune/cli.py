@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, default=8080)
     p.add_argument("--metrics-port", type=int, default=9090)
     p.add_argument("--publish-timeout", type=int, default=600, help="seconds to wait for a manifest")
+    p.add_argument("--allowed-source", action="append", metavar="NAMESPACE=PREFIX",
+                   help="storage prefix a namespace's AdapterDeployments may serve adapters from (repeatable; "
+                        "*=PREFIX for every namespace; none given: no restriction)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_operator)
     return parser

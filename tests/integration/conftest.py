@@ -26,8 +26,10 @@ import pytest
 import pytest_asyncio
 
 from kubetune.clients import kube, storage
+from kubetune.controllers import adapterdeployment as adep_controller
 from kubetune.controllers import finetunejob as ftj_controller
 from kubetune.controllers import main as operator_main
+from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import finetunejob as ftj
 
 from .emulator import K8sEmulator, declare_resources
@@ -142,8 +144,10 @@ class Operator:
     kopf treats every asyncio task created after its start-up as its own and cancels it at exit,
     so it must not share the test's event loop."""
 
-    def __init__(self, k8s: K8sEmulator, s3: S3Server, settings: ftj.Settings):
+    def __init__(self, k8s: K8sEmulator, s3: S3Server, settings: ftj.Settings,
+                 adep_settings: adp.Settings | None = None):
         self.k8s, self.s3, self.settings = k8s, s3, settings
+        self.adep_settings = adep_settings or adp.Settings(resync_seconds=0.5)
         self.thread: threading.Thread | None = None
         self.stop_flag: threading.Event | None = None
         self.error: BaseException | None = None
@@ -153,6 +157,12 @@ class Operator:
         runtime.settings = self.settings
         runtime.default_s3 = storage.S3Settings(endpoint=self.s3.endpoint)
         runtime.locks.clear()
+        serving_runtime = adep_controller.RUNTIME
+        serving_runtime.settings = self.adep_settings
+        serving_runtime.resync_seconds = self.adep_settings.resync_seconds
+        serving_runtime.default_s3 = runtime.default_s3
+        serving_runtime.locks.clear()
+        serving_runtime.verified.clear()
         registry = kopf.OperatorRegistry()
         operator_main.register_all(registry)
         server = str(self.k8s.url)
@@ -161,6 +171,7 @@ class Operator:
         def login(**_: Any) -> kopf.ConnectionInfo:
             info = kopf.ConnectionInfo(server=server, insecure=True, default_namespace=NS)
             runtime.client = kube.KubeClient.from_connection_info(info)
+            serving_runtime.client = runtime.client
             return info
 
         settings = kopf.OperatorSettings()

@@ -83,10 +83,21 @@ RBAC rules for the objects the operator manages, granted where it watches: in a 
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# Serving pods report adapter state.
+# Serving pods report adapter state (annotations written by their agents). `patch` only because the
+# agent Role the operator creates grants it: Kubernetes lets nobody grant what they do not hold.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
+# A managed serving runtime: the vLLM Deployment, its Service, and the agents' ServiceAccount and Role.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services", "serviceaccounts"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create", "patch", "delete"]
 {{- end }}
 
 {{/* What the kopf framework itself reads cluster-wide (CRD and namespace scanning). */}}

@@ -12,10 +12,11 @@ from prometheus_client import start_http_server
 
 from kubetune.clients import kube, storage
 from kubetune.logs import configure_logging
+from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import training as render
 
-from . import finetunejob
+from . import adapterdeployment, finetunejob
 
 
 def configure(settings: kopf.OperatorSettings, *, standalone: bool = True) -> None:
@@ -30,6 +31,7 @@ def configure(settings: kopf.OperatorSettings, *, standalone: bool = True) -> No
 
 def register_all(registry: kopf.OperatorRegistry | None = None) -> None:
     finetunejob.register(registry)
+    adapterdeployment.register(registry)
 
     kw = {"registry": registry} if registry is not None else {}
 
@@ -41,10 +43,24 @@ def register_all(registry: kopf.OperatorRegistry | None = None) -> None:
     async def cleanup(**_):
         if finetunejob.RUNTIME.client is not None:
             await finetunejob.RUNTIME.client.close()
+        if adapterdeployment.RUNTIME.client is not None and \
+                adapterdeployment.RUNTIME.client is not finetunejob.RUNTIME.client:
+            await adapterdeployment.RUNTIME.client.close()
 
     @kopf.on.probe(id="finetunejobs-tracked", **kw)
     def probe(**_):
         return len(finetunejob.RUNTIME.locks)  # FineTuneJobs reconciled since start, and not deleted
+
+
+def _allowed_sources(items: list[str]) -> dict[str, tuple[str, ...]]:
+    """`--allowed-source NAMESPACE=PREFIX` (repeatable; `*=PREFIX` for every namespace)."""
+    allowed: dict[str, list[str]] = {}
+    for item in items:
+        namespace, sep, prefix = item.partition("=")
+        if not sep or not namespace or not prefix:
+            raise SystemExit(f"--allowed-source {item!r}: expected NAMESPACE=PREFIX (e.g. team-a=s3://team-a-adapters/)")
+        allowed.setdefault(namespace, []).append(prefix)
+    return {k: tuple(v) for k, v in allowed.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
         secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
     )
+    adapterdeployment.RUNTIME.default_s3 = finetunejob.RUNTIME.default_s3
+    adapterdeployment.RUNTIME.settings = adp.Settings(allowed_sources=_allowed_sources(args.allowed_source or []))
     register_all()
 
     @kopf.on.login()
@@ -69,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             info = None
         info = info or kopf.login_with_kubeconfig(**kwargs)
         finetunejob.RUNTIME.client = kube.KubeClient.from_connection_info(info)
+        adapterdeployment.RUNTIME.client = finetunejob.RUNTIME.client
         return info
 
     start_http_server(args.metrics_port)

@@ -12,3 +12,8 @@ RECONCILE_SECONDS = Histogram(
 RECONCILE_ERRORS = Counter("kubetune_finetunejob_reconcile_errors_total", "Reconciles that failed with an API error.")
 CHILDREN_CREATED = Counter("kubetune_children_created_total", "Child objects created.", ["kind"])
 PHASE_TRANSITIONS = Counter("kubetune_finetunejob_phase_transitions_total", "FineTuneJob phase changes.", ["phase"])
+ADEP_RECONCILE_SECONDS = Histogram(
+    "kubetune_adapterdeployment_reconcile_seconds",
+    "Duration of one AdapterDeployment reconcile pass (sources, pod reports, writes).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

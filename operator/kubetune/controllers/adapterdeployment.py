@@ -1,0 +1,225 @@
+"""kopf handlers for AdapterDeployment: thin triggers around one level-based reconcile.
+
+Each pass reads the AdapterDeployment, resolves every adapter's source (a FineTuneJob's published
+adapter, or a uri) to a verified manifest, reads the serving pods' agent reports and the desired-state
+ConfigMap, calls `adapterdeployment.decide`, and carries out the plan: the desired state for the
+agents (they pull it), the managed runtime's children, status and Events. Rollouts advance on a
+timer: canary steps wait on time and on the agents' reports, which arrive as Pod annotations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import kopf
+
+from kubetune.api import serving
+from kubetune.api import v1alpha1 as api
+from kubetune.api.validation import validate
+from kubetune.clients import kube, storage
+from kubetune.reconcile import adapterdeployment as adp
+from kubetune.reconcile import conditions as cond
+from kubetune.reconcile.finetunejob import status_patch
+from kubetune.render import serving as render
+
+from . import metrics
+from .finetunejob import now_rfc3339
+
+log = logging.getLogger("kubetune.adapterdeployment")
+
+ADAPTERDEPLOYMENTS = kube.Resource("kubetune.io", "v1alpha1", "adapterdeployments")
+PODS = kube.Resource("", "v1", "pods")
+DEPLOYMENTS = kube.Resource("apps", "v1", "deployments")
+SERVICES = kube.Resource("", "v1", "services")
+SERVICEACCOUNTS = kube.Resource("", "v1", "serviceaccounts")
+ROLES = kube.Resource("rbac.authorization.k8s.io", "v1", "roles")
+ROLEBINDINGS = kube.Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
+RESOURCES = {"ConfigMap": kube.CONFIGMAPS, "ServiceAccount": SERVICEACCOUNTS, "Role": ROLES,
+             "RoleBinding": ROLEBINDINGS, "Deployment": DEPLOYMENTS, "Service": SERVICES}
+
+
+@dataclass
+class Runtime:
+    client: kube.KubeClient | None = None
+    settings: adp.Settings = field(default_factory=adp.Settings)
+    render: render.ServingSettings = field(default_factory=render.ServingSettings)
+    default_s3: storage.S3Settings = field(default_factory=storage.S3Settings)
+    resync_seconds: float = 5.0
+    verified: dict = field(default_factory=dict)  # (manifest uri, digest) -> Source: verification is costly
+    locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
+
+
+RUNTIME = Runtime()
+
+
+async def _store_for(adep: dict) -> storage.ObjectStore:
+    """The adapters' storage with the AdapterDeployment's own credentials (its Secret), else the defaults."""
+    spec = adep["spec"].get("storage") or {}
+    defaults = RUNTIME.default_s3
+    access, secret = defaults.access_key, defaults.secret_key
+    if spec.get("credentials"):
+        creds = spec["credentials"]
+        access, secret = await RUNTIME.client.secret_values(
+            adep["metadata"]["namespace"], creds["secretName"], creds.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
+            creds.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
+    return storage.ObjectStore(storage.S3Settings(endpoint=spec.get("endpoint") or defaults.endpoint,
+                                                  region=spec.get("region") or defaults.region,
+                                                  access_key=access, secret_key=secret))
+
+
+def _manifest_location(uri: str) -> str:
+    return uri if uri.endswith("/manifest.json") else uri.rstrip("/") + "/manifest.json"
+
+
+async def _resolve(adep: dict, adapter: dict, store: storage.ObjectStore) -> adp.Source:
+    """A source as a verified manifest: every file's size and sha256 checked once per digest."""
+    namespace, name = adep["metadata"]["namespace"], adapter["name"]
+    src = adapter["source"]
+    if src.get("fineTuneJobRef"):
+        job_name = src["fineTuneJobRef"]["name"]
+        job = await RUNTIME.client.get(kube.FINETUNEJOBS, namespace, job_name)
+        if job is None:
+            return adp.Source(problems=(("FineTuneJobNotFound", f"adapters[{name}]: FineTuneJob {job_name} "
+                                                                f"does not exist in {namespace}"),))
+        published = (job.get("status") or {}).get("adapter")
+        if not published:
+            phase = (job.get("status") or {}).get("phase", "Pending")
+            return adp.Source(problems=(("FineTuneJobNotReady", f"adapters[{name}]: FineTuneJob {job_name} has "
+                                                                f"published no adapter (phase {phase})"),))
+        manifest_uri, expected = published["manifestUri"], published["digest"]
+    else:
+        manifest_uri, expected = _manifest_location(src["uri"]), src.get("digest")
+    cached = RUNTIME.verified.get((manifest_uri, expected))
+    if cached is not None:
+        return cached
+    prefix = manifest_uri.rsplit("/", 1)[0] + "/"
+    try:
+        check = await asyncio.to_thread(storage.check_published, store, prefix, True)
+    except Exception as exc:  # storage down: try again next pass
+        return adp.Source(manifest_uri=manifest_uri, problems=(("StorageUnavailable", f"adapters[{name}]: {exc}"),))
+    if not check.found:
+        return adp.Source(manifest_uri=manifest_uri,
+                          problems=(("ManifestMissing", f"adapters[{name}]: no manifest at {manifest_uri}"),))
+    if check.problems:
+        return adp.Source(manifest_uri=manifest_uri, problems=tuple(
+            (p.reason, f"adapters[{name}]: {manifest_uri}: {p.message}") for p in check.problems))
+    document = check.document
+    source = adp.Source(manifest_uri=manifest_uri, digest=document["digest"], rank=document.get("rank"),
+                        base_model=document.get("baseModel"))
+    if expected is None or expected == document["digest"]:
+        RUNTIME.verified[(manifest_uri, expected)] = source
+    return source
+
+
+def _pod_view(pod: dict) -> adp.Pod:
+    annotations = pod["metadata"].get("annotations") or {}
+    raw = annotations.get(serving.ANNOTATION_REPORT)
+    report = None
+    if raw:
+        try:
+            report = json.loads(raw)
+        except ValueError:
+            log.warning("unreadable agent report", extra={"pod": pod["metadata"]["name"]})
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (pod.get("status") or {}).get("conditions") or [])
+    return adp.Pod(pod["metadata"]["name"], ready, report)
+
+
+async def _apply_child(child: dict, existing: dict | None) -> None:
+    resource = RESOURCES[child["kind"]]
+    namespace, name = child["metadata"]["namespace"], child["metadata"]["name"]
+    if existing is None:
+        _, created = await RUNTIME.client.create(resource, child)
+        if created:
+            metrics.CHILDREN_CREATED.labels(kind=child["kind"]).inc()
+        return
+    if child["kind"] == "Deployment" and existing.get("spec", {}).get("template") != child["spec"]["template"]:
+        # a new --max-lora-rank or engine image: the only changes that roll the serving pods
+        await RUNTIME.client.patch(resource, namespace, name, {"spec": {"template": child["spec"]["template"],
+                                                                        "replicas": child["spec"]["replicas"]}})
+    elif child["kind"] == "Deployment" and existing["spec"].get("replicas") != child["spec"]["replicas"]:
+        await RUNTIME.client.patch(resource, namespace, name, {"spec": {"replicas": child["spec"]["replicas"]}})
+
+
+async def reconcile(namespace: str, name: str) -> None:
+    client = RUNTIME.client
+    async with RUNTIME.locks[(namespace, name)]:
+        started = time.monotonic()
+        adep = await client.get(ADAPTERDEPLOYMENTS, namespace, name)
+        if adep is None or adep["metadata"].get("deletionTimestamp"):
+            RUNTIME.locks.pop((namespace, name), None)
+            return
+        adep.setdefault("apiVersion", api.API_VERSION)
+        adep.setdefault("kind", "AdapterDeployment")
+        result = validate(adep)
+        if not result.ok:
+            message = "; ".join(str(e) for e in result.errors)
+            conditions = (adep.get("status") or {}).get("conditions")
+            status = {"observedGeneration": adep["metadata"].get("generation", 1), "phase": "Degraded",
+                      "conditions": cond.set_condition(conditions, "Validated", False, "InvalidSpec", message,
+                                                       adep["metadata"].get("generation", 1), now_rfc3339())}
+            await client.patch(ADAPTERDEPLOYMENTS, namespace, name, {"status": status}, subresource="status")
+            return
+        adep = {**adep, "spec": result.defaulted["spec"]}
+        store = await _store_for(adep)
+        sources = {a["name"]: await _resolve(adep, a, store) for a in adep["spec"]["adapters"]}
+        selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(adep).items())
+        pods = [p for p in await client.list(PODS, namespace, selector)
+                if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") != "Failed"]
+        desired_name = serving.desired_config_map_name(name)
+        config_map = await client.get(kube.CONFIGMAPS, namespace, desired_name)
+        current = None
+        if config_map:
+            try:
+                current = serving.DesiredState.from_json(config_map["data"][serving.DESIRED_KEY])
+            except (KeyError, ValueError):
+                current = None
+        plan = adp.decide(adp.Observed(adep=adep, now=now_rfc3339(), sources=sources,
+                                       pods=[_pod_view(p) for p in pods], desired=current), RUNTIME.settings)
+        desired = plan.desired or current or serving.DesiredState(generation=1)
+        ranks = [s.rank for s in sources.values() if s.rank is not None]
+        children = render.render_children(adep, RUNTIME.render, desired, adp.runtime_max_rank(adep["spec"], ranks))
+        for child in children:
+            resource = RESOURCES[child["kind"]]
+            existing = await client.get(resource, namespace, child["metadata"]["name"])
+            if child["kind"] == "ConfigMap" and existing is not None:
+                if plan.desired is not None:
+                    await client.patch(kube.CONFIGMAPS, namespace, desired_name, {"data": child["data"]})
+                continue
+            await _apply_child(child, existing)
+        patch = status_patch(adep.get("status") or {}, plan.status)
+        if patch:
+            await client.patch(ADAPTERDEPLOYMENTS, namespace, name, {"status": patch}, subresource="status")
+        for event in plan.events:
+            await client.post_event(adep, event.type, event.reason, event.message)
+        metrics.ADEP_RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+
+async def _reconcile_logged(namespace: str, name: str) -> None:
+    try:
+        await reconcile(namespace, name)
+    except kube.ApiError as exc:
+        metrics.RECONCILE_ERRORS.inc()
+        raise kopf.TemporaryError(f"API error: {exc}", delay=5) from exc
+
+
+def register(registry: kopf.OperatorRegistry | None = None) -> None:
+    kw = {"registry": registry} if registry is not None else {}
+
+    @kopf.on.resume(api.GROUP, api.VERSION, "adapterdeployments", **kw)
+    @kopf.on.create(api.GROUP, api.VERSION, "adapterdeployments", **kw)
+    @kopf.on.update(api.GROUP, api.VERSION, "adapterdeployments", field="spec", **kw)
+    async def adapterdeployment_changed(namespace, name, **_):
+        await _reconcile_logged(namespace, name)
+
+    # Rollouts move on time (pauses, analysis windows) and on the agents' Pod reports: a periodic pass
+    # per AdapterDeployment reads them (one LIST of its pods, one GET of its ConfigMap).
+    @kopf.timer(api.GROUP, api.VERSION, "adapterdeployments", interval=RUNTIME.resync_seconds,
+                initial_delay=RUNTIME.resync_seconds, idle=None, **kw)
+    async def adapterdeployment_resync(namespace, name, **_):
+        await _reconcile_logged(namespace, name)

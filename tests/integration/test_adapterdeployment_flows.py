@@ -1,0 +1,145 @@
+"""AdapterDeployment flows through kopf + KMock + SeaweedFS. The tests play the serving pods' agents:
+they read the desired-state ConfigMap and write reports on Pods, as `kubetune.agent` does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune.api import serving, storage_layout
+from kubetune.clients import kube
+from kubetune.clients.storage import publish_adapter
+from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS, PODS, ROLES, SERVICES
+from kubetune.reconcile import conditions as cond
+from tests.factories import adapterdeployment
+
+from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+
+pytestmark = pytest.mark.integration
+BASE = {"uri": "hf://meta-llama/Llama-2-7b-hf", "revision": "main"}
+
+
+def publish(s3_server, tmp_path, name: str, rank: int = 16, content: bytes = b"\x07" * 2048, base=None) -> dict:
+    root = tmp_path / name
+    root.mkdir()
+    (root / "adapter_model.safetensors").write_bytes(content)
+    (root / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 2 * rank}))
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/serving", NS, name, f"uid-{name}")
+    document = publish_adapter(s3_server.store(), root, prefix, {"rank": rank, "baseModel": base or BASE})
+    return {"manifestUri": storage_layout.manifest_uri(prefix), "digest": document["digest"]}
+
+
+async def submit(api, s3_server, name: str, adapter: dict, strategy: dict | None = None, replicas: int = 2) -> dict:
+    await api.create_secret("s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+    doc = adapterdeployment()
+    doc["metadata"] = {"name": name, "namespace": NS}
+    doc["spec"]["runtime"] = {"managed": {"replicas": replicas}}
+    doc["spec"]["adapters"] = [{"name": "support-bot", "source": {"uri": adapter["manifestUri"],
+                                                                  "digest": adapter["digest"]}}]
+    doc["spec"]["strategy"] = strategy or {"type": "Immediate", "unloadGraceSeconds": 0}
+    doc["spec"]["storage"] = {"endpoint": s3_server.endpoint, "credentials": {"secretName": "s3-creds"}}
+    created, _ = await api.client.create(ADAPTERDEPLOYMENTS, doc)
+    return created
+
+
+async def desired_of(api, name: str) -> serving.DesiredState | None:
+    config_map = await api.get(kube.CONFIGMAPS, serving.desired_config_map_name(name))
+    return serving.DesiredState.from_json(config_map["data"][serving.DESIRED_KEY]) if config_map else None
+
+
+async def agent_pods(api, name: str, count: int) -> list[str]:
+    """Serving pods as the Deployment would create them (labels from its template)."""
+    deployment = await eventually(lambda: api.get(DEPLOYMENTS, f"{name}-serving"))
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    names = []
+    for i in range(count):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-serving-{i}", "namespace": NS,
+                                                               "labels": labels},
+               "spec": {"containers": [{"name": "engine", "image": "vllm"}]},
+               "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+        await api.client.create(PODS, pod)
+        names.append(pod["metadata"]["name"])
+    return names
+
+
+async def agents_sync(api, name: str, pods: list[str], refuse: set[str] = frozenset()) -> None:
+    """What each agent does: load what is desired (or refuse it), report on its own Pod."""
+    desired = await desired_of(api, name)
+    for pod in pods:
+        versions = desired.versions() if desired else {}
+        report = serving.AgentReport(
+            generation=desired.generation if desired else -1, engine_ready=True,
+            loaded={n: v.digest for n, v in versions.items() if n not in refuse},
+            errors={n: {"reason": "DigestMismatch", "message": "adapter_model.safetensors: sha256 differs"}
+                    for n in versions if n in refuse},
+            metrics={}, started="2026-11-28T10:00:00Z", updated="2026-11-28T10:00:01Z")
+        await api.client.patch(PODS, NS, pod, {"metadata": {"annotations": {
+            serving.ANNOTATION_REPORT: report.to_json()}}})
+
+
+async def status_of(api, name: str) -> dict:
+    return ((await api.get(ADAPTERDEPLOYMENTS, name)) or {}).get("status") or {}
+
+
+async def wait_for(api, name: str, predicate, timeout: float = 10.0) -> dict:
+    async def check():
+        status = await status_of(api, name)
+        return status if predicate(status) else None
+    return await eventually(check, timeout=timeout)
+
+
+def condition(status: dict, kind: str) -> dict:
+    return cond.find(status.get("conditions"), kind) or {}
+
+
+def version(adapter: dict) -> str:
+    return serving.version_name(NS, "support-bot", adapter["digest"])
+
+
+async def test_immediate_rollout_to_every_pod(operator, api, s3_server, tmp_path):
+    v1 = publish(s3_server, tmp_path, "v1")
+    await submit(api, s3_server, "support", v1)
+    desired = await eventually(lambda: desired_of(api, "support"))
+    assert {n: v.weight for n, v in desired.versions().items()} == {version(v1): 100}
+    for resource, child in ((DEPLOYMENTS, "support-serving"), (SERVICES, "support"), (ROLES, "support-agent")):
+        await eventually(lambda resource=resource, child=child: api.get(resource, child))
+    pods = await agent_pods(api, "support", 3)
+    status = await wait_for(api, "support", lambda s: (s.get("adapters") or [{}])[0].get("podsTotal") == 3)
+    assert status["phase"] == "Progressing" and condition(status, "Ready")["status"] == "False"
+    await agents_sync(api, "support", pods)
+    status = await wait_for(api, "support", lambda s: s.get("phase") == "Ready")
+    record = status["adapters"][0]
+    assert record["stable"]["version"] == version(v1) and record["podsReady"] == record["podsTotal"] == 3
+    assert condition(status, "Validated")["status"] == "True"
+
+    v2 = publish(s3_server, tmp_path, "v2", content=b"\x08" * 2048)
+    await api.client.patch(ADAPTERDEPLOYMENTS, NS, "support", {"spec": {"adapters": [
+        {"name": "support-bot", "source": {"uri": v2["manifestUri"], "digest": v2["digest"]}}]}})
+
+    async def switched():
+        desired = await desired_of(api, "support")
+        return desired if version(v2) in desired.versions() else None
+    desired = await eventually(switched)
+    assert desired.versions()[version(v2)].weight == 100
+    await agents_sync(api, "support", pods)
+    status = await wait_for(api, "support", lambda s: s["adapters"][0]["stable"]["digest"] == v2["digest"])
+    assert "canary" not in status["adapters"][0]
+    await wait_for(api, "support", lambda s: s.get("phase") == "Ready")
+
+
+async def test_rank_above_the_runtime_limit_is_refused_before_any_pod_is_touched(operator, api, s3_server, tmp_path):
+    small = publish(s3_server, tmp_path, "small", rank=16)
+    doc_adapter = small
+    await submit(api, s3_server, "limited", doc_adapter)
+    await api.client.patch(ADAPTERDEPLOYMENTS, NS, "limited", {"spec": {"runtime": {"managed": {"maxLoraRank": 32}}}})
+    pods = await agent_pods(api, "limited", 1)
+    await agents_sync(api, "limited", pods)
+    await wait_for(api, "limited", lambda s: s.get("phase") == "Ready")
+    big = publish(s3_server, tmp_path, "big", rank=64, content=b"\x09" * 2048)
+    await api.client.patch(ADAPTERDEPLOYMENTS, NS, "limited", {"spec": {"adapters": [
+        {"name": "support-bot", "source": {"uri": big["manifestUri"], "digest": big["digest"]}}]}})
+    status = await wait_for(api, "limited", lambda s: condition(s, "Validated").get("status") == "False")
+    assert condition(status, "Validated")["reason"] == "RankTooHigh"
+    desired = await desired_of(api, "limited")
+    assert set(desired.versions()) == {version(small)}  # the pods never hear of the refused version
