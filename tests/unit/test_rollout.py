@@ -6,8 +6,11 @@ from __future__ import annotations
 import copy
 import datetime as dt
 
+import jsonschema
+
 from kubetune.api import serving
-from kubetune.api.validation import validate
+from kubetune.api.schema import strict_json_schema
+from kubetune.api.validation import root_schema, validate
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import analysis
 from tests.factories import adapterdeployment
@@ -83,6 +86,14 @@ class Fleet:
         return {v.name: v.weight for v in self.desired.versions().values()}
 
 
+STATUS_SCHEMA = jsonschema.Draft4Validator(
+    strict_json_schema(root_schema("AdapterDeployment")["properties"]["status"]))
+
+
+def status_errors(status: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in STATUS_SCHEMA.iter_errors(status)]
+
+
 def canary_adep(steps=None, **strategy) -> dict:
     doc = adapterdeployment()
     doc["spec"]["strategy"] = {"type": "Canary", "canary": {"steps": steps or [
@@ -134,6 +145,8 @@ def test_canary_promoted_through_weight_analysis_and_pause_then_old_version_unlo
     fleet.tick(31)
     fleet.reconcile({"support-bot": source(D2)})
     assert fleet.record()["stepIndex"] == 3 and fleet.weights()[v(D2)] == 50  # analysis passed, weight 50, pause
+    assert fleet.record()["canary"]["podsLoaded"] == fleet.record()["stable"]["podsLoaded"] == 2
+    assert status_errors(fleet.adep["status"]) == []  # the API server accepts it
     fleet.tick(31)
     fleet.reconcile({"support-bot": source(D2)})
     record = fleet.record()
@@ -141,6 +154,7 @@ def test_canary_promoted_through_weight_analysis_and_pause_then_old_version_unlo
     assert fleet.weights() == {v(D2): 100, v(D1): 0}  # the old version stays loaded, without traffic
     reasons = [e.reason for e in fleet.events]
     assert reasons.count("Promoted") == 1 and "AnalysisPassed" in reasons
+    assert status_errors(fleet.adep["status"]) == []
     fleet.tick(61)
     fleet.reconcile({"support-bot": source(D2)})
     assert fleet.weights() == {v(D2): 100} and "retiring" not in fleet.record()
@@ -164,6 +178,7 @@ def test_canary_with_a_higher_error_rate_is_rolled_back_and_never_retried():
     assert "error rate" in degraded["message"]
     assert fleet.adep["status"]["phase"] == "Degraded"
     assert any(e.reason == "RolledBack" and e.type == "Warning" for e in fleet.events)
+    assert status_errors(fleet.adep["status"]) == []
     fleet.tick(600)
     fleet.reconcile({"support-bot": source(D2)})
     assert "canary" not in fleet.record()  # the same digest is not tried again
@@ -255,6 +270,7 @@ def test_agent_refusal_is_reported_per_pod_and_degrades():
     assert {e["pod"] for e in record["podErrors"]} == {"pod-0", "pod-1"}
     assert record["podErrors"][0]["reason"] == "DigestMismatch"
     assert fleet.condition("Degraded")["reason"] == "AgentErrors"
+    assert status_errors(fleet.adep["status"]) == []
 
 
 def test_max_lora_rank_is_derived_from_the_adapters_within_vllms_values():

@@ -947,6 +947,7 @@ ADAPTER_VERSION = obj(
         "digest": string("sha256:HEX of the adapter's manifest file list.", max_length=80),
         "manifestUri": string("Location of its manifest.json.", max_length=2048),
         "rank": integer("LoRA rank.", minimum=0),
+        "podsLoaded": integer("Serving pods whose agent has this version loaded.", minimum=0),
     },
 )
 

@@ -218,7 +218,11 @@ def decide(observed: Observed, settings: Settings) -> Plan:
             versions.append(serving.Version(old["version"], old["digest"], old["manifestUri"], 0, "retiring"))
         if versions:
             aliases.append(serving.AliasState(rec["alias"], versions))
-        # pods: how many serve what is desired, and what they complain about
+        # pods: how many serve what is desired (per version, and for the version being rolled out)
+        for role in ("stable", "canary"):
+            if rec.get(role):
+                loaded, _ = _loaded_everywhere(observed.pods, rec[role]["version"], rec[role]["digest"])
+                rec[role] = {**rec[role], "podsLoaded": loaded}
         target = canary or stable
         if target:
             ready, total = _loaded_everywhere(observed.pods, target["version"], target["digest"])
