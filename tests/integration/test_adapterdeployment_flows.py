@@ -63,6 +63,19 @@ async def agent_pods(api, name: str, count: int) -> list[str]:
     return names
 
 
+COUNTERS: dict[str, dict[str, serving.VersionMetrics]] = {}
+
+
+def serve(pods: list[str], version_name: str, requests: int, errors: int = 0) -> None:
+    """Traffic as the agents count it: per pod, per version, cumulative."""
+    for pod in pods:
+        m = COUNTERS.setdefault(pod, {}).setdefault(version_name, serving.VersionMetrics())
+        m.requests += requests
+        m.errors += errors
+        m.latency_buckets[2] += requests
+        m.latency_sum += 0.02 * requests
+
+
 async def agents_sync(api, name: str, pods: list[str], refuse: set[str] = frozenset()) -> None:
     """What each agent does: load what is desired (or refuse it), report on its own Pod."""
     desired = await desired_of(api, name)
@@ -73,7 +86,7 @@ async def agents_sync(api, name: str, pods: list[str], refuse: set[str] = frozen
             loaded={n: v.digest for n, v in versions.items() if n not in refuse},
             errors={n: {"reason": "DigestMismatch", "message": "adapter_model.safetensors: sha256 differs"}
                     for n in versions if n in refuse},
-            metrics={}, started="2026-11-28T10:00:00Z", updated="2026-11-28T10:00:01Z")
+            metrics=dict(COUNTERS.get(pod, {})), started="2026-11-28T10:00:00Z", updated="2026-11-28T10:00:01Z")
         await api.client.patch(PODS, NS, pod, {"metadata": {"annotations": {
             serving.ANNOTATION_REPORT: report.to_json()}}})
 
@@ -143,3 +156,85 @@ async def test_rank_above_the_runtime_limit_is_refused_before_any_pod_is_touched
     assert condition(status, "Validated")["reason"] == "RankTooHigh"
     desired = await desired_of(api, "limited")
     assert set(desired.versions()) == {version(small)}  # the pods never hear of the refused version
+
+
+CANARY = {"type": "Canary", "unloadGraceSeconds": 1, "canary": {"steps": [
+    {"setWeight": 20}, {"analysis": {"windowSeconds": 10, "minRequests": 40, "maxErrorRateIncrease": 0.05}},
+    {"setWeight": 100}]}}
+
+
+async def rolled_out(api, s3_server, tmp_path, name: str) -> tuple[dict, list[str]]:
+    v1 = publish(s3_server, tmp_path, f"{name}-v1")
+    await submit(api, s3_server, name, v1, strategy=CANARY)
+    await eventually(lambda: desired_of(api, name))
+    pods = await agent_pods(api, name, 2)
+    await agents_sync(api, name, pods)
+    await wait_for(api, name, lambda s: s.get("phase") == "Ready")
+    return v1, pods
+
+
+async def start_canary(api, s3_server, tmp_path, name: str, pods: list[str]) -> dict:
+    v2 = publish(s3_server, tmp_path, f"{name}-v2", content=b"\x0a" * 2048)
+    await api.client.patch(ADAPTERDEPLOYMENTS, NS, name, {"spec": {"adapters": [
+        {"name": "support-bot", "source": {"uri": v2["manifestUri"], "digest": v2["digest"]}}]}})
+
+    async def canary_offered():
+        desired = await desired_of(api, name)
+        return desired if version(v2) in desired.versions() else None
+    desired = await eventually(canary_offered)
+    assert desired.versions()[version(v2)].weight == 20 and desired.versions()[version(v2)].role == "canary"
+    await agents_sync(api, name, pods)
+    # the setWeight step completes once every pod loaded the canary; the analysis snapshot follows
+    await wait_for(api, name, lambda s: (s["adapters"][0].get("analysis") or {}).get("step") == 1)
+    await agents_sync(api, name, pods)
+    return v2
+
+
+async def test_canary_is_analysed_and_promoted(operator, api, s3_server, tmp_path):
+    v1, pods = await rolled_out(api, s3_server, tmp_path, "promote")
+    v2 = await start_canary(api, s3_server, tmp_path, "promote", pods)
+    serve(pods, version(v1), 200, errors=2)
+    serve(pods, version(v2), 50, errors=0)
+    await agents_sync(api, "promote", pods)
+    status = await wait_for(api, "promote", lambda s: s["adapters"][0]["stable"]["digest"] == v2["digest"],
+                            timeout=20)
+    assert "canary" not in status["adapters"][0]
+    desired = await desired_of(api, "promote")
+    assert desired.versions()[version(v2)].weight == 100
+    await wait_for(api, "promote", lambda s: len(s["adapters"][0].get("retiring") or []) == 0, timeout=10)
+    reasons = {e["reason"] for e in await api.list(kube.EVENTS)
+               if e.get("involvedObject", {}).get("name") == "promote"}
+    assert {"RolloutStarted", "AnalysisPassed", "Promoted"} <= reasons
+
+
+async def test_canary_with_rising_errors_is_rolled_back_automatically(operator, api, s3_server, tmp_path):
+    v1, pods = await rolled_out(api, s3_server, tmp_path, "rollback")
+    v2 = await start_canary(api, s3_server, tmp_path, "rollback", pods)
+    serve(pods, version(v1), 200, errors=1)
+    serve(pods, version(v2), 40, errors=12)
+    await agents_sync(api, "rollback", pods)
+    status = await wait_for(api, "rollback", lambda s: "rolledBack" in s["adapters"][0], timeout=20)
+    record = status["adapters"][0]
+    assert record["stable"]["digest"] == v1["digest"] and "canary" not in record
+    assert record["rolledBack"]["metric"] == "error-rate"
+    degraded = condition(status, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "AnalysisFailed"
+    desired = await desired_of(api, "rollback")
+    assert set(desired.versions()) == {version(v1)}  # the agents unload the canary
+    events = [e for e in await api.list(kube.EVENTS) if e.get("involvedObject", {}).get("name") == "rollback"]
+    assert any(e["reason"] == "RolledBack" and e["type"] == "Warning" for e in events)
+
+
+async def test_cross_tenant_source_is_refused(operator, api, s3_server, tmp_path):
+    from kubetune.controllers import adapterdeployment as adep_controller
+    from kubetune.reconcile import adapterdeployment as adp
+
+    # team-a may serve only from its own prefix; this adapter lives under another team's
+    adep_controller.RUNTIME.settings = adp.Settings(resync_seconds=0.5,
+                                                    allowed_sources={NS: (f"s3://{BUCKET}/serving/{NS}/mine/",)})
+    foreign = publish(s3_server, tmp_path, "theirs")
+    await submit(api, s3_server, "tenant", foreign)
+    status = await wait_for(api, "tenant", lambda s: condition(s, "Validated").get("status") == "False")
+    assert condition(status, "Validated")["reason"] == "SourceNotAllowed"
+    desired = await eventually(lambda: desired_of(api, "tenant"))
+    assert desired.versions() == {}  # nothing was offered to the pods
