@@ -7,7 +7,8 @@ import yaml
 from kubetune import cli
 from tests.conftest import REPO_ROOT
 
-EXAMPLES = sorted((REPO_ROOT / "examples").glob("finetunejob-*.yaml"))
+EXAMPLES = sorted((REPO_ROOT / "examples").glob("finetunejob-*.yaml")) + sorted(
+    (REPO_ROOT / "examples").glob("adapterdeployment-*.yaml"))
 
 
 def test_examples_exist_for_the_documented_cases():
