@@ -1,0 +1,7 @@
+"""`python -m kubetune_engine --model DIR --port PORT [...]` (see `server.parse_args`)."""
+
+import sys
+
+from .server import main
+
+sys.exit(main())
