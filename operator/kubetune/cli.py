@@ -14,6 +14,7 @@ import yaml
 from kubetune.api import crd
 from kubetune.api.validation import validate
 from kubetune.reconcile import finetunejob as ftj
+from kubetune.render import serving as serving_render
 from kubetune.render import training as render
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -265,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, default=8080)
     p.add_argument("--metrics-port", type=int, default=9090)
     p.add_argument("--publish-timeout", type=int, default=600, help="seconds to wait for a manifest")
+    p.add_argument("--vllm-image", default=serving_render.ServingSettings().vllm_image,
+                   help="engine image of managed serving runtimes")
+    p.add_argument("--agent-image", default=serving_render.ServingSettings().agent_image,
+                   help="image of the agent sidecar (the operator's own image)")
     p.add_argument("--allowed-source", action="append", metavar="NAMESPACE=PREFIX",
                    help="storage prefix a namespace's AdapterDeployments may serve adapters from (repeatable; "
                         "*=PREFIX for every namespace; none given: no restriction)")

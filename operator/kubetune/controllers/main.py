@@ -14,6 +14,7 @@ from kubetune.clients import kube, storage
 from kubetune.logs import configure_logging
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import finetunejob as ftj
+from kubetune.render import serving as serving_render
 from kubetune.render import training as render
 
 from . import adapterdeployment, finetunejob
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     )
     adapterdeployment.RUNTIME.default_s3 = finetunejob.RUNTIME.default_s3
     adapterdeployment.RUNTIME.settings = adp.Settings(allowed_sources=_allowed_sources(args.allowed_source or []))
+    adapterdeployment.RUNTIME.render = serving_render.ServingSettings(vllm_image=args.vllm_image,
+                                                                      agent_image=args.agent_image)
     register_all()
 
     @kopf.on.login()
