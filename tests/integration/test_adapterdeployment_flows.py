@@ -30,11 +30,12 @@ def publish(s3_server, tmp_path, name: str, rank: int = 16, content: bytes = b"\
     return {"manifestUri": storage_layout.manifest_uri(prefix), "digest": document["digest"]}
 
 
-async def submit(api, s3_server, name: str, adapter: dict, strategy: dict | None = None, replicas: int = 2) -> dict:
+async def submit(api, s3_server, name: str, adapter: dict, strategy: dict | None = None, replicas: int = 2,
+                 runtime: dict | None = None) -> dict:
     await api.create_secret("s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
     doc = adapterdeployment()
     doc["metadata"] = {"name": name, "namespace": NS}
-    doc["spec"]["runtime"] = {"managed": {"replicas": replicas}}
+    doc["spec"]["runtime"] = runtime or {"managed": {"replicas": replicas}}
     doc["spec"]["adapters"] = [{"name": "support-bot", "source": {"uri": adapter["manifestUri"],
                                                                   "digest": adapter["digest"]}}]
     doc["spec"]["strategy"] = strategy or {"type": "Immediate", "unloadGraceSeconds": 0}
@@ -238,3 +239,22 @@ async def test_cross_tenant_source_is_refused(operator, api, s3_server, tmp_path
     assert condition(status, "Validated")["reason"] == "SourceNotAllowed"
     desired = await eventually(lambda: desired_of(api, "tenant"))
     assert desired.versions() == {}  # nothing was offered to the pods
+
+
+async def test_existing_pods_selected_by_labels_are_served_without_a_managed_runtime(operator, api, s3_server,
+                                                                                     tmp_path):
+    v1 = publish(s3_server, tmp_path, "selected-v1")
+    await submit(api, s3_server, "byo", v1, runtime={"selector": {"matchLabels": {"app": "my-vllm"},
+                                                                  "maxLoraRank": 64}})
+    pods = []
+    for i, labels in enumerate(({"app": "my-vllm"}, {"app": "my-vllm", "zone": "b"}, {"app": "other"})):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"byo-{i}", "namespace": NS, "labels": labels},
+               "spec": {"containers": [{"name": "engine", "image": "vllm"}]}}
+        await api.client.create(PODS, pod)
+        pods.append(pod["metadata"]["name"])
+    await eventually(lambda: desired_of(api, "byo"))
+    await agents_sync(api, "byo", pods[:2])
+    status = await wait_for(api, "byo", lambda s: s.get("phase") == "Ready")
+    assert status["adapters"][0]["podsTotal"] == 2  # every matching pod, and only those
+    assert await api.get(DEPLOYMENTS, "byo-serving") is None  # nothing rendered for pods the user runs
+    assert await api.get(ROLES, "byo-agent") is not None  # the agents still get their RBAC
