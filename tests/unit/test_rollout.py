@@ -298,3 +298,10 @@ def test_window_survives_an_agent_restart_and_quantiles_come_from_buckets():
     assert full.latency_quantile(0.5) == serving.LATENCY_BUCKETS[3]
     assert full.latency_quantile(0.95) == serving.LATENCY_BUCKETS[6]
     assert analysis.Window().latency_quantile(0.95) is None
+
+
+def test_max_lora_rank_never_shrinks_below_a_version_still_served():
+    adep = {"spec": {"runtime": {"managed": {}}}, "status": {"adapters": [
+        {"name": "a", "stable": {"rank": 64}, "retiring": [{"rank": 128}]}]}}
+    ranks = adp.served_ranks(adep, {"a": source(D2, rank=8)})
+    assert sorted(ranks) == [8, 64, 128] and adp.runtime_max_rank(adep["spec"], ranks) == 128

@@ -182,8 +182,9 @@ async def reconcile(namespace: str, name: str) -> None:
         plan = adp.decide(adp.Observed(adep=adep, now=now_rfc3339(), sources=sources,
                                        pods=[_pod_view(p) for p in pods], desired=current), RUNTIME.settings)
         desired = plan.desired or current or serving.DesiredState(generation=1)
-        ranks = [s.rank for s in sources.values() if s.rank is not None]
-        children = render.render_children(adep, RUNTIME.render, desired, adp.runtime_max_rank(adep["spec"], ranks))
+        served = {**adep, "status": plan.status}
+        max_rank = adp.runtime_max_rank(adep["spec"], adp.served_ranks(served, sources))
+        children = render.render_children(adep, RUNTIME.render, desired, max_rank)
         for child in children:
             resource = RESOURCES[child["kind"]]
             existing = await client.get(resource, namespace, child["metadata"]["name"])

@@ -110,6 +110,17 @@ def runtime_max_rank(spec: dict, ranks: list[int]) -> int | None:
     return next((r for r in VLLM_LORA_RANKS if r >= needed), None)
 
 
+def served_ranks(adep: dict, sources: dict) -> list[int]:
+    """Ranks the runtime must accept: the sources' and every version still loaded (stable, canary,
+    retiring). A smaller new adapter must never shrink --max-lora-rank below what is being served."""
+    ranks = [s.rank for s in sources.values() if s.rank is not None]
+    for record in (adep.get("status") or {}).get("adapters") or []:
+        for version in [record.get("stable"), record.get("canary"), *(record.get("retiring") or [])]:
+            if version and version.get("rank") is not None:
+                ranks.append(int(version["rank"]))
+    return ranks
+
+
 def allowed(uri: str, namespace: str, settings: Settings) -> bool:
     prefixes = tuple(settings.allowed_sources.get(namespace, ())) + tuple(settings.allowed_sources.get("*", ()))
     if not settings.allowed_sources:
@@ -176,8 +187,7 @@ def decide(observed: Observed, settings: Settings) -> Plan:
     status["observedGeneration"] = generation
     conditions = status.get("conditions")
     requeue = [settings.resync_seconds]
-    ranks = [s.rank for s in observed.sources.values() if s.rank is not None]
-    max_rank = runtime_max_rank(spec, ranks)
+    max_rank = runtime_max_rank(spec, served_ranks(adep, observed.sources))
     refused, degraded, progressing, not_ready = [], [], [], []
     new_records, aliases = [], []
     reports = _reports(observed.pods)
