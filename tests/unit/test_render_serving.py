@@ -73,3 +73,17 @@ def test_model_locations_map_to_vllm_arguments():
     assert render._model_args({"uri": "s3://models/m"}) == ["--model", "s3://models/m", "--load-format",
                                                              "runai_streamer"]
     assert render._model_args({"uri": "file:///opt/models/m"}) == ["--model", "/opt/models/m"]
+
+
+def test_template_hash_moves_with_the_engine_not_with_the_adapters():
+    adep = defaulted(adapterdeployment())
+    settings = render.ServingSettings()
+    key = render.ANNOTATION_TEMPLATE_HASH
+    base = render.render_deployment(adep, settings, 16)["metadata"]["annotations"][key]
+    assert render.render_deployment(adep, settings, 16)["metadata"]["annotations"][key] == base
+    assert render.render_deployment(adep, settings, 32)["metadata"]["annotations"][key] != base
+    other_image = render.ServingSettings(vllm_image="vllm/vllm-openai:v0.12.0")
+    assert render.render_deployment(adep, other_image, 16)["metadata"]["annotations"][key] != base
+    # the desired adapters live in the ConfigMap only: the pods never restart for an adapter change
+    children = render.render_children(adep, settings, serving.DesiredState(generation=9), 16)
+    assert next(c for c in children if c["kind"] == "Deployment")["metadata"]["annotations"][key] == base

@@ -138,10 +138,13 @@ async def _apply_child(child: dict, existing: dict | None) -> None:
         if created:
             metrics.CHILDREN_CREATED.labels(kind=child["kind"]).inc()
         return
-    if child["kind"] == "Deployment" and existing.get("spec", {}).get("template") != child["spec"]["template"]:
+    hash_key = render.ANNOTATION_TEMPLATE_HASH
+    stored = (existing["metadata"].get("annotations") or {}).get(hash_key)
+    if child["kind"] == "Deployment" and stored != child["metadata"]["annotations"][hash_key]:
         # a new --max-lora-rank or engine image: the only changes that roll the serving pods
-        await RUNTIME.client.patch(resource, namespace, name, {"spec": {"template": child["spec"]["template"],
-                                                                        "replicas": child["spec"]["replicas"]}})
+        await RUNTIME.client.patch(resource, namespace, name, {
+            "metadata": {"annotations": child["metadata"]["annotations"]},
+            "spec": {"template": child["spec"]["template"], "replicas": child["spec"]["replicas"]}})
     elif child["kind"] == "Deployment" and existing["spec"].get("replicas") != child["spec"]["replicas"]:
         await RUNTIME.client.patch(resource, namespace, name, {"spec": {"replicas": child["spec"]["replicas"]}})
 

@@ -9,6 +9,8 @@ ConfigMap with `--desired-configmap <adep>-desired`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from kubetune.api import serving
@@ -19,6 +21,7 @@ AGENT_PORT = 8080
 MODEL_CACHE = "/models"
 ADAPTER_CACHE = "/var/cache/kubetune-adapters"
 RUN_AS_USER = 1000
+ANNOTATION_TEMPLATE_HASH = "kubetune.io/template-hash"
 
 
 @dataclass(frozen=True)
@@ -166,10 +169,11 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
         "securityContext": _SECURITY,
     }
     pod_labels = {**labels(meta["name"], "engine"), **pod_selector(adep)}
-    return {
+    deployment_meta = _meta(adep, serving_name(meta["name"]), "engine")
+    deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(adep, serving_name(meta["name"]), "engine"),
+        "metadata": deployment_meta,
         "spec": {
             "replicas": int(managed.get("replicas", 1)),
             "selector": {"matchLabels": pod_selector(adep)},
@@ -192,6 +196,11 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
             },
         },
     }
+    # The API server adds defaults to what it stores: compare this hash, not the templates, to know
+    # whether the pods must change (an engine image or --max-lora-rank change; never an adapter change).
+    template = json.dumps(deployment["spec"]["template"], sort_keys=True).encode()
+    deployment_meta["annotations"] = {ANNOTATION_TEMPLATE_HASH: hashlib.sha256(template).hexdigest()[:16]}
+    return deployment
 
 
 def render_service(adep: dict) -> dict:
