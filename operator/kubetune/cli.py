@@ -59,8 +59,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     settings = ftj.Settings(render=render.RenderSettings(trainer_image=args.trainer_image))
     out = []
     for doc in _load_documents(args.file):
+        if doc.get("kind") == "AdapterDeployment":
+            children = _render_adapterdeployment(doc, args)
+            if children is None:
+                return 1
+            out.extend(children)
+            continue
         if doc.get("kind") != "FineTuneJob":
-            print(f"skipping {doc.get('kind')}: only FineTuneJob has children to render", file=sys.stderr)
+            print(f"skipping {doc.get('kind')}: it has no children to render", file=sys.stderr)
             continue
         job = preview_job(doc, args.namespace)
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -81,6 +87,28 @@ def cmd_render(args: argparse.Namespace) -> int:
     else:
         print(dump_yaml(out), end="")
     return 0
+
+
+def _render_adapterdeployment(doc: dict, args: argparse.Namespace) -> list[dict] | None:
+    """The AdapterDeployment's children before any adapter is resolved: an empty desired state, and a
+    --max-lora-rank from the spec (or the smallest vLLM value until the adapters' manifests are read)."""
+    from kubetune.api import serving
+    from kubetune.reconcile import adapterdeployment as adp
+    from kubetune.render import serving as serving_render
+
+    adep = preview_job(doc, args.namespace)
+    result = validate(adep)
+    if not result.ok:
+        for error in result.errors:
+            print(f"AdapterDeployment/{adep['metadata'].get('name')}: error: {error}", file=sys.stderr)
+        return None
+    adep = {**adep, "spec": result.defaulted["spec"]}
+    max_rank = adp.runtime_max_rank(adep["spec"], [])
+    if not (adep["spec"]["runtime"].get("managed") or {}).get("maxLoraRank"):
+        print(f"AdapterDeployment/{adep['metadata']['name']}: --max-lora-rank {max_rank} shown; the operator derives "
+              "it from the adapters' manifests", file=sys.stderr)
+    return serving_render.render_children(adep, serving_render.ServingSettings(), serving.DesiredState(generation=1),
+                                          max_rank)
 
 
 def generated_files() -> dict[str, str]:

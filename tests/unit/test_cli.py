@@ -62,3 +62,9 @@ def test_render_refuses_an_invalid_job(tmp_path, capsys):
 
 def test_generate_check_passes_on_the_committed_tree():
     assert cli.main(["generate", "--check"]) == 0
+
+
+def test_render_shows_an_adapterdeployments_children(capsys):
+    assert cli.main(["render", "-f", str(REPO_ROOT / "examples" / "adapterdeployment-canary.yaml")]) == 0
+    kinds = [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)]
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service"]
