@@ -59,3 +59,21 @@ def test_rank_sweep_smoke(tmp_path: Path):
     sequential = [t["metric"] for t in results["sequential"]["trials"]]
     assert [t["metric"] for t in results["parallel"]["trials"]] == pytest.approx(sequential, rel=1e-4)
     assert report["same_choice"]
+
+
+def test_adapter_rollout_smoke(tmp_path: Path):
+    out = tmp_path / "rollout.json"
+    _run("adapter_rollout.py", "--smoke", "--json", str(out), timeout=240)
+    report = json.loads(out.read_text())
+    assert report["settings"]["pods"] == 2 and report["settings"]["strategies"] == ["rolling"]
+    results = report["results"]
+    hot, rolling = results["hot"], results["restart_rolling"]
+    for result in (hot, rolling):
+        [run] = result["runs"]
+        assert (run["from"], run["to"]) == ("a", "b")
+        assert len(run["per_pod_s"]) == 2 and run["all_serving_s"] == max(run["per_pod_s"]) > 0
+        assert result["requests"] > 0
+    assert hot["failed_requests"] == 0  # the hot load never drops a request
+    [run] = hot["runs"]
+    assert all(a["read_desired_s"] is not None and a["loaded_s"] is not None for a in run["agents"])
+    assert report["ratio"]["rolling"] > 1  # two engine start-ups in a row vs one sync tick and a load
