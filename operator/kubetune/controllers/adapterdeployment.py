@@ -29,6 +29,7 @@ from kubetune.render import serving as render
 
 from . import metrics
 from .finetunejob import now_rfc3339
+from .retry import reconcile_or_retry
 
 log = logging.getLogger("kubetune.adapterdeployment")
 
@@ -205,11 +206,7 @@ async def reconcile(namespace: str, name: str) -> None:
 
 
 async def _reconcile_logged(namespace: str, name: str) -> None:
-    try:
-        await reconcile(namespace, name)
-    except kube.ApiError as exc:
-        metrics.RECONCILE_ERRORS.inc()
-        raise kopf.TemporaryError(f"API error: {exc}", delay=5) from exc
+    await reconcile_or_retry(reconcile, namespace, name, metrics.ADEP_RECONCILE_ERRORS)
 
 
 def register(registry: kopf.OperatorRegistry | None = None) -> None:

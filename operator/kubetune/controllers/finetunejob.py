@@ -27,6 +27,7 @@ from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import training as render
 
 from . import metrics
+from .retry import reconcile_or_retry
 
 log = logging.getLogger("kubetune.finetunejob")
 
@@ -175,11 +176,7 @@ def _owner_name(body: dict) -> str | None:
 
 
 async def _reconcile_logged(namespace: str, name: str) -> None:
-    try:
-        await reconcile(namespace, name)
-    except kube.ApiError as exc:
-        metrics.RECONCILE_ERRORS.inc()
-        raise kopf.TemporaryError(f"API error: {exc}", delay=5) from exc
+    await reconcile_or_retry(reconcile, namespace, name, metrics.RECONCILE_ERRORS)
 
 
 def register(registry: kopf.OperatorRegistry | None = None) -> None:

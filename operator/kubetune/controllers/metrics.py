@@ -17,3 +17,5 @@ ADEP_RECONCILE_SECONDS = Histogram(
     "Duration of one AdapterDeployment reconcile pass (sources, pod reports, writes).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+ADEP_RECONCILE_ERRORS = Counter("kubetune_adapterdeployment_reconcile_errors_total",
+                                "AdapterDeployment reconciles that failed with an API error.")

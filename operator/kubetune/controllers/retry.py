@@ -1,0 +1,21 @@
+"""How every handler turns an API error into kopf's retry (one place, for every kind)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import kopf
+from prometheus_client import Counter
+
+from kubetune.clients import kube
+
+
+async def reconcile_or_retry(reconcile: Callable[[str, str], Awaitable[object]], namespace: str, name: str,
+                             errors: Counter) -> None:
+    """Run one reconcile; an API error (409, 429, 5xx, a dropped connection) is counted and retried by
+    kopf after a short delay instead of failing the handler for good."""
+    try:
+        await reconcile(namespace, name)
+    except kube.ApiError as exc:
+        errors.inc()
+        raise kopf.TemporaryError(f"API error: {exc}", delay=5) from exc
