@@ -173,7 +173,7 @@ def _threads_per_process(job: dict, pytorchjob: dict) -> dict:
     """Trials running side by side share the cores instead of each taking all of them."""
     labels = pytorchjob["metadata"].get("labels") or {}
     parallel = int((job["spec"].get("rankSweep") or {}).get("parallelism", 1) or 1)
-    if labels.get("kubetune.io/stage") != jobconfig.STAGE_TRIAL or parallel <= 1:
+    if labels.get(render.LABEL_STAGE) != jobconfig.STAGE_TRIAL or parallel <= 1:
         return {}
     per = max(1, (os.cpu_count() or 1) // (parallel * local_processes(pytorchjob)))
     return {"OMP_NUM_THREADS": str(per)}

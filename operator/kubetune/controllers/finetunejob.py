@@ -27,6 +27,7 @@ from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import training as render
 
 from . import metrics
+from .credentials import object_store
 from .retry import reconcile_or_retry
 
 log = logging.getLogger("kubetune.finetunejob")
@@ -51,23 +52,9 @@ def now_rfc3339() -> str:
 
 
 async def _store_for(job: dict) -> storage.ObjectStore:
-    """Storage access with the job's own output credentials (read from its Secret), else the
-    operator's defaults. Secret values stay in memory and are never logged."""
-    output = job["spec"]["output"]
-    credentials = output.get("credentials")
-    settings = RUNTIME.default_s3
-    endpoint = output.get("endpoint") or settings.endpoint
-    region = output.get("region") or settings.region
-    if credentials:
-        access, secret = await RUNTIME.client.secret_values(
-            job["metadata"]["namespace"], credentials["secretName"],
-            credentials.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
-            credentials.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
-        settings = storage.S3Settings(endpoint=endpoint, region=region, access_key=access, secret_key=secret)
-    else:
-        settings = storage.S3Settings(endpoint=endpoint, region=region, access_key=settings.access_key,
-                                      secret_key=settings.secret_key)
-    return storage.ObjectStore(settings)
+    """Storage access with the job's own output credentials, else the operator's defaults."""
+    return await object_store(RUNTIME.client, job["metadata"]["namespace"], job["spec"]["output"],
+                              RUNTIME.default_s3)
 
 
 async def _check_manifest(job: dict) -> manifest_api.ManifestCheck:

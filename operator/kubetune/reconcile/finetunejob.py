@@ -297,7 +297,7 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
 
     if pytorchjob is None:
         if started:
-            _follow_missing_pytorchjob(observed, settings, status)
+            _follow_missing_pytorchjob(observed, job, settings, status)
             return
         if not _pre_training_stages(observed, settings, job, plan, status):
             return
@@ -639,7 +639,7 @@ def _follow_pytorchjob(observed: Observed, job: dict, settings: Settings, plan: 
         status.clear("Running", "TrainingSucceeded", "training finished")
         completed = pj_status.get("completionTime") or succeeded.get("lastTransitionTime") or observed.now
         status.value["completionTime"] = completed
-        _publish(observed, settings, status, completed)
+        _publish(observed, job, settings, status, completed)
         return
 
     desired_suspend = bool(job["spec"].get("runPolicy", {}).get("suspend"))
@@ -664,24 +664,24 @@ def _follow_pytorchjob(observed: Observed, job: dict, settings: Settings, plan: 
     status.value["phase"] = "Pending"
 
 
-def _follow_missing_pytorchjob(observed: Observed, settings: Settings, status: _Status) -> None:
+def _follow_missing_pytorchjob(observed: Observed, job: dict, settings: Settings, status: _Status) -> None:
     previous = observed.job.get("status") or {}
     if observed.manifest is not None and observed.manifest.found:
         # the trainer writes the manifest last: it finished even if we never saw it succeed
         status.condition("Succeeded", True, "TrainingSucceeded", "training finished (seen from its manifest)")
         status.clear("Running", "TrainingSucceeded", "training finished")
-        _publish(observed, settings, status, previous.get("completionTime") or observed.now)
+        _publish(observed, job, settings, status, previous.get("completionTime") or observed.now)
         return
     if cond.is_true(previous.get("conditions"), "Succeeded"):
-        _publish(observed, settings, status, previous.get("completionTime") or observed.now)
+        _publish(observed, job, settings, status, previous.get("completionTime") or observed.now)
         return
     name = (previous.get("trainingJob") or {}).get("name", "")
     status.fail("TrainingJobLost", f"PyTorchJob {name} was deleted before it finished and no adapter was published")
 
 
-def _publish(observed: Observed, settings: Settings, status: _Status, completed: str) -> None:
+def _publish(observed: Observed, job: dict, settings: Settings, status: _Status, completed: str) -> None:
+    """`job` is the FineTuneJob with its spec defaulted (when the spec is valid)."""
     check = observed.manifest
-    job = observed.job
     manifest_uri = storage_layout.manifest_uri(job_prefix(job))
     if check is None or not check.found:
         waited = _seconds_between(completed, observed.now)
@@ -711,19 +711,13 @@ def _publish(observed: Observed, settings: Settings, status: _Status, completed:
         "baselineMetrics": manifest_api.numeric_metrics(document.get("baselineMetrics")),
         "publishTime": document.get("createdAt") or observed.now,
     }
-    if observed.job.get("spec"):
-        _record_training_baseline(status, _defaulted(observed.job), document.get("baselineMetrics"))
+    _record_training_baseline(status, job, document.get("baselineMetrics"))
     eval_loss = status.value["adapter"]["metrics"].get("eval_loss")
     if eval_loss is not None:
         status.value.setdefault("progress", {})["evalLoss"] = eval_loss
     status.value["phase"] = "Succeeded"
     status.condition("AdapterPublished", True, "Verified",
                      f"adapter {document['digest']} verified ({len(document['files'])} files)")
-
-
-def _defaulted(job: dict) -> dict:
-    result = validate(job, local=True)
-    return {**job, "spec": result.defaulted["spec"]} if result.ok else job
 
 
 def _phase_event(phase: str, status: dict) -> Event:
