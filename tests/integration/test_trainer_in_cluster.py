@@ -32,7 +32,8 @@ async def pod_command_and_env(api, name: str, tmp_path) -> tuple[list[str], dict
     mounted (here: a file), secretKeyRefs resolved from the Secret, and the PET_* variables the
     Kubeflow training operator adds for torchrun."""
     config_map = await eventually(lambda: api.get(kube.CONFIGMAPS, f"{name}-config"))
-    pytorchjob = await api.get(kube.PYTORCHJOBS, name)
+    # The operator creates the ConfigMap before the PyTorchJob: wait for both, not just the first.
+    pytorchjob = await eventually(lambda: api.get(kube.PYTORCHJOBS, name))
     config_path = tmp_path / "config.json"
     config_path.write_text(config_map["data"][jobconfig.CONFIG_FILE])
     container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
