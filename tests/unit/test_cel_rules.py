@@ -14,6 +14,8 @@ from tests.factories import adapterdeployment, finetunejob, set_path
 
 F, A = "FineTuneJob", "AdapterDeployment"
 
+SAMPLED = {"spec.trafficSampling": {"rate": 0.5, "uri": "s3://samples/p"}}
+DRIFTING = {"name": "x", "source": {"fineTuneJobRef": {"name": "j"}}}
 CLS = {"spec.task": "SequenceClassification", "spec.dataset": {"uri": "s3://d/x.jsonl", "format": "text-label"}}
 
 # (kind, a distinctive part of the rule, accepted mutations, rejected mutations, expected message part)
@@ -135,6 +137,21 @@ CASES = [
                         {"name": "y", "source": {"fineTuneJobRef": {"name": "k"}}}]},
      {"spec.adapters": [{"name": "x", "source": {"fineTuneJobRef": {"name": "j"}}},
                         {"name": "x", "source": {"fineTuneJobRef": {"name": "k"}}}]}, "must be unique"),
+    (F, "self.all(a, self.exists_one(b, b.name == a.name))",
+     {"spec.evaluation": {"sets": [{"name": "old", "uri": "s3://d/a.jsonl"}, {"name": "new", "uri": "s3://d/b.jsonl"}]}},
+     {"spec.evaluation": {"sets": [{"name": "old", "uri": "s3://d/a.jsonl"}, {"name": "old", "uri": "s3://d/b.jsonl"}]}},
+     "evaluation.sets[].name must be unique"),
+    (A, "self.minRequests <= self.requests",
+     {**SAMPLED, "spec.adapters": [{**DRIFTING, "drift": {"window": {"requests": 100, "minRequests": 100}}}]},
+     {**SAMPLED, "spec.adapters": [{**DRIFTING, "drift": {"window": {"requests": 100, "minRequests": 101}}}]},
+     "window.minRequests must not exceed"),
+    (A, "self.triggerWindows <= self.ofWindows",
+     {**SAMPLED, "spec.adapters": [{**DRIFTING, "drift": {"guard": {"triggerWindows": 2, "ofWindows": 2}}}]},
+     {**SAMPLED, "spec.adapters": [{**DRIFTING, "drift": {"guard": {"triggerWindows": 3, "ofWindows": 2}}}]},
+     "guard.triggerWindows must not exceed"),
+    (A, "!self.adapters.exists(a, has(a.drift))",
+     {**SAMPLED, "spec.adapters": [{**DRIFTING, "drift": {}}]},
+     {"spec.adapters": [{**DRIFTING, "drift": {}}]}, "drift needs trafficSampling.uri"),
     (A, "self.type != 'Canary' || has(self.canary)",
      {"spec.strategy": {"type": "Immediate"}},
      {"spec.strategy": {"type": "Canary"}}, "strategy.canary is required"),

@@ -83,3 +83,43 @@ def test_validation_does_not_modify_its_input():
     before = repr(doc)
     validate(doc)
     assert repr(doc) == before
+
+
+# --- AdapterDeployment: the drift retrain template is a FineTuneJob checked at admission ----------------
+
+def _drifting(template_spec: dict) -> dict:
+    from tests.factories import adapterdeployment
+
+    doc = adapterdeployment()
+    doc["spec"]["trafficSampling"] = {"rate": 0.2, "uri": "s3://samples/support"}
+    doc["spec"]["adapters"][0]["drift"] = {"retrain": {"labelledData": {"uri": "s3://labels/support/"},
+                                                       "template": {"spec": template_spec}}}
+    return doc
+
+
+RETRAIN_SPEC = {"baseModel": {"uri": "hf://meta-llama/Llama-2-7b-hf"}, "task": "SequenceClassification",
+                "training": {"epochs": 2}, "output": {"uri": "s3://adapters/support-retrains"}}
+
+
+def test_a_valid_retrain_template_passes_and_gets_drift_defaults():
+    result = validate(_drifting(RETRAIN_SPEC))
+    assert result.ok, result.errors
+    drift = result.defaulted["spec"]["adapters"][0]["drift"]
+    assert drift["window"] == {"requests": 1000, "maxSeconds": 3600, "minRequests": 200}
+    assert drift["guard"]["triggerWindows"] == 3 and drift["guard"]["ofWindows"] == 4
+    assert drift["retrain"]["includeOriginalData"] is True
+
+
+def test_retrain_template_errors_point_into_the_template():
+    result = validate(_drifting({**RETRAIN_SPEC, "training": {"epochs": -1}}))
+    assert not result.ok
+    assert any(e.path == "spec.adapters[0].drift.retrain.template.spec.training.epochs" for e in result.errors), \
+        result.errors
+
+
+def test_retrain_template_may_not_set_what_the_operator_fills_in():
+    result = validate(_drifting({**RETRAIN_SPEC, "dataset": {"uri": "s3://d/x.jsonl", "format": "text-label"},
+                                 "evaluation": {"sets": [{"name": "a", "uri": "s3://d/a.jsonl"}]}}))
+    paths = {e.path for e in result.errors}
+    assert "spec.adapters[0].drift.retrain.template.spec.dataset.uri" in paths
+    assert "spec.adapters[0].drift.retrain.template.spec.evaluation" in paths

@@ -514,6 +514,30 @@ RANK_SWEEP = obj(
     },
 )
 
+EVALUATION = obj(
+    "Extra evaluations after training: each named held-out set is scored for the new adapter and, with a "
+    "reference, for the reference adapter too, on the same examples. The scores go into the manifest "
+    "(`evaluations`); the drift loop's promotion gate reads them.",
+    {
+        "sets": array(
+            "Held-out sets in the dataset's format.",
+            obj("One named set.", {
+                "name": string("Name of the set (a key in the manifest's evaluations).", pattern=DNS_LABEL_PATTERN,
+                               max_length=63),
+                "uri": string("Location of the set (JSON Lines).", pattern=STORAGE_URI, max_length=2048),
+            }, required=["name", "uri"]),
+            min_items=1, max_items=8,
+            rules=[rule("self.all(a, self.exists_one(b, b.name == a.name))", "evaluation.sets[].name must be unique")],
+        ),
+        "reference": obj(
+            "An adapter already published on the same base model, scored on the same sets (the one serving now).",
+            {"manifestUri": string("Location of its manifest.json.", pattern=STORAGE_URI, max_length=2048)},
+            required=["manifestUri"],
+        ),
+    },
+    required=["sets"],
+)
+
 FINETUNEJOB_SPEC = obj(
     "What to fine-tune, on what data, how, and where the adapter goes.",
     {
@@ -542,6 +566,7 @@ FINETUNEJOB_SPEC = obj(
         "runPolicy": RUN_POLICY,
         "baseline": BASELINE,
         "rankSweep": RANK_SWEEP,
+        "evaluation": EVALUATION,
     },
     required=["baseModel", "dataset", "output"],
     rules=[
@@ -845,12 +870,115 @@ CANARY_STEP = obj(
     ],
 )
 
+DRIFT = obj(
+    "Watch this adapter's sampled traffic (spec.trafficSampling) for drift that hurts the model; retrain "
+    "through a new FineTuneJob and promote it only if it is better.",
+    {
+        "window": obj(
+            "Windows of sampled requests, accumulated in storage (not in memory) and analysed when full.",
+            {
+                "requests": integer("A window closes after this many scored requests.", default=1000, minimum=10,
+                                    maximum=100_000),
+                "maxSeconds": integer("...or after this long, if it has at least minRequests.", default=3600,
+                                      minimum=10),
+                "minRequests": integer("A window with fewer scored requests is never analysed (it keeps filling).",
+                                       default=200, minimum=10),
+            },
+            default={},
+            rules=[rule("self.minRequests <= self.requests", "window.minRequests must not exceed window.requests",
+                        field_path=".minRequests")],
+        ),
+        "thresholds": obj(
+            "Thresholds are calibrated per adapter by bootstrapping windows of the window's size from the "
+            "holdout in its drift profile; these set how far out a window must be.",
+            {
+                "sigmas": number("Mean-based tests fire beyond this many standard deviations of the bootstrapped "
+                                 "window means.", default=3.0, minimum=1, maximum=10),
+                "pValue": number("Two-sample tests fire above the (1 - pValue) quantile of bootstrapped null "
+                                 "windows.", default=0.01, minimum=0.0001, maximum=0.2),
+                "bootstraps": integer("Bootstrapped windows per calibration.", default=500, minimum=100,
+                                      maximum=10_000),
+                "triggerOnDiagnostics": array(
+                    "Diagnostics that also count as evidence of harm (by default they are reported only).",
+                    string("A diagnostic.", enum=["inputLength", "oov", "embedding"]),
+                    default=[], max_items=3, list_type="set"),
+            },
+            default={},
+        ),
+        "embeddings": boolean("Compute the embedding diagnostics (centroid cosine distance, MMD) with the "
+                              "operator's embedding service (--embedding-url).", default=True),
+        "guard": obj(
+            "What it takes to start a retrain, and to stop calling the adapter drifted.",
+            {
+                "triggerWindows": integer("Drifted windows needed among the last ofWindows.", default=3, minimum=1,
+                                          maximum=100),
+                "ofWindows": integer("Consecutive windows considered.", default=4, minimum=1, maximum=100),
+                "clearWindows": integer("Consecutive clean windows before the drifted state clears "
+                                        "(hysteresis).", default=2, minimum=1, maximum=100),
+                "cooldownSeconds": integer("No new retrain this long after a retrain ends.", default=3600,
+                                           minimum=0),
+                "maxRetrainsPerPeriod": integer("Retrain budget per period.", default=3, minimum=0, maximum=1000),
+                "periodSeconds": integer("The budget's period.", default=86_400, minimum=60),
+            },
+            default={},
+            rules=[rule("self.triggerWindows <= self.ofWindows", "guard.triggerWindows must not exceed "
+                        "guard.ofWindows", field_path=".triggerWindows")],
+        ),
+        "retrain": obj(
+            "How a retrain is built. Without it, drift is detected and reported only.",
+            {
+                "labelledData": obj(
+                    "New labelled examples (JSON Lines in the template's dataset format) collected after "
+                    "deployment: every object under the prefix that no earlier retrain used.",
+                    {
+                        "uri": string("S3 (or file://) prefix.", pattern=STORAGE_URI, max_length=2048),
+                        "minExamples": integer("No retrain with fewer new labelled examples.", default=100,
+                                               minimum=1),
+                        "holdoutFraction": number("Share of the new examples held out to judge the candidate.",
+                                                  default=0.2, minimum=0.05, maximum=0.5),
+                    },
+                    required=["uri"],
+                ),
+                "includeOriginalData": boolean("Train on the serving adapter's training data plus the new "
+                                               "examples (else the new examples only).", default=True),
+                "template": obj(
+                    "The FineTuneJob to create. Its spec is a FineTuneJob spec without dataset and evaluation, "
+                    "which the operator fills in; the result is validated like any FineTuneJob.",
+                    {
+                        "metadata": obj("Labels and annotations for the FineTuneJob.", {
+                            "labels": string_map("Labels."),
+                            "annotations": string_map("Annotations."),
+                        }),
+                        "spec": opaque_object("A FineTuneJob spec (baseModel, task, method, training, "
+                                              "distributed, output...)."),
+                    },
+                    required=["spec"],
+                ),
+            },
+            required=["labelledData", "template"],
+        ),
+        "promotion": obj(
+            "The gate a retrained candidate must pass before its canary starts.",
+            {
+                "metric": string("Metric compared (default: accuracy for classification, eval_loss otherwise).",
+                                 enum=["accuracy", "macro_f1", "eval_loss", "perplexity"]),
+                "minImprovement": number("The candidate must beat the serving adapter on the new holdout by more "
+                                         "than this.", default=0.0, minimum=0),
+                "maxRegression": number("Allowed loss of the metric on the original holdout.", default=0.02,
+                                        minimum=0),
+            },
+            default={},
+        ),
+    },
+)
+
 ADAPTER = obj(
     "An adapter served under a stable alias.",
     {
         "name": string("Stable alias clients request as the model name (served namespace-qualified).",
                        pattern=DNS_LABEL_PATTERN, max_length=63),
         "source": ADAPTER_SOURCE,
+        "drift": DRIFT,
     },
     required=["name", "source"],
 )
@@ -936,6 +1064,10 @@ ADAPTERDEPLOYMENT_SPEC = obj(
         ),
     },
     required=["baseModel", "runtime", "adapters"],
+    rules=[rule("!self.adapters.exists(a, has(a.drift)) || (has(self.trafficSampling.uri) "
+                "&& self.trafficSampling.rate > 0.0)",
+                "adapters[].drift needs trafficSampling.uri and trafficSampling.rate > 0 (drift is measured on "
+                "sampled traffic)", field_path=".trafficSampling")],
 )
 # The list-map above is keyed by name.
 ADAPTERDEPLOYMENT_SPEC["properties"]["adapters"]["x-kubernetes-list-map-keys"] = ["name"]
@@ -991,6 +1123,11 @@ ADAPTERDEPLOYMENT_STATUS = obj(
                     }),
                     "podsReady": integer("Pods serving the desired version.", minimum=0),
                     "podsTotal": integer("Pods selected.", minimum=0),
+                    "drift": opaque_object("Drift watch: state (Calibrating, Watching, Suspect, Drifted, "
+                                           "Retraining, Cooldown), the open window, the last windows' verdicts, "
+                                           "the retrain in flight, the retrain history with the gate's numbers, "
+                                           "and the promoted retrain (served instead of the spec's source while "
+                                           "that source is unchanged)."),
                     "podErrors": array("Errors the agents report for this alias's versions.", obj("An error.", {
                         "pod": string("Pod.", max_length=253),
                         "version": string("Served name.", max_length=320),
@@ -1007,6 +1144,7 @@ ADAPTERDEPLOYMENT_PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri"},
     {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
+    {"name": "Drift", "type": "string", "jsonPath": ".status.adapters[0].drift.state"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -200,6 +200,42 @@ def resolve_method_defaults(spec: dict) -> dict:
     return {**spec, "method": method}
 
 
+RETRAIN_PLACEHOLDER_DATA = "s3://kubetune-placeholder/retrain/train.jsonl"
+
+
+def retrain_template_errors(adep: dict, *, local: bool = False) -> list[FieldError]:
+    """Each adapter's drift.retrain.template must make a valid FineTuneJob once the operator fills in
+    the data (found at admission, not when drift strikes months later). Errors point into the template."""
+    errors: list[FieldError] = []
+    namespace = adep.get("metadata", {}).get("namespace") or "default"
+    for index, adapter in enumerate(adep["spec"].get("adapters") or []):
+        retrain = (adapter.get("drift") or {}).get("retrain")
+        if not retrain:
+            continue
+        base = f"spec.adapters[{index}].drift.retrain.template.spec"
+        spec = dict(retrain["template"].get("spec") or {})
+        dataset = spec.get("dataset") or {}
+        for owned in ("uri", "validationUri", "validationSplit"):
+            if owned in dataset:
+                errors.append(FieldError(f"{base}.dataset.{owned}", "is filled in by the operator (the serving "
+                                                                    "adapter's data plus the new labelled data)"))
+        if "evaluation" in spec:
+            errors.append(FieldError(f"{base}.evaluation", "is filled in by the operator (the promotion gate's sets)"))
+        if errors:
+            continue
+        # without a format the operator takes the serving adapter's (from its manifest) at retrain time
+        fmt = dataset.get("format") or ("text-label" if spec.get("task") == "SequenceClassification"
+                                        else api.DATASET_FORMATS[0])
+        spec["dataset"] = {**dataset, "format": fmt, "uri": RETRAIN_PLACEHOLDER_DATA,
+                           "validationUri": RETRAIN_PLACEHOLDER_DATA}
+        job = {"apiVersion": api.API_VERSION, "kind": "FineTuneJob",
+               "metadata": {"name": "retrain-template", "namespace": namespace}, "spec": spec}
+        for error in validate(job, local=local).errors:
+            path = error.path.removeprefix("spec")
+            errors.append(FieldError(base + path, error.message))
+    return errors
+
+
 def validate(document: dict, *, local: bool = False) -> ValidationResult:
     """Validate a kubetune object; on success `defaulted` holds it with schema defaults applied.
 
@@ -223,6 +259,8 @@ def validate(document: dict, *, local: bool = False) -> ValidationResult:
         errors, warnings = semantic_errors(defaulted["spec"], local=local)
         result.errors.extend(errors)
         result.warnings.extend(warnings)
+    if kind == "AdapterDeployment" and not result.errors:
+        result.errors.extend(retrain_template_errors(defaulted, local=local))
     if result.ok:
         result.defaulted = defaulted
     return result
