@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -301,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-source", action="append", metavar="NAMESPACE=PREFIX",
                    help="storage prefix a namespace's AdapterDeployments may serve adapters from (repeatable; "
                         "*=PREFIX for every namespace; none given: no restriction)")
+    p.add_argument("--embedding-url", default=os.environ.get("KUBETUNE_EMBEDDING_URL"),
+                   help="OpenAI-compatible embeddings service for the drift diagnostics (e.g. the CPU engine with "
+                        "--embedding-model, or a vLLM/TEI serving all-MiniLM-L6-v2); without it they are skipped")
+    p.add_argument("--embedding-model", default="all-MiniLM-L6-v2", help="model name sent to --embedding-url")
+    p.add_argument("--max-concurrent-retrains", type=int, default=2,
+                   help="drift retrains in flight at once across the watched namespaces")
+    p.add_argument("--drift-seconds", type=float, default=30.0,
+                   help="how often each drift-watched adapter's new samples are read and analysed")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_operator)
     return parser

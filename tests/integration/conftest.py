@@ -25,7 +25,7 @@ import kopf
 import pytest
 import pytest_asyncio
 
-from kubetune.clients import kube, storage
+from kubetune.clients import drift_storage, kube, storage
 from kubetune.controllers import adapterdeployment as adep_controller
 from kubetune.controllers import finetunejob as ftj_controller
 from kubetune.controllers import main as operator_main
@@ -163,6 +163,8 @@ class Operator:
         serving_runtime.default_s3 = runtime.default_s3
         serving_runtime.locks.clear()
         serving_runtime.verified.clear()
+        # drift caches and settings: fresh per operator start, samples analysed on every pass
+        serving_runtime.analyzer = drift_storage.Analyzer(drift_seconds=0.2)
         registry = kopf.OperatorRegistry()
         operator_main.register_all(registry)
         server = str(self.k8s.url)

@@ -65,7 +65,7 @@ CASES = {
 
 # Least privilege: (apiGroup, resource) -> the verbs the operator may have. Nothing else, no wildcards.
 NAMESPACED_GRANTS = {
-    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch", "create"},  # create: drift retrains
     ("kubetune.io", "adapterdeployments"): {"get", "list", "watch", "patch"},
     ("kubetune.io", "finetunejobs/status"): {"get", "patch", "update"},
     ("kubetune.io", "adapterdeployments/status"): {"get", "patch", "update"},

@@ -232,3 +232,13 @@ def test_window_due():
     assert not dl.window_due(50, T0, "2026-11-28T12:00:30Z", window)
     assert dl.window_due(50, T0, "2026-11-28T12:01:00Z", window)
     assert not dl.window_due(10, T0, "2026-11-28T13:00:00Z", window)  # too few, however long
+
+
+def test_rollout_view_serves_the_promoted_retrain_while_the_spec_source_is_unchanged():
+    doc = adep()
+    drift = {"promoted": {"job": "r1", "digest": "sha256:" + "e" * 64, "manifestUri": "s3://a/r1/manifest.json",
+                          "replaces": dl.adapter_source_key(doc["spec"]["adapters"][0])}}
+    view = dl.rollout_view(doc, {"support-bot": {"name": "support-bot", "drift": drift}})
+    assert view["spec"]["adapters"][0]["source"] == {"uri": "s3://a/r1/manifest.json", "digest": "sha256:" + "e" * 64}
+    assert doc["spec"]["adapters"][0]["source"] == {"fineTuneJobRef": {"name": "llama-lora"}}  # spec untouched
+    assert dl.rollout_view(doc, {})["spec"]["adapters"][0]["source"] == {"fineTuneJobRef": {"name": "llama-lora"}}

@@ -63,6 +63,10 @@ RBAC rules for the objects the operator manages, granted where it watches: in a 
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs", "adapterdeployments"]
   verbs: ["get", "list", "watch", "patch"]
+# retrains: an AdapterDeployment's drift loop creates FineTuneJobs it owns
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs"]
+  verbs: ["create"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status", "adapterdeployments/status"]
   verbs: ["get", "patch", "update"]

@@ -21,9 +21,11 @@ import kopf
 from kubetune.api import serving
 from kubetune.api import v1alpha1 as api
 from kubetune.api.validation import validate
+from kubetune.clients import drift_storage as drift
 from kubetune.clients import kube, storage
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
+from kubetune.reconcile import driftloop
 from kubetune.reconcile.finetunejob import status_patch
 from kubetune.render import serving as render
 
@@ -54,6 +56,8 @@ class Runtime:
     resync_seconds: float = 5.0
     verified: dict = field(default_factory=dict)  # (manifest uri, digest) -> Source: verification is costly
     locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    analyzer: drift.Analyzer = field(default_factory=drift.Analyzer)  # drift caches and settings
+    watch_namespaces: tuple = ()  # empty: the whole cluster (the retrain cap counts these)
 
 
 RUNTIME = Runtime()
@@ -142,6 +146,38 @@ async def _apply_child(child: dict, existing: dict | None) -> None:
         await RUNTIME.client.patch(resource, namespace, name, {"spec": {"replicas": child["spec"]["replicas"]}})
 
 
+def _retrain_view(job: dict) -> driftloop.RetrainJob:
+    status = job.get("status") or {}
+    message = next((c.get("message", "") for c in status.get("conditions") or []
+                    if c.get("type") in ("Failed", "Succeeded", "BaselineSufficient") and c.get("status") == "True"),
+                   status.get("message", ""))
+    return driftloop.RetrainJob(job["metadata"]["name"], status.get("phase", "Pending"), status.get("adapter"),
+                                message or "")
+
+
+async def _retrains_in_flight() -> int:
+    namespaces = RUNTIME.watch_namespaces or (None,)
+    jobs = []
+    for namespace in namespaces:
+        jobs += await RUNTIME.client.list(kube.FINETUNEJOBS, namespace, driftloop.LABEL_RETRAIN_OF)
+    return sum(1 for j in jobs if (j.get("status") or {}).get("phase") not in driftloop.FINISHED)
+
+
+async def _drift_pass(adep: dict, adapter: dict, rec: dict, store: storage.ObjectStore,
+                      now: str) -> tuple[dict, list]:
+    """One adapter's drift loop (clients.drift_storage.drift_pass) with this cluster's FineTuneJobs."""
+    namespace, name = adep["metadata"]["namespace"], adep["metadata"]["name"]
+    selector = f"{driftloop.LABEL_RETRAIN_OF}={name},{driftloop.LABEL_RETRAIN_ADAPTER}={adapter['name']}"
+    jobs = [_retrain_view(j) for j in await RUNTIME.client.list(kube.FINETUNEJOBS, namespace, selector)]
+
+    async def create(job: dict) -> None:
+        await RUNTIME.client.create(kube.FINETUNEJOBS, job)
+        metrics.CHILDREN_CREATED.labels(kind="FineTuneJob").inc()
+
+    return await drift.drift_pass(RUNTIME.analyzer, store, adep, adapter, rec, now, jobs=jobs,
+                                  in_flight=_retrains_in_flight, create_job=create)
+
+
 async def reconcile(namespace: str, name: str) -> None:
     client = RUNTIME.client
     async with RUNTIME.locks[(namespace, name)]:
@@ -163,7 +199,10 @@ async def reconcile(namespace: str, name: str) -> None:
             return
         adep = {**adep, "spec": result.defaulted["spec"]}
         store = await _store_for(adep)
-        sources = {a["name"]: await _resolve(adep, a, store) for a in adep["spec"]["adapters"]}
+        records = {r["name"]: r for r in (adep.get("status") or {}).get("adapters") or []}
+        # a promoted retrain is served instead of the spec's source (while that source is unchanged)
+        rollout_view = driftloop.rollout_view(adep, records)
+        sources = {a["name"]: await _resolve(rollout_view, a, store) for a in rollout_view["spec"]["adapters"]}
         selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(adep).items())
         pods = [p for p in await client.list(PODS, namespace, selector)
                 if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") != "Failed"]
@@ -175,8 +214,15 @@ async def reconcile(namespace: str, name: str) -> None:
                 current = serving.DesiredState.from_json(config_map["data"][serving.DESIRED_KEY])
             except (KeyError, ValueError):
                 current = None
-        plan = adp.decide(adp.Observed(adep=adep, now=now_rfc3339(), sources=sources,
+        now = now_rfc3339()
+        plan = adp.decide(adp.Observed(adep=rollout_view, now=now, sources=sources,
                                        pods=[_pod_view(p) for p in pods], desired=current), RUNTIME.settings)
+        events = list(plan.events)
+        for adapter in adep["spec"]["adapters"]:
+            if adapter.get("drift"):
+                rec = next(r for r in plan.status["adapters"] if r["name"] == adapter["name"])
+                rec["drift"], drift_events = await _drift_pass(adep, adapter, rec, store, now)
+                events += drift_events
         desired = plan.desired or current or serving.DesiredState(generation=1)
         served = {**adep, "status": plan.status}
         max_rank = adp.runtime_max_rank(adep["spec"], adp.served_ranks(served, sources))
@@ -193,7 +239,7 @@ async def reconcile(namespace: str, name: str) -> None:
         patch = status_patch(adep.get("status") or {}, plan.status)
         if patch:
             await client.patch(ADAPTERDEPLOYMENTS, namespace, name, {"status": patch}, subresource="status")
-        for event in plan.events:
+        for event in events:
             await client.post_event(adep, event.type, event.reason, event.message)
         metrics.ADEP_RECONCILE_SECONDS.observe(time.monotonic() - started)
 

@@ -80,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
     adapterdeployment.RUNTIME.settings = adp.Settings(allowed_sources=_allowed_sources(args.allowed_source or []))
     adapterdeployment.RUNTIME.render = serving_render.ServingSettings(vllm_image=args.vllm_image,
                                                                       agent_image=args.agent_image)
+    adapterdeployment.RUNTIME.analyzer.max_retrains = args.max_concurrent_retrains
+    adapterdeployment.RUNTIME.analyzer.drift_seconds = args.drift_seconds
+    adapterdeployment.RUNTIME.watch_namespaces = tuple(args.namespace or ())
+    if args.embedding_url:
+        from kubetune.clients.embeddings import EmbeddingClient
+
+        adapterdeployment.RUNTIME.analyzer.embedder = EmbeddingClient(args.embedding_url, args.embedding_model)
     register_all()
 
     @kopf.on.login()

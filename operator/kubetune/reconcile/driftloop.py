@@ -240,6 +240,27 @@ def decide(adep: dict, adapter: dict, previous: dict | None, observed: Observed)
     return plan
 
 
+def retrain_not_started(status: dict, adapter: dict, now: str, reason: str, message: str) -> tuple[dict, Event]:
+    """The retrain decided this pass could not be created (unusable labelled data, an invalid job):
+    recorded as a failed retrain, so the cooldown and budget hold and the reason is visible."""
+    state = copy.deepcopy(status)
+    job = (state.get("retrain") or {}).get("job")
+    _finish(state, adapter["drift"], now, {"job": job, "outcome": "Failed", "reason": reason,
+                                          "message": message[:1000]})
+    state["lastDecision"] = {"time": now, "reason": reason, "message": message[:1000]}
+    state["state"] = "Cooldown"
+    alias = adapter["name"]
+    return state, Event("Warning", reason, f"{alias}: retrain {job} not started: {message}")
+
+
+def newly_promoted(status: dict, now: str) -> str | None:
+    """The job promoted in this pass, if any (its labelled data is used up)."""
+    last = (status.get("history") or [None])[-1]
+    if last and last.get("outcome") == "Promoted" and last.get("endTime") == now:
+        return last.get("job")
+    return None
+
+
 def _in_period(state: dict, guard: dict, now: str) -> list[str]:
     return [t for t in state.get("retrainStarts") or [] if seconds_between(t, now) < guard["periodSeconds"]]
 
@@ -367,6 +388,19 @@ def promoted_source(adapter: dict, drift_status: dict | None) -> dict | None:
     if promoted.get("replaces") != adapter_source_key(adapter):
         return None
     return promoted
+
+
+def rollout_view(adep: dict, records: dict) -> dict:
+    """The AdapterDeployment as the rollout sees it: adapters whose promoted retrain replaces the
+    spec's source point at that retrain's published adapter (uri + digest). `records`: adapter name ->
+    status.adapters[] entry."""
+    adapters = []
+    for adapter in adep["spec"]["adapters"]:
+        promoted = promoted_source(adapter, (records.get(adapter["name"]) or {}).get("drift"))
+        if promoted:
+            adapter = {**adapter, "source": {"uri": promoted["manifestUri"], "digest": promoted["digest"]}}
+        adapters.append(adapter)
+    return {**adep, "spec": {**adep["spec"], "adapters": adapters}}
 
 
 # --- the retrain FineTuneJob -------------------------------------------------------------------------
