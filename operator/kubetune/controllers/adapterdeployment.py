@@ -222,6 +222,8 @@ async def reconcile(namespace: str, name: str) -> None:
             if adapter.get("drift"):
                 rec = next(r for r in plan.status["adapters"] if r["name"] == adapter["name"])
                 rec["drift"], drift_events = await _drift_pass(adep, adapter, rec, store, now)
+                for event in drift_events:
+                    metrics.DRIFT_DECISIONS.labels(reason=event.reason).inc()
                 events += drift_events
         desired = plan.desired or current or serving.DesiredState(generation=1)
         served = {**adep, "status": plan.status}

@@ -19,3 +19,6 @@ ADEP_RECONCILE_SECONDS = Histogram(
 )
 ADEP_RECONCILE_ERRORS = Counter("kubetune_adapterdeployment_reconcile_errors_total",
                                 "AdapterDeployment reconciles that failed with an API error.")
+DRIFT_DECISIONS = Counter("kubetune_drift_decisions_total",
+                          "Drift-loop decisions by reason (WindowClean, WindowDrifted, DriftDetected, RetrainStarted, "
+                          "CandidatePromoted, CandidateRejected, guards holding a retrain back...).", ["reason"])
