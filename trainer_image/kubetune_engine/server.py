@@ -3,17 +3,23 @@
 One process, one model call at a time: handlers take an asyncio lock and run the torch work in a
 thread, so `/health` and `/v1/models` answer while a generation runs. The server listens at once and
 answers 503 until the base model is loaded (vLLM does not listen before then; both read as not ready).
+
+With `--embedding-model DIR` the engine also serves OpenAI's `POST /v1/embeddings` from a sentence encoder
+(`embeddings.SentenceEncoder`, the all-MiniLM-L6-v2 recipe) next to the base model: what the operator's drift
+diagnostics embed sampled inputs with (`--embedding-url`). Without it, that path answers 404.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 import uuid
@@ -25,17 +31,25 @@ from aiohttp import web
 from kubetune.api import serving
 from kubetune.logs import configure_logging
 
+from .embeddings import Embedded, SentenceEncoder
 from .models import (
     MAX_LOGPROBS,
     TASKS,
+    Classification,
     EngineError,
     Generation,
     ModelHost,
     bad_request,
+    model_not_found,
+    not_found,
     quiet_libraries,
 )
 
 log = logging.getLogger("kubetune_engine")
+
+EMBEDDINGS = "/v1/embeddings"  # OpenAI's (and vLLM's) path; served with --embedding-model
+EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per request
 
 
 def error_body(status: int, kind: str, message: str) -> dict:
@@ -49,9 +63,10 @@ def error_response(error: EngineError) -> web.Response:
 class Engine:
     """The aiohttp application around a `ModelHost`."""
 
-    def __init__(self, host: ModelHost, *, root: str):
+    def __init__(self, host: ModelHost, *, root: str, encoder: SentenceEncoder | None = None):
         self.host = host
         self.root = root  # the model directory as given (vLLM's `root` of the base model)
+        self.encoder = encoder  # --embedding-model: /v1/embeddings
         self.ready = False
         self.lock = asyncio.Lock()
 
@@ -64,6 +79,7 @@ class Engine:
         app.router.add_post(serving.ENGINE_COMPLETIONS, self.completions)
         app.router.add_post(serving.ENGINE_CHAT, self.chat)
         app.router.add_post(serving.ENGINE_CLASSIFY, self.classify)
+        app.router.add_post(EMBEDDINGS, self.embeddings)
         return app
 
     @web.middleware
@@ -111,6 +127,10 @@ class Engine:
                  "root": self.root, "parent": None, "max_model_len": host.max_model_len}]
         data += [{"id": a.name, "object": "model", "created": a.created, "owned_by": "kubetune", "root": a.path,
                   "parent": host.served_name, "max_model_len": None} for a in host.listing()]
+        if self.encoder is not None:  # another base model (parent null): agents count only adapters
+            data.append({"id": self.encoder.name, "object": "model", "created": host.created, "owned_by": "kubetune",
+                         "root": str(self.encoder.model_dir), "parent": None,
+                         "max_model_len": self.encoder.max_seq_length})
         return web.json_response({"object": "list", "data": data})
 
     async def load(self, request: web.Request) -> web.Response:
@@ -221,13 +241,49 @@ class Engine:
             return host.classify(instance, adapter, texts)
 
         results = await self.call(work)
-        tokens = sum(r.prompt_tokens for r in results)
-        data = [{"index": i, "label": r.label, "probs": r.probs, "num_classes": len(r.probs)}
-                for i, r in enumerate(results)]
-        return web.json_response({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                                  "model": body.get("model") or host.served_name, "data": data,
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
-                                            "prompt_tokens_details": None}})
+        return web.json_response(classification_body(results, body.get("model") or host.served_name))
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        encoder = self.encoder
+        if encoder is None:
+            raise not_found("This engine serves no embedding model: start it with --embedding-model DIR.")
+        body = await _body(request)
+        model = body.get("model")
+        if model is not None and model != encoder.name:
+            raise model_not_found(model)
+        texts = _embedding_inputs(body.get("input"))
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise bad_request(f"encoding_format must be 'float' or 'base64', got {encoding!r}.")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and dimensions != encoder.dimension:
+            raise bad_request(f"dimensions: {encoder.name} embeds into {encoder.dimension} dimensions only, "
+                              f"got {dimensions!r}.")
+        embedded = await self.call(encoder.embed, texts)
+        return web.json_response(embeddings_body(embedded, encoder.name, encoding))
+
+
+def classification_body(results: list[Classification], model: str) -> dict:
+    """`/classify`'s answer (vLLM's shape)."""
+    tokens = sum(r.prompt_tokens for r in results)
+    data = [{"index": i, "label": r.label, "probs": r.probs, "num_classes": len(r.probs)}
+            for i, r in enumerate(results)]
+    return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model,
+            "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                                    "prompt_tokens_details": None}}
+
+
+def embeddings_body(embedded: Embedded, model: str, encoding: str = "float") -> dict:
+    """`/v1/embeddings`' answer (OpenAI's and vLLM's shape); base64: little-endian float32 bytes."""
+    def encode(vector: list[float]) -> list[float] | str:
+        if encoding == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(embedded.vectors)]
+    return {"id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model,
+            "data": data, "usage": {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens,
+                                    "completion_tokens": 0, "prompt_tokens_details": None}}
 
 
 # --- request fields ------------------------------------------------------------------------------------
@@ -241,6 +297,17 @@ async def _body(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     return body
+
+
+def _embedding_inputs(value: object) -> list[str]:
+    """A string or a non-empty list of strings (token-id inputs are not accepted: text only)."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise bad_request("input must be a string or a non-empty list of strings (the CPU engine embeds text, "
+                          "not token ids).")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise bad_request(f"input holds {len(texts)} texts; at most {MAX_EMBEDDING_INPUTS} per request.")
+    return texts
 
 
 def _is_int(value: object) -> bool:
@@ -389,6 +456,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + completion tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
+    parser.add_argument("--embedding-model", default=None, metavar="DIR",
+                        help="also serve POST /v1/embeddings from this sentence-encoder directory (mean pooling, "
+                             "L2-normalised: the all-MiniLM-L6-v2 recipe)")
+    parser.add_argument("--embedding-model-name", default=EMBEDDING_MODEL_NAME,
+                        help=f"the embedding model's name in the API (default: {EMBEDDING_MODEL_NAME})")
     parser.add_argument("--verbose", action="store_true", help="debug logs and the access log")
     args = parser.parse_args(argv)
     if args.max_loras < 1 or args.max_lora_rank < 1:
@@ -399,7 +471,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> int:
     host = ModelHost(Path(args.model), served_name=args.served_model_name or args.model, task=args.task,
                      max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len)
-    engine = Engine(host, root=args.model)
+    encoder = SentenceEncoder(Path(args.embedding_model), name=args.embedding_model_name) \
+        if args.embedding_model else None
+    engine = Engine(host, root=args.model, encoder=encoder)
     # handler_cancellation: a client that gives up cancels its request, which stops its generation
     runner = web.AppRunner(engine.app(), handle_signals=False, shutdown_timeout=10, handler_cancellation=True,
                            access_log=logging.getLogger("aiohttp.access") if args.verbose else None)
@@ -429,6 +503,8 @@ async def serve(args: argparse.Namespace) -> int:
         error = None
         try:
             host.load_base()
+            if encoder is not None:
+                encoder.load()
         except BaseException as exc:
             error = exc
         with contextlib.suppress(RuntimeError):  # the loop is gone: we were stopped during the load
@@ -440,14 +516,17 @@ async def serve(args: argparse.Namespace) -> int:
     code = 0
     if loaded.done() and loaded.exception() is not None:
         error = loaded.exception()
-        log.error("the base model could not be loaded", extra={"model": args.model,
-                                                               "error": f"{type(error).__name__}: {error}"})
+        log.error("the base model could not be loaded" if host.tokenizer is None or encoder is None
+                  else "the embedding model could not be loaded",
+                  extra={"model": args.model, "embedding_model": args.embedding_model,
+                         "error": f"{type(error).__name__}: {error}"})
         code = 1
     elif loaded.done():
         engine.ready = True
         log.info(f"kubetune engine ready on {url}", extra={
             "url": url, "model": host.served_name, "task": host.task, "max_loras": host.max_loras,
-            "max_lora_rank": host.max_lora_rank, "max_model_len": host.max_model_len})
+            "max_lora_rank": host.max_lora_rank, "max_model_len": host.max_model_len,
+            "embedding_model": encoder.name if encoder else None})
         await stopping
     log.info("kubetune engine stopping")
     stopping.cancel()
