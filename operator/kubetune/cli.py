@@ -207,9 +207,14 @@ def _summary(result, run_dir: Path) -> str:
 def cmd_local(args: argparse.Namespace) -> int:
     from kubetune import local  # subprocesses and storage only where they are needed
 
-    documents = [d for d in _load_documents(args.file) if d.get("kind") == "FineTuneJob"]
+    loaded = _load_documents(args.file)  # once: the file may be stdin
+    kinds = [d.get("kind") for d in loaded]
+    if kinds == ["AdapterDeployment"]:
+        return _local_adapterdeployment(loaded[0], args)
+    documents = [d for d in loaded if d.get("kind") == "FineTuneJob"]
     if len(documents) != 1:
-        print(f"{args.file}: expected exactly one FineTuneJob, found {len(documents)}", file=sys.stderr)
+        print(f"{args.file}: expected exactly one FineTuneJob or one AdapterDeployment, found "
+              f"{', '.join(str(k) for k in kinds) or 'nothing'}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir).resolve()
     output = args.output
@@ -251,6 +256,21 @@ def cmd_local(args: argparse.Namespace) -> int:
     return 0 if outcome.phase in ("Succeeded", "Skipped") else 1
 
 
+def _local_adapterdeployment(document: dict, args: argparse.Namespace) -> int:
+    from kubetune import local_serving  # the engine and agents run as subprocesses, started there
+
+    if args.set or args.output:
+        print("--set and --output apply to a FineTuneJob; edit the AdapterDeployment instead", file=sys.stderr)
+        return 2
+    options = local_serving.Options(
+        run_dir=Path(args.run_dir).resolve(), namespace=args.namespace, poll=args.poll,
+        status_file=Path(args.status_file).resolve() if args.status_file else None,
+        traffic=Path(args.traffic) if args.traffic else None, traffic_rate=args.traffic_rate, until=args.until,
+        max_seconds=args.max_seconds, drift_seconds=args.drift_seconds, embedding_url=args.embedding_url,
+        embedding_model=args.embedding_model)
+    return local_serving.run(document, options)
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from kubetune.controllers import main as operator_main  # kopf only where it is needed
 
@@ -277,15 +297,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="fail if a generated file differs, write nothing")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("local", help="run a FineTuneJob on this machine through the operator's state machine")
-    p.add_argument("-f", "--file", required=True, help="YAML file with one FineTuneJob")
+    p = sub.add_parser("local", help="run a FineTuneJob, or serve an AdapterDeployment with its drift loop, on "
+                                     "this machine through the operator's own decisions")
+    p.add_argument("-f", "--file", required=True, help="YAML file with one FineTuneJob or one AdapterDeployment")
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--run-dir", default="kubetune-runs", help="where configs, logs and file:// outputs go")
     p.add_argument("--output", help="output URI (default: file://RUN_DIR/storage; 'spec' keeps spec.output.uri)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. --set baseModel.uri=file:///models/x (YAML value; repeat)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between state-machine rounds")
-    p.add_argument("--status-file", help="write the final FineTuneJob (with status) here as JSON")
+    p.add_argument("--status-file", help="write the final FineTuneJob (with status) here as JSON; an "
+                                         "AdapterDeployment's after every pass (default: "
+                                         "RUN_DIR/NAME/adapterdeployment.json)")
+    serving_flags = p.add_argument_group("AdapterDeployment (one CPU engine, an agent per replica, the drift loop)")
+    serving_flags.add_argument("--traffic", metavar="FILE.jsonl",
+                               help='requests sent once to the agents, round robin: one JSON line each, '
+                                    '{"path": "/classify", "body": {"input": "..."}} (model: the first adapter)')
+    serving_flags.add_argument("--traffic-rate", type=float, metavar="N",
+                               help="requests per second (default: as fast as the agents answer)")
+    serving_flags.add_argument("--until", choices=["promoted", "rejected", "drifted", "traffic-done", "never"],
+                               default="promoted",
+                               help="stop (exit 0) when a retrain is promoted and served everywhere, a retrain is "
+                                    "rejected, drift is detected, the traffic is sent and analysed, or never "
+                                    "(Ctrl-C)")
+    serving_flags.add_argument("--max-seconds", type=float,
+                               help="give up (exit 1) when --until is not reached this long after the start")
+    serving_flags.add_argument("--drift-seconds", type=float, default=2.0,
+                               help="how often new samples are read and drift windows analysed")
+    serving_flags.add_argument("--embedding-url", default=os.environ.get("KUBETUNE_EMBEDDING_URL"),
+                               help="OpenAI-compatible embeddings service for the drift diagnostics (e.g. "
+                                    "kubetune_engine --embedding-model DIR); without it they are skipped")
+    serving_flags.add_argument("--embedding-model", default="all-MiniLM-L6-v2",
+                               help="model name sent to --embedding-url")
     p.set_defaults(func=cmd_local)
 
     p = sub.add_parser("operator", help="run the operator (kopf)")
