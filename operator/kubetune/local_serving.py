@@ -811,7 +811,24 @@ def run(document: dict, options: Options) -> int:
     except RuntimeError as exc:  # a process that did not start or died
         print(f"error: {exc}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # before the loop's own handler was in place
+        code = 130
     finally:
-        deployment.stop()
+        # The children run in their own session: a second Ctrl-C interrupting this would orphan them.
+        with _sigint_ignored():
+            deployment.stop()
     print(deployment.summary())
     return code
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
