@@ -1,7 +1,8 @@
 """One fine-tuning run, top to bottom.
 
-    validate data ─▶ load model + method ─▶ baseline eval ─▶ smoke step ─▶ train (eval, early stop,
-    thaw, checkpoint) ─▶ final eval ─▶ publish adapter + manifest (rank 0)
+    validate data (+ evaluation sets, reference adapter) ─▶ load model + method ─▶ baseline eval ─▶
+    smoke step ─▶ train (eval, early stop, thaw, checkpoint) ─▶ final eval ─▶ evaluation sets (candidate,
+    then reference) ─▶ publish adapter + manifest (rank 0)
 
 Every process of a torchrun launch runs this file; rank 0 alone writes progress and publishes.
 Decisions that need no tensors (metrics, early stopping, the DeepSpeed config, data checks) live in
@@ -10,6 +11,7 @@ plain modules with their own unit tests; this file is the loop that strings them
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -26,11 +28,10 @@ from kubetune.api import jobconfig, storage_layout
 from kubetune.api.jobconfig import JobConfig
 from kubetune.clients.storage import publish_adapter
 
-from . import __version__, data, distributed, ds_config, metrics, modeling, storage, text, tracking
+from . import __version__, data, distributed, ds_config, evalsets, metrics, modeling, storage, text, tracking
 from .modeling import BadInput
 
 log = logging.getLogger(__name__)
-
 
 
 LABELS_FILE = "labels.json"  # classification adapters: class names in id order, next to the head
@@ -259,6 +260,34 @@ class Evaluation:
     metrics: dict
     confidences: list[float]
     entropies: list[float]
+    predictions: list[int] = field(default_factory=list)  # classification: predicted class ids, in order
+    scored: int = 0  # examples (classification) or tokens (causal LM) in eval_loss
+
+
+class Scorer:
+    """A model that is only evaluated (the reference adapter): the Engine's forward, no optimizer.
+
+    Under ZeRO-3 it runs inside a DeepSpeed engine (partitioned weights; every forward is a collective,
+    so every rank scores the same examples, as `evaluate` does for the candidate); otherwise a plain
+    module on this rank's device."""
+
+    def __init__(self, model, dist: distributed.DistInfo, zero3: dict | None, autocast_dtype, quantized: bool):
+        self.module, self.dist, self.autocast_dtype = model, dist, autocast_dtype
+        self.deepspeed = self.ddp = None
+        if zero3 is not None:
+            # ZeRO inference: no optimizer (and none of its settings) in the engine.
+            config = {k: v for k, v in zero3.items() if k not in ("gradient_clipping", "zero_force_ds_cpu_optimizer")}
+            zero = dict(config["zero_optimization"])
+            zero.pop("offload_optimizer", None)
+            config["zero_optimization"] = zero
+            self.deepspeed = distributed.wrap_deepspeed(model, None, None, config)
+        elif not quantized:  # QLoRA's 4-bit base is placed while loading
+            model.to(dist.device)
+
+    forward = Engine.forward
+
+    def train(self, mode: bool = True) -> None:
+        (self.deepspeed or self.module).train(mode)
 
 
 @torch.no_grad()
@@ -271,6 +300,8 @@ def evaluate(engine: Engine, examples: list[text.Example], *, task: str, batch_s
     """
     engine.train(False)
     loss_sum, weight, predictions, labels, confidences, entropies = 0.0, 0, [], [], [], []
+    # Classification gold ids may be text.IGNORE (an evaluation set's label the model does not know): left
+    # out of the loss, always a wrong prediction.
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         if task == "SequenceClassification":
@@ -278,8 +309,9 @@ def evaluate(engine: Engine, examples: list[text.Example], *, task: str, batch_s
             out = engine.forward(batch.tensors)
             logits = out.logits.float()
             gold = batch.tensors["labels"]
-            loss_sum += float(F.cross_entropy(logits, gold.to(logits.device), reduction="sum"))
-            weight += len(chunk)
+            loss_sum += float(F.cross_entropy(logits, gold.to(logits.device), reduction="sum",
+                                              ignore_index=text.IGNORE))
+            weight += int((gold != text.IGNORE).sum())
             probs = logits.softmax(-1)
             predictions.extend(probs.argmax(-1).tolist())
             labels.extend(gold.tolist())
@@ -317,7 +349,7 @@ def evaluate(engine: Engine, examples: list[text.Example], *, task: str, batch_s
         result["macro_f1"] = metrics.macro_f1(predictions, labels)
     else:
         result["perplexity"] = metrics.perplexity(mean_loss)
-    return Evaluation(result, confidences, entropies)
+    return Evaluation(result, confidences, entropies, predictions, weight)
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -344,10 +376,8 @@ def load_data(config: JobConfig, progress: storage.ProgressWriter) -> data.Loade
     return loaded
 
 
-def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple:
-    spec = config.spec
-    fmt, max_len = spec["dataset"]["format"], spec["training"]["maxSeqLength"]
-    holdout = config.stage.holdout_fraction if config.stage.kind == jobconfig.STAGE_TRIAL else None
+def _length_check_functions(tokenizer, fmt: str) -> tuple:
+    """(count_tokens, render_chat or None): what the data length check needs from the tokenizer."""
 
     def count(piece: str) -> int:
         return len(tokenizer(piece, add_special_tokens=True)["input_ids"])
@@ -356,7 +386,15 @@ def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple
         return tokenizer.apply_chat_template(messages, tokenize=False)
 
     chat_template = fmt == "chat" and getattr(tokenizer, "chat_template", None)
-    loaded.apply_length_check(count, max_len, render_chat=render_chat if chat_template else None)
+    return count, render_chat if chat_template else None
+
+
+def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple:
+    spec = config.spec
+    fmt, max_len = spec["dataset"]["format"], spec["training"]["maxSeqLength"]
+    holdout = config.stage.holdout_fraction if config.stage.kind == jobconfig.STAGE_TRIAL else None
+    count, render_chat = _length_check_functions(tokenizer, fmt)
+    loaded.apply_length_check(count, max_len, render_chat=render_chat)
     if not loaded.acceptable(spec["dataset"]["maxInvalidFraction"]):
         raise BadInput("the dataset has invalid lines (nothing was trained):\n" + loaded.summary())
     if holdout:
@@ -376,6 +414,55 @@ def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple
     if not train_examples:
         raise BadInput("the dataset has no valid training examples")
     return label_ids, train_examples, val_examples, {"train": train_stats.as_dict(), "validation": val_stats.as_dict()}
+
+
+def load_evaluation_sets(config: JobConfig, loaded: data.LoadedData, tokenizer) -> list[evalsets.EvalSet]:
+    """spec.evaluation.sets, read with the dataset's credentials, validated and tokenized like the dataset."""
+    spec = config.spec
+    fmt, max_len = spec["dataset"]["format"], spec["training"]["maxSeqLength"]
+    count, render_chat = _length_check_functions(tokenizer, fmt)
+    store = storage.data_store(spec)
+    out = []
+    for entry in spec["evaluation"]["sets"]:
+        raw = store.read(entry["uri"])
+        records = evalsets.parse_set(raw, entry["name"], entry["uri"], fmt, count_tokens=count, max_tokens=max_len,
+                                     render_chat=render_chat)
+        examples, gold = evalsets.tokenize_set(records, fmt, tokenizer, max_len, list(loaded.labels))
+        out.append(evalsets.EvalSet(entry["name"], entry["uri"], data.dataset_digest(raw), records, examples, gold))
+        duplicates = data.duplicates_across(loaded.train, records)
+        log.info("evaluation set ready", extra={"set": entry["name"], "examples": len(examples),
+                                                "unknownLabels": sum(g not in loaded.labels for g in gold),
+                                                "duplicatesOfTraining": len(duplicates)})
+        if duplicates:
+            log.warning("evaluation set lines duplicate training examples (leakage)",
+                        extra={"set": entry["name"], "pairs": len(duplicates), "first": duplicates[:10]})
+    return out
+
+
+def fetch_reference(config: JobConfig, store, dist, work_dir: Path) -> evalsets.Reference | None:
+    """spec.evaluation.reference verified and downloaded once per pod (local rank 0), before training.
+
+    The manifest's cheap checks (same base model and task) run on every rank, so a wrong reference fails
+    all of them alike; a failed verification on one pod is shared through a collective."""
+    reference_spec = (config.spec.get("evaluation") or {}).get("reference")
+    if not reference_spec:
+        return None
+    uri = reference_spec["manifestUri"]
+    document, labels = evalsets.read_reference(store, uri, config.spec)
+    target = work_dir / "reference" / str(document.get("digest", "unknown")).replace(":", "-")
+    error: BadInput | None = None
+    reference = None
+    if dist.local_rank == 0:
+        try:
+            reference = evalsets.fetch_reference(store, uri, config.spec, target)
+        except BadInput as exc:
+            error = exc
+    failed = distributed.all_reduce_mean(1.0 if error else 0.0)  # a collective: every rank learns of a failure
+    if error is not None:
+        raise error
+    if failed:
+        raise BadInput(f"evaluation.reference {uri}: the adapter did not verify on another pod (see its log)")
+    return reference or evalsets.Reference(uri, document, target, labels)
 
 
 def run(config: JobConfig, *, work_dir: Path) -> dict:
@@ -418,6 +505,13 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
     log.info("dataset report", extra={"summary": loaded.summary()})
     log.info("data ready", extra={"train": len(train_examples), "validation": len(val_examples),
                                   "truncated": token_stats["train"]["truncated"], "pad": pad_note})
+    # spec.evaluation: checked now (a bad set or reference fails in seconds), scored after training. Only
+    # the training stage publishes, so baseline and trial stages leave it alone.
+    eval_sets: list[evalsets.EvalSet] = []
+    reference = None
+    if config.stage.kind == jobconfig.STAGE_TRAIN and spec.get("evaluation"):
+        eval_sets = load_evaluation_sets(config, loaded, tokenizer)
+        reference = fetch_reference(config, out_store, dist, work_dir)
 
     # 2. model and method ----------------------------------------------------------------------------
     precision = modeling.pick_precision(training["precision"], dist.device)
@@ -533,15 +627,87 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
             "examples": {"train": len(train_examples), "holdout": len(val_examples)},
             "steps": state.step, "stopReason": stop_reason, "trainSeconds": round(state.train_seconds, 3),
             "seconds": round(time.monotonic() - started, 1), "history": state.history[-200:]})
+    evaluations = None
+    if eval_sets:
+        evaluations = _evaluate_sets(config, engine, eval_sets, reference, list(loaded.labels), model_dir,
+                                     precision=precision, zero3=ds if engine.deepspeed is not None
+                                     and deepspeed_spec["zeroStage"] == 3 else None,
+                                     batch_size=schedule.per_device_batch, pad_id=pad_id, pack=pack,
+                                     progress=progress, tracker=tracker, step=state.step)
+    adapter_state = gather_adapter_state(engine, spec)
     document: dict = {}
     if dist.is_main:
         progress.update(stage="publishing", force=True, evalMetrics=final.metrics,
                         evalLoss=final.metrics.get("eval_loss"))
         document = _publish(config, engine, tokenizer, model_dir, loaded, val_examples, final, state, schedule,
-                            token_stats, precision, stop_reason, out_store, work_dir, time.monotonic() - started)
+                            token_stats, precision, stop_reason, out_store, work_dir, time.monotonic() - started,
+                            adapter_state=adapter_state, evaluations=evaluations, reference=reference)
         progress.update(stage="done", force=True, step=state.step)
     distributed.barrier()
     return document
+
+
+def _score(model, eval_set: evalsets.EvalSet, labels: list[str], *, task: str, batch_size: int, pad_id: int,
+           pack: bool) -> dict:
+    """One model on one set: the validation metrics; for classification on label names, unknown labels
+    counted (wrong predictions, not in eval_loss)."""
+    examples = evalsets.relabel(eval_set, labels)
+    evaluation = evaluate(model, examples, task=task, batch_size=batch_size, pad_id=pad_id, pack=pack)
+    if task != "SequenceClassification":
+        return evaluation.metrics
+    predicted = [labels[i] for i in evaluation.predictions]
+    loss = evaluation.metrics["eval_loss"] if evaluation.scored else None
+    return evalsets.classification_scores(predicted, eval_set.gold, loss, labels)
+
+
+def _evaluate_sets(config: JobConfig, engine: Engine, eval_sets: list[evalsets.EvalSet],
+                   reference: evalsets.Reference | None, labels: list[str], model_dir: Path, *, precision: str,
+                   zero3: dict | None, batch_size: int, pad_id: int, pack: bool, progress, tracker,
+                   step: int) -> dict:
+    """manifest["evaluations"]: the trained model, then the reference (loaded, scored, freed), on every set.
+
+    On every rank, like the final evaluation (under ZeRO-3 each forward is a collective); rank 0 publishes.
+    """
+    spec = config.spec
+    task = spec["task"]
+    common = {"task": task, "batch_size": batch_size, "pad_id": pad_id, "pack": pack}
+    results = {s.name: {"uri": s.uri, "digest": s.digest, "examples": len(s.examples)} for s in eval_sets}
+    for eval_set in eval_sets:
+        log.info("evaluating set", extra={"set": eval_set.name, "model": "candidate",
+                                          "examples": len(eval_set.examples)})
+        progress.update(stage="evaluating", force=True, evaluationSet=eval_set.name)
+        results[eval_set.name]["candidate"] = _score(engine, eval_set, labels, **common)
+        log.info("evaluated set", extra={"set": eval_set.name, "model": "candidate",
+                                         "metrics": results[eval_set.name]["candidate"]})
+    if reference is not None:
+        if engine.deepspeed is None:
+            engine.optimizer.state.clear()  # training is over: room for the reference next to the candidate
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("loading the reference adapter", extra={"manifest": reference.manifest_uri,
+                                                         "digest": reference.digest})
+        model = evalsets.load_reference_model(reference, model_dir, spec, precision=precision,
+                                               device=engine.dist.device, zero3=zero3)
+        if task == "SequenceClassification" and model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_id
+        scorer = Scorer(model, engine.dist, zero3, engine.autocast_dtype, quantized=spec["method"]["type"] == "QLoRA")
+        try:
+            for eval_set in eval_sets:
+                log.info("evaluating set", extra={"set": eval_set.name, "model": "reference",
+                                                  "examples": len(eval_set.examples)})
+                progress.update(stage="evaluating", force=True, evaluationSet=f"{eval_set.name} (reference)")
+                results[eval_set.name]["reference"] = _score(scorer, eval_set, reference.labels, **common)
+                log.info("evaluated set", extra={"set": eval_set.name, "model": "reference",
+                                                 "metrics": results[eval_set.name]["reference"]})
+        finally:
+            del scorer, model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    tracker.log({f"set_{name}_{who}_{k}": v for name, result in results.items()
+                 for who in ("candidate", "reference") for k, v in result.get(who, {}).items()}, step=step)
+    return results
 
 
 def _finish_stage(config: JobConfig, dist, store, progress, fields: dict) -> dict:
@@ -693,17 +859,29 @@ def _evaluate_and_decide(engine, state: TrainerState, stopping, watch: str, free
 # --- publishing ----------------------------------------------------------------------------------------
 
 
-def _save_adapter(engine: Engine, tokenizer, model_dir: Path, spec: dict, target: Path, labels: list[str]) -> None:
+def gather_adapter_state(engine: Engine, spec: dict) -> dict | None:
+    """Under DeepSpeed, the weights to save, whole on rank 0. A collective (ZeRO-3 gathers the partitioned
+    tensors): every rank calls it, before rank 0 alone publishes. None without DeepSpeed (saved as they are)."""
+    if engine.deepspeed is None:
+        return None
+    # ZeRO-3 prefetching can leave parameters in flight after the last forward (seen with a LoRA above the
+    # persistence threshold on a classifier); gathering would then fail. Release them all first.
+    engine.deepspeed.empty_partition_cache()
+    # The module's own keys: PeftModel.save_pretrained applies get_peft_model_state_dict itself (twice
+    # breaks modules_to_save, the classification head).
+    return distributed.gathered_trainable_state_dict(engine.deepspeed, peft_keys=False,
+                                                     only_trainable=spec["method"]["type"] in ("LoRA", "QLoRA"))
+
+
+def _save_adapter(engine: Engine, tokenizer, model_dir: Path, spec: dict, target: Path, labels: list[str],
+                  state_dict: dict | None) -> None:
     method = spec["method"]["type"]
     model = engine.module
     target.mkdir(parents=True, exist_ok=True)
-    state_dict = distributed.gathered_trainable_state_dict(engine.deepspeed or model,
-                                                           only_trainable=method in ("LoRA", "QLoRA"))
     if method in ("LoRA", "QLoRA"):
-        model.save_pretrained(target, state_dict=state_dict if engine.deepspeed is not None else None)
+        model.save_pretrained(target, state_dict=state_dict)
     else:
-        model.save_pretrained(target, state_dict=state_dict if engine.deepspeed is not None else None,
-                              safe_serialization=True)
+        model.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(target)
     if labels and spec["task"] == "SequenceClassification":
         # the serving engine needs the class names in id order to size the head and name its predictions
@@ -750,13 +928,14 @@ def input_text(fields: dict) -> str:
 
 def _publish(config: JobConfig, engine: Engine, tokenizer, model_dir: Path, loaded, val_examples, final: Evaluation,
              state: TrainerState, schedule: Schedule, token_stats: dict, precision: str, stop_reason: str, store,
-             work_dir: Path, seconds: float) -> dict:
+             work_dir: Path, seconds: float, adapter_state: dict | None = None, evaluations: dict | None = None,
+             reference: evalsets.Reference | None = None) -> dict:
     import peft
     import transformers
 
     spec = config.spec
     adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-", dir=work_dir))
-    _save_adapter(engine, tokenizer, model_dir, spec, adapter_dir, list(loaded.labels))
+    _save_adapter(engine, tokenizer, model_dir, spec, adapter_dir, list(loaded.labels), adapter_state)
     kind = "classification" if spec["task"] == "SequenceClassification" else "causal-lm"
     profile = metrics.drift_profile(
         input_lengths=[len(e.input_ids) for e in val_examples],
@@ -787,6 +966,10 @@ def _publish(config: JobConfig, engine: Engine, tokenizer, model_dir: Path, load
                     "peft": peft.__version__},
         "driftProfile": profile,
     }
+    if evaluations is not None:  # spec.evaluation: every set scored for this adapter (and the reference)
+        fields["evaluations"] = evaluations
+    if reference is not None:
+        fields["evaluationReference"] = {"manifestUri": reference.manifest_uri, "digest": reference.digest}
     document = publish_adapter(store, adapter_dir, config.storage.job_prefix, fields)
     log.info("adapter published", extra={"digest": document["digest"], "files": len(document["files"]),
                                          "manifest": config.storage.manifest_uri})
