@@ -77,3 +77,19 @@ def test_adapter_rollout_smoke(tmp_path: Path):
     [run] = hot["runs"]
     assert all(a["read_desired_s"] is not None and a["loaded_s"] is not None for a in run["agents"])
     assert report["ratio"]["rolling"] > 1  # two engine start-ups in a row vs one sync tick and a load
+
+
+def test_drift_analysis_smoke(tmp_path: Path):
+    out = tmp_path / "drift.json"
+    _run("drift_analysis.py", "--smoke", "--json", str(out), timeout=120)
+    report = json.loads(out.read_text())
+    assert report["settings"]["window"] == 100 and report["settings"]["smoke"]
+    assert len(report["runs"]) == 2
+    for run in report["runs"]:
+        assert run["requests"] == 100  # every sampled record parsed into one observation
+        assert run["without_s"] > 0 and run["with_http_s"] > 0 and run["embed_http_s"] > 0
+        assert "embed_inprocess_s" not in run  # --smoke skips the in-process encoder
+    assert [run["oos_share"] for run in report["runs"]] == [0.0, 0.5]
+    one_off = report["one_off"]
+    assert one_off["calibrate_s"] > 0 and one_off["build_reference_s"] > 0 and one_off["holdout"] == 60
+    assert set(report["ratio"]) == {"http"}
