@@ -65,8 +65,6 @@ STOP_SECONDS = 15.0  # SIGTERM, then SIGKILL after this long
 # The API allows only s3:// sampling (a cluster's agents and operator share no file system) and
 # drift_pass validates retrain FineTuneJobs for a cluster (no file:// outputs). Locally file:// is the
 # natural choice for both: these stand in for file:// URIs while a cluster-only check looks at them.
-PLACEHOLDER_SAMPLING = "s3://kubetune-local-placeholder/samples"
-PLACEHOLDER_OUTPUT = "s3://kubetune-local-placeholder/retrains"
 
 
 class LocalServingError(Exception):
@@ -130,20 +128,11 @@ def prepare(document: dict, namespace: str) -> dict:
     meta.setdefault("generation", 1)
     meta.setdefault("uid", str(uuid.uuid4()))
     meta.setdefault("creationTimestamp", now_rfc3339())
-    spec = adep.get("spec") if isinstance(adep.get("spec"), dict) else {}
-    sampling = spec.get("trafficSampling") if isinstance(spec.get("trafficSampling"), dict) else {}
-    sampling_uri = sampling.get("uri")
-    substituted = isinstance(sampling_uri, str) and sampling_uri.startswith("file://")
-    checked = copy.deepcopy(adep)
-    if substituted:
-        checked["spec"]["trafficSampling"]["uri"] = PLACEHOLDER_SAMPLING
-    result = validate(checked, local=True)
+    result = validate(adep, local=True)
     name = f"AdapterDeployment/{meta.get('name', '?')}"
     if not result.ok:
         raise LocalServingError([f"{name}: error: {e}" for e in result.errors])
     adep = {**adep, "spec": result.defaulted["spec"]}
-    if substituted:
-        adep["spec"]["trafficSampling"] = {**adep["spec"]["trafficSampling"], "uri": sampling_uri}
     spec = adep["spec"]
     problems = []
     base = spec["baseModel"]["uri"]
@@ -371,7 +360,8 @@ class LocalDeployment:
 
             embedder = EmbeddingClient(options.embedding_url, options.embedding_model)
         # one retrain at a time on one machine: two trainers would halve each other's cores
-        self.analyzer = drift_storage.Analyzer(embedder=embedder, drift_seconds=options.drift_seconds, max_retrains=1)
+        self.analyzer = drift_storage.Analyzer(embedder=embedder, drift_seconds=options.drift_seconds, max_retrains=1,
+                                                  local=True)
         self.traffic: TrafficSender | None = None
         self.abort = threading.Event()  # set by Ctrl-C / SIGTERM: stops a start that is still waiting
 
@@ -495,30 +485,16 @@ class LocalDeployment:
             log.info("desired state written", extra={"adapterdeployment": self.name,
                                                      "generation": plan.desired.generation})
         events = list(plan.events)
-        drift_adep = self._drift_view(adep)
-        for adapter in drift_adep["spec"]["adapters"]:
+        for adapter in adep["spec"]["adapters"]:
             if adapter.get("drift"):
                 rec = next(r for r in plan.status["adapters"] if r["name"] == adapter["name"])
-                rec["drift"], drift_events = await self._drift_pass(drift_adep, adapter, rec, now)
+                rec["drift"], drift_events = await self._drift_pass(adep, adapter, rec, now)
                 events += drift_events
         self.status = plan.status
         write_atomic(self.status_file, json.dumps(self.document(), indent=2))
         for event in events:
             self.event(event.type, event.reason, event.message)
         self.progress()
-
-    def _drift_view(self, adep: dict) -> dict:
-        """The AdapterDeployment drift_pass sees: a file:// retrain output stands in as a placeholder while
-        drift_pass validates the retrain for a cluster; `_create_retrain` puts the real output back."""
-        adapters = []
-        for adapter in adep["spec"]["adapters"]:
-            template = ((adapter.get("drift") or {}).get("retrain") or {}).get("template") or {}
-            output = (template.get("spec") or {}).get("output") or {}
-            if str(output.get("uri", "")).startswith("file://"):
-                adapter = copy.deepcopy(adapter)
-                adapter["drift"]["retrain"]["template"]["spec"]["output"]["uri"] = PLACEHOLDER_OUTPUT
-            adapters.append(adapter)
-        return {**adep, "spec": {**adep["spec"], "adapters": adapters}}
 
     async def _drift_pass(self, adep: dict, adapter: dict, rec: dict, now: str) -> tuple[dict, list]:
         jobs = [r.view() for r in self.retrains.values() if r.adapter == adapter["name"]]

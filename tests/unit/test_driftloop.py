@@ -242,3 +242,15 @@ def test_rollout_view_serves_the_promoted_retrain_while_the_spec_source_is_uncha
     assert view["spec"]["adapters"][0]["source"] == {"uri": "s3://a/r1/manifest.json", "digest": "sha256:" + "e" * 64}
     assert doc["spec"]["adapters"][0]["source"] == {"fineTuneJobRef": {"name": "llama-lora"}}  # spec untouched
     assert dl.rollout_view(doc, {})["spec"]["adapters"][0]["source"] == {"fineTuneJobRef": {"name": "llama-lora"}}
+
+
+def test_a_retrain_that_cannot_be_created_counts_as_failed_and_cools_down():
+    doc = adep()
+    adapter = doc["spec"]["adapters"][0]
+    plan = run(doc, None, observed(verdict(1, True), verdict(2, True), new_labelled=500))
+    status, event = dl.retrain_not_started(plan.status, adapter, "team-a/support-bot", T0, "RetrainNotStarted",
+                                           "labelled.jsonl line 3: not JSON")
+    assert "retrain" not in status and status["history"][-1]["outcome"] == "Failed"
+    assert status["cooldownUntil"] == "2026-11-28T12:10:00Z" and status["state"] == "Cooldown"
+    assert event.type == "Warning" and event.message.startswith("team-a/support-bot: retrain ")
+    assert "line 3" in event.message

@@ -123,3 +123,11 @@ def test_retrain_template_may_not_set_what_the_operator_fills_in():
     paths = {e.path for e in result.errors}
     assert "spec.adapters[0].drift.retrain.template.spec.dataset.uri" in paths
     assert "spec.adapters[0].drift.retrain.template.spec.evaluation" in paths
+
+
+def test_file_sampling_is_for_kubetune_local_only():
+    doc = _drifting(RETRAIN_SPEC)
+    doc["spec"]["trafficSampling"]["uri"] = "file:///tmp/samples"
+    assert validate(doc, local=True).ok
+    errors = validate(doc).errors
+    assert [e.path for e in errors] == ["spec.trafficSampling.uri"] and "kubetune local" in errors[0].message

@@ -1058,7 +1058,8 @@ ADAPTERDEPLOYMENT_SPEC = obj(
             "Requests and responses sampled to storage for drift analysis.",
             {
                 "rate": number("Share of requests sampled.", default=0.0, minimum=0, maximum=1),
-                "uri": string("S3 prefix for samples.", pattern=r"^s3://.+"),
+                "uri": string("S3 prefix for samples (file:// only with `kubetune local`).", pattern=STORAGE_URI,
+                              max_length=2048),
             },
             default={},
         ),

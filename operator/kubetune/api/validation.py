@@ -260,6 +260,10 @@ def validate(document: dict, *, local: bool = False) -> ValidationResult:
         result.errors.extend(errors)
         result.warnings.extend(warnings)
     if kind == "AdapterDeployment" and not result.errors:
+        sampling = (defaulted["spec"].get("trafficSampling") or {}).get("uri") or ""
+        if not local and sampling.startswith("file://"):
+            result.errors.append(FieldError("spec.trafficSampling.uri", "file:// samples work only with `kubetune "
+                                            "local`; serving pods write to S3 (s3://bucket/prefix)"))
         result.errors.extend(retrain_template_errors(defaulted, local=local))
     if result.ok:
         result.defaulted = defaulted

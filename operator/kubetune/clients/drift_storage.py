@@ -59,6 +59,7 @@ class Analyzer:
     max_retrains: int = 2  # retrains in flight at once (the cluster's cap)
     last_analysis: dict = field(default_factory=dict)  # (namespace, name, adapter) -> monotonic time
     manifests: dict = field(default_factory=dict)  # manifest uri -> manifest (published manifests never change)
+    local: bool = False  # `kubetune local`: retrain FineTuneJobs are validated for this machine (file:// allowed)
     references: dict = field(default_factory=dict)  # digest -> reference
     calibrations: dict = field(default_factory=dict)  # (digest, window size, thresholds) -> calibration
     labelled_counts: dict = field(default_factory=dict)  # labelled object uri -> (examples, problem)
@@ -419,14 +420,15 @@ async def drift_pass(analyzer: Analyzer, store: storage.ObjectStore, adep: dict,
             data = await asyncio.to_thread(prepare_retrain, store, adep, adapter, plan.start_retrain, manifest,
                                            stable["manifestUri"])
             job = driftloop.retrain_job(adep, adapter, plan.start_retrain, data, stable["manifestUri"])
-            result = validate(job)
+            result = validate(job, local=analyzer.local)
             if not result.ok:
                 raise DataError("the retrain FineTuneJob is invalid: " + "; ".join(str(e) for e in result.errors))
             await create_job(job)
             log.info("retrain started", extra={"adapterdeployment": name, "adapter": adapter["name"],
                                                "job": plan.start_retrain})
         except DataError as exc:
-            status, event = driftloop.retrain_not_started(plan.status, adapter, now, "RetrainNotStarted", str(exc))
+            status, event = driftloop.retrain_not_started(plan.status, adapter, f"{namespace}/{adapter['name']}", now,
+                                                          "RetrainNotStarted", str(exc))
             events = [e for e in events if e.reason != "RetrainStarted"] + [event]
     promoted = driftloop.newly_promoted(status, now)
     if promoted:

@@ -240,7 +240,8 @@ def decide(adep: dict, adapter: dict, previous: dict | None, observed: Observed)
     return plan
 
 
-def retrain_not_started(status: dict, adapter: dict, now: str, reason: str, message: str) -> tuple[dict, Event]:
+def retrain_not_started(status: dict, adapter: dict, alias: str, now: str, reason: str,
+                        message: str) -> tuple[dict, Event]:
     """The retrain decided this pass could not be created (unusable labelled data, an invalid job):
     recorded as a failed retrain, so the cooldown and budget hold and the reason is visible."""
     state = copy.deepcopy(status)
@@ -249,7 +250,6 @@ def retrain_not_started(status: dict, adapter: dict, now: str, reason: str, mess
                                           "message": message[:1000]})
     state["lastDecision"] = {"time": now, "reason": reason, "message": message[:1000]}
     state["state"] = "Cooldown"
-    alias = adapter["name"]
     return state, Event("Warning", reason, f"{alias}: retrain {job} not started: {message}")
 
 
