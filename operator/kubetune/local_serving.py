@@ -45,6 +45,7 @@ from kubetune import local
 from kubetune.api import jobconfig, serving, storage_layout
 from kubetune.api.validation import validate
 from kubetune.clients import drift_storage, storage
+from kubetune.clients.sources import manifest_location, verified_source
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import driftloop
 
@@ -446,29 +447,8 @@ class LocalDeployment:
     async def resolve(self, adapter: dict) -> adp.Source:
         """A uri source as a verified manifest: every file's size and sha256, once per (uri, digest)."""
         name, src = adapter["name"], adapter["source"]
-        uri = src["uri"]
-        manifest_uri = uri if uri.endswith("/manifest.json") else uri.rstrip("/") + "/manifest.json"
-        expected = src.get("digest")
-        cached = self.verified.get((manifest_uri, expected))
-        if cached is not None:
-            return cached
-        prefix = manifest_uri.rsplit("/", 1)[0] + "/"
-        try:
-            check = await asyncio.to_thread(storage.check_published, self.store, prefix, True)
-        except Exception as exc:  # storage down: try again next pass
-            return adp.Source(manifest_uri=manifest_uri, problems=(("StorageUnavailable", f"adapters[{name}]: {exc}"),))
-        if not check.found:
-            return adp.Source(manifest_uri=manifest_uri,
-                              problems=(("ManifestMissing", f"adapters[{name}]: no manifest at {manifest_uri}"),))
-        if check.problems:
-            return adp.Source(manifest_uri=manifest_uri, problems=tuple(
-                (p.reason, f"adapters[{name}]: {manifest_uri}: {p.message}") for p in check.problems))
-        document = check.document
-        source = adp.Source(manifest_uri=manifest_uri, digest=document["digest"], rank=document.get("rank"),
-                            base_model=document.get("baseModel"))
-        if expected is None or expected == document["digest"]:
-            self.verified[(manifest_uri, expected)] = source
-        return source
+        return await verified_source(self.store, manifest_location(src["uri"]), src.get("digest"), name,
+                                     self.verified)
 
     async def reconcile(self) -> None:
         adep = self.document()

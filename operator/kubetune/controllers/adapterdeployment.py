@@ -23,6 +23,7 @@ from kubetune.api import v1alpha1 as api
 from kubetune.api.validation import validate
 from kubetune.clients import drift_storage as drift
 from kubetune.clients import kube, storage
+from kubetune.clients.sources import manifest_location, verified_source
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import driftloop
@@ -69,10 +70,6 @@ async def _store_for(adep: dict) -> storage.ObjectStore:
                               RUNTIME.default_s3)
 
 
-def _manifest_location(uri: str) -> str:
-    return uri if uri.endswith("/manifest.json") else uri.rstrip("/") + "/manifest.json"
-
-
 async def _resolve(adep: dict, adapter: dict, store: storage.ObjectStore) -> adp.Source:
     """A source as a verified manifest: every file's size and sha256 checked once per digest."""
     namespace, name = adep["metadata"]["namespace"], adapter["name"]
@@ -90,27 +87,8 @@ async def _resolve(adep: dict, adapter: dict, store: storage.ObjectStore) -> adp
                                                                 f"published no adapter (phase {phase})"),))
         manifest_uri, expected = published["manifestUri"], published["digest"]
     else:
-        manifest_uri, expected = _manifest_location(src["uri"]), src.get("digest")
-    cached = RUNTIME.verified.get((manifest_uri, expected))
-    if cached is not None:
-        return cached
-    prefix = manifest_uri.rsplit("/", 1)[0] + "/"
-    try:
-        check = await asyncio.to_thread(storage.check_published, store, prefix, True)
-    except Exception as exc:  # storage down: try again next pass
-        return adp.Source(manifest_uri=manifest_uri, problems=(("StorageUnavailable", f"adapters[{name}]: {exc}"),))
-    if not check.found:
-        return adp.Source(manifest_uri=manifest_uri,
-                          problems=(("ManifestMissing", f"adapters[{name}]: no manifest at {manifest_uri}"),))
-    if check.problems:
-        return adp.Source(manifest_uri=manifest_uri, problems=tuple(
-            (p.reason, f"adapters[{name}]: {manifest_uri}: {p.message}") for p in check.problems))
-    document = check.document
-    source = adp.Source(manifest_uri=manifest_uri, digest=document["digest"], rank=document.get("rank"),
-                        base_model=document.get("baseModel"))
-    if expected is None or expected == document["digest"]:
-        RUNTIME.verified[(manifest_uri, expected)] = source
-    return source
+        manifest_uri, expected = manifest_location(src["uri"]), src.get("digest")
+    return await verified_source(store, manifest_uri, expected, name, RUNTIME.verified)
 
 
 def _pod_view(pod: dict) -> adp.Pod:
