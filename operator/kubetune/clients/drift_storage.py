@@ -198,6 +198,9 @@ def analyse_samples(analyzer: Analyzer, store: storage.ObjectStore, *, adep: dic
         log.info("drift window analysed", extra={"alias": alias, "index": window["index"],
                                                  "requests": verdict["requests"], "drifted": verdict["drifted"]})
 
+    # Replicas flush their samples independently: the requests read in one pass are put back in request
+    # order before they fill windows, so a window holds a time slice of the traffic, not one pod's batch.
+    arrivals: list[tuple[str, int, dict]] = []
     for pod, uri in keys[:MAX_OBJECTS_PER_PASS]:
         raw = store.read(uri)
         result.objects_read += 1
@@ -209,14 +212,16 @@ def analyse_samples(analyzer: Analyzer, store: storage.ObjectStore, *, adep: dic
             if not isinstance(record, dict) or record.get("alias") != alias \
                     or record.get("version") != stable["version"]:
                 continue
-            for observation in stats.observations(record):
-                if window["startTime"] is None:
-                    window["startTime"] = record.get("time") or now
-                window["observations"].append(asdict(observation))
-                if len(window["observations"]) >= size:
-                    close(window["observations"], record.get("time") or now)
-                    window = state["window"] = {"index": window["index"] + 1, "startTime": None, "observations": []}
+            arrivals.append((str(record.get("time") or now), len(arrivals), record))
         state["cursor"][pod] = uri
+    for when, _, record in sorted(arrivals, key=lambda item: item[:2]):
+        for observation in stats.observations(record):
+            if window["startTime"] is None:
+                window["startTime"] = when
+            window["observations"].append(asdict(observation))
+            if len(window["observations"]) >= size:
+                close(window["observations"], when)
+                window = state["window"] = {"index": window["index"] + 1, "startTime": None, "observations": []}
     if len(keys) > MAX_OBJECTS_PER_PASS:
         log.info("drift analysis catching up", extra={"alias": alias, "left": len(keys) - MAX_OBJECTS_PER_PASS})
     if window["observations"] and driftloop.window_due(len(window["observations"]), window["startTime"], now,
