@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.api import crd
+from kubetune.api import crd, reference
 from kubetune.api.validation import validate
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import serving as serving_render
@@ -120,6 +120,7 @@ def generated_files() -> dict[str, str]:
         text += dump_yaml([document])
         for directory in GENERATED_CRD_DIRS:
             files[f"{directory}/{filename}"] = text
+    files["docs/reference.md"] = reference.reference_markdown()
     return files
 
 

@@ -44,4 +44,6 @@ def test_every_field_is_documented():
 
 def test_yaml_round_trip_is_stable():
     for path, content in generated_files().items():
+        if not path.endswith(".yaml"):
+            continue  # docs/reference.md
         assert yaml.safe_load(content)["kind"] == "CustomResourceDefinition", path
