@@ -155,7 +155,8 @@ def test_user_labels_are_not_copied_to_children():
     doc["metadata"]["labels"] = {"argocd.argoproj.io/instance": "team-a-jobs", "app.kubernetes.io/instance": "x"}
     for child in children(doc):
         assert "argocd.argoproj.io/instance" not in json.dumps(child)
-        assert child["metadata"]["labels"]["app.kubernetes.io/instance"] == "llama-lora"
+        assert "app.kubernetes.io/instance" not in child["metadata"]["labels"]  # Argo CD's tracking label
+        assert child["metadata"]["labels"]["kubetune.io/finetunejob"] == "llama-lora"
 
 
 def test_job_config_is_the_resolved_spec_with_storage_layout():

@@ -28,6 +28,7 @@ from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import driftloop
 from kubetune.reconcile.finetunejob import status_patch
+from kubetune.render import gitops
 from kubetune.render import serving as render
 
 from . import metrics
@@ -105,6 +106,12 @@ def _pod_view(pod: dict) -> adp.Pod:
     return adp.Pod(pod["metadata"]["name"], ready, report)
 
 
+def _label_patch(existing: dict, labels: dict) -> dict:
+    """A merge patch of metadata.labels that also drops GitOps tracking labels an older operator set."""
+    stale = {k: None for k in existing["metadata"].get("labels") or {} if gitops.is_tracking_key(k)}
+    return {**stale, **labels}
+
+
 async def _apply_child(child: dict, existing: dict | None) -> None:
     resource = RESOURCES[child["kind"]]
     namespace, name = child["metadata"]["namespace"], child["metadata"]["name"]
@@ -116,10 +123,15 @@ async def _apply_child(child: dict, existing: dict | None) -> None:
     hash_key = render.ANNOTATION_TEMPLATE_HASH
     stored = (existing["metadata"].get("annotations") or {}).get(hash_key)
     if child["kind"] == "Deployment" and stored != child["metadata"]["annotations"][hash_key]:
-        # a new --max-lora-rank or engine image: the only changes that roll the serving pods
+        # a new --max-lora-rank or engine image (or labels: an older operator's tracking label) rolls the pods
+        template = child["spec"]["template"]
+        stale = set(((existing["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {})
+        labels = {**dict.fromkeys(stale - set(template["metadata"]["labels"])), **template["metadata"]["labels"]}
         await RUNTIME.client.patch(resource, namespace, name, {
-            "metadata": {"annotations": child["metadata"]["annotations"]},
-            "spec": {"template": child["spec"]["template"], "replicas": child["spec"]["replicas"]}})
+            "metadata": {"annotations": child["metadata"]["annotations"],
+                         "labels": _label_patch(existing, child["metadata"]["labels"])},
+            "spec": {"template": {**template, "metadata": {**template["metadata"], "labels": labels}},
+                     "replicas": child["spec"]["replicas"]}})
     elif child["kind"] == "Deployment" and existing["spec"].get("replicas") != child["spec"]["replicas"]:
         await RUNTIME.client.patch(resource, namespace, name, {"spec": {"replicas": child["spec"]["replicas"]}})
 

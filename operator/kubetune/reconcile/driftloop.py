@@ -23,6 +23,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from kubetune.api import v1alpha1 as api
+from kubetune.render import gitops
 
 HISTORY = 10  # retrain outcomes kept in status
 WINDOWS_KEPT = 10  # window verdicts kept in status (at least guard.ofWindows)
@@ -426,14 +427,17 @@ def retrain_job(adep: dict, adapter: dict, name: str, data: RetrainData, serving
     spec["evaluation"] = {"sets": [{"name": SET_ORIGINAL, "uri": data.original_holdout_uri},
                                    {"name": SET_NEW, "uri": data.new_holdout_uri}],
                           "reference": {"manifestUri": serving_manifest_uri}}
-    labels = {**((template.get("metadata") or {}).get("labels") or {}),
+    # the template's metadata minus GitOps tracking keys: the AdapterDeployment's Application must not
+    # claim (and prune) the FineTuneJobs the operator creates
+    template_meta = template.get("metadata") or {}
+    labels = {**gitops.without_tracking(template_meta.get("labels")),
               LABEL_RETRAIN_OF: meta["name"], LABEL_RETRAIN_ADAPTER: adapter["name"]}
     return {
         "apiVersion": api.API_VERSION,
         "kind": "FineTuneJob",
         "metadata": {
             "name": name, "namespace": meta["namespace"], "labels": labels,
-            "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
+            "annotations": gitops.without_tracking(template_meta.get("annotations")),
             "ownerReferences": [{"apiVersion": api.API_VERSION, "kind": "AdapterDeployment", "name": meta["name"],
                                  "uid": meta.get("uid", ""), "controller": True, "blockOwnerDeletion": True}],
         },

@@ -40,9 +40,10 @@ def agent_account_name(adep_name: str) -> str:
 
 
 def labels(adep_name: str, component: str) -> dict[str, str]:
+    """Recommended labels, less `app.kubernetes.io/instance` (Argo CD's default tracking label; see
+    render.gitops). The AdapterDeployment's own labels are not copied."""
     return {
         "app.kubernetes.io/name": "kubetune-serving",
-        "app.kubernetes.io/instance": adep_name,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "kubetune",
         "app.kubernetes.io/managed-by": "kubetune-operator",

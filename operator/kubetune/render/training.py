@@ -72,10 +72,11 @@ def stage_config_map_name(job_name: str, stage: jobconfig.Stage) -> str:
 
 
 def labels(job_name: str, component: str = "training") -> dict[str, str]:
-    """Recommended labels; user labels (and GitOps tracking labels) are deliberately not copied."""
+    """Recommended labels, less `app.kubernetes.io/instance` (Argo CD's default tracking label: a child
+    carrying it would be claimed by the Application of that name; see render.gitops). User labels are
+    deliberately not copied; LABEL_JOB names the FineTuneJob."""
     return {
         "app.kubernetes.io/name": "kubetune-trainer",
-        "app.kubernetes.io/instance": job_name,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "kubetune",
         "app.kubernetes.io/managed-by": "kubetune-operator",
