@@ -1,0 +1,181 @@
+"""The user docs stay true to the code.
+
+(a) Every `kubetune_...` metric named in docs/observability.md (in prose, tables or PromQL, with the suffixes
+    the Prometheus client exposes: `_total` for counters, `_bucket`/`_sum`/`_count` for histograms,
+    `_sum`/`_count` for summaries) is exported by the operator (`kubetune.controllers.metrics`) or the agent
+    (`kubetune.agent.sync.Telemetry`), and every exported metric is documented.
+(b) Every reason the code gives a failure (a FineTuneJob's `Failed` reason, `Accepted=False`; an
+    AdapterDeployment's `Validated=False` and `Degraded=True`; the agents' per-version errors; every `Warning`
+    Event and every drift-loop decision) appears, in backquotes, in docs/troubleshooting.md.
+
+The reasons are read from the source with patterns for the few ways the code sets them; each pattern must
+match (anchors below), so a refactor that changes how reasons are written fails here instead of silently
+checking nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+REPO = Path(__file__).resolve().parents[2]
+OPERATOR = REPO / "operator" / "kubetune"
+TRAINER = REPO / "trainer_image" / "kubetune_trainer"
+DOCS = REPO / "docs"
+
+# `kubetune_...` words in the docs that are module names, not metrics.
+NOT_METRICS = {"kubetune_trainer", "kubetune_engine"}
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+# --- (a) metrics -----------------------------------------------------------------------------------------
+
+
+def _families(metrics: list[MetricWrapperBase]) -> dict[str, str]:
+    """Family name -> type ("counter", "histogram", ...), as the client library describes them."""
+    out = {}
+    for metric in metrics:
+        for family in metric.describe():
+            out[family.name] = family.type
+    return out
+
+
+def exported_metrics() -> dict[str, str]:
+    from kubetune.agent.sync import Telemetry
+    from kubetune.controllers import metrics as operator_metrics
+
+    operator = [m for m in vars(operator_metrics).values() if isinstance(m, MetricWrapperBase)]
+    agent = [m for m in vars(Telemetry()).values() if isinstance(m, MetricWrapperBase)]
+    return _families(operator + agent)
+
+
+def exposed_names(name: str, kind: str) -> set[str]:
+    """The names a family shows up under in Prometheus text (and may be written as in the docs)."""
+    return {
+        "counter": {f"{name}_total"},
+        "gauge": {name},
+        "histogram": {name, f"{name}_bucket", f"{name}_sum", f"{name}_count"},
+        "summary": {name, f"{name}_sum", f"{name}_count"},
+    }.get(kind, {name})
+
+
+def documented_metric_names() -> set[str]:
+    words = set(re.findall(r"\bkubetune_[a-z0-9_]*[a-z0-9]", _read(DOCS / "observability.md")))
+    return words - NOT_METRICS
+
+
+def defined_in_source() -> set[str]:
+    """Metric names given to a prometheus_client constructor anywhere in the operator package (a metric
+    defined outside the two modules imported above would otherwise escape the check)."""
+    names = set()
+    for path in OPERATOR.rglob("*.py"):
+        for kind, name in re.findall(r"\b(Counter|Gauge|Histogram|Summary|Info|Enum)\(\s*\"(kubetune_[a-z0-9_]+)\"",
+                                     _read(path)):
+            names.add(name.removesuffix("_total") if kind == "Counter" else name)
+    return names
+
+
+def test_every_metric_defined_in_the_source_is_seen_by_this_test():
+    assert defined_in_source() <= set(exported_metrics())
+
+
+def test_every_documented_metric_is_exported():
+    allowed = set().union(*(exposed_names(n, k) for n, k in exported_metrics().items()))
+    unknown = documented_metric_names() - allowed
+    assert not unknown, f"docs/observability.md names metrics nobody exports (or with a wrong suffix): {unknown}"
+
+
+def test_every_exported_metric_is_documented():
+    documented = documented_metric_names()
+    missing = [n for n, k in exported_metrics().items() if not exposed_names(n, k) & documented]
+    assert not missing, f"exported but not in docs/observability.md: {missing}"
+
+
+# --- (b) reasons -----------------------------------------------------------------------------------------
+
+# (file, pattern, anchor): every group of `pattern` in `file` is a failure reason; `anchor` must be among them.
+REASON_SOURCES = [
+    # FineTuneJob: status.fail(reason, ...) -> phase Failed, Failed=True, status.failure.reason, Warning Event
+    (OPERATOR / "reconcile/finetunejob.py", r"\.fail\(\s*\"(\w+)\"", "TrainingJobLost"),
+    # Accepted=False
+    (OPERATOR / "reconcile/finetunejob.py", r"condition\(\s*\"Accepted\",\s*False,\s*\"(\w+)\"", "InvalidSpecUpdate"),
+    # a stage's (baseline, trial) failure reasons, inside BaselineFailed / SweepFailed / TrialFailed messages
+    (OPERATOR / "reconcile/finetunejob.py", r"_stage_failed\(\s*record,\s*\"(\w+)\"", "ResultMissing"),
+    # the reason when the PyTorchJob's Failed condition has none
+    (OPERATOR / "reconcile/finetunejob.py", r"failed\.get\(\"reason\"\)\s*or\s*\"(\w+)\"", "TrainingFailed"),
+    # manifest verification problems: AdapterPublished=False / Failed=True / Validated=False
+    (OPERATOR / "api/manifest.py", r"ManifestProblem\(\s*\"(\w+)\"", "DigestMismatch"),
+    (OPERATOR / "clients/storage.py", r"ManifestProblem\(\s*\"(\w+)\"", "AdapterFileCorrupt"),
+    # the trainer's own reasons (progress.json failure.reason -> the FineTuneJob's Failed reason)
+    (TRAINER / "__main__.py", r"_report_failure\(\s*config,\s*\"(\w+)\"", "BadInput"),
+    (TRAINER / "train.py", r"TrainingHalted\(\s*\"(\w+)\"", "NonFiniteLoss"),
+    (TRAINER / "metrics.py", r"return\s+\"(\w+)\",", "LossSpike"),
+    # AdapterDeployment Validated=False: an invalid spec, unresolvable sources, preflight refusals
+    (OPERATOR / "controllers/adapterdeployment.py", r"\"Validated\",\s*False,\s*\"(\w+)\"", "InvalidSpec"),
+    (OPERATOR / "controllers/adapterdeployment.py", r"problems=\(\(\s*\"(\w+)\"", "FineTuneJobNotReady"),
+    (OPERATOR / "clients/sources.py", r"problems=\(\(\s*\"(\w+)\"", "StorageUnavailable"),
+    (OPERATOR / "reconcile/adapterdeployment.py", r"problems=\(\(\s*\"(\w+)\"", "SourceUnresolved"),
+    (OPERATOR / "reconcile/adapterdeployment.py", r"problems\.append\(\(\s*\"(\w+)\"", "RankTooHigh"),
+    # AdapterDeployment Degraded=True: a rollback's reason, agent errors
+    (OPERATOR / "reconcile/adapterdeployment.py", r"\"rolledBack\"\]\s*=\s*\{[^}]*\"reason\":\s*\"(\w+)\"",
+     "AnalysisFailed"),
+    (OPERATOR / "reconcile/adapterdeployment.py", r"\"Degraded\",\s*True,\s*\"(\w+)\"", "AgentErrors"),
+    # the agents' per-version error reasons (status.adapters[].podErrors, the AgentErrors message)
+    (OPERATOR / "agent/plan.py", r"^[A-Z_]+\s*=\s*\"([A-Z]\w+)\"\s*$", "LoadFailed"),
+    # every Warning Event of the state machines
+    (OPERATOR / "reconcile/finetunejob.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "TrialFailed"),
+    (OPERATOR / "reconcile/adapterdeployment.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "RolledBack"),
+    # the drift loop: every decision and Event (it sets no condition), retrain outcomes, gate verdicts
+    (OPERATOR / "reconcile/driftloop.py", r"(?:Event|decision)\(\s*\"(?:Warning|Normal)\",\s*\"(\w+)\"",
+     "DriftDetected"),
+    (OPERATOR / "reconcile/driftloop.py", r"\"(?:Warning|Normal)\",\s*\"(\w+)\",\s*(?:f?\"|\()",
+     "InsufficientLabelledData"),
+    (OPERATOR / "reconcile/driftloop.py", r"\"reason\":\s*\"(\w+)\"", "RetrainMissing"),
+    (OPERATOR / "reconcile/driftloop.py", r"reason\s*=\s*\"(\w+)\"\s*if\b.*\belse\s*\"(\w+)\"", "RetrainSkipped"),
+    (OPERATOR / "reconcile/driftloop.py", r"GateVerdict\(\s*(?:True|False),\s*\"(\w+)\"", "RegressesOnOriginalData"),
+    (OPERATOR / "clients/drift_storage.py", r"problem\s*=\s*\(\s*\"(\w+)\"", "DriftReferenceUnavailable"),
+    (OPERATOR / "clients/drift_storage.py", r"now,\s*\"(\w+)\",\s*str\(exc\)", "RetrainNotStarted"),
+]
+
+# Reasons that come from outside this repository's code but users see in the same places.
+EXTERNAL_REASONS = {"PyTorchJobFailed"}  # the Kubeflow training operator's Failed reason of a PyTorchJob
+
+
+def code_reasons() -> dict[str, set[str]]:
+    """reason -> the files that set it."""
+    found: dict[str, set[str]] = {}
+    for path, pattern, anchor in REASON_SOURCES:
+        matches = re.findall(pattern, _read(path), flags=re.MULTILINE)
+        reasons = {r for m in matches for r in ((m,) if isinstance(m, str) else m) if r}
+        assert anchor in reasons, (f"{path.relative_to(REPO)}: pattern {pattern!r} no longer finds {anchor!r}: "
+                                   "update REASON_SOURCES to how the code sets reasons now")
+        for reason in reasons:
+            found.setdefault(reason, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def test_reason_extraction_finds_the_known_failures():
+    reasons = code_reasons()
+    for reason in ("NonFiniteLoss", "BadInput", "DigestMismatch", "ManifestMissing", "SweepFailed", "BaselineFailed",
+                   "InvalidSpec", "SourceNotAllowed", "BaseModelMismatch", "AnalysisFailed", "DownloadFailed",
+                   "RetrainBudgetExhausted", "RetrainCoolingDown", "RetrainClusterCapReached", "CandidateRejected",
+                   "RetrainFailed", "DriftAnalysisFailed"):
+        assert reason in reasons, reason
+
+
+@pytest.fixture(scope="module")
+def troubleshooting() -> str:
+    return _read(DOCS / "troubleshooting.md")
+
+
+def test_every_failure_reason_is_in_troubleshooting(troubleshooting):
+    documented = set(re.findall(r"`(\w+)`", troubleshooting))
+    missing = {r: sorted(files) for r, files in code_reasons().items() if r not in documented}
+    missing.update({r: ["(external)"] for r in EXTERNAL_REASONS if r not in documented})
+    assert not missing, f"reasons not documented in docs/troubleshooting.md: {missing}"
