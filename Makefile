@@ -1,11 +1,15 @@
 # The two commands of the README: `make run` (the main job on the embedded default) and `make test`.
-.PHONY: setup run sweep test lint generate
+.PHONY: setup run serve sweep test lint generate
 
 setup:
 	@bash scripts/setup.sh
 
 run: setup
 	@bash scripts/run-default.sh
+
+# Serve the adapter `make run` trained (CPU engine + agent), send 40 requests, print the answers (~15 s)
+serve: setup
+	@bash scripts/serve-default.sh
 
 # The main job with the baseline gate and a rank sweep in front (two trials in parallel, ~45 s on 2 cores)
 sweep: setup

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -168,41 +169,39 @@ def _progress_line(job: dict) -> str:
     return f"{phase}/{stage}" if stage else phase
 
 
-def _summary(result, run_dir: Path) -> str:
+FINETUNEJOB_FILE = "finetunejob.json"  # RUN_DIR/<job>/: the last `kubetune local` run of that job, with status
+
+
+def _read_manifest(job: dict) -> dict | None:
+    """The published adapter's manifest (training history, best step), None when there is none."""
+    from kubetune.clients.storage import output_store_from_env
+
+    uri = ((job.get("status") or {}).get("adapter") or {}).get("manifestUri")
+    if not uri:
+        return None
+    try:
+        raw = output_store_from_env(job["spec"]).read(uri)
+        return json.loads(raw) if raw else None
+    except Exception as exc:  # the report is best effort: the run's outcome stands
+        print(f"warning: could not read {uri} for the report: {exc}", file=sys.stderr)
+        return None
+
+
+def _finish_report(result, job_dir: Path, name_dir: Path, duration_seconds: float):
+    """The summary printed at the end, written with the charts under RUN_DIR/<job>/report/."""
     from kubetune import report
 
     status = result.job.get("status") or {}
-    lines = ["", f"FineTuneJob {result.job['metadata']['name']}: {status.get('phase')}"]
-    baseline_status = status.get("baseline") or {}
-    if status.get("phase") == "Skipped":
-        lines.append(f"  the base model meets the target ({baseline_status.get('summary', '')}): nothing was trained")
-        lines.append("  set spec.baseline.forceTraining: true (--set baseline.forceTraining=true) to train anyway")
-    table = report.sweep_table(status)
-    if table:
-        lines.append(f"  rank sweep (holdout {status['sweep'].get('metric')}):")
-        lines += ["    " + row for row in table.splitlines()]
+    extra = []
+    if report.sweep_table(status):
         try:
-            chart = report.sweep_chart(status, run_dir / "sweep.png",
+            chart = report.sweep_chart(status, job_dir / "sweep.png",
                                        title=f"{result.job['metadata']['name']}: LoRA rank sweep")
-            lines.append(f"  sweep chart {chart}")
+            extra.append(f"  sweep chart {chart}")
         except ImportError:
-            lines.append("  (install matplotlib, or kubetune[local], for the sweep chart)")
-    adapter = status.get("adapter")
-    if adapter:
-        baseline, final = adapter.get("baselineMetrics", {}), adapter.get("metrics", {})
-        lines.append(f"  {'metric':<12} {'baseline':>10} {'fine-tuned':>11}")
-        for name in sorted(set(baseline) | set(final)):
-            b = f"{baseline[name]:.4f}" if name in baseline else "-"
-            f = f"{final[name]:.4f}" if name in final else "-"
-            lines.append(f"  {name:<12} {b:>10} {f:>11}")
-        lines.append(f"  adapter   {adapter['uri']}")
-        lines.append(f"  manifest  {adapter['manifestUri']}")
-        lines.append(f"  digest    {adapter['digest']} ({adapter['sizeBytes']} bytes)")
-    failure = status.get("failure")
-    if failure:
-        lines.append(f"  {failure['reason']}: {failure['message']}")
-    lines.append(f"  run directory {run_dir} (trainer.log, config.json)")
-    return "\n".join(lines)
+            extra.append("  (install matplotlib, or kubetune[local], for the sweep chart)")
+    return report.finetunejob_report(result.job, _read_manifest(result.job), name_dir / report.REPORT_DIR,
+                                     run_dir=job_dir, duration_seconds=duration_seconds, extra_lines=extra)
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -250,18 +249,28 @@ def cmd_local(args: argparse.Namespace) -> int:
             print(("\r" + line + "\x1b[K") if interactive else line, end="" if interactive else "\n",
                   file=sys.stderr, flush=True)
 
+    started = time.monotonic()
     outcome = local.run(job, run_dir=job_dir, on_change=on_change, poll_seconds=args.poll)
-    print(_summary(outcome, job_dir))
+    name_dir = job_dir.parent
+    # what `kubetune local -f adapterdeployment.yaml --run-dir RUN_DIR` resolves a fineTuneJobRef from
+    (name_dir / FINETUNEJOB_FILE).write_text(json.dumps(outcome.job, indent=2))
+    print(_finish_report(outcome, job_dir, name_dir, time.monotonic() - started).summary)
     if args.status_file:
         Path(args.status_file).write_text(json.dumps(outcome.job, indent=2))
     return 0 if outcome.phase in ("Succeeded", "Skipped") else 1
 
 
 def _local_adapterdeployment(document: dict, args: argparse.Namespace) -> int:
-    from kubetune import local_serving  # the engine and agents run as subprocesses, started there
+    from kubetune import local, local_serving  # the engine and agents run as subprocesses, started there
 
-    if args.set or args.output:
-        print("--set and --output apply to a FineTuneJob; edit the AdapterDeployment instead", file=sys.stderr)
+    if args.output:
+        print("--output applies to a FineTuneJob; edit the AdapterDeployment instead", file=sys.stderr)
+        return 2
+    try:  # e.g. --set baseModel.uri=file:///path/to/model: the same PATH=VALUE overrides as a FineTuneJob's
+        document = local.apply_overrides(json.loads(json.dumps(document)),
+                                         [local.parse_override(item) for item in args.set])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     options = local_serving.Options(
         run_dir=Path(args.run_dir).resolve(), namespace=args.namespace, poll=args.poll,
@@ -354,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drift retrains in flight at once across the watched namespaces")
     p.add_argument("--drift-seconds", type=float, default=30.0,
                    help="how often each drift-watched adapter's new samples are read and analysed")
+    p.add_argument("--status-min-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="write fields that change on every poll (FineTuneJob progress, AdapterDeployment drift "
+                        "window counts) at most this often per object (status.lastUpdateTime); phase, conditions "
+                        "and results are written at once; 0: every change at once")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_operator)
     return parser

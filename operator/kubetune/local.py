@@ -161,12 +161,17 @@ def prepare_job(document: dict, *, namespace: str, output: str | None,
     meta.setdefault("creationTimestamp", now())
     if output:
         job["spec"]["output"] = {**job["spec"].get("output", {}), "uri": output}
+    return apply_overrides(job, overrides)
+
+
+def apply_overrides(document: dict, overrides: list[tuple[list[str], object]]) -> dict:
+    """`--set` values (parse_override) written into the document's spec, in place; the document."""
     for path, value in overrides:
-        target = job.setdefault("spec", {})
+        target = document.setdefault("spec", {})
         for part in path[:-1]:
             target = target.setdefault(part, {})
         target[path[-1]] = value
-    return job
+    return document
 
 
 def _threads_per_process(job: dict, pytorchjob: dict) -> dict:

@@ -52,6 +52,8 @@ from kubetune.reconcile import driftloop
 log = logging.getLogger("kubetune.local_serving")
 
 UNTIL = ("promoted", "rejected", "drifted", "traffic-done", "never")
+VERSION_HEADER = "x-kubetune-version"  # kubetune.agent.proxy.VERSION_HEADER (the agent is not imported here)
+ANSWERS_FILE = "answers.jsonl"
 MAX_REPLICAS = 4  # agents on one machine; each replica is a real process in front of the one engine
 ENGINE_STARTUP_SECONDS = 180.0  # loading a base model on a busy laptop
 AGENT_STARTUP_SECONDS = 30.0
@@ -120,9 +122,41 @@ def _local_path(uri: str) -> Path | None:
     return Path(storage_layout.split_uri(uri)[2]) if uri.startswith("file://") else None
 
 
-def prepare(document: dict, namespace: str) -> dict:
+FINETUNEJOB_FILE = "finetunejob.json"  # written by `kubetune local -f finetunejob.yaml` in RUN_DIR/<job>/
+
+
+def finetunejob_source(job_name: str, namespace: str, run_dir: Path | None) -> tuple[dict | None, str]:
+    """A fineTuneJobRef as the uri source it stands for locally: the published adapter of the job's last
+    `kubetune local` run in this run directory (RUN_DIR/<job>/finetunejob.json), as the controller reads
+    status.adapter of the FineTuneJob in the cluster. (None, why) when there is none to serve."""
+    rerun = f"run it first: kubetune local -f <its FineTuneJob YAML> --run-dir {run_dir or 'RUN_DIR'}"
+    if run_dir is None:
+        return None, f"local mode resolves a fineTuneJobRef from a run directory (--run-dir); {rerun}"
+    path = run_dir / job_name / FINETUNEJOB_FILE
+    try:
+        job = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, f"FineTuneJob {job_name} has not run with `kubetune local` in {run_dir} (no {path}); {rerun}"
+    except (OSError, ValueError) as exc:
+        return None, f"{path} is not readable: {exc}; {rerun}"
+    job_namespace = (job.get("metadata") or {}).get("namespace")
+    if job_namespace and job_namespace != namespace:
+        return None, (f"FineTuneJob {job_name} in {path} ran in namespace {job_namespace}, not {namespace} (a "
+                      f"fineTuneJobRef names a job of the AdapterDeployment's namespace); run it with -n {namespace}")
+    status = job.get("status") or {}
+    adapter = status.get("adapter") or {}
+    if status.get("phase") != "Succeeded" or not adapter.get("manifestUri") or not adapter.get("digest"):
+        failure = (status.get("failure") or {}).get("message") or status.get("message") or ""
+        return None, (f"FineTuneJob {job_name} ended in phase {status.get('phase', 'Pending')} without a published "
+                      f"adapter ({path}{': ' + failure[:300] if failure else ''}); {rerun.replace('first', 'again')}")
+    return {"uri": adapter["manifestUri"], "digest": adapter["digest"]}, ""
+
+
+def prepare(document: dict, namespace: str, run_dir: Path | None = None) -> dict:
     """The AdapterDeployment as the API server would hand it over (namespace, uid, defaults), checked
-    for what local mode can serve. Raises LocalServingError with every problem (field paths first)."""
+    for what local mode can serve. Raises LocalServingError with every problem (field paths first).
+    A `fineTuneJobRef` source becomes the {uri, digest} of the job's adapter published by `kubetune local`
+    in `run_dir` (finetunejob_source); it is then verified and served as any uri source."""
     adep = copy.deepcopy(document)
     meta = adep.setdefault("metadata", {})
     meta.setdefault("namespace", namespace)
@@ -144,10 +178,15 @@ def prepare(document: dict, namespace: str) -> dict:
     elif not (base_dir / "config.json").is_file():
         problems.append(f"{name}: error: spec.baseModel.uri: {base_dir} is not a model directory (no config.json)")
     for index, adapter in enumerate(spec["adapters"]):
-        if adapter["source"].get("fineTuneJobRef"):
-            problems.append(
-                f"{name}: error: spec.adapters[{index}].source.fineTuneJobRef: local mode serves uri sources; run "
-                f"the FineTuneJob with `kubetune local` and use its manifest uri (source: {{uri: ..., digest: ...}})")
+        ref = adapter["source"].get("fineTuneJobRef")
+        if ref:
+            source, why = finetunejob_source(ref["name"], meta["namespace"], run_dir)
+            if source is None:
+                problems.append(f"{name}: error: spec.adapters[{index}].source.fineTuneJobRef: {why}")
+            else:
+                adapter["source"] = source
+                emit(f"adapter {adapter['name']}: FineTuneJob {ref['name']} (kubetune local in {run_dir}) published "
+                     f"{source['digest']} at {source['uri']}")
     managed = spec["runtime"].get("managed")
     if managed is not None and not 1 <= int(managed.get("replicas", 1)) <= MAX_REPLICAS:
         problems.append(f"{name}: error: spec.runtime.managed.replicas: local mode runs 1 to {MAX_REPLICAS} agents, "
@@ -215,6 +254,40 @@ def http_json(method: str, url: str, body: object = None, timeout: float = REQUE
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def post_answer(url: str, body: dict, timeout: float = REQUEST_TIMEOUT) -> tuple[int, bytes, str | None]:
+    """POST through an agent: (status, body, the version that answered: the agent's x-kubetune-version)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(), response.headers.get(VERSION_HEADER)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get(VERSION_HEADER)
+
+
+def answer_record(request: Request, agent: str, status: int, payload: bytes, version: str | None) -> dict:
+    """One line of RUN_DIR/NAME/answers.jsonl: what was asked, who answered, what the model said."""
+    body = request.body
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    record = {"time": when, "agent": agent, "path": request.path, "model": body.get("model"),
+              "input": body.get("input", body.get("prompt")), "status": status, "version": version}
+    try:
+        parsed = json.loads(payload) if status == 200 else None
+    except ValueError:
+        parsed = None
+    first = ((parsed or {}).get("data") or (parsed or {}).get("choices") or [None])[0] \
+        if isinstance(parsed, dict) else None
+    if isinstance(first, dict) and "label" in first:  # /classify
+        probs = [p for p in first.get("probs") or [] if isinstance(p, int | float)]
+        record["label"] = first["label"]
+        record["confidence"] = round(max(probs), 4) if probs else None
+    elif isinstance(first, dict) and "text" in first:  # completions
+        record["text"] = str(first["text"])[:200]
+    elif status != 200:
+        record["error"] = payload[:300].decode(errors="replace")
+    return record
 
 
 class Aborted(Exception):
@@ -364,12 +437,15 @@ class LocalDeployment:
         self.analyzer = drift_storage.Analyzer(embedder=embedder, drift_seconds=options.drift_seconds, max_retrains=1,
                                                   local=True)
         self.traffic: TrafficSender | None = None
+        self.events: list[dict] = []  # every Event with its time, for the report
+        self.timeline: list[dict] = []  # per alias: stable, canary and its weight, whenever they change
         self.abort = threading.Event()  # set by Ctrl-C / SIGTERM: stops a start that is still waiting
 
     # --- output ---
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.reasons_seen.add(reason)
+        self.events.append({"time": now_rfc3339(), "type": type_, "reason": reason, "message": message[:1000]})
         with self.print_lock:
             emit(f"EVENT {type_} {reason}: {message}")
 
@@ -471,6 +547,7 @@ class LocalDeployment:
                 rec["drift"], drift_events = await self._drift_pass(adep, adapter, rec, now)
                 events += drift_events
         self.status = plan.status
+        self.record_timeline(now)
         write_atomic(self.status_file, json.dumps(self.document(), indent=2))
         for event in events:
             self.event(event.type, event.reason, event.message)
@@ -524,6 +601,50 @@ class LocalDeployment:
         log.info("retrain running locally", extra={"job": name, "runDir": str(retrain.run_dir)})
 
     # --- what the user sees ---
+
+    def record_timeline(self, now: str) -> None:
+        adapters = {}
+        for rec in self.status.get("adapters") or []:
+            adapters[rec.get("alias", rec["name"])] = {
+                "stable": (rec.get("stable") or {}).get("version"), "canary": (rec.get("canary") or {}).get("version"),
+                "canaryWeight": rec.get("canaryWeight", 0) if rec.get("canary") else 0}
+        if not self.timeline or self.timeline[-1]["adapters"] != adapters:
+            self.timeline.append({"time": now, "adapters": adapters})
+
+    def drift_windows(self) -> dict[str, list[dict]]:
+        """Every closed window's verdict, as the drift loop persisted it under the sampling URI."""
+        sampling = (self.adep["spec"].get("trafficSampling") or {}).get("uri")
+        out: dict[str, list[dict]] = {}
+        for adapter in self.adep["spec"]["adapters"]:
+            if not adapter.get("drift") or not sampling:
+                continue
+            prefix = drift_storage.drift_prefix(sampling, self.namespace, self.name, adapter["name"]) + "windows/"
+            windows = []
+            try:
+                for uri in sorted(self.store.list(prefix)):
+                    raw = self.store.read(uri)
+                    with contextlib.suppress(ValueError, TypeError):
+                        windows.append(json.loads(raw))
+            except Exception as exc:  # the report is best effort
+                log.warning("could not read the drift windows", extra={"prefix": prefix, "error": str(exc)})
+            out[adapter["name"]] = windows
+        return out
+
+    def report(self):
+        """RUN_DIR/NAME/report/: drift.png, rollout.png, summary.txt (kubetune.report)."""
+        from kubetune import report
+
+        if self.timeline:  # the weights held until the end
+            self.timeline.append({**self.timeline[-1], "time": now_rfc3339()})
+        answers = list(self.traffic.answers) if self.traffic is not None else []
+        traffic = ""
+        if self.traffic is not None:
+            traffic = f"{self.traffic.sent} sent, {self.traffic.failed} failed; answers in {self.traffic.answers_path}"
+        extra = [f"  status {self.status_file}",
+                 f"  logs   {self.dir} (kubetune-local.log, engine.log, agents/*/agent.log, retrains/*/trainer.log)"]
+        return report.adapterdeployment_report(
+            self.document(), self.dir / report.REPORT_DIR, windows=self.drift_windows(), timeline=self.timeline,
+            answers=answers, events=self.events, traffic=traffic, extra_lines=extra)
 
     def progress(self) -> None:
         parts = []
@@ -613,8 +734,11 @@ class LocalDeployment:
 class TrafficSender:
     """Sends each request once, round robin over the agents, at `rate` per second (None: back to back)."""
 
-    def __init__(self, requests: list[Request], agents: list[Agent], rate: float | None):
+    def __init__(self, requests: list[Request], agents: list[Agent], rate: float | None,
+                 answers_path: Path | None = None):
         self.requests, self.agents, self.rate = requests, agents, rate
+        self.answers_path = answers_path
+        self.answers: list[dict] = []  # answer_record per request, also appended to answers_path
         self.sent = self.failed = 0
         self.done = False
         self.finished_at = 0.0
@@ -633,6 +757,17 @@ class TrafficSender:
 
     def _run(self) -> None:
         started = time.monotonic()
+        handle = None
+        if self.answers_path is not None:
+            self.answers_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.answers_path, "w")  # noqa: SIM115 - closed below, whichever way the loop ends
+        try:
+            self._send(started, handle)
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def _send(self, started: float, handle) -> None:
         for index, request in enumerate(self.requests):
             if self._stop.is_set():
                 return
@@ -642,9 +777,14 @@ class TrafficSender:
                     return
             agent = self.agents[index % len(self.agents)]
             try:
-                status, body = http_json("POST", agent.url + request.path, request.body)
+                status, body, version = post_answer(agent.url + request.path, request.body)
             except OSError as exc:
-                status, body = 0, str(exc).encode()
+                status, body, version = 0, str(exc).encode(), None
+            answer = answer_record(request, agent.pod, status, body, version)
+            self.answers.append(answer)
+            if handle is not None:
+                handle.write(json.dumps(answer) + "\n")
+                handle.flush()
             self.sent += 1
             if status != 200:
                 self.failed += 1
@@ -697,7 +837,8 @@ async def _loop(deployment: LocalDeployment, options: Options, requests: list[Re
             log.warning("pass failed: retrying", extra={"adapterdeployment": deployment.name,
                                                        "error": f"{type(exc).__name__}: {exc}"})
         if requests and deployment.traffic is None and deployment.ready():
-            deployment.traffic = TrafficSender(requests, deployment.agents, options.traffic_rate)
+            deployment.traffic = TrafficSender(requests, deployment.agents, options.traffic_rate,
+                                               deployment.dir / ANSWERS_FILE)
             deployment.traffic.start()
             emit(f"sending {len(requests)} request(s) from {options.traffic}")
         if deployment.reached(options.until):
@@ -743,7 +884,7 @@ def run(document: dict, options: Options) -> int:
     """`kubetune local` for an AdapterDeployment: 0 when --until is reached, 1 on --max-seconds or a process
     that died, 2 for input that cannot be served (nothing is started then)."""
     try:
-        adep = prepare(document, options.namespace)
+        adep = prepare(document, options.namespace, options.run_dir)
         requests = None
         if options.traffic is not None:
             alias = serving.alias_name(adep["metadata"]["namespace"], adep["spec"]["adapters"][0]["name"])
@@ -773,7 +914,12 @@ def run(document: dict, options: Options) -> int:
         # The children run in their own session: a second Ctrl-C interrupting this would orphan them.
         with _sigint_ignored():
             deployment.stop()
-    print(deployment.summary())
+    try:
+        print(deployment.report().summary)
+    except Exception as exc:  # never lose the exit code to the report
+        log.exception("report failed")
+        print(deployment.summary())
+        print(f"  (report failed: {type(exc).__name__}: {exc})")
     return code
 
 

@@ -187,12 +187,12 @@ def local(path: Path, tmp_path: Path, *extra: str) -> int:
     return cli.main(["local", "-f", str(path), "--run-dir", str(tmp_path / "runs"), "--until", "never", *extra])
 
 
-def test_a_finetunejob_source_is_refused_with_what_to_do_instead(tmp_path, capsys):
+def test_a_finetunejob_source_that_never_ran_locally_is_refused_with_what_to_do_instead(tmp_path, capsys):
     path = _adep(tmp_path, {"fineTuneJobRef": {"name": "intents-train"}})
     assert local(path, tmp_path) == 2
     err = capsys.readouterr().err
     assert "spec.adapters[0].source.fineTuneJobRef" in err
-    assert "local mode serves uri sources" in err and "kubetune local" in err
+    assert "has not run with `kubetune local`" in err and "kubetune local -f" in err
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 

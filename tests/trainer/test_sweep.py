@@ -62,7 +62,7 @@ def test_sweep_picks_the_rank_by_its_holdout_metric_then_trains_with_it(tmp_path
     assert status["rank"] == sweep["bestRank"]
 
     # the full run trained with the chosen rank, and did not evaluate the base model a second time
-    run_dir = next((tmp_path / "runs" / "clinc-sweep").iterdir())
+    run_dir = next(p for p in (tmp_path / "runs" / "clinc-sweep").iterdir() if (p / "config.json").exists())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["spec"]["method"]["lora"]["rank"] == sweep["bestRank"]
     assert config["stage"]["baseline_metrics"] == baseline["metrics"]
