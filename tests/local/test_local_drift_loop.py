@@ -153,6 +153,11 @@ def test_drift_retrain_gate_and_canary_close_the_loop_in_kubetune_local(tmp_path
 
     # the promoted adapter answers the out-of-scope questions it was retrained for
     assert "reached --until promoted" in result.stdout
+    report = tmp_path / "runs" / NAME / "report"  # the final report: charts and summary
+    for chart in ("drift.png", "rollout.png"):
+        assert (report / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
+    summary = (report / "summary.txt").read_text()
+    assert f"retrain {entry['job']}: Promoted" in summary and "DRIFTED" in summary and "gate accuracy" in summary
     print(f"\nlocal drift loop: serving adapter trained in {trained - started:.0f} s, kubetune local "
           f"(engine, agent, {requests} requests, drift, retrain on {labelled} labelled examples, gate, canary) "
           f"{finished - trained:.0f} s, total {finished - started:.0f} s")

@@ -48,6 +48,14 @@ def test_local_run_trains_publishes_and_summarises(tmp_path, tiny_llama):
     for event in ("Created", "Running", "AdapterPublished"):
         assert event in result.stderr
     assert "trainer.log" in result.stdout
+    # the final object for `kubetune local -f adep.yaml` (fineTuneJobRef) and the report: charts + summary
+    name_dir = tmp_path / "runs" / "local-job"
+    assert json.loads((name_dir / "finetunejob.json").read_text())["status"] == status
+    for chart in ("loss.png", "metrics.png"):
+        assert (name_dir / "report" / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
+        assert str(name_dir / "report" / chart) in result.stdout
+    summary = (name_dir / "report" / "summary.txt").read_text()
+    assert status["adapter"]["digest"] in summary and "eval_loss" in summary and "duration" in summary
 
 
 def test_local_run_reports_bad_data_and_fails(tmp_path, tiny_llama):
@@ -59,6 +67,9 @@ def test_local_run_reports_bad_data_and_fails(tmp_path, tiny_llama):
     assert "exited with code 2" in status["failure"]["message"]  # the launcher passes the worker's code through
     assert status["attempts"] == 1  # bad input is never retried
     assert "invalid_json" in result.stdout and "line 9" in result.stdout
+    report = tmp_path / "runs" / "local-job" / "report"
+    assert "no adapter was published" in (report / "summary.txt").read_text()  # the charts' reason
+    assert not list(report.glob("*.png"))
 
 
 def test_local_refuses_an_invalid_spec_before_running_anything(tmp_path, tiny_llama):

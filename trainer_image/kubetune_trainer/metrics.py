@@ -146,3 +146,24 @@ def after_evaluation(value: float, *, metric: str, best: float | None, stale: in
         stale, plateau = 0, 0
     stop = bool(stop_patience) and stale >= stop_patience
     return EvalDecision(new_best, stale, plateau, thaw, stop)
+
+
+HISTORY_POINTS = 500  # the manifest's training.history (the loss chart of `kubetune local`'s report)
+
+
+def bounded_history(history: list[dict], limit: int = HISTORY_POINTS) -> list[dict]:
+    """At most `limit` entries of the trainer's history, over the whole run: every evaluation and thaw
+    entry (they are few) and the per-step training entries thinned evenly, the first and the last kept,
+    in step order. A long run keeps its start (the last `limit` entries alone would lose it)."""
+    if len(history) <= limit:
+        return list(history)
+    steps = [i for i, entry in enumerate(history) if "trainLoss" in entry]
+    others = [i for i, entry in enumerate(history) if "trainLoss" not in entry][-limit:]
+    room = max(0, limit - len(others))
+    if room == 0:
+        kept = set()
+    elif room == 1 or len(steps) <= room:
+        kept = set(steps[-room:])
+    else:
+        kept = {steps[round(k * (len(steps) - 1) / (room - 1))] for k in range(room)}
+    return [history[i] for i in sorted(kept | set(others))]

@@ -961,7 +961,7 @@ def _publish(config: JobConfig, engine: Engine, tokenizer, model_dir: Path, load
                      "schedule": schedule.__dict__, "paddingFraction": padding, "realTokens": state.real_tokens,
                      "trainSeconds": round(state.train_seconds, 3),
                      "realTokensPerSecond": state.real_tokens / max(state.train_seconds, 1e-9),
-                     "seconds": round(seconds, 1), "history": state.history[-500:]},
+                     "seconds": round(seconds, 1), "history": metrics.bounded_history(state.history)},
         "trainer": {"version": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                     "peft": peft.__version__},
         "driftProfile": profile,
