@@ -179,3 +179,44 @@ def test_every_failure_reason_is_in_troubleshooting(troubleshooting):
     missing = {r: sorted(files) for r, files in code_reasons().items() if r not in documented}
     missing.update({r: ["(external)"] for r in EXTERNAL_REASONS if r not in documented})
     assert not missing, f"reasons not documented in docs/troubleshooting.md: {missing}"
+
+
+# --- the chart's values table ------------------------------------------------------------------------------
+
+
+def _value_keys(values: dict, prefix: str = "") -> set[str]:
+    """Dotted keys of values.yaml down to the leaves; free-form maps (resources, empty maps) are leaves."""
+    keys = set()
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path != "resources":
+            keys |= _value_keys(value, path + ".")
+        else:
+            keys.add(path)
+    return keys
+
+
+def _documented_values(readme: str) -> set[str]:
+    """Keys in the first column of the README's values table; `.name` after `serviceAccount.create` means
+    `serviceAccount.name`."""
+    keys = set()
+    for line in readme.splitlines():
+        if not line.startswith("| `"):
+            continue
+        parent = ""
+        for token in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            if token.startswith(".") and parent:
+                keys.add(parent + token)
+            else:
+                keys.add(token)
+                parent = token.rsplit(".", 1)[0] if "." in token else ""
+    return keys
+
+
+def test_chart_readme_documents_every_value():
+    import yaml
+
+    chart = REPO / "charts" / "kubetune"
+    values = yaml.safe_load(_read(chart / "values.yaml"))
+    missing = _value_keys(values) - _documented_values(_read(chart / "README.md"))
+    assert not missing, f"charts/kubetune/values.yaml keys missing from the README's values table: {sorted(missing)}"
