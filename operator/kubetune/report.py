@@ -383,7 +383,7 @@ def drift_chart(windows: list[dict], path: Path, markers: list[dict] = (), title
     bottom.set_xlabel("window end (UTC)")
     for axis in (top, bottom):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, loc="lower left")
+        axis.legend(fontsize=8, loc="best", framealpha=0.6)
     fig.autofmt_xdate()
     if title:
         fig.suptitle(title)
@@ -507,8 +507,8 @@ def adapterdeployment_summary(adep: dict, *, windows: dict[str, list[dict]] | No
             numbers = entry.get("numbers") or {}
             for split in ("new", "original"):
                 if isinstance(numbers.get(split), dict):
-                    values = ", ".join(f"{who} {value:.4f}" for who, value in sorted(numbers[split].items())
-                                       if _finite(value))
+                    values = ", ".join(f"{who} {int(value)}" if who == "examples" else f"{who} {value:.4f}"
+                                       for who, value in sorted(numbers[split].items()) if _finite(value))
                     lines.append(f"      gate {numbers.get('metric', '')} on the {split} holdout: {values}")
     rollout = [e for e in events if e.get("reason") in ("Deploying", "RolloutStarted", "AnalysisPassed", "Promoted",
                                                         "RolledBack")]
