@@ -729,6 +729,11 @@ SWEEP_STATUS = obj(
     },
 )
 
+_LAST_UPDATE_TIME = string(
+    "When the operator last wrote this status. Fields that change on every poll (a FineTuneJob's progress, "
+    "an AdapterDeployment's open drift window and running canary analysis counts) are written at most every "
+    "--status-min-interval seconds; every other change is written at once.", fmt="date-time")
+
 FINETUNEJOB_STATUS = obj(
     "Observed state, written only by the operator.",
     {
@@ -736,6 +741,7 @@ FINETUNEJOB_STATUS = obj(
                         "before training when configured; Skipped means the base model met the target.",
                         enum=list(FINETUNEJOB_PHASES)),
         "observedGeneration": integer("The generation the operator last acted on.", minimum=0),
+        "lastUpdateTime": _LAST_UPDATE_TIME,
         "conditions": _conditions(),
         "method": string("Method in use.", max_length=32),
         "rank": integer("LoRA rank in use.", minimum=0),
@@ -1089,6 +1095,7 @@ ADAPTERDEPLOYMENT_STATUS = obj(
     {
         "phase": string("Informational summary.", enum=["Pending", "Progressing", "Ready", "Degraded"]),
         "observedGeneration": integer("The generation the operator last acted on.", minimum=0),
+        "lastUpdateTime": _LAST_UPDATE_TIME,
         "conditions": _conditions(),
         "adapters": array(
             "Per-alias rollout state.",

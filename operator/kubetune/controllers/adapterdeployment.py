@@ -26,14 +26,13 @@ from kubetune.clients import kube, storage
 from kubetune.clients.sources import manifest_location, verified_source
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
-from kubetune.reconcile import driftloop
-from kubetune.reconcile.finetunejob import status_patch
+from kubetune.reconcile import driftloop, statuswrite
 from kubetune.render import gitops
 from kubetune.render import serving as render
 
 from . import metrics
 from .credentials import object_store
-from .finetunejob import now_rfc3339
+from .finetunejob import now_rfc3339, write_status
 from .retry import reconcile_or_retry
 
 log = logging.getLogger("kubetune.adapterdeployment")
@@ -60,6 +59,7 @@ class Runtime:
     locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
     analyzer: drift.Analyzer = field(default_factory=drift.Analyzer)  # drift caches and settings
     watch_namespaces: tuple = ()  # empty: the whole cluster (the retrain cap counts these)
+    status_min_interval_seconds: float = 0.0  # see finetunejob.Runtime
 
 
 RUNTIME = Runtime()
@@ -183,6 +183,7 @@ async def reconcile(namespace: str, name: str) -> None:
             message = "; ".join(str(e) for e in result.errors)
             conditions = (adep.get("status") or {}).get("conditions")
             status = {"observedGeneration": adep["metadata"].get("generation", 1), "phase": "Degraded",
+                      statuswrite.LAST_WRITE: now_rfc3339(),
                       "conditions": cond.set_condition(conditions, "Validated", False, "InvalidSpec", message,
                                                        adep["metadata"].get("generation", 1), now_rfc3339())}
             await client.patch(ADAPTERDEPLOYMENTS, namespace, name, {"status": status}, subresource="status")
@@ -228,9 +229,8 @@ async def reconcile(namespace: str, name: str) -> None:
                 continue
             existing = await client.get(RESOURCES[child["kind"]], namespace, child["metadata"]["name"])
             await _apply_child(child, existing)
-        patch = status_patch(adep.get("status") or {}, plan.status)
-        if patch:
-            await client.patch(ADAPTERDEPLOYMENTS, namespace, name, {"status": patch}, subresource="status")
+        await write_status(client, ADAPTERDEPLOYMENTS, adep, plan.status, statuswrite.ADAPTERDEPLOYMENT_VOLATILE,
+                           RUNTIME.status_min_interval_seconds)
         for event in events:
             await client.post_event(adep, event.type, event.reason, event.message)
         metrics.ADEP_RECONCILE_SECONDS.observe(time.monotonic() - started)

@@ -24,6 +24,7 @@ from kubetune.api import storage_layout
 from kubetune.api import v1alpha1 as api
 from kubetune.clients import kube, storage
 from kubetune.reconcile import finetunejob as ftj
+from kubetune.reconcile import statuswrite
 from kubetune.render import training as render
 
 from . import metrics
@@ -41,6 +42,9 @@ class Runtime:
     settings: ftj.Settings = field(default_factory=ftj.Settings)
     default_s3: storage.S3Settings = field(default_factory=storage.S3Settings)
     verify_content: bool = True
+    # volatile status fields (progress) are written at most this often; 0: every change at once.
+    # `kubetune operator --status-min-interval` sets it (default 10 there).
+    status_min_interval_seconds: float = 0.0
     locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
 
@@ -100,6 +104,23 @@ async def _read_stage_reports(job: dict, wanted: dict[str, str]) -> dict[str, ft
     return reports
 
 
+async def write_status(client: kube.KubeClient, resource: kube.Resource, obj: dict, new: dict, volatile: tuple,
+                       min_interval_seconds: float) -> bool:
+    """Write the status a pass decided, throttled by reconcile.statuswrite: any change but the volatile
+    fields at once, volatile-only changes at most every `min_interval_seconds`. True when written."""
+    meta = obj["metadata"]
+    write = statuswrite.status_write(obj.get("status"), new, now_rfc3339(), min_interval_seconds, volatile)
+    if write.throttled:
+        metrics.STATUS_WRITES.labels(kind=obj["kind"], result="throttled").inc()
+        log.debug("status write throttled", extra={"kind": obj["kind"], "namespace": meta["namespace"],
+                                                  "name": meta["name"], "due_in": write.due_in})
+    if write.patch is None:
+        return False
+    await client.patch(resource, meta["namespace"], meta["name"], {"status": write.patch}, subresource="status")
+    metrics.STATUS_WRITES.labels(kind=obj["kind"], result="written").inc()
+    return True
+
+
 def _owned_by(child: dict, job: dict) -> bool:
     return any(o.get("uid") == job["metadata"].get("uid") for o in child["metadata"].get("ownerReferences") or [])
 
@@ -141,9 +162,8 @@ async def reconcile(namespace: str, name: str) -> float | None:
             await client.patch(kube.PYTORCHJOBS, namespace, render.pytorchjob_name(name), plan.patch_pytorchjob)
         for stage_job, stage_patch in plan.patch_stage_jobs.items():
             await client.patch(kube.PYTORCHJOBS, namespace, stage_job, stage_patch)
-        patch = ftj.status_patch(job.get("status"), plan.status)
-        if patch:
-            await client.patch(kube.FINETUNEJOBS, namespace, name, {"status": patch}, subresource="status")
+        await write_status(client, kube.FINETUNEJOBS, job, plan.status, statuswrite.FINETUNEJOB_VOLATILE,
+                           RUNTIME.status_min_interval_seconds)
         for event in plan.events:
             await client.post_event(job, event.type, event.reason, event.message)
         old_phase = (job.get("status") or {}).get("phase")

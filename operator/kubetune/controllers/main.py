@@ -83,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     adapterdeployment.RUNTIME.analyzer.max_retrains = args.max_concurrent_retrains
     adapterdeployment.RUNTIME.analyzer.drift_seconds = args.drift_seconds
     adapterdeployment.RUNTIME.watch_namespaces = tuple(args.namespace or ())
+    if args.status_min_interval < 0:
+        raise SystemExit("--status-min-interval: seconds >= 0 (0 writes every status change at once)")
+    finetunejob.RUNTIME.status_min_interval_seconds = args.status_min_interval
+    adapterdeployment.RUNTIME.status_min_interval_seconds = args.status_min_interval
     if args.embedding_url:
         from kubetune.clients.embeddings import EmbeddingClient
 

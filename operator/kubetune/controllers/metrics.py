@@ -22,3 +22,7 @@ ADEP_RECONCILE_ERRORS = Counter("kubetune_adapterdeployment_reconcile_errors_tot
 DRIFT_DECISIONS = Counter("kubetune_drift_decisions_total",
                           "Drift-loop decisions by reason (WindowClean, WindowDrifted, DriftDetected, RetrainStarted, "
                           "CandidatePromoted, CandidateRejected, guards holding a retrain back...).", ["reason"])
+STATUS_WRITES = Counter("kubetune_status_writes_total",
+                        "Status writes by kind (FineTuneJob, AdapterDeployment) and result: written, or throttled "
+                        "(only volatile fields such as training progress changed within --status-min-interval).",
+                        ["kind", "result"])
