@@ -13,12 +13,17 @@ import asyncio
 import datetime
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp.web
 import jsonpatch
 import kmock
+import yaml
 from kmock._internal import parsing as _kmock_parsing
+from kmock._internal import rendering as _kmock_rendering
+
+from . import apiserver_views as views
 
 _parse_path = _kmock_parsing.parse_path
 
@@ -35,6 +40,28 @@ def _parse_path_with_namespaces(path: str):
 
 
 _kmock_parsing.parse_path = _parse_path_with_namespaces
+_kmock_parse_request = _kmock_rendering.Request._parse.__func__
+
+
+async def _parse_request_binary_safe(cls, raw_request, *, id: int = 0):
+    """kmock decodes every body as UTF-8 text; kubectl and helm send built-in kinds as protobuf,
+    whose bytes are not (helm's release Secrets): give kmock the bytes, and text only when it is text."""
+    if views.PROTOBUF not in (raw_request.headers.get('Content-Type') or ''):
+        return await _kmock_parse_request(cls, raw_request, id=id)
+    body = await raw_request.read()
+    k8s = _kmock_parsing.parse_path(raw_request.path)
+    resource = None if k8s is None or k8s.group is None else kmock.resource(
+        group=k8s.group, version=k8s.version, plural=k8s.plural)
+    method = kmock.method(raw_request.method)
+    return cls(id=id, raw_request=raw_request, url=raw_request.url, method=raw_request.method,
+               params=dict(raw_request.query), headers=dict(raw_request.headers),
+               cookies=dict(raw_request.cookies), data=None, body=body,
+               text=body.decode('utf-8', errors='replace'),
+               action=_kmock_parsing.guess_k8s(k8s, method, dict(raw_request.query)), resource=resource,
+               namespace=k8s.namespace, name=k8s.name, subresource=k8s.subresource)
+
+
+_kmock_rendering.Request._parse = classmethod(_parse_request_binary_safe)
 
 
 class K8sEmulator(kmock.KubernetesEmulator):
@@ -56,12 +83,25 @@ class K8sEmulator(kmock.KubernetesEmulator):
     * ``labelSelector`` (k=v, k==v, k!=v, k, !k) on LIST & WATCH (vanilla kmock ignores it).
     * garbage collection: deleting an object deletes its dependents (``ownerReferences`` by uid),
       as the cluster's garbage collector does with background propagation.
+
+    And what a real ``kubectl`` needs (the docs' commands run against this emulator, see
+    ``tests/integration/kubectl.py``): lists with their ``kind``, ``fieldSelector`` (``kubectl
+    describe`` reads a object's Events by ``involvedObject.*``; ``kubectl wait`` watches by
+    ``metadata.name``), server-side printing (``as=Table``: a CRD's ``additionalPrinterColumns``
+    evaluated as the API server does, a Name/Age table for other kinds, the Events table),
+    OpenAPI v3 built from the CRDs' schemas (``kubectl explain``, client-side validation), no
+    short names on subresources, and optionally admission (``admission``: a callable that returns
+    the errors for a kubetune object, i.e. the CRD's schema and CEL rules, refused with 422 as the
+    API server does).
     """
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._rv = 1000                      # last committed resourceVersion
         self._write_lock = asyncio.Lock()    # serializes writes + lists (RV consistency)
+        # (kind, object) -> (["path: message", ...], the object with the schema's defaults); None: no
+        # admission (the operator's own handling of invalid specs is tested by creating them)
+        self.admission: Callable[[str, dict], tuple[list[str], dict]] | None = None
 
     # --- helpers ---
     @staticmethod
@@ -91,12 +131,104 @@ class K8sEmulator(kmock.KubernetesEmulator):
             and (request.namespace is None or ns == request.namespace)
             and (request.name is None or meta.get('name') == request.name)
             and cls._labels_match(request.params.get('labelSelector'), meta.get('labels'))
+            and views.field_selector_matches(request.params.get('fieldSelector'), obj)
         )
+
+    @staticmethod
+    def _wants_table(request: kmock.Request) -> bool:
+        return views.TABLE_ACCEPT in (request.headers.get('Accept') or '')
+
+    def _kind(self, request: kmock.Request) -> str | None:
+        info = self.resources[request.resource] if request.resource in self.resources else None  # noqa: SIM401
+        return info.kind if info is not None else None
+
+    def _builtin_kinds(self) -> dict[tuple[str, str], dict[str, tuple[str, bool]]]:
+        """(group, version) → {plural: (kind, namespaced)} of the declared kinds not from crds/."""
+        out: dict[tuple[str, str], dict[str, tuple[str, bool]]] = {}
+        for resource in self.resources:
+            if (resource.group, resource.version, resource.plural) in views.crds():
+                continue
+            info = self.resources[resource]
+            if info.kind:
+                out.setdefault((resource.group, resource.version), {})[resource.plural] = (
+                    info.kind, bool(info.namespaced))
+        return out
+
+    def _replace(self, request: kmock.Request) -> None:
+        """PUT (helm updates its release Secrets with it): the object becomes the body; served as the
+        merge patch that turns the stored object into it. In place: kmock routes only recorded requests."""
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            raise kmock.KubernetesError(404, 'NotFound', f'{request.resource.plural} "{request.name}" not found')
+        patch = views.merge_patch_between(self.objects[key].raw, request.data or {})
+        for field, value in {'data': patch, 'action': kmock.action.UPDATE, 'method': kmock.method.PATCH}.items():
+            object.__setattr__(request, field, value)
+
+    def _server_side_apply(self, request: kmock.Request) -> None:
+        """Server-side apply (helm 4 installs with it), approximated: the applied configuration creates
+        the object, or is merged into it (no field ownership, no removal of fields it stops setting).
+        The request is changed in place: kmock routes only the requests it recorded."""
+        data = yaml.safe_load(request.body or b'{}') or {}
+        key = (request.resource, request.namespace, request.name)
+        change = {'data': data, 'headers': {**request.headers, 'Content-Type': 'application/json'}}
+        if key not in self.objects or self.objects[key].deleted:
+            change.update(method=kmock.method.POST, action=kmock.action.CREATE, name=None,
+                          url=request.url.with_path(request.url.path.rsplit('/', 1)[0]))
+        for field, value in change.items():
+            object.__setattr__(request, field, value)
+
+    def _admit(self, request: kmock.Request) -> None:
+        """The API server's admission of kubetune objects (schema + CEL): 422 with every error."""
+        if self.admission is None or request.resource is None or request.resource.group != views.GROUP:
+            return
+        if request.subresource is not None or not isinstance(request.data, dict):
+            return
+        if request.action == kmock.action.CREATE:
+            candidate = request.data
+        elif request.action == kmock.action.UPDATE and 'spec' in request.data:
+            key = (request.resource, request.namespace, request.name)
+            if key not in self.objects or self.objects[key].deleted:
+                return
+            candidate = views.merge_patch(self.objects[key].raw, request.data)
+        else:
+            return
+        kind = self._kind(request)
+        errors, defaulted = self.admission(kind, candidate)
+        if errors:
+            name = (candidate.get('metadata') or {}).get('name') or request.name
+            raise kmock.KubernetesError(422, 'Invalid', f'{kind}.{views.GROUP} "{name}" is invalid: '
+                                        + ', '.join(errors))
+        if request.action == kmock.action.CREATE:  # stored with its defaults, as the API server does
+            request.data.update(defaulted)
 
     # --- request interception ---
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is None:
+            path = request.url.path
+            if path == '/openapi/v3':
+                return aiohttp.web.json_response(views.openapi_v3_index(set(self._builtin_kinds())))
+            if path.startswith('/openapi/v3/'):
+                group, _, version = path.removeprefix('/openapi/v3/').removeprefix('apis/').rpartition('/')
+                group = '' if group == 'api' else group
+                document = views.openapi_v3_group(group, version)
+                if document is None and (group, version) in self._builtin_kinds():
+                    document = views.openapi_v3_builtin(group, version, self._builtin_kinds()[group, version])
+                if document is not None:
+                    return aiohttp.web.json_response(document)
             return await super()._handle(request)
+        if views.APPLY_PATCH in (request.headers.get('Content-Type') or ''):
+            self._server_side_apply(request)
+        if (views.PROTOBUF in (request.headers.get('Content-Type') or '') and request.body
+                and request.method != kmock.method.DELETE):  # DeleteOptions: not needed
+            try:
+                object.__setattr__(request, 'data', views.decode_protobuf(request.body))
+            except ValueError as e:
+                raise kmock.KubernetesError(415, 'UnsupportedMediaType', str(e)) from e
+        if request.method == kmock.method.PUT and request.name is not None:
+            self._replace(request)
+        if request.resource.plural == 'secrets' and request.resource.group == '':
+            views.secret_string_data(request.data)
+        self._admit(request)
         if request.action == kmock.action.LIST:
             async with self._write_lock:
                 return await super()._handle(request)
@@ -170,7 +302,40 @@ class K8sEmulator(kmock.KubernetesEmulator):
         result['metadata']['resourceVersion'] = str(self._rv)
         sel = request.params.get('labelSelector')
         result['items'] = [i for i in result['items']
-                           if self._labels_match(sel, i.get('metadata', {}).get('labels'))]
+                           if self._labels_match(sel, i.get('metadata', {}).get('labels'))
+                           and views.field_selector_matches(request.params.get('fieldSelector'), i)]
+        resource = request.resource
+        if self._wants_table(request):
+            return views.table(resource.group, resource.version, resource.plural, result['items'],
+                               str(self._rv))
+        kind = self._kind(request)
+        result['apiVersion'] = f'{resource.group}/{resource.version}' if resource.group else resource.version
+        result['kind'] = f'{kind}List' if kind else 'List'
+        return result
+
+    async def _serve_fetch(self, request: kmock.Request) -> Any:
+        result = await super()._serve_fetch(request)
+        if self._wants_table(request) and request.subresource is None:
+            resource = request.resource
+            return views.table(resource.group, resource.version, resource.plural, [result], str(self._rv))
+        return result
+
+    async def _serve_server_version(self, request: kmock.Request) -> Any:
+        """The Kubernetes version the chart and the CRDs (CEL, kubeVersion >= 1.30) are written for;
+        kubectl and helm from the same wheel are v1.34."""
+        return {**await super()._serve_server_version(request), 'major': '1', 'minor': '34',
+                'gitVersion': 'v1.34.0+kubetune-emulator'}
+
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """As the API server: the core group version is `v1`, and subresources have no short names or
+        categories of their own (kmock repeats them; kubectl then warns that `ftj` could also mean
+        finetunejobs/status)."""
+        result = await super()._serve_version(request)
+        if result.get('groupVersion', '').startswith('/'):  # the core group is "v1", not "/v1"
+            result['groupVersion'] = result['groupVersion'][1:]
+        for entry in result.get('resources', []):
+            if '/' in entry['name']:
+                entry['shortNames'], entry['categories'] = [], []
         return result
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
@@ -205,18 +370,21 @@ def declare_resources(k8s: kmock.KubernetesEmulator) -> None:
     # kopf's "backbone" REQUIRES v1/namespaces, v1/events, apiextensions.k8s.io CRDs to be
     # discoverable, otherwise the namespace/resource observers block forever.
     k8s.resources.load_bundled()
-    k8s.resources['kubetune.io/v1alpha1/finetunejobs'] = kmock.ResourceInfo(
-        kind='FineTuneJob', singular='finetunejob', namespaced=True, shortnames={'ftj'},
-        verbs={'list', 'watch', 'get', 'create', 'patch', 'update', 'delete'},
-        subresources={'status'},
-    )
-    k8s.resources['kubetune.io/v1alpha1/adapterdeployments'] = kmock.ResourceInfo(
-        kind='AdapterDeployment', singular='adapterdeployment', namespaced=True, shortnames={'adep'},
-        verbs={'list', 'watch', 'get', 'create', 'patch', 'update', 'delete'},
-        subresources={'status'},
-    )
+    # The kubetune kinds as their CRDs declare them (kind, singular, short names, categories).
+    for (group, version, plural), crd in views.crds().items():
+        names = crd['spec']['names']
+        k8s.resources[f'{group}/{version}/{plural}'] = kmock.ResourceInfo(
+            kind=names['kind'], singular=names['singular'], namespaced=crd['spec']['scope'] == 'Namespaced',
+            shortnames=set(names.get('shortNames', [])), categories=set(names.get('categories', [])),
+            verbs={'list', 'watch', 'get', 'create', 'patch', 'update', 'delete'},
+            subresources=set(crd_version_subresources(crd, version)),
+        )
     k8s.resources['kubeflow.org/v1/pytorchjobs'] = kmock.ResourceInfo(
         kind='PyTorchJob', singular='pytorchjob', namespaced=True,
         verbs={'list', 'watch', 'get', 'create', 'patch', 'update', 'delete'},
         subresources={'status'},
     )
+
+
+def crd_version_subresources(crd: dict, version: str) -> list[str]:
+    return list(views.crd_version(crd, version).get('subresources') or {})

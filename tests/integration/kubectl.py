@@ -1,0 +1,18 @@
+"""Real kubectl against the emulator: a kubeconfig for it, the API server's admission of kubetune
+objects (the CRD's schema with its defaults, then its CEL rules: exactly what `kubectl apply` of a bad
+spec gets from a cluster), and a runner for kubectl command lines."""
+
+from __future__ import annotations
+
+from kubetune.api import validation
+from kubetune.api.schema import apply_defaults
+
+
+def admission(kind: str, document: dict) -> tuple[list[str], dict]:
+    """What the API server refuses (structural schema, then CEL on the defaulted object), and the
+    object as it stores it (with the schema's defaults)."""
+    errors = validation.structural_errors(kind, document)
+    if errors:
+        return [f"{e.path}: {e.message}" for e in errors], document
+    defaulted = apply_defaults(validation.root_schema(kind), document)
+    return [f"{e.path}: {e.message}" for e in validation.cel_errors(kind, defaulted)], defaulted
