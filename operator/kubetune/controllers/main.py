@@ -27,6 +27,11 @@ def configure(settings: kopf.OperatorSettings, *, standalone: bool = True) -> No
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.io")
     settings.watching.server_timeout = 300
+    # The resync/progress timers put kopf's finalizer on every object; on deletion kopf stops them and
+    # re-checks only every `cancellation_polling` seconds (default 60), so `kubectl delete ftj` took a
+    # minute or more. Timers stop at once (they only sleep between passes): wait for that in-cycle.
+    settings.background.instant_exit_timeout = 1.0
+    settings.background.cancellation_polling = 2
     settings.networking.request_timeout = 60
 
 
