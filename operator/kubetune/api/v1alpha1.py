@@ -816,6 +816,10 @@ FINETUNEJOB_PRINTER_COLUMNS = [
     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
      "description": "Percent of planned steps done"},
     {"name": "Eval Loss", "type": "number", "jsonPath": ".status.progress.evalLoss"},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.failure.reason",
+     "description": "Why the job failed (docs/troubleshooting.md)"},
+    {"name": "Adapter", "type": "string", "jsonPath": ".status.adapter.digest", "priority": 1,
+     "description": "Digest of the published adapter"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -1094,6 +1098,9 @@ ADAPTERDEPLOYMENT_STATUS = obj(
     "Observed state, written only by the operator.",
     {
         "phase": string("Informational summary.", enum=["Pending", "Progressing", "Ready", "Degraded"]),
+        "summary": string("One line for kubectl get: each alias's stable version (first 12 hex of its digest), "
+                          "and the canary with its weight, e.g. 'support-bot 1a2b3c4d5e6f -> 9f8e7d6c5b4a 10%'.",
+                          max_length=1024),
         "observedGeneration": integer("The generation the operator last acted on.", minimum=0),
         "lastUpdateTime": _LAST_UPDATE_TIME,
         "conditions": _conditions(),
@@ -1150,7 +1157,9 @@ ADAPTERDEPLOYMENT_STATUS = obj(
 
 ADAPTERDEPLOYMENT_PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri"},
+    {"name": "Versions", "type": "string", "jsonPath": ".status.summary",
+     "description": "Each alias's stable version, and the canary with its weight"},
+    {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri", "priority": 1},
     {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
     {"name": "Drift", "type": "string", "jsonPath": ".status.adapters[0].drift.state"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -299,9 +299,30 @@ def decide(observed: Observed, settings: Settings) -> Plan:
         status["phase"] = "Progressing"
     else:
         status["phase"] = "Pending"
+    status["summary"] = versions_summary(new_records)
     plan.status = status
     plan.requeue_after = min(requeue)
     return plan
+
+
+def _short(version: dict | None) -> str:
+    """The first 12 hex of a version's digest: what its served name ends with."""
+    digest = (version or {}).get("digest") or ""
+    return digest.split(":", 1)[-1][:12] or "?"
+
+
+def versions_summary(records: list[dict]) -> str:
+    """One line for `kubectl get adep`: per alias, the stable version and the canary with its weight."""
+    parts = []
+    for record in records:
+        if record.get("stable"):
+            part = f"{record['name']} {_short(record['stable'])}"
+        else:
+            part = f"{record['name']} (none yet)"
+        if record.get("canary"):
+            part += f" -> {_short(record['canary'])} {record.get('canaryWeight', 0)}%"
+        parts.append(part)
+    return ", ".join(parts)[:1024]
 
 
 def _content(state: serving.DesiredState) -> tuple:
