@@ -23,9 +23,22 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATED_CRD_DIRS = ("crds", "charts/kubetune/crds")
 
 
+class InputError(Exception):
+    """A file the user named cannot be read as YAML: reported in one line, exit code 2."""
+
+
 def _load_documents(path: str) -> list[dict]:
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        documents = [doc for doc in yaml.safe_load_all(text) if doc]
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}") from exc
+    not_objects = [index for index, doc in enumerate(documents) if not isinstance(doc, dict)]
+    if not_objects:
+        raise InputError(f"{path}: document {not_objects[0] + 1} is not a Kubernetes object (a mapping)")
+    return documents
 
 
 def dump_yaml(documents: list[dict]) -> str:
@@ -374,7 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

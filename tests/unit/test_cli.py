@@ -68,3 +68,22 @@ def test_render_shows_an_adapterdeployments_children(capsys):
     assert cli.main(["render", "-f", str(REPO_ROOT / "examples" / "adapterdeployment-canary.yaml")]) == 0
     kinds = [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)]
     assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service"]
+
+
+def test_unreadable_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cli.main(["validate", "-f", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.yaml'}: No such file or directory"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("spec: [\n")
+    assert cli.main(["render", "-f", str(broken)]) == 2
+    assert f"error: {broken}: not valid YAML" in capsys.readouterr().err
+    broken.write_text("- a list\n")
+    assert cli.main(["local", "-f", str(broken)]) == 2
+    assert "document 1 is not a Kubernetes object" in capsys.readouterr().err
+
+
+def test_the_invalid_example_is_refused_with_field_paths(capsys):
+    assert cli.main(["validate", "-f", str(REPO_ROOT / "examples" / "invalid" / "finetunejob-qlora-broken.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "spec.method.quantization: method.quantization is required when method.type is QLoRA" in err
+    assert "spec.training: training: set exactly one of training.epochs or training.maxSteps" in err
