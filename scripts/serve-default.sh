@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 example=examples/adapterdeployment-local-intents.yaml
 traffic=examples/data/intents/traffic.jsonl
-run_dir=kubetune-runs
+run_dir="${KUBETUNE_RUN_DIR:-kubetune-runs}"
 job=intents-minilm-lora
 if ! python - "$run_dir/$job/finetunejob.json" <<'PY'
 import json, sys

@@ -10,8 +10,8 @@ with the shipped example and serves it with the shipped AdapterDeployment and tr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -124,18 +124,31 @@ def _minilm_dir() -> Path:
 
 
 @pytest.mark.integration  # slow (~1-2 min on 2 cores): a short MiniLM training, an engine, an agent, 40 requests
+def make_recipe(target: str) -> str:
+    """The shell command a Makefile target runs (continuations joined, `@` dropped)."""
+    lines = (REPO_ROOT / "Makefile").read_text().split("\n")
+    start = lines.index(next(line for line in lines if line.startswith(f"{target}:"))) + 1
+    recipe = []
+    for line in lines[start:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip().lstrip("@"))
+    return " ".join(part.rstrip("\\").strip() for part in recipe)
+
+
 def test_train_then_serve_the_example_with_its_traffic(tmp_path):
+    """`make run` then `make serve`: the two scripts their recipes run, into a temporary run directory,
+    with one epoch instead of the example's four."""
     run_dir = tmp_path / "runs"
-    data = REPO_ROOT / "examples" / "data" / "intents"
-    base = f"baseModel.uri=file://{_minilm_dir()}"
+    assert make_recipe("run") == "bash scripts/run-default.sh"
+    assert make_recipe("serve") == "bash scripts/serve-default.sh"
+    env = {**os.environ, "KUBETUNE_RUN_DIR": str(run_dir)}
     started = time.monotonic()
-    train = subprocess.run(
-        [sys.executable, "-m", "kubetune.cli", "local", "-f", str(FTJ_EXAMPLE), "--run-dir", str(run_dir),
-         "--poll", "0.5", "--set", f"dataset.uri=file://{data / 'train.jsonl'}",
-         "--set", f"dataset.validationUri=file://{data / 'validation.jsonl'}", "--set", base,
-         "--set", "training.epochs=1"], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, check=False)
+    train = subprocess.run(["bash", "scripts/run-default.sh", "--poll", "0.5", "--set", "training.epochs=1"],
+                           capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, check=False, env=env)
     trained = time.monotonic()
     assert train.returncode == 0, (train.stdout + train.stderr)[-6000:]
+    assert "FineTuneJob intents-minilm-lora: Succeeded" in train.stdout
     job = json.loads((run_dir / JOB / "finetunejob.json").read_text())
     assert job["status"]["phase"] == "Succeeded"
     digest = job["status"]["adapter"]["digest"]
@@ -144,11 +157,8 @@ def test_train_then_serve_the_example_with_its_traffic(tmp_path):
     assert digest in (run_dir / JOB / "report" / "summary.txt").read_text()
 
     status_file = tmp_path / "adep.json"
-    serve = subprocess.run(
-        [sys.executable, "-m", "kubetune.cli", "local", "-f", str(EXAMPLE), "--run-dir", str(run_dir),
-         "--set", base, "--traffic", str(TRAFFIC), "--until", "traffic-done", "--max-seconds", "300",
-         "--poll", "0.5", "--status-file", str(status_file)],
-        capture_output=True, text=True, timeout=420, cwd=REPO_ROOT, check=False)
+    serve = subprocess.run(["bash", "scripts/serve-default.sh", "--poll", "0.5", "--status-file", str(status_file)],
+                           capture_output=True, text=True, timeout=420, cwd=REPO_ROOT, check=False, env=env)
     served = time.monotonic()
     output = serve.stdout + serve.stderr
     assert serve.returncode == 0, output[-8000:]
@@ -177,3 +187,13 @@ def test_train_then_serve_the_example_with_its_traffic(tmp_path):
     assert version in summary and "rollout.png" in summary
     print(f"\nquickstart: training {trained - started:.0f} s, serving 40 requests {served - trained:.0f} s; "
           f"{right}/{len(answers)} intents right")
+    table = serve.stdout[serve.stdout.index("predicted intent"):]
+    assert f"{right}/{len(answers)} answers match the intent the utterance was written for" in table
+    assert table.count(digest.partition(":")[2][:12]) == len(answers)  # one row per answer, with its version
+
+
+def test_make_serve_without_a_trained_adapter_says_to_run_make_run_first(tmp_path):
+    serve = subprocess.run(["bash", "scripts/serve-default.sh"], capture_output=True, text=True, timeout=60,
+                           cwd=REPO_ROOT, check=False, env={**os.environ, "KUBETUNE_RUN_DIR": str(tmp_path)})
+    assert serve.returncode == 1
+    assert "run `make run` first" in serve.stderr
