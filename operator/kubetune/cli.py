@@ -365,9 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine image of managed serving runtimes")
     p.add_argument("--agent-image", default=serving_render.ServingSettings().agent_image,
                    help="image of the agent sidecar (the operator's own image)")
-    p.add_argument("--allowed-source", action="append", metavar="NAMESPACE=PREFIX",
-                   help="storage prefix a namespace's AdapterDeployments may serve adapters from (repeatable; "
-                        "*=PREFIX for every namespace; none given: no restriction)")
+    p.add_argument("--allowed-storage", "--allowed-source", dest="allowed_storage", action="append",
+                   metavar="NAMESPACE=PREFIX",
+                   help="storage prefix a namespace's FineTuneJobs and AdapterDeployments may name (data, outputs, "
+                        "adapter sources, samples; repeatable; *=PREFIX for every namespace; none given: no limit; "
+                        "--allowed-source is its former name)")
     p.add_argument("--embedding-url", default=os.environ.get("KUBETUNE_EMBEDDING_URL"),
                    help="OpenAI-compatible embeddings service for the drift diagnostics (e.g. the CPU engine with "
                         "--embedding-model, or a vLLM/TEI serving all-MiniLM-L6-v2); without it they are skipped")

@@ -14,6 +14,7 @@ from kubetune.clients import kube, storage
 from kubetune.logs import configure_logging
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import finetunejob as ftj
+from kubetune.reconcile import tenancy
 from kubetune.render import serving as serving_render
 from kubetune.render import training as render
 
@@ -58,22 +59,23 @@ def register_all(registry: kopf.OperatorRegistry | None = None) -> None:
         return len(finetunejob.RUNTIME.locks)  # FineTuneJobs reconciled since start, and not deleted
 
 
-def _allowed_sources(items: list[str]) -> dict[str, tuple[str, ...]]:
-    """`--allowed-source NAMESPACE=PREFIX` (repeatable; `*=PREFIX` for every namespace)."""
-    allowed: dict[str, list[str]] = {}
-    for item in items:
-        namespace, sep, prefix = item.partition("=")
-        if not sep or not namespace or not prefix:
-            raise SystemExit(f"--allowed-source {item!r}: expected NAMESPACE=PREFIX (e.g. team-a=s3://team-a-adapters/)")
-        allowed.setdefault(namespace, []).append(prefix)
-    return {k: tuple(v) for k, v in allowed.items()}
+def _allowed_storage(items: list[str]) -> dict[str, tuple[str, ...]]:
+    """`--allowed-storage NAMESPACE=PREFIX` (repeatable; `*=PREFIX` for every namespace; `--allowed-source`
+    is its former name): one limit for every storage URI of a namespace's FineTuneJobs and
+    AdapterDeployments (reconcile.tenancy)."""
+    try:
+        return tenancy.parse(items)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
+    allowed_storage = _allowed_storage(args.allowed_storage or [])
     finetunejob.RUNTIME.settings = ftj.Settings(
         render=render.RenderSettings(trainer_image=args.trainer_image),
         publish_timeout_seconds=args.publish_timeout,
+        allowed_storage=allowed_storage,
     )
     finetunejob.RUNTIME.default_s3 = storage.S3Settings(
         endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT") or None,
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
     )
     adapterdeployment.RUNTIME.default_s3 = finetunejob.RUNTIME.default_s3
-    adapterdeployment.RUNTIME.settings = adp.Settings(allowed_sources=_allowed_sources(args.allowed_source or []))
+    adapterdeployment.RUNTIME.settings = adp.Settings(allowed_sources=allowed_storage)
     adapterdeployment.RUNTIME.render = serving_render.ServingSettings(vllm_image=args.vllm_image,
                                                                       agent_image=args.agent_image)
     adapterdeployment.RUNTIME.analyzer.max_retrains = args.max_concurrent_retrains

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from kubetune.api import serving
 
-from . import analysis
+from . import analysis, tenancy
 from . import conditions as cond
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank values vLLM accepts
@@ -133,7 +133,10 @@ def preflight(adep: dict, adapter: dict, source: Source, settings: Settings, max
     if source.problems:
         return list(source.problems)
     name, namespace = adapter["name"], adep["metadata"]["namespace"]
+    # the sample prefix, the base model and the adapter's drift storage (--allowed-storage)
     problems = []
+    for message in tenancy.adapterdeployment_refusals(adep, settings.allowed_sources, adapter):
+        problems.append(("StorageNotAllowed", message))
     if not allowed(source.manifest_uri or "", namespace, settings):
         problems.append(("SourceNotAllowed", f"adapters[{name}]: {source.manifest_uri} is outside the storage "
                          f"prefixes namespace {namespace} may serve from"))

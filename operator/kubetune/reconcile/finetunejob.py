@@ -31,7 +31,7 @@ from kubetune.api.validation import validate
 from kubetune.render import training as render
 
 from . import conditions as cond
-from . import stages
+from . import stages, tenancy
 
 TERMINAL = ("Succeeded", "Skipped", "Failed")
 ACTIVE = ("Pending", "Baseline", "Sweeping", "Running")  # phases whose progress is followed closely
@@ -46,6 +46,9 @@ class Settings:
     resync_seconds: float = 30.0
     progress_seconds: float = progress_api.WRITE_INTERVAL_SECONDS  # how often a running job's progress is read
     local: bool = False  # `kubetune local`: file:// outputs are allowed
+    # namespace -> storage URI prefixes its FineTuneJobs may name ("*": every namespace). Empty: no limit
+    # (`--allowed-storage`, see reconcile.tenancy).
+    allowed_storage: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,9 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
         return
 
     result = validate(job, local=settings.local)
+    # storage outside the namespace's prefixes (--allowed-storage, reconcile.tenancy)
+    refused = tenancy.finetunejob_refusals(result.defaulted, settings.allowed_storage) if result.ok else []
+    valid = result.ok and not refused
     if not result.ok:
         message = "; ".join(str(error) for error in result.errors)
         if started or stages_started:
@@ -274,6 +280,17 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
         else:
             status.condition("Accepted", False, "InvalidSpec", message)
             status.fail("InvalidSpec", message)
+            return
+    elif refused:
+        message = "; ".join(refused)
+        if started or stages_started:
+            status.condition("Accepted", False, "StorageNotAllowed",
+                             f"the spec names storage this namespace may not use; nothing new starts: {message}")
+            if not started:
+                return  # as for an invalid update: what runs goes on, nothing new starts
+        else:
+            status.condition("Accepted", False, "StorageNotAllowed", message)
+            status.fail("StorageNotAllowed", message)
             return
     else:
         job = {**job, "spec": result.defaulted["spec"]}
@@ -324,7 +341,7 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
         return
 
     finished = _pj_condition(pytorchjob, "Succeeded") or _pj_condition(pytorchjob, "Failed")
-    if observed.config_map is None and result.ok and not finished:
+    if observed.config_map is None and valid and not finished:
         training_job, training_stage = _training_inputs(job, status.value)
         plan.create = [render.render_config_map(training_job, stage=training_stage)]  # pods cannot start without it
     status.value.setdefault("trainingJob", {

@@ -119,7 +119,19 @@ def _storage_env(spec: dict) -> list[dict]:
 
 
 _SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-             "capabilities": {"drop": ["ALL"]}}
+             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+# Where the engine's caches go, so that its root filesystem can be read-only (docs/security.md).
+ENGINE_WRITABLE_ENV = (
+    ("HOME", "/tmp/home"),
+    ("XDG_CACHE_HOME", "/tmp/home/.cache"),
+    ("XDG_CONFIG_HOME", "/tmp/home/.config"),
+    ("VLLM_CACHE_ROOT", "/tmp/home/.cache/vllm"),
+    ("TRITON_CACHE_DIR", "/tmp/home/.triton"),
+    ("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor"),
+    ("NUMBA_CACHE_DIR", "/tmp/numba"),
+    ("VLLM_NO_USAGE_STATS", "1"),
+    ("DO_NOT_TRACK", "1"),
+)
 
 
 def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int) -> dict:
@@ -139,8 +151,11 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
         "imagePullPolicy": settings.image_pull_policy,
         "args": engine_args,
         # runtime LoRA loading and unloading through /v1/load_lora_adapter and /v1/unload_lora_adapter
+        # The root filesystem is read-only: every cache vLLM, torch, Triton and FlashInfer write goes to
+        # the "tmp" emptyDir (HOME, XDG dirs, compile caches) or the model cache; no usage-stats phone-home.
         "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
-                {"name": "HF_HOME", "value": f"{MODEL_CACHE}/huggingface"}],
+                {"name": "HF_HOME", "value": f"{MODEL_CACHE}/huggingface"},
+                *({"name": name, "value": value} for name, value in ENGINE_WRITABLE_ENV)],
         "ports": [{"name": "engine", "containerPort": ENGINE_PORT}],
         "readinessProbe": {"httpGet": {"path": serving.ENGINE_HEALTH, "port": ENGINE_PORT}, "periodSeconds": 5},
         "startupProbe": {"httpGet": {"path": serving.ENGINE_HEALTH, "port": ENGINE_PORT}, "periodSeconds": 10,
@@ -149,7 +164,7 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
         "volumeMounts": [{"name": "models", "mountPath": MODEL_CACHE}, {"name": "dshm", "mountPath": "/dev/shm"},
                          {"name": "adapters", "mountPath": ADAPTER_CACHE, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": {**_SECURITY, "readOnlyRootFilesystem": False},  # vLLM writes compile caches
+        "securityContext": _SECURITY,
     }
     agent = {
         "name": "agent",

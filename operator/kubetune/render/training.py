@@ -219,6 +219,7 @@ def _pod_template(job: dict, settings: RenderSettings, stage: jobconfig.Stage) -
             "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
