@@ -1,0 +1,238 @@
+"""Secret hygiene through kopf + KMock + SeaweedFS (docs/security.md): Secrets with distinctive values are
+named by FineTuneJobs and AdapterDeployments that succeed and that fail (wrong credentials, so errors
+mention the storage). No value appears in any object the emulator ever stored (ConfigMaps, PyTorchJobs,
+Deployments, Events, every status, every version of every object), in any container's args, command or
+env values (credentials only as secretKeyRef), nor in any log record, formatted with the operator's JSON
+formatter at DEBUG. The operator reads Secrets only by GET, only those named by the spec of an object
+in that namespace (output/storage credentials), never with list or watch."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+
+import kmock
+import pytest
+
+from kubetune.api import jobconfig, storage_layout
+from kubetune.clients import kube
+from kubetune.clients.storage import publish_adapter
+from kubetune.controllers import main as operator_main
+from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS
+from kubetune.logs import JsonFormatter
+from kubetune.reconcile import conditions as cond
+from tests.factories import adapterdeployment, finetunejob
+
+from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+
+pytestmark = pytest.mark.integration
+
+# Secrets the specs name. The operator may read those of output/storage credentials; the others are
+# for the trainer pods only (secretKeyRef), never read by the operator.
+SECRETS = {
+    "s3-creds": {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY},  # works with SeaweedFS
+    "bad-creds": {"AWS_ACCESS_KEY_ID": "AKIAS3CR3TBADKEYID01", "AWS_SECRET_ACCESS_KEY": "S3CR3T-wrong-secret-0001"},
+    "hf-token": {"token": "S3CR3T-hf-token-0002"},
+    "wandb-key": {"apiKey": "S3CR3T-wandb-key-0003"},
+    "mlflow-token": {"token": "S3CR3T-mlflow-token-0004"},
+    "data-creds": {"AWS_ACCESS_KEY_ID": "AKIAS3CR3TDATAKEY05", "AWS_SECRET_ACCESS_KEY": "S3CR3T-data-secret-0005"},
+}
+OPERATOR_READS = {"s3-creds", "bad-creds"}  # output.credentials / storage.credentials
+# Values that must appear nowhere. The working pair's access key id ("kubetune-test") is also the
+# S3 server's user name in its own config and a common word in this repository: its secret key is checked.
+VALUES = sorted({v for name, data in SECRETS.items() for k, v in data.items()} - {ACCESS_KEY})
+CREDENTIAL_ENV = (jobconfig.ENV_S3_ACCESS_KEY, jobconfig.ENV_S3_SECRET_KEY, jobconfig.ENV_HF_TOKEN,
+                  jobconfig.ENV_DATA_S3_ACCESS_KEY, jobconfig.ENV_DATA_S3_SECRET_KEY, jobconfig.ENV_MODEL_S3_ACCESS_KEY,
+                  jobconfig.ENV_MODEL_S3_SECRET_KEY, jobconfig.ENV_MLFLOW_TOKEN, jobconfig.ENV_WANDB_API_KEY)
+
+
+def leaks(text: str) -> list[str]:
+    forms = {v: (v, base64.b64encode(v.encode()).decode()) for v in VALUES}
+    return [v for v, variants in forms.items() if any(f in text for f in variants)]
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception as exc:  # a record that cannot be formatted is a finding too
+            self.lines.append(f"unformattable record {record.name}: {exc!r}")
+
+
+@pytest.fixture()
+def logs():
+    """Every log record of the process (operator thread included), JSON-formatted, as `kubetune operator
+    --verbose` logs: everything at DEBUG but the S3 client's wire loggers (controllers.main)."""
+    handler = Capture()
+    root = logging.getLogger()
+    levels = {name: logging.getLogger(name).level for name in ("", "kopf", "kubetune", "aiohttp",
+                                                                *operator_main.WIRE_LOGGERS)}
+    root.addHandler(handler)
+    for name in ("", "kopf", "kubetune", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    operator_main.quiet_wire_loggers()
+    yield handler
+    root.removeHandler(handler)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+async def create_secrets(api) -> None:
+    for name, data in SECRETS.items():
+        await api.create_secret(name, data)
+
+
+def stored_versions(k8s) -> list[tuple[str, dict]]:
+    """Every version of every object the emulator ever stored (deleted ones too), except the Secrets."""
+    out = []
+    for key, obj in list(k8s.objects.items()):
+        resource = key[0]
+        if resource.plural == "secrets":
+            continue
+        where = f"{resource.plural} {key[1]}/{key[2]}"
+        for version in obj.history:
+            if version is not None:
+                out.append((where, json.loads(json.dumps(version.raw, default=str))))
+    return out
+
+
+def containers_of(doc: dict) -> list[dict]:
+    spec = doc.get("spec") or {}
+    templates = [r.get("template") for r in (spec.get("pytorchReplicaSpecs") or {}).values()]
+    templates.append(spec.get("template"))
+    if doc.get("kind") == "Pod":
+        templates.append({"spec": spec})
+    out = []
+    for template in filter(None, templates):
+        pod = template.get("spec") or {}
+        out += pod.get("containers") or []
+        out += pod.get("initContainers") or []
+    return out
+
+
+def assert_no_secret_anywhere(k8s, logs: Capture) -> None:
+    versions = stored_versions(k8s)
+    kinds = {doc.get("kind") for _, doc in versions}
+    assert {"ConfigMap", "Event"} <= kinds, kinds
+    for where, doc in versions:
+        found = leaks(json.dumps(doc))
+        assert not found, f"{where} ({doc.get('kind')}) carries secret values {found}"
+        for container in containers_of(doc):
+            for env in container.get("env") or []:
+                if env["name"] in CREDENTIAL_ENV:
+                    assert "value" not in env and "secretKeyRef" in env.get("valueFrom", {}), f"{where}: {env}"
+            assert not container.get("envFrom"), where
+    assert logs.lines, "no log record captured"
+    leaked = [line for line in logs.lines if leaks(line)]
+    assert not leaked, "log records carry secret values:\n" + "\n".join(leaked[:5])
+
+
+def assert_secrets_read_only_by_name(k8s) -> None:
+    """The operator's Secret requests: GETs of the Secrets its objects' specs name (the test itself only
+    creates Secrets)."""
+    requests = [r for r in list(k8s) if r.resource is not None and r.resource.plural == "secrets"]
+    reads = [r for r in requests if r.method == kmock.method.GET]
+    assert reads, "the operator read no Secret"
+    for request in reads:
+        assert request.name, f"Secrets listed or watched: {request}"
+        assert request.name in OPERATOR_READS, f"the operator read Secret {request.name}, not named for it"
+        assert request.namespace == NS
+    assert all(r.method in (kmock.method.GET, kmock.method.POST) for r in requests)
+
+
+def condition(status: dict, kind: str) -> dict:
+    return cond.find(status.get("conditions"), kind) or {}
+
+
+def ftj_doc(name: str, endpoint: str, credentials: str) -> dict:
+    doc = finetunejob(
+        baseModel={"uri": "hf://org/private-model", "credentials": {"secretName": "hf-token", "tokenKey": "token"}},
+        dataset={"uri": f"s3://{BUCKET}/data/train.jsonl", "format": "chat",
+                 "s3": {"credentials": {"secretName": "data-creds"}}},
+        tracking={"mlflow": {"trackingUri": "https://mlflow.example.com",
+                             "credentials": {"secretName": "mlflow-token", "tokenKey": "token"}},
+                  "wandb": {"project": "p", "credentials": {"secretName": "wandb-key", "apiKeyKey": "apiKey"}}})
+    doc["metadata"] = {"name": name, "namespace": NS}
+    doc["spec"]["output"] = {"uri": f"s3://{BUCKET}/jobs", "endpoint": endpoint,
+                             "credentials": {"secretName": credentials}}
+    return doc
+
+
+def publish(s3_server, tmp_path, prefix: str, name: str, extra: dict | None = None) -> dict:
+    root = tmp_path / name
+    root.mkdir()
+    (root / "adapter_model.safetensors").write_bytes(b"\x07" * 2048)
+    (root / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32}))
+    return publish_adapter(s3_server.store(), root, prefix, extra or {})
+
+
+async def phase_of(api, resource, name: str, phases: tuple[str, ...]):
+    async def check():
+        doc = await api.get(resource, name)
+        status = (doc or {}).get("status") or {}
+        return status if status.get("phase") in phases else None
+    return await eventually(check, timeout=20)
+
+
+async def test_finetunejob_flows_leak_no_secret(k8s, logs, operator, api, s3_server, tmp_path):
+    await create_secrets(api)
+    good, _ = await api.client.create(kube.FINETUNEJOBS, ftj_doc("hygiene-ok", s3_server.endpoint, "s3-creds"))
+    await api.client.create(kube.FINETUNEJOBS, ftj_doc("hygiene-bad", s3_server.endpoint, "bad-creds"))
+    await api.client.create(kube.FINETUNEJOBS, ftj_doc("hygiene-failed", s3_server.endpoint, "bad-creds"))
+    for name in ("hygiene-ok", "hygiene-bad", "hygiene-failed"):
+        await eventually(lambda n=name: api.get(kube.PYTORCHJOBS, n))
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/jobs", NS, "hygiene-ok", good["metadata"]["uid"])
+    publish(s3_server, tmp_path, prefix, "ok", {"metrics": {"eval_loss": 0.4}})
+    await api.set_pytorchjob_conditions("hygiene-ok", ("Succeeded", "PyTorchJobSucceeded", "done"))
+    # wrong credentials: the manifest cannot be read (the storage's error goes into status and Events)
+    await api.set_pytorchjob_conditions("hygiene-bad", ("Succeeded", "PyTorchJobSucceeded", "done"),
+                                        completionTime="2026-11-28T00:00:00Z")
+    await api.set_pytorchjob_conditions(
+        "hygiene-failed", ("Failed", "PyTorchJobFailed", "1 Master replica(s) failed"))
+    ok = await phase_of(api, kube.FINETUNEJOBS, "hygiene-ok", ("Succeeded",))
+    assert condition(ok, "AdapterPublished")["status"] == "True"
+    bad = await phase_of(api, kube.FINETUNEJOBS, "hygiene-bad", ("Failed",))
+    assert condition(bad, "AdapterPublished")["status"] == "False"
+    await phase_of(api, kube.FINETUNEJOBS, "hygiene-failed", ("Failed",))
+    pytorchjob = await api.get(kube.PYTORCHJOBS, "hygiene-ok")
+    env = {e["name"]: e for e in pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    assert_no_secret_anywhere(k8s, logs)
+    assert_secrets_read_only_by_name(k8s)
+
+
+async def test_adapterdeployment_flows_leak_no_secret(k8s, logs, operator, api, s3_server, tmp_path):
+    await create_secrets(api)
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/serving", NS, "hyg", "uid-hyg")
+    manifest = publish(s3_server, tmp_path, prefix, "serve", {"rank": 16,
+                                                             "baseModel": {"uri": "hf://meta-llama/Llama-2-7b-hf"}})
+    for name, credentials in (("hyg-serve", "s3-creds"), ("hyg-serve-bad", "bad-creds")):
+        doc = adapterdeployment()
+        doc["metadata"] = {"name": name, "namespace": NS}
+        doc["spec"]["adapters"] = [{"name": "support-bot", "source": {
+            "uri": storage_layout.manifest_uri(prefix), "digest": manifest["digest"]}}]
+        doc["spec"]["strategy"] = {"type": "Immediate", "unloadGraceSeconds": 0}
+        doc["spec"]["storage"] = {"endpoint": s3_server.endpoint, "credentials": {"secretName": credentials}}
+        await api.client.create(ADAPTERDEPLOYMENTS, doc)
+
+    async def validated(name: str, value: str):
+        doc = await api.get(ADAPTERDEPLOYMENTS, name)
+        found = condition((doc or {}).get("status") or {}, "Validated")
+        return found if found.get("status") == value else None
+    assert (await eventually(lambda: validated("hyg-serve", "True"), timeout=20))["reason"] == "PreflightPassed"
+    refused = await eventually(lambda: validated("hyg-serve-bad", "False"), timeout=20)
+    assert refused["reason"] in ("StorageUnavailable", "ManifestMissing"), refused
+    deployment = await eventually(lambda: api.get(DEPLOYMENTS, "hyg-serve-serving"))
+    agent = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in agent["env"]
+            if "secretKeyRef" in (e.get("valueFrom") or {})}
+    assert refs == {"AWS_ACCESS_KEY_ID": "s3-creds", "AWS_SECRET_ACCESS_KEY": "s3-creds"}
+    assert_no_secret_anywhere(k8s, logs)
+    assert_secrets_read_only_by_name(k8s)
