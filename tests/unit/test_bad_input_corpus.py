@@ -24,7 +24,9 @@ import yaml
 
 from kubetune import cli
 from kubetune.api import jobconfig
-from kubetune.api.validation import validate
+from kubetune.api import v1alpha1 as api
+from kubetune.api.schema import iter_fields
+from kubetune.api.validation import root_schema, validate
 from kubetune_trainer import data, train
 from kubetune_trainer.modeling import BadInput
 from tests.integration.kubectl import admission
@@ -63,6 +65,16 @@ def test_corpus_size():
     assert len(DATASETS) >= 20
     assert sorted(DATASETS) == sorted(p.name for p in (CORPUS / "datasets").glob("*.jsonl")), \
         "every dataset file has a manifest entry and every entry a file"
+
+
+@pytest.mark.parametrize("kind", sorted(api.KINDS))
+def test_every_cel_rule_is_broken_by_a_corpus_file(kind):
+    reported = {error.message for path in SPECS for error in validate(yaml.safe_load(path.read_text())).errors}
+    rules = [entry for _, schema in iter_fields(root_schema(kind))
+             for entry in schema.get("x-kubernetes-validations", []) if "oldSelf" not in entry["rule"]]
+    assert rules
+    unbroken = [entry["rule"] for entry in rules if entry["message"] not in reported]
+    assert unbroken == [], f"CEL rules no file in tests/corpus/specs breaks: {unbroken}"
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])

@@ -23,7 +23,9 @@ sources, reads the reports and carries out the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 
 from kubetune.api import serving
@@ -169,6 +171,44 @@ def _version(namespace: str, adapter: str, source: Source) -> dict:
             "version": serving.version_name(namespace, adapter, source.digest)}
 
 
+_COUNTS = ("requests", "errors", "confidence_count")
+_SUMS = ("latency_sum", "confidence_sum")
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _counters(value: object) -> dict | None:
+    """One version's counters (serving.VersionMetrics as JSON), the well-typed ones only."""
+    if not isinstance(value, dict):
+        return None
+    out: dict = {k: value[k] for k in _COUNTS if _count(value.get(k))}
+    out.update({k: float(value[k]) for k in _SUMS
+                if isinstance(value.get(k), int | float) and not isinstance(value.get(k), bool)
+                and math.isfinite(value[k]) and value[k] >= 0})
+    buckets = value.get("latency_buckets")
+    if isinstance(buckets, list) and all(_count(b) for b in buckets):
+        out["latency_buckets"] = list(buckets)
+    return out
+
+
+def agent_report(report: object) -> dict | None:
+    """An agent's report as the rollout reads it. It comes from a Pod annotation, which holds whatever JSON was
+    written there (an older agent, a person with kubectl): only its well-typed parts count, so a malformed one
+    cannot stop the rollout of every alias, nor put NaN into the status (analysis snapshots copy counters)."""
+    if not isinstance(report, dict):
+        return None
+    loaded, errors, metrics = report.get("loaded"), report.get("errors"), report.get("metrics")
+    return {
+        "started": report["started"] if isinstance(report.get("started"), str) else None,
+        "loaded": {k: v for k, v in loaded.items() if isinstance(v, str)} if isinstance(loaded, dict) else {},
+        "errors": {k: {"reason": str(v.get("reason") or "")[:256], "message": str(v.get("message") or "")}
+                   for k, v in errors.items() if isinstance(v, dict)} if isinstance(errors, dict) else {},
+        "metrics": {k: c for k, v in metrics.items() if (c := _counters(v))} if isinstance(metrics, dict) else {},
+    }
+
+
 def _reports(pods: list[Pod]) -> dict[str, dict]:
     return {p.name: p.report for p in pods if p.report}
 
@@ -179,6 +219,8 @@ def _loaded_everywhere(pods: list[Pod], version: str, digest: str) -> tuple[int,
 
 
 def decide(observed: Observed, settings: Settings) -> Plan:
+    observed = dataclasses.replace(observed, pods=[dataclasses.replace(p, report=agent_report(p.report))
+                                                   for p in observed.pods])
     adep, now = observed.adep, observed.now
     meta, spec = adep["metadata"], adep["spec"]
     namespace = meta["namespace"]

@@ -21,7 +21,9 @@ them: finished trials are never re-run, a running one is followed, never created
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 
 from kubetune.api import jobconfig, storage_layout
@@ -226,7 +228,21 @@ class _Status:
         self.value.setdefault("completionTime", self.now)
 
 
+def _json_object(value: object) -> dict | None:
+    """A file read from storage, as an object: absent (None) stays absent; JSON that is not an object
+    (a list, a number: a truncated or foreign file) reads as an empty object."""
+    return value if value is None or isinstance(value, dict) else {}
+
+
+def _objects(observed: Observed) -> Observed:
+    """The trainer's files (progress.json, the stages' result.json) are whatever JSON storage holds."""
+    reports = {name: StageReport(result=_json_object(report.result), progress=_json_object(report.progress))
+               for name, report in observed.stage_reports.items()}
+    return dataclasses.replace(observed, progress=_json_object(observed.progress), stage_reports=reports)
+
+
 def decide(observed: Observed, settings: Settings) -> Plan:
+    observed = _objects(observed)
     job = observed.job
     plan = Plan()
     if job["metadata"].get("deletionTimestamp"):
@@ -450,8 +466,13 @@ def _stage_failed(record: dict, reason: str, message: str, completed: str) -> No
 def _duration(record: dict, result: dict) -> None:
     if record.get("startTime") and record.get("completionTime"):
         record["durationSeconds"] = max(0.0, _seconds_between(record["startTime"], record["completionTime"]))
-    elif isinstance(result.get("seconds"), int | float):
+    elif _seconds_value(result.get("seconds")):
         record["durationSeconds"] = float(result["seconds"])
+
+
+def _seconds_value(value: object) -> bool:
+    """A duration the status can hold: JSON from storage may carry NaN or Infinity, which no API server stores."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def _baseline_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, status: _Status) -> bool:

@@ -170,7 +170,8 @@ def sweep_summary(trials: list[dict], best: dict | None) -> str:
 
 def trial_metric(result: dict, metric: str) -> float | None:
     """The sweep metric from a trial's result.json; accuracy asked of a causal LM has no value."""
-    value = ((result or {}).get("metrics") or {}).get(metric)
+    metrics = (result or {}).get("metrics")
+    value = metrics.get(metric) if isinstance(metrics, dict) else None  # result.json is whatever JSON it holds
     return float(value) if _finite(value) else None
 
 
