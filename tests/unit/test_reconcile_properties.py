@@ -312,7 +312,7 @@ def check_finetunejob_plan(observed: ftj.Observed, plan: ftj.Plan) -> None:
 
 
 @PROPERTIES
-@given(ftj_observations(st.one_of(ftj_specs(), ftj_specs(), mutated(ftj_specs()))))
+@given(ftj_observations(st.one_of(ftj_specs(), ftj_specs(), ftj_specs(), mutated(ftj_specs()), ANY_JSON)))
 def test_finetunejob_decide_never_raises(observed):
     plan = ftj.decide(observed, SETTINGS)
     check_finetunejob_plan(observed, plan)
@@ -321,7 +321,14 @@ def test_finetunejob_decide_never_raises(observed):
         assert plan.create == []
         return
     phase = (job.get("status") or {}).get("phase")
-    if not validate(job).ok and not _started(job) and phase not in ftj.TERMINAL:
+    finished = phase in ftj.TERMINAL and (_started(job) or phase != "Failed")  # a finished record is final
+    if finished or validate(job).ok:
+        return
+    if _started(job):  # the running stages or training go on; nothing new starts until the spec is fixed
+        accepted = cond.find(plan.status.get("conditions"), "Accepted")
+        assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpecUpdate", plan.status
+        assert plan.create == []
+    else:
         assert_invalid_spec(plan)
 
 
@@ -565,6 +572,22 @@ def test_trainer_files_that_are_not_objects():
             {"type": "Running", "status": "True", "lastTransitionTime": NOW}]}}
         plan = ftj.decide(ftj.Observed(job=job, now=NOW, pytorchjob=running, progress=garbage), SETTINGS)
         assert plan.status["phase"] == "Running"
+
+
+def test_running_job_whose_spec_lost_its_shape():
+    """A spec no API server with this CRD stores (output gone, runPolicy a string) on a job whose training
+    started: InvalidSpecUpdate, the record stays as it is, no KeyError while following the PyTorchJob."""
+    job = {**_sweeping_job(), "status": {"phase": "Running", "trainingJob": {"name": "llama-lora"}}}
+    job["spec"] = {**job["spec"], "runPolicy": "suspend"}
+    del job["spec"]["output"]
+    for pytorchjob in (None, {"metadata": {"name": "llama-lora"}, "status": {"conditions": [
+            {"type": "Succeeded", "status": "True", "lastTransitionTime": NOW}]}}):
+        plan = ftj.decide(ftj.Observed(job=job, now=NOW, pytorchjob=pytorchjob, progress={"baselineMetrics": {}}),
+                          SETTINGS)
+        accepted = cond.find(plan.status["conditions"], "Accepted")
+        assert accepted["reason"] == "InvalidSpecUpdate" and "spec.output: required field is missing" in \
+            accepted["message"]
+        assert plan.status["phase"] == "Running" and plan.create == []
 
 
 def test_malformed_agent_reports_do_not_stop_a_rollout():

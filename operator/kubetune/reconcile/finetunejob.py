@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from kubetune.api import jobconfig, storage_layout
 from kubetune.api import manifest as manifest_api
 from kubetune.api import progress as progress_api
-from kubetune.api.validation import validate
+from kubetune.api.schema import apply_defaults
+from kubetune.api.validation import root_schema, structural_errors, validate
 from kubetune.render import training as render
 
 from . import conditions as cond
@@ -293,6 +294,9 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
                              f"the updated spec is invalid and was not applied: {message}")
             if not started:
                 return  # stage jobs already running go on; nothing new starts until the spec is fixed
+            if any(error.message != "unknown field" for error in structural_errors("FineTuneJob", job)):
+                return  # a spec of the wrong shape (no API server stores one) cannot even say where the adapter goes
+            job = apply_defaults(root_schema("FineTuneJob"), job)  # as the API server stores it
         else:
             status.condition("Accepted", False, "InvalidSpec", message)
             status.fail("InvalidSpec", message)
