@@ -27,8 +27,7 @@ from kubetune.api import jobconfig
 from kubetune.api import v1alpha1 as api
 from kubetune.api.schema import iter_fields
 from kubetune.api.validation import root_schema, validate
-from kubetune_trainer import data, train
-from kubetune_trainer.modeling import BadInput
+from kubetune_trainer import data
 from tests.integration.kubectl import admission
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
@@ -157,8 +156,19 @@ def _job_config(path: Path, entry: dict, out: Path) -> jobconfig.JobConfig:
     return jobconfig.job_config("test", "corpus", "uid-corpus", result.defaulted["spec"], None)
 
 
+@pytest.fixture(scope="module")
+def trainer():
+    """The trainer's own data path (`kubetune_trainer.train` imports torch, which the spec tests do without)."""
+    pytest.importorskip("torch")
+    from kubetune_trainer import train
+    from kubetune_trainer.modeling import BadInput
+
+    return train, BadInput
+
+
 @pytest.mark.parametrize("name", list(DATASETS), ids=[n.removesuffix(".jsonl") for n in DATASETS])
-def test_dataset_is_reported_with_line_numbers(name, tmp_path):
+def test_dataset_is_reported_with_line_numbers(name, tmp_path, trainer):
+    train, BadInput = trainer
     entry = DATASETS[name]
     path = CORPUS / "datasets" / name
     assert entry["outcome"] in ("BadInput", "accepted")
