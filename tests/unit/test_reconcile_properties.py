@@ -35,7 +35,7 @@ from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import training as render
 
-PROPERTIES = settings(max_examples=200, deadline=None, derandomize=True,
+PROPERTIES = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 NS = "team-a"
