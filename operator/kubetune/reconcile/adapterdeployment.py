@@ -124,10 +124,8 @@ def served_ranks(adep: dict, sources: dict) -> list[int]:
 
 
 def allowed(uri: str, namespace: str, settings: Settings) -> bool:
-    prefixes = tuple(settings.allowed_sources.get(namespace, ())) + tuple(settings.allowed_sources.get("*", ()))
-    if not settings.allowed_sources:
-        return True
-    return any(uri.startswith(prefix) for prefix in prefixes)
+    """Whether a source's manifest lies under the namespace's storage prefixes (reconcile.tenancy)."""
+    return tenancy.uri_allowed(uri, namespace, settings.allowed_sources)
 
 
 def preflight(adep: dict, adapter: dict, source: Source, settings: Settings, max_rank: int | None) -> list:
