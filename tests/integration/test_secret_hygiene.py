@@ -4,7 +4,9 @@ mention the storage). No value appears in any object the emulator ever stored (C
 Deployments, Events, every status, every version of every object), in any container's args, command or
 env values (credentials only as secretKeyRef), nor in any log record, formatted with the operator's JSON
 formatter at DEBUG. The operator reads Secrets only by GET, only those named by the spec of an object
-in that namespace (output/storage credentials), never with list or watch."""
+in that namespace (output/storage credentials), never with list or watch. And with per-namespace storage
+limits, a FineTuneJob or AdapterDeployment naming another tenant's storage is refused before anything
+reads it."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import kmock
 import pytest
+import pytest_asyncio
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.clients import kube
@@ -25,10 +28,12 @@ from kubetune.clients.storage import publish_adapter
 from kubetune.controllers import main as operator_main
 from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS
 from kubetune.logs import JsonFormatter
+from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
+from kubetune.reconcile import finetunejob as ftj
 from tests.factories import adapterdeployment, finetunejob
 
-from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, Operator, eventually
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -266,3 +271,47 @@ def test_kubetune_local_leaks_no_secret(tmp_path):
     for where, text in [("stdout", proc.stdout), ("stderr", proc.stderr), ("status file", status_file.read_text()),
                         *((str(p), p.read_text(errors="replace")) for p in files)]:
         assert access not in text and secret not in text, f"{where} carries the credentials"
+
+
+# --- tenancy: one namespace cannot make the operator read another's storage --------------------------------
+
+TENANT_STORAGE = {NS: (f"s3://{BUCKET}/{NS}/",)}
+
+
+@pytest_asyncio.fixture()
+async def tenant_operator(k8s, s3_server):
+    handle = Operator(k8s, s3_server, ftj.Settings(publish_timeout_seconds=5, resync_seconds=0.5, progress_seconds=0.5,
+                                                   allowed_storage=TENANT_STORAGE),
+                      adp.Settings(allowed_sources=TENANT_STORAGE, resync_seconds=0.5))
+    await handle.start()
+    yield handle
+    await handle.stop()
+
+
+async def test_storage_outside_the_namespaces_prefixes_is_refused_unread(k8s, tenant_operator, api, s3_server):
+    await create_secrets(api)
+    doc = ftj_doc("foreign-data", s3_server.endpoint, "s3-creds")
+    doc["spec"]["output"]["uri"] = f"s3://{BUCKET}/{NS}/jobs"
+    doc["spec"]["dataset"]["uri"] = f"s3://{BUCKET}/team-b/data/train.jsonl"
+    await api.client.create(kube.FINETUNEJOBS, doc)
+    status = await phase_of(api, kube.FINETUNEJOBS, "foreign-data", ("Failed",))
+    accepted = condition(status, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "StorageNotAllowed"
+    assert f"spec.dataset.uri: s3://{BUCKET}/team-b/data/train.jsonl" in accepted["message"]
+    assert await api.get(kube.PYTORCHJOBS, "foreign-data") is None
+    assert await api.get(kube.CONFIGMAPS, "foreign-data-config") is None
+
+    adep = adapterdeployment()
+    adep["metadata"] = {"name": "foreign-adapter", "namespace": NS}
+    # another tenant's manifest (it does not even exist: were it read, the reason would be ManifestMissing)
+    adep["spec"]["adapters"] = [{"name": "support-bot", "source": {
+        "uri": f"s3://{BUCKET}/team-b/adapters/manifest.json", "digest": "sha256:" + "a" * 64}}]
+    adep["spec"]["storage"] = {"endpoint": s3_server.endpoint, "credentials": {"secretName": "s3-creds"}}
+    await api.client.create(ADAPTERDEPLOYMENTS, adep)
+
+    async def refused():
+        found = condition(((await api.get(ADAPTERDEPLOYMENTS, "foreign-adapter")) or {}).get("status") or {},
+                          "Validated")
+        return found if found.get("status") == "False" else None
+    validated = await eventually(refused, timeout=20)
+    assert validated["reason"] == "SourceNotAllowed", validated

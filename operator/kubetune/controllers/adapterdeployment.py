@@ -26,7 +26,7 @@ from kubetune.clients import kube, storage
 from kubetune.clients.sources import manifest_location, verified_source
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
-from kubetune.reconcile import driftloop, statuswrite
+from kubetune.reconcile import driftloop, statuswrite, tenancy
 from kubetune.render import gitops
 from kubetune.render import serving as render
 
@@ -89,6 +89,11 @@ async def _resolve(adep: dict, adapter: dict, store: storage.ObjectStore) -> adp
         manifest_uri, expected = published["manifestUri"], published["digest"]
     else:
         manifest_uri, expected = manifest_location(src["uri"]), src.get("digest")
+    if not adp.allowed(manifest_uri, namespace, RUNTIME.settings):
+        # outside the namespace's storage prefixes (--allowed-storage): refused unread
+        message = (f"adapters[{name}]: {manifest_uri} is outside the storage prefixes namespace {namespace} "
+                   "may serve from")
+        return adp.Source(manifest_uri=manifest_uri, problems=(("SourceNotAllowed", message),))
     return await verified_source(store, manifest_uri, expected, name, RUNTIME.verified)
 
 
@@ -210,7 +215,9 @@ async def reconcile(namespace: str, name: str) -> None:
                                        pods=[_pod_view(p) for p in pods], desired=current), RUNTIME.settings)
         events = list(plan.events)
         for adapter in adep["spec"]["adapters"]:
-            if adapter.get("drift"):
+            # no drift pass over storage outside the namespace's prefixes (Validated=False StorageNotAllowed)
+            if adapter.get("drift") and not tenancy.adapterdeployment_refusals(adep, RUNTIME.settings.allowed_sources,
+                                                                               adapter):
                 rec = next(r for r in plan.status["adapters"] if r["name"] == adapter["name"])
                 rec["drift"], drift_events = await _drift_pass(adep, adapter, rec, store, now)
                 for event in drift_events:
