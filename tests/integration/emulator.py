@@ -10,8 +10,12 @@ unit-tested as pure functions and this emulator checks the wiring and the flows.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import datetime
+import random
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -64,6 +68,64 @@ async def _parse_request_binary_safe(cls, raw_request, *, id: int = 0):
 _kmock_rendering.Request._parse = classmethod(_parse_request_binary_safe)
 
 
+EXEMPT_HEADER = 'X-Emulator-Exempt'  # a client sending it (the test's own) never gets faults or cut-offs
+WRITES = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
+
+
+@dataclasses.dataclass
+class Faults:
+    """API faults injected into every request of a non-exempt client (the operator: kopf and its
+    KubeClient), each drawn at its rate from a seeded generator. Off unless set on the emulator.
+
+    `conflict` (409, writes only), `throttle` (429 with Retry-After), `error` (500) are answered
+    instead of serving the request (nothing is written); `slow` delays a request by `slow_seconds`
+    before serving it; a watch stream is closed after a random 1..2x`watch_drop_events` events (or
+    `watch_drop_seconds`), as an API server or a load balancer does, and the client must re-watch.
+    `counts` counts what was injected, by kind."""
+
+    seed: int = 0
+    conflict: float = 0.0
+    throttle: float = 0.0
+    retry_after_seconds: int = 1
+    error: float = 0.0
+    slow: float = 0.0
+    slow_seconds: float = 0.5
+    watch_drop_events: int = 0
+    watch_drop_seconds: float = 0.0
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def status_fault(self, write: bool) -> tuple[int, str] | None:
+        draw = self.rng.random()
+        for code, reason, rate in ((409, 'Conflict', self.conflict if write else 0.0),
+                                   (429, 'TooManyRequests', self.throttle), (500, 'InternalError', self.error)):
+            if draw < rate:
+                self.counts[str(code)] += 1
+                return code, reason
+            draw -= rate
+        return None
+
+    def watch_limits(self) -> tuple[int | None, float | None]:
+        events = self.rng.randint(1, 2 * self.watch_drop_events) if self.watch_drop_events else None
+        seconds = self.rng.uniform(0.5, 1.5) * self.watch_drop_seconds if self.watch_drop_seconds else None
+        return events, seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Write:
+    """One write request as the emulator answered it (the journal: duplicates, request counts)."""
+
+    method: str
+    plural: str
+    namespace: str | None
+    name: str | None
+    subresource: str | None
+    status: int
+    exempt: bool
+
+
 class K8sEmulator(kmock.KubernetesEmulator):
     """
     Adds what kopf needs but kmock 0.8 does not do by itself (see the report):
@@ -84,6 +146,13 @@ class K8sEmulator(kmock.KubernetesEmulator):
     * garbage collection: deleting an object deletes its dependents (``ownerReferences`` by uid),
       as the cluster's garbage collector does with background propagation.
 
+    For the fault tests (``tests/integration/test_faults.py``): ``faults`` (a :class:`Faults`, off by
+    default) injects 409/429/500, slow responses and dropped watch streams into the operator's
+    requests; ``cut_off_after(n)`` lets n more writes of the operator through and then drops every
+    request of it (its connection closed, nothing served), as if its process died at that point,
+    until ``restore()``; ``journal`` records every write and its answer, ``phases`` every object's
+    ``status.phase`` history. A client sending ``X-Emulator-Exempt`` (the test itself) is spared.
+
     And what a real ``kubectl`` needs (the docs' commands run against this emulator, see
     ``tests/integration/kubectl.py``): lists with their ``kind``, ``fieldSelector`` (``kubectl
     describe`` reads a object's Events by ``involvedObject.*``; ``kubectl wait`` watches by
@@ -102,6 +171,84 @@ class K8sEmulator(kmock.KubernetesEmulator):
         # (kind, object) -> (["path: message", ...], the object with the schema's defaults); None: no
         # admission (the operator's own handling of invalid specs is tested by creating them)
         self.admission: Callable[[str, dict], tuple[list[str], dict]] | None = None
+        self.faults: Faults | None = None
+        self.journal: list[Write] = []
+        self.phases: dict[tuple[str, str | None, str | None], list[str | None]] = {}
+        self.operator_writes = 0            # writes of non-exempt clients let through
+        self.operator_requests = 0          # requests of non-exempt clients (served or faulted)
+        self.cut = asyncio.Event()          # set once a cut-off dropped a request
+        self._cut_after: int | None = None
+
+    # --- fault injection ---
+    def cut_off_after(self, writes: int) -> None:
+        """Let `writes` more writes of the operator through, then drop all of its requests."""
+        self.cut.clear()
+        self._cut_after = self.operator_writes + writes
+
+    def cut_off_now(self) -> None:
+        """Drop every request of the operator from now on (until `restore()`)."""
+        self._cut_after = self.operator_writes
+        self.cut.set()
+
+    def restore(self) -> None:
+        self._cut_after = None
+        self.cut.clear()
+
+    @staticmethod
+    def _exempt(request: kmock.Request) -> bool:
+        raw = request._raw_request
+        return raw is not None and raw.headers.get(EXEMPT_HEADER) is not None
+
+    async def _inject(self, request: kmock.Request) -> aiohttp.web.StreamResponse | None:
+        """A response that replaces the request's (a fault, a cut-off), or None to serve it. Discovery
+        is never faulted (kopf re-authenticates on a dropped discovery request, slowly)."""
+        if self._exempt(request) or request.resource is None or not request.resource.plural:
+            return None
+        self.operator_requests += 1
+        write = request.action in WRITES
+        if self._cut_after is not None and (self.cut.is_set() or (write and self.operator_writes >= self._cut_after)):
+            self.cut.set()
+            request._raw_request.transport.close()  # the process is gone: no answer at all
+            return aiohttp.web.Response(status=503)
+        faults = self.faults
+        if faults is not None and request.action != kmock.action.WATCH:
+            if faults.slow and faults.rng.random() < faults.slow:
+                faults.counts['slow'] += 1
+                await asyncio.sleep(faults.slow_seconds)
+            fault = faults.status_fault(write)
+            if fault is not None:
+                code, reason = fault
+                headers = {'Retry-After': str(faults.retry_after_seconds)} if code == 429 else None
+                details = {'retryAfterSeconds': faults.retry_after_seconds} if code == 429 else {}
+                self._record(request, code, exempt=False)
+                return aiohttp.web.json_response({
+                    'apiVersion': 'v1', 'kind': 'Status', 'metadata': {}, 'status': 'Failure', 'code': code,
+                    'reason': reason, 'message': f'injected fault: {reason}', 'details': details,
+                }, status=code, headers=headers)
+        if write:
+            self.operator_writes += 1
+        return None
+
+    def _record(self, request: kmock.Request, status: int, exempt: bool) -> None:
+        if request.action not in WRITES or request.resource is None:
+            return
+        name = request.name
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            name = (request.data.get('metadata') or {}).get('name') or name
+        method = str(getattr(request.method, 'value', request.method)).upper()
+        self.journal.append(Write(method, request.resource.plural, request.namespace, name, request.subresource,
+                                  status, exempt))
+        key = (request.resource, request.namespace, name)
+        if status < 400 and key in self.objects and not self.objects[key].deleted:
+            phase = (self.objects[key].get('status') or {}).get('phase')
+            history = self.phases.setdefault((request.resource.plural, request.namespace, name), [])
+            if not history or history[-1] != phase:
+                history.append(phase)
+
+    def creates(self, plural: str, *, succeeded: bool = True) -> collections.Counter:
+        """How many creates of each object name of `plural` the emulator served (with success)."""
+        return collections.Counter(w.name for w in self.journal if w.method == 'POST' and w.plural == plural
+                                   and (w.status < 400) == succeeded)
 
     # --- helpers ---
     @staticmethod
@@ -216,6 +363,9 @@ class K8sEmulator(kmock.KubernetesEmulator):
                 if document is not None:
                     return aiohttp.web.json_response(document)
             return await super()._handle(request)
+        injected = await self._inject(request)
+        if injected is not None:
+            return injected
         if views.APPLY_PATCH in (request.headers.get('Content-Type') or ''):
             self._server_side_apply(request)
         if (views.PROTOBUF in (request.headers.get('Content-Type') or '') and request.body
@@ -274,7 +424,12 @@ class K8sEmulator(kmock.KubernetesEmulator):
             try:
                 response = await super()._handle(request)
             except jsonpatch.JsonPatchException as e:  # incl. JsonPatchTestFailed/Conflict
+                self._record(request, 422, self._exempt(request))
                 raise kmock.KubernetesError(422, 'Invalid', str(e)) from e
+            except kmock.KubernetesError as e:
+                self._record(request, e.status, self._exempt(request))
+                raise
+            self._record(request, response.status, self._exempt(request))
             if response.status < 400:
                 self._rv += 1
             if target_uid and self.objects[target].deleted:
@@ -353,15 +508,54 @@ class K8sEmulator(kmock.KubernetesEmulator):
                         initial.append({'type': 'ADDED', 'object': obj.raw})
                     elif obj_rv.isdigit() and int(obj_rv) > since_int:
                         initial.append({'type': 'MODIFIED', 'object': obj.raw})
+        max_events, max_seconds = (None, None)
+        if self.faults is not None and not self._exempt(request):
+            max_events, max_seconds = self.faults.watch_limits()
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        transport = request._raw_request.transport if request._raw_request is not None else None
+        sent = 0
+        stream = bus.stream(since=marker)
+        pending: asyncio.Future | None = None
         try:
             for event in initial:
                 yield event
-            async for event in bus.stream(since=marker):
+                sent += 1
+                if max_events is not None and sent >= max_events:
+                    self.faults.counts['watch_drop'] += 1
+                    return
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(stream))
+                wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
+                done, _ = await asyncio.wait({pending}, timeout=wait)
+                if not done:
+                    # a client gone (a stopped or killed operator) ends its stream here, not at the
+                    # next event: the server then closes without waiting for idle watches
+                    if transport is None or transport.is_closing():
+                        return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self.faults.counts['watch_drop'] += 1
+                        return
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    pending = None
                 obj = event.get('object', {})
                 ns = obj.get('metadata', {}).get('namespace')
                 if self._matches(request, request.resource, ns, obj):
                     yield event
+                    sent += 1
+                    if max_events is not None and sent >= max_events:
+                        self.faults.counts['watch_drop'] += 1
+                        return
         finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            await stream.aclose()
             await bus.unmark(marker)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import kopf
 from prometheus_client import Counter
 
@@ -13,9 +14,11 @@ from kubetune.clients import kube
 async def reconcile_or_retry(reconcile: Callable[[str, str], Awaitable[object]], namespace: str, name: str,
                              errors: Counter) -> None:
     """Run one reconcile; an API error (409, 429, 5xx, a dropped connection) is counted and retried by
-    kopf after a short delay instead of failing the handler for good."""
+    kopf after a short delay instead of failing the handler for good. A dropped connection or a timeout
+    reaches here as aiohttp's error, not an ApiError: without catching it kopf retried it only after
+    its default backoff (60 s), the resync timer included."""
     try:
         await reconcile(namespace, name)
-    except kube.ApiError as exc:
+    except (kube.ApiError, aiohttp.ClientError, TimeoutError) as exc:
         errors.inc()
         raise kopf.TemporaryError(f"API error: {exc}", delay=5) from exc
