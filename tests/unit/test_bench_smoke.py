@@ -93,3 +93,20 @@ def test_drift_analysis_smoke(tmp_path: Path):
     one_off = report["one_off"]
     assert one_off["calibrate_s"] > 0 and one_off["build_reference_s"] > 0 and one_off["holdout"] == 60
     assert set(report["ratio"]) == {"http"}
+
+
+def test_scale_smoke(tmp_path: Path):
+    out = tmp_path / "scale.json"
+    _run("scale.py", "--sizes", "5", "--adeps", "1", "--namespaces", "2", "--settle", "1", "--timeout", "60",
+         "--out", str(out), timeout=120)
+    report = json.loads(out.read_text())
+    [result] = report["results"]
+    assert (result["jobs"], result["adapterdeployments"], result["namespaces"]) == (5, 1, 2)
+    assert result["converged"] and result["missing"] == 0 and result["converge_s"] > 0
+    assert result["pytorchjobs"] == 5 and result["duplicate_child_creates"] == []  # one PyTorchJob per job
+    assert result["operator_alive"] and result["operator_exit"] == 0 and result["reconcile_errors"] == 0
+    assert result["FineTuneJob_child_latency_p50_s"] > 0 and result["AdapterDeployment_child_latency_p99_s"] > 0
+    assert result["FineTuneJob_reconciles"] >= 5 and result["FineTuneJob_reconcile_p99_s"] > 0
+    assert result["rss_peak_mib"] >= result["rss_after_mib"] > 0 and result["cpu_s"] > 0
+    assert result["requests"] > 0 and result["requests_by_verb"]["CREATE"] >= 5 + 1 + 5  # FTJs, ADep, PyTorchJobs
+    assert result["settle_requests_per_s"] is not None
