@@ -20,7 +20,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+# HTTP client libraries whose DEBUG records carry request headers, i.e. S3 `Authorization` (an access key
+# id and a signature): never below INFO, even with --verbose.
+WIRE_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+def quiet_wire_loggers() -> None:
+    for name in WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).level))
+
+
 def configure_logging(verbose: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    quiet_wire_loggers()  # every program that configures logging this way: operator, agent, trainer, engine

@@ -25,9 +25,8 @@ import pytest_asyncio
 from kubetune.api import jobconfig, storage_layout
 from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
-from kubetune.controllers import main as operator_main
 from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS
-from kubetune.logs import JsonFormatter
+from kubetune.logs import WIRE_LOGGERS, JsonFormatter, quiet_wire_loggers
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
@@ -78,15 +77,15 @@ class Capture(logging.Handler):
 @pytest.fixture()
 def logs():
     """Every log record of the process (operator thread included), JSON-formatted, as `kubetune operator
-    --verbose` logs: everything at DEBUG but the S3 client's wire loggers (controllers.main)."""
+    --verbose` logs: everything at DEBUG but the S3 client's wire loggers (kubetune.logs)."""
     handler = Capture()
     root = logging.getLogger()
     levels = {name: logging.getLogger(name).level for name in ("", "kopf", "kubetune", "aiohttp",
-                                                                *operator_main.WIRE_LOGGERS)}
+                                                                *WIRE_LOGGERS)}
     root.addHandler(handler)
     for name in ("", "kopf", "kubetune", "aiohttp"):
         logging.getLogger(name).setLevel(logging.DEBUG)
-    operator_main.quiet_wire_loggers()
+    quiet_wire_loggers()
     yield handler
     root.removeHandler(handler)
     for name, level in levels.items():

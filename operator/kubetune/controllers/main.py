@@ -61,14 +61,6 @@ def register_all(registry: kopf.OperatorRegistry | None = None) -> None:
 
 # Wire-level loggers of the S3 client: at DEBUG they print every request's headers, whose Authorization
 # carries the access key id of the credentials in use (a tenant's Secret). Kept at INFO even with --verbose.
-WIRE_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
-
-
-def quiet_wire_loggers() -> None:
-    for name in WIRE_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).level))
-
-
 def _allowed_storage(items: list[str]) -> dict[str, tuple[str, ...]]:
     """`--allowed-storage NAMESPACE=PREFIX` (repeatable; `*=PREFIX` for every namespace; `--allowed-source`
     is its former name): one limit for every storage URI of a namespace's FineTuneJobs and
@@ -81,7 +73,6 @@ def _allowed_storage(items: list[str]) -> dict[str, tuple[str, ...]]:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
-    quiet_wire_loggers()  # no credentials in the debug log
     allowed_storage = _allowed_storage(args.allowed_storage or [])
     finetunejob.RUNTIME.settings = ftj.Settings(
         render=render.RenderSettings(trainer_image=args.trainer_image),
