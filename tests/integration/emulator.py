@@ -92,12 +92,15 @@ class Faults:
     slow_seconds: float = 0.5
     watch_drop_events: int = 0
     watch_drop_seconds: float = 0.0
+    budget: int | None = None  # at most this many 409/429/500 in all (None: no limit)
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
     def status_fault(self, write: bool) -> tuple[int, str] | None:
+        if self.budget is not None and sum(self.counts[c] for c in ('409', '429', '500')) >= self.budget:
+            return None
         draw = self.rng.random()
         for code, reason, rate in ((409, 'Conflict', self.conflict if write else 0.0),
                                    (429, 'TooManyRequests', self.throttle), (500, 'InternalError', self.error)):

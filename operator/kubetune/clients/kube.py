@@ -7,6 +7,7 @@ operator needs (get, create, merge-patch, status patch, delete, list, events) an
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import logging
@@ -47,15 +48,32 @@ EVENTS = Resource("", "v1", "events")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.retry_after = retry_after  # seconds, from a 429/503's Retry-After header
+
+
+# answers worth the same request again after a pause: throttling (429, with Retry-After) and the API
+# server's transient errors. Anything else (404, 409, 422...) is for the caller to decide.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:  # an HTTP date: not worth parsing, the backoff applies
+        return None
 
 
 class KubeClient:
     def __init__(self, server: str, *, token: str | None = None, ssl_context: ssl.SSLContext | bool | None = None,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, retries: int = 3, backoff: float = 0.2, max_delay: float = 10.0):
         self.server = server.rstrip("/")
+        # a request that was throttled, hit a transient server error or lost its connection is tried
+        # again `retries` times after backoff * 2^n s (or the server's Retry-After), at most max_delay s
+        # apart: one refused request no longer fails a whole reconcile pass
+        self.retries, self.backoff, self.max_delay = retries, backoff, max_delay
         self._headers = {"Accept": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -82,6 +100,24 @@ class KubeClient:
 
     async def _request(self, method: str, path: str, *, json: Any = None, content_type: str | None = None,
                        params: dict | None = None) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._request_once(method, path, json=json, content_type=content_type, params=params)
+            except ApiError as exc:
+                if exc.status not in RETRY_STATUSES or attempt == self.retries:
+                    raise
+                delay = exc.retry_after if exc.retry_after is not None else self.backoff * 2 ** attempt
+                log.debug("API request retried", extra={"method": method, "path": path, "status": exc.status})
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                if attempt == self.retries:
+                    raise
+                delay = self.backoff * 2 ** attempt
+                log.debug("API request retried", extra={"method": method, "path": path, "error": str(exc)})
+            await asyncio.sleep(min(delay, self.max_delay))
+        raise AssertionError("unreachable")
+
+    async def _request_once(self, method: str, path: str, *, json: Any = None, content_type: str | None = None,
+                            params: dict | None = None) -> Any:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         headers = dict(self._headers)
@@ -91,7 +127,7 @@ class KubeClient:
                                          ssl=self._ssl) as response:
             if response.status >= 400:
                 text = await response.text()
-                raise ApiError(response.status, text[:500])
+                raise ApiError(response.status, text[:500], _retry_after(response.headers.get("Retry-After")))
             if response.content_type == "application/json":
                 return await response.json()
             return await response.text()
