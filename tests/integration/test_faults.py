@@ -72,6 +72,16 @@ def quick_consistency(monkeypatch):
         settings.queueing.idle_timeout = 0.5  # a stop waits for the objects' workers to idle out
 
     monkeypatch.setattr(operator_main, "configure", configured)
+    # the operator's client retries a dropped connection after 0.05, 0.1, 0.2 s (0.2, 0.4, 0.8 s by
+    # default): a killed operator's stop waits for its handlers' retries
+    from_info = kube.KubeClient.from_connection_info.__func__
+
+    def quick_client(cls, info):
+        client = from_info(cls, info)
+        client.backoff = 0.05
+        return client
+
+    monkeypatch.setattr(kube.KubeClient, "from_connection_info", classmethod(quick_client))
 
 
 # --- the test's side of the cluster ------------------------------------------------------------------
@@ -374,7 +384,7 @@ async def test_operator_killed_at_random_points_converges(seed, k8s, s3_server, 
             print(f"trial {seed}: {lifecycle}, kills {log}, {k8s.operator_writes} operator writes")
             if log and log[-1][2] == k8s.operator_writes:  # the last restart came after convergence
                 await asyncio.sleep(0.5)
-            await asyncio.sleep(0.7)  # a few resyncs after the last restart: nothing moves back
+            await asyncio.sleep(0.5)  # a few resyncs after the last restart: nothing moves back
             await check(k8s)
             await check_children_unique(k8s, world)
             assert operator.error is None
