@@ -36,7 +36,9 @@ async def _http_get(url: str) -> tuple[int, str]:
         return response.status, await response.text()
 
 
-async def test_operator_process_scoped_to_a_namespace(k8s, s3_server, tmp_path):
+@pytest.mark.parametrize("scope", [("--namespace", "team-a"), ("--all-namespaces",)], ids=["namespace", "cluster"])
+async def test_operator_process(k8s, s3_server, tmp_path, scope):
+    """Scoped to team-a, team-b's job is left alone; with --all-namespaces (the chart's default) both run."""
     client = kube.KubeClient(str(k8s.url))
     for namespace in ("team-a", "team-b"):  # KMock's HTTP side cannot create cluster-scoped objects
         k8s.objects[kmock.resource("", "v1", "namespaces"), None, namespace] = {
@@ -51,7 +53,7 @@ async def test_operator_process_scoped_to_a_namespace(k8s, s3_server, tmp_path):
     health, metrics = _free_port(), _free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_server.endpoint}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetune.cli", "operator", "--namespace", "team-a",
+        sys.executable, "-m", "kubetune.cli", "operator", *scope,
         "--health-port", str(health), "--metrics-port", str(metrics), "--publish-timeout", "5",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
     try:
@@ -75,14 +77,18 @@ async def test_operator_process_scoped_to_a_namespace(k8s, s3_server, tmp_path):
             process.send_signal(signal.SIGTERM)
             print((await process.communicate())[0].decode()[-6000:])
             raise
-        await asyncio.sleep(2.0)
-        assert await client.get(kube.PYTORCHJOBS, "team-b", "scoped") is None  # outside the scope
-        other = await client.get(kube.FINETUNEJOBS, "team-b", "scoped")
-        assert not other.get("status")
+        if scope == ("--all-namespaces",):
+            await eventually(lambda: client.get(kube.PYTORCHJOBS, "team-b", "scoped"), timeout=15)
+        else:
+            await asyncio.sleep(2.0)
+            assert await client.get(kube.PYTORCHJOBS, "team-b", "scoped") is None  # outside the scope
+            other = await client.get(kube.FINETUNEJOBS, "team-b", "scoped")
+            assert not other.get("status")
 
         status, text = await _http_get(f"http://127.0.0.1:{metrics}/metrics")
         assert status == 200
-        assert 'kubetune_children_created_total{kind="PyTorchJob"} 1.0' in text
+        created = 2 if scope == ("--all-namespaces",) else 1
+        assert f'kubetune_children_created_total{{kind="PyTorchJob"}} {created}.0' in text
         assert "kubetune_finetunejob_reconcile_seconds_count" in text
     finally:
         process.send_signal(signal.SIGTERM)

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("choose the scope: --all-namespaces, or --namespace NS (repeatable)")
     asyncio.run(kopf.operator(
         clusterwide=args.all_namespaces,
-        namespaces=args.namespace or None,
+        namespaces=tuple(args.namespace or ()),  # kopf iterates it: None crashed --all-namespaces at start-up
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
         standalone=True,
     ))
