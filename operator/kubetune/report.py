@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 
 from kubetune.api import v1alpha1 as api
-from kubetune.reconcile import stages
+from kubetune.reconcile import stages, statuswrite
 
 
 def sweep_table(status: dict) -> str:
@@ -302,13 +302,7 @@ def parse_time(value) -> dt.datetime | None:
     """RFC 3339 ("...Z") or a datetime; None for anything else."""
     if isinstance(value, dt.datetime):
         return value
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    return statuswrite.parse_rfc3339(value)
 
 
 def drift_markers(drift_status: dict) -> list[dict]:

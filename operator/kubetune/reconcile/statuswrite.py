@@ -49,7 +49,8 @@ class StatusWrite:
     due_in: float | None = None  # when throttled: seconds until they may be written
 
 
-def _parse(value: object) -> dt.datetime | None:
+def parse_rfc3339(value: object) -> dt.datetime | None:
+    """An RFC 3339 time as Kubernetes writes it ("...Z"), timezone-aware; None for anything else."""
     if not isinstance(value, str):
         return None
     try:
@@ -105,8 +106,8 @@ def should_write(old: dict | None, new: dict, now: str, min_interval_seconds: fl
     (clock skew must not freeze the status), or the interval passed since the last write."""
     if min_interval_seconds <= 0 or not volatile_only(old, new, volatile):
         return True
-    last = _parse((old or {}).get(LAST_WRITE))
-    current = _parse(now)
+    last = parse_rfc3339((old or {}).get(LAST_WRITE))
+    current = parse_rfc3339(now)
     if last is None or current is None:
         return True
     elapsed = (current - last).total_seconds()
@@ -125,7 +126,7 @@ def status_write(old: dict | None, new: dict, now: str, min_interval_seconds: fl
     if not patch:
         return StatusWrite(None)
     if not should_write(old, new, now, min_interval_seconds, volatile):
-        last, current = _parse(old.get(LAST_WRITE)), _parse(now)
+        last, current = parse_rfc3339(old.get(LAST_WRITE)), parse_rfc3339(now)
         due = min_interval_seconds - (current - last).total_seconds() if last and current else 0.0
         return StatusWrite(None, throttled=True, due_in=max(0.0, due))
     return StatusWrite({**patch, LAST_WRITE: now})
