@@ -56,3 +56,22 @@ def set_path(doc: dict, path: str, value) -> dict:
     else:
         node[parts[-1]] = value
     return doc
+
+
+# GitOps tracking metadata (Argo CD, Flux) as it appears on synced objects: the operator must never copy
+# it onto children (tests/unit/test_gitops_hygiene.py, tests/integration/test_gitops_hygiene.py).
+TRACKING_LABELS = {
+    "app.kubernetes.io/instance": "team-a-apps",
+    "argocd.argoproj.io/instance": "team-a-apps",
+    "kustomize.toolkit.fluxcd.io/name": "team-a",
+    "kustomize.toolkit.fluxcd.io/namespace": "flux-system",
+    "helm.toolkit.fluxcd.io/name": "team-a",
+    "helm.toolkit.fluxcd.io/namespace": "flux-system",
+}
+TRACKING_ANNOTATIONS = {
+    "argocd.argoproj.io/tracking-id": "team-a-apps:kubetune.io/FineTuneJob:team-a/llama-lora",
+    "argocd.argoproj.io/sync-options": "Prune=false",
+    "argocd.argoproj.io/compare-options": "IgnoreExtraneous",
+    "kustomize.toolkit.fluxcd.io/checksum": "flux-checksum-5f1d",
+    "helm.toolkit.fluxcd.io/driftDetection": "flux-drift-disabled",
+}

@@ -25,24 +25,12 @@ from kubetune.controllers.adapterdeployment import (
     SERVICES,
 )
 from kubetune.render import gitops
-from tests.factories import adapterdeployment, finetunejob
+from tests.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, adapterdeployment, finetunejob
 
 from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
 
 pytestmark = pytest.mark.integration
 
-TRACKING_LABELS = {
-    "app.kubernetes.io/instance": "team-a-apps",
-    "argocd.argoproj.io/instance": "team-a-apps",
-    "kustomize.toolkit.fluxcd.io/name": "team-a",
-    "kustomize.toolkit.fluxcd.io/namespace": "flux-system",
-    "helm.toolkit.fluxcd.io/name": "team-a",
-}
-TRACKING_ANNOTATIONS = {
-    "argocd.argoproj.io/tracking-id": "team-a-apps:kubetune.io/FineTuneJob:team-a/tracked",
-    "argocd.argoproj.io/sync-options": "Prune=false",
-    "kustomize.toolkit.fluxcd.io/checksum": "flux-checksum-5f1d",
-}
 OPERATOR_ANNOTATION_PREFIX = "kubetune.io/"  # kopf's progress and diff-base storage (controllers.main.configure)
 
 

@@ -19,25 +19,10 @@ from kubetune.reconcile import driftloop as dl
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import gitops
 from kubetune.render import serving as serving_render
-from tests.factories import adapterdeployment, finetunejob
+from tests.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, adapterdeployment, finetunejob
 
 NOW = "2026-11-28T12:00:00Z"
 
-TRACKING_LABELS = {
-    "app.kubernetes.io/instance": "team-a-apps",
-    "argocd.argoproj.io/instance": "team-a-apps",
-    "kustomize.toolkit.fluxcd.io/name": "team-a",
-    "kustomize.toolkit.fluxcd.io/namespace": "flux-system",
-    "helm.toolkit.fluxcd.io/name": "team-a",
-    "helm.toolkit.fluxcd.io/namespace": "flux-system",
-}
-TRACKING_ANNOTATIONS = {
-    "argocd.argoproj.io/tracking-id": "team-a-apps:kubetune.io/FineTuneJob:team-a/llama-lora",
-    "argocd.argoproj.io/sync-options": "Prune=false",
-    "argocd.argoproj.io/compare-options": "IgnoreExtraneous",
-    "kustomize.toolkit.fluxcd.io/checksum": "flux-checksum-5f1d",
-    "helm.toolkit.fluxcd.io/driftDetection": "flux-drift-disabled",
-}
 USER_LABELS = {"team": "a", "cost-center": "ml"}
 USER_ANNOTATIONS = {"owner": "alice@example.com"}
 
