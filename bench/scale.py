@@ -453,12 +453,8 @@ async def main_async(args) -> int:
             if not result["converged"]:
                 break
     finally:
-        weed.terminate()
-        try:
-            weed.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            weed.kill()
-        weed_log.close()
+        from tests.integration import conftest
+        conftest._stop_weed(weed, weed_log)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     report = {"settings": {"sizes": args.sizes, "namespaces": args.namespaces, "concurrency": args.concurrency,

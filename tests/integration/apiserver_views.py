@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from kubetune.reconcile.finetunejob import status_patch
+
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
 TABLE_ACCEPT = "as=Table"
@@ -430,19 +432,18 @@ def decode_protobuf(body: bytes) -> dict:
     return obj
 
 
-def merge_patch_between(old: Any, new: Any) -> Any:
-    """The JSON merge patch turning `old` into `new` (server-managed metadata kept)."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return new
-    patch = {key: None for key in old.keys() - new.keys()
-             if key not in ("metadata", "status")}
-    for key, value in new.items():
-        if key == "metadata" and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in ("resourceVersion", "uid", "creationTimestamp")}
-            patch[key] = merge_patch_between({k: v for k, v in (old.get(key) or {}).items()
-                                              if k in ("labels", "annotations")}, value)
-        elif value != old.get(key):
-            patch[key] = merge_patch_between(old.get(key), value)
+def merge_patch_between(old: dict, new: dict) -> dict:
+    """The JSON merge patch turning `old` into `new` (reconcile.finetunejob.status_patch), keeping what the
+    server manages: status, and metadata other than labels and annotations."""
+    managed = ("metadata", "status")
+    patch = status_patch({k: v for k, v in old.items() if k not in managed},
+                         {k: v for k, v in new.items() if k not in managed})
+    user_meta = ("labels", "annotations")
+    old_meta, new_meta = old.get("metadata") or {}, new.get("metadata") or {}
+    meta = status_patch({k: v for k, v in old_meta.items() if k in user_meta},
+                        {k: v for k, v in new_meta.items() if k in user_meta})
+    if meta:
+        patch["metadata"] = meta
     return patch
 
 

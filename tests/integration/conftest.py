@@ -122,6 +122,10 @@ def s3_server(tmp_path_factory) -> S3Server:
     else:
         pytest.fail(f"SeaweedFS did not start: {(root / f'weed-{attempt}.log').read_text()[-2000:]}")
     yield server
+    _stop_weed(process, log_file)
+
+
+def _stop_weed(process: subprocess.Popen, log_file) -> None:
     process.terminate()
     try:
         process.wait(timeout=10)
