@@ -119,3 +119,22 @@ def test_published_adapter_verifies_and_a_tampered_file_fails(tiny_llama, tmp_pa
     tampered = check_published(store, config.storage.job_prefix)
     assert not tampered.verified
     assert tampered.problems[0].reason == "DigestMismatch"
+
+
+def test_the_module_entry_exits_with_mains_code_and_every_line_flushed(tmp_path):
+    """`python -m kubetune_trainer` ends through `exit_without_teardown` (os._exit, no interpreter teardown:
+    see its docstring): the exit code is still main's, argparse's and SIGTERM's, and nothing printed is lost."""
+    import subprocess
+    import sys
+
+    def entry(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kubetune_trainer", *args], capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    missing = entry("--config", str(tmp_path / "missing.json"))
+    assert missing.returncode == jobconfig.EXIT_BAD_INPUT
+    assert json.loads(missing.stderr.strip().splitlines()[-1])["message"] == "cannot read the job config"
+    usage = entry("--no-such-flag")
+    assert usage.returncode == 2 and "unrecognized arguments: --no-such-flag" in usage.stderr
+    helped = entry("--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: kubetune_trainer")
