@@ -26,6 +26,7 @@ from kubetune.reconcile.finetunejob import status_patch
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
 TABLE_ACCEPT = "as=Table"
+PARTIAL_METADATA_ACCEPT = "as=PartialObjectMetadata"
 
 
 @cache
@@ -154,7 +155,7 @@ def _cell(column: dict, value: Any) -> Any:
     return value
 
 
-def _partial_metadata(obj: dict) -> dict:
+def partial_metadata(obj: dict) -> dict:
     return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj.get("metadata", {})}
 
 
@@ -179,7 +180,7 @@ def _event_rows(objects: list[dict]) -> tuple[list[dict], list[dict]]:
                                f"{(involved.get('kind') or '').lower()}/{involved.get('name', '')}",
                                involved.get("fieldPath", ""), source, event.get("message", ""), age(first),
                                int(event.get("count") or 1), event["metadata"].get("name", "")],
-                     "object": _partial_metadata(event)})
+                     "object": partial_metadata(event)})
     return columns, rows
 
 
@@ -197,7 +198,7 @@ def table(group: str, version: str, plural: str, objects: list[dict], resource_v
         rows = [{"cells": [obj["metadata"].get("name")]
                  + [_cell(col, jsonpath(obj, spec["jsonPath"]))
                     for col, spec in zip(columns[1:], printer, strict=True)],
-                 "object": _partial_metadata(obj)}
+                 "object": partial_metadata(obj)}
                 for obj in objects]
     return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": resource_version},
             "columnDefinitions": columns, "rows": rows}

@@ -476,6 +476,8 @@ class K8sEmulator(kmock.KubernetesEmulator):
         if self._wants_table(request) and request.subresource is None:
             resource = request.resource
             return views.table(resource.group, resource.version, resource.plural, [result], str(self._rv))
+        if views.PARTIAL_METADATA_ACCEPT in (request.headers.get('Accept') or '') and request.subresource is None:
+            return views.partial_metadata(result)  # metadata only: a Secret's data never leaves
         return result
 
     async def _serve_server_version(self, request: kmock.Request) -> Any:

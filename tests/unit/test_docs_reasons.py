@@ -128,6 +128,8 @@ REASON_SOURCES = [
     (OPERATOR / "reconcile/adapterdeployment.py", r"\"Degraded\",\s*True,\s*\"(\w+)\"", "AgentErrors"),
     # the agents' per-version error reasons (status.adapters[].podErrors, the AgentErrors message)
     (OPERATOR / "agent/plan.py", r"^[A-Z_]+\s*=\s*\"([A-Z]\w+)\"\s*$", "LoadFailed"),
+    # Secrets or keys the pods reference that do not exist (SecretsFound=False, a Warning Event)
+    (OPERATOR / "reconcile/secrets.py", r"^SECRET_\w+\s*=\s*\"(\w+)\"", "SecretNotFound"),
     # every Warning Event of the state machines
     (OPERATOR / "reconcile/finetunejob.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "TrialFailed"),
     (OPERATOR / "reconcile/adapterdeployment.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "RolledBack"),

@@ -54,6 +54,10 @@ class ApiError(Exception):
         self.retry_after = retry_after  # seconds, from a 429/503's Retry-After header
 
 
+# The API server's metadata-only view of an object (what `kubectl get --show-kind -o name` style clients use):
+# a Secret read this way transfers its name, labels and annotations, never its data.
+PARTIAL_METADATA_ACCEPT = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+
 # answers worth the same request again after a pause: throttling (429, with Retry-After) and the API
 # server's transient errors. Anything else (404, 409, 422...) is for the caller to decide.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -99,10 +103,11 @@ class KubeClient:
         return cls(info.server, token=token, ssl_context=context)
 
     async def _request(self, method: str, path: str, *, json: Any = None, content_type: str | None = None,
-                       params: dict | None = None) -> Any:
+                       params: dict | None = None, accept: str | None = None) -> Any:
         for attempt in range(self.retries + 1):
             try:
-                return await self._request_once(method, path, json=json, content_type=content_type, params=params)
+                return await self._request_once(method, path, json=json, content_type=content_type, params=params,
+                                                accept=accept)
             except ApiError as exc:
                 if exc.status not in RETRY_STATUSES or attempt == self.retries:
                     raise
@@ -117,12 +122,14 @@ class KubeClient:
         raise AssertionError("unreachable")
 
     async def _request_once(self, method: str, path: str, *, json: Any = None, content_type: str | None = None,
-                            params: dict | None = None) -> Any:
+                            params: dict | None = None, accept: str | None = None) -> Any:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         headers = dict(self._headers)
         if content_type:
             headers["Content-Type"] = content_type
+        if accept:
+            headers["Accept"] = accept
         async with self._session.request(method, self.server + path, json=json, headers=headers, params=params,
                                          ssl=self._ssl) as response:
             if response.status >= 400:
@@ -141,6 +148,15 @@ class KubeClient:
     async def get(self, resource: Resource, namespace: str, name: str) -> dict | None:
         try:
             return await self._request("GET", resource.path(namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def get_metadata(self, resource: Resource, namespace: str, name: str) -> dict | None:
+        """Only the object's metadata (a PartialObjectMetadata: no spec, no status, no Secret data), or None."""
+        try:
+            return await self._request("GET", resource.path(namespace, name), accept=PARTIAL_METADATA_ACCEPT)
         except ApiError as exc:
             if exc.status == 404:
                 return None

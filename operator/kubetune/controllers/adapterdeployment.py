@@ -31,7 +31,7 @@ from kubetune.render import gitops
 from kubetune.render import serving as render
 
 from . import metrics
-from .credentials import object_store
+from .credentials import object_store, secret_keys
 from .finetunejob import now_rfc3339, write_status
 from .retry import reconcile_or_retry
 
@@ -211,8 +211,10 @@ async def reconcile(namespace: str, name: str) -> None:
             except (KeyError, ValueError):
                 current = None
         now = now_rfc3339()
+        found_secrets = await secret_keys(client, namespace, adp.needs_secrets(adep), adep["spec"].get("storage"))
         plan = adp.decide(adp.Observed(adep=rollout_view, now=now, sources=sources,
-                                       pods=[_pod_view(p) for p in pods], desired=current), RUNTIME.settings)
+                                       pods=[_pod_view(p) for p in pods], desired=current, secrets=found_secrets),
+                          RUNTIME.settings)
         events = list(plan.events)
         for adapter in adep["spec"]["adapters"]:
             # no drift pass over storage outside the namespace's prefixes (Validated=False StorageNotAllowed)

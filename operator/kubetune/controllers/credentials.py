@@ -2,7 +2,35 @@
 
 from __future__ import annotations
 
+import logging
+
 from kubetune.clients import kube, storage
+
+log = logging.getLogger("kubetune.credentials")
+
+
+async def secret_keys(client: kube.KubeClient, namespace: str, names: list[str],
+                      section: dict | None) -> dict[str, frozenset | bool | None]:
+    """For reconcile.secrets: which keys each named Secret of `namespace` has (None: it does not exist).
+    Only the Secret of the storage `section`'s credentials (which the operator reads anyway, to reach
+    storage) is read whole, and only its key names leave this function; every other one is read as
+    metadata only (reconcile.secrets.EXISTS: its values never reach the operator). A Secret the operator
+    may not read (403: RBAC narrower than the chart's) is left out: not looked at, so not reported."""
+    credentials = section.get("credentials") if isinstance(section, dict) else None
+    own = credentials.get("secretName") if isinstance(credentials, dict) else None
+    found: dict[str, frozenset | bool | None] = {}
+    for name in names:
+        try:
+            if name == own:
+                secret = await client.get(kube.SECRETS, namespace, name)
+                found[name] = None if secret is None else frozenset(secret.get("data") or {})
+            else:
+                found[name] = None if await client.get_metadata(kube.SECRETS, namespace, name) is None else True
+        except kube.ApiError as exc:
+            if exc.status != 403:
+                raise
+            log.warning("may not read Secret", extra={"namespace": namespace, "secret": name})
+    return found
 
 
 async def object_store(client: kube.KubeClient, namespace: str, section: dict | None,

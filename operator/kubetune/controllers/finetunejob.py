@@ -28,7 +28,7 @@ from kubetune.reconcile import statuswrite
 from kubetune.render import training as render
 
 from . import metrics
-from .credentials import object_store
+from .credentials import object_store, secret_keys
 from .retry import reconcile_or_retry
 
 log = logging.getLogger("kubetune.finetunejob")
@@ -145,11 +145,12 @@ async def reconcile(namespace: str, name: str) -> float | None:
         manifest = await _check_manifest(job) if ftj.needs_manifest(job, pytorchjob) else None
         progress = await _read_progress(job) if ftj.needs_progress(job, pytorchjob) else None
         reports = await _read_stage_reports(job, ftj.needs_stage_reports(job, stage_jobs))
+        secrets = await secret_keys(client, namespace, ftj.needs_secrets(job), job["spec"].get("output"))
         plan = ftj.decide(
             ftj.Observed(job=job, now=now_rfc3339(), config_map=config_map, pytorchjob=pytorchjob, manifest=manifest,
                          progress=progress, stage_jobs=stage_jobs,
                          stage_config_maps=frozenset(n for n, c in config_maps.items() if _owned_by(c, job)),
-                         stage_reports=reports),
+                         stage_reports=reports, secrets=secrets),
             RUNTIME.settings,
         )
         for child in plan.create:

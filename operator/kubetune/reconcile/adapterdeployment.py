@@ -29,8 +29,9 @@ import math
 from dataclasses import dataclass, field
 
 from kubetune.api import serving
+from kubetune.render import serving as render_serving
 
-from . import analysis, tenancy
+from . import analysis, secrets, tenancy
 from . import conditions as cond
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank values vLLM accepts
@@ -69,6 +70,8 @@ class Observed:
     sources: dict  # adapter name -> Source
     pods: list  # Pod, every serving pod selected
     desired: serving.DesiredState | None = None  # what the desired ConfigMap holds now
+    # Secret name -> its keys (None: no such Secret) for `needs_secrets`; None: not looked at (local mode)
+    secrets: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,11 @@ def _loaded_everywhere(pods: list[Pod], version: str, digest: str) -> tuple[int,
     return ready, len(pods)
 
 
+def needs_secrets(adep: dict) -> list[str]:
+    """The Secrets the managed serving pods reference (spec defaulted), to read before deciding."""
+    return list(dict.fromkeys(r.secret for r in secrets.secret_refs(render_serving.secret_env(adep["spec"]))))
+
+
 def decide(observed: Observed, settings: Settings) -> Plan:
     observed = dataclasses.replace(observed, pods=[dataclasses.replace(p, report=agent_report(p.report))
                                                    for p in observed.pods])
@@ -333,6 +341,11 @@ def decide(observed: Observed, settings: Settings) -> Plan:
     set_condition("Ready", ready, "AllPodsServing" if ready else "NotReady",
                   "every pod serves every alias" if ready else
                   (f"waiting for pods: {', '.join(not_ready)}" if not_ready else "no serving pods yet"))
+    if observed.secrets is not None:  # pods wait in CreateContainerConfigError without them: say so
+        found = secrets.problem(secrets.secret_refs(render_serving.secret_env(spec)), observed.secrets, namespace)
+        conditions, warning = secrets.report(conditions, found, "serving pods", generation, now)
+        if warning:
+            plan.events.append(Event("Warning", warning.reason, warning.message))
     status["conditions"] = conditions
     if degraded or any(r.get("podErrors") for r in new_records):
         status["phase"] = "Degraded"

@@ -34,12 +34,12 @@ from kubetune.api.validation import root_schema, structural_errors, validate
 from kubetune.render import training as render
 
 from . import conditions as cond
-from . import stages, tenancy
+from . import secrets, stages, tenancy
 
 TERMINAL = ("Succeeded", "Skipped", "Failed")
 ACTIVE = ("Pending", "Baseline", "Sweeping", "Running")  # phases whose progress is followed closely
 CONDITION_TYPES = ("Accepted", "BaselineSufficient", "RankSelected", "Running", "Suspended", "Succeeded", "Failed",
-                   "AdapterPublished")
+                   "AdapterPublished", secrets.CONDITION)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,9 @@ class Observed:
     stage_jobs: dict = field(default_factory=dict)  # PyTorchJobs of the baseline and the trials, by name
     stage_config_maps: frozenset = frozenset()  # names of the stages' ConfigMaps that exist
     stage_reports: dict = field(default_factory=dict)  # name -> StageReport (see `needs_stage_reports`)
+    # Secret name -> its keys (None: no such Secret), for the names `needs_secrets` asked for; None: not
+    # looked at (`kubetune local` has no Secrets), nothing is checked.
+    secrets: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,14 @@ def needs_stage_reports(job: dict, stage_jobs: dict) -> dict[str, str]:
         if finished or (pytorchjob is None and state is not None):
             wanted[name] = jobconfig.stage_prefix(root, stage)
     return wanted
+
+
+def needs_secrets(job: dict) -> list[str]:
+    """The Secrets to read before deciding: every one the spec names, while the job is not finished
+    (pods of a running job restart, and need them too)."""
+    if (job.get("status") or {}).get("phase") in TERMINAL:
+        return []
+    return secrets.named_secrets(job.get("spec"))
 
 
 def job_prefix(job: dict) -> str:
@@ -332,6 +343,10 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
                                 "spec changes take effect in a new FineTuneJob")
         status.condition("Accepted", True, "TrainingSpecLocked" if locked else "Validated", accepted_message)
 
+    underway = started or stages_started or pytorchjob is not None or bool(observed.stage_jobs)
+    if valid and observed.secrets is not None and _secrets_missing(observed, job, plan, status, underway):
+        return
+
     if pytorchjob is None:
         if started:
             _follow_missing_pytorchjob(observed, job, settings, status)
@@ -369,6 +384,24 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
         "configMap": render.config_map_name(job["metadata"]["name"]),
     })
     _follow_pytorchjob(observed, job, settings, plan, status)
+
+
+def _secrets_missing(observed: Observed, job: dict, plan: Plan, status: _Status, underway: bool) -> bool:
+    """Report Secrets or keys the training pods reference but that do not exist (reconcile.secrets).
+    True when nothing may start: the job waits in Pending (not failed: a GitOps sync may create the
+    Secret a moment later). Pods already created are left alone; the condition says why they wait."""
+    refs = secrets.secret_refs(render.trainer_env(job["spec"]))
+    found = secrets.problem(refs, observed.secrets, job["metadata"]["namespace"])
+    conditions, warning = secrets.report(status.value.get("conditions"), found, "training pods", status.generation,
+                                         status.now)
+    if conditions is not None:
+        status.value["conditions"] = conditions
+    if warning:
+        plan.events.append(Event("Warning", warning.reason, warning.message))
+    if found is None or underway:
+        return False
+    status.value["phase"] = status.value.get("phase") or "Pending"
+    return True
 
 
 def _training_inputs(job: dict, status: dict) -> tuple[dict, jobconfig.Stage]:

@@ -118,6 +118,14 @@ def _storage_env(spec: dict) -> list[dict]:
     return env
 
 
+def secret_env(spec: dict) -> list[dict]:
+    """The managed serving pods' variables that come from Secrets (none without a managed runtime: the
+    user's own pods are not ours to check)."""
+    if not spec["runtime"].get("managed"):
+        return []
+    return [variable for variable in _storage_env(spec) if "valueFrom" in variable]
+
+
 _SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
              "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 # Where the engine's caches go, so that its root filesystem can be read-only (docs/security.md).

@@ -1,0 +1,87 @@
+"""A Secret the pods reference that does not exist (yet), through kopf + KMock + SeaweedFS: the
+FineTuneJob waits in Pending with `SecretsFound=False` and one Warning Event naming the Secret and the
+variable, creates nothing, and starts as soon as the Secret appears (a GitOps sync may create it a moment
+after the job); an AdapterDeployment reports the same for its serving pods and recovers. Secrets other
+than the storage credentials are checked with metadata-only reads (reconcile.secrets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.api import storage_layout
+from kubetune.clients import kube
+from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS
+from kubetune.reconcile import conditions as cond
+from tests.factories import adapterdeployment, finetunejob
+
+from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+from .test_secret_hygiene import publish
+
+pytestmark = pytest.mark.integration
+S3_KEYS = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+
+
+async def secrets_condition(api, resource, name: str, status: str, reason: str) -> dict:
+    async def check():
+        doc = await api.client.get(resource, NS, name)
+        found = cond.find(((doc or {}).get("status") or {}).get("conditions"), "SecretsFound") or {}
+        return found if (found.get("status"), found.get("reason")) == (status, reason) else None
+    return await eventually(check, timeout=20)
+
+
+async def warnings(api, name: str) -> list[dict]:
+    return [e for e in await api.list(kube.EVENTS)
+            if e.get("involvedObject", {}).get("name") == name and e.get("type") == "Warning"]
+
+
+async def test_a_job_waits_for_its_secret_then_starts(k8s, operator, api, s3_server):
+    doc = finetunejob(baseModel={"uri": "hf://org/private-model", "credentials": {"secretName": "hf-late"}})
+    doc["metadata"] = {"name": "late-secret", "namespace": NS}
+    doc["spec"]["output"] = {"uri": f"s3://{BUCKET}/jobs", "endpoint": s3_server.endpoint,
+                             "credentials": {"secretName": "s3-late"}}
+    await api.client.create(kube.FINETUNEJOBS, doc)
+    missing = await secrets_condition(api, kube.FINETUNEJOBS, "late-secret", "False", "SecretNotFound")
+    assert f'Secret "s3-late" not found in namespace {NS} (for AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)' \
+        in missing["message"]
+    assert 'Secret "hf-late" not found' in missing["message"] and "(for HF_TOKEN)" in missing["message"]
+    job = await api.get(kube.FINETUNEJOBS, "late-secret")
+    assert job["status"]["phase"] == "Pending" and "trainingJob" not in job["status"]
+    assert await api.get(kube.PYTORCHJOBS, "late-secret") is None
+    assert await api.get(kube.CONFIGMAPS, "late-secret-config") is None
+    await eventually(lambda: warnings(api, "late-secret"))
+
+    # the storage Secret arrives with a key missing: read whole (the operator uses it), so its keys are checked
+    await api.create_secret("s3-late", {"AWS_ACCESS_KEY_ID": ACCESS_KEY})
+    await api.create_secret("hf-late", {"token": "hf_not_a_real_token"})
+    keyless = await secrets_condition(api, kube.FINETUNEJOBS, "late-secret", "False", "SecretKeyNotFound")
+    assert keyless["message"].startswith('Secret "s3-late" has no key "AWS_SECRET_ACCESS_KEY"')
+    assert await api.get(kube.PYTORCHJOBS, "late-secret") is None
+
+    await api.client.patch(kube.SECRETS, NS, "s3-late", {"data": {"AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}})
+    await secrets_condition(api, kube.FINETUNEJOBS, "late-secret", "True", "SecretsFound")
+    assert await eventually(lambda: api.get(kube.PYTORCHJOBS, "late-secret"), timeout=20)
+    reasons = [e["reason"] for e in await warnings(api, "late-secret")]
+    assert reasons.count("SecretNotFound") == 1 and reasons.count("SecretKeyNotFound") == 1  # once each
+    # only the storage Secret was ever read whole; the token only as metadata
+    whole = {r.name for r in list(k8s) if r.resource is not None and r.resource.plural == "secrets"
+             and r.method == "GET" and "as=PartialObjectMetadata" not in (r.headers.get("Accept") or "")}
+    assert whole == {"s3-late"}
+
+
+async def test_an_adapterdeployment_reports_its_serving_pods_missing_secret(operator, api, s3_server, tmp_path):
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/serving", NS, "late", "uid-late")
+    manifest = publish(s3_server, tmp_path, prefix, "serve", {"rank": 16,
+                                                             "baseModel": {"uri": "hf://meta-llama/Llama-2-7b-hf"}})
+    doc = adapterdeployment()
+    doc["metadata"] = {"name": "late-serve", "namespace": NS}
+    doc["spec"]["adapters"] = [{"name": "support-bot", "source": {"uri": storage_layout.manifest_uri(prefix),
+                                                                  "digest": manifest["digest"]}}]
+    doc["spec"]["strategy"] = {"type": "Immediate", "unloadGraceSeconds": 0}
+    doc["spec"]["storage"] = {"endpoint": s3_server.endpoint, "credentials": {"secretName": "serve-late"}}
+    await api.client.create(ADAPTERDEPLOYMENTS, doc)
+    missing = await secrets_condition(api, ADAPTERDEPLOYMENTS, "late-serve", "False", "SecretNotFound")
+    assert 'Secret "serve-late" not found' in missing["message"]
+    await eventually(lambda: api.get(DEPLOYMENTS, "late-serve-serving"))  # created: its pods wait for the Secret
+    await eventually(lambda: warnings(api, "late-serve"))
+    await api.create_secret("serve-late", S3_KEYS)
+    await secrets_condition(api, ADAPTERDEPLOYMENTS, "late-serve", "True", "SecretsFound")
