@@ -317,3 +317,18 @@ def test_local_runs_accept_file_outputs_and_clusters_do_not():
     assert after["status"]["phase"] == "Failed" and "kubetune local" in after["status"]["failure"]["message"]
     plan = ftj.decide(ftj.Observed(job=job, now=NOW), ftj.Settings(local=True))
     assert [c["kind"] for c in plan.create] == ["ConfigMap", "PyTorchJob"]
+
+
+def test_a_pending_job_is_not_polled_for_progress_until_its_pods_start():
+    """Pending jobs cost nothing between resyncs (BENCHMARKS.md, Scale): no progress.json before a pod ran,
+    and the PyTorchJob's own events (watched) say when one does."""
+    job = created_job()
+    created = pj(("Created", "PyTorchJobCreated", "created"))
+    assert not ftj.needs_progress(job, created) and not ftj.needs_progress(job, pj())
+    for started in (pj(("Running", "PyTorchJobRunning", "")), pj(("Failed", "PyTorchJobFailed", "")),
+                    pj(("Restarting", "PyTorchJobRestarting", ""))):
+        assert ftj.needs_progress(job, started)  # a trainer that failed at once still left its reason
+    plan, job = step(job, pytorchjob=created)
+    assert job["status"]["phase"] == "Pending"
+    assert plan.requeue_after == SETTINGS.resync_seconds
+    assert "Pending" not in ftj.ACTIVE and "Running" in ftj.ACTIVE

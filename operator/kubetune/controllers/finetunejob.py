@@ -55,14 +55,24 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-async def _store_for(job: dict) -> storage.ObjectStore:
-    """Storage access with the job's own output credentials, else the operator's defaults."""
-    return await object_store(RUNTIME.client, job["metadata"]["namespace"], job["spec"]["output"],
-                              RUNTIME.default_s3)
+class _PassStore:
+    """The job's storage for one reconcile pass: built (and its credentials Secret read) at most once, and
+    only when the pass reads storage at all."""
+
+    def __init__(self, job: dict):
+        self.job = job
+        self._store: storage.ObjectStore | None = None
+
+    async def get(self) -> storage.ObjectStore:
+        """Storage access with the job's own output credentials, else the operator's defaults."""
+        if self._store is None:
+            self._store = await object_store(RUNTIME.client, self.job["metadata"]["namespace"],
+                                             self.job["spec"]["output"], RUNTIME.default_s3)
+        return self._store
 
 
-async def _check_manifest(job: dict) -> manifest_api.ManifestCheck:
-    store = await _store_for(job)
+async def _check_manifest(job: dict, stores: _PassStore) -> manifest_api.ManifestCheck:
+    store = await stores.get()
     try:
         return await asyncio.to_thread(storage.check_published, store, ftj.job_prefix(job), RUNTIME.verify_content)
     except Exception as exc:  # storage down: treat as "not there yet"; the resync retries
@@ -70,9 +80,9 @@ async def _check_manifest(job: dict) -> manifest_api.ManifestCheck:
         return manifest_api.ManifestCheck(found=False)
 
 
-async def _read_progress(job: dict) -> dict | None:
+async def _read_progress(job: dict, stores: _PassStore) -> dict | None:
     """The trainer's progress.json (None when absent, unreadable or storage is down: progress can wait)."""
-    store = await _store_for(job)
+    store = await stores.get()
     try:
         raw = await asyncio.to_thread(store.read, storage_layout.progress_uri(ftj.job_prefix(job)))
         return json.loads(raw) if raw else None
@@ -86,12 +96,12 @@ async def _read_json(store: storage.ObjectStore, uri: str) -> dict | None:
     return json.loads(raw) if raw else None
 
 
-async def _read_stage_reports(job: dict, wanted: dict[str, str]) -> dict[str, ftj.StageReport]:
+async def _read_stage_reports(job: dict, wanted: dict[str, str], stores: _PassStore) -> dict[str, ftj.StageReport]:
     """result.json and progress.json of finished (or vanished) stage jobs. A stage whose files cannot be
     read now is left out: the state machine waits for the next pass instead of guessing."""
     if not wanted:
         return {}
-    store = await _store_for(job)
+    store = await stores.get()
     reports = {}
     for name, prefix in wanted.items():
         try:
@@ -142,9 +152,10 @@ async def reconcile(namespace: str, name: str) -> float | None:
         config_map = config_maps.pop(render.config_map_name(name), None)
         pytorchjob = pytorchjobs.pop(render.pytorchjob_name(name), None)
         stage_jobs = {n: p for n, p in pytorchjobs.items() if _owned_by(p, job)}
-        manifest = await _check_manifest(job) if ftj.needs_manifest(job, pytorchjob) else None
-        progress = await _read_progress(job) if ftj.needs_progress(job, pytorchjob) else None
-        reports = await _read_stage_reports(job, ftj.needs_stage_reports(job, stage_jobs))
+        stores = _PassStore(job)
+        manifest = await _check_manifest(job, stores) if ftj.needs_manifest(job, pytorchjob) else None
+        progress = await _read_progress(job, stores) if ftj.needs_progress(job, pytorchjob) else None
+        reports = await _read_stage_reports(job, ftj.needs_stage_reports(job, stage_jobs), stores)
         secrets = await secret_keys(client, namespace, ftj.needs_secrets(job), job["spec"].get("output"))
         plan = ftj.decide(
             ftj.Observed(job=job, now=now_rfc3339(), config_map=config_map, pytorchjob=pytorchjob, manifest=manifest,

@@ -37,7 +37,11 @@ from . import conditions as cond
 from . import secrets, stages, tenancy
 
 TERMINAL = ("Succeeded", "Skipped", "Failed")
-ACTIVE = ("Pending", "Baseline", "Sweeping", "Running")  # phases whose progress is followed closely
+# Phases whose progress is followed closely (every progress_seconds). Not Pending: its pods have not
+# started, so there is no progress to read, and the PyTorchJob's own events (watched) say when they do; the
+# slower resync covers it. Following Pending jobs too made every queued job cost ~1 API request/s
+# (BENCHMARKS.md, Scale).
+ACTIVE = ("Baseline", "Sweeping", "Running")
 CONDITION_TYPES = ("Accepted", "BaselineSufficient", "RankSelected", "Running", "Suspended", "Succeeded", "Failed",
                    "AdapterPublished", secrets.CONDITION)
 
@@ -136,10 +140,18 @@ def needs_manifest(job: dict, pytorchjob: dict | None) -> bool:
     return pytorchjob is None and bool(status.get("trainingJob"))
 
 
+# PyTorchJob conditions that mean its pods started at some point (the training operator keeps a condition
+# listed with status False once it no longer holds): before any of them, no trainer has written anything.
+_STARTED_CONDITIONS = frozenset({"Running", "Restarting", "Succeeded", "Failed"})
+
+
 def needs_progress(job: dict, pytorchjob: dict | None) -> bool:
-    """Whether the shell should read the trainer's progress.json: while its PyTorchJob exists and the job
-    has not finished (a failed trainer leaves its reason there too)."""
-    return pytorchjob is not None and (job.get("status") or {}).get("phase") not in TERMINAL
+    """Whether the shell should read the trainer's progress.json: while its PyTorchJob exists, its pods
+    have started (only Created: nothing to read yet) and the job has not finished (a failed trainer leaves
+    its reason there too)."""
+    if pytorchjob is None or (job.get("status") or {}).get("phase") in TERMINAL:
+        return False
+    return any(c.get("type") in _STARTED_CONDITIONS for c in _pj_conditions(pytorchjob))
 
 
 def _stage_entries(job: dict) -> dict[str, tuple[jobconfig.Stage, str | None]]:
