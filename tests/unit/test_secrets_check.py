@@ -86,7 +86,7 @@ def test_no_condition_when_every_secret_is_there_from_the_start():
     assert condition(job) is None
 
 
-def test_a_secret_deleted_under_a_running_job_is_reported_without_stopping_it():
+def test_a_missing_secret_reported_under_a_running_job_does_not_stop_it():
     _, job = step(finetunejob(), {"s3-creds": S3_KEYS})
     running = {"metadata": {"name": "llama-lora"}, "spec": {}, "status": {"conditions": [
         {"type": "Running", "status": "True", "reason": "Running", "message": "",
@@ -97,11 +97,20 @@ def test_a_secret_deleted_under_a_running_job_is_reported_without_stopping_it():
     assert "Warning" in [e.type for e in plan.events]
 
 
-def test_finished_jobs_read_no_secrets():
+def test_secrets_are_read_until_training_starts_and_while_one_is_missing():
     job = finetunejob()
-    job["status"] = {"phase": "Succeeded"}
-    assert ftj.needs_secrets(job) == []
-    assert ftj.needs_secrets(finetunejob()) == ["s3-creds"]
+    assert ftj.needs_secrets(job) == ["s3-creds"]
+    _, started = step(job, {"s3-creds": S3_KEYS})
+    assert started["status"]["trainingJob"] and ftj.needs_secrets(started) == []  # not on every progress pass
+    _, waiting = step(job, {"s3-creds": None})
+    assert ftj.needs_secrets(waiting) == ["s3-creds"]
+    reported = copy.deepcopy(started)
+    reported["status"]["conditions"] = cond.set_condition(reported["status"]["conditions"], secrets.CONDITION,
+                                                          False, "SecretNotFound", "gone", 1, NOW)
+    assert ftj.needs_secrets(reported) == ["s3-creds"]  # looked at until it is fixed
+    finished = copy.deepcopy(reported)
+    finished["status"]["phase"] = "Succeeded"
+    assert ftj.needs_secrets(finished) == []
 
 
 def test_an_adapterdeployment_reports_its_serving_pods_missing_secret_and_recovers():

@@ -206,9 +206,14 @@ def needs_stage_reports(job: dict, stage_jobs: dict) -> dict[str, str]:
 
 
 def needs_secrets(job: dict) -> list[str]:
-    """The Secrets to read before deciding: every one the spec names, while the job is not finished
-    (pods of a running job restart, and need them too)."""
-    if (job.get("status") or {}).get("phase") in TERMINAL:
+    """The Secrets to read before deciding: every one the spec names, until the training job is created
+    (and after, only while `SecretsFound` is False, to see it fixed). Not on every progress pass of a
+    running job: those come every few seconds, and its pods already found their Secrets."""
+    status = job.get("status") or {}
+    if status.get("phase") in TERMINAL:
+        return []
+    problem = cond.find(status.get("conditions"), secrets.CONDITION)
+    if status.get("trainingJob") and not (problem and problem.get("status") == "False"):
         return []
     return secrets.named_secrets(job.get("spec"))
 
