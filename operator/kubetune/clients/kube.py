@@ -196,11 +196,6 @@ class KubeClient:
                 return False
             raise
 
-    async def secret_values(self, namespace: str, name: str, *keys: str) -> list[str | None]:
-        """Decoded values of `keys` from one read of the Secret (None where missing)."""
-        data = ((await self.get(SECRETS, namespace, name)) or {}).get("data") or {}
-        return [base64.b64decode(data[key]).decode() if key in data else None for key in keys]
-
     async def post_event(self, involved: dict, event_type: str, reason: str, message: str,
                          component: str = "kubetune-operator") -> None:
         meta = involved["metadata"]

@@ -31,7 +31,7 @@ from kubetune.render import gitops
 from kubetune.render import serving as render
 
 from . import metrics
-from .credentials import object_store, secret_keys
+from .credentials import PassSecrets, object_store, secret_keys
 from .finetunejob import now_rfc3339, write_status
 from .retry import reconcile_or_retry
 
@@ -65,10 +65,9 @@ class Runtime:
 RUNTIME = Runtime()
 
 
-async def _store_for(adep: dict) -> storage.ObjectStore:
+async def _store_for(adep: dict, secrets: PassSecrets) -> storage.ObjectStore:
     """The adapters' storage with the AdapterDeployment's own credentials, else the operator's defaults."""
-    return await object_store(RUNTIME.client, adep["metadata"]["namespace"], adep["spec"].get("storage"),
-                              RUNTIME.default_s3)
+    return await object_store(secrets, adep["spec"].get("storage"), RUNTIME.default_s3)
 
 
 async def _resolve(adep: dict, adapter: dict, store: storage.ObjectStore) -> adp.Source:
@@ -194,7 +193,8 @@ async def reconcile(namespace: str, name: str) -> None:
             await client.patch(ADAPTERDEPLOYMENTS, namespace, name, {"status": status}, subresource="status")
             return
         adep = {**adep, "spec": result.defaulted["spec"]}
-        store = await _store_for(adep)
+        pass_secrets = PassSecrets(client, namespace)
+        store = await _store_for(adep, pass_secrets)
         records = {r["name"]: r for r in (adep.get("status") or {}).get("adapters") or []}
         # a promoted retrain is served instead of the spec's source (while that source is unchanged)
         rollout_view = driftloop.rollout_view(adep, records)
@@ -211,7 +211,7 @@ async def reconcile(namespace: str, name: str) -> None:
             except (KeyError, ValueError):
                 current = None
         now = now_rfc3339()
-        found_secrets = await secret_keys(client, namespace, adp.needs_secrets(adep), adep["spec"].get("storage"))
+        found_secrets = await secret_keys(pass_secrets, adp.needs_secrets(adep), adep["spec"].get("storage"))
         plan = adp.decide(adp.Observed(adep=rollout_view, now=now, sources=sources,
                                        pods=[_pod_view(p) for p in pods], desired=current, secrets=found_secrets),
                           RUNTIME.settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 
 from kubetune.clients import kube, storage
@@ -9,9 +10,23 @@ from kubetune.clients import kube, storage
 log = logging.getLogger("kubetune.credentials")
 
 
-async def secret_keys(client: kube.KubeClient, namespace: str, names: list[str],
-                      section: dict | None) -> dict[str, frozenset | bool | None]:
-    """For reconcile.secrets: which keys each named Secret of `namespace` has (None: it does not exist).
+class PassSecrets:
+    """The Secrets one reconcile pass reads, each GET at most once: the storage credentials are wanted
+    both to build the S3 client and to check their keys (reconcile.secrets)."""
+
+    def __init__(self, client: kube.KubeClient, namespace: str):
+        self.client, self.namespace = client, namespace
+        self._read: dict[str, dict | None] = {}
+
+    async def get(self, name: str) -> dict | None:
+        if name not in self._read:
+            self._read[name] = await self.client.get(kube.SECRETS, self.namespace, name)
+        return self._read[name]
+
+
+async def secret_keys(secrets: PassSecrets, names: list[str], section: dict | None
+                      ) -> dict[str, frozenset | bool | None]:
+    """For reconcile.secrets: which keys each named Secret has (None: it does not exist).
     Only the Secret of the storage `section`'s credentials (which the operator reads anyway, to reach
     storage) is read whole, and only its key names leave this function; every other one is read as
     metadata only (reconcile.secrets.EXISTS: its values never reach the operator). A Secret the operator
@@ -22,18 +37,19 @@ async def secret_keys(client: kube.KubeClient, namespace: str, names: list[str],
     for name in names:
         try:
             if name == own:
-                secret = await client.get(kube.SECRETS, namespace, name)
+                secret = await secrets.get(name)
                 found[name] = None if secret is None else frozenset(secret.get("data") or {})
             else:
-                found[name] = None if await client.get_metadata(kube.SECRETS, namespace, name) is None else True
+                metadata = await secrets.client.get_metadata(kube.SECRETS, secrets.namespace, name)
+                found[name] = None if metadata is None else True
         except kube.ApiError as exc:
             if exc.status != 403:
                 raise
-            log.warning("may not read Secret", extra={"namespace": namespace, "secret": name})
+            log.warning("may not read Secret", extra={"namespace": secrets.namespace, "secret": name})
     return found
 
 
-async def object_store(client: kube.KubeClient, namespace: str, section: dict | None,
+async def object_store(secrets: PassSecrets, section: dict | None,
                        defaults: storage.S3Settings) -> storage.ObjectStore:
     """A store for an S3 section of a spec (`{endpoint, region, credentials}`: a FineTuneJob's
     spec.output, an AdapterDeployment's spec.storage); what it leaves out comes from the operator's
@@ -42,9 +58,10 @@ async def object_store(client: kube.KubeClient, namespace: str, section: dict | 
     access, secret = defaults.access_key, defaults.secret_key
     credentials = section.get("credentials")
     if credentials:
-        access, secret = await client.secret_values(
-            namespace, credentials["secretName"], credentials.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
-            credentials.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
+        data = ((await secrets.get(credentials["secretName"])) or {}).get("data") or {}
+        access, secret = (base64.b64decode(data[key]).decode() if key in data else None
+                          for key in (credentials.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
+                                      credentials.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")))
     return storage.ObjectStore(storage.S3Settings(
         endpoint=section.get("endpoint") or defaults.endpoint, region=section.get("region") or defaults.region,
         access_key=access, secret_key=secret))

@@ -28,7 +28,7 @@ from kubetune.reconcile import statuswrite
 from kubetune.render import training as render
 
 from . import metrics
-from .credentials import object_store, secret_keys
+from .credentials import PassSecrets, object_store, secret_keys
 from .retry import reconcile_or_retry
 
 log = logging.getLogger("kubetune.finetunejob")
@@ -59,15 +59,14 @@ class _PassStore:
     """The job's storage for one reconcile pass: built (and its credentials Secret read) at most once, and
     only when the pass reads storage at all."""
 
-    def __init__(self, job: dict):
-        self.job = job
+    def __init__(self, job: dict, secrets: PassSecrets):
+        self.job, self.secrets = job, secrets
         self._store: storage.ObjectStore | None = None
 
     async def get(self) -> storage.ObjectStore:
         """Storage access with the job's own output credentials, else the operator's defaults."""
         if self._store is None:
-            self._store = await object_store(RUNTIME.client, self.job["metadata"]["namespace"],
-                                             self.job["spec"]["output"], RUNTIME.default_s3)
+            self._store = await object_store(self.secrets, self.job["spec"]["output"], RUNTIME.default_s3)
         return self._store
 
 
@@ -152,11 +151,12 @@ async def reconcile(namespace: str, name: str) -> float | None:
         config_map = config_maps.pop(render.config_map_name(name), None)
         pytorchjob = pytorchjobs.pop(render.pytorchjob_name(name), None)
         stage_jobs = {n: p for n, p in pytorchjobs.items() if _owned_by(p, job)}
-        stores = _PassStore(job)
+        pass_secrets = PassSecrets(client, namespace)
+        stores = _PassStore(job, pass_secrets)
         manifest = await _check_manifest(job, stores) if ftj.needs_manifest(job, pytorchjob) else None
         progress = await _read_progress(job, stores) if ftj.needs_progress(job, pytorchjob) else None
         reports = await _read_stage_reports(job, ftj.needs_stage_reports(job, stage_jobs), stores)
-        secrets = await secret_keys(client, namespace, ftj.needs_secrets(job), job["spec"].get("output"))
+        secrets = await secret_keys(pass_secrets, ftj.needs_secrets(job), job["spec"].get("output"))
         plan = ftj.decide(
             ftj.Observed(job=job, now=now_rfc3339(), config_map=config_map, pytorchjob=pytorchjob, manifest=manifest,
                          progress=progress, stage_jobs=stage_jobs,
