@@ -130,7 +130,7 @@ def generated_files() -> dict[str, str]:
     """Relative path -> content of every file generated from the API definition."""
     files = {}
     for filename, document in crd.all_crds().items():
-        text = "# Generated from operator/kubetune/api/v1alpha1.py by `kubetune generate`. Do not edit.\n"
+        text = "# Generated from operator/kubetune/api/v1alpha1/ by `kubetune generate`. Do not edit.\n"
         text += dump_yaml([document])
         for directory in GENERATED_CRD_DIRS:
             files[f"{directory}/{filename}"] = text

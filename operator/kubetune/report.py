@@ -17,7 +17,7 @@ import datetime as dt
 import math
 from pathlib import Path
 
-from kubetune.api import v1alpha1 as api
+from kubetune.api.v1alpha1.finetunejob import HIGHER_IS_BETTER
 from kubetune.reconcile import stages, statuswrite
 
 
@@ -66,7 +66,7 @@ def sweep_chart(status: dict, path: Path, title: str = "") -> Path | None:
     baseline = ((status.get("baseline") or {}).get("metrics") or {}).get(metric)
     if _finite(baseline):
         left.axhline(baseline, linestyle="--", color="gray", label=f"base model, validation split ({baseline:.3g})")
-    direction = "higher" if metric in api.HIGHER_IS_BETTER else "lower"
+    direction = "higher" if metric in HIGHER_IS_BETTER else "lower"
     left.set_title(f"{metric} by LoRA rank ({direction} is better)")
     left.set_xticks(range(len(trials)), [f"r{t['rank']}" for t in trials])
     left.set_xlabel("rank")
@@ -229,7 +229,7 @@ def metrics_chart(baseline: dict, final: dict, path: Path, title: str = "") -> P
                           bar.get_height()), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
         axis.set_xticks([0, 1], ["baseline", "fine-tuned"])
         axis.set_ylim(0, max(heights) * 1.15 or 1.0)
-        direction = "higher" if name in api.HIGHER_IS_BETTER else "lower"
+        direction = "higher" if name in HIGHER_IS_BETTER else "lower"
         axis.set_title(f"{name} ({direction} is better)", fontsize=9)
         axis.grid(alpha=0.3, axis="y")
     if title:

@@ -125,7 +125,7 @@ def test_finetunejob_health(health, case):
 
 
 def test_finetunejob_every_phase_is_handled(health):
-    from kubetune.api.v1alpha1 import FINETUNEJOB_PHASES
+    from kubetune.api.v1alpha1.finetunejob_status import FINETUNEJOB_PHASES
 
     for phase in FINETUNEJOB_PHASES:
         status, _ = health("FineTuneJob", job({"phase": phase}))

@@ -239,7 +239,7 @@ def test_config_is_a_fresh_json_serialisable_dict():
 
 
 def test_constants_match_the_crd_enums():
-    from kubetune.api import v1alpha1
+    from kubetune.api.v1alpha1 import finetunejob as v1alpha1
 
     assert set(ds_config.METHODS) == set(v1alpha1.METHODS)
     assert {p.lower() for p in v1alpha1.PRECISIONS} - {"auto"} == set(ds_config.PRECISIONS)

@@ -29,6 +29,8 @@ from kubetune.api import manifest as manifest_api
 from kubetune.api import progress as progress_api
 from kubetune.api import v1alpha1 as api
 from kubetune.api.schema import strict_json_schema
+from kubetune.api.v1alpha1 import finetunejob as ftj_api
+from kubetune.api.v1alpha1 import finetunejob_status as ftj_status_api
 from kubetune.api.validation import root_schema, validate
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
@@ -86,9 +88,9 @@ def assert_writable(status: dict, validator: jsonschema.Draft4Validator) -> None
 @st.composite
 def ftj_specs(draw) -> dict:
     """Specs shaped like real ones with random choices: most are valid, some break a CEL or semantic rule."""
-    task = draw(st.sampled_from(api.TASKS))
-    fmt = "text-label" if task == "SequenceClassification" else draw(st.sampled_from(api.DATASET_FORMATS[:3]))
-    method = draw(st.sampled_from(api.METHODS))
+    task = draw(st.sampled_from(ftj_api.TASKS))
+    fmt = "text-label" if task == "SequenceClassification" else draw(st.sampled_from(ftj_api.DATASET_FORMATS[:3]))
+    method = draw(st.sampled_from(ftj_api.METHODS))
     gpus = draw(st.sampled_from([1, 8] if method == "QLoRA" else [0, 1, 8]))
     spec: dict = {
         "baseModel": {"uri": "hf://org/model"},
@@ -166,7 +168,7 @@ def ftj_status(draw, name: str) -> dict | None:
     if draw(st.integers(0, 3)) == 0:
         return None
     status: dict = {"observedGeneration": draw(st.integers(1, 5)), "conditions": draw(CONDITIONS)}
-    phase = draw(st.sampled_from((None, *api.FINETUNEJOB_PHASES)))
+    phase = draw(st.sampled_from((None, *ftj_status_api.FINETUNEJOB_PHASES)))
     if phase:
         status["phase"] = phase
     if draw(st.booleans()):
@@ -174,12 +176,13 @@ def ftj_status(draw, name: str) -> dict | None:
     if draw(st.booleans()):
         status["baseline"] = {"source": draw(st.sampled_from(["BaselineJob", "TrainingJob"])),
                               "job": f"{name}-baseline",
-                              "state": draw(st.sampled_from(api.STAGE_STATES)), "metrics": draw(FINITE_METRICS)}
+                              "state": draw(st.sampled_from(ftj_status_api.STAGE_STATES)),
+                              "metrics": draw(FINITE_METRICS)}
     if draw(st.booleans()):
         ranks = draw(st.lists(st.sampled_from(RANKS), max_size=4, unique=True))
         trials = []
         for rank in sorted(ranks):
-            trial = {"rank": rank, "state": draw(st.sampled_from(api.TRIAL_STATES)), "alpha": 2 * rank,
+            trial = {"rank": rank, "state": draw(st.sampled_from(ftj_status_api.TRIAL_STATES)), "alpha": 2 * rank,
                      "job": f"{name}-sweep-r{rank}"}
             if trial["state"] == "Succeeded" and draw(st.booleans()):
                 trial["metric"] = draw(FINITE)
@@ -340,7 +343,7 @@ def assert_invalid_spec(plan: ftj.Plan) -> None:
 
 
 @PROPERTIES
-@given(st.one_of(ANY_JSON, st.dictionaries(st.sampled_from(list(api.FINETUNEJOB_SPEC["properties"])), ANY_JSON)),
+@given(st.one_of(ANY_JSON, st.dictionaries(st.sampled_from(list(ftj_api.FINETUNEJOB_SPEC["properties"])), ANY_JSON)),
        st.sampled_from(["llama-lora", "x" * 80]), st.integers(1, 3))
 def test_finetunejob_garbage_spec_is_invalid_spec(spec, name, generation):
     """A spec of any shape on a job that has not started: InvalidSpec, nothing created, no exception."""

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from kubetune.api import v1alpha1 as api
+from kubetune.api.v1alpha1.finetunejob import DATASET_FORMATS
 from kubetune_trainer import data
 from kubetune_trainer.data import (
     DataError,
@@ -51,7 +51,7 @@ GOOD = {"prompt-completion": PC, "chat": CHAT, "text": TEXT, "text-label": TL}
 
 
 def test_formats_match_the_api():
-    assert data.FORMATS == api.DATASET_FORMATS
+    assert data.FORMATS == DATASET_FORMATS
 
 
 def test_importing_does_not_import_torch():

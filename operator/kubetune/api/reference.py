@@ -11,7 +11,7 @@ import json
 from . import v1alpha1 as api
 from .schema import Schema, is_object, iter_fields
 
-HEADER = ("<!-- Generated from operator/kubetune/api/v1alpha1.py by `kubetune generate`. Do not edit. -->\n\n"
+HEADER = ("<!-- Generated from operator/kubetune/api/v1alpha1/ by `kubetune generate`. Do not edit. -->\n\n"
           "# API reference: kubetune.io/v1alpha1\n\n"
           "Every field of every kind, as the CRDs define it (`kubectl explain <kind>.<path>` shows the same "
           "descriptions). Types follow OpenAPI; `[]` marks the items of a list. Rules are CEL validations the "

@@ -1,6 +1,6 @@
 """A tiny builder for Kubernetes structural OpenAPI v3 schemas.
 
-The API of kubetune is written once with these helpers (see `v1alpha1.py`); the CRDs, the
+The API of kubetune is written once with these helpers (see `v1alpha1/`); the CRDs, the
 defaulting, the structural validation and the CEL rule checks are all derived from that one tree,
 so the cluster and `kubetune validate` can never disagree about what a field means.
 

@@ -24,6 +24,7 @@ import jsonschema
 from . import v1alpha1 as api
 from .crd import custom_resource_definition
 from .schema import apply_defaults, iter_rules, strict_json_schema
+from .v1alpha1.finetunejob import DATASET_FORMATS, FREEZE_THAW, LORA
 
 
 @dataclass(frozen=True)
@@ -194,9 +195,9 @@ def resolve_method_defaults(spec: dict) -> dict:
     for FreezeThaw). The CRD cannot default them itself: they are forbidden for the other methods."""
     method = dict(spec.get("method", {}))
     if method.get("type") in ("LoRA", "QLoRA"):
-        method["lora"] = apply_defaults(api.LORA, method.get("lora", {}))
+        method["lora"] = apply_defaults(LORA, method.get("lora", {}))
     if method.get("type") == "FreezeThaw":
-        method["freezeThaw"] = apply_defaults(api.FREEZE_THAW, method.get("freezeThaw", {}))
+        method["freezeThaw"] = apply_defaults(FREEZE_THAW, method.get("freezeThaw", {}))
     return {**spec, "method": method}
 
 
@@ -225,7 +226,7 @@ def retrain_template_errors(adep: dict, *, local: bool = False) -> list[FieldErr
             continue
         # without a format the operator takes the serving adapter's (from its manifest) at retrain time
         fmt = dataset.get("format") or ("text-label" if spec.get("task") == "SequenceClassification"
-                                        else api.DATASET_FORMATS[0])
+                                        else DATASET_FORMATS[0])
         spec["dataset"] = {**dataset, "format": fmt, "uri": RETRAIN_PLACEHOLDER_DATA,
                            "validationUri": RETRAIN_PLACEHOLDER_DATA}
         job = {"apiVersion": api.API_VERSION, "kind": "FineTuneJob",

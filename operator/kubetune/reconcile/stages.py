@@ -18,14 +18,14 @@ import copy
 import math
 
 from kubetune.api import jobconfig
-from kubetune.api import v1alpha1 as api
+from kubetune.api.v1alpha1.finetunejob import HIGHER_IS_BETTER
 
 QUEUED, PENDING, RUNNING, SUCCEEDED, FAILED = "Queued", "Pending", "Running", "Succeeded", "Failed"
 FINISHED = (SUCCEEDED, FAILED)
 
 
 def higher_is_better(metric: str) -> bool:
-    return metric in api.HIGHER_IS_BETTER
+    return metric in HIGHER_IS_BETTER
 
 
 def _finite(value) -> bool:

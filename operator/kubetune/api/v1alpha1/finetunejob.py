@@ -1,0 +1,596 @@
+"""FineTuneJob's spec: what to train, on which data, how, and where to publish it.
+
+A FineTuneJob runs up to three stages, each its own training job: the baseline evaluation of the base
+model (`spec.baseline`), the LoRA rank sweep (`spec.rankSweep`) and training.
+"""
+
+from __future__ import annotations
+
+from ..schema import (
+    DNS_LABEL_PATTERN,
+    array,
+    boolean,
+    integer,
+    number,
+    obj,
+    opaque_object,
+    quantity,
+    quantity_map,
+    rule,
+    string,
+    string_map,
+)
+from .common import STORAGE_URI, s3_credentials, s3_endpoint
+
+TASKS = ("CausalLM", "SequenceClassification")
+DATASET_FORMATS = ("prompt-completion", "chat", "text", "text-label")
+METHODS = ("LoRA", "QLoRA", "Full", "FreezeThaw")
+PRECISIONS = ("Auto", "BF16", "FP16", "FP32")
+SCHEDULERS = ("linear", "cosine", "constant")
+MAX_LORA_RANK = 512
+METRICS = ("eval_loss", "accuracy", "macro_f1", "perplexity")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1")
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+CAUSAL_LM_METRICS = ("perplexity",)
+
+
+BASE_MODEL = obj(
+    "The model to fine-tune.",
+    {
+        "uri": string(
+            "Where the weights come from: hf://ORG/NAME (a Hugging Face repository, or a mirror), "
+            "s3://BUCKET/PREFIX or file:///PATH (a directory in the trainer image or a mounted volume).",
+            pattern=r"^(hf|s3|file)://.+",
+            max_length=1024,
+        ),
+        "revision": string(
+            "Revision to pin (commit, tag or branch) so a rerun trains on the same weights.",
+            default="main",
+            max_length=255,
+        ),
+        "trustRemoteCode": boolean(
+            "Allow custom modelling code shipped with the model. Off by default: it is code execution.",
+            default=False,
+        ),
+        "credentials": obj(
+            "Token for a private model repository, read from a Secret through secretKeyRef.",
+            {
+                "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
+                "tokenKey": string("Key of the token in the Secret.", default="token"),
+            },
+            required=["secretName"],
+        ),
+        "s3": obj(
+            "Access to the model when uri is s3://.",
+            {"endpoint": s3_endpoint(), "credentials": s3_credentials("the model bucket")},
+        ),
+    },
+    required=["uri"],
+    rules=[
+        rule(
+            "!has(self.s3) || self.uri.startsWith('s3://')",
+            "baseModel.s3 applies only when baseModel.uri is s3://",
+            field_path=".s3",
+        ),
+    ],
+)
+
+DATASET = obj(
+    "Training data: JSON Lines, one example per line.",
+    {
+        "uri": string("JSONL file: s3://BUCKET/KEY or file:///PATH.", pattern=STORAGE_URI, max_length=1024),
+        "format": string(
+            "Line format. prompt-completion: {prompt, completion}; chat: {messages: [{role, content}]}; "
+            "text: {text}; text-label: {text, label} for sequence classification.",
+            enum=DATASET_FORMATS,
+        ),
+        "validationUri": string(
+            "Optional separate validation file; when set, validationSplit is not used.",
+            pattern=STORAGE_URI,
+            max_length=1024,
+        ),
+        "validationSplit": number(
+            "Fraction of the data held out for evaluation when no validationUri is given.",
+            default=0.1,
+            minimum=0,
+            maximum=0.5,
+        ),
+        "stratifyBy": string(
+            "Field whose values must appear in both splits in proportion (defaults to the label for "
+            "text-label data).",
+            max_length=128,
+        ),
+        "seed": integer("Seed of the shuffle and the split.", default=42, minimum=0),
+        "maxInvalidFraction": number(
+            "Share of invalid lines tolerated (skipped and reported). 0 rejects the dataset on the first "
+            "error class, before any GPU time is spent.",
+            default=0.0,
+            minimum=0,
+            maximum=1,
+        ),
+        "s3": obj(
+            "Access to the data when uri is s3://. Defaults to the output's endpoint and credentials.",
+            {"endpoint": s3_endpoint(), "credentials": s3_credentials("the data bucket")},
+        ),
+    },
+    required=["uri", "format"],
+)
+
+LORA = obj(
+    "Low-rank adapter parameters (LoRA and QLoRA).",
+    {
+        "rank": integer("Adapter rank r.", default=16, minimum=1, maximum=MAX_LORA_RANK),
+        "alpha": integer("Scaling alpha; the update is scaled by alpha/r.", default=32, minimum=1, maximum=4096),
+        "dropout": number("Dropout on the adapter input.", default=0.05, minimum=0, maximum=0.9),
+        "targetModules": array(
+            "Module names to adapt (e.g. q_proj, v_proj), or the single entry all-linear for every linear "
+            "layer except the output head. A name that matches no module fails the job at once and lists "
+            "the model's real linear module names.",
+            string("A module name suffix, or all-linear.", min_length=1, max_length=128),
+            default=["all-linear"],
+            min_items=1,
+            max_items=64,
+            list_type="set",
+            rules=[
+                rule(
+                    "!self.exists(m, m == 'all-linear') || size(self) == 1",
+                    "method.lora.targetModules: all-linear cannot be combined with other names",
+                )
+            ],
+        ),
+        "useRslora": boolean("Rank-stabilised scaling alpha/sqrt(r).", default=False),
+    },
+)
+
+QUANTIZATION = obj(
+    "4-bit quantization of the frozen base model (QLoRA, bitsandbytes).",
+    {
+        "bits": integer("Bits per base weight.", default=4, enum=[4]),
+        "quantType": string("4-bit data type; nf4 suits normally distributed weights.", default="nf4",
+                            enum=["nf4", "fp4"]),
+        "doubleQuant": boolean("Quantize the quantization constants too (saves ~0.4 bit/param).", default=True),
+        "computeDtype": string("Dtype of the matmuls on dequantized weights.", default="bfloat16",
+                               enum=["bfloat16", "float16", "float32"]),
+    },
+)
+
+FREEZE_THAW = obj(
+    "Freeze-thaw: train the top blocks and the head, unfreeze one more block when the eval metric "
+    "plateaus.",
+    {
+        "initialTrainableBlocks": integer("Top transformer blocks trainable from the start.", default=2,
+                                          minimum=0),
+        "thawPerPlateau": integer("Blocks unfrozen at each plateau.", default=1, minimum=1),
+        "plateauPatience": integer("Evaluations without improvement that count as a plateau.", default=2,
+                                   minimum=1),
+        "minDelta": number("Smallest improvement of the metric that counts.", default=0.0, minimum=0),
+        "maxTrainableBlocks": integer("Stop thawing at this many blocks (default: all).", minimum=1),
+    },
+    rules=[
+        rule(
+            "!has(self.maxTrainableBlocks) || self.maxTrainableBlocks >= self.initialTrainableBlocks",
+            "method.freezeThaw.maxTrainableBlocks must be >= initialTrainableBlocks",
+            field_path=".maxTrainableBlocks",
+        )
+    ],
+)
+
+METHOD = obj(
+    "How the weights are adapted.",
+    {
+        "type": string("LoRA, QLoRA (LoRA on a 4-bit base), Full, or FreezeThaw.", default="LoRA", enum=METHODS),
+        "lora": LORA,
+        "quantization": QUANTIZATION,
+        "freezeThaw": FREEZE_THAW,
+    },
+    default={},
+    rules=[
+        rule(
+            "self.type != 'QLoRA' || has(self.quantization)",
+            "method.quantization is required when method.type is QLoRA",
+            field_path=".quantization",
+            reason="FieldValueRequired",
+        ),
+        rule(
+            "self.type == 'QLoRA' || !has(self.quantization)",
+            "method.quantization is only valid when method.type is QLoRA",
+            field_path=".quantization",
+        ),
+        rule(
+            "self.type in ['LoRA', 'QLoRA'] || !has(self.lora)",
+            "method.lora is only valid when method.type is LoRA or QLoRA",
+            field_path=".lora",
+        ),
+        rule(
+            "self.type == 'FreezeThaw' || !has(self.freezeThaw)",
+            "method.freezeThaw is only valid when method.type is FreezeThaw",
+            field_path=".freezeThaw",
+        ),
+    ],
+)
+
+TRAINING = obj(
+    "Optimisation hyperparameters. Set exactly one of epochs or maxSteps.",
+    {
+        "epochs": number("Passes over the training split.", minimum=0, exclusive_minimum=True, maximum=1000),
+        "maxSteps": integer("Optimizer steps to run.", minimum=1, maximum=10_000_000),
+        "learningRate": number("Peak learning rate.", default=2e-4, minimum=0, exclusive_minimum=True,
+                               maximum=1),
+        "scheduler": obj(
+            "Learning-rate schedule.",
+            {
+                "type": string("linear decay, cosine decay, or constant, each after warmup.", default="linear",
+                               enum=SCHEDULERS),
+                "warmupRatio": number("Share of the steps spent warming up linearly from 0.", default=0.1,
+                                      minimum=0, maximum=0.5),
+            },
+            default={},
+        ),
+        "weightDecay": number("AdamW weight decay.", default=0.0, minimum=0, maximum=1),
+        "maxGradNorm": number("Gradient clipping norm.", default=1.0, minimum=0, exclusive_minimum=True),
+        "perDeviceBatchSize": integer("Sequences (or packed rows) per device per micro-step.", default=4,
+                                      minimum=1, maximum=4096),
+        "effectiveBatchSize": integer(
+            "Sequences per optimizer step across all devices; gradient accumulation is derived from it, "
+            "the per-device batch and the world size. Default: per-device batch x world size.",
+            minimum=1,
+            maximum=1_000_000,
+        ),
+        "maxSeqLength": integer("Tokens per sequence after tokenisation; longer examples are truncated "
+                                "and counted.", default=2048, minimum=16, maximum=262_144),
+        "precision": string("Auto picks bf16 where the GPU supports it, fp16 with loss scaling otherwise, "
+                            "fp32 on CPU.", default="Auto", enum=PRECISIONS),
+        "gradientCheckpointing": boolean("Recompute activations in backward (non-reentrant).", default=True),
+        "packing": boolean("Padding-free packing of several sequences per row (position ids reset per "
+                           "sequence); off means length-grouped dynamic padding.", default=True),
+        "evalSteps": integer("Evaluate every N optimizer steps (default: once per epoch, or every 10% of "
+                             "maxSteps).", minimum=1),
+        "checkpointSteps": integer("Save a resumable checkpoint to storage every N steps.", default=500,
+                                   minimum=1),
+        "earlyStopping": obj(
+            "Stop when the eval metric stops improving.",
+            {
+                "patience": integer("Evaluations without improvement before stopping.", default=3, minimum=1),
+                "metric": string("Metric to watch.", default="eval_loss",
+                                 enum=["eval_loss", "accuracy", "macro_f1", "perplexity"]),
+                "minDelta": number("Smallest improvement that counts.", default=0.0, minimum=0),
+            },
+        ),
+        "seed": integer("Seed of initialisation, dropout and data order.", default=42, minimum=0),
+    },
+    default={},
+    rules=[
+        rule(
+            "has(self.epochs) != has(self.maxSteps)",
+            "training: set exactly one of training.epochs or training.maxSteps",
+            reason="FieldValueInvalid",
+        ),
+        rule(
+            "!has(self.effectiveBatchSize) || self.effectiveBatchSize >= self.perDeviceBatchSize",
+            "training.effectiveBatchSize must be >= training.perDeviceBatchSize",
+            field_path=".effectiveBatchSize",
+        ),
+    ],
+)
+
+DISTRIBUTED = obj(
+    "Where and how wide training runs: a PyTorchJob of `nodes` pods (1 Master + nodes-1 Workers), "
+    "each running torchrun with one process per GPU.",
+    {
+        "nodes": integer("Pods (machines).", default=1, minimum=1, maximum=1024),
+        "gpusPerNode": integer("GPUs per pod; 0 runs on CPU (gloo), for small models and tests.", default=1,
+                               minimum=0, maximum=16),
+        "processesPerNode": integer("torchrun processes per pod when gpusPerNode is 0.", default=1,
+                                    minimum=1, maximum=256),
+        "deepspeed": obj(
+            "DeepSpeed ZeRO settings; the config is generated from the world size and the method.",
+            {
+                "enabled": boolean("Use DeepSpeed (otherwise plain DDP).", default=True),
+                "zeroStage": integer("ZeRO stage: 3 partitions weights, gradients and optimizer state.",
+                                     default=3, enum=[0, 1, 2, 3]),
+                "offloadOptimizer": boolean("Keep optimizer state in CPU memory.", default=False),
+                "offloadParams": boolean("Keep partitioned weights in CPU memory (ZeRO-3 only).",
+                                         default=False),
+            },
+            default={},
+            rules=[
+                rule(
+                    "!self.offloadParams || self.zeroStage == 3",
+                    "distributed.deepspeed.offloadParams requires distributed.deepspeed.zeroStage 3",
+                    field_path=".offloadParams",
+                ),
+                rule(
+                    "!self.offloadOptimizer || self.zeroStage > 0",
+                    "distributed.deepspeed.offloadOptimizer requires distributed.deepspeed.zeroStage 1, 2 or 3",
+                    field_path=".offloadOptimizer",
+                ),
+            ],
+        ),
+    },
+    default={},
+    rules=[
+        rule(
+            "self.gpusPerNode == 0 || self.processesPerNode == 1",
+            "distributed.processesPerNode applies only to CPU jobs (gpusPerNode 0): a GPU job runs one "
+            "process per GPU",
+            field_path=".processesPerNode",
+        ),
+    ],
+)
+
+RESOURCES = obj(
+    "Compute resources of each training pod beyond the GPUs.",
+    {
+        "requests": quantity_map("Resource requests (cpu, memory, ephemeral-storage...)."),
+        "limits": quantity_map("Resource limits."),
+        "gpuResourceName": string("Extended resource name of the GPUs.", default="nvidia.com/gpu",
+                                  max_length=253),
+        "sharedMemory": quantity("Size of the memory-backed /dev/shm (NCCL and data loaders need it).",
+                                 default="16Gi"),
+    },
+    default={},
+)
+
+SCHEDULING = obj(
+    "Placement of the training pods.",
+    {
+        "nodeSelector": string_map("Node labels the pods must match."),
+        "tolerations": array("Tolerations (core/v1 Toleration).", opaque_object("A toleration.")),
+        "affinity": opaque_object("Affinity (core/v1 Affinity)."),
+        "priorityClassName": string("PriorityClass of the pods.", max_length=253),
+        "queueName": string("Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the PyTorchJob.",
+                            max_length=253),
+    },
+)
+
+OUTPUT = obj(
+    "Where checkpoints and the published adapter go.",
+    {
+        "uri": string("S3 prefix (s3://BUCKET/PREFIX); each job writes under PREFIX/NAMESPACE/NAME/UID/. "
+                      "file:///PATH is accepted only by `kubetune local` (a cluster's pods cannot write to it).",
+                      pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.+)$", max_length=1024),
+        "endpoint": s3_endpoint(),
+        "region": string("Region of the bucket.", default="us-east-1", max_length=64),
+        "credentials": s3_credentials("the output bucket"),
+        "mergeAdapter": boolean("Also publish the adapter merged into the base weights (QLoRA merges into "
+                                "a bf16 copy of the base, never into 4-bit weights).", default=False),
+    },
+    required=["uri"],
+)
+
+TRACKING = obj(
+    "Experiment tracking. Parameters, per-step losses and eval metrics go to the tracker from rank 0; "
+    "when the tracker is unreachable or its client is not installed the run goes on and says so in its log.",
+    {
+        "mlflow": obj(
+            "MLflow tracking server.",
+            {
+                "trackingUri": string("Tracking URI (https://mlflow.example.com).", pattern=r"^(https?|file)://.+",
+                                      max_length=1024),
+                "experiment": string("Experiment name (default: the job's namespace).", max_length=256),
+                "credentials": obj(
+                    "Token for the server, from a Secret (MLFLOW_TRACKING_TOKEN in the pod).",
+                    {
+                        "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
+                        "tokenKey": string("Key of the token in the Secret.", default="token"),
+                    },
+                    required=["secretName"],
+                ),
+            },
+            required=["trackingUri"],
+        ),
+        "wandb": obj(
+            "Weights & Biases.",
+            {
+                "project": string("Project.", max_length=256),
+                "entity": string("Entity (team or user).", max_length=256),
+                "mode": string("online, or offline (written to the pod's disk only).", default="online",
+                               enum=["online", "offline"]),
+                "credentials": obj(
+                    "API key, from a Secret (WANDB_API_KEY in the pod).",
+                    {
+                        "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
+                        "apiKeyKey": string("Key of the API key in the Secret.", default="api-key"),
+                    },
+                    required=["secretName"],
+                ),
+            },
+            required=["project"],
+        ),
+    },
+)
+
+RUN_POLICY = obj(
+    "Lifecycle of the training run, passed through to the PyTorchJob.",
+    {
+        "suspend": boolean("Suspend the run (pods are removed; resume by setting it back to false).",
+                           default=False),
+        "backoffLimit": integer("Retries after retryable failures before the job fails.", default=3, minimum=0,
+                                maximum=100),
+        "activeDeadlineSeconds": integer("Fail the job after this long.", minimum=1),
+        "ttlSecondsAfterFinished": integer("Remove the PyTorchJob this long after it finishes; the "
+                                           "FineTuneJob keeps its final status.", minimum=0),
+    },
+    default={},
+)
+
+BASELINE = obj(
+    "Evaluate the base model on the validation split before any training, with the task's metrics "
+    "(recorded in status.baseline). With a target, a base model that already meets it stops the job "
+    "(phase Skipped, condition BaselineSufficient) before any training GPU time is spent.",
+    {
+        "enabled": boolean("Evaluate the base model first.", default=True),
+        "target": obj(
+            "The metric value that is good enough. Loss and perplexity are met at or below the value, "
+            "accuracy and macro_f1 at or above it.",
+            {
+                "metric": string("Metric to compare: eval_loss, perplexity (CausalLM), accuracy or macro_f1 "
+                                 "(SequenceClassification).", enum=list(METRICS)),
+                "value": number("Target value of the metric."),
+            },
+            required=["metric", "value"],
+            rules=[
+                rule(
+                    "!(self.metric in ['accuracy', 'macro_f1']) || (self.value >= 0.0 && self.value <= 1.0)",
+                    "baseline.target.value of accuracy or macro_f1 must be between 0 and 1",
+                    field_path=".value",
+                ),
+            ],
+        ),
+        "forceTraining": boolean("Train even when the base model meets the target (the baseline is still "
+                                 "evaluated and recorded).", default=False),
+    },
+    default={},
+    rules=[
+        rule("!has(self.target) || self.enabled", "baseline.target needs baseline.enabled: true",
+             field_path=".target"),
+    ],
+)
+
+RANK_SWEEP = obj(
+    "Choose the LoRA rank before training: one short trial per rank, each its own PyTorchJob, trained on "
+    "the training split minus a holdout and scored on that holdout (the validation split stays unseen "
+    "until the final evaluation). The best rank (ties go to the smaller rank) is used for the full run.",
+    {
+        "ranks": array("Ranks to try.", integer("A LoRA rank.", minimum=1, maximum=MAX_LORA_RANK),
+                       default=[4, 8, 16, 32], min_items=2, max_items=16, list_type="set",
+                       rules=[rule("self.all(r, self.exists_one(s, s == r))",
+                                   "rankSweep.ranks must not repeat a rank")]),
+        "holdoutFraction": number("Share of the training split held out to score the trials.", default=0.1,
+                                  minimum=0, exclusive_minimum=True, maximum=0.5),
+        "epochs": number("Passes over the remaining training data per trial.", default=1, minimum=0,
+                         exclusive_minimum=True, maximum=100),
+        "maxSteps": integer("Cap on each trial's optimizer steps (default: no cap beyond epochs).", minimum=1),
+        "metric": string("Holdout metric that ranks the trials: eval_loss, perplexity (lower is better), "
+                         "accuracy or macro_f1 (higher is better; SequenceClassification).",
+                         default="eval_loss", enum=list(METRICS)),
+        "parallelism": integer("Trials running at once.", default=1, minimum=1, maximum=16),
+        "alpha": string("Proportional keeps alpha/rank at the spec's ratio for every trial (and the full run), "
+                        "so ranks are compared at the same update scale; Fixed keeps method.lora.alpha.",
+                        default="Proportional", enum=["Proportional", "Fixed"]),
+        "tieTolerance": number("Metrics within this distance of the best count as a tie; the smallest tied "
+                               "rank wins.", default=0.0, minimum=0),
+        "nodes": integer("Pods per trial (default: distributed.nodes). Trials are short: a smaller world "
+                         "lets several run side by side; the effective batch stays the same.", minimum=1,
+                         maximum=1024),
+        "gpusPerNode": integer("GPUs per trial pod (default: distributed.gpusPerNode).", minimum=0, maximum=16),
+    },
+)
+
+EVALUATION = obj(
+    "Extra evaluations after training: each named held-out set is scored for the new adapter and, with a "
+    "reference, for the reference adapter too, on the same examples. The scores go into the manifest "
+    "(`evaluations`); the drift loop's promotion gate reads them.",
+    {
+        "sets": array(
+            "Held-out sets in the dataset's format.",
+            obj("One named set.", {
+                "name": string("Name of the set (a key in the manifest's evaluations).", pattern=DNS_LABEL_PATTERN,
+                               max_length=63),
+                "uri": string("Location of the set (JSON Lines).", pattern=STORAGE_URI, max_length=2048),
+            }, required=["name", "uri"]),
+            min_items=1, max_items=8,
+            rules=[rule("self.all(a, self.exists_one(b, b.name == a.name))", "evaluation.sets[].name must be unique")],
+        ),
+        "reference": obj(
+            "An adapter already published on the same base model, scored on the same sets (the one serving now).",
+            {"manifestUri": string("Location of its manifest.json.", pattern=STORAGE_URI, max_length=2048)},
+            required=["manifestUri"],
+        ),
+    },
+    required=["sets"],
+)
+
+FINETUNEJOB_SPEC = obj(
+    "What to fine-tune, on what data, how, and where the adapter goes.",
+    {
+        "baseModel": BASE_MODEL,
+        "task": string("CausalLM (generation) or SequenceClassification (a trainable head is saved with "
+                       "the adapter).", default="CausalLM", enum=TASKS),
+        "labels": array(
+            "Class names for SequenceClassification, in id order (default: discovered from the data, "
+            "sorted).",
+            string("A class name.", min_length=1, max_length=256),
+            max_items=10_000,
+            list_type="set",
+        ),
+        "dataset": DATASET,
+        "method": METHOD,
+        "training": TRAINING,
+        "distributed": DISTRIBUTED,
+        "resources": RESOURCES,
+        "scheduling": SCHEDULING,
+        "image": string("Trainer image override (default: the operator's configured trainer image).",
+                        max_length=1024),
+        "serviceAccountName": string("ServiceAccount of the training pods.", pattern=DNS_LABEL_PATTERN,
+                                     max_length=253),
+        "output": OUTPUT,
+        "tracking": TRACKING,
+        "runPolicy": RUN_POLICY,
+        "baseline": BASELINE,
+        "rankSweep": RANK_SWEEP,
+        "evaluation": EVALUATION,
+    },
+    required=["baseModel", "dataset", "output"],
+    rules=[
+        rule(
+            "!has(self.rankSweep) || self.method.type in ['LoRA', 'QLoRA']",
+            "rankSweep applies only when method.type is LoRA or QLoRA",
+            field_path=".rankSweep",
+        ),
+        rule(
+            "!has(self.rankSweep) || !(self.rankSweep.metric in ['accuracy', 'macro_f1']) "
+            "|| self.task == 'SequenceClassification'",
+            "rankSweep.metric accuracy and macro_f1 need task SequenceClassification",
+            field_path=".rankSweep.metric",
+        ),
+        rule(
+            "!has(self.rankSweep) || !has(self.rankSweep.gpusPerNode) "
+            "|| (self.rankSweep.gpusPerNode > 0) == (self.distributed.gpusPerNode > 0)",
+            "rankSweep.gpusPerNode: trials run on the same kind of device as training (both on GPUs or both on CPU)",
+            field_path=".rankSweep.gpusPerNode",
+        ),
+        rule(
+            "!has(self.rankSweep) || self.rankSweep.metric != 'perplexity' || self.task == 'CausalLM'",
+            "rankSweep.metric perplexity needs task CausalLM",
+            field_path=".rankSweep.metric",
+        ),
+        rule(
+            "!has(self.baseline.target) || !(self.baseline.target.metric in ['accuracy', 'macro_f1']) "
+            "|| self.task == 'SequenceClassification'",
+            "baseline.target.metric accuracy and macro_f1 need task SequenceClassification",
+            field_path=".baseline.target.metric",
+        ),
+        rule(
+            "!has(self.baseline.target) || self.baseline.target.metric != 'perplexity' || self.task == 'CausalLM'",
+            "baseline.target.metric perplexity needs task CausalLM",
+            field_path=".baseline.target.metric",
+        ),
+        rule(
+            "!has(self.baseline.target) || has(self.dataset.validationUri) || self.dataset.validationSplit > 0.0",
+            "baseline.target needs validation data (dataset.validationUri or dataset.validationSplit > 0)",
+            field_path=".baseline.target",
+        ),
+        rule(
+            "self.task == 'SequenceClassification' || self.dataset.format != 'text-label'",
+            "dataset.format text-label needs task SequenceClassification",
+            field_path=".dataset.format",
+        ),
+        rule(
+            "self.task != 'SequenceClassification' || self.dataset.format == 'text-label'",
+            "task SequenceClassification needs dataset.format text-label",
+            field_path=".task",
+        ),
+        rule(
+            "!has(self.labels) || self.task == 'SequenceClassification'",
+            "labels: only valid when task is SequenceClassification",
+            field_path=".labels",
+        ),
+        rule(
+            "self.method.type != 'QLoRA' || self.distributed.gpusPerNode > 0",
+            "method.type QLoRA needs GPUs (distributed.gpusPerNode > 0)",
+            field_path=".distributed.gpusPerNode",
+        ),
+    ],
+)
+

@@ -1,0 +1,181 @@
+"""FineTuneJob's status (written only by the operator) and its kubectl columns."""
+
+from __future__ import annotations
+
+from ..schema import (
+    array,
+    boolean,
+    integer,
+    number,
+    obj,
+    string,
+)
+from .common import LAST_UPDATE_TIME, conditions
+
+REPLICA_STATUS = obj(
+    "Pod counts of one replica type.",
+    {
+        "active": integer("Running pods.", minimum=0),
+        "succeeded": integer("Succeeded pods.", minimum=0),
+        "failed": integer("Failed pods.", minimum=0),
+    },
+)
+
+_METRICS = {
+    "type": "object",
+    "description": "Metric name to value.",
+    "additionalProperties": {"type": "number"},
+}
+
+FINETUNEJOB_PHASES = ("Pending", "Baseline", "Sweeping", "Suspended", "Running", "Publishing", "Succeeded",
+                      "Skipped", "Failed")
+STAGE_STATES = ("Pending", "Running", "Succeeded", "Failed")
+TRIAL_STATES = ("Queued", *STAGE_STATES)  # Queued: waiting for a free slot (rankSweep.parallelism)
+
+BASELINE_STATUS = obj(
+    "The base model's evaluation on the validation split.",
+    {
+        "source": string("BaselineJob: a separate evaluation job (a target can stop the run); TrainingJob: the "
+                         "training job's first evaluation.", enum=["BaselineJob", "TrainingJob"]),
+        "job": string("The PyTorchJob that evaluates it.", max_length=253),
+        "state": string("State of the evaluation.", enum=list(STAGE_STATES)),
+        "metrics": _METRICS,
+        "examples": integer("Validation examples evaluated.", minimum=0),
+        "target": obj("The target from the spec.", {"metric": string("Metric.", max_length=64),
+                                                    "value": number("Value.")}),
+        "met": boolean("Whether the base model meets the target."),
+        "summary": string("One line for kubectl get, e.g. 'accuracy 0.41 < 0.90'.", max_length=256),
+        "startTime": string("When the evaluation job started.", fmt="date-time"),
+        "completionTime": string("When it finished.", fmt="date-time"),
+        "durationSeconds": number("Wall time from start to completion.", minimum=0),
+        "message": string("Why the evaluation failed, when it did.", max_length=32_768),
+    },
+)
+
+SWEEP_TRIAL = obj(
+    "One rank's trial.",
+    {
+        "rank": integer("LoRA rank.", minimum=1),
+        "alpha": integer("LoRA alpha used.", minimum=1),
+        "job": string("The trial's PyTorchJob.", max_length=253),
+        "state": string("Queued (waiting for a free slot), Pending (created), Running, Succeeded or Failed.",
+                        enum=list(TRIAL_STATES)),
+        "metric": number("The sweep metric on the holdout."),
+        "metrics": _METRICS,
+        "durationSeconds": number("Wall time from start to completion.", minimum=0),
+        "startTime": string("When the trial started.", fmt="date-time"),
+        "completionTime": string("When it finished.", fmt="date-time"),
+        "message": string("Why it failed, when it did.", max_length=32_768),
+    },
+    required=["rank", "state"],
+)
+
+
+def _trials() -> dict:
+    schema = array("Trials in rank order.", SWEEP_TRIAL, list_type="map", max_items=16)
+    schema["x-kubernetes-list-map-keys"] = ["rank"]
+    return schema
+
+
+SWEEP_STATUS = obj(
+    "The rank sweep: every trial and the choice.",
+    {
+        "metric": string("Metric that ranks the trials.", max_length=64),
+        "trials": _trials(),
+        "bestRank": integer("The rank chosen for training.", minimum=1),
+        "bestMetric": number("The chosen rank's metric."),
+        "completed": integer("Trials finished (succeeded or failed).", minimum=0),
+        "total": integer("Trials in the sweep.", minimum=0),
+        "summary": string("One line for kubectl get, e.g. '3/4 done, best r8'.", max_length=256),
+    },
+)
+
+FINETUNEJOB_STATUS = obj(
+    "Observed state, written only by the operator.",
+    {
+        "phase": string("Informational summary; use conditions for decisions. Baseline and Sweeping come "
+                        "before training when configured; Skipped means the base model met the target.",
+                        enum=list(FINETUNEJOB_PHASES)),
+        "observedGeneration": integer("The generation the operator last acted on.", minimum=0),
+        "lastUpdateTime": LAST_UPDATE_TIME,
+        "conditions": conditions(),
+        "method": string("Method in use.", max_length=32),
+        "rank": integer("LoRA rank in use.", minimum=0),
+        "trainingJob": obj(
+            "The PyTorchJob running the training.",
+            {
+                "name": string("Name of the PyTorchJob.", max_length=253),
+                "configMap": string("Name of the job config ConfigMap.", max_length=253),
+                "generation": integer("Spec generation the training job was created from.", minimum=0),
+            },
+        ),
+        "startTime": string("When training started.", fmt="date-time"),
+        "completionTime": string("When the job finished (succeeded or failed).", fmt="date-time"),
+        "attempts": integer("Training pod launches of the Master replica (1 + retries).", minimum=0),
+        "replicas": {
+            "type": "object",
+            "description": "Pod counts per replica type (Master, Worker).",
+            "additionalProperties": REPLICA_STATUS,
+        },
+        "progress": obj(
+            "Training progress reported by the trainer (through progress.json in the job's storage prefix).",
+            {
+                "stage": string("What the trainer is doing: validating, loading, baseline, training, evaluating, "
+                                "publishing, done.", max_length=256),
+                "step": integer("Optimizer step.", minimum=0),
+                "totalSteps": integer("Planned optimizer steps.", minimum=0),
+                "epoch": number("Fractional epoch."),
+                "percent": integer("Percent of planned steps done.", minimum=0, maximum=100),
+                "trainLoss": number("Latest training loss."),
+                "evalLoss": number("Latest evaluation loss."),
+                "accuracy": number("Latest evaluation accuracy (classification)."),
+                "macroF1": number("Latest evaluation macro-F1 (classification)."),
+                "perplexity": number("Latest evaluation perplexity (causal LM)."),
+                "tokensPerSecond": number("Training throughput."),
+                "etaSeconds": integer("Estimated seconds to finish.", minimum=0),
+                "updateTime": string("When the trainer reported this.", fmt="date-time"),
+            },
+        ),
+        "adapter": obj(
+            "The published adapter, recorded only after its manifest was read and verified.",
+            {
+                "uri": string("Content-addressed location of the adapter files.", max_length=2048),
+                "manifestUri": string("Location of manifest.json.", max_length=2048),
+                "digest": string("sha256:HEX over the manifest's file list.", max_length=80),
+                "sizeBytes": integer("Total size of the adapter files.", minimum=0),
+                "metrics": _METRICS,
+                "baselineMetrics": _METRICS,
+                "publishTime": string("When the manifest was written.", fmt="date-time"),
+            },
+        ),
+        "baseline": BASELINE_STATUS,
+        "sweep": SWEEP_STATUS,
+        "failure": obj(
+            "Why the job failed.",
+            {
+                "reason": string("CamelCase reason.", max_length=1024),
+                "message": string("Detail.", max_length=32_768),
+            },
+        ),
+    },
+)
+
+FINETUNEJOB_PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri", "priority": 1},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
+    {"name": "Baseline", "type": "string", "jsonPath": ".status.baseline.summary",
+     "description": "The base model's score against the target"},
+    {"name": "Sweep", "type": "string", "jsonPath": ".status.sweep.summary",
+     "description": "Rank sweep progress and choice"},
+    {"name": "Rank", "type": "integer", "jsonPath": ".status.rank"},
+    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
+     "description": "Percent of planned steps done"},
+    {"name": "Eval Loss", "type": "number", "jsonPath": ".status.progress.evalLoss"},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.failure.reason",
+     "description": "Why the job failed (docs/troubleshooting.md)"},
+    {"name": "Adapter", "type": "string", "jsonPath": ".status.adapter.digest", "priority": 1,
+     "description": "Digest of the published adapter"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
