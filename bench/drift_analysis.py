@@ -16,18 +16,18 @@ text: what the operator reads from storage.
 Timed, per window of `--window` requests (runs alternate between in-scope-only windows and windows with half
 out-of-scope requests, each a seeded draw from the scored pool):
 
-- **without embeddings**: parse (`json.loads` of every line + `drift.observations`) and `drift.analyse` with
+- **without embeddings**: parse (`json.loads` of every line + `stats.observations`) and `stats.analyse` with
   no embeddings (confidence, entropy KS, input length, OOV);
 - **with embeddings, over HTTP**: the same, plus the window's texts embedded by the engine's `/v1/embeddings`
-  through the operator's `EmbeddingClient` (batches of 256), and `drift.analyse` with them (centroid cosine,
+  through the operator's `EmbeddingClient` (batches of 256), and `stats.analyse` with them (centroid cosine,
   MMD^2 against the holdout's embeddings);
 - **with embeddings, in-process**: the same with the engine's encoder (`kubetune_engine.embeddings`) in this
   process (`torch.set_num_threads(--engine-threads)`) instead of HTTP: what a co-located encoder would cost.
 
-Once per adapter (and window size): embedding the holdout texts over HTTP, `drift.build_reference`, and
-`drift.calibrate` (`--bootstraps` null windows of the window size). Also (not in --smoke) the same two at the
+Once per adapter (and window size): embedding the holdout texts over HTTP, `stats.build_reference`, and
+`stats.calibrate` (`--bootstraps` null windows of the window size). Also (not in --smoke) the same two at the
 reference's size limits: 5,000 holdout values (the profile keeps at most that many) and 2,000 embeddings
-(`drift.MAX_EMBEDDINGS`), made by resampling the real holdout (the cost depends on the sizes, not the values).
+(`stats.MAX_EMBEDDINGS`), made by resampling the real holdout (the cost depends on the sizes, not the values).
 
 The median over runs is reported, and the ratio with / without embeddings. CPU timings on a shared 2-core
 machine are noisy: the 1-minute load average is recorded before and after.
@@ -60,10 +60,10 @@ for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image"):
         sys.path.insert(0, str(_src))
 
 from common import free_port, load_average, minilm_dir  # noqa: E402  (bench/, on sys.path)
+from kubetune import stats  # noqa: E402
 from kubetune.api import jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
 from kubetune.clients.embeddings import EmbeddingClient  # noqa: E402
-from kubetune.reconcile import drift  # noqa: E402
 
 SHARED = Path(os.environ.get("KUBETUNE_SHARED", REPO_ROOT.parent / "shared"))
 NS, ADAPTER = "team-a", "intents"
@@ -228,8 +228,8 @@ def sample_lines(engine: Engine, version: str, texts: list[str]) -> list[str]:
 # --- the timed part -----------------------------------------------------------------------------------------
 
 
-def parse(jsonl: str) -> list[drift.Observation]:
-    return [o for line in jsonl.splitlines() if line for o in drift.observations(json.loads(line))]
+def parse(jsonl: str) -> list[stats.Observation]:
+    return [o for line in jsonl.splitlines() if line for o in stats.observations(json.loads(line))]
 
 
 def timed(fn, *args):
@@ -239,12 +239,12 @@ def timed(fn, *args):
 
 
 def run_window(jsonl: str, reference: dict, calibration: dict, client: EmbeddingClient, encoder,
-               thresholds: drift.Thresholds) -> dict:
+               thresholds: stats.Thresholds) -> dict:
     window, parse_s = timed(parse, jsonl)
-    plain, analyse_s = timed(drift.analyse, reference, calibration, window, None, thresholds)
+    plain, analyse_s = timed(stats.analyse, reference, calibration, window, None, thresholds)
     texts = [o.text for o in window]
     http_vectors, embed_http_s = timed(client.embed, texts)
-    with_http, analyse_embedding_s = timed(drift.analyse, reference, calibration, window, http_vectors, thresholds)
+    with_http, analyse_embedding_s = timed(stats.analyse, reference, calibration, window, http_vectors, thresholds)
     assert plain["triggers"] == with_http["triggers"]  # embeddings add diagnostics, never change triggers
     result = {
         "requests": len(window), "drifted": with_http["drifted"], "summary": with_http["summary"],
@@ -255,28 +255,28 @@ def run_window(jsonl: str, reference: dict, calibration: dict, client: Embedding
     }
     if encoder is not None:
         local, embed_local_s = timed(encoder.embed, texts)
-        with_local = drift.analyse(reference, calibration, window, local.vectors, thresholds)
+        with_local = stats.analyse(reference, calibration, window, local.vectors, thresholds)
         assert with_local["drifted"] == with_http["drifted"]
         result.update(embed_inprocess_s=embed_local_s, with_inprocess_s=parse_s + embed_local_s + analyse_embedding_s)
     return result
 
 
 def at_limits(profile: dict, texts: list[str], vectors: list[list[float]], size: int,
-              thresholds: drift.Thresholds) -> dict:
+              thresholds: stats.Thresholds) -> dict:
     """build_reference + calibrate for the largest reference: 5,000 holdout values, 2,000 embeddings."""
     rng = random.Random(7)
-    picks = [rng.randrange(len(vectors)) for _ in range(drift.MAX_EMBEDDINGS)]
+    picks = [rng.randrange(len(vectors)) for _ in range(stats.MAX_EMBEDDINGS)]
     noisy = [[x + rng.gauss(0, 0.01) for x in vectors[i]] for i in picks]
     values = [rng.randrange(profile["holdoutSize"]) for _ in range(5000)]
     big = {**profile, "confidence": {"values": [profile["confidence"]["values"][i] for i in values]},
            "entropy": {"values": [profile["entropy"]["values"][i] for i in values]}}
-    reference, reference_s = timed(drift.build_reference, big, [texts[i % len(texts)] for i in values], noisy)
-    calibration, calibrate_s = timed(drift.calibrate, reference, size, thresholds, 0)
-    window = [drift.Observation(texts[i % len(texts)], big["confidence"]["values"][i], big["entropy"]["values"][i])
+    reference, reference_s = timed(stats.build_reference, big, [texts[i % len(texts)] for i in values], noisy)
+    calibration, calibrate_s = timed(stats.calibrate, reference, size, thresholds, 0)
+    window = [stats.Observation(texts[i % len(texts)], big["confidence"]["values"][i], big["entropy"]["values"][i])
               for i in range(size)]
     window_vectors = [noisy[i % len(noisy)] for i in range(size)]
-    _, analyse_s = timed(drift.analyse, reference, calibration, window, window_vectors, thresholds)
-    return {"values": 5000, "embeddings": drift.MAX_EMBEDDINGS, "build_reference_s": round(reference_s, 3),
+    _, analyse_s = timed(stats.analyse, reference, calibration, window, window_vectors, thresholds)
+    return {"values": 5000, "embeddings": stats.MAX_EMBEDDINGS, "build_reference_s": round(reference_s, 3),
             "calibrate_s": round(calibrate_s, 3), "analyse_embeddings_s": round(analyse_s, 3),
             "reference_json_bytes": len(json.dumps(reference))}
 
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else DEFAULTS
     size, runs = args.window or sizes["window"], args.runs or sizes["runs"]
-    thresholds = drift.Thresholds(bootstraps=args.bootstraps)
+    thresholds = stats.Thresholds(bootstraps=args.bootstraps)
     load_before = load_average()
     print(f"drift analysis bench: windows of {size}, {runs} runs, {os.cpu_count()} CPUs, load average {load_before}",
           flush=True)
@@ -342,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
 
             holdout_texts = [row["text"] for row in data["validation"]]
             holdout_vectors, embed_holdout_s = timed(client.embed, holdout_texts)
-            reference, reference_s = timed(drift.build_reference, profile, holdout_texts, holdout_vectors)
-            calibration, calibrate_s = timed(drift.calibrate, reference, size, thresholds, 0)
+            reference, reference_s = timed(stats.build_reference, profile, holdout_texts, holdout_vectors)
+            calibration, calibrate_s = timed(stats.calibrate, reference, size, thresholds, 0)
             one_off = {"embed_holdout_http_s": round(embed_holdout_s, 4), "build_reference_s": round(reference_s, 4),
                        "calibrate_s": round(calibrate_s, 4), "holdout": len(holdout_texts),
                        "reference_json_bytes": len(json.dumps(reference)),

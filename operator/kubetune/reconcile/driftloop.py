@@ -12,7 +12,7 @@ starts, whether its candidate is promoted, and which source an alias then serves
 
 Everything the loop remembers lives in `status.adapters[].drift` (decisions, history) and in storage
 (the open window's observations, closed windows); nothing in memory. The statistics themselves
-(calibration, tests) are in `reconcile.drift`; this module only sees their verdicts.
+(calibration, tests) are in `kubetune.stats`; this module only sees their verdicts.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class RetrainJob:
 class Observed:
     now: str
     version: str | None  # the stable version served now (the windows watch it); None: nothing served yet
-    verdicts: tuple = ()  # windows closed since the last pass, oldest first (reconcile.drift.analyse + index/endTime)
+    verdicts: tuple = ()  # windows closed since the last pass, oldest first (kubetune.stats.analyse + index/endTime)
     open_window: dict | None = None  # {index, requests, startTime}
     problem: tuple[str, str] | None = None  # (reason, message): the analysis could not run this pass
     retrain_jobs: tuple = ()  # RetrainJob, this adapter's
