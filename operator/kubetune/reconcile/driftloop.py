@@ -128,9 +128,6 @@ class _Pass:
             self.plan.events.append(Event(type_, reason, f"{self.alias}: {message}"))
         self.state["lastDecision"] = {"time": self.now, "reason": reason, "message": message}
 
-    def event(self, type_: str, reason: str, message: str) -> None:
-        self.plan.events.append(Event(type_, reason, f"{self.alias}: {message}"))
-
 
 def decide(adep: dict, adapter: dict, previous: dict | None, observed: Observed) -> Plan:
     """The next drift status of one adapter, its Events, and whether to start a retrain now."""
@@ -180,9 +177,9 @@ def _judge_windows(step: _Pass, guard: dict, verdicts: tuple) -> None:
             if bad >= guard["triggerWindows"]:
                 state["drifted"], state["cleanStreak"] = True, 0
                 state["driftedSince"] = now
-                step.event("Warning", "DriftDetected",
-                           f"{bad} of the last {len(recent)} windows show harm "
-                           f"(guard: {guard['triggerWindows']} of {guard['ofWindows']}): {windows[-1]['summary']}")
+                step.plan.events.append(Event(
+                    "Warning", "DriftDetected", f"{step.alias}: {bad} of the last {len(recent)} windows show harm "
+                    f"(guard: {guard['triggerWindows']} of {guard['ofWindows']}): {windows[-1]['summary']}"))
         elif windows[-1]["drifted"]:
             state["cleanStreak"] = 0
         else:
@@ -190,8 +187,9 @@ def _judge_windows(step: _Pass, guard: dict, verdicts: tuple) -> None:
             if state["cleanStreak"] >= guard["clearWindows"]:
                 state["drifted"] = False
                 state.pop("driftedSince", None)
-                step.event("Normal", "DriftCleared",
-                           f"{state['cleanStreak']} clean windows in a row (guard: {guard['clearWindows']})")
+                step.plan.events.append(Event(
+                    "Normal", "DriftCleared",
+                    f"{step.alias}: {state['cleanStreak']} clean windows in a row (guard: {guard['clearWindows']})"))
     state["windows"] = windows[-max(WINDOWS_KEPT, guard["ofWindows"]):]
 
 
