@@ -2,33 +2,7 @@
 
     .venv/bin/python bench/scale.py --sizes 100 300 1000 --out /tmp/scale.json   # several minutes
     .venv/bin/python bench/scale.py --sizes 5 --settle 1 --out /tmp/scale.json  # smoke, < 30 s
-
-Per size, in a fresh cluster: the KMock emulator (`kubetune_testing.emulator`, served over HTTP by
-kmock.Server in this process), `kubetune operator --all-namespaces` as its own process (what the chart's
-Deployment runs, logged in through a kubeconfig), and one SeaweedFS S3 server shared by all sizes (the
-FineTuneJobs' `spec.output`; the operator reads each running job's progress.json from it; nothing is ever
-published, so every read is a 404). Objects are spread over `--namespaces` namespaces (each with the
-`s3-creds` Secret the jobs name) and created as fast as a client can (`--concurrency` POSTs in flight,
-like many `kubectl apply`). AdapterDeployment i serves FineTuneJob i's adapter (`fineTuneJobRef`); no job
-ever publishes one, so its sources stay FineTuneJobNotReady while the operator still renders its
-children (desired-state ConfigMap, ServiceAccount, Role, RoleBinding, Deployment, Service): no S3 read.
-
-Measured per size:
-- converge_s: from the first create until every FineTuneJob has its PyTorchJob and every AdapterDeployment
-  its Deployment and desired ConfigMap (child creations are timed inside the emulator, no polling);
-- per-object latency (emulator side): the parent's POST arriving -> its child's POST answered, p50/p99;
-- reconcile pass duration p50/p99 from the operator's own histograms (`/metrics`,
-  kubetune_{finetunejob,adapterdeployment}_reconcile_seconds, interpolated in buckets as Prometheus'
-  histogram_quantile does) and the number of passes;
-- the operator's RSS: idle before the creates, VmHWM (peak), and after convergence; its CPU seconds;
-- API requests the emulator handled from the first create to convergence, per object and by verb;
-- then `--settle` seconds more: the steady load of the per-object timers (requests/s, operator CPU share).
-Also checked: exactly one PyTorchJob per FineTuneJob, the operator alive, ERROR lines in its log.
-
-One process (this one) runs the emulator and the client on one event loop; the operator another; on a
-2-core machine they compete for the cores, so absolute figures are noisy: the load average is recorded.
-Exits 1 when a size does not converge within `--timeout`.
-"""
+Exits 1 when a size does not converge within `--timeout`. What is measured: BENCHMARKS.md ("Scale")."""
 
 from __future__ import annotations
 
