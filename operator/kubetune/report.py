@@ -341,7 +341,7 @@ def _draw_markers(axes, markers: list[dict], label_axis=None) -> None:
 
 
 def drift_chart(windows: list[dict], path: Path, markers: list[dict] = (), title: str = "") -> Path | str:
-    """Per closed drift window (the verdicts of reconcile.drift.analyse): mean confidence against its
+    """Per closed drift window (the verdicts of kubetune.stats.analyse): mean confidence against its
     threshold, and the KS statistic against its threshold; drifted windows in red; retrain start,
     promotion and rejection as vertical lines."""
     rows = []

@@ -1,4 +1,4 @@
-"""Drift detection (kubetune.reconcile.drift) on real data: a MiniLM LoRA intent classifier trained by the
+"""Drift detection (kubetune.stats) on real data: a MiniLM LoRA intent classifier trained by the
 real trainer on 10 CLINC150 intents, its published drift profile as the reference, traffic scored by the
 CPU engine's own model code and embedded by its `/v1/embeddings` encoder, windows of 100 requests with the
 default thresholds (3 sigma, p 0.01, 500 bootstraps).
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from kubetune import stats
 from kubetune.api import serving
-from kubetune.reconcile import drift
 from tests.conftest import shared_file
 from tests.trainer.conftest import adapter_dir, make_config, run_in_process
 from tests.trainer.test_minilm_clinc import TRAIN_PER_INTENT, clinc_subset, minilm_dir, minilm_spec
@@ -33,7 +33,7 @@ from tests.trainer.test_minilm_clinc import TRAIN_PER_INTENT, clinc_subset, mini
 WINDOW = 100
 WINDOWS = 3  # of each kind of traffic
 VERSION = "team-a/intents@0123456789ab"
-THRESHOLDS = drift.Thresholds()
+THRESHOLDS = stats.Thresholds()
 
 
 @dataclass
@@ -119,9 +119,9 @@ def _clinc(root: Path) -> Clinc:
     data = json.loads(shared_file("datasets", "clinc150", "data_full.json").read_text())
     holdout = [json.loads(line) for line in validation_path.read_text().splitlines()]
     holdout_scored = score([row["text"] for row in holdout])
-    reference = drift.build_reference(manifest["driftProfile"], [row["text"] for row in holdout],
+    reference = stats.build_reference(manifest["driftProfile"], [row["text"] for row in holdout],
                                       holdout_scored.embeddings)
-    calibration = drift.calibrate(reference, WINDOW, THRESHOLDS, seed=0)
+    calibration = stats.calibrate(reference, WINDOW, THRESHOLDS, seed=0)
 
     in_scope = [text for text, intent in data["test"] if intent in intents]  # grouped by intent: shuffle
     random.Random(0).shuffle(in_scope)
@@ -141,10 +141,10 @@ def _clinc(root: Path) -> Clinc:
                  score(in_scope[:WINDOWS * WINDOW]), score(out_of_scope), score(narrowing), narrow)
 
 
-def analyse(clinc: Clinc, scored: Scored, thresholds: drift.Thresholds = THRESHOLDS) -> dict:
-    window = [o for record in scored.records for o in drift.observations(record)]
+def analyse(clinc: Clinc, scored: Scored, thresholds: stats.Thresholds = THRESHOLDS) -> dict:
+    window = [o for record in scored.records for o in stats.observations(record)]
     assert len(window) == len(scored.records)
-    return drift.analyse(clinc.reference, clinc.calibration, window, scored.embeddings, thresholds)
+    return stats.analyse(clinc.reference, clinc.calibration, window, scored.embeddings, thresholds)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def _print(clinc: Clinc, found: dict[str, list[dict]]) -> None:
 def test_the_engine_scores_the_holdout_as_the_trainer_profiled_it(clinc):
     """The reference and the traffic are measured alike: the engine's answers on the validation rows give
     the confidences and entropies the trainer put in the drift profile (same order)."""
-    observed = [o for record in clinc.holdout_scored.records for o in drift.observations(record)]
+    observed = [o for record in clinc.holdout_scored.records for o in stats.observations(record)]
     profile = clinc.manifest["driftProfile"]
     assert [o.confidence for o in observed] == pytest.approx(profile["confidence"]["values"], abs=1e-4)
     assert [o.entropy for o in observed] == pytest.approx(profile["entropy"]["values"], abs=1e-4)
@@ -211,13 +211,13 @@ def test_narrowing_to_two_intents_is_a_diagnostic_not_drift(clinc, results):
     assert not any(t["fired"] for t in result["triggers"].values()), result["summary"]
     assert not result["drifted"]
     # configured as a trigger, the same window counts
-    configured = analyse(clinc, clinc.narrowing, drift.Thresholds(trigger_on_diagnostics=("embedding",)))
+    configured = analyse(clinc, clinc.narrowing, stats.Thresholds(trigger_on_diagnostics=("embedding",)))
     assert configured["drifted"] and "embedding (trigger)" in configured["summary"]
 
 
 def test_reference_and_calibration_survive_storage(clinc, results):
     reference, calibration = (json.loads(json.dumps(d)) for d in (clinc.reference, clinc.calibration))
-    window = [o for record in clinc.out_of_scope.window().records for o in drift.observations(record)]
-    stored = drift.analyse(reference, calibration, window, clinc.out_of_scope.window().embeddings, THRESHOLDS)
+    window = [o for record in clinc.out_of_scope.window().records for o in stats.observations(record)]
+    stored = stats.analyse(reference, calibration, window, clinc.out_of_scope.window().embeddings, THRESHOLDS)
     assert stored == results["out-of-scope"][0]
     assert len(json.dumps(reference)) < 5_000_000

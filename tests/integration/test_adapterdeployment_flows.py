@@ -12,9 +12,10 @@ from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
 from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS, PODS, ROLES, SERVICES
 from kubetune.reconcile import conditions as cond
-from tests.factories import adapterdeployment
+from kubetune_testing.factories import adapterdeployment
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+from .conftest import NS, eventually
 
 pytestmark = pytest.mark.integration
 BASE = {"uri": "hf://meta-llama/Llama-2-7b-hf", "revision": "main"}

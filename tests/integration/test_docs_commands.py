@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from kubetune_testing.kubectl import admission
+
 from .docs_commands import REPO, RUN_BY, DocCommand, all_commands, documents, extract, how
-from .kubectl import admission
 
 pytestmark = pytest.mark.integration
 

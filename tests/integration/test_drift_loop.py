@@ -19,11 +19,12 @@ from kubetune.clients import kube
 from kubetune.controllers import adapterdeployment as adep_controller
 from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS
 from kubetune.reconcile import driftloop
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from tests.conftest import shared_file
 from tests.trainer.conftest import make_config, run_in_process
 from tests.trainer.test_minilm_clinc import clinc_subset, minilm_dir, minilm_spec
 
-from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+from .conftest import NS, eventually
 from .test_adapterdeployment_flows import agent_pods, agents_sync
 from .test_trainer_in_cluster import finish, start_trainer
 

@@ -37,10 +37,11 @@ from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMEN
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import training as render
-from tests.factories import adapterdeployment, finetunejob
+from kubetune_testing.emulator import EXEMPT_HEADER, Faults
+from kubetune_testing.factories import adapterdeployment, finetunejob
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, Api, Operator
-from .emulator import EXEMPT_HEADER, Faults
+from .conftest import NS, Api, Operator
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,10 @@ from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
 from kubetune.controllers import finetunejob as ftj_controller
 from kubetune.reconcile import conditions as cond
-from tests.factories import finetunejob
+from kubetune_testing.factories import finetunejob
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+from .conftest import NS, eventually
 
 pytestmark = pytest.mark.integration
 

@@ -25,9 +25,10 @@ from kubetune.controllers.adapterdeployment import (
     SERVICES,
 )
 from kubetune.render import gitops
-from tests.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, adapterdeployment, finetunejob
+from kubetune_testing.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, adapterdeployment, finetunejob
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+from .conftest import NS, eventually
 
 pytestmark = pytest.mark.integration
 

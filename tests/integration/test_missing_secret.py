@@ -12,9 +12,10 @@ from kubetune.api import storage_layout
 from kubetune.clients import kube
 from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS
 from kubetune.reconcile import conditions as cond
-from tests.factories import adapterdeployment, finetunejob
+from kubetune_testing.factories import adapterdeployment, finetunejob
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+from .conftest import NS, eventually
 from .test_secret_hygiene import publish
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,11 @@ import pytest
 import yaml
 
 from kubetune.clients import kube
-from tests.factories import finetunejob
+from kubetune_testing.factories import finetunejob
+from kubetune_testing.ports import free_port
+from kubetune_testing.seaweedfs import ACCESS_KEY, SECRET_KEY
 
-from .conftest import ACCESS_KEY, SECRET_KEY, _free_port, eventually
+from .conftest import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +52,7 @@ async def test_operator_process(k8s, s3_server, tmp_path, scope):
         "users": [{"name": "operator", "user": {"token": "operator-token"}}],
         "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}],
     }))
-    health, metrics = _free_port(), _free_port()
+    health, metrics = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_server.endpoint}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kubetune.cli", "operator", *scope,

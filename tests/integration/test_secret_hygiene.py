@@ -30,9 +30,10 @@ from kubetune.logs import WIRE_LOGGERS, JsonFormatter, quiet_wire_loggers
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
-from tests.factories import adapterdeployment, finetunejob
+from kubetune_testing.factories import adapterdeployment, finetunejob
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, Operator, eventually
+from .conftest import NS, Operator, eventually
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -18,9 +18,10 @@ from kubetune.api import storage_layout
 from kubetune.clients import kube
 from kubetune.reconcile import conditions as cond
 from kubetune.render import training as render
-from tests.factories import finetunejob
+from kubetune_testing.factories import finetunejob
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from .conftest import ACCESS_KEY, BUCKET, NS, SECRET_KEY, eventually
+from .conftest import NS, eventually
 
 pytestmark = pytest.mark.integration
 

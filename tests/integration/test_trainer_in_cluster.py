@@ -19,9 +19,10 @@ import pytest
 from kubetune.api import jobconfig
 from kubetune.clients import kube
 from kubetune.clients.storage import check_published
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from tests.trainer.conftest import lm_corpus
 
-from .conftest import ACCESS_KEY, BUCKET, SECRET_KEY, eventually
+from .conftest import eventually
 from .test_finetunejob_flows import condition, status_of, submit, wait_phase
 
 pytestmark = pytest.mark.integration

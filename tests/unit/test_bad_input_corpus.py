@@ -4,7 +4,7 @@
   `kubetune validate` must report (`# expect: FIELD.PATH: part of the message`, one line per error). Run
   through the CLI in-process: exit 1, every expected error on its field path, each line readable. The
   API server's view (the structural schema, then the CEL rules on the defaulted object: what
-  `tests/integration/kubectl.py` gives the emulator) refuses the same file on the same path, except the
+  `testing/kubetune_testing/kubectl.py` gives the emulator) refuses the same file on the same path, except the
   files marked `# semantic: true`, which only `kubetune validate` (and the operator) can refuse: the
   API server accepts those, which the test checks too, so the mark cannot go stale.
 - `datasets/*.jsonl` with `datasets/expected.yaml`: malformed training data. Each file goes through
@@ -27,8 +27,8 @@ from kubetune.api import jobconfig
 from kubetune.api import v1alpha1 as api
 from kubetune.api.schema import iter_fields
 from kubetune.api.validation import root_schema, validate
+from kubetune_testing.kubectl import admission
 from kubetune_trainer import data
-from tests.integration.kubectl import admission
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 SPECS = sorted((CORPUS / "specs").glob("*.yaml"))

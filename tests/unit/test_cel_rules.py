@@ -10,7 +10,7 @@ import pytest
 from kubetune.api import v1alpha1 as api
 from kubetune.api.schema import iter_fields
 from kubetune.api.validation import cel_errors, root_schema, validate
-from tests.factories import adapterdeployment, finetunejob, set_path
+from kubetune_testing.factories import adapterdeployment, finetunejob, set_path
 
 F, A = "FineTuneJob", "AdapterDeployment"
 

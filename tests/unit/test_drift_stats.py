@@ -1,4 +1,4 @@
-"""Drift statistics (kubetune.reconcile.drift) on synthetic data: record parsing, calibration, false-positive
+"""Drift statistics (kubetune.stats) on synthetic data: record parsing, calibration, false-positive
 rate on windows from the reference distribution, power on shifted windows, diagnostics vs triggers."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 
+from kubetune import stats
 from kubetune.agent import plan
 from kubetune.api import serving
-from kubetune.reconcile import drift
-from kubetune.reconcile.drift import Observation, Thresholds
+from kubetune.stats import Observation, Thresholds
 
 CLASSES = 10
 DIM = 32
@@ -59,8 +59,8 @@ def world() -> World:
 @pytest.fixture(scope="module")
 def setup(world):
     holdout, vectors = world.sample(150)
-    reference = drift.build_reference(world.profile(holdout), [o.text for o in holdout], vectors)
-    return reference, drift.calibrate(reference, 100, Thresholds(), seed=0)
+    reference = stats.build_reference(world.profile(holdout), [o.text for o in holdout], vectors)
+    return reference, stats.calibrate(reference, 100, Thresholds(), seed=0)
 
 
 # --- observations -------------------------------------------------------------------------------------
@@ -77,16 +77,16 @@ def classified(*rows: list[float]) -> dict:
 
 
 def test_classify_records_give_one_observation_per_input():
-    [one] = drift.observations(record(serving.ENGINE_CLASSIFY, {"model": "ns/a", "input": "hello there"},
+    [one] = stats.observations(record(serving.ENGINE_CLASSIFY, {"model": "ns/a", "input": "hello there"},
                                       classified([0.7, 0.2, 0.1])))
     assert one.text == "hello there" and one.confidence == 0.7
     assert one.entropy == pytest.approx(-(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)), abs=1e-6)
     batch = record(serving.ENGINE_CLASSIFY, {"model": "ns/a", "input": ["a b", "c d"]},
                    classified([0.5, 0.5], [1.0, 0.0]))
-    first, second = drift.observations(batch)
+    first, second = stats.observations(batch)
     assert (first.text, first.confidence, first.entropy) == ("a b", 0.5, pytest.approx(math.log(2), abs=1e-6))
     assert (second.text, second.confidence, second.entropy) == ("c d", 1.0, pytest.approx(0.0, abs=1e-6))
-    assert [o.confidence for o in drift.observations(batch)] == plan.confidences(serving.ENGINE_CLASSIFY,
+    assert [o.confidence for o in stats.observations(batch)] == plan.confidences(serving.ENGINE_CLASSIFY,
                                                                                batch["response"])
 
 
@@ -94,7 +94,7 @@ def test_completion_and_chat_records_use_the_agents_confidence():
     logprobs = [-0.1, -0.5, -2.0]
     completion = record(serving.ENGINE_COMPLETIONS, {"model": "ns/a", "prompt": "tell me", "logprobs": 1},
                         {"choices": [{"index": 0, "text": "x", "logprobs": {"token_logprobs": logprobs}}]})
-    [one] = drift.observations(completion)
+    [one] = stats.observations(completion)
     assert one.text == "tell me" and one.entropy is None
     assert one.confidence == pytest.approx(plan.confidences(serving.ENGINE_COMPLETIONS, completion["response"])[0],
                                            abs=1e-6)
@@ -103,13 +103,13 @@ def test_completion_and_chat_records_use_the_agents_confidence():
         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you"}]},
         {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
                       "logprobs": {"content": [{"token": "ok", "logprob": -0.2}]}}]})
-    [one] = drift.observations(chat)
+    [one] = stats.observations(chat)
     assert one.text == "be brief hi how are you"
     assert one.confidence == pytest.approx(math.exp(-0.2), abs=1e-6)
     # a list of prompts: choice i answers prompt i
     two = record(serving.ENGINE_COMPLETIONS, {"prompt": ["p one", "p two"], "logprobs": 0},
                  {"choices": [{"index": i, "text": "", "logprobs": {"token_logprobs": [-1.0]}} for i in (0, 1)]})
-    assert [o.text for o in drift.observations(two)] == ["p one", "p two"]
+    assert [o.text for o in stats.observations(two)] == ["p one", "p two"]
 
 
 @pytest.mark.parametrize("sample", [
@@ -124,13 +124,13 @@ def test_completion_and_chat_records_use_the_agents_confidence():
     {"status": 200},
 ], ids=["5xx", "4xx", "stream", "no-logprobs", "chat-no-logprobs", "no-probs", "other-path", "truncated"])
 def test_records_without_scores_give_nothing(sample):
-    assert drift.observations(sample) == []
+    assert stats.observations(sample) == []
 
 
 def test_words_are_the_profiles_words():
     from kubetune_trainer import metrics
 
-    assert drift.WORD.pattern == metrics.WORD.pattern
+    assert stats.WORD.pattern == metrics.WORD.pattern
 
 
 def test_thresholds_from_the_spec():
@@ -146,13 +146,13 @@ def test_thresholds_from_the_spec():
 
 def test_calibration_is_deterministic_and_json(world, setup):
     reference, calibration = setup
-    assert drift.calibrate(reference, 100, Thresholds(), seed=0) == calibration
-    assert drift.calibrate(reference, 100, Thresholds(), seed=1) != calibration
+    assert stats.calibrate(reference, 100, Thresholds(), seed=0) == calibration
+    assert stats.calibrate(reference, 100, Thresholds(), seed=1) != calibration
     assert json.loads(json.dumps(reference)) == reference
     assert json.loads(json.dumps(calibration)) == calibration
     window, vectors = world.sample(100)
-    result = drift.analyse(reference, calibration, window, vectors, Thresholds())
-    stored = drift.analyse(json.loads(json.dumps(reference)), json.loads(json.dumps(calibration)), window, vectors,
+    result = stats.analyse(reference, calibration, window, vectors, Thresholds())
+    stored = stats.analyse(json.loads(json.dumps(reference)), json.loads(json.dumps(calibration)), window, vectors,
                            Thresholds())
     assert json.loads(json.dumps(result)) == result == stored
     assert set(result) == {"requests", "windowSize", "kind", "triggers", "diagnostics", "drifted", "summary"}
@@ -166,11 +166,11 @@ def test_calibration_is_deterministic_and_json(world, setup):
 
 def test_thresholds_widen_for_smaller_windows_and_stricter_settings(setup):
     reference, _ = setup
-    small, large = (drift.calibrate(reference, m, Thresholds())["thresholds"] for m in (30, 1000))
+    small, large = (stats.calibrate(reference, m, Thresholds())["thresholds"] for m in (30, 1000))
     assert small["confidence"] < large["confidence"]
     assert small["twoSample"] > large["twoSample"] and small["mmd"] > large["mmd"]
-    strict = drift.calibrate(reference, 100, Thresholds(sigmas=5, p_value=0.001))["thresholds"]
-    loose = drift.calibrate(reference, 100, Thresholds(sigmas=2, p_value=0.1))["thresholds"]
+    strict = stats.calibrate(reference, 100, Thresholds(sigmas=5, p_value=0.001))["thresholds"]
+    loose = stats.calibrate(reference, 100, Thresholds(sigmas=2, p_value=0.1))["thresholds"]
     assert strict["confidence"] < loose["confidence"] and strict["twoSample"] >= loose["twoSample"]
 
 
@@ -187,8 +187,8 @@ def fire_rates(results: list[dict]) -> dict[str, float]:
 def test_windows_from_the_reference_distribution_seldom_fire(world, setup, size, windows):
     reference, calibration = setup
     if size != calibration["windowSize"]:
-        calibration = drift.calibrate(reference, size, Thresholds())
-    results = [drift.analyse(reference, calibration, *world.sample(size), Thresholds()) for _ in range(windows)]
+        calibration = stats.calibrate(reference, size, Thresholds())
+    results = [stats.analyse(reference, calibration, *world.sample(size), Thresholds()) for _ in range(windows)]
     rates = fire_rates(results)
     # p = 0.01 per two-sample test, 3 sigma per mean test: the holdout's own sampling error is part of the
     # null, so a fresh window (not a resample of the holdout) fires at about the nominal rate
@@ -199,17 +199,17 @@ def test_windows_from_the_reference_distribution_seldom_fire(world, setup, size,
 def test_a_less_confident_window_fires_the_triggers(world, setup):
     reference, calibration = setup
     window, vectors = world.sample(100, margin=4.0)
-    result = drift.analyse(reference, calibration, window, vectors, Thresholds())
+    result = stats.analyse(reference, calibration, window, vectors, Thresholds())
     assert result["triggers"]["confidence"]["fired"] and result["triggers"]["entropy"]["fired"], result
     assert result["drifted"]
     assert result["summary"].startswith("drift: confidence ")
     # 30% of the traffic on something the model cannot tell apart: the entropy tail moves
     confident, confident_vectors = world.sample(70)
     lost, lost_vectors = world.sample(30, margin=0.0)
-    mixed = drift.analyse(reference, calibration, confident + lost, confident_vectors + lost_vectors, Thresholds())
+    mixed = stats.analyse(reference, calibration, confident + lost, confident_vectors + lost_vectors, Thresholds())
     assert mixed["triggers"]["entropy"]["fired"] and mixed["drifted"], mixed
     # more confident than the holdout is not harm (one-sided tests)
-    sure = drift.analyse(reference, calibration, *world.sample(100, margin=9.0), Thresholds())
+    sure = stats.analyse(reference, calibration, *world.sample(100, margin=9.0), Thresholds())
     assert not sure["triggers"]["confidence"]["fired"] and not sure["triggers"]["entropy"]["fired"], sure
 
 
@@ -217,7 +217,7 @@ def test_input_drift_is_a_diagnostic_unless_configured(world, setup):
     reference, calibration = setup
     # narrower topics, longer inputs full of unknown words, moved embeddings: the model is as sure as ever
     window, vectors = world.sample(100, topics=[0, 1], words=WORDS[240:], extra_words=6, offset=0.2)
-    result = drift.analyse(reference, calibration, window, vectors, Thresholds())
+    result = stats.analyse(reference, calibration, window, vectors, Thresholds())
     diagnostics = result["diagnostics"]
     assert diagnostics["inputLength"]["fired"] and diagnostics["inputLength"]["z"] > 3
     assert diagnostics["oov"]["fired"] and diagnostics["embedding"]["fired"]
@@ -226,10 +226,10 @@ def test_input_drift_is_a_diagnostic_unless_configured(world, setup):
     assert not result["drifted"]
     assert result["summary"].endswith("diagnostics: inputLength, oov, embedding")
     configured = Thresholds(trigger_on_diagnostics=("oov",))
-    result = drift.analyse(reference, calibration, window, vectors, configured)
+    result = stats.analyse(reference, calibration, window, vectors, configured)
     assert result["drifted"] and "oov (trigger)" in result["summary"]
     # without window embeddings the embedding diagnostic is absent, the rest unchanged
-    assert "embedding" not in drift.analyse(reference, calibration, window, None, Thresholds())["diagnostics"]
+    assert "embedding" not in stats.analyse(reference, calibration, window, None, Thresholds())["diagnostics"]
 
 
 def test_causal_lm_runs_the_two_sample_test_on_token_probabilities(world):
@@ -237,13 +237,13 @@ def test_causal_lm_runs_the_two_sample_test_on_token_probabilities(world):
     holdout = [Observation("say something", float(p), None) for p in rng.beta(8, 2, 200).round(6)]
     profile = world.profile(holdout, kind="causal-lm")
     profile["entropy"] = {"values": rng.gamma(2, 0.5, 200).round(6).tolist()}  # teacher-forced: not comparable
-    reference = drift.build_reference(profile, [o.text for o in holdout], None)
+    reference = stats.build_reference(profile, [o.text for o in holdout], None)
     assert reference["twoSample"]["of"] == "confidence" and reference["twoSample"]["direction"] == "less"
-    calibration = drift.calibrate(reference, 100, Thresholds())
+    calibration = stats.calibrate(reference, 100, Thresholds())
     same = [Observation("say it", float(p), None) for p in rng.beta(8, 2, 100)]
     worse = [Observation("say it", float(p), None) for p in rng.beta(5, 3, 100)]
-    assert not drift.analyse(reference, calibration, same, None, Thresholds())["drifted"]
-    result = drift.analyse(reference, calibration, worse, None, Thresholds())
+    assert not stats.analyse(reference, calibration, same, None, Thresholds())["drifted"]
+    result = stats.analyse(reference, calibration, worse, None, Thresholds())
     assert result["triggers"]["entropy"]["of"] == "confidence" and result["triggers"]["entropy"]["fired"]
     assert "token-probability KS" in result["summary"] and result["drifted"]
     assert "embedding" not in result["diagnostics"]
@@ -251,19 +251,19 @@ def test_causal_lm_runs_the_two_sample_test_on_token_probabilities(world):
 
 def test_leave_one_out_oov_for_holdouts_taken_from_the_training_data():
     vocabulary = {"book": 5, "a": 9, "flight": 1}
-    assert drift.oov_rate("book a flight", vocabulary) == 0.0
-    assert drift.oov_rate("book a flight", vocabulary, leave_one_out=True) == pytest.approx(1 / 3)
-    assert drift.oov_rate("", vocabulary) == 0.0
+    assert stats.oov_rate("book a flight", vocabulary) == 0.0
+    assert stats.oov_rate("book a flight", vocabulary, leave_one_out=True) == pytest.approx(1 / 3)
+    assert stats.oov_rate("", vocabulary) == 0.0
 
 
 def test_edge_cases(setup):
     reference, calibration = setup
-    empty = drift.analyse(reference, calibration, [], None, Thresholds())
+    empty = stats.analyse(reference, calibration, [], None, Thresholds())
     assert empty["requests"] == 0 and not empty["drifted"] and empty["triggers"] == {}
     with pytest.raises(ValueError, match="fewer than 2"):
-        drift.build_reference({"kind": "classification", "confidence": {"values": [0.9]}}, [], None)
+        stats.build_reference({"kind": "classification", "confidence": {"values": [0.9]}}, [], None)
     with pytest.raises(ValueError, match="kind"):
-        drift.build_reference({"kind": "regression", "confidence": {"values": [0.9, 0.8]}}, [], None)
+        stats.build_reference({"kind": "regression", "confidence": {"values": [0.9, 0.8]}}, [], None)
     window = [Observation("w1 w2", 0.9, 0.3)] * 5
     with pytest.raises(ValueError, match="window embeddings"):
-        drift.analyse(reference, calibration, window, [[0.0] * DIM] * 4, Thresholds())
+        stats.analyse(reference, calibration, window, [[0.0] * DIM] * 4, Thresholds())

@@ -11,7 +11,7 @@ from kubetune.agent import plan as agent_plan
 from kubetune.api.validation import validate
 from kubetune.clients import drift_storage
 from kubetune.clients.storage import ObjectStore, S3Settings
-from tests.factories import adapterdeployment
+from kubetune_testing.factories import adapterdeployment
 
 VERSION = "team-a/support-bot@aaaaaaaaaaaa"
 T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)

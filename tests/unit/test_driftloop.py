@@ -7,7 +7,7 @@ import copy
 
 from kubetune.api.validation import validate
 from kubetune.reconcile import driftloop as dl
-from tests.factories import adapterdeployment
+from kubetune_testing.factories import adapterdeployment
 
 T0 = "2026-11-28T12:00:00Z"
 

@@ -19,7 +19,7 @@ from kubetune.reconcile import driftloop as dl
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import gitops
 from kubetune.render import serving as serving_render
-from tests.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, adapterdeployment, finetunejob
+from kubetune_testing.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, adapterdeployment, finetunejob
 
 NOW = "2026-11-28T12:00:00Z"
 

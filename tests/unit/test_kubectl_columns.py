@@ -1,11 +1,11 @@
 """What `kubectl get ftj,adep` shows: the CRDs' printer columns evaluated on realistic objects, as the
-API server's table convertor does (tests/integration/apiserver_views.py; the real kubectl against the
+API server's table convertor does (testing/kubetune_testing/apiserver_views.py; the real kubectl against the
 emulator runs in tests/integration/test_docs_commands.py)."""
 
 from __future__ import annotations
 
 from kubetune.reconcile.adapterdeployment import versions_summary
-from tests.integration import apiserver_views as views
+from kubetune_testing import apiserver_views as views
 
 DIGEST_A = "sha256:" + "1a2b3c4d5e6f" + "0" * 52
 DIGEST_B = "sha256:" + "9f8e7d6c5b4a" + "1" * 52

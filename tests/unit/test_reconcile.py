@@ -7,7 +7,7 @@ import copy
 from kubetune.api.manifest import ManifestCheck, ManifestProblem
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
-from tests.factories import finetunejob
+from kubetune_testing.factories import finetunejob
 
 NOW = "2026-11-28T12:00:00Z"
 SETTINGS = ftj.Settings(publish_timeout_seconds=600)

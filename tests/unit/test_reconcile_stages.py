@@ -15,7 +15,7 @@ from kubetune.api.validation import root_schema, validate
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.render import training as render
-from tests.factories import finetunejob
+from kubetune_testing.factories import finetunejob
 
 NOW = "2026-11-28T12:00:00Z"
 START = "2026-11-28T11:00:00Z"

@@ -13,8 +13,8 @@ import yaml
 from kubetune.api.schema import strict_json_schema
 from kubetune.api.validation import validate
 from kubetune.render import training as render
+from kubetune_testing.factories import finetunejob
 from tests.conftest import shared_file
-from tests.factories import finetunejob
 
 SETTINGS = render.RenderSettings(trainer_image="registry.local/kubetune/trainer:test")
 

@@ -9,7 +9,7 @@ import kubernetes_validate
 from kubetune.api import serving
 from kubetune.api.validation import validate
 from kubetune.render import serving as render
-from tests.factories import adapterdeployment
+from kubetune_testing.factories import adapterdeployment
 
 DESIRED = serving.DesiredState(generation=3, adapters=[serving.AliasState("team-a/support-bot", [
     serving.Version("team-a/support-bot@" + "a" * 12, "sha256:" + "a" * 64, "s3://adapters/x/manifest.json", 100)])])

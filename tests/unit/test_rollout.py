@@ -13,7 +13,7 @@ from kubetune.api.schema import strict_json_schema
 from kubetune.api.validation import root_schema, validate
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import analysis
-from tests.factories import adapterdeployment
+from kubetune_testing.factories import adapterdeployment
 
 NS = "team-a"
 D1, D2, D3 = ("sha256:" + c * 64 for c in "abc")

@@ -9,7 +9,7 @@ from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.reconcile import secrets
 from kubetune.render import training as render
-from tests.factories import finetunejob
+from kubetune_testing.factories import finetunejob
 
 NOW = "2026-11-29T12:00:00Z"
 S3_KEYS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
@@ -116,7 +116,7 @@ def test_secrets_are_read_until_training_starts_and_while_one_is_missing():
 def test_an_adapterdeployment_reports_its_serving_pods_missing_secret_and_recovers():
     from kubetune.api.validation import validate
     from kubetune.reconcile import adapterdeployment as adp
-    from tests.factories import adapterdeployment
+    from kubetune_testing.factories import adapterdeployment
 
     doc = adapterdeployment()
     doc["spec"]["storage"] = {"credentials": {"secretName": "s3-creds"}}

@@ -22,7 +22,7 @@ from kubetune.reconcile import finetunejob as ftj
 from kubetune.reconcile import tenancy
 from kubetune.render import serving as serving_render
 from kubetune.render import training as render
-from tests.factories import adapterdeployment, finetunejob
+from kubetune_testing.factories import adapterdeployment, finetunejob
 from tests.unit.test_chart import find_helm
 
 REPO = Path(__file__).resolve().parents[2]

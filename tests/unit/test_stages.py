@@ -13,7 +13,7 @@ from kubetune.api import jobconfig, storage_layout
 from kubetune.api.validation import validate
 from kubetune.reconcile import stages
 from kubetune.render import training as render
-from tests.factories import finetunejob
+from kubetune_testing.factories import finetunejob
 
 ROOT = "s3://adapters/team-a/team-a/llama-lora/0b7f-uid/"
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

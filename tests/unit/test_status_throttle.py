@@ -10,7 +10,7 @@ import pytest
 
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.reconcile import statuswrite as sw
-from tests.factories import finetunejob
+from kubetune_testing.factories import finetunejob
 
 T0 = "2026-11-28T12:00:00Z"
 T5 = "2026-11-28T12:00:05Z"

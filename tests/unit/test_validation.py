@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kubetune.api.validation import validate
-from tests.factories import finetunejob, set_path
+from kubetune_testing.factories import finetunejob, set_path
 
 
 def errors_of(doc) -> list[str]:
@@ -88,7 +88,7 @@ def test_validation_does_not_modify_its_input():
 # --- AdapterDeployment: the drift retrain template is a FineTuneJob checked at admission ----------------
 
 def _drifting(template_spec: dict) -> dict:
-    from tests.factories import adapterdeployment
+    from kubetune_testing.factories import adapterdeployment
 
     doc = adapterdeployment()
     doc["spec"]["trafficSampling"] = {"rate": 0.2, "uri": "s3://samples/support"}

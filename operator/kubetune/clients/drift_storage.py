@@ -1,7 +1,7 @@
 """The drift loop's I/O: sampled traffic -> windows in storage -> verdicts; labelled data; retrain data;
 and one adapter's whole pass (`drift_pass`), shared by the operator and `kubetune local`.
 
-Blocking storage work (boto3) runs in a thread. The decisions are pure (`reconcile.drift` for the
+Blocking storage work (boto3) runs in a thread. The decisions are pure (`kubetune.stats` for the
 statistics, `reconcile.driftloop` for guards, retrains and the gate); this module reads and writes.
 Where retrain FineTuneJobs live (the cluster, or local runs) is the caller's: it passes them in.
 
@@ -10,7 +10,7 @@ Storage, per adapter (`drift_prefix`), so windows survive operator restarts and 
     <trafficSampling.uri>/_kubetune/drift/<namespace>/<adapterdeployment>/<adapter>/
         state.json                     the watched version, a cursor per pod, the open window's
                                        observations, the labelled objects promoted retrains used
-        windows/<index>.json           each closed window's verdict (reconcile.drift.analyse)
+        windows/<index>.json           each closed window's verdict (kubetune.stats.analyse)
         references/<digest hex>.json   the reference built from the serving adapter's drift profile
         retrains/<job>/train.jsonl, validation.jsonl, original.jsonl, new.jsonl, inputs.json
 """
@@ -24,8 +24,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
+from kubetune import stats
 from kubetune.api.validation import validate
-from kubetune.reconcile import drift as stats
 from kubetune.reconcile import driftloop
 
 from . import storage

@@ -1,18 +1,8 @@
 """The drift loop's decisions (pure): when a window closes, what the guards allow, when a retrain
 starts, whether its candidate is promoted, and which source an alias then serves.
 
-    windows (storage) ──verdicts──▶ guard: k of the last n windows drifted ─▶ Drifted
-                                           m clean windows in a row ───────▶ cleared (hysteresis)
-    Drifted ─▶ retrain allowed? (retrain configured, none in flight for this adapter, cluster cap,
-               cooldown since the last one, budget per period, enough new labelled data)
-            ─▶ FineTuneJob <adapter>-retrain-N (owned by the AdapterDeployment)
-    Succeeded ─▶ gate: beats the serving adapter on the new holdout by more than minImprovement and
-                 loses at most maxRegression on the original holdout ─▶ promoted (served instead of the
-                 spec's source, through the canary strategy) or rejected (numbers recorded)
-
-Everything the loop remembers lives in `status.adapters[].drift` (decisions, history) and in storage
-(the open window's observations, closed windows); nothing in memory. The statistics themselves
-(calibration, tests) are in `reconcile.drift`; this module only sees their verdicts.
+Everything the loop remembers lives in `status.adapters[].drift` and in storage; nothing in memory. The
+statistics are in `kubetune.stats`; this module only sees their verdicts (docs/drift.md, "The loop").
 """
 
 from __future__ import annotations
@@ -54,7 +44,7 @@ class RetrainJob:
 class Observed:
     now: str
     version: str | None  # the stable version served now (the windows watch it); None: nothing served yet
-    verdicts: tuple = ()  # windows closed since the last pass, oldest first (reconcile.drift.analyse + index/endTime)
+    verdicts: tuple = ()  # windows closed since the last pass, oldest first (kubetune.stats.analyse + index/endTime)
     open_window: dict | None = None  # {index, requests, startTime}
     problem: tuple[str, str] | None = None  # (reason, message): the analysis could not run this pass
     retrain_jobs: tuple = ()  # RetrainJob, this adapter's
@@ -121,23 +111,42 @@ def _window_event(verdict: dict, alias: str) -> Event:
     return Event("Normal", "WindowClean", f"{alias}: window {index} ({requests} requests): {summary}")
 
 
-def decide(adep: dict, adapter: dict, previous: dict | None, observed: Observed) -> Plan:
-    """The next drift status of one adapter, its Events, and whether to start a retrain now."""
-    spec = adapter["drift"]
-    guard, retrain = spec["guard"], spec.get("retrain")
-    now = observed.now
-    alias = f"{adep['metadata']['namespace']}/{adapter['name']}"
-    state = copy.deepcopy(previous or {})
-    plan = Plan()
+@dataclass
+class _Pass:
+    """One adapter's pass: the state being decided, the plan it fills, and how Events are named."""
 
-    def decision(type_: str, reason: str, message: str, *, always: bool = False) -> None:
+    state: dict
+    plan: Plan
+    alias: str
+    now: str
+
+    def decision(self, type_: str, reason: str, message: str, *, always: bool = False) -> None:
         """Record a decision; its Event only when it differs from the last one (a pass every few
         seconds must not repeat 'cooling down' forever)."""
-        last = state.get("lastDecision") or {}
+        last = self.state.get("lastDecision") or {}
         if always or last.get("reason") != reason:
-            plan.events.append(Event(type_, reason, f"{alias}: {message}"))
-        state["lastDecision"] = {"time": now, "reason": reason, "message": message}
+            self.plan.events.append(Event(type_, reason, f"{self.alias}: {message}"))
+        self.state["lastDecision"] = {"time": self.now, "reason": reason, "message": message}
 
+
+def decide(adep: dict, adapter: dict, previous: dict | None, observed: Observed) -> Plan:
+    """The next drift status of one adapter, its Events, and whether to start a retrain now."""
+    guard = adapter["drift"]["guard"]
+    alias = f"{adep['metadata']['namespace']}/{adapter['name']}"
+    step = _Pass(copy.deepcopy(previous or {}), Plan(), alias, observed.now)
+    _take_observation(step, observed)
+    _judge_windows(step, guard, observed.verdicts)  # 1. windows -> the guard's drifted state
+    _follow_retrain(step, adapter, observed)  # 2. the retrain in flight: follow it; judge it when it ends
+    if step.state.get("drifted") and step.state.get("retrain") is None:
+        _start_retrain_if_allowed(step, adep, adapter, observed)  # 3. drifted, nothing in flight
+    step.state["state"] = _summary_state(step.state, observed.now, observed, guard["clearWindows"])
+    step.plan.status = step.state
+    return step.plan
+
+
+def _take_observation(step: _Pass, observed: Observed) -> None:
+    """The served version, the open window and this pass's problem, into the state."""
+    state = step.state
     # a new stable version (promoted retrain, new spec source): its own reference, fresh windows
     if state.get("version") != observed.version:
         for key in ("windows", "drifted", "cleanStreak"):
@@ -147,15 +156,18 @@ def decide(adep: dict, adapter: dict, previous: dict | None, observed: Observed)
         state["window"] = observed.open_window
     if observed.problem:
         reason, message = observed.problem
-        decision("Warning", reason, message)
+        step.decision("Warning", reason, message)
         state["problem"] = {"reason": reason, "message": message}
     else:
         state.pop("problem", None)
 
-    # 1. windows -> the guard's drifted state (k of n, hysteresis)
+
+def _judge_windows(step: _Pass, guard: dict, verdicts: tuple) -> None:
+    """Closed windows -> the guard's drifted state: k of the last n drifted, m clean in a row clear it."""
+    state, now = step.state, step.now
     windows = list(state.get("windows") or [])
-    for verdict in observed.verdicts:
-        plan.events.append(_window_event(verdict, alias))
+    for verdict in verdicts:
+        step.plan.events.append(_window_event(verdict, step.alias))
         windows.append({"index": verdict.get("index"), "endTime": verdict.get("endTime", now),
                         "requests": verdict.get("requests"), "drifted": bool(verdict.get("drifted")),
                         "fired": _fired(verdict), "summary": (verdict.get("summary") or "")[:500]})
@@ -165,10 +177,9 @@ def decide(adep: dict, adapter: dict, previous: dict | None, observed: Observed)
             if bad >= guard["triggerWindows"]:
                 state["drifted"], state["cleanStreak"] = True, 0
                 state["driftedSince"] = now
-                plan.events.append(Event("Warning", "DriftDetected",
-                                         f"{alias}: {bad} of the last {len(recent)} windows show harm "
-                                         f"(guard: {guard['triggerWindows']} of {guard['ofWindows']}): "
-                                         f"{windows[-1]['summary']}"))
+                step.plan.events.append(Event(
+                    "Warning", "DriftDetected", f"{step.alias}: {bad} of the last {len(recent)} windows show harm "
+                    f"(guard: {guard['triggerWindows']} of {guard['ofWindows']}): {windows[-1]['summary']}"))
         elif windows[-1]["drifted"]:
             state["cleanStreak"] = 0
         else:
@@ -176,69 +187,76 @@ def decide(adep: dict, adapter: dict, previous: dict | None, observed: Observed)
             if state["cleanStreak"] >= guard["clearWindows"]:
                 state["drifted"] = False
                 state.pop("driftedSince", None)
-                plan.events.append(Event("Normal", "DriftCleared",
-                                         f"{alias}: {state['cleanStreak']} clean windows in a row "
-                                         f"(guard: {guard['clearWindows']})"))
+                step.plan.events.append(Event(
+                    "Normal", "DriftCleared",
+                    f"{step.alias}: {state['cleanStreak']} clean windows in a row (guard: {guard['clearWindows']})"))
     state["windows"] = windows[-max(WINDOWS_KEPT, guard["ofWindows"]):]
 
-    # 2. the retrain in flight: follow it; judge it when it ends
+
+def _follow_retrain(step: _Pass, adapter: dict, observed: Observed) -> None:
+    """Adopt a retrain whose status patch was lost, track its phase, and close it when it ends."""
+    state, now, spec = step.state, step.now, adapter["drift"]
     jobs = {j.name: j for j in observed.retrain_jobs}
     running = [j for j in observed.retrain_jobs if j.phase not in FINISHED]
     current = state.get("retrain")
     if current is None and running:  # created, but the status patch was lost: adopt it
         current = state["retrain"] = {"job": running[0].name, "startTime": now}
-    if current is not None:
-        job = jobs.get(current["job"])
-        if job is None:
-            if seconds_between(current.get("startTime", now), now) > 60:
-                _finish(state, spec, now, {"job": current["job"], "outcome": "Failed", "reason": "RetrainMissing",
-                                           "message": "the retrain FineTuneJob disappeared"})
-                decision("Warning", "RetrainMissing", f"retrain {current['job']} disappeared", always=True)
-        elif job.phase in ("Failed", "Skipped") or (job.phase == "Succeeded" and not job.adapter):
-            reason = "RetrainFailed" if job.phase == "Failed" else "RetrainSkipped"
-            _finish(state, spec, now, {"job": job.name, "outcome": "Failed", "reason": reason,
-                                       "message": job.message[:1000]})
-            decision("Warning", reason, f"retrain {job.name} ended without a candidate: {job.message}", always=True)
-        elif job.phase == "Succeeded" and observed.candidate is not None:
-            verdict = gate(observed.candidate, spec["promotion"], adapter_task(observed.candidate))
-            entry = {"job": job.name, "digest": job.adapter.get("digest"), "outcome":
-                     "Promoted" if verdict.promote else "Rejected", "reason": verdict.reason,
-                     "message": verdict.message, "numbers": verdict.numbers}
-            _finish(state, spec, now, entry)
-            if verdict.promote:
-                state["promoted"] = {"job": job.name, "digest": job.adapter.get("digest"),
-                                     "manifestUri": job.adapter.get("manifestUri"), "time": now,
-                                     "replaces": adapter_source_key(adapter)}
-                # the canary strategy takes it from here; the windows restart on the new version
-                decision("Normal", "CandidatePromoted", f"retrain {job.name} promoted: {verdict.message}",
-                         always=True)
-            else:
-                decision("Warning", "CandidateRejected", f"retrain {job.name} rejected: {verdict.message}",
-                         always=True)
-        else:
-            state["retrain"] = {**current, "phase": job.phase}
+    if current is None:
+        return
+    job = jobs.get(current["job"])
+    if job is None:
+        if seconds_between(current.get("startTime", now), now) > 60:
+            _finish(state, spec, now, {"job": current["job"], "outcome": "Failed", "reason": "RetrainMissing",
+                                       "message": "the retrain FineTuneJob disappeared"})
+            step.decision("Warning", "RetrainMissing", f"retrain {current['job']} disappeared", always=True)
+    elif job.phase in ("Failed", "Skipped") or (job.phase == "Succeeded" and not job.adapter):
+        reason = "RetrainFailed" if job.phase == "Failed" else "RetrainSkipped"
+        _finish(state, spec, now, {"job": job.name, "outcome": "Failed", "reason": reason,
+                                   "message": job.message[:1000]})
+        step.decision("Warning", reason, f"retrain {job.name} ended without a candidate: {job.message}", always=True)
+    elif job.phase == "Succeeded" and observed.candidate is not None:
+        _judge_candidate(step, adapter, job, observed.candidate)
+    else:
+        state["retrain"] = {**current, "phase": job.phase}
 
-    # 3. drifted and nothing in flight: may a retrain start?
-    if state.get("drifted") and state.get("retrain") is None:
-        blocked = _blocked(state, spec, retrain, observed, now)
-        if blocked is not None:
-            decision(blocked[0], blocked[1], blocked[2])
-        else:
-            sequence = int(state.get("sequence", 0)) + 1
-            name = retrain_job_name(adep["metadata"]["name"], adapter["name"], sequence)
-            while name in jobs:  # an earlier retrain kept its name (history trimmed, status restored)
-                sequence += 1
-                name = retrain_job_name(adep["metadata"]["name"], adapter["name"], sequence)
-            state["sequence"] = sequence
-            state["retrain"] = {"job": name, "startTime": now, "newExamples": observed.new_labelled}
-            state["retrainStarts"] = [*_in_period(state, guard, now), now]
-            plan.start_retrain = name
-            decision("Normal", "RetrainStarted", f"drift hurts the model; retraining as FineTuneJob {name} with "
-                                                 f"{observed.new_labelled} new labelled examples", always=True)
 
-    state["state"] = _summary_state(state, now, observed, guard["clearWindows"])
-    plan.status = state
-    return plan
+def _judge_candidate(step: _Pass, adapter: dict, job: RetrainJob, candidate: dict) -> None:
+    """A succeeded retrain's candidate through the gate: promoted (served next) or rejected."""
+    state, now = step.state, step.now
+    verdict = gate(candidate, adapter["drift"]["promotion"], adapter_task(candidate))
+    entry = {"job": job.name, "digest": job.adapter.get("digest"), "outcome":
+             "Promoted" if verdict.promote else "Rejected", "reason": verdict.reason,
+             "message": verdict.message, "numbers": verdict.numbers}
+    _finish(state, adapter["drift"], now, entry)
+    if verdict.promote:
+        state["promoted"] = {"job": job.name, "digest": job.adapter.get("digest"),
+                             "manifestUri": job.adapter.get("manifestUri"), "time": now,
+                             "replaces": adapter_source_key(adapter)}
+        # the canary strategy takes it from here; the windows restart on the new version
+        step.decision("Normal", "CandidatePromoted", f"retrain {job.name} promoted: {verdict.message}", always=True)
+    else:
+        step.decision("Warning", "CandidateRejected", f"retrain {job.name} rejected: {verdict.message}", always=True)
+
+
+def _start_retrain_if_allowed(step: _Pass, adep: dict, adapter: dict, observed: Observed) -> None:
+    """Drifted with nothing in flight: the first guard that holds a retrain back, or a new retrain."""
+    state, now, spec = step.state, step.now, adapter["drift"]
+    blocked = _blocked(state, spec, spec.get("retrain"), observed, now)
+    if blocked is not None:
+        step.decision(blocked[0], blocked[1], blocked[2])
+        return
+    jobs = {j.name for j in observed.retrain_jobs}
+    sequence = int(state.get("sequence", 0)) + 1
+    name = retrain_job_name(adep["metadata"]["name"], adapter["name"], sequence)
+    while name in jobs:  # an earlier retrain kept its name (history trimmed, status restored)
+        sequence += 1
+        name = retrain_job_name(adep["metadata"]["name"], adapter["name"], sequence)
+    state["sequence"] = sequence
+    state["retrain"] = {"job": name, "startTime": now, "newExamples": observed.new_labelled}
+    state["retrainStarts"] = [*_in_period(state, spec["guard"], now), now]
+    step.plan.start_retrain = name
+    step.decision("Normal", "RetrainStarted", f"drift hurts the model; retraining as FineTuneJob {name} with "
+                                              f"{observed.new_labelled} new labelled examples", always=True)
 
 
 def retrain_not_started(status: dict, adapter: dict, alias: str, now: str, reason: str,

@@ -1,6 +1,5 @@
-"""Real kubectl against the emulator: a kubeconfig for it, the API server's admission of kubetune
-objects (the CRD's schema with its defaults, then its CEL rules: exactly what `kubectl apply` of a bad
-spec gets from a cluster), and a runner for kubectl command lines."""
+"""The API server's admission of kubetune objects: the CRD's schema with its defaults, then its CEL
+rules (exactly what `kubectl apply` of a bad spec gets from a cluster)."""
 
 from __future__ import annotations
 

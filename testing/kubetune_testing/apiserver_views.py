@@ -1,11 +1,8 @@
-"""What the Kubernetes API server computes for clients such as kubectl, built from the project's own
-CRDs (crds/, generated from the API definition): server-side printing (Tables from a CRD's
-additionalPrinterColumns), OpenAPI v3 documents (`kubectl explain`, client-side validation),
-field selectors, and the discovery names (short names, categories) of the kubetune kinds.
-
-The emulator (emulator.py) serves these so that real kubectl commands (the README's and docs')
-run against it; the rules follow the API server's: apiextensions-apiserver's tableconvertor for
-CRDs, apimachinery's HumanDuration for ages, the core Events table.
+"""What the Kubernetes API server computes for clients such as kubectl, from the project's CRDs:
+server-side printing (Tables from additionalPrinterColumns), OpenAPI v3 documents (`kubectl explain`,
+client-side validation), field selectors and the kinds' discovery names. The emulator serves them so
+the README's and docs' real kubectl commands run against it; the rules follow the API server's
+(apiextensions-apiserver's tableconvertor, apimachinery's HumanDuration, the core Events table).
 """
 
 from __future__ import annotations

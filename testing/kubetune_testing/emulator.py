@@ -1,10 +1,8 @@
-"""A Kubernetes API emulator for the integration tests: KMock plus the server-side behaviour kopf
-relies on (resourceVersion, uid/generation/creationTimestamp, generateName, status subresource
-semantics, 422 on failed JSON-patch tests, label selectors, race-free watches).
-
-KMock (by kopf's author) serves the real Kubernetes HTTP API in-process; it has no garbage
-collector, no admission and no resourceVersion conflicts on merge patches, so decisions are
-unit-tested as pure functions and this emulator checks the wiring and the flows.
+"""A Kubernetes API emulator for tests and benches: KMock plus the server-side behaviour kopf relies on
+(resourceVersion, uid/generation/creationTimestamp, generateName, status subresource semantics, 422 on
+failed JSON-patch tests, label selectors, race-free watches). KMock has no garbage collector, admission
+or resourceVersion conflicts on merge patches: decisions are unit-tested as pure functions; this checks
+the wiring and the flows.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import yaml
 from kmock._internal import parsing as _kmock_parsing
 from kmock._internal import rendering as _kmock_rendering
 
-from . import apiserver_views as views
+from kubetune_testing import apiserver_views as views
 
 _parse_path = _kmock_parsing.parse_path
 
@@ -157,7 +155,7 @@ class K8sEmulator(kmock.KubernetesEmulator):
     ``status.phase`` history. A client sending ``X-Emulator-Exempt`` (the test itself) is spared.
 
     And what a real ``kubectl`` needs (the docs' commands run against this emulator, see
-    ``tests/integration/kubectl.py``): lists with their ``kind``, ``fieldSelector`` (``kubectl
+    ``tests/integration/test_docs_commands.py``): lists with their ``kind``, ``fieldSelector`` (``kubectl
     describe`` reads a object's Events by ``involvedObject.*``; ``kubectl wait`` watches by
     ``metadata.name``), server-side printing (``as=Table``: a CRD's ``additionalPrinterColumns``
     evaluated as the API server does, a Name/Age table for other kinds, the Events table),
@@ -352,19 +350,59 @@ class K8sEmulator(kmock.KubernetesEmulator):
             request.data.update(defaulted)
 
     # --- request interception ---
+    def _openapi(self, path: str) -> aiohttp.web.Response | None:
+        """The OpenAPI v3 documents kubectl reads (explain, client-side validation); None: not one."""
+        if path == '/openapi/v3':
+            return aiohttp.web.json_response(views.openapi_v3_index(set(self._builtin_kinds())))
+        if path.startswith('/openapi/v3/'):
+            group, _, version = path.removeprefix('/openapi/v3/').removeprefix('apis/').rpartition('/')
+            group = '' if group == 'api' else group
+            document = views.openapi_v3_group(group, version)
+            if document is None and (group, version) in self._builtin_kinds():
+                document = views.openapi_v3_builtin(group, version, self._builtin_kinds()[group, version])
+            if document is not None:
+                return aiohttp.web.json_response(document)
+        return None
+
+    def _stamp(self, request: kmock.Request, rv: str) -> None:
+        """What the API server sets on a write: metadata of a new object, resourceVersion, and the status
+        subresource's split (a status write changes only status; a main write never does)."""
+        data = request.data
+        info = self.resources[request.resource] if request.resource in self.resources else None  # noqa: SIM401
+        has_status = info is not None and 'status' in info.subresources
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault('metadata', {})
+            if not meta.get('name') and meta.get('generateName'):
+                meta['name'] = meta['generateName'] + secrets.token_hex(3)
+            if request.namespace and not meta.get('namespace'):
+                meta['namespace'] = request.namespace
+            meta.setdefault('uid', str(uuid.uuid4()))
+            meta.setdefault('creationTimestamp',
+                            datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ'))
+            meta.setdefault('generation', 1)
+            meta['resourceVersion'] = rv
+        elif request.action == kmock.action.UPDATE and isinstance(data, dict):  # merge-patch
+            if has_status and request.subresource == 'status':
+                for key in [k for k in data if k != 'status']:
+                    del data[key]
+            elif has_status and request.subresource is None:
+                data.pop('status', None)
+            data.setdefault('metadata', {})['resourceVersion'] = rv
+        elif request.action == kmock.action.UPDATE and isinstance(data, list):  # json-patch
+            data.append({'op': 'replace', 'path': '/metadata/resourceVersion', 'value': rv})
+        elif request.action == kmock.action.DELETE and request.name is not None:
+            key = (request.resource, request.namespace, request.name)
+            obj = self.objects[key] if key in self.objects else None  # noqa: SIM401 (kmock views)
+            if obj is not None and not obj.deleted:
+                meta = obj.get('metadata', {})
+                if meta.get('finalizers') and not meta.get('deletionTimestamp'):
+                    obj['metadata']['resourceVersion'] = rv  # in-place; kmock then patches
+
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is None:
-            path = request.url.path
-            if path == '/openapi/v3':
-                return aiohttp.web.json_response(views.openapi_v3_index(set(self._builtin_kinds())))
-            if path.startswith('/openapi/v3/'):
-                group, _, version = path.removeprefix('/openapi/v3/').removeprefix('apis/').rpartition('/')
-                group = '' if group == 'api' else group
-                document = views.openapi_v3_group(group, version)
-                if document is None and (group, version) in self._builtin_kinds():
-                    document = views.openapi_v3_builtin(group, version, self._builtin_kinds()[group, version])
-                if document is not None:
-                    return aiohttp.web.json_response(document)
+            openapi = self._openapi(request.url.path)
+            if openapi is not None:
+                return openapi
             return await super()._handle(request)
         injected = await self._inject(request)
         if injected is not None:
@@ -390,36 +428,7 @@ class K8sEmulator(kmock.KubernetesEmulator):
 
         async with self._write_lock:
             rv = str(self._rv + 1)
-            data = request.data
-            info = self.resources[request.resource] if request.resource in self.resources else None  # noqa: SIM401
-            has_status = info is not None and 'status' in info.subresources
-            if request.action == kmock.action.CREATE and isinstance(data, dict):
-                meta = data.setdefault('metadata', {})
-                if not meta.get('name') and meta.get('generateName'):
-                    meta['name'] = meta['generateName'] + secrets.token_hex(3)
-                if request.namespace and not meta.get('namespace'):
-                    meta['namespace'] = request.namespace
-                meta.setdefault('uid', str(uuid.uuid4()))
-                meta.setdefault('creationTimestamp',
-                                datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ'))
-                meta.setdefault('generation', 1)
-                meta['resourceVersion'] = rv
-            elif request.action == kmock.action.UPDATE and isinstance(data, dict):  # merge-patch
-                if has_status and request.subresource == 'status':
-                    for key in [k for k in data if k != 'status']:
-                        del data[key]
-                elif has_status and request.subresource is None:
-                    data.pop('status', None)
-                data.setdefault('metadata', {})['resourceVersion'] = rv
-            elif request.action == kmock.action.UPDATE and isinstance(data, list):  # json-patch
-                data.append({'op': 'replace', 'path': '/metadata/resourceVersion', 'value': rv})
-            elif request.action == kmock.action.DELETE and request.name is not None:
-                key = (request.resource, request.namespace, request.name)
-                obj = self.objects[key] if key in self.objects else None  # noqa: SIM401 (kmock views)
-                if obj is not None and not obj.deleted:
-                    meta = obj.get('metadata', {})
-                    if meta.get('finalizers') and not meta.get('deletionTimestamp'):
-                        obj['metadata']['resourceVersion'] = rv  # in-place; kmock then patches
+            self._stamp(request, rv)
             target = (request.resource, request.namespace, request.name)
             target_uid = None
             if request.name is not None and target in self.objects and not self.objects[target].deleted:
