@@ -101,8 +101,8 @@ def build(shape: dict, *, device, dtype, gradient_checkpointing: bool, seq: int)
     import torch
     from transformers import LlamaForCausalLM
 
+    from kubetune_testing.tiny import llama_config
     from kubetune_trainer import modeling
-    from kubetune_trainer.tiny import llama_config
 
     config = llama_config(shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
                           intermediate=shape["intermediate"], kv_heads=shape["kv_heads"], max_positions=max(seq, 4096))

@@ -1,0 +1,1 @@
+"""Helpers for kubetune's tests and benchmarks (not shipped in any image)."""
