@@ -7,8 +7,8 @@
 What runs is the trainer's own code: the base model is a randomly initialised `LlamaForCausalLM` of the
 chosen shape (8b: hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab 128256; 1b:
 hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256) in bf16, made ready by
-`kubetune_trainer.modeling.prepare` (gradient checkpointing, non-reentrant, unless turned off; LoRA r=16
-alpha 32 dropout 0.05 on all-linear through `apply_lora`), stepped by the trainer's `Engine` (bf16
+`kubetune_trainer.methods.lora` (gradient checkpointing, non-reentrant, unless turned off; LoRA r=16
+alpha 32 dropout 0.05 on all-linear through `apply_lora`), stepped by the trainer's `StepRunner` (bf16
 autocast, forward, backward, gradient clipping, AdamW over the trainable parameters, LR scheduler), on
 padding-free rows of 2,048 tokens built by `kubetune_trainer.text.packed_batch` from synthetic sequences of
 random lengths (128-1,024 tokens; the last sequence of a row is cut to fill it exactly). W warm-up steps
@@ -103,6 +103,7 @@ def build(shape: dict, *, device, dtype, gradient_checkpointing: bool, seq: int)
 
     from kubetune_testing.tiny import llama_config
     from kubetune_trainer import modeling
+    from kubetune_trainer.methods import METHODS
 
     config = llama_config(shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
                           intermediate=shape["intermediate"], kv_heads=shape["kv_heads"], max_positions=max(seq, 4096))
@@ -112,7 +113,7 @@ def build(shape: dict, *, device, dtype, gradient_checkpointing: bool, seq: int)
     params = sum(p.numel() for p in model.parameters())
     matmul = params - model.get_input_embeddings().weight.numel()
     spec = {"task": "CausalLM", "method": {"type": "LoRA", "lora": dict(LORA)}}
-    model, _ = modeling.prepare(model, spec, gradient_checkpointing=gradient_checkpointing)
+    model, _ = METHODS["LoRA"].prepare(model, spec, gradient_checkpointing=gradient_checkpointing)
     model.to(device)
     trainable, _ = modeling.trainable_parameters(model)
     return model, params, matmul, trainable
@@ -122,14 +123,14 @@ def engine_for(model, *, device, autocast_dtype, lr: float):
     import torch
 
     from kubetune_trainer import distributed
-    from kubetune_trainer.train import Engine
+    from kubetune_trainer.step_runner import StepRunner
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     dist = distributed.DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1,
                                 backend="nccl" if device.type == "cuda" else "gloo", device=device)
-    return Engine(model, optimizer, scheduler, dist, None, 1.0, 1, None, autocast_dtype)
+    return StepRunner(model, optimizer, scheduler, dist, None, 1.0, 1, None, autocast_dtype)
 
 
 def fmt(value: float | None, spec: str) -> str:

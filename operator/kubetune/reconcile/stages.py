@@ -19,6 +19,7 @@ import math
 
 from kubetune.api import jobconfig
 from kubetune.api import v1alpha1 as api
+from kubetune.api.methods import METHODS
 
 QUEUED, PENDING, RUNNING, SUCCEEDED, FAILED = "Queued", "Pending", "Running", "Succeeded", "Failed"
 FINISHED = (SUCCEEDED, FAILED)
@@ -77,7 +78,7 @@ def baseline_summary(metrics: dict, target: dict | None, task: str) -> str:
 
 
 def sweep_requested(spec: dict) -> bool:
-    return bool(spec.get("rankSweep")) and spec["method"]["type"] in ("LoRA", "QLoRA")
+    return bool(spec.get("rankSweep")) and METHODS[spec["method"]["type"]].has_lora_rank
 
 
 def sweep_ranks(spec: dict) -> list[int]:
