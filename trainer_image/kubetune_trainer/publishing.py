@@ -91,9 +91,10 @@ def input_text(fields: dict) -> str:
 
 def publish(run: TrainingRun, final: Evaluation, state_dict: dict | None, evaluations: dict | None) -> dict:
     """Rank 0: save the weights and publish them with the manifest; returns the manifest document."""
+    seconds = run.seconds()  # the run's duration, saving and uploading left out
     adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-", dir=run.work_dir))
     save_weights(run, adapter_dir, state_dict)
-    fields = manifest_fields(run, final)
+    fields = manifest_fields(run, final, seconds)
     if evaluations is not None:  # spec.evaluation: every set scored for this adapter (and the reference)
         fields["evaluations"] = evaluations
     if run.reference is not None:
@@ -104,7 +105,7 @@ def publish(run: TrainingRun, final: Evaluation, state_dict: dict | None, evalua
     return document
 
 
-def manifest_fields(run: TrainingRun, final: Evaluation) -> dict:
+def manifest_fields(run: TrainingRun, final: Evaluation, seconds: float) -> dict:
     import peft
     import transformers
 
@@ -134,7 +135,7 @@ def manifest_fields(run: TrainingRun, final: Evaluation) -> dict:
                      "schedule": run.schedule.__dict__, "paddingFraction": padding, "realTokens": state.real_tokens,
                      "trainSeconds": round(state.train_seconds, 3),
                      "realTokensPerSecond": state.real_tokens / max(state.train_seconds, 1e-9),
-                     "seconds": round(run.seconds(), 1), "history": metrics.bounded_history(state.history)},
+                     "seconds": round(seconds, 1), "history": metrics.bounded_history(state.history)},
         "trainer": {"version": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                     "peft": peft.__version__},
         "driftProfile": profile,
