@@ -2,7 +2,7 @@
 
 Pure on purpose (no torch or deepspeed import): the operator side, the unit tests and `kubetune local`
 build and inspect it without the training stack. What it leaves out, and QLoRA's limits (its method's
-`DeepSpeedLimits`), are explained in docs/training-methods.md.
+`DeepSpeedLimits`), are explained in docs/trainer.md.
 """
 
 from __future__ import annotations

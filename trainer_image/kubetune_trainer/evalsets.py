@@ -2,7 +2,7 @@
 
 Sets are validated strictly (one bad line fails the job before anything is published); the reference
 is an adapter this trainer published, verified file by file before it loads. Pure Python apart from
-`load_reference_model`. The flow and the rules are in docs/training-methods.md.
+`load_reference_model`. The flow and the rules are in docs/trainer.md.
 """
 
 from __future__ import annotations
