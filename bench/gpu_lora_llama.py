@@ -78,8 +78,9 @@ def build(shape: dict, *, device, dtype, gradient_checkpointing: bool, seq: int)
     import torch
     from transformers import LlamaForCausalLM
 
+    from kubetune_testing.tiny import llama_config
     from kubetune_trainer import modeling
-    from kubetune_trainer.tiny import llama_config
+    from kubetune_trainer.methods import METHODS
 
     config = llama_config(shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
                           intermediate=shape["intermediate"], kv_heads=shape["kv_heads"], max_positions=max(seq, 4096))
@@ -89,7 +90,7 @@ def build(shape: dict, *, device, dtype, gradient_checkpointing: bool, seq: int)
     params = sum(p.numel() for p in model.parameters())
     matmul = params - model.get_input_embeddings().weight.numel()
     spec = {"task": "CausalLM", "method": {"type": "LoRA", "lora": dict(LORA)}}
-    model, _ = modeling.prepare(model, spec, gradient_checkpointing=gradient_checkpointing)
+    model, _ = METHODS["LoRA"].prepare(model, spec, gradient_checkpointing=gradient_checkpointing)
     model.to(device)
     trainable, _ = modeling.trainable_parameters(model)
     return model, params, matmul, trainable
@@ -99,14 +100,14 @@ def engine_for(model, *, device, autocast_dtype, lr: float):
     import torch
 
     from kubetune_trainer import distributed
-    from kubetune_trainer.train import Engine
+    from kubetune_trainer.step_runner import StepRunner
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     dist = distributed.DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1,
                                 backend="nccl" if device.type == "cuda" else "gloo", device=device)
-    return Engine(model, optimizer, scheduler, dist, None, 1.0, 1, None, autocast_dtype)
+    return StepRunner(model, optimizer, scheduler, dist, None, 1.0, 1, None, autocast_dtype)
 
 
 def fmt(value: float | None, spec: str) -> str:

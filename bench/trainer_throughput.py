@@ -5,7 +5,7 @@
 
 What is measured: *effective tokens per second* = non-padding tokens that went through training (forward,
 backward, optimizer) per second of training time. Both pipelines run in this one process, on the same
-randomly initialised Llama (built offline with `kubetune_trainer.tiny`, a word-level tokenizer trained on
+randomly initialised Llama (built offline with `kubetune_testing.tiny`, a word-level tokenizer trained on
 the CLINC150 texts, saved to a temp dir and loaded from there by both), the same CLINC150 prompt-completion
 pairs (utterance -> intent name), LoRA r=16 alpha 32 on q_proj,v_proj, FP32, no gradient checkpointing, the
 same per-device batch (examples per optimizer step) and the same number of optimizer steps.
@@ -82,12 +82,12 @@ def load_pairs(n: int, seed: int) -> tuple[list[dict], list[str]]:
 
 def build_model(directory: Path, texts: list[str], *, hidden: int, layers: int, heads: int, intermediate: int,
                 seed: int) -> dict:
-    """A random Llama + word-level tokenizer saved to `directory` (offline; `kubetune_trainer.tiny`)."""
+    """A random Llama + word-level tokenizer saved to `directory` (offline; `kubetune_testing.tiny`)."""
     import torch
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from kubetune_trainer.tiny import llama_config, make_tokenizer
+    from kubetune_testing.tiny import llama_config, make_tokenizer
 
     hf_logging.disable_progress_bar()
     tokenizer = make_tokenizer(texts)

@@ -27,7 +27,7 @@ def shared_file(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random tiny Llama + word-level tokenizer for the tests' corpus (tests/trainer/conftest.py)."""
-    from kubetune_trainer.tiny import make_tiny_llama
+    from kubetune_testing.tiny import make_tiny_llama
     from tests.trainer.conftest import lm_corpus
 
     texts = [f"{r['prompt']} {r['completion']}" for r in lm_corpus()] + ["system user assistant"]

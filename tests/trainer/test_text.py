@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from kubetune_testing.tiny import make_tokenizer
 from kubetune_trainer import text
 from kubetune_trainer.data import Record
-from kubetune_trainer.tiny import make_tokenizer
 
 
 def _record(line: int, **fields) -> Record:

@@ -8,7 +8,7 @@
   files marked `# semantic: true`, which only `kubetune validate` (and the operator) can refuse: the
   API server accepts those, which the test checks too, so the mark cannot go stale.
 - `datasets/*.jsonl` with `datasets/expected.yaml`: malformed training data. Each file goes through
-  the trainer's own path (`train.load_data` reads it from a file:// dataset uri, `train.prepare_data`
+  the trainer's own path (`inputs.load_data` reads it from a file:// dataset uri, `inputs.prepare_data`
   checks lengths and acceptance); the report names every expected error class on exactly the expected
   lines, and the job's outcome is `BadInput` (what the trainer exits with) unless the bad lines stay
   within `dataset.maxInvalidFraction`.
@@ -158,31 +158,31 @@ def _job_config(path: Path, entry: dict, out: Path) -> jobconfig.JobConfig:
 
 @pytest.fixture(scope="module")
 def trainer():
-    """The trainer's own data path (`kubetune_trainer.train` imports torch, which the spec tests do without)."""
+    """The trainer's own data path (`kubetune_trainer.inputs` imports torch, which the spec tests do without)."""
     pytest.importorskip("torch")
-    from kubetune_trainer import train
+    from kubetune_trainer import inputs
     from kubetune_trainer.modeling import BadInput
 
-    return train, BadInput
+    return inputs, BadInput
 
 
 @pytest.mark.parametrize("name", list(DATASETS), ids=[n.removesuffix(".jsonl") for n in DATASETS])
 def test_dataset_is_reported_with_line_numbers(name, tmp_path, trainer):
-    train, BadInput = trainer
+    inputs, BadInput = trainer
     entry = DATASETS[name]
     path = CORPUS / "datasets" / name
     assert entry["outcome"] in ("BadInput", "accepted")
     assert set(entry["errors"]) <= set(data.ERROR_CLASSES), entry["errors"]
     config = _job_config(path, entry, tmp_path)
 
-    loaded = train.load_data(config, NoProgress())
+    loaded = inputs.load_data(config, NoProgress())
     if entry["outcome"] == "BadInput":
         with pytest.raises(BadInput) as refused:
-            train.prepare_data(config, loaded, WordTokenizer())
+            inputs.prepare_data(config, loaded, WordTokenizer())
         summary = str(refused.value)
         assert "nothing was trained" in summary
     else:
-        count, render_chat = train._length_check_functions(WordTokenizer(), entry["format"])
+        count, render_chat = inputs.length_check_functions(WordTokenizer(), entry["format"])
         loaded.apply_length_check(count, config.spec["training"]["maxSeqLength"], render_chat=render_chat)
         assert loaded.acceptable(config.spec["dataset"]["maxInvalidFraction"])
         summary = loaded.summary()

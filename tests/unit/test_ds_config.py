@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import itertools
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -241,8 +243,25 @@ def test_config_is_a_fresh_json_serialisable_dict():
 def test_constants_match_the_crd_enums():
     from kubetune.api.v1alpha1 import finetunejob as v1alpha1
 
-    assert set(ds_config.METHODS) == set(v1alpha1.METHODS)
     assert {p.lower() for p in v1alpha1.PRECISIONS} - {"auto"} == set(ds_config.PRECISIONS)
+
+
+def test_method_limits_come_from_the_registry():
+    """QLoRA's limits are its module's (no parameter offload, no zero.Init); the others allow both."""
+    from kubetune_trainer.methods import METHODS
+
+    with pytest.raises(ValueError, match="offload"):
+        cfg(method="QLoRA", offload_params=True)
+    for name, method in METHODS.items():
+        assert use_zero_init(zero_stage=3, method=name) is method.deepspeed.zero_init
+        if method.deepspeed.offload_params:
+            assert cfg(method=name, offload_params=True)["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_registry_is_import_light():
+    """ds_config reads the method registry, and both must stay importable without torch."""
+    code = "import sys, kubetune_trainer.ds_config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_deepspeed_accepts_every_valid_combination(monkeypatch: pytest.MonkeyPatch):

@@ -131,3 +131,16 @@ def test_file_sampling_is_for_kubetune_local_only():
     assert validate(doc, local=True).ok
     errors = validate(doc).errors
     assert [e.path for e in errors] == ["spec.trafficSampling.uri"] and "kubetune local" in errors[0].message
+
+
+def test_the_operator_method_table_covers_the_api_enum_and_fills_each_settings_section():
+    from kubetune.api import v1alpha1
+    from kubetune.api.methods import METHODS
+    from kubetune.api.validation import SETTINGS_SCHEMAS, resolve_method_defaults
+
+    assert list(METHODS) == list(v1alpha1.METHODS)
+    for name, facts in METHODS.items():
+        resolved = resolve_method_defaults({"method": {"type": name}})["method"]
+        assert set(resolved) - {"type"} == ({facts.settings} if facts.settings else set())
+        assert facts.settings is None or facts.settings in SETTINGS_SCHEMAS
+        assert facts.has_lora_rank == (facts.settings == "lora")

@@ -8,14 +8,14 @@ from its tokenizer (`check_lengths`, `LoadedData.apply_length_check`).
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
-import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from .split_sizes import allocate, validation_size
 
 FORMATS = ("prompt-completion", "chat", "text", "text-label")
 FORMAT_FIELDS = {
@@ -456,55 +456,12 @@ def duplicates_across(train: Iterable[Record], validation: Iterable[Record]) -> 
     return [(first_train_line[record.key], record.line) for record in validation if record.key in first_train_line]
 
 
-def _round_half_up(value: float) -> int:
-    return math.floor(value + 0.5)  # round() rounds half to even, which surprises in a size
-
-
-def _validation_size(n: int, fraction: float) -> int:
-    if fraction == 0 or n < 2:
-        return 0
-    # Whoever asks for a validation set gets at least one example, and training keeps at least one.
-    return min(max(_round_half_up(fraction * n), 1), n - 1)
-
-
 def _stratum(record: Record, field_name: str) -> str:
     if field_name in record.fields:
         return canonical_json(record.fields[field_name])
     if field_name in record.extra:
         return canonical_json(record.extra[field_name])
     return MISSING_STRATUM
-
-
-def _allocate(sizes: dict[str, int], fraction: float, target: int) -> dict[str, int]:
-    """Validation examples per stratum: 1..size-1 for strata of >= 2, 0 for singletons (kept for training);
-    then the largest remainders move the total towards target (Hamilton's method)."""
-    order = sorted(sizes)  # the tie-break, so the allocation depends on nothing but the sizes
-    quota = {k: min(max(math.floor(fraction * sizes[k]), 1), sizes[k] - 1) if sizes[k] >= 2 else 0 for k in order}
-    total = sum(quota.values())
-    # Ties go to the larger stratum, whose proportion moves least by one example.
-    if total > target:  # the one-per-stratum minimum overshot: take back from the strata least under their share
-        heap = [(fraction * sizes[k] - quota[k], -sizes[k], rank, k) for rank, k in enumerate(order) if quota[k] > 1]
-        heapq.heapify(heap)
-        while total > target and heap:
-            _, _, rank, k = heapq.heappop(heap)
-            quota[k] -= 1
-            total -= 1
-            if quota[k] > 1:
-                heapq.heappush(heap, (fraction * sizes[k] - quota[k], -sizes[k], rank, k))
-    elif total < target:
-        heap = [
-            (quota[k] - fraction * sizes[k], -sizes[k], rank, k)
-            for rank, k in enumerate(order)
-            if quota[k] < sizes[k] - 1
-        ]
-        heapq.heapify(heap)
-        while total < target and heap:
-            _, _, rank, k = heapq.heappop(heap)
-            quota[k] += 1
-            total += 1
-            if quota[k] < sizes[k] - 1:
-                heapq.heappush(heap, (quota[k] - fraction * sizes[k], -sizes[k], rank, k))
-    return quota
 
 
 def split_records(
@@ -520,14 +477,14 @@ def split_records(
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     shuffled = list(records)
     random.Random(seed).shuffle(shuffled)
-    target = _validation_size(len(shuffled), validation_fraction)
+    target = validation_size(len(shuffled), validation_fraction)
     if stratify_by is None or target == 0:
         in_validation = [index < target for index in range(len(shuffled))]
     else:
         strata: dict[str, list[int]] = defaultdict(list)
         for index, record in enumerate(shuffled):
             strata[_stratum(record, stratify_by)].append(index)
-        quota = _allocate({k: len(v) for k, v in strata.items()}, validation_fraction, target)
+        quota = allocate({k: len(v) for k, v in strata.items()}, validation_fraction, target)
         in_validation = [False] * len(shuffled)
         for k, indices in strata.items():
             for index in indices[: quota[k]]:

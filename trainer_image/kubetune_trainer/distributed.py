@@ -1,42 +1,8 @@
 """Process group, DeepSpeed engine and ZeRO-3 helpers for the trainer's hand-written training loop.
 
-The recipe (proved on CPU by bench/spikes/zero3_lora_cpu.py under `torchrun --nproc_per_node 2`, and
-with a single plain `python` process):
-
-1. `info = init_process_group()` first, before anything imports deepspeed. It sets `DS_ACCELERATOR=cpu`
-   when there is no CUDA (DeepSpeed picks its accelerator once, at import; unset it probes and falls back
-   to CPU with a warning) and creates the torch process group itself: nccl on GPUs, gloo on CPU.
-   DeepSpeed then finds `torch.distributed` initialized and adopts the group, so it never tries its own
-   backend choice ("ccl" when oneccl_bindings_for_pytorch is installed) nor MPI discovery (which needs
-   mpi4py when RANK/WORLD_SIZE/MASTER_ADDR are unset). Outside torchrun it makes a 1-rank group over an
-   in-memory store and sets RANK/LOCAL_RANK/WORLD_SIZE=0/0/1, because DeepSpeed reads
-   `os.environ["LOCAL_RANK"]` directly (zero.Init, ZeRO utils).
-2. Build the model, then wrap it with peft. Under ZeRO-3, either build it normally (each rank holds a
-   full copy until `deepspeed.initialize` partitions it: fine for LoRA on models that fit in host RAM
-   per rank) or inside `zero3_init(config)` (weights partitioned as they are created; peft wrapping
-   afterwards works, the new LoRA tensors are partitioned by `deepspeed.initialize`). With
-   `from_pretrained`, keep `hf_deepspeed_config(config)` alive while loading instead: transformers then
-   enters zero.Init itself (never for quantized/QLoRA models).
-3. Build the optimizer over the trainable parameters only, and the LR scheduler, ourselves.
-4. `engine = wrap_deepspeed(model, optimizer, lr_scheduler, config)`, config from
-   `ds_config.deepspeed_config(..., accelerator=info.device.type)` ("cpu" turns overlap_comm off: on
-   CPU it made ZeRO-3 ~40x slower with 2 intra-op threads). On CPU this also keeps DeepSpeed from
-   JIT-compiling its shared-memory comm op (needs ninja + g++; unused by training), see `_deepspeed_comm`.
-5. Per micro-batch: `train_micro_step(engine, batch)`, i.e. `loss = engine(**batch).loss;
-   engine.backward(loss); engine.step()`. DeepSpeed divides the loss by the accumulation steps in
-   backward, reduce-scatters gradients every micro-step (ZeRO-2/3 keep only their gradient slice), and
-   only at an accumulation boundary clips, steps the optimizer, steps the LR scheduler and zeroes grads.
-   `engine.is_gradient_accumulation_boundary()` read *before* `engine.step()` says whether this micro-step
-   is one; after it, `engine.global_steps` counts optimizer steps. Never call `optimizer.step()`,
-   `scheduler.step()`, `zero_grad()` or clip yourself.
-6. Collectives, so every rank must call them, the same number of times and in the same order:
-   forward passes under ZeRO-3 (parameters are all-gathered per layer: give every rank the same number of
-   eval batches, `generate(synced_gpus=True)`), `gathered_trainable_state_dict`, `save_checkpoint`,
-   `load_checkpoint`, `barrier`, `all_reduce_mean`.
-7. Resume: `save_checkpoint(engine, dir, tag, client_state)` on every rank; to resume, build model and
-   engine afresh (same base weights), then `client_state = load_checkpoint(engine, dir, tag)`.
-8. Adapter: `gathered_trainable_state_dict(engine)` on every rank; rank 0 gets the full tensors.
-9. `cleanup()` at the end.
+The recipe (init the group before deepspeed is imported, what is a collective, how checkpoints and
+the adapter are gathered) was proved on CPU by bench/spikes/zero3_lora_cpu.py; it is written out step
+by step in docs/trainer.md.
 """
 
 from __future__ import annotations

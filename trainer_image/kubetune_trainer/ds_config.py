@@ -1,45 +1,17 @@
 """The DeepSpeed config the trainer hands to `deepspeed.initialize`, generated from the job spec.
 
-Pure on purpose: no torch or deepspeed import, so the operator side, the unit tests and `kubetune local`
-can build and inspect the config without the training stack, and one function is the only place where
-spec fields turn into DeepSpeed keys.
-
-What the config deliberately leaves out:
-
-- no "optimizer" and no "scheduler" section. Our own training loop builds the torch optimizer and LR
-  scheduler and passes both to `deepspeed.initialize(optimizer=..., lr_scheduler=...)`; DeepSpeed refuses
-  a client optimizer when the config names one too, and it steps a client scheduler itself at every
-  accumulation boundary (so the loop must not call `scheduler.step()`).
-- no "auto" values. Those are resolved by HF Trainer/Accelerate, not by DeepSpeed; every number here is
-  final. Bucket sizes follow HF's "auto" formulas when the model's hidden size is known.
-- no "zero_allow_untested_optimizer": torch.optim.AdamW, the trainer's optimizer, is on DeepSpeed's list
-  of ZeRO-tested optimizers (deepspeed/runtime/zero/utils.py ZERO_SUPPORTED_OPTIMIZERS).
-
-QLoRA (LoRA on a bitsandbytes 4-bit base; GPU only, not testable on the CPU CI):
-
-- ZeRO stage is kept as asked, up to 3. PEFT >= 0.10 with bitsandbytes >= 0.43 supports ZeRO-3 + QLoRA
-  provided the 4-bit weights are packed in a storage dtype equal to the model's compute dtype
-  (`BitsAndBytesConfig(bnb_4bit_quant_storage=<dtype>)` and `from_pretrained(dtype=<same dtype>)`):
-  ZeRO-3 then partitions and all-gathers the packed bytes like any other 16-bit tensor. See PEFT's
-  "Use PEFT QLoRA and DeepSpeed with ZeRO3" guide (huggingface/peft docs/source/accelerate/deepspeed.md)
-  and `qlora_quant_storage_dtype` below.
-- parameter offload is refused (ValueError): DeepSpeed's param offload moves and swaps partitions as plain
-  tensors and would strip the bitsandbytes quantization state; PEFT's guide runs QLoRA + ZeRO-3 with
-  `offload_param_device: none`, and the operator's validation rejects `offloadParams` for QLoRA already.
-  Optimizer offload stays allowed (it only touches the fp32 LoRA master weights), though PEFT notes it
-  can raise GPU memory with QLoRA.
-- `deepspeed.zero.Init` is not used for a quantized model (`use_zero_init` returns False): transformers
-  skips zero.Init for quantized models (modeling_utils: `is_deepspeed_zero3_enabled() and not
-  _is_quantized`), so each rank loads the (4x smaller) quantized base and `deepspeed.initialize`
-  partitions it; DeepSpeed issue #5660 shows the same behaviour.
+Pure on purpose (no torch or deepspeed import): the operator side, the unit tests and `kubetune local`
+build and inspect it without the training stack. What it leaves out, and QLoRA's limits (its method's
+`DeepSpeedLimits`), are explained in docs/trainer.md.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .methods import METHODS
+
 PRECISIONS = ("bf16", "fp16", "fp32")
-METHODS = ("LoRA", "QLoRA", "Full", "FreezeThaw")
 ACCELERATORS = ("cuda", "cpu")
 
 # DeepSpeed's own defaults (deepspeed/runtime/zero/config.py), used when the hidden size is unknown.
@@ -63,7 +35,10 @@ def _check(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} (resolve 'Auto' first), got {precision!r}")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    limits = METHODS[method].deepspeed
+    if zero_stage > limits.max_zero_stage:
+        raise ValueError(f"method {method} allows zero_stage up to {limits.max_zero_stage}, got {zero_stage}")
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
     if offload_params and zero_stage != 3:
@@ -72,7 +47,7 @@ def _check(
     if offload_optimizer and zero_stage == 0:
         # Without ZeRO there is no partitioned optimizer for DeepSpeed to move to the CPU.
         raise ValueError("offload_optimizer needs zero_stage >= 1")
-    if offload_params and method == "QLoRA":
+    if offload_params and not limits.offload_params:
         raise ValueError("4-bit quantized weights cannot be offloaded by DeepSpeed; turn offload_params off for QLoRA")
 
 
@@ -208,7 +183,7 @@ def use_zero_init(*, zero_stage: int, method: str) -> bool:
     Only ZeRO-3 partitions weights. Not for QLoRA: transformers does not apply zero.Init to quantized
     models, so the 4-bit base is loaded whole on each rank and partitioned by `deepspeed.initialize`.
     """
-    return zero_stage == 3 and method != "QLoRA"
+    return zero_stage == 3 and METHODS[method].deepspeed.zero_init
 
 
 def qlora_quant_storage_dtype(precision: str) -> str:

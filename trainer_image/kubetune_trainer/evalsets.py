@@ -1,24 +1,8 @@
 """spec.evaluation: named held-out sets scored after training, for the new adapter and a reference.
 
-    read + validate every set ─▶ verify + download the reference (before any training step)
-    ... training ... ─▶ score the candidate on every set ─▶ load the reference, score it, free it
-    ─▶ manifest["evaluations"] (+ manifest["evaluationReference"])
-
-Sets are JSON Lines in the job's dataset format and pass the same line validation and length check as
-the dataset, but strictly: one bad line fails the job (exit code 2) before anything is published, since
-a promotion gate must never compare scores over silently different examples. For classification, a
-line whose label the model does not know is kept: it is a wrong prediction for accuracy and macro-F1
-(computed on label names, so models with different label lists are compared on the same examples) and
-is left out of eval_loss (`unknownLabels` counts them).
-
-The reference is an adapter this trainer published (its manifest.json, read with the output store's
-credentials: adapters live where jobs publish; sets are read with the dataset's): its manifest is
-checked (digest, files, sizes) with the operator's own `check_published`, then every file is
-downloaded and its sha256 compared with the manifest before anything is loaded. A reference of another
-base model or task is refused.
-
-Pure Python apart from `load_reference_model` (torch, transformers, peft imported there), so the checks
-are unit-tested without a model.
+Sets are validated strictly (one bad line fails the job before anything is published); the reference
+is an adapter this trainer published, verified file by file before it loads. Pure Python apart from
+`load_reference_model`. The flow and the rules are in docs/trainer.md.
 """
 
 from __future__ import annotations
@@ -38,7 +22,7 @@ from .modeling import BadInput
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.json"  # as train.LABELS_FILE (not imported: train imports this module)
+LABELS_FILE = "labels.json"  # as publishing.LABELS_FILE (not imported: that module loads torch)
 CLASSIFICATION = "SequenceClassification"
 
 
@@ -218,13 +202,15 @@ def load_reference_model(reference: Reference, model_dir: Path, spec: dict, *, p
     A Full or FreezeThaw reference is a whole model: loaded from its own directory.
     """
     from . import distributed, ds_config, modeling
+    from .methods import METHODS
 
     labels = reference.labels
     ids = {name: i for i, name in enumerate(labels)} if labels else None
     keep = None
     if zero3 is not None and ds_config.use_zero_init(zero_stage=3, method=spec["method"]["type"]):
         keep = distributed.hf_deepspeed_config(zero3)
-    if reference.manifest.get("method") in ("LoRA", "QLoRA"):
+    reference_method = METHODS.get(reference.manifest.get("method"))
+    if reference_method is not None and reference_method.publishes_adapter:
         from peft import PeftModel
 
         base = modeling.load_model(model_dir, spec, precision=precision, num_labels=len(labels) or None,

@@ -2,11 +2,7 @@
 
     python -m kubetune_trainer.launch --module kubetune_trainer --config /etc/kubetune/job/config.json
 
-takes exactly torchrun's arguments (and its PET_* variables from the training operator). torchrun itself
-exits 1 whenever a worker fails, whatever the worker's code, which would make every failure look the
-same to the PyTorchJob's `restartPolicy: ExitCode`: bad input (2) would be retried never and storage
-trouble (143) never either. This launcher passes the first failing worker's code through, and turns a
-signal (SIGTERM on preemption, SIGKILL) into 128 + signal, which ExitCode retries.
+Why (torchrun exits 1 for any failure, which `restartPolicy: ExitCode` cannot tell apart): docs/trainer.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Loading the base model and applying the method: LoRA, QLoRA, Full or FreezeThaw.
+"""Loading the base model, and what every method shares (heads, parameter counts, monitors).
 
 Errors a user can fix (no such model, a target module that matches nothing) raise `BadInput`, which
 the entrypoint turns into exit code 2 (never retried) with the message in the log.
@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .methods import method_of
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +78,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def load_model(model_dir: Path, spec: dict, *, precision: str, num_labels: int | None, label_ids: dict | None,
                device: torch.device):
-    """The base model for the task, with the method's quantization when it is QLoRA."""
+    """The base model for the task, loaded as the method asks (QLoRA: quantized)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    method = spec["method"]["type"]
     kwargs: dict = {"trust_remote_code": bool(spec["baseModel"].get("trustRemoteCode", False))}
     # Weights stay fp32 for fp16 training (the loss scaler needs fp32 masters); bf16 weights are fine.
     kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
-    if method == "QLoRA":
-        from transformers import BitsAndBytesConfig
-
-        quant = spec["method"]["quantization"]
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant["quantType"],
-            bnb_4bit_use_double_quant=quant["doubleQuant"],
-            bnb_4bit_compute_dtype=getattr(torch, quant["computeDtype"]),
-            bnb_4bit_quant_storage=kwargs["dtype"],  # lets ZeRO-3 shard the packed 4-bit weights
-        )
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    kwargs |= method_of(spec).load_options(spec, dtype=kwargs["dtype"], device=device)
     if spec["task"] == "SequenceClassification":
         id2label = {i: name for name, i in label_ids.items()}
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -106,15 +95,6 @@ def load_model(model_dir: Path, spec: dict, *, precision: str, num_labels: int |
     return model
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct last-name parts of the model's linear layers (what targetModules can name)."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
 def head_module_names(model: nn.Module) -> list[str]:
     """The output head(s): never LoRA targets; trained in full and saved with the adapter."""
     heads = []
@@ -122,109 +102,6 @@ def head_module_names(model: nn.Module) -> list[str]:
         if getattr(model, candidate, None) is not None:
             heads.append(candidate)
     return heads
-
-
-def resolve_target_modules(model: nn.Module, requested: list[str]) -> list[str] | str:
-    if requested == ["all-linear"]:
-        return "all-linear"
-    available = linear_module_names(model)
-    missing = [name for name in requested if name not in available]
-    if missing:
-        raise BadInput(
-            f"method.lora.targetModules {missing} match no module of this model; its linear modules are: "
-            f"{', '.join(available)} (or use all-linear)")
-    return requested
-
-
-def apply_lora(model, spec: dict, *, task: str, gradient_checkpointing: bool):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    lora = spec["method"]["lora"]
-    if spec["method"]["type"] == "QLoRA":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    classification = task == "SequenceClassification"
-    config = LoraConfig(
-        r=lora["rank"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=resolve_target_modules(model, lora["targetModules"]),
-        use_rslora=lora.get("useRslora", False),
-        task_type="SEQ_CLS" if classification else "CAUSAL_LM",
-        # The classifier head starts random: it must be trained and saved with the adapter.
-        modules_to_save=head_module_names(model) if classification else None,
-    )
-    return get_peft_model(model, config)
-
-
-# --- freeze-thaw -----------------------------------------------------------------------------------
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks, bottom to top (the longest ModuleList of the model)."""
-    best: list[nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best):
-            best = list(module)
-    if not best:
-        raise BadInput("method FreezeThaw: cannot find the model's transformer blocks")
-    return best
-
-
-@dataclass
-class FreezeThaw:
-    """Top `trainable` blocks + head train; `thaw()` unfreezes the next block down."""
-
-    model: nn.Module
-    blocks: list[nn.Module]
-    trainable: int
-    per_plateau: int
-    maximum: int
-    patience: int
-    min_delta: float
-
-    @classmethod
-    def apply(cls, model: nn.Module, settings: dict) -> FreezeThaw:
-        blocks = transformer_blocks(model)
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        for head in head_module_names(model):
-            for parameter in getattr(model, head).parameters():
-                parameter.requires_grad_(True)
-        state = cls(model, blocks, 0, settings["thawPerPlateau"],
-                    min(settings.get("maxTrainableBlocks") or len(blocks), len(blocks)),
-                    settings["plateauPatience"], settings["minDelta"])
-        state.set_trainable(settings["initialTrainableBlocks"])
-        return state
-
-    def set_trainable(self, count: int) -> None:
-        self.trainable = min(count, self.maximum)
-        for index, block in enumerate(self.blocks):
-            trainable = index >= len(self.blocks) - self.trainable
-            for parameter in block.parameters():
-                parameter.requires_grad_(trainable)
-
-    @property
-    def can_thaw(self) -> bool:
-        return self.trainable < self.maximum
-
-    def thaw(self) -> None:
-        self.set_trainable(self.trainable + self.per_plateau)
-
-
-def prepare(model, spec: dict, *, gradient_checkpointing: bool):
-    """Apply the method. Returns (model, FreezeThaw | None)."""
-    method = spec["method"]["type"]
-    if gradient_checkpointing and method != "QLoRA":  # QLoRA's k-bit preparation enables it itself
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method in ("LoRA",):
-            model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
-    if method in ("LoRA", "QLoRA"):
-        return apply_lora(model, spec, task=spec["task"], gradient_checkpointing=gradient_checkpointing), None
-    if method == "FreezeThaw":
-        return model, FreezeThaw.apply(model, spec["method"]["freezeThaw"])
-    return model, None  # Full: everything trains
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,15 +1,7 @@
 """Tokenisation, loss masks and batching: what turns validated records into training rows.
 
-- Loss only on what the model must learn to produce: completions, assistant turns, whole texts.
-  Prompt, system and user tokens get label -100.
-- EOS is appended to every target and trained on (its label is kept), so the model learns to stop.
-  Padding never decides labels: masks come from lengths, so a tokenizer whose pad token is its EOS
-  cannot silently remove EOS from the loss.
-- No padding to a fixed length. Causal LM rows are packed padding-free: a micro-batch is one row of
-  concatenated sequences whose position ids restart at 0 for each sequence (transformers then masks
-  attention per sequence, so sequences never see each other), and the first token of each sequence
-  carries no label (it would otherwise be "predicted" from the previous sequence). Classification
-  (and causal LM with packing off) uses length-grouped dynamic padding.
+Loss only on what the model must produce, EOS always trained on, masks from lengths (never from pad
+ids); causal LM rows packed padding-free, classification length-grouped. Details: docs/trainer.md.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import jsonschema
 
 from . import v1alpha1 as api
 from .crd import custom_resource_definition
+from .methods import facts as method_facts
 from .schema import apply_defaults, iter_rules, strict_json_schema
 from .v1alpha1.finetunejob import DATASET_FORMATS, FREEZE_THAW, LORA
 
@@ -146,7 +147,7 @@ def semantic_errors(spec: dict, *, local: bool = False) -> tuple[list[FieldError
                                  "use s3://BUCKET/PREFIX"))
     training = spec.get("training", {})
     distributed = spec.get("distributed", {})
-    method = spec.get("method", {})
+    method = method_facts(spec)
     deepspeed = distributed.get("deepspeed", {})
     world = world_size(spec)
 
@@ -160,7 +161,7 @@ def semantic_errors(spec: dict, *, local: bool = False) -> tuple[list[FieldError
                 f"gradient accumulation must be a whole number (try {per_device * world * max(1, round(effective / (per_device * world)))})",  # noqa: E501
             )
         )
-    if method.get("type") == "FreezeThaw" and deepspeed.get("enabled", True) and world > 1:
+    if method and method.changes_trainable_params and deepspeed.get("enabled", True) and world > 1:
         errors.append(
             FieldError(
                 "spec.distributed.deepspeed.enabled",
@@ -172,7 +173,7 @@ def semantic_errors(spec: dict, *, local: bool = False) -> tuple[list[FieldError
         errors.append(
             FieldError("spec.training.precision", "FP16 with loss scaling needs GPUs; use FP32 or BF16 on CPU")
         )
-    if method.get("type") == "QLoRA" and deepspeed.get("enabled", True) and deepspeed.get("offloadParams"):
+    if method and method.quantized and deepspeed.get("enabled", True) and deepspeed.get("offloadParams"):
         errors.append(
             FieldError(
                 "spec.distributed.deepspeed.offloadParams",
@@ -190,14 +191,16 @@ def semantic_errors(spec: dict, *, local: bool = False) -> tuple[list[FieldError
     return errors, warnings
 
 
+SETTINGS_SCHEMAS = {"lora": LORA, "freezeThaw": FREEZE_THAW}  # a method's settings section
+
+
 def resolve_method_defaults(spec: dict) -> dict:
     """Fill the section of the chosen method with its defaults (`lora` for LoRA/QLoRA, `freezeThaw`
     for FreezeThaw). The CRD cannot default them itself: they are forbidden for the other methods."""
     method = dict(spec.get("method", {}))
-    if method.get("type") in ("LoRA", "QLoRA"):
-        method["lora"] = apply_defaults(LORA, method.get("lora", {}))
-    if method.get("type") == "FreezeThaw":
-        method["freezeThaw"] = apply_defaults(FREEZE_THAW, method.get("freezeThaw", {}))
+    facts = method_facts(spec)
+    if facts and facts.settings:
+        method[facts.settings] = apply_defaults(SETTINGS_SCHEMAS[facts.settings], method.get(facts.settings, {}))
     return {**spec, "method": method}
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from kubetune.api import jobconfig, storage_layout
 from kubetune.api import manifest as manifest_api
 from kubetune.api import progress as progress_api
+from kubetune.api.methods import METHODS
 from kubetune.api.schema import apply_defaults
 from kubetune.api.validation import root_schema, structural_errors, validate
 from kubetune.render import training as render
@@ -345,7 +346,7 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: _St
         spec = job["spec"]
         status.value["method"] = spec["method"]["type"]
         best_rank = (previous.get("sweep") or {}).get("bestRank")
-        if spec["method"]["type"] in ("LoRA", "QLoRA"):
+        if METHODS[spec["method"]["type"]].has_lora_rank:
             if best_rank is not None:
                 status.value["rank"] = best_rank
             elif not stages.sweep_requested(spec):

@@ -18,6 +18,7 @@ import copy
 import math
 
 from kubetune.api import jobconfig
+from kubetune.api.methods import METHODS
 from kubetune.api.v1alpha1.finetunejob import HIGHER_IS_BETTER
 
 QUEUED, PENDING, RUNNING, SUCCEEDED, FAILED = "Queued", "Pending", "Running", "Succeeded", "Failed"
@@ -77,7 +78,7 @@ def baseline_summary(metrics: dict, target: dict | None, task: str) -> str:
 
 
 def sweep_requested(spec: dict) -> bool:
-    return bool(spec.get("rankSweep")) and spec["method"]["type"] in ("LoRA", "QLoRA")
+    return bool(spec.get("rankSweep")) and METHODS[spec["method"]["type"]].has_lora_rank
 
 
 def sweep_ranks(spec: dict) -> list[int]:

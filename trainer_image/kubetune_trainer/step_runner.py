@@ -1,0 +1,147 @@
+"""Stepping the model: plain, DDP or DeepSpeed behind one interface, and its checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import distributed, modeling
+from .checkpoints import TrainerState
+
+
+class StepRunner:
+    """Forward, backward and optimizer steps for a plain, DDP or DeepSpeed model, behind one interface."""
+
+    def __init__(self, model, optimizer, scheduler, dist: distributed.DistInfo, ds: dict | None, max_grad_norm: float,
+                 grad_accum: int, scaler: torch.amp.GradScaler | None, autocast_dtype):
+        self.module, self.optimizer, self.scheduler, self.dist = model, optimizer, scheduler, dist
+        self.max_grad_norm, self.grad_accum, self.scaler = max_grad_norm, grad_accum, scaler
+        self.autocast_dtype = autocast_dtype
+        self.deepspeed = None
+        self.ddp = None
+        if ds is not None:
+            self.deepspeed = distributed.wrap_deepspeed(model, optimizer, scheduler, ds)
+        elif dist.world_size > 1:
+            self._wrap_ddp()
+        self.last_grad_norm = 0.0
+        self.monitor_layers = False  # set by the loop before a step it will evaluate
+        self.layer_grad_norms: dict[str, float] = {}
+        self.best_weights: dict | None = None  # early stopping: a CPU copy of the best evaluation's weights
+
+    def _wrap_ddp(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(self.module, device_ids=ids)
+
+    def parameters_changed(self) -> None:
+        """Freeze-thaw made more parameters trainable: DDP must register them."""
+        if self.ddp is not None:
+            self._wrap_ddp()
+
+    def forward(self, tensors: dict):
+        model = self.deepspeed or self.ddp or self.module
+        tensors = {k: v.to(self.dist.device) for k, v in tensors.items()}
+        if self.autocast_dtype is not None and self.deepspeed is None:
+            with torch.autocast(self.dist.device.type, dtype=self.autocast_dtype):
+                return model(**tensors, use_cache=False) if "position_ids" in tensors else model(**tensors)
+        return model(**tensors, use_cache=False) if "position_ids" in tensors else model(**tensors)
+
+    def backward(self, loss) -> None:
+        if self.deepspeed is not None:
+            self.deepspeed.backward(loss)  # DeepSpeed scales by 1/accumulation itself
+        elif self.scaler is not None:
+            self.scaler.scale(loss / self.grad_accum).backward()
+        else:
+            (loss / self.grad_accum).backward()
+
+    def micro_step(self, boundary: bool) -> None:
+        """After every micro-batch; the optimizer steps only at an accumulation boundary."""
+        if self.deepspeed is not None:
+            self.deepspeed.step()
+            if boundary:
+                norm = self.deepspeed.get_global_grad_norm()
+                self.last_grad_norm = float(norm) if norm is not None else 0.0
+            return
+        if not boundary:
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.monitor_layers:  # before clipping: the gradients as the loss made them
+            self.layer_grad_norms = modeling.layer_grad_norms(self.module)
+        params = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _optimized_parameters(self) -> dict:
+        """Name -> parameter for everything the optimizer updates (the adapter, a thawed block, all)."""
+        ids = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        return {n: p for n, p in self.module.named_parameters() if id(p) in ids}
+
+    @property
+    def can_keep_best(self) -> bool:
+        return self.deepspeed is None  # ZeRO partitions the weights: no cheap local copy
+
+    def remember_best(self) -> None:
+        self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in self._optimized_parameters().items()}
+
+    def restore_best(self) -> None:
+        parameters = self._optimized_parameters()
+        with torch.no_grad():
+            for name, value in self.best_weights.items():
+                parameters[name].copy_(value.to(parameters[name].device))
+
+    def zero_grad(self) -> None:
+        if self.deepspeed is not None:
+            self.deepspeed.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self, mode: bool = True) -> None:
+        (self.deepspeed or self.module).train(mode)
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    def save(self, directory: Path, state: TrainerState) -> None:
+        """Every rank writes its part (a collective under DeepSpeed: frozen weights left out, one RNG file
+        per rank); the plain/DDP model and optimizer are the same on every rank, so rank 0 writes them."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.deepspeed is not None:
+            distributed.save_checkpoint(self.deepspeed, directory, "ds", {"trainer": state.__dict__})
+            return
+        torch.save(distributed.capture_rng_state(), directory / f"rng-rank{self.dist.rank}.pt")
+        if self.dist.is_main:
+            trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(), "best": self.best_weights,
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict() if self.scaler else None,
+                        "trainer": state.__dict__}, directory / "state.pt")
+
+    def load(self, directory: Path) -> TrainerState:
+        if self.deepspeed is not None:
+            return TrainerState(**distributed.load_checkpoint(self.deepspeed, directory, "ds")["trainer"])
+        else:
+            blob = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
+            loaded = self.module.load_state_dict(blob["model"], strict=False)  # frozen weights are not in it
+            if loaded.unexpected_keys:
+                raise RuntimeError(f"checkpoint does not fit the model: unexpected {loaded.unexpected_keys[:5]}")
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.best_weights = blob.get("best")
+            self.scheduler.load_state_dict(blob["scheduler"])
+            if self.scaler and blob.get("scaler"):
+                self.scaler.load_state_dict(blob["scaler"])
+            saved = blob["trainer"]
+        rng_file = directory / f"rng-rank{self.dist.rank}.pt"
+        if rng_file.exists():
+            distributed.restore_rng_state(torch.load(rng_file, weights_only=False))
+        return TrainerState(**saved)
