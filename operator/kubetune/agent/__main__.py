@@ -16,7 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
-from kubetune.agent import sync
+from kubetune.agent import kube, sync
 from kubetune.agent.proxy import serve
 from kubetune.api import jobconfig, serving
 from kubetune.clients.storage import ObjectStore, S3Settings
@@ -89,11 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace) -> sync.Agent:
     kubernetes = None
     if args.desired_configmap or not args.report_file:
-        kubernetes = sync.InClusterKube()
-    source = (sync.DesiredFile(Path(args.desired_file)) if args.desired_file
-              else sync.DesiredConfigMap(kubernetes, args.namespace, args.desired_configmap))
-    sink = (sync.ReportFile(Path(args.report_file)) if args.report_file
-            else sync.PodAnnotation(kubernetes, args.namespace, args.pod_name))
+        kubernetes = kube.InClusterKube()
+    source = (kube.DesiredFile(Path(args.desired_file)) if args.desired_file
+              else kube.DesiredConfigMap(kubernetes, args.namespace, args.desired_configmap))
+    sink = (kube.ReportFile(Path(args.report_file)) if args.report_file
+            else kube.PodAnnotation(kubernetes, args.namespace, args.pod_name))
     store = ObjectStore(S3Settings(endpoint=args.s3_endpoint, region=args.s3_region,
                                    access_key=os.environ.get(jobconfig.ENV_S3_ACCESS_KEY) or None,
                                    secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY) or None))
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         asyncio.run(run(args))
-    except sync.NotInCluster as exc:  # neither --desired-file nor --report-file, outside a cluster
+    except kube.NotInCluster as exc:  # neither --desired-file nor --report-file, outside a cluster
         log.error(str(exc))
         return 2
     return 0

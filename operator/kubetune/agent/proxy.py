@@ -23,7 +23,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubetune.agent import plan
-from kubetune.agent.sync import Agent, ensure_s3_client
+from kubetune.agent.cache import ensure_s3_client
+from kubetune.agent.sync import Agent
 from kubetune.api import serving
 from kubetune.clients.storage import ObjectStore
 
