@@ -85,6 +85,7 @@ from kubetune.api import jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
 from kubetune.clients.storage import ObjectStore, S3Settings, check_published  # noqa: E402
 from kubetune.reconcile import adapterdeployment as adp  # noqa: E402
+from kubetune.runtimes import cpu  # noqa: E402
 
 NS = "team-a"
 ADAPTER = "intents"
@@ -228,17 +229,17 @@ class Engine:
         return self
 
     def load(self, name: str, path: Path) -> None:
-        status, _, text = http("POST", self.url + serving.ENGINE_LOAD, {"lora_name": name, "lora_path": str(path)})
+        status, _, text = http("POST", self.url + cpu.RUNTIME.api.load, {"lora_name": name, "lora_path": str(path)})
         if status != 200:
             raise RuntimeError(f"engine {self.port} refused {name}: {status} {text}")
 
     def adapters(self) -> list[str]:
-        status, _, text = http("GET", self.url + serving.ENGINE_MODELS, timeout=5)
+        status, _, text = http("GET", self.url + cpu.RUNTIME.api.models, timeout=5)
         return [m["id"] for m in json.loads(text)["data"] if m.get("parent")] if status == 200 else []
 
     def unload_all(self) -> None:
         for name in self.adapters():
-            http("POST", self.url + serving.ENGINE_UNLOAD, {"lora_name": name})
+            http("POST", self.url + cpu.RUNTIME.api.unload, {"lora_name": name})
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

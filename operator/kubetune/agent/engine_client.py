@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 
 from kubetune.agent import plan
-from kubetune.api import serving
+from kubetune.runtimes import EngineApi
 
 
 class EngineUnavailable(Exception):
@@ -25,10 +25,11 @@ class EngineError(Exception):
 
 
 class EngineClient:
-    """The control calls of vLLM's OpenAI-compatible server (runtime LoRA updating on)."""
+    """The control calls of one engine, in its runtime's dialect."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, timeout: float = 120.0):
+    def __init__(self, url: str, session: aiohttp.ClientSession, api: EngineApi, timeout: float = 120.0):
         self.url = url.rstrip("/")
+        self.api = api
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
@@ -41,28 +42,28 @@ class EngineClient:
 
     async def ready(self) -> bool:
         try:
-            status, _ = await self._call("GET", serving.ENGINE_HEALTH)
+            status, _ = await self._call("GET", self.api.health)
         except EngineUnavailable:
             return False
         return status == 200
 
     async def adapters(self) -> set[str]:
-        status, body = await self._call("GET", serving.ENGINE_MODELS)
+        status, body = await self._call("GET", self.api.models)
         if status != 200:
             raise EngineError(status, _message(body))
         try:
             return plan.lora_names(json.loads(body))
         except ValueError as exc:
-            raise EngineError(status, f"/v1/models is not JSON: {exc}") from exc
+            raise EngineError(status, f"{self.api.models} is not JSON: {exc}") from exc
 
     async def load(self, name: str, path: Path) -> None:
-        status, body = await self._call("POST", serving.ENGINE_LOAD, {"lora_name": name, "lora_path": str(path)})
-        if status != 200 and "already been loaded" not in _message(body):
+        status, body = await self._call("POST", self.api.load, {"lora_name": name, "lora_path": str(path)})
+        if status != 200 and self.api.already_loaded not in _message(body):
             raise EngineError(status, _message(body))
 
     async def unload(self, name: str) -> None:
-        status, body = await self._call("POST", serving.ENGINE_UNLOAD, {"lora_name": name})
-        if status == 404 or "cannot be found" in _message(body):  # gone already
+        status, body = await self._call("POST", self.api.unload, {"lora_name": name})
+        if status == 404 or self.api.not_found in _message(body):  # gone already
             return
         if status != 200:
             raise EngineError(status, _message(body))

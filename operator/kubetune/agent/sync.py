@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
+from kubetune import runtimes
 from kubetune.agent import plan
 from kubetune.agent.cache import AdapterCache, Refused
 from kubetune.agent.engine_client import EngineClient, EngineError, EngineUnavailable
@@ -40,6 +41,7 @@ class AgentConfig:
     max_backoff: float = 300.0
     sample_flush_records: int = 100
     sample_flush_seconds: float = 30.0
+    runtime: str = runtimes.DEFAULT_ENGINE  # a key of runtimes.RUNTIMES: the engine's control API
 
 
 class Agent:
@@ -71,7 +73,8 @@ class Agent:
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000),
                                              timeout=aiohttp.ClientTimeout(total=self.config.request_timeout))
-        self.engine = EngineClient(self.config.engine_url, self.session)
+        self.engine = EngineClient(self.config.engine_url, self.session,
+                                   runtimes.RUNTIMES[self.config.runtime].api)
         self._tasks = [asyncio.create_task(self._sync_loop(), name="kubetune-agent-sync"),
                        asyncio.create_task(self._report_loop(), name="kubetune-agent-report")]
 
