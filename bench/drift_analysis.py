@@ -32,6 +32,7 @@ from kubetune import stats  # noqa: E402
 from kubetune.api import jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
 from kubetune.clients.embeddings import EmbeddingClient  # noqa: E402
+from kubetune.runtimes import cpu  # noqa: E402
 
 SHARED = Path(os.environ.get("KUBETUNE_SHARED", REPO_ROOT.parent / "shared"))
 NS, ADAPTER = "team-a", "intents"
@@ -160,7 +161,7 @@ class Engine:
             if self.process.poll() is not None:
                 raise RuntimeError(f"engine exited {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(self.url + serving.ENGINE_HEALTH, timeout=2) as response:
+                with urllib.request.urlopen(self.url + cpu.RUNTIME.api.health, timeout=2) as response:
                     if response.status == 200:
                         return time.monotonic() - self.started
             except OSError:
@@ -273,7 +274,7 @@ def serve_adapter(root: Path, engine: Engine, data: dict, sizes: dict) -> dict:
         manifest, adapter, train_seconds = train(root, data, sizes["epochs"])
         engine_seconds = engine.wait_ready()
         version = serving.version_name(NS, ADAPTER, manifest["digest"])
-        post(engine.url + serving.ENGINE_LOAD, {"lora_name": version, "lora_path": str(adapter)})
+        post(engine.url + cpu.RUNTIME.api.load, {"lora_name": version, "lora_path": str(adapter)})
         profile, accuracy = manifest["driftProfile"], manifest["metrics"].get("accuracy")
         print(f"adapter trained in {train_seconds:.1f} s (accuracy {accuracy:.3f}, holdout "
               f"{profile['holdoutSize']}); engine ready in {engine_seconds:.1f} s", flush=True)

@@ -22,6 +22,7 @@ from kubetune.api import serving
 from kubetune.api.validation import validate
 from kubetune.clients.storage import ObjectStore, S3Settings, check_published
 from kubetune.reconcile import adapterdeployment as adp
+from kubetune.runtimes import cpu
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NS = "team-a"
@@ -107,17 +108,17 @@ class Engine:
         return self
 
     def load(self, name: str, path: Path) -> None:
-        status, _, text = http("POST", self.url + serving.ENGINE_LOAD, {"lora_name": name, "lora_path": str(path)})
+        status, _, text = http("POST", self.url + cpu.RUNTIME.api.load, {"lora_name": name, "lora_path": str(path)})
         if status != 200:
             raise RuntimeError(f"engine {self.port} refused {name}: {status} {text}")
 
     def adapters(self) -> list[str]:
-        status, _, text = http("GET", self.url + serving.ENGINE_MODELS, timeout=5)
+        status, _, text = http("GET", self.url + cpu.RUNTIME.api.models, timeout=5)
         return [m["id"] for m in json.loads(text)["data"] if m.get("parent")] if status == 200 else []
 
     def unload_all(self) -> None:
         for name in self.adapters():
-            http("POST", self.url + serving.ENGINE_UNLOAD, {"lora_name": name})
+            http("POST", self.url + cpu.RUNTIME.api.unload, {"lora_name": name})
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

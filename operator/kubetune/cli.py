@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, default=8080)
     p.add_argument("--metrics-port", type=int, default=9090)
     p.add_argument("--publish-timeout", type=int, default=600, help="seconds to wait for a manifest")
-    p.add_argument("--vllm-image", default=serving_render.ServingSettings().vllm_image,
+    p.add_argument("--vllm-image", default=serving_render.ServingSettings().engine_images["vllm"],
                    help="engine image of managed serving runtimes")
     p.add_argument("--agent-image", default=serving_render.ServingSettings().agent_image,
                    help="image of the agent sidecar (the operator's own image)")

@@ -41,7 +41,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune import local
+from kubetune import local, runtimes
 from kubetune.api import jobconfig, serving, storage_layout
 from kubetune.api.validation import validate
 from kubetune.clients import drift_storage, storage
@@ -458,8 +458,8 @@ class LocalDeployment:
         spec = self.adep["spec"]
         runtime = spec["runtime"].get("managed") or spec["runtime"].get("selector") or {}
         # The CPU engine reserves nothing per rank: without an explicit maxLoraRank it accepts what the
-        # rollout's preflight accepts (vLLM's largest), so no engine restart is ever needed for a rank.
-        max_rank = int(runtime.get("maxLoraRank") or adp.VLLM_LORA_RANKS[-1])
+        # rollout's preflight accepts (its runtime's largest), so no engine restart is ever needed for a rank.
+        max_rank = int(runtime.get("maxLoraRank") or runtimes.runtime_of(spec).lora_ranks[-1])
         max_loras = int((spec["runtime"].get("managed") or {}).get("maxLoras", 4))
         model_dir = _local_path(spec["baseModel"]["uri"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -492,7 +492,7 @@ class LocalDeployment:
             self.agents.append(agent)
         for agent in self.agents:
             agent.child.wait_healthy(agent.url + "/healthz", AGENT_STARTUP_SECONDS, self.abort)
-        self.engine.wait_healthy(engine_url + serving.ENGINE_HEALTH, ENGINE_STARTUP_SECONDS, self.abort)
+        self.engine.wait_healthy(engine_url + runtimes.cpu.RUNTIME.api.health, ENGINE_STARTUP_SECONDS, self.abort)
 
     def stop(self) -> None:
         """Everything this run started, whatever state it is in: threads are told first (a request or a

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kubetune.agent import sync
+from kubetune.agent import kube, sync
 from kubetune.agent.proxy import serve
 from kubetune.api import serving, storage_layout
 from kubetune.clients.storage import ObjectStore, publish_adapter
@@ -243,7 +243,7 @@ class Harness:
                                   sample_flush_records=10, sample_flush_seconds=0.3)
         for key, value in overrides.items():
             setattr(config, key, value)
-        self.agent = sync.Agent(config, sync.DesiredFile(self.desired_path), sync.ReportFile(self.report_path),
+        self.agent = sync.Agent(config, kube.DesiredFile(self.desired_path), kube.ReportFile(self.report_path),
                                 self.store)
         async with serve(self.agent, "127.0.0.1", 0, rng=random.Random(seed)) as proxy:
             self.proxy = proxy

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kubetune.agent import sync
+from kubetune.agent import kube, sync
 from kubetune.agent.proxy import serve
 from kubetune.api import serving
 from kubetune.clients.storage import ObjectStore
@@ -101,11 +101,11 @@ async def test_desired_configmap_in_and_pod_annotation_out(api_server, engine, t
         "data": {serving.DESIRED_KEY: desired_state(5, {f"{NS}/intents": [version]}).to_json()}}
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api_server.port))
-    kubernetes = sync.InClusterKube(root=api_server.account)
+    kubernetes = kube.InClusterKube(root=api_server.account)
     config = sync.AgentConfig(engine_url=engine.url, namespace=NS, pod="serve-0", cache_dir=tmp_path / "cache",
                               sync_seconds=0.1, report_seconds=0.2)
-    agent = sync.Agent(config, sync.DesiredConfigMap(kubernetes, NS, "intents-desired"),
-                       sync.PodAnnotation(kubernetes, NS, "serve-0"), ObjectStore())
+    agent = sync.Agent(config, kube.DesiredConfigMap(kubernetes, NS, "intents-desired"),
+                       kube.PodAnnotation(kubernetes, NS, "serve-0"), ObjectStore())
 
     def annotated():
         text = api_server.pod["metadata"]["annotations"].get(serving.ANNOTATION_REPORT)
@@ -135,8 +135,8 @@ async def test_desired_configmap_in_and_pod_annotation_out(api_server, engine, t
 
 def test_outside_a_cluster_the_in_cluster_client_refuses(monkeypatch, tmp_path):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    with pytest.raises(sync.NotInCluster):
-        sync.InClusterKube(root=tmp_path)
+    with pytest.raises(kube.NotInCluster):
+        kube.InClusterKube(root=tmp_path)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-    with pytest.raises(sync.NotInCluster):
-        sync.InClusterKube(root=tmp_path)  # no ca.crt
+    with pytest.raises(kube.NotInCluster):
+        kube.InClusterKube(root=tmp_path)  # no ca.crt

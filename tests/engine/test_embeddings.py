@@ -13,6 +13,7 @@ import pytest
 from kubetune.agent import plan
 from kubetune.api import serving
 from kubetune.clients.embeddings import EmbeddingClient, EmbeddingError
+from kubetune.runtimes import cpu
 from tests.trainer.test_minilm_clinc import minilm_dir
 
 from .conftest import EngineProcess, free_port
@@ -20,6 +21,7 @@ from .test_engine import assert_error
 
 NAME = "all-MiniLM-L6-v2"
 PATH = "/v1/embeddings"
+ENGINE_API = cpu.RUNTIME.api
 FLIGHT = "How do I book a flight to Paris?"
 TICKET = "I need to reserve a plane ticket to Paris"
 WEATHER = "what will the weather be like tomorrow"
@@ -78,7 +80,7 @@ def test_base64_encoding_is_little_endian_float32(embedding_engine):
 
 
 def test_the_embedding_model_is_listed_without_counting_as_an_adapter(embedding_engine):
-    models = embedding_engine.get(serving.ENGINE_MODELS).json
+    models = embedding_engine.get(ENGINE_API.models).json
     entry = next(m for m in models["data"] if m["id"] == NAME)
     assert entry["parent"] is None and entry["root"] == str(minilm_dir())
     assert plan.lora_names(models) == set()

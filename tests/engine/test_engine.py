@@ -15,8 +15,11 @@ from contextlib import contextmanager
 import pytest
 
 from kubetune.api import serving
+from kubetune.runtimes import cpu
 
 from .conftest import EngineProcess
+
+ENGINE_API = cpu.RUNTIME.api  # the control API the CPU engine serves
 
 PROMPT = "alpha beta gamma"
 
@@ -60,9 +63,9 @@ def assert_error(reply, status: int, kind: str, *fragments: str) -> dict:
 
 
 def test_health_and_models_list_the_base(llama_engine):
-    health = llama_engine.get(serving.ENGINE_HEALTH)
+    health = llama_engine.get(ENGINE_API.health)
     assert (health.status, health.text) == (200, "")
-    models = llama_engine.get(serving.ENGINE_MODELS).json
+    models = llama_engine.get(ENGINE_API.models).json
     assert models["object"] == "list"
     [base] = models["data"]
     assert base["id"] == llama_engine.served_name and base["root"] == str(llama_engine.model)
@@ -73,7 +76,7 @@ def test_two_adapters_serve_side_by_side_until_one_is_unloaded(llama_engine, lm_
     base = llama_engine.served_name
     before = complete(llama_engine, base)
     with loaded(llama_engine, test_r4=lm_adapters[4], test_r8=lm_adapters[8]) as (r4, r8):
-        data = llama_engine.get(serving.ENGINE_MODELS).json["data"]
+        data = llama_engine.get(ENGINE_API.models).json["data"]
         assert [(m["id"], m["parent"], m["root"]) for m in data] == [
             (base, None, str(llama_engine.model)), (r4, base, str(lm_adapters[4])), (r8, base, str(lm_adapters[8]))]
 
@@ -131,9 +134,9 @@ def test_load_refusals_leave_the_engine_serving(llama_engine, lm_adapters, inten
         # a MiniLM classifier cannot go onto a Llama: peft finds none of its target modules
         assert_error(llama_engine.load("test/intents@1", intent_classifier.path), 400, "BadRequestError",
                      "does not match the base model")
-        assert_error(llama_engine.post(serving.ENGINE_LOAD, {"lora_name": "x"}), 400, "BadRequestError",
+        assert_error(llama_engine.post(ENGINE_API.load, {"lora_name": "x"}), 400, "BadRequestError",
                      "must be provided")
-        assert_error(llama_engine.request("POST", serving.ENGINE_LOAD, raw=b"{not json"), 400, "BadRequestError",
+        assert_error(llama_engine.request("POST", ENGINE_API.load, raw=b"{not json"), 400, "BadRequestError",
                      "not valid JSON")
 
         assert llama_engine.model_ids() == [base, a]
@@ -243,8 +246,8 @@ def test_health_answers_during_a_generation_and_an_abandoned_request_stops(llama
     latencies = []
     while worker.is_alive():
         started = time.monotonic()
-        assert llama_engine.get(serving.ENGINE_HEALTH).status == 200
-        assert llama_engine.get(serving.ENGINE_MODELS).status == 200
+        assert llama_engine.get(ENGINE_API.health).status == 200
+        assert llama_engine.get(ENGINE_API.models).status == 200
         latencies.append(time.monotonic() - started)
         time.sleep(0.1)
     worker.join()

@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 
 from kubetune.api import serving
+from kubetune.runtimes import cpu
 
 from .conftest import (
     ADAPTER,
@@ -26,6 +27,8 @@ from .conftest import (
     eventually,
     publish,
 )
+
+ENGINE_API = cpu.RUNTIME.api  # the control API the CPU engine serves
 
 
 def texts(version) -> list[str]:
@@ -61,7 +64,7 @@ def test_a_desired_version_is_verified_loaded_and_served_through_the_alias(engin
     assert report.generation == 1 and report.errors == {} and report.loaded == {v1.name: v1.digest}
 
     # the engine loaded the agent's verified copy: <cache>/<digest hex>/, the published bytes
-    [base, adapter] = engine.get(serving.ENGINE_MODELS).json["data"]
+    [base, adapter] = engine.get(ENGINE_API.models).json["data"]
     copy = agent.cache_dir / v1.digest.partition(":")[2]
     assert (adapter["id"], adapter["parent"], adapter["root"]) == (v1.name, base["id"], str(copy))
     for entry in v1.document["files"]:

@@ -3,7 +3,7 @@
 (a) Every `kubetune_...` metric named in docs/observability.md (in prose, tables or PromQL, with the suffixes
     the Prometheus client exposes: `_total` for counters, `_bucket`/`_sum`/`_count` for histograms,
     `_sum`/`_count` for summaries) is exported by the operator (`kubetune.controllers.metrics`) or the agent
-    (`kubetune.agent.sync.Telemetry`), and every exported metric is documented.
+    (`kubetune.agent.telemetry.Telemetry`), and every exported metric is documented.
 (b) Every reason the code gives a failure (a FineTuneJob's `Failed` reason, `Accepted=False`; an
     AdapterDeployment's `Validated=False` and `Degraded=True`; the agents' per-version errors; every `Warning`
     Event and every drift-loop decision) appears, in backquotes, in docs/troubleshooting.md.
@@ -47,7 +47,7 @@ def _families(metrics: list[MetricWrapperBase]) -> dict[str, str]:
 
 
 def exported_metrics() -> dict[str, str]:
-    from kubetune.agent.sync import Telemetry
+    from kubetune.agent.telemetry import Telemetry
     from kubetune.controllers import metrics as operator_metrics
 
     operator = [m for m in vars(operator_metrics).values() if isinstance(m, MetricWrapperBase)]

@@ -9,6 +9,7 @@ import kubernetes_validate
 from kubetune.api import serving
 from kubetune.api.validation import validate
 from kubetune.render import serving as render
+from kubetune.runtimes import vllm
 from kubetune_testing.factories import adapterdeployment
 
 DESIRED = serving.DesiredState(generation=3, adapters=[serving.AliasState("team-a/support-bot", [
@@ -69,10 +70,10 @@ def test_selected_pods_get_only_the_desired_state_and_rbac():
 
 
 def test_model_locations_map_to_vllm_arguments():
-    assert render._model_args({"uri": "hf://org/m", "revision": "abc"}) == ["--model", "org/m", "--revision", "abc"]
-    assert render._model_args({"uri": "s3://models/m"}) == ["--model", "s3://models/m", "--load-format",
+    assert vllm.model_args({"uri": "hf://org/m", "revision": "abc"}) == ["--model", "org/m", "--revision", "abc"]
+    assert vllm.model_args({"uri": "s3://models/m"}) == ["--model", "s3://models/m", "--load-format",
                                                              "runai_streamer"]
-    assert render._model_args({"uri": "file:///opt/models/m"}) == ["--model", "/opt/models/m"]
+    assert vllm.model_args({"uri": "file:///opt/models/m"}) == ["--model", "/opt/models/m"]
 
 
 def test_template_hash_moves_with_the_engine_not_with_the_adapters():
@@ -82,7 +83,7 @@ def test_template_hash_moves_with_the_engine_not_with_the_adapters():
     base = render.render_deployment(adep, settings, 16)["metadata"]["annotations"][key]
     assert render.render_deployment(adep, settings, 16)["metadata"]["annotations"][key] == base
     assert render.render_deployment(adep, settings, 32)["metadata"]["annotations"][key] != base
-    other_image = render.ServingSettings(vllm_image="vllm/vllm-openai:v0.12.0")
+    other_image = render.ServingSettings().with_engine_image("vllm", "vllm/vllm-openai:v0.12.0")
     assert render.render_deployment(adep, other_image, 16)["metadata"]["annotations"][key] != base
     # the desired adapters live in the ConfigMap only: the pods never restart for an adapter change
     children = render.render_children(adep, settings, serving.DesiredState(generation=9), 16)

@@ -1,12 +1,7 @@
-"""The HTTP shell of the CPU engine: vLLM's OpenAI-compatible paths and shapes (`kubetune.api.serving`).
-
-One process, one model call at a time: handlers take an asyncio lock and run the torch work in a
-thread, so `/health` and `/v1/models` answer while a generation runs. The server listens at once and
-answers 503 until the base model is loaded (vLLM does not listen before then; both read as not ready).
-
-With `--embedding-model DIR` the engine also serves OpenAI's `POST /v1/embeddings` from a sentence encoder
-(`embeddings.SentenceEncoder`, the all-MiniLM-L6-v2 recipe) next to the base model: what the operator's drift
-diagnostics embed sampled inputs with (`--embedding-url`). Without it, that path answers 404.
+"""The HTTP shell of the CPU engine: its runtime's control API (`kubetune.runtimes.cpu`, vLLM's) and the
+OpenAI-compatible inference paths (`kubetune.api.serving`). Handlers take one lock and run torch in a
+thread, so `/health` answers during a generation; 503 until the base model is loaded. With
+`--embedding-model DIR` it also serves OpenAI's `POST /v1/embeddings` (the drift diagnostics' encoder).
 """
 
 from __future__ import annotations
@@ -30,6 +25,7 @@ from aiohttp import web
 
 from kubetune.api import serving
 from kubetune.logs import configure_logging
+from kubetune.runtimes import cpu
 
 from .embeddings import Embedded, SentenceEncoder
 from .models import (
@@ -50,6 +46,7 @@ log = logging.getLogger("kubetune_engine")
 EMBEDDINGS = "/v1/embeddings"  # OpenAI's (and vLLM's) path; served with --embedding-model
 EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per request
+ENGINE_API = cpu.RUNTIME.api
 
 
 def error_body(status: int, kind: str, message: str) -> dict:
@@ -60,7 +57,7 @@ def error_response(error: EngineError) -> web.Response:
     return web.json_response(error_body(error.status, error.kind, error.message), status=error.status)
 
 
-class Engine:
+class ModelServer:
     """The aiohttp application around a `ModelHost`."""
 
     def __init__(self, host: ModelHost, *, root: str, encoder: SentenceEncoder | None = None):
@@ -72,10 +69,10 @@ class Engine:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=16 * 1024 * 1024)
-        app.router.add_get(serving.ENGINE_HEALTH, self.health)
-        app.router.add_get(serving.ENGINE_MODELS, self.models)
-        app.router.add_post(serving.ENGINE_LOAD, self.load)
-        app.router.add_post(serving.ENGINE_UNLOAD, self.unload)
+        app.router.add_get(ENGINE_API.health, self.health)
+        app.router.add_get(ENGINE_API.models, self.models)
+        app.router.add_post(ENGINE_API.load, self.load)
+        app.router.add_post(ENGINE_API.unload, self.unload)
         app.router.add_post(serving.ENGINE_COMPLETIONS, self.completions)
         app.router.add_post(serving.ENGINE_CHAT, self.chat)
         app.router.add_post(serving.ENGINE_CLASSIFY, self.classify)
@@ -84,7 +81,7 @@ class Engine:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        if not self.ready and request.path != serving.ENGINE_HEALTH:
+        if not self.ready and request.path != ENGINE_API.health:
             loading = error_body(503, "ServiceUnavailableError", "The engine is loading the base model.")
             return web.json_response(loading, status=503)
         try:
@@ -473,7 +470,7 @@ async def serve(args: argparse.Namespace) -> int:
                      max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len)
     encoder = SentenceEncoder(Path(args.embedding_model), name=args.embedding_model_name) \
         if args.embedding_model else None
-    engine = Engine(host, root=args.model, encoder=encoder)
+    engine = ModelServer(host, root=args.model, encoder=encoder)
     # handler_cancellation: a client that gives up cancels its request, which stops its generation
     runner = web.AppRunner(engine.app(), handle_signals=False, shutdown_timeout=10, handler_cancellation=True,
                            access_log=logging.getLogger("aiohttp.access") if args.verbose else None)

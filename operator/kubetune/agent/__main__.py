@@ -16,7 +16,8 @@ import socket
 import sys
 from pathlib import Path
 
-from kubetune.agent import sync
+from kubetune import runtimes
+from kubetune.agent import kube, sync
 from kubetune.agent.proxy import serve
 from kubetune.api import jobconfig, serving
 from kubetune.clients.storage import ObjectStore, S3Settings
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kubetune.agent", description=__doc__.splitlines()[0])
     parser.add_argument("--engine-url", default=_env("ENGINE_URL", default="http://127.0.0.1:8000"),
                         help="the engine's OpenAI-compatible server (KUBETUNE_ENGINE_URL)")
+    parser.add_argument("--runtime", choices=sorted(runtimes.RUNTIMES),
+                        default=_env("RUNTIME", default=runtimes.DEFAULT_ENGINE),
+                        help="the engine's serving runtime, whose control API the agent speaks (KUBETUNE_RUNTIME)")
     parser.add_argument("--host", default=_env("HOST", default="0.0.0.0"), help="listen address (KUBETUNE_HOST)")
     parser.add_argument("--port", type=int, default=int(_env("PORT", default="8080")),
                         help="the port clients use (KUBETUNE_PORT)")
@@ -89,11 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace) -> sync.Agent:
     kubernetes = None
     if args.desired_configmap or not args.report_file:
-        kubernetes = sync.InClusterKube()
-    source = (sync.DesiredFile(Path(args.desired_file)) if args.desired_file
-              else sync.DesiredConfigMap(kubernetes, args.namespace, args.desired_configmap))
-    sink = (sync.ReportFile(Path(args.report_file)) if args.report_file
-            else sync.PodAnnotation(kubernetes, args.namespace, args.pod_name))
+        kubernetes = kube.InClusterKube()
+    source = (kube.DesiredFile(Path(args.desired_file)) if args.desired_file
+              else kube.DesiredConfigMap(kubernetes, args.namespace, args.desired_configmap))
+    sink = (kube.ReportFile(Path(args.report_file)) if args.report_file
+            else kube.PodAnnotation(kubernetes, args.namespace, args.pod_name))
     store = ObjectStore(S3Settings(endpoint=args.s3_endpoint, region=args.s3_region,
                                    access_key=os.environ.get(jobconfig.ENV_S3_ACCESS_KEY) or None,
                                    secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY) or None))
@@ -101,7 +105,7 @@ def build(args: argparse.Namespace) -> sync.Agent:
         engine_url=args.engine_url, namespace=args.namespace, pod=args.pod_name, cache_dir=Path(args.cache_dir),
         sync_seconds=args.sync_seconds, report_seconds=args.report_seconds, request_timeout=args.request_timeout,
         max_backoff=args.max_backoff, sample_flush_records=args.sample_flush_records,
-        sample_flush_seconds=args.sample_flush_seconds)
+        sample_flush_seconds=args.sample_flush_seconds, runtime=args.runtime)
     return sync.Agent(config, source, sink, store)
 
 
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         asyncio.run(run(args))
-    except sync.NotInCluster as exc:  # neither --desired-file nor --report-file, outside a cluster
+    except kube.NotInCluster as exc:  # neither --desired-file nor --report-file, outside a cluster
         log.error(str(exc))
         return 2
     return 0

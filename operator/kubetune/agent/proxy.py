@@ -3,9 +3,8 @@
 `POST /v1/completions`, `/v1/chat/completions`, `/classify`: the body's "model" (an alias or a version
 of this agent's namespace) is resolved to one loaded version (`plan.route`), rewritten, forwarded to
 the engine; the engine's status and body come back with `x-kubetune-version`. Every routed request is
-measured for its version; a sample of them is written to storage in JSON Lines batches.
-`GET /v1/models`, `/metrics`, `/healthz`, `/readyz`.
-"""
+measured for its version and sampled to storage in JSON Lines; also `GET /v1/models`, `/metrics`,
+`/healthz`, `/readyz`."""
 
 from __future__ import annotations
 
@@ -23,7 +22,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubetune.agent import plan
-from kubetune.agent.sync import Agent, ensure_s3_client
+from kubetune.agent.cache import ensure_s3_client
+from kubetune.agent.sync import Agent
 from kubetune.api import serving
 from kubetune.clients.storage import ObjectStore
 

@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     )
     adapterdeployment.RUNTIME.default_s3 = finetunejob.RUNTIME.default_s3
     adapterdeployment.RUNTIME.settings = adp.Settings(allowed_sources=allowed_storage)
-    adapterdeployment.RUNTIME.render = serving_render.ServingSettings(vllm_image=args.vllm_image,
-                                                                      agent_image=args.agent_image)
+    adapterdeployment.RUNTIME.render = serving_render.ServingSettings(
+        agent_image=args.agent_image).with_engine_image("vllm", args.vllm_image)
     adapterdeployment.RUNTIME.analyzer.max_retrains = args.max_concurrent_retrains
     adapterdeployment.RUNTIME.analyzer.drift_seconds = args.drift_seconds
     adapterdeployment.RUNTIME.watch_namespaces = tuple(args.namespace or ())

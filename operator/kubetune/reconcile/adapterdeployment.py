@@ -28,13 +28,12 @@ import datetime as dt
 import math
 from dataclasses import dataclass, field
 
+from kubetune import runtimes
 from kubetune.api import serving
 from kubetune.render import serving as render_serving
 
 from . import analysis, secrets, tenancy
 from . import conditions as cond
-
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank values vLLM accepts
 
 
 @dataclass(frozen=True)
@@ -105,14 +104,13 @@ def _plus(now: str, seconds: float) -> str:
 
 
 def runtime_max_rank(spec: dict, ranks: list[int]) -> int | None:
-    """The runtime's --max-lora-rank: the spec's, else the smallest value vLLM accepts that fits every
-    adapter (None when an adapter is larger than vLLM allows)."""
+    """The runtime's --max-lora-rank: the spec's, else the smallest value the runtime accepts that fits
+    every adapter (None when an adapter is larger than it allows)."""
     runtime = spec.get("runtime") or {}
     explicit = (runtime.get("managed") or runtime.get("selector") or {}).get("maxLoraRank")
     if explicit:
         return int(explicit)
-    needed = max(ranks, default=8)
-    return next((r for r in VLLM_LORA_RANKS if r >= needed), None)
+    return runtimes.runtime_of(spec).smallest_rank_for(max(ranks, default=8))
 
 
 def served_ranks(adep: dict, sources: dict) -> list[int]:
@@ -150,9 +148,10 @@ def preflight(adep: dict, adapter: dict, source: Source, settings: Settings, max
     if source.rank is not None and max_rank is not None and source.rank > max_rank:
         problems.append(("RankTooHigh", f"adapters[{name}]: rank {source.rank} is above the runtime's "
                          f"--max-lora-rank {max_rank}"))
+    runtime = runtimes.runtime_of(adep["spec"])
     if source.rank is not None and max_rank is None:
         problems.append(("RankTooHigh", f"adapters[{name}]: rank {source.rank} is above every --max-lora-rank "
-                         f"vLLM accepts ({VLLM_LORA_RANKS[-1]})"))
+                         f"{runtime.title} accepts ({runtime.lora_ranks[-1]})"))
     base = adep["spec"]["baseModel"]
     trained_on = source.base_model or {}
     if trained_on.get("uri") and trained_on["uri"] != base["uri"]:

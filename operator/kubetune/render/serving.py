@@ -1,18 +1,17 @@
-"""Children of an AdapterDeployment (pure): the desired-state ConfigMap its agents read, and for a
-managed runtime the vLLM Deployment (engine + agent sidecar), its Service and the agent's RBAC.
-
-Names are deterministic (`<adep>-desired`, `<adep>-serving`, `<adep>`, `<adep>-agent`), so any number
-of reconciles converges on one of each. With `runtime.selector` only the ConfigMap and the agent's
-RBAC are rendered: the selected pods already run an engine and the kubetune agent (pointed at the
-ConfigMap with `--desired-configmap <adep>-desired`).
+"""Children of an AdapterDeployment (pure): the desired-state ConfigMap and the agent's RBAC, and for
+a managed runtime the Deployment (the runtime's engine container + the agent sidecar) and its Service.
+Names are deterministic (`<adep>-desired`, `<adep>-serving`, `<adep>`, `<adep>-agent`); selected pods
+get only the ConfigMap and RBAC (docs/serving-runtimes.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
+from kubetune import runtimes
 from kubetune.api import serving
 from kubetune.api import v1alpha1 as api
 
@@ -26,9 +25,13 @@ ANNOTATION_TEMPLATE_HASH = "kubetune.io/template-hash"
 
 @dataclass(frozen=True)
 class ServingSettings:
-    vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    engine_images: Mapping[str, str] = field(  # runtime name -> engine image (runtime.managed.image overrides)
+        default_factory=lambda: {name: runtime.default_image for name, runtime in runtimes.RUNTIMES.items()})
     agent_image: str = "ghcr.io/kubetune/operator:0.1.0"  # the agent ships in the operator's image
     image_pull_policy: str = "IfNotPresent"
+
+    def with_engine_image(self, engine: str, image: str) -> ServingSettings:
+        return replace(self, engine_images={**self.engine_images, engine: image})
 
 
 def serving_name(adep_name: str) -> str:
@@ -93,16 +96,6 @@ def render_agent_rbac(adep: dict) -> list[dict]:
     ]
 
 
-def _model_args(base: dict) -> list[str]:
-    uri, revision = base["uri"], base.get("revision")
-    if uri.startswith("hf://"):
-        args = ["--model", uri.removeprefix("hf://")]
-        return args + (["--revision", revision] if revision else [])
-    if uri.startswith("s3://"):  # streamed straight from object storage
-        return ["--model", uri, "--load-format", "runai_streamer"]
-    return ["--model", uri.removeprefix("file://")]
-
-
 def _storage_env(spec: dict) -> list[dict]:
     storage = spec.get("storage") or {}
     env = []
@@ -128,52 +121,18 @@ def secret_env(spec: dict) -> list[dict]:
 
 _SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
              "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
-# Where the engine's caches go, so that its root filesystem can be read-only (docs/security.md).
-ENGINE_WRITABLE_ENV = (
-    ("HOME", "/tmp/home"),
-    ("XDG_CACHE_HOME", "/tmp/home/.cache"),
-    ("XDG_CONFIG_HOME", "/tmp/home/.config"),
-    ("VLLM_CACHE_ROOT", "/tmp/home/.cache/vllm"),
-    ("TRITON_CACHE_DIR", "/tmp/home/.triton"),
-    ("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor"),
-    ("NUMBA_CACHE_DIR", "/tmp/numba"),
-    ("VLLM_NO_USAGE_STATS", "1"),
-    ("DO_NOT_TRACK", "1"),
-)
 
 
 def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int) -> dict:
     meta, spec = adep["metadata"], adep["spec"]
     managed = spec["runtime"]["managed"]
-    gpus = int(managed.get("gpusPerReplica", 1))
-    base_name = spec["baseModel"]["uri"]
-    engine_args = [*_model_args(spec["baseModel"]), "--served-model-name", base_name, "--port", str(ENGINE_PORT),
-                   "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(managed["maxLoras"]),
-                   "--download-dir", MODEL_CACHE]
-    if gpus > 1:
-        engine_args += ["--tensor-parallel-size", str(gpus)]
-    resources = {"requests": {"nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}} if gpus else {}
-    engine = {
-        "name": "engine",
-        "image": managed.get("image") or settings.vllm_image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "args": engine_args,
-        # runtime LoRA loading and unloading through /v1/load_lora_adapter and /v1/unload_lora_adapter
-        # The root filesystem is read-only: every cache vLLM, torch, Triton and FlashInfer write goes to
-        # the "tmp" emptyDir (HOME, XDG dirs, compile caches) or the model cache; no usage-stats phone-home.
-        "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
-                {"name": "HF_HOME", "value": f"{MODEL_CACHE}/huggingface"},
-                *({"name": name, "value": value} for name, value in ENGINE_WRITABLE_ENV)],
-        "ports": [{"name": "engine", "containerPort": ENGINE_PORT}],
-        "readinessProbe": {"httpGet": {"path": serving.ENGINE_HEALTH, "port": ENGINE_PORT}, "periodSeconds": 5},
-        "startupProbe": {"httpGet": {"path": serving.ENGINE_HEALTH, "port": ENGINE_PORT}, "periodSeconds": 10,
-                         "failureThreshold": 180},
-        "resources": resources,
-        "volumeMounts": [{"name": "models", "mountPath": MODEL_CACHE}, {"name": "dshm", "mountPath": "/dev/shm"},
-                         {"name": "adapters", "mountPath": ADAPTER_CACHE, "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": _SECURITY,
-    }
+    runtime = runtimes.runtime_of(spec)
+    if runtime.engine_container is None:
+        raise ValueError(f"runtime {runtime.name} renders no engine container")
+    layout = runtimes.PodLayout(image=managed.get("image") or settings.engine_images[runtime.name],
+                                image_pull_policy=settings.image_pull_policy, port=ENGINE_PORT,
+                                model_cache=MODEL_CACHE, adapter_cache=ADAPTER_CACHE, security_context=_SECURITY)
+    engine = runtime.engine_container(spec, layout, max_lora_rank)
     agent = {
         "name": "agent",
         "image": settings.agent_image,
@@ -239,6 +198,7 @@ def render_children(adep: dict, settings: ServingSettings, desired: serving.Desi
                     max_lora_rank: int | None) -> list[dict]:
     """Every child in creation order (the ConfigMap and RBAC before the pods that use them)."""
     children = [render_desired_config_map(adep, desired), *render_agent_rbac(adep)]
-    if adep["spec"]["runtime"].get("managed") and max_lora_rank:
+    renders_engine = runtimes.runtime_of(adep["spec"]).engine_container is not None
+    if adep["spec"]["runtime"].get("managed") and renders_engine and max_lora_rank:
         children += [render_deployment(adep, settings, max_lora_rank), render_service(adep)]
     return children

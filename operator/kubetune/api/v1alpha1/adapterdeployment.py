@@ -198,6 +198,10 @@ ADAPTERDEPLOYMENT_SPEC = obj(
         "runtime": obj(
             "Serving pods: a managed vLLM Deployment, or existing pods selected by labels.",
             {
+                "engine": string("The inference engine (kubetune.runtimes): its accepted LoRA ranks, its adapter "
+                                 "API and, when managed, the engine container. kubetune-cpu (the CPU engine) "
+                                 "serves selected pods and kubetune local; a managed runtime renders no pods for it.",
+                                 default="vllm", enum=["vllm", "kubetune-cpu"]),
                 "managed": obj(
                     "A vLLM Deployment and Service rendered by the operator.",
                     {
