@@ -17,7 +17,7 @@ from kubetune.api import v1alpha1 as api
 from kubetune.api.validation import validate
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.render import serving as render
-from tests.factories import adapterdeployment
+from kubetune_testing.factories import adapterdeployment
 
 DIGEST = "sha256:" + "b" * 64
 
