@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kubetune.api import v1alpha1
 from kubetune.api.methods import METHODS as OPERATOR_FACTS
+from kubetune.api.v1alpha1 import finetunejob as v1alpha1_finetunejob
 from kubetune_trainer import modeling
 from kubetune_trainer.methods import METHODS
 
@@ -25,7 +25,7 @@ METHOD_SECTIONS = {
 
 
 def test_the_api_enum_the_trainer_registry_and_the_operator_table_name_the_same_methods():
-    assert list(METHODS) == list(v1alpha1.METHODS) == list(OPERATOR_FACTS) == list(METHOD_SECTIONS)
+    assert list(METHODS) == list(v1alpha1_finetunejob.METHODS) == list(OPERATOR_FACTS) == list(METHOD_SECTIONS)
     for name, method in METHODS.items():
         facts = OPERATOR_FACTS[name]
         assert method.name == name

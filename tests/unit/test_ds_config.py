@@ -241,9 +241,9 @@ def test_config_is_a_fresh_json_serialisable_dict():
 
 
 def test_constants_match_the_crd_enums():
-    from kubetune.api.v1alpha1 import finetunejob as v1alpha1
+    from kubetune.api.v1alpha1 import finetunejob as v1alpha1_finetunejob
 
-    assert {p.lower() for p in v1alpha1.PRECISIONS} - {"auto"} == set(ds_config.PRECISIONS)
+    assert {p.lower() for p in v1alpha1_finetunejob.PRECISIONS} - {"auto"} == set(ds_config.PRECISIONS)
 
 
 def test_method_limits_come_from_the_registry():

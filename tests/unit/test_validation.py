@@ -134,11 +134,11 @@ def test_file_sampling_is_for_kubetune_local_only():
 
 
 def test_the_operator_method_table_covers_the_api_enum_and_fills_each_settings_section():
-    from kubetune.api import v1alpha1
     from kubetune.api.methods import METHODS
+    from kubetune.api.v1alpha1 import finetunejob as v1alpha1_finetunejob
     from kubetune.api.validation import SETTINGS_SCHEMAS, resolve_method_defaults
 
-    assert list(METHODS) == list(v1alpha1.METHODS)
+    assert list(METHODS) == list(v1alpha1_finetunejob.METHODS)
     for name, facts in METHODS.items():
         resolved = resolve_method_defaults({"method": {"type": name}})["method"]
         assert set(resolved) - {"type"} == ({facts.settings} if facts.settings else set())
