@@ -1,17 +1,8 @@
-"""Storage unavailable while the trainer publishes (issue 8).
+"""Storage unavailable while the trainer publishes (issue 8), against SeaweedFS behind a dropping proxy.
 
-Publishing (`kubetune.clients.storage.publish_adapter`, what the trainer's `_publish` calls with the
-trainer's output store) uploads every file of the adapter and `manifest.json` last. Against a real S3
-server (SeaweedFS) behind a proxy that drops connections:
-
-* a transient outage is retried (botocore's standard retry mode, 5 attempts with backoff, configured in
-  `ObjectStore`) and the adapter is published whole;
-* a permanent one fails the publish with a connection error the trainer classifies as retryable (exit
-  143: the pod restarts and resumes from its last checkpoint, see test_resume.py), and no manifest is
-  written;
-* whatever happens, a manifest is never visible without every file it lists.
-
-The trainer killed (SIGKILL) mid-run and resuming from its last checkpoint is tests/trainer/test_resume.py.
+A transient outage is retried and the adapter published whole; a permanent one fails the publish as
+retryable (exit 143) with no manifest; a manifest is never visible without all its files
+(docs/testing.md, Faults). The trainer killed mid-run and resuming is tests/trainer/test_resume.py.
 """
 
 from __future__ import annotations

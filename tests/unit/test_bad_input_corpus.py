@@ -1,17 +1,8 @@
 """The bad-input corpus (tests/corpus): realistic mistakes, each refused with where and why.
 
-- `specs/*.yaml`: invalid FineTuneJobs and AdapterDeployments. Each file's leading comment says what
-  `kubetune validate` must report (`# expect: FIELD.PATH: part of the message`, one line per error). Run
-  through the CLI in-process: exit 1, every expected error on its field path, each line readable. The
-  API server's view (the structural schema, then the CEL rules on the defaulted object: what
-  `tests/integration/kubectl.py` gives the emulator) refuses the same file on the same path, except the
-  files marked `# semantic: true`, which only `kubetune validate` (and the operator) can refuse: the
-  API server accepts those, which the test checks too, so the mark cannot go stale.
-- `datasets/*.jsonl` with `datasets/expected.yaml`: malformed training data. Each file goes through
-  the trainer's own path (`train.load_data` reads it from a file:// dataset uri, `train.prepare_data`
-  checks lengths and acceptance); the report names every expected error class on exactly the expected
-  lines, and the job's outcome is `BadInput` (what the trainer exits with) unless the bad lines stay
-  within `dataset.maxInvalidFraction`.
+`specs/*.yaml` go through `kubetune validate` and the API server's view (`# expect:` lines, `# semantic:
+true` for what only validate can refuse); `datasets/*.jsonl` go through the trainer's own data path
+against `datasets/expected.yaml`. The file format is in docs/testing.md (Bad-input corpus).
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
-"""The serving side's contracts: operator -> agent, agent -> operator, agent <-> engine.
+"""The serving contracts, shared by the operator, the agent and the CPU engine (no I/O).
 
-Defined once and imported by the operator, the agent (`kubetune.agent`, a sidecar in every serving
-pod) and the CPU engine (`kubetune_engine`). No I/O here.
-
-- **Desired state (operator -> agent)**: a JSON document (`DesiredState`) in the ConfigMap
-  `<adapterdeployment>-desired`, key `desired.json`. Agents GET it every few seconds (pull, not push:
-  a rollout scales with pods, not with the operator). Each alias lists the versions that must be
-  loaded with their traffic weights (summing to 100).
-- **Report (agent -> operator)**: a JSON document (`AgentReport`) in the annotation
-  `kubetune.io/agent-report` of the agent's own Pod: what is loaded (by digest), refusals and errors,
-  cumulative per-version request metrics (the operator diffs two reports to analyse a window).
-- **Engine API (agent <-> engine)**: vLLM's OpenAI-compatible server with runtime LoRA updating
-  (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`): `/v1/models`, `/v1/load_lora_adapter`,
-  `/v1/unload_lora_adapter`, `/v1/completions`, `/v1/chat/completions`, and `/classify` for
-  sequence-classification models. The CPU engine serves the same paths and shapes.
-
-Names: clients ask for an alias, `<namespace>/<adapter name>` (or the bare adapter name, which the
-agent qualifies with its own namespace); the engine serves each version as
-`<namespace>/<adapter name>@<first 12 hex of the digest>`. Two tenants' adapters can never share a
-name, and one served name can never mean two different weights.
+`DesiredState` (operator -> agent, ConfigMap `<adep>-desired`), `AgentReport` (agent -> operator, Pod
+annotation `kubetune.io/agent-report`), the engine's LoRA API paths, and the served names
+`<namespace>/<adapter>@<digest12>`. The picture is in docs/architecture.md (shared contracts).
 """
 
 from __future__ import annotations
