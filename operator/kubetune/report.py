@@ -1,7 +1,7 @@
 """What `kubetune local` shows at the end of a run: the summary, and charts as PNG files.
 
 The rank sweep (table and chart, from a FineTuneJob's status alone), a FineTuneJob's report and an
-AdapterDeployment's report (docs/local.md lists the files). Pure: data in, files out (the callers read
+AdapterDeployment's report (docs/cli.md lists the files). Pure: data in, files out (the callers read
 storage); matplotlib is imported only when a chart is drawn, so the operator never needs it.
 """
 

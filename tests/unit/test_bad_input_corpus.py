@@ -2,7 +2,7 @@
 
 `specs/*.yaml` go through `kubetune validate` and the API server's view (`# expect:` lines, `# semantic:
 true` for what only validate can refuse); `datasets/*.jsonl` go through the trainer's own data path
-against `datasets/expected.yaml`. The file format is in docs/testing.md (Bad-input corpus).
+against `datasets/expected.yaml`. The file format is in tests/corpus/README.md.
 """
 
 from __future__ import annotations
