@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` (the main job on the embedded default) and `make test`.
-.PHONY: setup run serve sweep test lint generate
+.PHONY: setup run serve sweep test lint generate hooks
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,13 @@ test: setup
 lint: setup
 	@.venv/bin/ruff check operator trainer_image testing tests examples bench
 	@.venv/bin/lint-imports
+	@.venv/bin/python scripts/check-commits.py
 
 generate: setup
 	@.venv/bin/kubetune generate
+
+# The commit-message rule as a commit-msg hook of this clone (the same check `make lint` runs)
+hooks:
+	@mkdir -p "$$(git rev-parse --git-path hooks)"
+	@ln -sf "$(CURDIR)/scripts/commit-msg" "$$(git rev-parse --git-path hooks)/commit-msg"
+	@echo "installed the commit-msg hook: $$(git rev-parse --git-path hooks)/commit-msg"

@@ -7,6 +7,8 @@ echo "== ruff"
 ruff check operator trainer_image testing tests examples bench
 echo "== import-linter (operator layers)"
 lint-imports --no-cache
+echo "== commit messages"
+python scripts/check-commits.py
 echo "== generated files"
 kubetune generate --check
 echo "== pytest"

@@ -300,10 +300,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return operator_main.run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_offline_commands(sub) -> None:
     p = sub.add_parser("validate", help="schema + CEL + semantic checks, errors with field paths")
     p.add_argument("-f", "--file", required=True, help="YAML file (or - for stdin)")
     p.set_defaults(func=cmd_validate)
@@ -320,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="fail if a generated file differs, write nothing")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_local_command(sub) -> None:
     p = sub.add_parser("local", help="run a FineTuneJob, or serve an AdapterDeployment with its drift loop, on "
                                      "this machine through the operator's own decisions")
     p.add_argument("-f", "--file", required=True, help="YAML file with one FineTuneJob or one AdapterDeployment")
@@ -354,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help="model name sent to --embedding-url")
     p.set_defaults(func=cmd_local)
 
+
+def _add_operator_command(sub) -> None:
     p = sub.add_parser("operator", help="run the operator (kopf)")
     p.add_argument("-n", "--namespace", action="append", default=[], help="watch only these namespaces (repeat)")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
@@ -384,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "and results are written at once; 0: every change at once")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_operator)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_offline_commands(sub)
+    _add_local_command(sub)
+    _add_operator_command(sub)
     return parser
 
 

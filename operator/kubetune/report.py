@@ -1,14 +1,8 @@
 """What `kubetune local` shows at the end of a run: the summary, and charts as PNG files.
 
-- the rank sweep as a table and a chart, drawn from the FineTuneJob's status alone (status.sweep,
-  status.baseline), so a chart of a cluster job can be made the same way from `kubectl get ftj NAME -o json`;
-- a FineTuneJob's report (`RUN_DIR/<job>/report/`): loss.png (training and eval loss by step, from the
-  manifest's training.history), metrics.png (baseline vs fine-tuned) and summary.txt;
-- an AdapterDeployment's report (`RUN_DIR/<name>/report/`): drift.png (every drift window against its
-  thresholds, retrains marked), rollout.png (weight and answers per version over time) and summary.txt.
-
-Pure: data in, files out (the callers read storage). matplotlib is imported only here, and only when
-a chart is drawn: the operator never needs it.
+The rank sweep (table and chart, from a FineTuneJob's status alone), a FineTuneJob's report and an
+AdapterDeployment's report (docs/cli.md lists the files). Pure: data in, files out (the callers read
+storage); matplotlib is imported only when a chart is drawn, so the operator never needs it.
 """
 
 from __future__ import annotations

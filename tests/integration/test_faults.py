@@ -1,18 +1,9 @@
-"""Faults (issue 8): the operator killed at random points of random lifecycles, and the Kubernetes API
-misbehaving at a steady rate (409, 429, 500, slow responses, dropped watches).
+"""Faults (issue 8): the operator killed at random points, the Kubernetes API misbehaving (409, 429,
+500, slow responses, dropped watches).
 
-Each trial is independent (its own emulator, its own operator) and reproducible from its seed: the
-seed picks the lifecycle, the number of kills and where each one lands (after how many writes of the
-operator, or after how long). A kill is abrupt: the emulator drops every request of the operator from
-that point (its connection closed, nothing served, as if the process died between two writes), then
-the operator is stopped and started again. Meanwhile the test plays the rest of the cluster: the
-Kubeflow training operator (PyTorchJob conditions), the trainer (results and a real adapter published
-to SeaweedFS, manifest last) and the serving agents (reports on their Pods).
-
-At the end of every trial: the object converged to the phase its lifecycle ends in; every child exists
-exactly once and was created exactly once (the emulator's journal of writes); the adapter recorded in
-status is the one published (digest), and its manifest and files are still in storage; a FineTuneJob's
-phase never left a terminal phase.
+Each trial has its own emulator and operator and is reproducible from its seed; the test plays the
+rest of the cluster. Every trial must converge with each child created exactly once and the published
+adapter intact (docs/testing.md, Faults).
 """
 
 from __future__ import annotations

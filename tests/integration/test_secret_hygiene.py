@@ -1,12 +1,7 @@
-"""Secret hygiene through kopf + KMock + SeaweedFS (docs/security.md): Secrets with distinctive values are
-named by FineTuneJobs and AdapterDeployments that succeed and that fail (wrong credentials, so errors
-mention the storage). No value appears in any object the emulator ever stored (ConfigMaps, PyTorchJobs,
-Deployments, Events, every status, every version of every object), in any container's args, command or
-env values (credentials only as secretKeyRef), nor in any log record, formatted with the operator's JSON
-formatter at DEBUG. The operator reads Secrets only by GET, only those named by the spec of an object
-in that namespace (output/storage credentials), never with list or watch. And with per-namespace storage
-limits, a FineTuneJob or AdapterDeployment naming another tenant's storage is refused before anything
-reads it."""
+"""Secret hygiene through kopf + KMock + SeaweedFS (docs/security.md): no Secret value in any stored
+object, container spec or log record; Secrets read only by GET, only those a spec names; another
+tenant's storage refused before anything reads it (docs/testing.md, Secret hygiene).
+"""
 
 from __future__ import annotations
 

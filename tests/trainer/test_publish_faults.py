@@ -1,8 +1,8 @@
 """Storage unavailable while the trainer publishes (issue 8), against SeaweedFS behind a dropping proxy.
 
-A transient outage is retried (botocore standard mode, 5 attempts) and the adapter published whole; a
-permanent one fails as retryable (exit 143: the pod resumes, see test_resume.py) with no manifest
-written; a manifest is never visible without every file it lists (`manifest.json` is uploaded last).
+A transient outage is retried and the adapter published whole; a permanent one fails the publish as
+retryable (exit 143) with no manifest; a manifest is never visible without all its files
+(docs/testing.md, Faults). The trainer killed mid-run and resuming is tests/trainer/test_resume.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import pytest
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.clients.storage import ObjectStore, S3Settings, check_published, publish_adapter
-from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from kubetune_trainer.__main__ import _retryable
-from tests.integration.conftest import s3_server  # noqa: F401 (fixture)
+from tests.integration.conftest import ACCESS_KEY, BUCKET, SECRET_KEY, s3_server  # noqa: F401 (fixture)
 
 
 class FlakyProxy:

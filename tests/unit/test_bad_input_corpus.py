@@ -1,17 +1,8 @@
 """The bad-input corpus (tests/corpus): realistic mistakes, each refused with where and why.
 
-- `specs/*.yaml`: invalid FineTuneJobs and AdapterDeployments. Each file's leading comment says what
-  `kubetune validate` must report (`# expect: FIELD.PATH: part of the message`, one line per error). Run
-  through the CLI in-process: exit 1, every expected error on its field path, each line readable. The
-  API server's view (the structural schema, then the CEL rules on the defaulted object: what
-  `testing/kubetune_testing/kubectl.py` gives the emulator) refuses the same file on the same path, except the
-  files marked `# semantic: true`, which only `kubetune validate` (and the operator) can refuse: the
-  API server accepts those, which the test checks too, so the mark cannot go stale.
-- `datasets/*.jsonl` with `datasets/expected.yaml`: malformed training data. Each file goes through
-  the trainer's own path (`inputs.load_data` reads it from a file:// dataset uri, `inputs.prepare_data`
-  checks lengths and acceptance); the report names every expected error class on exactly the expected
-  lines, and the job's outcome is `BadInput` (what the trainer exits with) unless the bad lines stay
-  within `dataset.maxInvalidFraction`.
+`specs/*.yaml` go through `kubetune validate` and the API server's view (`# expect:` lines, `# semantic:
+true` for what only validate can refuse); `datasets/*.jsonl` go through the trainer's own data path
+against `datasets/expected.yaml`. The file format is in tests/corpus/README.md.
 """
 
 from __future__ import annotations
@@ -27,8 +18,8 @@ from kubetune.api import jobconfig
 from kubetune.api import v1alpha1 as api
 from kubetune.api.schema import iter_fields
 from kubetune.api.validation import root_schema, validate
-from kubetune_testing.kubectl import admission
 from kubetune_trainer import data
+from tests.integration.kubectl import admission
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 SPECS = sorted((CORPUS / "specs").glob("*.yaml"))
@@ -158,31 +149,31 @@ def _job_config(path: Path, entry: dict, out: Path) -> jobconfig.JobConfig:
 
 @pytest.fixture(scope="module")
 def trainer():
-    """The trainer's own data path (`kubetune_trainer.inputs` imports torch, which the spec tests do without)."""
+    """The trainer's own data path (`kubetune_trainer.train` imports torch, which the spec tests do without)."""
     pytest.importorskip("torch")
-    from kubetune_trainer import inputs
+    from kubetune_trainer import train
     from kubetune_trainer.modeling import BadInput
 
-    return inputs, BadInput
+    return train, BadInput
 
 
 @pytest.mark.parametrize("name", list(DATASETS), ids=[n.removesuffix(".jsonl") for n in DATASETS])
 def test_dataset_is_reported_with_line_numbers(name, tmp_path, trainer):
-    inputs, BadInput = trainer
+    train, BadInput = trainer
     entry = DATASETS[name]
     path = CORPUS / "datasets" / name
     assert entry["outcome"] in ("BadInput", "accepted")
     assert set(entry["errors"]) <= set(data.ERROR_CLASSES), entry["errors"]
     config = _job_config(path, entry, tmp_path)
 
-    loaded = inputs.load_data(config, NoProgress())
+    loaded = train.load_data(config, NoProgress())
     if entry["outcome"] == "BadInput":
         with pytest.raises(BadInput) as refused:
-            inputs.prepare_data(config, loaded, WordTokenizer())
+            train.prepare_data(config, loaded, WordTokenizer())
         summary = str(refused.value)
         assert "nothing was trained" in summary
     else:
-        count, render_chat = inputs.length_check_functions(WordTokenizer(), entry["format"])
+        count, render_chat = train._length_check_functions(WordTokenizer(), entry["format"])
         loaded.apply_length_check(count, config.spec["training"]["maxSeqLength"], render_chat=render_chat)
         assert loaded.acceptable(config.spec["dataset"]["maxInvalidFraction"])
         summary = loaded.summary()

@@ -1,16 +1,8 @@
-"""The user docs stay true to the code.
+"""The user docs stay true to the code (docs/testing.md, Docs checks).
 
-(a) Every `kubetune_...` metric named in docs/observability.md (in prose, tables or PromQL, with the suffixes
-    the Prometheus client exposes: `_total` for counters, `_bucket`/`_sum`/`_count` for histograms,
-    `_sum`/`_count` for summaries) is exported by the operator (`kubetune.controllers.metrics`) or the agent
-    (`kubetune.agent.telemetry.Telemetry`), and every exported metric is documented.
-(b) Every reason the code gives a failure (a FineTuneJob's `Failed` reason, `Accepted=False`; an
-    AdapterDeployment's `Validated=False` and `Degraded=True`; the agents' per-version errors; every `Warning`
-    Event and every drift-loop decision) appears, in backquotes, in docs/troubleshooting.md.
-
-The reasons are read from the source with patterns for the few ways the code sets them; each pattern must
-match (anchors below), so a refactor that changes how reasons are written fails here instead of silently
-checking nothing.
+(a) every metric named in docs/observability.md is exported, and every exported one documented;
+(b) every failure reason, Warning Event and drift decision the code gives is in docs/troubleshooting.md.
+Reasons are read from the source by anchored patterns, so a refactor of how they are written fails here.
 """
 
 from __future__ import annotations
@@ -47,7 +39,7 @@ def _families(metrics: list[MetricWrapperBase]) -> dict[str, str]:
 
 
 def exported_metrics() -> dict[str, str]:
-    from kubetune.agent.telemetry import Telemetry
+    from kubetune.agent.sync import Telemetry
     from kubetune.controllers import metrics as operator_metrics
 
     operator = [m for m in vars(operator_metrics).values() if isinstance(m, MetricWrapperBase)]

@@ -1,7 +1,8 @@
-"""The serving side's contracts (no I/O): the desired state (operator -> agent, a ConfigMap), the agent's
-report (agent -> operator, an annotation on its Pod), the inference paths and the served names. Imported
-by the operator, the agent and the CPU engine; the engines' control APIs are `kubetune.runtimes`'.
-See docs/serving-runtimes.md.
+"""The serving contracts, shared by the operator, the agent and the CPU engine (no I/O).
+
+`DesiredState` (operator -> agent, ConfigMap `<adep>-desired`), `AgentReport` (agent -> operator, Pod
+annotation `kubetune.io/agent-report`), the inference paths and the served names
+`<namespace>/<adapter>@<digest12>`. The engines' LoRA admin APIs are in `kubetune.runtimes`.
 """
 
 from __future__ import annotations

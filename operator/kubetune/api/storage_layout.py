@@ -1,15 +1,7 @@
 """Where a job's files live in object storage (the trainer -> storage contract).
 
-    <output.uri>/<namespace>/<name>/<uid>/             one prefix per job (uid: a re-created job
-                                                      with the same name never sees old files)
-        checkpoints/step-<N>/...                      resumable checkpoints
-        checkpoints/latest.json                        written after a checkpoint's files: {"step", "path"}
-        progress.json                                  the trainer's latest progress (throttled)
-        adapter/sha256-<hex>/<files>                   the adapter, content-addressed
-        manifest.json                                  written last: present == published
-        baseline/progress.json, baseline/result.json   the separate baseline evaluation (spec.baseline.target)
-        sweep/rank-<r>/progress.json, result.json,     one prefix per rank-sweep trial (its checkpoints
-                      checkpoints/...                 too); result.json is written last
+One prefix per job, `<output.uri>/<namespace>/<name>/<uid>/`, with `manifest.json` written last;
+the whole tree is drawn in docs/concepts.md (Storage layout).
 """
 
 from __future__ import annotations

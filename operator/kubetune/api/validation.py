@@ -1,14 +1,9 @@
 """Validation of kubetune objects as the API server would do it, plus checks it cannot do.
 
-Three layers, each reporting errors as ``FieldError(path, message)``:
-
-1. structural: the generated OpenAPI schema (types, enums, bounds, required fields, and unknown
-   fields, which the API server would silently prune);
-2. CEL: every ``x-kubernetes-validations`` rule, evaluated with a CEL engine on the defaulted object;
-3. semantic: rules that need arithmetic across sections (world size, batch divisibility) or knowledge
-   of the engines (DeepSpeed cannot change trainable parameters mid-run).
-
-`kubetune validate`, the operator (before it creates any child) and the tests all call `validate`.
+Three layers, each reporting ``FieldError(path, message)``: structural (the generated OpenAPI schema,
+unknown fields included), CEL (every ``x-kubernetes-validations`` rule on the defaulted object) and
+semantic (arithmetic across sections, engine limits). `kubetune validate`, the operator and the tests
+all call `validate`.
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """Do the Secrets a resource's pods reference exist, with the keys they name? (pure)
 
-Pods read credentials only through `secretKeyRef` environment variables (never values in a spec,
-ConfigMap or argument). A missing Secret or key does not fail anything visibly: the kubelet keeps the
-pods in `CreateContainerConfigError` and the job or rollout waits forever. So the operator looks first:
-the Secrets a resource names are read (GET by name, in its own namespace: the only Secrets it reads),
-and what is missing becomes a condition and a Warning Event naming the Secret, the key and the variable
-that needs it; nothing new is started until it is there (a GitOps sync may create the Secret a moment
-after the resource, so this waits rather than fails).
-
-The references are taken from the rendered pod environment itself (`secret_refs`), so the check covers
-exactly what the pods will ask the kubelet for. Only the Secret the operator itself uses (a resource's
-storage credentials) is read whole, so its keys are checked too; every other one (a model token, tracking
-keys) is read as metadata only (PartialObjectMetadata: its values never reach the operator), so only its
-existence is checked.
+References come from the rendered pod environment (`secret_refs`); what is missing becomes a condition
+and a Warning Event, and nothing new starts until it is there (a GitOps sync may create it a moment
+later). Why, and what is read of each Secret: docs/security.md (Secret values).
 """
 
 from __future__ import annotations

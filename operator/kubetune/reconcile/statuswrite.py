@@ -1,17 +1,8 @@
 """Throttled status writes (pure): which status patch to send now, and which can wait.
 
-A running FineTuneJob's progress (step, loss, tokens/s, ETA...) changes on every poll, and a
-drift-watched AdapterDeployment's open window grows on every pass: written as they come, each object
-costs the API server a status write every few seconds. Those *volatile* fields are written at most
-every `min_interval_seconds`; any other change (phase, conditions, observedGeneration, the adapter,
-baseline and sweep results, failures, rollout state, drift state, verdicts, history and retrains...)
-is written at once, and with it the volatile fields' latest values.
-
-Nothing is lost by waiting: the controllers diff `decide()`'s new status against the *stored* one, so
-a skipped write's values are part of the next write. The time of the last write is stored in
-`status.lastUpdateTime` (it survives operator restarts and tells users how fresh the status is);
-every write sets it. A pass that finds only volatile changes older than the interval writes them, and
-the periodic timers keep passing while a job runs, so progress never freezes.
+Volatile fields (training progress, the open drift window) are written at most every
+`min_interval_seconds`; any other change is written at once, with them. Nothing is lost by waiting:
+the next diff against the stored status carries it. See docs/concepts.md (Where status comes from).
 """
 
 from __future__ import annotations
