@@ -18,8 +18,9 @@ import pytest
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.clients.storage import ObjectStore, S3Settings, check_published, publish_adapter
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from kubetune_trainer.__main__ import _retryable
-from tests.integration.conftest import ACCESS_KEY, BUCKET, SECRET_KEY, s3_server  # noqa: F401 (fixture)
+from tests.integration.conftest import s3_server  # noqa: F401 (fixture)
 
 
 class FlakyProxy:

@@ -18,8 +18,8 @@ from kubetune.api import jobconfig
 from kubetune.api import v1alpha1 as api
 from kubetune.api.schema import iter_fields
 from kubetune.api.validation import root_schema, validate
+from kubetune_testing.kubectl import admission
 from kubetune_trainer import data
-from tests.integration.kubectl import admission
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 SPECS = sorted((CORPUS / "specs").glob("*.yaml"))
@@ -149,31 +149,31 @@ def _job_config(path: Path, entry: dict, out: Path) -> jobconfig.JobConfig:
 
 @pytest.fixture(scope="module")
 def trainer():
-    """The trainer's own data path (`kubetune_trainer.train` imports torch, which the spec tests do without)."""
+    """The trainer's own data path (`kubetune_trainer.inputs` imports torch, which the spec tests do without)."""
     pytest.importorskip("torch")
-    from kubetune_trainer import train
+    from kubetune_trainer import inputs
     from kubetune_trainer.modeling import BadInput
 
-    return train, BadInput
+    return inputs, BadInput
 
 
 @pytest.mark.parametrize("name", list(DATASETS), ids=[n.removesuffix(".jsonl") for n in DATASETS])
 def test_dataset_is_reported_with_line_numbers(name, tmp_path, trainer):
-    train, BadInput = trainer
+    inputs, BadInput = trainer
     entry = DATASETS[name]
     path = CORPUS / "datasets" / name
     assert entry["outcome"] in ("BadInput", "accepted")
     assert set(entry["errors"]) <= set(data.ERROR_CLASSES), entry["errors"]
     config = _job_config(path, entry, tmp_path)
 
-    loaded = train.load_data(config, NoProgress())
+    loaded = inputs.load_data(config, NoProgress())
     if entry["outcome"] == "BadInput":
         with pytest.raises(BadInput) as refused:
-            train.prepare_data(config, loaded, WordTokenizer())
+            inputs.prepare_data(config, loaded, WordTokenizer())
         summary = str(refused.value)
         assert "nothing was trained" in summary
     else:
-        count, render_chat = train._length_check_functions(WordTokenizer(), entry["format"])
+        count, render_chat = inputs.length_check_functions(WordTokenizer(), entry["format"])
         loaded.apply_length_check(count, config.spec["training"]["maxSeqLength"], render_chat=render_chat)
         assert loaded.acceptable(config.spec["dataset"]["maxInvalidFraction"])
         summary = loaded.summary()

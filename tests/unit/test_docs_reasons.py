@@ -39,7 +39,7 @@ def _families(metrics: list[MetricWrapperBase]) -> dict[str, str]:
 
 
 def exported_metrics() -> dict[str, str]:
-    from kubetune.agent.sync import Telemetry
+    from kubetune.agent.telemetry import Telemetry
     from kubetune.controllers import metrics as operator_metrics
 
     operator = [m for m in vars(operator_metrics).values() if isinstance(m, MetricWrapperBase)]
