@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from kubetune import runtimes
+from kubetune.agent import __main__ as agent_main
 from kubetune.agent import kube, sync
 from kubetune.agent.proxy import serve
 from kubetune.api import serving
@@ -140,3 +142,13 @@ def test_outside_a_cluster_the_in_cluster_client_refuses(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     with pytest.raises(kube.NotInCluster):
         kube.InClusterKube(root=tmp_path)  # no ca.crt
+
+
+def test_the_agent_speaks_the_control_api_of_the_runtime_it_is_told(monkeypatch, tmp_path):
+    monkeypatch.delenv("KUBETUNE_RUNTIME", raising=False)
+    common = ["--namespace", NS, "--desired-file", str(tmp_path / "d.json"), "--report-file", str(tmp_path / "r")]
+    assert agent_main.parse_args(common).runtime == runtimes.DEFAULT_ENGINE
+    args = agent_main.parse_args([*common, "--runtime", "kubetune-cpu", "--cache-dir", str(tmp_path / "cache")])
+    assert agent_main.build(args).config.runtime == "kubetune-cpu"
+    with pytest.raises(SystemExit):
+        agent_main.parse_args([*common, "--runtime", "no-such-engine"])

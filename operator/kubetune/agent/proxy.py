@@ -1,10 +1,8 @@
-"""The agent's HTTP front: the port clients use.
-
-`POST /v1/completions`, `/v1/chat/completions`, `/classify`: the body's "model" (an alias or a version
-of this agent's namespace) is resolved to one loaded version (`plan.route`), rewritten, forwarded to
-the engine; the engine's status and body come back with `x-kubetune-version`. Every routed request is
-measured for its version and sampled to storage in JSON Lines; also `GET /v1/models`, `/metrics`,
-`/healthz`, `/readyz`."""
+"""The agent's HTTP front, the port clients use: `POST /v1/completions`, `/v1/chat/completions` and
+`/classify` resolve the body's "model" (an alias or a version of this agent's namespace) to one loaded
+version (`plan.route`) and forward it; the answer carries `x-kubetune-version`. Every routed request is
+measured and sampled to storage in JSON Lines; also `GET /v1/models`, `/metrics`, `/healthz`, `/readyz`.
+"""
 
 from __future__ import annotations
 
