@@ -15,6 +15,7 @@ import kmock
 import pytest
 
 from kubetune.api import storage_layout
+from kubetune.backends import render_children
 from kubetune.clients import kube
 from kubetune.reconcile import conditions as cond
 from kubetune.render import training as render
@@ -600,7 +601,7 @@ async def test_trial_created_just_before_a_crash_is_adopted_not_duplicated(opera
     spec = validate(job).defaulted["spec"]
     stage = stages.trial_stage(spec, 4)
     assert stage.kind == jobconfig.STAGE_TRIAL
-    for child in render.render_children({**job, "spec": stages.trial_spec(spec, 4)}, operator.settings.render, stage):
+    for child in render_children({**job, "spec": stages.trial_spec(spec, 4)}, operator.settings.render, stage):
         resource = kube.CONFIGMAPS if child["kind"] == "ConfigMap" else kube.PYTORCHJOBS
         await api.client.create(resource, child)
     uid = (await api.get(kube.PYTORCHJOBS, "sw-adopt-sweep-r4"))["metadata"]["uid"]

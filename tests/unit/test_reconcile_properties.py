@@ -30,9 +30,11 @@ from kubetune.api import progress as progress_api
 from kubetune.api import v1alpha1 as api
 from kubetune.api.schema import strict_json_schema
 from kubetune.api.validation import root_schema, validate
+from kubetune.backends import pytorchjob
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
+from kubetune.reconcile.finetunejob_plan import Plan, StageReport
 from kubetune.render import training as render
 
 PROPERTIES = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -217,7 +219,7 @@ PROGRESS = st.one_of(
                                                                         "message": st.text(max_size=20)}))}))
 RESULT = st.one_of(st.none(), ANY_JSON, st.fixed_dictionaries({}, optional={"metrics": GARBAGE_METRICS,
                                                                            "seconds": NUMBERISH}))
-STAGE_REPORTS = st.builds(ftj.StageReport, result=RESULT, progress=PROGRESS)
+STAGE_REPORTS = st.builds(StageReport, result=RESULT, progress=PROGRESS)
 
 
 @st.composite
@@ -257,12 +259,12 @@ def ftj_observations(draw, specs) -> ftj.Observed:
     for index in draw(st.lists(st.integers(0, len(stage_names) - 1), max_size=3, unique=True)):
         labels = stage_labels[index] if draw(st.integers(0, 4)) else {render.LABEL_STAGE: "trial",
                                                                       render.LABEL_RANK: "r?"}
-        stage_jobs[stage_names[index]] = draw(pytorchjobs(stage_names[index], labels))
+        stage_jobs[stage_names[index]] = pytorchjob.read_status(draw(pytorchjobs(stage_names[index], labels)))
     reports = {n: draw(STAGE_REPORTS) for n in stage_names if draw(st.booleans())}
     return ftj.Observed(
         job=job, now=NOW,
         config_map=draw(st.one_of(st.none(), st.just({"metadata": {"name": render.config_map_name(name)}}))),
-        pytorchjob=draw(st.one_of(st.none(), pytorchjobs(name))),
+        workload=draw(st.one_of(st.none(), pytorchjobs(name).map(pytorchjob.read_status))),
         manifest=draw(manifests()),
         progress=draw(PROGRESS),
         stage_jobs=stage_jobs,
@@ -280,15 +282,15 @@ def _started(job: dict) -> bool:
     return bool(status.get("trainingJob")) or ftj._stages_started(status)
 
 
-def check_finetunejob_plan(observed: ftj.Observed, plan: ftj.Plan) -> None:
+def check_finetunejob_plan(observed: ftj.Observed, plan: Plan) -> None:
     job = observed.job
     name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
-    assert isinstance(plan, ftj.Plan)
+    assert isinstance(plan, Plan)
     assert_writable(plan.status, FTJ_STATUS_SCHEMA)
     assert all(isinstance(e.message, str) and isinstance(e.reason, str) for e in plan.events)
     assert plan.requeue_after is None or plan.requeue_after > 0
-    existing = {c["metadata"]["name"] for c in observed.stage_jobs.values()}
-    existing |= {observed.pytorchjob["metadata"]["name"]} if observed.pytorchjob else set()
+    existing = {w.name for w in observed.stage_jobs.values()}
+    existing |= {observed.workload.name} if observed.workload else set()
     existing_config_maps = set(observed.stage_config_maps)
     if observed.config_map:
         existing_config_maps.add(observed.config_map["metadata"]["name"])
@@ -332,11 +334,11 @@ def test_finetunejob_decide_never_raises(observed):
         assert_invalid_spec(plan)
 
 
-def assert_invalid_spec(plan: ftj.Plan) -> None:
+def assert_invalid_spec(plan: Plan) -> None:
     accepted = cond.find(plan.status.get("conditions"), "Accepted")
     assert accepted and accepted["status"] == "False" and accepted["reason"] == "InvalidSpec", plan.status
     assert plan.status["phase"] == "Failed" and plan.status["failure"]["reason"] == "InvalidSpec"
-    assert plan.create == [] and plan.patch_pytorchjob is None and plan.patch_stage_jobs == {}
+    assert plan.create == [] and plan.suspend_workload is None and plan.suspend_stage_jobs == {}
 
 
 @PROPERTIES
@@ -548,7 +550,7 @@ def _sweeping_job() -> dict:
 def test_trial_result_with_nan_seconds_keeps_status_writable():
     result = {"metrics": {"eval_loss": 1.25}, "seconds": float("nan")}
     observed = ftj.Observed(job=_sweeping_job(), now=NOW,
-                            stage_reports={"llama-lora-sweep-r4": ftj.StageReport(result=result)})
+                            stage_reports={"llama-lora-sweep-r4": StageReport(result=result)})
     plan = ftj.decide(observed, SETTINGS)
     trial = plan.status["sweep"]["trials"][0]
     assert trial["state"] == "Succeeded" and trial["metric"] == 1.25 and "durationSeconds" not in trial
@@ -560,17 +562,18 @@ def test_trainer_files_that_are_not_objects():
     empty objects (the trial reported no metric), never an AttributeError that stops every reconcile of the job."""
     for garbage in ([], [1, 2], True, 3, "done"):
         observed = ftj.Observed(job=_sweeping_job(), now=NOW, stage_reports={
-            "llama-lora-sweep-r4": ftj.StageReport(result=garbage, progress=garbage)})
+            "llama-lora-sweep-r4": StageReport(result=garbage, progress=garbage)})
         plan = ftj.decide(observed, SETTINGS)
         trial = plan.status["sweep"]["trials"][0]
         assert trial["state"] == "Failed" and "reported no eval_loss" in trial["message"], garbage
         observed = ftj.Observed(job=_sweeping_job(), now=NOW, stage_reports={
-            "llama-lora-sweep-r4": ftj.StageReport(result={"metrics": garbage})})
+            "llama-lora-sweep-r4": StageReport(result={"metrics": garbage})})
         assert ftj.decide(observed, SETTINGS).status["sweep"]["trials"][0]["state"] == "Failed"
         job = {**_sweeping_job(), "status": {"phase": "Running", "trainingJob": {"name": "llama-lora"}}}
         running = {"metadata": {"name": "llama-lora"}, "status": {"conditions": [
             {"type": "Running", "status": "True", "lastTransitionTime": NOW}]}}
-        plan = ftj.decide(ftj.Observed(job=job, now=NOW, pytorchjob=running, progress=garbage), SETTINGS)
+        observed = ftj.Observed(job=job, now=NOW, workload=pytorchjob.read_status(running), progress=garbage)
+        plan = ftj.decide(observed, SETTINGS)
         assert plan.status["phase"] == "Running"
 
 
@@ -580,9 +583,9 @@ def test_running_job_whose_spec_lost_its_shape():
     job = {**_sweeping_job(), "status": {"phase": "Running", "trainingJob": {"name": "llama-lora"}}}
     job["spec"] = {**job["spec"], "runPolicy": "suspend"}
     del job["spec"]["output"]
-    for pytorchjob in (None, {"metadata": {"name": "llama-lora"}, "status": {"conditions": [
-            {"type": "Succeeded", "status": "True", "lastTransitionTime": NOW}]}}):
-        plan = ftj.decide(ftj.Observed(job=job, now=NOW, pytorchjob=pytorchjob, progress={"baselineMetrics": {}}),
+    for workload in (None, pytorchjob.read_status({"metadata": {"name": "llama-lora"}, "status": {"conditions": [
+            {"type": "Succeeded", "status": "True", "lastTransitionTime": NOW}]}})):
+        plan = ftj.decide(ftj.Observed(job=job, now=NOW, workload=workload, progress={"baselineMetrics": {}}),
                           SETTINGS)
         accepted = cond.find(plan.status["conditions"], "Accepted")
         assert accepted["reason"] == "InvalidSpecUpdate" and "spec.output: required field is missing" in \

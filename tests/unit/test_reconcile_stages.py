@@ -12,8 +12,12 @@ import jsonschema
 from kubetune.api import jobconfig
 from kubetune.api.schema import strict_json_schema
 from kubetune.api.validation import root_schema, validate
+from kubetune.backends import pytorchjob as pytorchjob_backend
+from kubetune.backends import render_children
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
+from kubetune.reconcile import stage_jobs
+from kubetune.reconcile.finetunejob_plan import Plan, StageReport
 from kubetune.render import training as render
 from tests.factories import finetunejob
 
@@ -59,19 +63,24 @@ class Cluster:
 
     def observe(self, now: str = NOW, progress: dict | None = None, manifest=None) -> ftj.Observed:
         name = self.job["metadata"]["name"]
-        stage_jobs = {n: p for n, p in self.pytorchjobs.items() if n != render.pytorchjob_name(name)}
+        stage_jobs = {n: pytorchjob_backend.read_status(p) for n, p in self.pytorchjobs.items()
+                      if n != render.workload_name(name)}
         self.reports_read = ftj.needs_stage_reports(self.job, stage_jobs)
-        reports = {n: ftj.StageReport(result=self.results.get(n), progress=self.progress.get(n))
+        reports = {n: StageReport(result=self.results.get(n), progress=self.progress.get(n))
                    for n in self.reports_read}
         return ftj.Observed(
             job=copy.deepcopy(self.job), now=now,
             config_map=self.config_maps.get(render.config_map_name(name)),
-            pytorchjob=self.pytorchjobs.get(render.pytorchjob_name(name)),
+            workload=self._training_workload(name),
             manifest=manifest, progress=progress, stage_jobs=stage_jobs,
             stage_config_maps=frozenset(n for n in self.config_maps if n != render.config_map_name(name)),
             stage_reports=reports)
 
-    def reconcile(self, now: str = NOW, progress: dict | None = None, manifest=None) -> ftj.Plan:
+    def _training_workload(self, name: str):
+        training = self.pytorchjobs.get(render.workload_name(name))
+        return pytorchjob_backend.read_status(training) if training is not None else None
+
+    def reconcile(self, now: str = NOW, progress: dict | None = None, manifest=None) -> Plan:
         plan = ftj.decide(self.observe(now, progress, manifest), SETTINGS)
         for child in plan.create:
             store = self.config_maps if child["kind"] == "ConfigMap" else self.pytorchjobs
@@ -79,9 +88,8 @@ class Cluster:
             assert name not in store, f"{child['kind']} {name} created twice"
             store[name] = copy.deepcopy(child)
             self.created.append((child["kind"], name))
-        for name, patch in plan.patch_stage_jobs.items():
-            run_policy = self.pytorchjobs[name]["spec"]["runPolicy"]
-            run_policy.update(patch["spec"]["runPolicy"])
+        for name, suspend in plan.suspend_stage_jobs.items():
+            self.pytorchjobs[name]["spec"]["runPolicy"]["suspend"] = suspend
         self.job = {**self.job, "status": copy.deepcopy(plan.status)}
         return plan
 
@@ -122,7 +130,7 @@ class Cluster:
         return {t["rank"]: t for t in self.status["sweep"]["trials"]}
 
 
-def created_pytorchjobs(plan: ftj.Plan) -> list[str]:
+def created_pytorchjobs(plan: Plan) -> list[str]:
     return [c["metadata"]["name"] for c in plan.create if c["kind"] == "PyTorchJob"]
 
 
@@ -134,7 +142,7 @@ def config_json(plan_or_cluster, name: str) -> dict:
     return json.loads(config_map["data"][jobconfig.CONFIG_FILE])
 
 
-def reasons(plan: ftj.Plan) -> list[str]:
+def reasons(plan: Plan) -> list[str]:
     return [e.reason for e in plan.events]
 
 
@@ -321,10 +329,10 @@ def test_suspended_baseline_is_not_launched_and_a_running_one_is_suspended():
     c.set(BASELINE_JOB, "Created", "Running")
     c.job["spec"]["runPolicy"] = {"suspend": True}
     plan = c.reconcile()
-    assert plan.patch_stage_jobs == {BASELINE_JOB: {"spec": {"runPolicy": {"suspend": True}}}}
+    assert plan.suspend_stage_jobs == {BASELINE_JOB: True}
     assert c.status["phase"] == "Suspended"
     plan = c.reconcile()
-    assert plan.patch_stage_jobs == {}  # already suspended
+    assert plan.suspend_stage_jobs == {}  # already suspended
 
 
 # --- the rank sweep ----------------------------------------------------------------------------------
@@ -661,18 +669,18 @@ def test_suspend_during_the_sweep_suspends_trials_and_launches_nothing():
     c.job["metadata"]["generation"] = 2
     plan = c.reconcile()
     assert plan.create == []  # r16 would have taken r4's slot
-    assert plan.patch_stage_jobs == {trial_name(8): {"spec": {"runPolicy": {"suspend": True}}}}
+    assert plan.suspend_stage_jobs == {trial_name(8): True}
     assert c.status["phase"] == "Suspended"
     assert c.condition("Suspended")["status"] == "True"
     assert "rank sweep is suspended" in c.condition("Suspended")["message"]
     assert c.trials()[4]["state"] == "Succeeded" and c.trials()[16]["state"] == "Queued"
     plan = c.reconcile()
-    assert plan.create == [] and plan.patch_stage_jobs == {}
+    assert plan.create == [] and plan.suspend_stage_jobs == {}
     # resume
     c.job["spec"]["runPolicy"] = {"suspend": False}
     c.job["metadata"]["generation"] = 3
     plan = c.reconcile()
-    assert plan.patch_stage_jobs == {trial_name(8): {"spec": {"runPolicy": {"suspend": False}}}}
+    assert plan.suspend_stage_jobs == {trial_name(8): False}
     assert created_pytorchjobs(plan) == [trial_name(16)]
     assert c.status["phase"] == "Sweeping" and c.condition("Suspended")["status"] == "False"
 
@@ -719,15 +727,17 @@ def test_needs_stage_reports_names_finished_and_vanished_stage_jobs_only():
 
 def test_needs_stage_reports_for_a_stage_job_the_status_does_not_know():
     job = finetunejob(rankSweep={"ranks": [4, 8]})
-    trial = render.render_children(validate(job).defaulted, render.RenderSettings(),
-                                   jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=4))[1]
-    finished = with_conditions(trial, "Succeeded", completion=DONE)
-    assert ftj.stage_of(job, finished) == jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=4)
+    trial = render_children(validate(job).defaulted, render.RenderSettings(),
+                            jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=4))[1]
+    finished = pytorchjob_backend.read_status(with_conditions(trial, "Succeeded", completion=DONE))
+    assert stage_jobs.stage_of(job, finished) == jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=4)
     assert ftj.needs_stage_reports(job, {trial_name(4): finished}) == {trial_name(4): ROOT + "sweep/rank-4/"}
-    assert ftj.needs_stage_reports(job, {trial_name(4): with_conditions(trial, "Running")}) == {}
+    running = pytorchjob_backend.read_status(with_conditions(trial, "Running"))
+    assert ftj.needs_stage_reports(job, {trial_name(4): running}) == {}
     stranger = {"metadata": {"name": "x", "labels": {render.LABEL_STAGE: "trial", render.LABEL_RANK: "four"}}}
-    assert ftj.stage_of(job, stranger) is None
-    assert ftj.needs_stage_reports(job, {"x": with_conditions(stranger, "Succeeded")}) == {}
+    assert stage_jobs.stage_of(job, pytorchjob_backend.read_status(stranger)) is None
+    stranger_done = pytorchjob_backend.read_status(with_conditions(stranger, "Succeeded"))
+    assert ftj.needs_stage_reports(job, {"x": stranger_done}) == {}
 
 
 def test_adopted_trial_that_finished_unrecorded_has_its_result_read():
@@ -765,7 +775,7 @@ def test_spec_invalid_mid_sweep_launches_nothing_and_does_not_fail():
     c.job["metadata"]["generation"] = 2
     c.succeed(trial_name(4), {"eval_loss": 1.3})
     plan = c.reconcile()
-    assert plan.create == [] and plan.patch_stage_jobs == {}
+    assert plan.create == [] and plan.suspend_stage_jobs == {}
     accepted = c.condition("Accepted")
     assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpecUpdate"
     assert "training.epochs or training.maxSteps" in accepted["message"]
