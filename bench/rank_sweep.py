@@ -4,7 +4,7 @@
     .venv/bin/python bench/rank_sweep.py --smoke --json /tmp/sweep.json   # CI-sized
 
 Three runs of the README's main job (LoRA on the pretrained MiniLM, 12 intents, examples/data/intents)
-through `kubetune.local.run`, i.e. the operator's state machine with real trainer processes, in one go:
+through `kubetune.local.finetunejob.run`, i.e. the operator's own passes with real trainer processes, in one go:
 
 - plain: no sweep (the rank from the spec);
 - sequential: a sweep of 4 ranks with parallelism 1, then the full run with the chosen rank;
