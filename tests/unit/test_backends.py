@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from kubetune.api import jobconfig
 from kubetune.api import v1alpha1 as api
 from kubetune.api.validation import validate
@@ -68,3 +70,10 @@ def test_pytorchjob_suspend_patch_and_local_launch():
     assert launch.processes == 4 and launch.backoff_limit == 2
     assert launch.command[:2] == ["python", "-m"] and "--config" in launch.command
     assert launch.config_map == render.config_map_name(job["metadata"]["name"])
+
+
+def test_the_backend_choice_stays_out_of_the_trainers_job_config():
+    job = validate(finetunejob()).defaulted
+    assert job["spec"]["backend"] == "PyTorchJob"
+    config_map, _ = render_children(job, render.RenderSettings())
+    assert "backend" not in json.loads(config_map["data"][jobconfig.CONFIG_FILE])["spec"]

@@ -93,7 +93,10 @@ def owner_reference(job: dict) -> dict:
 
 def render_job_config(job: dict, stage: jobconfig.Stage | None = None) -> jobconfig.JobConfig:
     meta = job["metadata"]
-    return jobconfig.job_config(meta["namespace"], meta["name"], meta["uid"], job["spec"], stage)
+    # The trainer does not care which workload runs it; leaving spec.backend out keeps every job config
+    # (and its config hash) as it was before backends were selectable.
+    spec = {key: value for key, value in job["spec"].items() if key != "backend"}
+    return jobconfig.job_config(meta["namespace"], meta["name"], meta["uid"], spec, stage)
 
 
 def config_map_data(job: dict, stage: jobconfig.Stage | None = None) -> dict[str, str]:
