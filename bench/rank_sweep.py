@@ -4,7 +4,7 @@
     .venv/bin/python bench/rank_sweep.py --smoke --json /tmp/sweep.json   # CI-sized
 
 Three runs of the README's main job (LoRA on the pretrained MiniLM, 12 intents, examples/data/intents)
-through `kubetune.local.run`, i.e. the operator's state machine with real trainer processes, in one go:
+through `kubetune.local.finetunejob.run`, i.e. the operator's own passes with real trainer processes, in one go:
 
 - plain: no sweep (the rank from the spec);
 - sequential: a sweep of 4 ranks with parallelism 1, then the full run with the chosen rank;
@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "operator"))
 
-from kubetune import local  # noqa: E402
+from kubetune.local import finetunejob as local  # noqa: E402
 
 
 def _minilm() -> Path:

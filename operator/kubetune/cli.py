@@ -218,7 +218,7 @@ def _finish_report(result, job_dir: Path, name_dir: Path, duration_seconds: floa
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from kubetune import local  # subprocesses and storage only where they are needed
+    from kubetune.local import finetunejob as local  # subprocesses and storage only where they are needed
 
     loaded = _load_documents(args.file)  # once: the file may be stdin
     kinds = [d.get("kind") for d in loaded]
@@ -274,7 +274,8 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def _local_adapterdeployment(document: dict, args: argparse.Namespace) -> int:
-    from kubetune import local, local_serving  # the engine and agents run as subprocesses, started there
+    from kubetune import local_serving  # the engine and agents run as subprocesses, started there
+    from kubetune.local import finetunejob as local
 
     if args.output:
         print("--output applies to a FineTuneJob; edit the AdapterDeployment instead", file=sys.stderr)

@@ -41,11 +41,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune import local, runtimes
+from kubetune import runtimes
 from kubetune.api import jobconfig, serving, storage_layout
 from kubetune.api.validation import validate
 from kubetune.clients import drift_storage, storage
 from kubetune.clients.sources import manifest_location, verified_source
+from kubetune.local import finetunejob as local
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import driftloop
 

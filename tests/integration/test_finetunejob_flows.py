@@ -10,6 +10,7 @@ import kmock
 import pytest
 
 from kubetune.api import storage_layout
+from kubetune.backends import render_children
 from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
 from kubetune.controllers import finetunejob as ftj_controller
@@ -234,12 +235,11 @@ async def test_crash_after_creating_children_before_status_adopts_them(operator,
     await operator.stop()
     created = await submit(api, s3_server, "adopt-job")
     from kubetune.api.validation import validate
-    from kubetune.render import training as render
 
     job = copy.deepcopy(created)
     job.update({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"})
-    for child in render.render_children(validate(job).defaulted | {"metadata": job["metadata"]},
-                                        operator.settings.render):
+    for child in render_children(validate(job).defaulted | {"metadata": job["metadata"]},
+                                 operator.settings.render):
         resource = kube.CONFIGMAPS if child["kind"] == "ConfigMap" else kube.PYTORCHJOBS
         await api.client.create(resource, child)
     await operator.start()

@@ -95,12 +95,13 @@ def test_every_exported_metric_is_documented():
 REASON_SOURCES = [
     # FineTuneJob: status.fail(reason, ...) -> phase Failed, Failed=True, status.failure.reason, Warning Event
     (OPERATOR / "reconcile/finetunejob.py", r"\.fail\(\s*\"(\w+)\"", "TrainingJobLost"),
+    (OPERATOR / "reconcile/stage_jobs.py", r"\.fail\(\s*\"(\w+)\"", "SweepFailed"),
     # Accepted=False
     (OPERATOR / "reconcile/finetunejob.py", r"condition\(\s*\"Accepted\",\s*False,\s*\"(\w+)\"", "InvalidSpecUpdate"),
     # a stage's (baseline, trial) failure reasons, inside BaselineFailed / SweepFailed / TrialFailed messages
-    (OPERATOR / "reconcile/finetunejob.py", r"_stage_failed\(\s*record,\s*\"(\w+)\"", "ResultMissing"),
-    # the reason when the PyTorchJob's Failed condition has none
-    (OPERATOR / "reconcile/finetunejob.py", r"failed\.get\(\"reason\"\)\s*or\s*\"(\w+)\"", "TrainingFailed"),
+    (OPERATOR / "reconcile/stage_jobs.py", r"_stage_failed\(\s*record,\s*\"(\w+)\"", "ResultMissing"),
+    # the reason when the training workload's failure has none
+    (OPERATOR / "reconcile/finetunejob.py", r"workload\.reason\s*or\s*\"(\w+)\"", "TrainingFailed"),
     # manifest verification problems: AdapterPublished=False / Failed=True / Validated=False
     (OPERATOR / "api/manifest.py", r"ManifestProblem\(\s*\"(\w+)\"", "DigestMismatch"),
     (OPERATOR / "clients/storage.py", r"ManifestProblem\(\s*\"(\w+)\"", "AdapterFileCorrupt"),
@@ -123,7 +124,7 @@ REASON_SOURCES = [
     # Secrets or keys the pods reference that do not exist (SecretsFound=False, a Warning Event)
     (OPERATOR / "reconcile/secrets.py", r"^SECRET_\w+\s*=\s*\"(\w+)\"", "SecretNotFound"),
     # every Warning Event of the state machines
-    (OPERATOR / "reconcile/finetunejob.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "TrialFailed"),
+    (OPERATOR / "reconcile/stage_jobs.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "TrialFailed"),
     (OPERATOR / "reconcile/adapterdeployment.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "RolledBack"),
     # the drift loop: every decision and Event (it sets no condition), retrain outcomes, gate verdicts
     (OPERATOR / "reconcile/driftloop.py", r"(?:Event|decision)\(\s*\"(?:Warning|Normal)\",\s*\"(\w+)\"",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 from kubetune.api.manifest import ManifestCheck, ManifestProblem
+from kubetune.backends import pytorchjob as pytorchjob_backend
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
 from kubetune_testing.factories import finetunejob
@@ -25,7 +26,8 @@ MANIFEST = {
 
 def step(job, pytorchjob=None, config_map=True, manifest=None, now=NOW):
     cm = {"metadata": {"name": "llama-lora-config"}} if config_map else None
-    plan = ftj.decide(ftj.Observed(job=job, now=now, config_map=cm, pytorchjob=pytorchjob, manifest=manifest),
+    workload = pytorchjob_backend.read_status(pytorchjob) if pytorchjob is not None else None
+    plan = ftj.decide(ftj.Observed(job=job, now=now, config_map=cm, workload=workload, manifest=manifest),
                       SETTINGS)
     after = copy.deepcopy(job)
     after["status"] = plan.status
@@ -42,6 +44,10 @@ def pj(*conditions, suspend=False, replicas=None, start="2026-11-28T11:00:00Z", 
     if completion:
         status["completionTime"] = completion
     return {"metadata": {"name": "llama-lora"}, "spec": {"runPolicy": {"suspend": suspend}}, "status": status}
+
+
+def view(pytorchjob):
+    return pytorchjob_backend.read_status(pytorchjob)
 
 
 def condition(job, kind):
@@ -145,17 +151,17 @@ def test_suspend_and_resume_patch_the_pytorchjob():
     job["spec"]["runPolicy"] = {"suspend": True}
     job["metadata"]["generation"] = 2
     plan, job = step(job, pytorchjob=pj(("Running", "Running", "")))
-    assert plan.patch_pytorchjob == {"spec": {"runPolicy": {"suspend": True}}}
+    assert plan.suspend_workload is True
     assert job["status"]["phase"] == "Suspended"
     assert condition(job, "Suspended")["status"] == "True"
     assert condition(job, "Running")["status"] == "False"
     assert condition(job, "Accepted")["reason"] == "TrainingSpecLocked"
     plan, job = step(job, pytorchjob=pj(("Suspended", "Suspended", ""), suspend=True))
-    assert plan.patch_pytorchjob is None
+    assert plan.suspend_workload is None
     job["spec"]["runPolicy"] = {"suspend": False}
     job["metadata"]["generation"] = 3
     plan, job = step(job, pytorchjob=pj(("Suspended", "Suspended", ""), suspend=True))
-    assert plan.patch_pytorchjob == {"spec": {"runPolicy": {"suspend": False}}}
+    assert plan.suspend_workload is False
     assert condition(job, "Suspended")["status"] == "False"
     plan, job = step(job, pytorchjob=pj(("Running", "Running", "")))
     assert job["status"]["phase"] == "Running"
@@ -181,7 +187,7 @@ def test_failure_carries_the_reason():
 def test_success_waits_for_the_manifest_then_publishes():
     job = created_job()
     succeeded = pj(("Succeeded", "PyTorchJobSucceeded", "done"), completion="2026-11-28T11:55:00Z")
-    assert ftj.needs_manifest(job, succeeded)
+    assert ftj.needs_manifest(job, view(succeeded))
     plan, job = step(job, pytorchjob=succeeded, manifest=ManifestCheck(found=False))
     assert job["status"]["phase"] == "Publishing"
     published = condition(job, "AdapterPublished")
@@ -200,7 +206,7 @@ def test_success_waits_for_the_manifest_then_publishes():
     assert adapter["manifestUri"] == "s3://adapters/team-a/team-a/llama-lora/0b7f-uid/manifest.json"
     assert job["status"]["progress"]["evalLoss"] == 1.25
     assert plan.events[-1].reason == "AdapterPublished"
-    assert not ftj.needs_manifest(job, succeeded)
+    assert not ftj.needs_manifest(job, view(succeeded))
 
 
 def test_missing_manifest_fails_after_the_timeout():
@@ -231,7 +237,7 @@ def test_finished_job_survives_ttl_removal_of_the_pytorchjob():
     _, job = step(job, pytorchjob=pj(("Succeeded", "S", "")), manifest=check)
     final = copy.deepcopy(job["status"])
     plan, job = step(job, pytorchjob=None, config_map=False)
-    assert plan.create == [] and plan.patch_pytorchjob is None
+    assert plan.create == [] and plan.suspend_workload is None
     assert job["status"] == final
 
 
@@ -275,15 +281,15 @@ PROGRESS = {"api": "kubetune.io/progress/v1", "stage": "training", "step": 30, "
 
 
 def progress_step(job, pytorchjob, progress):
-    plan = ftj.decide(ftj.Observed(job=job, now=NOW, config_map={"metadata": {}}, pytorchjob=pytorchjob,
-                                   progress=progress), SETTINGS)
+    plan = ftj.decide(ftj.Observed(job=job, now=NOW, config_map={"metadata": {}},
+                                   workload=pytorchjob_backend.read_status(pytorchjob), progress=progress), SETTINGS)
     return plan, {**job, "status": plan.status}
 
 
 def test_trainer_progress_reaches_status_with_percent():
     running = pj(("Running", "PyTorchJobRunning", "running"))
     job = created_job()
-    assert ftj.needs_progress(job, running) and not ftj.needs_progress(job, None)
+    assert ftj.needs_progress(job, view(running)) and not ftj.needs_progress(job, None)
     plan, job = progress_step(job, running, PROGRESS)
     progress = job["status"]["progress"]
     assert progress["step"] == 30 and progress["percent"] == 25 and progress["stage"] == "training"
@@ -324,10 +330,10 @@ def test_a_pending_job_is_not_polled_for_progress_until_its_pods_start():
     and the PyTorchJob's own events (watched) say when one does."""
     job = created_job()
     created = pj(("Created", "PyTorchJobCreated", "created"))
-    assert not ftj.needs_progress(job, created) and not ftj.needs_progress(job, pj())
+    assert not ftj.needs_progress(job, view(created)) and not ftj.needs_progress(job, view(pj()))
     for started in (pj(("Running", "PyTorchJobRunning", "")), pj(("Failed", "PyTorchJobFailed", "")),
                     pj(("Restarting", "PyTorchJobRestarting", ""))):
-        assert ftj.needs_progress(job, started)  # a trainer that failed at once still left its reason
+        assert ftj.needs_progress(job, view(started))  # a trainer that failed at once still left its reason
     plan, job = step(job, pytorchjob=created)
     assert job["status"]["phase"] == "Pending"
     assert plan.requeue_after == SETTINGS.resync_seconds

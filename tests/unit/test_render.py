@@ -12,6 +12,7 @@ import yaml
 
 from kubetune.api.schema import strict_json_schema
 from kubetune.api.validation import validate
+from kubetune.backends import render_children
 from kubetune.render import training as render
 from kubetune_testing.factories import finetunejob
 from tests.conftest import shared_file
@@ -31,7 +32,7 @@ def pytorchjob_validator() -> jsonschema.Draft4Validator:
 def children(doc: dict) -> tuple[dict, dict]:
     result = validate(doc)
     assert result.ok, result.errors
-    config_map, pytorchjob = render.render_children(result.defaulted, SETTINGS)
+    config_map, pytorchjob = render_children(result.defaulted, SETTINGS)
     return config_map, pytorchjob
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+from kubetune.backends import pytorchjob as pytorchjob_backend
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.reconcile import secrets
@@ -16,7 +17,8 @@ S3_KEYS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
 
 
 def step(job, found, pytorchjob=None, stage_jobs=None):
-    plan = ftj.decide(ftj.Observed(job=job, now=NOW, pytorchjob=pytorchjob, secrets=found,
+    workload = pytorchjob_backend.read_status(pytorchjob) if pytorchjob is not None else None
+    plan = ftj.decide(ftj.Observed(job=job, now=NOW, workload=workload, secrets=found,
                                    stage_jobs=stage_jobs or {}), ftj.Settings())
     after = copy.deepcopy(job)
     after["status"] = plan.status

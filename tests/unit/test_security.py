@@ -15,11 +15,14 @@ import yaml
 
 from kubetune.api import jobconfig, serving
 from kubetune.api.validation import validate
+from kubetune.backends import pytorchjob as pytorchjob_backend
+from kubetune.backends import render_children
 from kubetune.controllers.main import _allowed_storage
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.reconcile import tenancy
+from kubetune.reconcile.finetunejob_plan import Plan
 from kubetune.render import serving as serving_render
 from kubetune.render import training as render
 from kubetune_testing.factories import adapterdeployment, finetunejob
@@ -64,7 +67,7 @@ def training_pods() -> dict[str, dict]:
     pods = {}
     for job_name, doc in JOBS.items():
         for stage_name, stage in STAGES.items():
-            for child in render.render_children(defaulted(doc), render.RenderSettings(), stage):
+            for child in render_children(defaulted(doc), render.RenderSettings(), stage):
                 if child["kind"] == "PyTorchJob":
                     for replica, spec in pod_specs_of_pytorchjob(child).items():
                         pods[f"{job_name}/{stage_name}/{replica}"] = spec
@@ -269,7 +272,7 @@ def test_every_storage_uri_of_a_finetunejob_is_checked():
     assert tenancy.finetunejob_storage(finetunejob()["spec"])[0][0] == "spec.dataset.uri"
 
 
-def conditions_of(plan: ftj.Plan) -> dict:
+def conditions_of(plan: Plan) -> dict:
     return {c["type"]: c for c in plan.status["conditions"]}
 
 
@@ -296,7 +299,8 @@ def test_a_running_finetunejob_goes_on_when_its_storage_is_no_longer_allowed():
     first = ftj.decide(ftj.Observed(job=job, now=NOW), ftj.Settings())
     job = {**job, "status": first.status}
     config_map, pytorchjob = first.create
-    plan = ftj.decide(ftj.Observed(job=job, now=NOW, config_map=config_map, pytorchjob=pytorchjob),
+    plan = ftj.decide(ftj.Observed(job=job, now=NOW, config_map=config_map,
+                                   workload=pytorchjob_backend.read_status(pytorchjob)),
                       ftj.Settings(allowed_storage={"team-a": ("s3://elsewhere/",)}))
     assert plan.create == [] and plan.status.get("phase") != "Failed"
     assert conditions_of(plan)["Accepted"]["reason"] == "StorageNotAllowed"

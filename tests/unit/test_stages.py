@@ -11,6 +11,7 @@ import pytest
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.api.validation import validate
+from kubetune.backends import render_children
 from kubetune.reconcile import stages
 from kubetune.render import training as render
 from kubetune_testing.factories import finetunejob
@@ -345,7 +346,7 @@ def test_45_character_job_name_with_rank_512_keeps_its_name():
     name = "a" * 44 + "z"
     assert len(name) == 45
     job_name = render.stage_job_name(name, trial(512))
-    assert job_name == f"{name}-sweep-r512" and len(job_name) == 56 <= render.MAX_PYTORCHJOB_NAME
+    assert job_name == f"{name}-sweep-r512" and len(job_name) == 56 <= render.MAX_WORKLOAD_NAME
     assert render.stage_job_name(name, trial(512)) == job_name
     assert render.stage_job_name(name, BASELINE) == f"{name}-baseline"
 
@@ -358,7 +359,7 @@ def test_long_job_names_are_hashed_within_63_characters(length):
         first, again = render.stage_job_name(base, stage), render.stage_job_name(base, stage)
         other = render.stage_job_name(sibling, stage)
         assert first == again
-        assert len(first) <= render.MAX_PYTORCHJOB_NAME and len(other) <= render.MAX_PYTORCHJOB_NAME
+        assert len(first) <= render.MAX_WORKLOAD_NAME and len(other) <= render.MAX_WORKLOAD_NAME
         assert first != other
         assert DNS_1035.match(first), first
         suffix = "baseline" if stage.kind == jobconfig.STAGE_BASELINE else f"sweep-r{stage.rank}"
@@ -391,7 +392,7 @@ def test_stage_job_names_never_collide_with_another_jobs_training_job():
 def test_rendered_trial_children_carry_stage_labels_and_mount_their_own_config():
     spec = sweep_spec()
     job = {**finetunejob(), "spec": stages.trial_spec(spec, 8)}
-    config_map, pytorchjob = render.render_children(job, render.RenderSettings(), stages.trial_stage(spec, 8))
+    config_map, pytorchjob = render_children(job, render.RenderSettings(), stages.trial_stage(spec, 8))
     assert config_map["metadata"]["name"] == "llama-lora-sweep-r8-config"
     assert pytorchjob["metadata"]["name"] == "llama-lora-sweep-r8"
     labels = pytorchjob["metadata"]["labels"]

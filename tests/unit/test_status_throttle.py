@@ -8,6 +8,7 @@ import copy
 
 import pytest
 
+from kubetune.backends import pytorchjob as pytorchjob_backend
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.reconcile import statuswrite as sw
 from kubetune_testing.factories import finetunejob
@@ -97,15 +98,15 @@ def test_the_real_state_machine_progress_is_volatile():
     job["metadata"]["uid"] = "0b7f-uid"
     first = ftj.decide(ftj.Observed(job=job, now=T0), ftj.Settings())
     job = {**job, "status": {**first.status, sw.LAST_WRITE: T0}}
-    pytorchjob = {**first.create[1], "status": {"conditions": [
-        {"type": "Running", "status": "True", "reason": "Running", "message": "", "lastTransitionTime": T0}]}}
+    workload = pytorchjob_backend.read_status({**first.create[1], "status": {"conditions": [
+        {"type": "Running", "status": "True", "reason": "Running", "message": "", "lastTransitionTime": T0}]}})
     progress = {"api": "kubetune.io/progress/v1", "stage": "training", "step": 5, "totalSteps": 10,
                 "updateTime": T0}
-    running_plan = ftj.decide(ftj.Observed(job=job, now=T0, pytorchjob=pytorchjob, progress=progress),
+    running_plan = ftj.decide(ftj.Observed(job=job, now=T0, workload=workload, progress=progress),
                               ftj.Settings())
     assert sw.should_write(job["status"], running_plan.status, T5, 10, FTJ)  # Pending -> Running
     job = {**job, "status": {**running_plan.status, sw.LAST_WRITE: T0}}
-    later = ftj.decide(ftj.Observed(job=job, now=T5, pytorchjob=pytorchjob,
+    later = ftj.decide(ftj.Observed(job=job, now=T5, workload=workload,
                                     progress={**progress, "step": 6, "updateTime": T5}), ftj.Settings())
     write = sw.status_write(job["status"], later.status, T5, 10, FTJ)
     assert write.throttled

@@ -1,10 +1,7 @@
-"""kopf handlers for FineTuneJob: thin triggers around one level-based reconcile.
+"""The cluster adapter for FineTuneJob: kopf triggers and the kube/storage port of `shell.run_pass`.
 
-Every trigger (the FineTuneJob created, changed or resumed; its PyTorchJob changed; a periodic
-resync) runs the same `reconcile(namespace, name)`: read the FineTuneJob and its children, read the
-manifest when the pure logic asks for it, call `finetunejob.decide`, carry out the plan. A per-job
-lock serialises concurrent triggers; deterministic child names and create-or-get make any number
-of runs, restarts and retries converge on exactly one PyTorchJob.
+Every trigger (the job created, changed or resumed; its workload changed; a periodic resync) runs one
+pass under a per-job lock; deterministic names and create-or-get converge on one workload per stage.
 """
 
 from __future__ import annotations
@@ -22,10 +19,13 @@ import kopf
 from kubetune.api import manifest as manifest_api
 from kubetune.api import storage_layout
 from kubetune.api import v1alpha1 as api
+from kubetune.backends import BACKENDS, backend_for_kind, backend_of
 from kubetune.clients import kube, storage
 from kubetune.reconcile import finetunejob as ftj
 from kubetune.reconcile import statuswrite
+from kubetune.reconcile.finetunejob_plan import Event, StageReport
 from kubetune.render import training as render
+from kubetune.shell import finetunejob as shell
 
 from . import metrics
 from .credentials import PassSecrets, object_store, secret_keys
@@ -70,47 +70,9 @@ class _PassStore:
         return self._store
 
 
-async def _check_manifest(job: dict, stores: _PassStore) -> manifest_api.ManifestCheck:
-    store = await stores.get()
-    try:
-        return await asyncio.to_thread(storage.check_published, store, ftj.job_prefix(job), RUNTIME.verify_content)
-    except Exception as exc:  # storage down: treat as "not there yet"; the resync retries
-        log.warning("manifest check failed", extra={"job": job["metadata"]["name"], "error": str(exc)})
-        return manifest_api.ManifestCheck(found=False)
-
-
-async def _read_progress(job: dict, stores: _PassStore) -> dict | None:
-    """The trainer's progress.json (None when absent, unreadable or storage is down: progress can wait)."""
-    store = await stores.get()
-    try:
-        raw = await asyncio.to_thread(store.read, storage_layout.progress_uri(ftj.job_prefix(job)))
-        return json.loads(raw) if raw else None
-    except Exception as exc:
-        log.debug("progress read failed", extra={"job": job["metadata"]["name"], "error": str(exc)})
-        return None
-
-
 async def _read_json(store: storage.ObjectStore, uri: str) -> dict | None:
     raw = await asyncio.to_thread(store.read, uri)
     return json.loads(raw) if raw else None
-
-
-async def _read_stage_reports(job: dict, wanted: dict[str, str], stores: _PassStore) -> dict[str, ftj.StageReport]:
-    """result.json and progress.json of finished (or vanished) stage jobs. A stage whose files cannot be
-    read now is left out: the state machine waits for the next pass instead of guessing."""
-    if not wanted:
-        return {}
-    store = await stores.get()
-    reports = {}
-    for name, prefix in wanted.items():
-        try:
-            reports[name] = ftj.StageReport(
-                result=await _read_json(store, storage_layout.result_uri(prefix)),
-                progress=await _read_json(store, storage_layout.progress_uri(prefix)))
-        except Exception as exc:
-            log.warning("stage result read failed", extra={"job": job["metadata"]["name"], "stage": name,
-                                                           "error": str(exc)})
-    return reports
 
 
 async def write_status(client: kube.KubeClient, resource: kube.Resource, obj: dict, new: dict, volatile: tuple,
@@ -130,59 +92,101 @@ async def write_status(client: kube.KubeClient, resource: kube.Resource, obj: di
     return True
 
 
-def _owned_by(child: dict, job: dict) -> bool:
-    return any(o.get("uid") == job["metadata"].get("uid") for o in child["metadata"].get("ownerReferences") or [])
+class ClusterPass:
+    """The cluster side of one pass over one FineTuneJob (shell.finetunejob.FineTuneJobPort): the kube
+    API, the job's storage and its Secrets, each read at most once per pass."""
+
+    def __init__(self, client: kube.KubeClient, namespace: str, name: str):
+        self.client, self.namespace, self.name = client, namespace, name
+        self.secrets = PassSecrets(client, namespace)
+        self.stores: _PassStore | None = None  # once the job is read
+
+    async def read_job(self) -> dict | None:
+        job = await self.client.get(kube.FINETUNEJOBS, self.namespace, self.name)
+        if job is not None:
+            job.setdefault("apiVersion", api.API_VERSION)
+            job.setdefault("kind", "FineTuneJob")
+            self.stores = _PassStore(job, self.secrets)
+        return job
+
+    def _selector(self) -> str:
+        return f"{render.LABEL_JOB}={self.name}"
+
+    async def list_config_maps(self, job: dict) -> list[dict]:
+        return await self.client.list(kube.CONFIGMAPS, self.namespace, self._selector())
+
+    async def list_workloads(self, job: dict) -> list[shell.Workload]:
+        backend = backend_of(job)
+        found = await self.client.list(_resource(backend.kind), self.namespace, self._selector())
+        return [shell.Workload(w["metadata"], backend.read_status(w)) for w in found]
+
+    async def check_manifest(self, job_prefix: str) -> manifest_api.ManifestCheck:
+        store = await self.stores.get()
+        try:
+            return await asyncio.to_thread(storage.check_published, store, job_prefix, RUNTIME.verify_content)
+        except Exception as exc:  # storage down: treat as "not there yet"; the resync retries
+            log.warning("manifest check failed", extra={"job": self.name, "error": str(exc)})
+            return manifest_api.ManifestCheck(found=False)
+
+    async def read_progress(self, prefix: str) -> dict | None:
+        """The trainer's progress.json (None when absent, unreadable or storage is down: progress can wait)."""
+        store = await self.stores.get()
+        try:
+            return await _read_json(store, storage_layout.progress_uri(prefix))
+        except Exception as exc:
+            log.debug("progress read failed", extra={"job": self.name, "error": str(exc)})
+            return None
+
+    async def read_stage_report(self, prefix: str) -> StageReport | None:
+        """result.json and progress.json of a finished (or vanished) stage job; None when unreadable now."""
+        store = await self.stores.get()
+        try:
+            return StageReport(result=await _read_json(store, storage_layout.result_uri(prefix)),
+                                   progress=await _read_json(store, storage_layout.progress_uri(prefix)))
+        except Exception as exc:
+            log.warning("stage result read failed", extra={"job": self.name, "prefix": prefix, "error": str(exc)})
+            return None
+
+    async def secret_keys(self, names: list[str], output: dict | None) -> dict | None:
+        return await secret_keys(self.secrets, names, output)
+
+    async def create_child(self, child: dict) -> None:
+        _, created = await self.client.create(_resource(child["kind"]), child)
+        if created:
+            metrics.CHILDREN_CREATED.labels(kind=child["kind"]).inc()
+            log.info("created child", extra={"job": self.name, "namespace": self.namespace, "kind": child["kind"]})
+
+    async def patch_child(self, kind: str, name: str, patch: dict) -> None:
+        await self.client.patch(_resource(kind), self.namespace, name, patch)
+
+    async def write_status(self, job: dict, status: dict) -> None:
+        await write_status(self.client, kube.FINETUNEJOBS, job, status, statuswrite.FINETUNEJOB_VOLATILE,
+                           RUNTIME.status_min_interval_seconds)
+        old_phase, new_phase = (job.get("status") or {}).get("phase"), status.get("phase")
+        if old_phase != new_phase:
+            metrics.PHASE_TRANSITIONS.labels(phase=new_phase or "").inc()
+            log.info("phase", extra={"job": self.name, "namespace": self.namespace, "from": old_phase,
+                                     "to": new_phase})
+
+    async def post_event(self, job: dict, event: Event) -> None:
+        await self.client.post_event(job, event.type, event.reason, event.message)
+
+
+def _resource(kind: str) -> kube.Resource:
+    """The API resource of a child kind: a ConfigMap, or a training backend's workload."""
+    if kind == "ConfigMap":
+        return kube.CONFIGMAPS
+    return kube.Resource(*backend_for_kind(kind).api_resource)
 
 
 async def reconcile(namespace: str, name: str) -> float | None:
     """One pass of the FineTuneJob control loop. Returns seconds until the next resync, if any."""
-    client = RUNTIME.client
     async with RUNTIME.locks[(namespace, name)]:
         started = time.monotonic()
-        job = await client.get(kube.FINETUNEJOBS, namespace, name)
-        if job is None:
+        plan = await shell.run_pass(ClusterPass(RUNTIME.client, namespace, name), RUNTIME.settings, now_rfc3339())
+        if plan is None:
             RUNTIME.locks.pop((namespace, name), None)  # waiters keep their reference; memory stays bounded
             return None
-        job.setdefault("apiVersion", api.API_VERSION)
-        job.setdefault("kind", "FineTuneJob")
-        selector = f"{render.LABEL_JOB}={name}"
-        config_maps = {c["metadata"]["name"]: c for c in await client.list(kube.CONFIGMAPS, namespace, selector)}
-        pytorchjobs = {p["metadata"]["name"]: p for p in await client.list(kube.PYTORCHJOBS, namespace, selector)}
-        config_map = config_maps.pop(render.config_map_name(name), None)
-        pytorchjob = pytorchjobs.pop(render.pytorchjob_name(name), None)
-        stage_jobs = {n: p for n, p in pytorchjobs.items() if _owned_by(p, job)}
-        pass_secrets = PassSecrets(client, namespace)
-        stores = _PassStore(job, pass_secrets)
-        manifest = await _check_manifest(job, stores) if ftj.needs_manifest(job, pytorchjob) else None
-        progress = await _read_progress(job, stores) if ftj.needs_progress(job, pytorchjob) else None
-        reports = await _read_stage_reports(job, ftj.needs_stage_reports(job, stage_jobs), stores)
-        secrets = await secret_keys(pass_secrets, ftj.needs_secrets(job), job["spec"].get("output"))
-        plan = ftj.decide(
-            ftj.Observed(job=job, now=now_rfc3339(), config_map=config_map, pytorchjob=pytorchjob, manifest=manifest,
-                         progress=progress, stage_jobs=stage_jobs,
-                         stage_config_maps=frozenset(n for n, c in config_maps.items() if _owned_by(c, job)),
-                         stage_reports=reports, secrets=secrets),
-            RUNTIME.settings,
-        )
-        for child in plan.create:
-            resource = kube.CONFIGMAPS if child["kind"] == "ConfigMap" else kube.PYTORCHJOBS
-            _, created = await client.create(resource, child)
-            if created:
-                metrics.CHILDREN_CREATED.labels(kind=child["kind"]).inc()
-                log.info("created child", extra={"job": name, "namespace": namespace, "kind": child["kind"]})
-        if plan.patch_pytorchjob:
-            await client.patch(kube.PYTORCHJOBS, namespace, render.pytorchjob_name(name), plan.patch_pytorchjob)
-        for stage_job, stage_patch in plan.patch_stage_jobs.items():
-            await client.patch(kube.PYTORCHJOBS, namespace, stage_job, stage_patch)
-        await write_status(client, kube.FINETUNEJOBS, job, plan.status, statuswrite.FINETUNEJOB_VOLATILE,
-                           RUNTIME.status_min_interval_seconds)
-        for event in plan.events:
-            await client.post_event(job, event.type, event.reason, event.message)
-        old_phase = (job.get("status") or {}).get("phase")
-        new_phase = plan.status.get("phase")
-        if old_phase != new_phase:
-            metrics.PHASE_TRANSITIONS.labels(phase=new_phase or "").inc()
-            log.info("phase", extra={"job": name, "namespace": namespace, "from": old_phase, "to": new_phase})
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         return plan.requeue_after
 
@@ -208,11 +212,15 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     async def finetunejob_changed(namespace, name, **_):
         await _reconcile_logged(namespace, name)
 
-    @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={render.LABEL_JOB: kopf.PRESENT}, **kw)
-    async def pytorchjob_event(body, namespace, type, **_):
-        owner = _owner_name(body)
-        if owner:
-            await _reconcile_logged(namespace, owner)
+    for backend in BACKENDS.values():
+        group, version, plural = backend.api_resource
+
+        @kopf.on.event(group, version, plural, id=f"{backend.kind.lower()}_event",
+                       labels={render.LABEL_JOB: kopf.PRESENT}, **kw)
+        async def workload_event(body, namespace, type, **_):
+            owner = _owner_name(body)
+            if owner:
+                await _reconcile_logged(namespace, owner)
 
     @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.resync_seconds,
                 initial_delay=RUNTIME.settings.resync_seconds, idle=None,

@@ -1,15 +1,7 @@
-"""The stages before training (pure): the baseline gate and the LoRA rank sweep.
-
-Everything here is a function of the FineTuneJob's spec and the results its stage jobs left; the
-state machine in `finetunejob.py` asks these functions what to run, how to judge it and what to
-record. No I/O, no clock.
-
-- Baseline: `baseline_gates` says whether the base model is evaluated by its own PyTorchJob first (only
-  when a target can stop the run; otherwise the training job's first evaluation is the baseline and
-  costs no extra model load). `baseline_met` compares the metrics with the target.
-- Sweep: one trial per rank (`trial_spec`: the job's spec at that rank, short, no early stopping, no
-  baseline); `choose_rank` picks the best holdout metric, the smallest rank among ties;
-  `training_spec` applies the chosen rank (and its alpha) to the full run.
+"""The stages before training (pure): the baseline gate and the LoRA rank sweep, as functions of the
+spec and the results the stage jobs left. `baseline_gates`: whether the base model gets its own job
+(only when a target can stop the run); `trial_spec`: the spec at one rank (short, no early stopping);
+`choose_rank`: the best holdout metric, the smallest rank among ties; `training_spec`: the chosen rank.
 """
 
 from __future__ import annotations

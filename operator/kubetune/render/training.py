@@ -1,9 +1,7 @@
-"""Child objects of a FineTuneJob: a job-config ConfigMap and a Kubeflow PyTorchJob per stage.
+"""What every stage's children share: names, labels, the job-config ConfigMap, the trainer pod.
 
-Pure functions of (FineTuneJob, stage, settings). The training stage's children are named after the
-job; the baseline evaluation and each rank-sweep trial get their own pair (`<job>-baseline`,
-`<job>-sweep-r<rank>`). Names are deterministic, so any number of reconciles, restarts or retries
-converges on exactly one of each.
+Pure. The workload around the pod is its training backend's (kubetune.backends). Names are
+deterministic (`<job>`, `<job>-baseline`, `<job>-sweep-r<rank>`): reconciles converge on one of each.
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ from dataclasses import dataclass
 from kubetune.api import jobconfig
 from kubetune.api import v1alpha1 as api
 
-PYTORCHJOB_API = "kubeflow.org/v1"
-CONTAINER_NAME = "pytorch"  # the training operator requires this name
 TRAINER_MODULE = "kubetune_trainer"
 CACHE_DIR = "/var/cache/kubetune"
 RUN_AS_USER = 1000
@@ -24,7 +20,7 @@ RUN_AS_USER = 1000
 LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_STAGE = "kubetune.io/stage"
 LABEL_RANK = "kubetune.io/rank"
-MAX_PYTORCHJOB_NAME = 63  # the training operator requires a DNS-1035 label
+MAX_WORKLOAD_NAME = 63  # workload names must be DNS-1035 labels (the training operator requires it)
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
 
@@ -42,17 +38,17 @@ def config_map_name(job_name: str) -> str:
     return f"{job_name}-config"
 
 
-def pytorchjob_name(job_name: str) -> str:
+def workload_name(job_name: str) -> str:
     return job_name
 
 
 def _suffixed(job_name: str, suffix: str) -> str:
     """`<job>-<suffix>`, shortened with a hash of the job name when it would pass 63 characters."""
     name = f"{job_name}-{suffix}"
-    if len(name) <= MAX_PYTORCHJOB_NAME:
+    if len(name) <= MAX_WORKLOAD_NAME:
         return name
     digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
-    keep = MAX_PYTORCHJOB_NAME - len(suffix) - len(digest) - 2
+    keep = MAX_WORKLOAD_NAME - len(suffix) - len(digest) - 2
     return f"{job_name[:keep].rstrip('-')}-{digest}-{suffix}"
 
 
@@ -62,7 +58,7 @@ def stage_job_name(job_name: str, stage: jobconfig.Stage) -> str:
         return _suffixed(job_name, "baseline")
     if stage.kind == jobconfig.STAGE_TRIAL:
         return _suffixed(job_name, f"sweep-r{int(stage.rank)}")
-    return pytorchjob_name(job_name)
+    return workload_name(job_name)
 
 
 def stage_config_map_name(job_name: str, stage: jobconfig.Stage) -> str:
@@ -97,7 +93,10 @@ def owner_reference(job: dict) -> dict:
 
 def render_job_config(job: dict, stage: jobconfig.Stage | None = None) -> jobconfig.JobConfig:
     meta = job["metadata"]
-    return jobconfig.job_config(meta["namespace"], meta["name"], meta["uid"], job["spec"], stage)
+    # The trainer does not care which workload runs it; leaving spec.backend out keeps every job config
+    # (and its config hash) as it was before backends were selectable.
+    spec = {key: value for key, value in job["spec"].items() if key != "backend"}
+    return jobconfig.job_config(meta["namespace"], meta["name"], meta["uid"], spec, stage)
 
 
 def config_map_data(job: dict, stage: jobconfig.Stage | None = None) -> dict[str, str]:
@@ -193,11 +192,12 @@ def _resources(spec: dict) -> dict:
     return out
 
 
-def _pod_template(job: dict, settings: RenderSettings, stage: jobconfig.Stage) -> dict:
+def pod_template(job: dict, settings: RenderSettings, stage: jobconfig.Stage, container_name: str) -> dict:
+    """The trainer pod of a stage, in the container its backend names."""
     meta, spec = job["metadata"], job["spec"]
     scheduling = spec.get("scheduling", {})
     container = {
-        "name": CONTAINER_NAME,
+        "name": container_name,
         "image": spec.get("image") or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         # torchrun takes --nnodes/--nproc-per-node/--node-rank/--master-* from the PET_* variables
@@ -259,64 +259,16 @@ def _component(stage: jobconfig.Stage) -> str:
     return {jobconfig.STAGE_BASELINE: "baseline", jobconfig.STAGE_TRIAL: "sweep-trial"}.get(stage.kind, "training")
 
 
-def _run_policy(spec: dict) -> dict:
-    policy = spec.get("runPolicy", {})
-    run_policy: dict = {
-        "suspend": bool(policy.get("suspend", False)),
-        "backoffLimit": policy.get("backoffLimit", 3),
-        "cleanPodPolicy": "None",
-    }
-    for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
-        if key in policy:
-            run_policy[key] = policy[key]
-    scheduling = spec.get("scheduling", {})
-    scheduling_policy = {}
-    if scheduling.get("priorityClassName"):
-        scheduling_policy["priorityClass"] = scheduling["priorityClassName"]
-    if scheduling.get("queueName"):
-        scheduling_policy["queue"] = scheduling["queueName"]
-    if scheduling_policy:
-        run_policy["schedulingPolicy"] = scheduling_policy
-    return run_policy
-
-
-def render_pytorchjob(job: dict, settings: RenderSettings, config_data: dict[str, str] | None = None,
-                      stage: jobconfig.Stage | None = None) -> dict:
-    """The PyTorchJob for a defaulted FineTuneJob's stage: Master + (nodes-1) Workers, torchrun in each."""
+def workload_metadata(job: dict, stage: jobconfig.Stage, config_data: dict[str, str]) -> dict:
+    """Metadata of a stage's workload, whatever its backend: name, labels, config hash, owner."""
     meta, spec = job["metadata"], job["spec"]
-    stage = stage or jobconfig.Stage()
-    distributed = spec["distributed"]
-    nodes = distributed["nodes"]
-    per_node = distributed["gpusPerNode"] or distributed.get("processesPerNode", 1)
-    template = _pod_template(job, settings, stage)
-    # ExitCode: 128-255 (signals, EXIT_RETRYABLE) are retried, bad input (EXIT_BAD_INPUT) is not.
-    replica_specs = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
-    if nodes > 1:
-        replica_specs["Worker"] = {"replicas": nodes - 1, "restartPolicy": "ExitCode", "template": template}
     job_labels = _stage_labels(meta["name"], _component(stage), stage)
     if spec.get("scheduling", {}).get("queueName"):
         job_labels[LABEL_QUEUE] = spec["scheduling"]["queueName"]
-    config_data = config_data if config_data is not None else config_map_data(job, stage)
     return {
-        "apiVersion": PYTORCHJOB_API,
-        "kind": "PyTorchJob",
-        "metadata": {
-            "name": stage_job_name(meta["name"], stage),
-            "namespace": meta["namespace"],
-            "labels": job_labels,
-            "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config_data)},
-            "ownerReferences": [owner_reference(job)],
-        },
-        "spec": {
-            "nprocPerNode": str(per_node),
-            "runPolicy": _run_policy(spec),
-            "pytorchReplicaSpecs": replica_specs,
-        },
+        "name": stage_job_name(meta["name"], stage),
+        "namespace": meta["namespace"],
+        "labels": job_labels,
+        "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config_data)},
+        "ownerReferences": [owner_reference(job)],
     }
-
-
-def render_children(job: dict, settings: RenderSettings, stage: jobconfig.Stage | None = None) -> list[dict]:
-    """The children of one stage of a defaulted FineTuneJob, in creation order (the ConfigMap first:
-    pods mount it)."""
-    data = config_map_data(job, stage)
-    return [render_config_map(job, data, stage), render_pytorchjob(job, settings, data, stage)]

@@ -23,6 +23,7 @@ from ..schema import (
 from .common import STORAGE_URI, s3_credentials, s3_endpoint
 
 TASKS = ("CausalLM", "SequenceClassification")
+TRAINING_BACKENDS = ("PyTorchJob",)  # kubetune.backends.BACKENDS keys
 DATASET_FORMATS = ("prompt-completion", "chat", "text", "text-label")
 METHODS = ("LoRA", "QLoRA", "Full", "FreezeThaw")
 PRECISIONS = ("Auto", "BF16", "FP16", "FP32")
@@ -517,6 +518,8 @@ FINETUNEJOB_SPEC = obj(
         "dataset": DATASET,
         "method": METHOD,
         "training": TRAINING,
+        "backend": string("Which workload kind trains the job (and runs its baseline and sweep trials).",
+                          default="PyTorchJob", enum=TRAINING_BACKENDS),
         "distributed": DISTRIBUTED,
         "resources": RESOURCES,
         "scheduling": SCHEDULING,

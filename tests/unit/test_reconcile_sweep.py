@@ -1,331 +1,32 @@
-"""The FineTuneJob state machine through its stages before training: the baseline gate and the LoRA rank
-sweep, driven only through `decide()` against a small in-memory cluster (whole flows, one observation at a
-time, as the operator's shell does them)."""
+"""The LoRA rank sweep: trials launched within parallelism, followed, adopted, judged."""
 
 from __future__ import annotations
 
 import copy
-import json
-
-import jsonschema
 
 from kubetune.api import jobconfig
-from kubetune.api.schema import strict_json_schema
-from kubetune.api.validation import root_schema, validate
-from kubetune.reconcile import conditions as cond
+from kubetune.api.validation import validate
+from kubetune.backends import pytorchjob as pytorchjob_backend
+from kubetune.backends import render_children
 from kubetune.reconcile import finetunejob as ftj
+from kubetune.reconcile import stage_jobs
 from kubetune.render import training as render
 from kubetune_testing.factories import finetunejob
-
-NOW = "2026-11-28T12:00:00Z"
-START = "2026-11-28T11:00:00Z"
-DONE = "2026-11-28T11:50:00Z"
-SETTINGS = ftj.Settings(publish_timeout_seconds=600)
-ROOT = "s3://adapters/team-a/team-a/llama-lora/0b7f-uid/"
-BASELINE_JOB = "llama-lora-baseline"
-TARGET = {"metric": "eval_loss", "value": 1.0}
-
-
-def trial_name(rank: int) -> str:
-    return f"llama-lora-sweep-r{rank}"
-
-
-def with_conditions(pytorchjob: dict, *kinds: str, message: str = "", completion: str | None = None,
-                    start: str | None = START) -> dict:
-    out = copy.deepcopy(pytorchjob)
-    status = {"conditions": [{"type": k, "status": "True", "reason": f"PyTorchJob{k}", "message": message,
-                              "lastTransitionTime": completion or START} for k in kinds]}
-    if start:
-        status["startTime"] = start
-    if completion:
-        status["completionTime"] = completion
-    out["status"] = status
-    return out
-
-
-class Cluster:
-    """What the operator's shell does around `decide`: lists the job's children, reads the stage reports
-    `needs_stage_reports` asks for, creates what the plan says (never twice), applies patches and writes
-    the status."""
-
-    def __init__(self, job: dict):
-        self.job = job
-        self.pytorchjobs: dict[str, dict] = {}
-        self.config_maps: dict[str, dict] = {}
-        self.results: dict[str, dict] = {}  # stage job name -> result.json in its prefix
-        self.progress: dict[str, dict] = {}  # stage job name -> progress.json in its prefix
-        self.created: list[tuple[str, str]] = []
-        self.reports_read: dict[str, str] = {}
-
-    def observe(self, now: str = NOW, progress: dict | None = None, manifest=None) -> ftj.Observed:
-        name = self.job["metadata"]["name"]
-        stage_jobs = {n: p for n, p in self.pytorchjobs.items() if n != render.pytorchjob_name(name)}
-        self.reports_read = ftj.needs_stage_reports(self.job, stage_jobs)
-        reports = {n: ftj.StageReport(result=self.results.get(n), progress=self.progress.get(n))
-                   for n in self.reports_read}
-        return ftj.Observed(
-            job=copy.deepcopy(self.job), now=now,
-            config_map=self.config_maps.get(render.config_map_name(name)),
-            pytorchjob=self.pytorchjobs.get(render.pytorchjob_name(name)),
-            manifest=manifest, progress=progress, stage_jobs=stage_jobs,
-            stage_config_maps=frozenset(n for n in self.config_maps if n != render.config_map_name(name)),
-            stage_reports=reports)
-
-    def reconcile(self, now: str = NOW, progress: dict | None = None, manifest=None) -> ftj.Plan:
-        plan = ftj.decide(self.observe(now, progress, manifest), SETTINGS)
-        for child in plan.create:
-            store = self.config_maps if child["kind"] == "ConfigMap" else self.pytorchjobs
-            name = child["metadata"]["name"]
-            assert name not in store, f"{child['kind']} {name} created twice"
-            store[name] = copy.deepcopy(child)
-            self.created.append((child["kind"], name))
-        for name, patch in plan.patch_stage_jobs.items():
-            run_policy = self.pytorchjobs[name]["spec"]["runPolicy"]
-            run_policy.update(patch["spec"]["runPolicy"])
-        self.job = {**self.job, "status": copy.deepcopy(plan.status)}
-        return plan
-
-    # the world moving on between reconciles
-
-    def set(self, name: str, *kinds: str, message: str = "", completion: str | None = None,
-            start: str | None = START) -> None:
-        self.pytorchjobs[name] = with_conditions(self.pytorchjobs[name], *kinds, message=message,
-                                                 completion=completion, start=start)
-
-    def succeed(self, name: str, metrics: dict | None, completion: str = DONE) -> None:
-        self.set(name, "Created", "Running", "Succeeded", completion=completion)
-        if metrics is not None:
-            self.results[name] = {"api": jobconfig.STAGE_RESULT_API, "metrics": metrics}
-
-    def fail(self, name: str, message: str = "1 Master replica(s) failed", completion: str = DONE) -> None:
-        self.set(name, "Created", "Failed", message=message, completion=completion)
-
-    def delete(self, name: str) -> None:
-        del self.pytorchjobs[name]
-        self.config_maps.pop(f"{name}-config", None)
-
-    def active(self) -> list[str]:
-        """Stage PyTorchJobs that have not finished."""
-        return sorted(n for n, p in self.pytorchjobs.items()
-                      if render.LABEL_STAGE in p["metadata"]["labels"]
-                      and not any(c["type"] in ("Succeeded", "Failed") for c in
-                                  (p.get("status") or {}).get("conditions") or []))
-
-    @property
-    def status(self) -> dict:
-        return self.job["status"]
-
-    def condition(self, kind: str) -> dict | None:
-        return cond.find(self.status.get("conditions"), kind)
-
-    def trials(self) -> dict[int, dict]:
-        return {t["rank"]: t for t in self.status["sweep"]["trials"]}
-
-
-def created_pytorchjobs(plan: ftj.Plan) -> list[str]:
-    return [c["metadata"]["name"] for c in plan.create if c["kind"] == "PyTorchJob"]
-
-
-def config_json(plan_or_cluster, name: str) -> dict:
-    if isinstance(plan_or_cluster, Cluster):
-        config_map = plan_or_cluster.config_maps[name]
-    else:
-        config_map = next(c for c in plan_or_cluster.create if c["metadata"]["name"] == name)
-    return json.loads(config_map["data"][jobconfig.CONFIG_FILE])
-
-
-def reasons(plan: ftj.Plan) -> list[str]:
-    return [e.reason for e in plan.events]
-
-
-def baseline_cluster(**spec) -> Cluster:
-    return Cluster(finetunejob(baseline={"target": dict(TARGET)}, **spec))
-
-
-def sweep_cluster(ranks=(4, 8, 16), parallelism=1, **sweep) -> Cluster:
-    return Cluster(finetunejob(rankSweep={"ranks": list(ranks), "parallelism": parallelism, **sweep}))
-
-
-# --- baseline ----------------------------------------------------------------------------------------
-
-
-def test_baseline_job_is_launched_first_and_alone():
-    c = baseline_cluster()
-    plan = c.reconcile()
-    assert [(ch["kind"], ch["metadata"]["name"]) for ch in plan.create] == [
-        ("ConfigMap", "llama-lora-baseline-config"), ("PyTorchJob", BASELINE_JOB)]
-    pytorchjob = plan.create[1]
-    assert pytorchjob["metadata"]["labels"][render.LABEL_STAGE] == "baseline"
-    config = config_json(plan, "llama-lora-baseline-config")
-    assert config["stage"]["kind"] == "baseline"
-    assert config["storage"]["result_uri"] == ROOT + "baseline/result.json"
-    assert config["storage"]["manifest_uri"] == ROOT + "manifest.json"
-    assert c.status["phase"] == "Baseline"
-    assert c.status["baseline"] == {"source": "BaselineJob", "job": BASELINE_JOB, "target": TARGET,
-                                    "state": "Pending"}
-    assert "trainingJob" not in c.status and "sweep" not in c.status
-    assert reasons(plan) == ["BaselineStarted", "Baseline"]
-    assert plan.requeue_after == SETTINGS.progress_seconds
-
-
-def test_baseline_running_then_meeting_the_target_skips_training():
-    c = baseline_cluster()
-    c.reconcile()
-    c.set(BASELINE_JOB, "Created", "Running")
-    plan = c.reconcile()
-    assert plan.create == [] and plan.events == []
-    assert c.status["phase"] == "Baseline" and c.status["baseline"]["state"] == "Running"
-    assert c.status["baseline"]["startTime"] == START
-    assert ftj.needs_stage_reports(c.job, c.observe().stage_jobs) == {}  # running: nothing to read yet
-
-    c.succeed(BASELINE_JOB, {"eval_loss": 0.8, "perplexity": 2.2})
-    plan = c.reconcile()
-    assert c.reports_read == {BASELINE_JOB: ROOT + "baseline/"}
-    assert plan.create == []  # no training children
-    assert c.status["phase"] == "Skipped"
-    baseline = c.status["baseline"]
-    assert baseline["state"] == "Succeeded" and baseline["met"] is True
-    assert baseline["metrics"] == {"eval_loss": 0.8, "perplexity": 2.2}
-    assert baseline["summary"] == "eval_loss 0.8 <= 1"
-    assert baseline["durationSeconds"] == 3000.0
-    sufficient = c.condition("BaselineSufficient")
-    assert sufficient["status"] == "True" and sufficient["reason"] == "TargetMet"
-    assert "forceTraining" in sufficient["message"]
-    assert c.status["completionTime"] == NOW
-    assert "trainingJob" not in c.status
-    assert reasons(plan) == ["BaselineEvaluated", "BaselineSufficient"]
-    assert plan.events[-1].type == "Normal" and plan.events[-1].message == sufficient["message"]
-    assert plan.requeue_after is None
-
-    final = copy.deepcopy(c.status)
-    plan = c.reconcile(now="2026-11-28T13:00:00Z")  # Skipped is final
-    assert plan.create == [] and plan.events == [] and c.status == final
-    assert ftj.needs_stage_reports(c.job, c.observe().stage_jobs) == {}
-    c.delete(BASELINE_JOB)  # removed by its TTL: nothing comes back
-    plan = c.reconcile()
-    assert plan.create == [] and c.status == final
-
-
-def test_baseline_below_target_starts_training_with_the_baseline_metrics():
-    c = baseline_cluster()
-    c.reconcile()
-    c.succeed(BASELINE_JOB, {"eval_loss": 1.7, "perplexity": 5.5})
-    plan = c.reconcile()
-    assert [(ch["kind"], ch["metadata"]["name"]) for ch in plan.create] == [
-        ("ConfigMap", "llama-lora-config"), ("PyTorchJob", "llama-lora")]
-    config = config_json(plan, "llama-lora-config")
-    assert config["stage"]["kind"] == "train"
-    assert config["stage"]["baseline_metrics"] == {"eval_loss": 1.7, "perplexity": 5.5}
-    assert config["storage"]["job_prefix"] == ROOT and config["storage"]["result_uri"] == ""
-    assert c.status["phase"] == "Pending"
-    assert c.status["trainingJob"] == {"name": "llama-lora", "configMap": "llama-lora-config", "generation": 1}
-    assert c.status["rank"] == 16
-    baseline = c.status["baseline"]
-    assert baseline["met"] is False and baseline["summary"] == "eval_loss 1.7 > 1"
-    sufficient = c.condition("BaselineSufficient")
-    assert sufficient["status"] == "False" and sufficient["reason"] == "BelowTarget"
-    assert reasons(plan) == ["BaselineEvaluated", "Created", "Pending"]
-
-    c.set("llama-lora", "Created", "Running")
-    plan = c.reconcile()
-    assert plan.create == [] and c.status["phase"] == "Running"
-    assert c.status["baseline"]["source"] == "BaselineJob"  # training's own first evaluation does not replace it
-
-
-def test_baseline_without_the_target_metric_trains():
-    c = baseline_cluster()
-    c.reconcile()
-    c.succeed(BASELINE_JOB, {"perplexity": 5.5})
-    plan = c.reconcile()
-    assert created_pytorchjobs(plan) == ["llama-lora"]
-    assert c.status["baseline"]["met"] is False
-    assert c.status["baseline"]["summary"] == "eval_loss not reported"
-    assert c.condition("BaselineSufficient")["reason"] == "MetricMissing"
-
-
-def test_baseline_failure_carries_the_trainers_reason():
-    c = baseline_cluster()
-    c.reconcile()
-    c.set(BASELINE_JOB, "Created", "Running")
-    c.reconcile()
-    c.fail(BASELINE_JOB, "Master exited with code 2")
-    c.progress[BASELINE_JOB] = {"stage": "failed",
-                                "failure": {"reason": "BadInput", "message": "validation.jsonl line 3: bad json"}}
-    plan = c.reconcile()
-    assert c.reports_read == {BASELINE_JOB: ROOT + "baseline/"}
-    assert plan.create == []
-    assert c.status["phase"] == "Failed"
-    baseline = c.status["baseline"]
-    assert baseline["state"] == "Failed"
-    assert baseline["message"] == "BadInput: validation.jsonl line 3: bad json (Master exited with code 2)"
-    assert baseline["completionTime"] == DONE
-    assert c.status["failure"]["reason"] == "BaselineFailed"
-    assert "BadInput: validation.jsonl line 3" in c.status["failure"]["message"]
-    assert c.condition("Failed")["status"] == "True"
-    assert plan.events[-1].type == "Warning" and plan.events[-1].reason == "BaselineFailed"
-    assert "trainingJob" not in c.status
-
-    final = copy.deepcopy(c.status)
-    plan = c.reconcile()  # a failed baseline is final: no training, no retry
-    assert plan.create == [] and c.status == final
-
-
-def test_baseline_failure_without_a_trainer_report():
-    c = baseline_cluster()
-    c.reconcile()
-    c.fail(BASELINE_JOB, "1 Master replica(s) failed")
-    c.reconcile()
-    assert c.status["baseline"]["message"] == "TrainingFailed: 1 Master replica(s) failed"
-    assert c.status["failure"]["reason"] == "BaselineFailed"
-
-
-def test_baseline_job_vanished_without_a_result_is_lost():
-    c = baseline_cluster()
-    c.reconcile()
-    c.set(BASELINE_JOB, "Created", "Running")
-    c.reconcile()
-    c.delete(BASELINE_JOB)
-    plan = c.reconcile()
-    assert c.reports_read == {BASELINE_JOB: ROOT + "baseline/"}
-    assert plan.create == []  # never re-created
-    assert c.status["phase"] == "Failed"
-    assert c.status["baseline"]["state"] == "Failed"
-    assert c.status["baseline"]["message"].startswith(f"JobLost: PyTorchJob {BASELINE_JOB} was deleted")
-    assert c.status["failure"]["reason"] == "BaselineFailed"
-    assert "JobLost" in c.status["failure"]["message"]
-
-
-def test_baseline_job_vanished_after_writing_its_result_succeeded():
-    c = baseline_cluster()
-    c.reconcile()
-    c.set(BASELINE_JOB, "Created", "Running")
-    c.reconcile()
-    c.results[BASELINE_JOB] = {"metrics": {"eval_loss": 0.5}, "seconds": 42}
-    c.delete(BASELINE_JOB)  # finished and removed by its TTL before the operator looked
-    plan = c.reconcile()
-    assert c.status["baseline"]["state"] == "Succeeded"
-    assert c.status["baseline"]["metrics"] == {"eval_loss": 0.5}
-    assert c.status["phase"] == "Skipped"
-    assert plan.create == []
-
-
-def test_suspended_baseline_is_not_launched_and_a_running_one_is_suspended():
-    c = baseline_cluster(runPolicy={"suspend": True})
-    plan = c.reconcile()
-    assert plan.create == [] and c.status["phase"] == "Suspended"
-    assert c.condition("Suspended")["status"] == "True"
-    c.job["spec"]["runPolicy"] = {"suspend": False}
-    plan = c.reconcile()
-    assert created_pytorchjobs(plan) == [BASELINE_JOB] and c.status["phase"] == "Baseline"
-    assert c.condition("Suspended")["status"] == "False"
-    c.set(BASELINE_JOB, "Created", "Running")
-    c.job["spec"]["runPolicy"] = {"suspend": True}
-    plan = c.reconcile()
-    assert plan.patch_stage_jobs == {BASELINE_JOB: {"spec": {"runPolicy": {"suspend": True}}}}
-    assert c.status["phase"] == "Suspended"
-    plan = c.reconcile()
-    assert plan.patch_stage_jobs == {}  # already suspended
-
+from tests.unit.stage_cluster import (
+    BASELINE_JOB,
+    DONE,
+    ROOT,
+    SETTINGS,
+    TARGET,
+    Cluster,
+    baseline_cluster,
+    config_json,
+    created_pytorchjobs,
+    reasons,
+    sweep_cluster,
+    trial_name,
+    with_conditions,
+)
 
 # --- the rank sweep ----------------------------------------------------------------------------------
 
@@ -661,18 +362,18 @@ def test_suspend_during_the_sweep_suspends_trials_and_launches_nothing():
     c.job["metadata"]["generation"] = 2
     plan = c.reconcile()
     assert plan.create == []  # r16 would have taken r4's slot
-    assert plan.patch_stage_jobs == {trial_name(8): {"spec": {"runPolicy": {"suspend": True}}}}
+    assert plan.suspend_stage_jobs == {trial_name(8): True}
     assert c.status["phase"] == "Suspended"
     assert c.condition("Suspended")["status"] == "True"
     assert "rank sweep is suspended" in c.condition("Suspended")["message"]
     assert c.trials()[4]["state"] == "Succeeded" and c.trials()[16]["state"] == "Queued"
     plan = c.reconcile()
-    assert plan.create == [] and plan.patch_stage_jobs == {}
+    assert plan.create == [] and plan.suspend_stage_jobs == {}
     # resume
     c.job["spec"]["runPolicy"] = {"suspend": False}
     c.job["metadata"]["generation"] = 3
     plan = c.reconcile()
-    assert plan.patch_stage_jobs == {trial_name(8): {"spec": {"runPolicy": {"suspend": False}}}}
+    assert plan.suspend_stage_jobs == {trial_name(8): False}
     assert created_pytorchjobs(plan) == [trial_name(16)]
     assert c.status["phase"] == "Sweeping" and c.condition("Suspended")["status"] == "False"
 
@@ -719,15 +420,17 @@ def test_needs_stage_reports_names_finished_and_vanished_stage_jobs_only():
 
 def test_needs_stage_reports_for_a_stage_job_the_status_does_not_know():
     job = finetunejob(rankSweep={"ranks": [4, 8]})
-    trial = render.render_children(validate(job).defaulted, render.RenderSettings(),
-                                   jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=4))[1]
-    finished = with_conditions(trial, "Succeeded", completion=DONE)
-    assert ftj.stage_of(job, finished) == jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=4)
+    trial = render_children(validate(job).defaulted, render.RenderSettings(),
+                            jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=4))[1]
+    finished = pytorchjob_backend.read_status(with_conditions(trial, "Succeeded", completion=DONE))
+    assert stage_jobs.stage_of(job, finished) == jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=4)
     assert ftj.needs_stage_reports(job, {trial_name(4): finished}) == {trial_name(4): ROOT + "sweep/rank-4/"}
-    assert ftj.needs_stage_reports(job, {trial_name(4): with_conditions(trial, "Running")}) == {}
+    running = pytorchjob_backend.read_status(with_conditions(trial, "Running"))
+    assert ftj.needs_stage_reports(job, {trial_name(4): running}) == {}
     stranger = {"metadata": {"name": "x", "labels": {render.LABEL_STAGE: "trial", render.LABEL_RANK: "four"}}}
-    assert ftj.stage_of(job, stranger) is None
-    assert ftj.needs_stage_reports(job, {"x": with_conditions(stranger, "Succeeded")}) == {}
+    assert stage_jobs.stage_of(job, pytorchjob_backend.read_status(stranger)) is None
+    stranger_done = pytorchjob_backend.read_status(with_conditions(stranger, "Succeeded"))
+    assert ftj.needs_stage_reports(job, {"x": stranger_done}) == {}
 
 
 def test_adopted_trial_that_finished_unrecorded_has_its_result_read():
@@ -765,7 +468,7 @@ def test_spec_invalid_mid_sweep_launches_nothing_and_does_not_fail():
     c.job["metadata"]["generation"] = 2
     c.succeed(trial_name(4), {"eval_loss": 1.3})
     plan = c.reconcile()
-    assert plan.create == [] and plan.patch_stage_jobs == {}
+    assert plan.create == [] and plan.suspend_stage_jobs == {}
     accepted = c.condition("Accepted")
     assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpecUpdate"
     assert "training.epochs or training.maxSteps" in accepted["message"]
@@ -833,85 +536,3 @@ def test_sweep_with_the_baseline_met_never_starts():
     c.succeed(BASELINE_JOB, {"eval_loss": 0.2})
     plan = c.reconcile()
     assert plan.create == [] and c.status["phase"] == "Skipped" and "sweep" not in c.status
-
-
-# --- the training job's own baseline -----------------------------------------------------------------
-
-
-def test_baseline_from_the_training_jobs_progress_without_a_target():
-    c = Cluster(finetunejob())
-    plan = c.reconcile()
-    assert created_pytorchjobs(plan) == ["llama-lora"]  # no separate baseline job without a target
-    assert "baseline" not in c.status
-    c.set("llama-lora", "Created", "Running")
-    progress = {"api": "kubetune.io/progress/v1", "stage": "training", "step": 3, "totalSteps": 30,
-                "baselineMetrics": {"eval_loss": 2.5, "perplexity": 12.2, "note": "dropped"}}
-    c.reconcile(progress=progress)
-    assert c.status["baseline"] == {"source": "TrainingJob", "job": "llama-lora", "state": "Succeeded",
-                                    "metrics": {"eval_loss": 2.5, "perplexity": 12.2},
-                                    "summary": "eval_loss 2.5"}
-    assert c.condition("BaselineSufficient") is None
-    assert c.status["phase"] == "Running"
-
-
-def test_baseline_from_the_training_job_with_forced_training_records_the_target():
-    c = Cluster(finetunejob(baseline={"target": dict(TARGET), "forceTraining": True}))
-    plan = c.reconcile()
-    assert created_pytorchjobs(plan) == ["llama-lora"]  # forced: no gate
-    c.set("llama-lora", "Created", "Running")
-    c.reconcile(progress={"baselineMetrics": {"eval_loss": 0.7}})
-    baseline = c.status["baseline"]
-    assert baseline["source"] == "TrainingJob" and baseline["met"] is True and baseline["target"] == TARGET
-    assert baseline["summary"] == "eval_loss 0.7 <= 1"
-    sufficient = c.condition("BaselineSufficient")
-    assert sufficient["status"] == "True" and sufficient["reason"] == "TrainingForced"
-    assert c.status["phase"] == "Running"
-
-
-def test_disabled_baseline_is_not_recorded_from_training():
-    c = Cluster(finetunejob(baseline={"enabled": False}))
-    c.reconcile()
-    c.set("llama-lora", "Created", "Running")
-    c.reconcile(progress={"baselineMetrics": {"eval_loss": 2.5}})
-    assert "baseline" not in c.status
-
-
-# --- the status written is one the API server accepts ------------------------------------------------
-
-
-STATUS_SCHEMA = jsonschema.Draft4Validator(strict_json_schema(root_schema("FineTuneJob")["properties"]["status"]))
-
-
-def status_errors(status: dict) -> list[str]:
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in STATUS_SCHEMA.iter_errors(status)]
-
-
-def test_status_of_a_finished_sweep_and_a_training_baseline_conforms_to_the_crd_schema():
-    c = sweep_cluster(ranks=(4, 8), parallelism=2)
-    c.reconcile()
-    c.succeed(trial_name(4), {"eval_loss": 1.1, "perplexity": 3.0})
-    c.fail(trial_name(8))
-    c.reconcile()
-    c.set("llama-lora", "Created", "Running")
-    c.reconcile(progress={"baselineMetrics": {"eval_loss": 2.0}})
-    assert c.status["phase"] == "Running" and c.status["baseline"]["source"] == "TrainingJob"
-    assert status_errors(c.status) == []
-
-
-def test_sweep_status_with_queued_trials_conforms_to_the_crd_schema():
-    c = sweep_cluster(ranks=(4, 8), parallelism=1)
-    c.reconcile()
-    assert c.trials()[8]["state"] == "Queued"
-    assert status_errors(c.status) == []
-
-
-def test_baseline_job_status_conforms_to_the_crd_schema():
-    c = baseline_cluster()
-    c.reconcile()
-    assert status_errors(c.status) == []
-    c.set(BASELINE_JOB, "Created", "Running")
-    c.reconcile()
-    assert status_errors(c.status) == []
-    c.succeed(BASELINE_JOB, {"eval_loss": 1.5})
-    c.reconcile()
-    assert status_errors(c.status) == []

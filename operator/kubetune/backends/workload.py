@@ -1,0 +1,42 @@
+"""The backend-neutral view of a training workload: what the FineTuneJob state machine reads of it,
+and what a local run needs to play it on this machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CREATED, RUNNING, RESTARTING, SUCCEEDED, FAILED = "Created", "Running", "Restarting", "Succeeded", "Failed"
+FINISHED = (SUCCEEDED, FAILED)
+
+
+@dataclass(frozen=True)
+class WorkloadStatus:
+    """One workload (the training job or a stage job) as the state machine sees it."""
+
+    name: str
+    kind: str  # the workload's kind, for messages ("PyTorchJob")
+    labels: dict = field(default_factory=dict)  # kubetune's labels on it (stage, rank)
+    phase: str = CREATED  # Created | Running | Restarting | Succeeded | Failed
+    started: bool = False  # its pods ran at some point (progress.json may exist)
+    reason: str = ""  # of the phase (Failed: the backend's failure reason)
+    message: str = ""  # of the phase, as the backend said it
+    since: str | None = None  # when the phase began
+    start_time: str | None = None
+    completion_time: str | None = None
+    replicas: dict = field(default_factory=dict)  # replica type -> {"active", "succeeded", "failed"}
+    attempts: int = 0  # pods started for it so far (restarts included)
+    suspended: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED
+
+
+@dataclass(frozen=True)
+class LocalLaunch:
+    """What `kubetune local` needs to run a workload as processes on this machine."""
+
+    command: list[str]  # the pods' command: `python -m <launcher> <torchrun-style args>`
+    processes: int  # the whole world: processes per pod x pods
+    config_map: str  # the job-config ConfigMap its pods mount
+    backoff_limit: int = 0  # retryable exits (>= 128) restart it up to this many times

@@ -1,0 +1,150 @@
+"""The stage flows' world: the FineTuneJobs they submit, and the training operator and trainer they play."""
+
+from __future__ import annotations
+
+import json
+
+import kmock
+
+from kubetune.api import storage_layout
+from kubetune.clients import kube
+from kubetune.reconcile import conditions as cond
+from kubetune.render import training as render
+from kubetune_testing.factories import finetunejob
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
+
+from .conftest import NS, eventually
+
+OUTPUT_URI = f"s3://{BUCKET}/jobs"
+PYTORCHJOBS_RESOURCE = kmock.resource("kubeflow.org", "v1", "pytorchjobs")
+BASELINE_TARGET = {"enabled": True, "target": {"metric": "eval_loss", "value": 1.0}, "forceTraining": False}
+START = "2026-11-28T11:00:00Z"
+DONE = "2026-11-28T11:05:00Z"  # 300 s after START
+
+
+def job_doc(name: str, s3_endpoint: str, **overrides) -> dict:
+    doc = finetunejob(**overrides)
+    doc["metadata"] = {"name": name, "namespace": NS}
+    doc["spec"]["output"] = {"uri": OUTPUT_URI, "endpoint": s3_endpoint, "credentials": {"secretName": "s3-creds"}}
+    return doc
+
+
+async def submit(api, s3_server, name: str, **overrides) -> dict:
+    await api.create_secret("s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+    created, _ = await api.client.create(kube.FINETUNEJOBS, job_doc(name, s3_server.endpoint, **overrides))
+    return created
+
+
+def sweep(ranks: list[int], parallelism: int = 1, **extra) -> dict:
+    return {"ranks": ranks, "holdoutFraction": 0.1, "epochs": 1, "metric": "eval_loss", "parallelism": parallelism,
+            "alpha": "Proportional", "tieTolerance": 0, **extra}
+
+
+def prefix_of(created: dict) -> str:
+    meta = created["metadata"]
+    return storage_layout.job_prefix(OUTPUT_URI, NS, meta["name"], meta["uid"])
+
+
+def trial_name(job: str, rank: int) -> str:
+    return f"{job}-sweep-r{rank}"
+
+
+def write_json(s3_server, uri: str, doc: dict) -> None:
+    s3_server.store().write(uri, json.dumps(doc).encode())
+
+
+def write_trial_result(s3_server, created: dict, rank: int, eval_loss: float) -> None:
+    prefix = storage_layout.trial_prefix(prefix_of(created), rank)
+    write_json(s3_server, storage_layout.result_uri(prefix), {"metrics": {"eval_loss": eval_loss}, "seconds": 42})
+
+
+def write_trial_failure(s3_server, created: dict, rank: int, reason: str, message: str) -> None:
+    prefix = storage_layout.trial_prefix(prefix_of(created), rank)
+    write_json(s3_server, storage_layout.progress_uri(prefix), {"failure": {"reason": reason, "message": message}})
+
+
+async def status_of(api, name: str) -> dict:
+    job = await api.get(kube.FINETUNEJOBS, name)
+    return (job or {}).get("status") or {}
+
+
+async def wait_status(api, name: str, predicate, timeout: float = 10.0) -> dict:
+    async def check():
+        status = await status_of(api, name)
+        return status if predicate(status) else None
+    return await eventually(check, timeout=timeout)
+
+
+async def wait_phase(api, name: str, phase: str, timeout: float = 10.0) -> dict:
+    return await wait_status(api, name, lambda s: s.get("phase") == phase, timeout)
+
+
+def condition(status: dict, kind: str) -> dict:
+    return cond.find(status.get("conditions"), kind) or {}
+
+
+def trial(status: dict, rank: int) -> dict:
+    return next(t for t in status["sweep"]["trials"] if t["rank"] == rank)
+
+
+def trial_states(status: dict) -> dict[int, str]:
+    return {t["rank"]: t["state"] for t in (status.get("sweep") or {}).get("trials") or []}
+
+
+async def wait_trial_state(api, name: str, rank: int, state: str) -> dict:
+    return await wait_status(api, name, lambda s: trial_states(s).get(rank) == state)
+
+
+async def events_for(api, name: str) -> list[dict]:
+    return [e for e in await api.list(kube.EVENTS) if e.get("involvedObject", {}).get("name") == name]
+
+
+async def wait_event(api, name: str, reason: str, containing: str = "") -> dict:
+    async def check():
+        return next((e for e in await events_for(api, name)
+                     if e.get("reason") == reason and containing in e.get("message", "")), None)
+    return await eventually(check)
+
+
+async def wait_exists(api, resource: kube.Resource, name: str) -> dict:
+    return await eventually(lambda: api.get(resource, name))
+
+
+async def trial_jobs(api, job: str) -> dict[str, dict]:
+    """The job's trial PyTorchJobs, by name."""
+    return {p["metadata"]["name"]: p for p in await api.list(kube.PYTORCHJOBS)
+            if (p["metadata"].get("labels") or {}).get(render.LABEL_JOB) == job
+            and (p["metadata"].get("labels") or {}).get(render.LABEL_STAGE) == "trial"}
+
+
+def unfinished(pytorchjob: dict) -> bool:
+    done = {c["type"] for c in (pytorchjob.get("status") or {}).get("conditions") or []
+            if c.get("status") == "True" and c["type"] in ("Succeeded", "Failed")}
+    return not done
+
+
+async def assert_active_trials_at_most(api, job: str, limit: int) -> None:
+    active = [n for n, p in (await trial_jobs(api, job)).items() if unfinished(p)]
+    assert len(active) <= limit, f"{len(active)} trials unfinished at once: {sorted(active)}"
+
+
+def config_of(config_map: dict) -> dict:
+    return json.loads(config_map["data"]["config.json"])
+
+
+async def succeed(api, name: str, **extra) -> None:
+    await api.set_pytorchjob_conditions(name, ("Succeeded", "PyTorchJobSucceeded", "done"), **extra)
+
+
+async def run(api, name: str) -> None:
+    await api.set_pytorchjob_conditions(name, ("Running", "PyTorchJobRunning", "running"), startTime=START)
+
+
+async def finish_trial(api, s3_server, created: dict, rank: int, eval_loss: float) -> None:
+    """The trainer writes result.json last, then the training operator marks the PyTorchJob Succeeded."""
+    write_trial_result(s3_server, created, rank, eval_loss)
+    await succeed(api, trial_name(created["metadata"]["name"], rank), startTime=START, completionTime=DONE)
+
+
+def pytorchjob_creates(k8s) -> int:
+    return len(k8s[kmock.action.CREATE, PYTORCHJOBS_RESOURCE])
