@@ -274,25 +274,25 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def _local_adapterdeployment(document: dict, args: argparse.Namespace) -> int:
-    from kubetune import local_serving  # the engine and agents run as subprocesses, started there
-    from kubetune.local import finetunejob as local
+    # the engine and agents run as subprocesses, started there
+    from kubetune.local import adapterdeployment, finetunejob, inputs
 
     if args.output:
         print("--output applies to a FineTuneJob; edit the AdapterDeployment instead", file=sys.stderr)
         return 2
     try:  # e.g. --set baseModel.uri=file:///path/to/model: the same PATH=VALUE overrides as a FineTuneJob's
-        document = local.apply_overrides(json.loads(json.dumps(document)),
-                                         [local.parse_override(item) for item in args.set])
+        document = finetunejob.apply_overrides(json.loads(json.dumps(document)),
+                                               [finetunejob.parse_override(item) for item in args.set])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    options = local_serving.Options(
+    options = inputs.Options(
         run_dir=Path(args.run_dir).resolve(), namespace=args.namespace, poll=args.poll,
         status_file=Path(args.status_file).resolve() if args.status_file else None,
         traffic=Path(args.traffic) if args.traffic else None, traffic_rate=args.traffic_rate, until=args.until,
         max_seconds=args.max_seconds, drift_seconds=args.drift_seconds, embedding_url=args.embedding_url,
         embedding_model=args.embedding_model)
-    return local_serving.run(document, options)
+    return adapterdeployment.run(document, options)
 
 
 def cmd_operator(args: argparse.Namespace) -> int:

@@ -1,12 +1,9 @@
 """The local quickstart from training to serving: `make run`, then `make serve`.
 
-A FineTuneJob run by `kubetune local` leaves RUN_DIR/<job>/finetunejob.json; an AdapterDeployment whose
-source is `fineTuneJobRef: {name: <job>}` served with `kubetune local --run-dir RUN_DIR` resolves it to the
-job's published {manifestUri, digest} and serves it as a uri source (verified file by file). The fast tests
-check the resolution and its errors on a fake finetunejob.json; the slow one trains a short MiniLM job
-with the shipped example and serves it with the shipped AdapterDeployment and traffic.
+A fineTuneJobRef served with `kubetune local --run-dir RUN_DIR` resolves to the job's published adapter
+(RUN_DIR/<job>/finetunejob.json). The fast tests check the resolution and its errors on a fake file; the
+slow one trains a short MiniLM job and serves it with the shipped AdapterDeployment and traffic.
 """
-
 from __future__ import annotations
 
 import json
@@ -18,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune import cli, local_serving
+from kubetune import cli
 from kubetune.api.validation import validate
+from kubetune.local import inputs
 from tests.conftest import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "adapterdeployment-local-intents.yaml"
@@ -65,7 +63,7 @@ def test_the_example_is_a_valid_adapterdeployment_for_a_cluster_too():
 
 
 def test_the_traffic_asks_the_example_alias_and_never_repeats_training_text():
-    requests = local_serving.read_traffic(TRAFFIC, "default/intents")
+    requests = inputs.read_traffic(TRAFFIC, "default/intents")
     assert 30 <= len(requests) <= 60
     assert {r.path for r in requests} == {"/classify"} and {r.body["model"] for r in requests} == {"default/intents"}
     seen = set()
@@ -77,7 +75,7 @@ def test_the_traffic_asks_the_example_alias_and_never_repeats_training_text():
 
 def test_a_finetunejob_ref_is_served_as_the_uri_and_digest_the_local_run_published(tmp_path, capsys):
     _finetunejob(tmp_path)
-    adep = local_serving.prepare(_example(tmp_path), "default", tmp_path)
+    adep = inputs.prepare(_example(tmp_path), "default", tmp_path)
     assert adep["spec"]["adapters"][0]["source"] == {"uri": f"file://{tmp_path}/storage/x/manifest.json",
                                                      "digest": DIGEST}
     assert f"FineTuneJob {JOB}" in capsys.readouterr().out
@@ -96,8 +94,8 @@ def test_a_finetunejob_ref_without_a_successful_local_run_is_refused(tmp_path, k
         _finetunejob(tmp_path, "Running", adapter=False)
     elif kind == "namespace":
         _finetunejob(tmp_path, namespace="team-b")
-    with pytest.raises(local_serving.LocalServingError) as raised:
-        local_serving.prepare(_example(tmp_path), "default", tmp_path)
+    with pytest.raises(inputs.LocalServingError) as raised:
+        inputs.prepare(_example(tmp_path), "default", tmp_path)
     message = "; ".join(raised.value.messages)
     assert "spec.adapters[0].source.fineTuneJobRef" in message and expected in message, message
     if kind in ("missing", "failed", "running"):

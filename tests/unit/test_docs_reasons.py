@@ -134,8 +134,8 @@ REASON_SOURCES = [
     (OPERATOR / "reconcile/driftloop.py", r"\"reason\":\s*\"(\w+)\"", "RetrainMissing"),
     (OPERATOR / "reconcile/driftloop.py", r"reason\s*=\s*\"(\w+)\"\s*if\b.*\belse\s*\"(\w+)\"", "RetrainSkipped"),
     (OPERATOR / "reconcile/driftloop.py", r"GateVerdict\(\s*(?:True|False),\s*\"(\w+)\"", "RegressesOnOriginalData"),
-    (OPERATOR / "clients/drift_storage.py", r"problem\s*=\s*\(\s*\"(\w+)\"", "DriftReferenceUnavailable"),
-    (OPERATOR / "clients/drift_storage.py", r"now,\s*\"(\w+)\",\s*str\(exc\)", "RetrainNotStarted"),
+    (OPERATOR / "shell/drift.py", r"problem\s*=\s*\(\s*\"(\w+)\"", "DriftReferenceUnavailable"),
+    (OPERATOR / "shell/drift.py", r"now,\s*\"(\w+)\",\s*str\(exc\)", "RetrainNotStarted"),
 ]
 
 # Reasons that come from outside this repository's code but users see in the same places.

@@ -1,31 +1,18 @@
-"""The drift loop's I/O: sampled traffic -> windows in storage -> verdicts; labelled data; retrain data;
-and one adapter's whole pass (`drift_pass`), shared by the operator and `kubetune local`.
+"""The drift loop's storage: sampled traffic -> windows in storage -> verdicts; labelled data; retrain data.
 
-Blocking storage work (boto3) runs in a thread. The decisions are pure (`kubetune.stats` for the
-statistics, `reconcile.driftloop` for guards, retrains and the gate); this module reads and writes.
-Where retrain FineTuneJobs live (the cluster, or local runs) is the caller's: it passes them in.
-
-Storage, per adapter (`drift_prefix`), so windows survive operator restarts and leader changes:
-
-    <trafficSampling.uri>/_kubetune/drift/<namespace>/<adapterdeployment>/<adapter>/
-        state.json                     the watched version, a cursor per pod, the open window's
-                                       observations, the labelled objects promoted retrains used
-        windows/<index>.json           each closed window's verdict (kubetune.stats.analyse)
-        references/<digest hex>.json   the reference built from the serving adapter's drift profile
-        retrains/<job>/train.jsonl, validation.jsonl, original.jsonl, new.jsonl, inputs.json
+Blocking (boto3) functions, run in a thread by `kubetune.shell.drift`; the statistics and decisions
+are pure (`kubetune.stats`, `reconcile.driftloop`). The layout under the sampling URI, per adapter
+(`drift_prefix`), is in docs/concepts.md ("Storage layout").
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 from kubetune import stats
-from kubetune.api.validation import validate
 from kubetune.reconcile import driftloop
 
 from . import storage
@@ -344,90 +331,3 @@ def mark_consumed(store: storage.ObjectStore, adep: dict, adapter: dict, job: st
 
 def read_manifest(store: storage.ObjectStore, uri: str) -> dict | None:
     return _read_json(store, uri)
-
-
-# --- one adapter's pass ---------------------------------------------------------------------------------
-
-async def _manifest(analyzer: Analyzer, store: storage.ObjectStore, uri: str) -> dict | None:
-    if uri not in analyzer.manifests:
-        document = await asyncio.to_thread(read_manifest, store, uri)
-        if document is None:
-            return None
-        analyzer.manifests[uri] = document
-    return analyzer.manifests[uri]
-
-
-async def drift_pass(analyzer: Analyzer, store: storage.ObjectStore, adep: dict, adapter: dict, rec: dict, now: str,
-                     *, jobs: list, in_flight: Callable[[], Awaitable[int]],
-                     create_job: Callable[[dict], Awaitable[None]]) -> tuple[dict, list]:
-    """One adapter's drift loop: read new samples into windows (every drift_seconds), observe its
-    retrains (`jobs`: driftloop.RetrainJob) and labelled data, decide (driftloop.decide), and start a
-    retrain when decided. Returns (status.adapters[].drift, Events)."""
-    namespace, name = adep["metadata"]["namespace"], adep["metadata"]["name"]
-    previous = rec.get("drift")
-    stable = rec.get("stable")
-    analysis = Analysis()
-    manifest = None
-    if stable:
-        manifest = await _manifest(analyzer, store, stable["manifestUri"])
-        key = (namespace, name, adapter["name"])
-        due = time.monotonic() - analyzer.last_analysis.get(key, float("-inf")) >= analyzer.drift_seconds
-        if manifest is None:
-            analysis.problem = ("ManifestUnreadable", f"cannot read {stable['manifestUri']}")
-        elif due:
-            analyzer.last_analysis[key] = time.monotonic()
-            try:
-                analysis = await asyncio.to_thread(analyse_samples, analyzer, store, adep=adep, adapter=adapter,
-                                                   stable=stable, manifest=manifest, now=now)
-            except DataError as exc:
-                analysis.problem = ("DriftReferenceUnavailable", str(exc))
-            except Exception as exc:  # storage or embedding service down: try again next time
-                log.warning("drift analysis failed", extra={"adapterdeployment": name, "adapter": adapter["name"],
-                                                            "error": f"{type(exc).__name__}: {exc}"})
-                analysis.problem = ("DriftAnalysisFailed", f"{type(exc).__name__}: {exc}")
-        else:  # between analyses: keep what the status says about the open window and any problem
-            analysis.open_window = (previous or {}).get("window")
-            problem = (previous or {}).get("problem")
-            analysis.problem = (problem["reason"], problem["message"]) if problem else None
-    in_flight_job = ((previous or {}).get("retrain") or {}).get("job")
-    candidate = None
-    for job in jobs:
-        if job.name == in_flight_job and job.phase == "Succeeded" and job.adapter:
-            candidate = await _manifest(analyzer, store, job.adapter["manifestUri"])
-    retrain = adapter["drift"].get("retrain")
-    new_labelled, labelled_problem = 0, None
-    wants_retrain = bool((previous or {}).get("drifted") or any(v.get("drifted") for v in analysis.verdicts))
-    if retrain and wants_retrain and not in_flight_job:
-        fmt = ((retrain["template"]["spec"].get("dataset") or {}).get("format")
-               or ((manifest or {}).get("dataset") or {}).get("format") or "text-label")
-        try:
-            new_labelled, labelled_problem = await asyncio.to_thread(count_new_labelled, analyzer, store, adep,
-                                                                     adapter, fmt)
-        except Exception as exc:
-            labelled_problem = f"cannot read labelled data: {type(exc).__name__}: {exc}"
-    observed = driftloop.Observed(
-        now=now, version=stable["version"] if stable else None, verdicts=tuple(analysis.verdicts),
-        open_window=analysis.open_window, problem=analysis.problem, retrain_jobs=tuple(jobs), candidate=candidate,
-        new_labelled=new_labelled, labelled_problem=labelled_problem,
-        cluster_in_flight=await in_flight() if wants_retrain else 0, cluster_cap=analyzer.max_retrains)
-    plan = driftloop.decide(adep, adapter, previous, observed)
-    status, events = plan.status, list(plan.events)
-    if plan.start_retrain:
-        try:
-            data = await asyncio.to_thread(prepare_retrain, store, adep, adapter, plan.start_retrain, manifest,
-                                           stable["manifestUri"])
-            job = driftloop.retrain_job(adep, adapter, plan.start_retrain, data, stable["manifestUri"])
-            result = validate(job, local=analyzer.local)
-            if not result.ok:
-                raise DataError("the retrain FineTuneJob is invalid: " + "; ".join(str(e) for e in result.errors))
-            await create_job(job)
-            log.info("retrain started", extra={"adapterdeployment": name, "adapter": adapter["name"],
-                                               "job": plan.start_retrain})
-        except DataError as exc:
-            status, event = driftloop.retrain_not_started(plan.status, adapter, f"{namespace}/{adapter['name']}", now,
-                                                          "RetrainNotStarted", str(exc))
-            events = [e for e in events if e.reason != "RetrainStarted"] + [event]
-    promoted = driftloop.newly_promoted(status, now)
-    if promoted:
-        await asyncio.to_thread(mark_consumed, store, adep, adapter, promoted)
-    return status, events

@@ -1,10 +1,7 @@
-"""kopf handlers for AdapterDeployment: thin triggers around one level-based reconcile.
-
-Each pass reads the AdapterDeployment, resolves every adapter's source (a FineTuneJob's published
-adapter, or a uri) to a verified manifest, reads the serving pods' agent reports and the desired-state
-ConfigMap, calls `adapterdeployment.decide`, and carries out the plan: the desired state for the
-agents (they pull it), the managed runtime's children, status and Events. Rollouts advance on a
-timer: canary steps wait on time and on the agents' reports, which arrive as Pod annotations.
+"""The AdapterDeployment's cluster adapter: kopf triggers, and the port `shell.adapterdeployment.run_pass`
+reads and writes through (the object, its pods' agent reports, the desired-state ConfigMap, the managed
+runtime's children, retrain FineTuneJobs, status and Events). Rollouts advance on a timer: canary steps
+wait on time and on the agents' reports, which arrive as Pod annotations.
 """
 
 from __future__ import annotations
@@ -23,12 +20,14 @@ from kubetune.api import v1alpha1 as api
 from kubetune.api.validation import validate
 from kubetune.clients import drift_storage as drift
 from kubetune.clients import kube, storage
-from kubetune.clients.sources import manifest_location, verified_source
+from kubetune.clients.sources import manifest_location
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.reconcile import conditions as cond
-from kubetune.reconcile import driftloop, statuswrite, tenancy
+from kubetune.reconcile import driftloop, statuswrite
 from kubetune.render import gitops
 from kubetune.render import serving as render
+from kubetune.shell import adapterdeployment as shell
+from kubetune.shell.drift import retrain_view
 
 from . import metrics
 from .credentials import PassSecrets, object_store, secret_keys
@@ -65,38 +64,114 @@ class Runtime:
 RUNTIME = Runtime()
 
 
-async def _store_for(adep: dict, secrets: PassSecrets) -> storage.ObjectStore:
-    """The adapters' storage with the AdapterDeployment's own credentials, else the operator's defaults."""
-    return await object_store(secrets, adep["spec"].get("storage"), RUNTIME.default_s3)
+class ClusterPort:
+    """One pass's reads and writes in the cluster (shell.adapterdeployment.AdapterDeploymentPort)."""
 
+    def __init__(self, client: kube.KubeClient, namespace: str, name: str):
+        self.client, self.namespace, self.name = client, namespace, name
+        self.secrets = PassSecrets(client, namespace)
+        self.verified, self.analyzer = RUNTIME.verified, RUNTIME.analyzer
+        self.config_map: dict | None = None  # the desired-state ConfigMap as read in this pass
 
-async def _resolve(adep: dict, adapter: dict, store: storage.ObjectStore) -> adp.Source:
-    """A source as a verified manifest: every file's size and sha256 checked once per digest."""
-    namespace, name = adep["metadata"]["namespace"], adapter["name"]
-    src = adapter["source"]
-    if src.get("fineTuneJobRef"):
+    async def read(self) -> dict | None:
+        adep = await self.client.get(ADAPTERDEPLOYMENTS, self.namespace, self.name)
+        if adep is None or adep["metadata"].get("deletionTimestamp"):
+            RUNTIME.locks.pop((self.namespace, self.name), None)
+            return None
+        adep.setdefault("apiVersion", api.API_VERSION)
+        adep.setdefault("kind", "AdapterDeployment")
+        result = validate(adep)
+        if not result.ok:
+            await self._report_invalid(adep, "; ".join(str(e) for e in result.errors))
+            return None
+        return {**adep, "spec": result.defaulted["spec"]}
+
+    async def _report_invalid(self, adep: dict, message: str) -> None:
+        conditions = (adep.get("status") or {}).get("conditions")
+        generation = adep["metadata"].get("generation", 1)
+        status = {"observedGeneration": generation, "phase": "Degraded", statuswrite.LAST_WRITE: now_rfc3339(),
+                  "conditions": cond.set_condition(conditions, "Validated", False, "InvalidSpec", message,
+                                                   generation, now_rfc3339())}
+        await self.client.patch(ADAPTERDEPLOYMENTS, self.namespace, self.name, {"status": status},
+                                subresource="status")
+
+    async def object_store(self, adep: dict) -> storage.ObjectStore:
+        """The adapters' storage with the AdapterDeployment's own credentials, else the operator's defaults."""
+        return await object_store(self.secrets, adep["spec"].get("storage"), RUNTIME.default_s3)
+
+    async def locate_source(self, adep: dict, adapter: dict) -> tuple[str, str | None] | adp.Source:
+        """A FineTuneJob's published adapter, or a uri source's manifest."""
+        src, name = adapter["source"], adapter["name"]
+        if not src.get("fineTuneJobRef"):
+            return manifest_location(src["uri"]), src.get("digest")
         job_name = src["fineTuneJobRef"]["name"]
-        job = await RUNTIME.client.get(kube.FINETUNEJOBS, namespace, job_name)
+        job = await self.client.get(kube.FINETUNEJOBS, self.namespace, job_name)
         if job is None:
             return adp.Source(problems=(("FineTuneJobNotFound", f"adapters[{name}]: FineTuneJob {job_name} "
-                                                                f"does not exist in {namespace}"),))
+                                                                f"does not exist in {self.namespace}"),))
         published = (job.get("status") or {}).get("adapter")
         if not published:
             phase = (job.get("status") or {}).get("phase", "Pending")
             return adp.Source(problems=(("FineTuneJobNotReady", f"adapters[{name}]: FineTuneJob {job_name} has "
                                                                 f"published no adapter (phase {phase})"),))
-        manifest_uri, expected = published["manifestUri"], published["digest"]
-    else:
-        manifest_uri, expected = manifest_location(src["uri"]), src.get("digest")
-    if not adp.allowed(manifest_uri, namespace, RUNTIME.settings):
-        # outside the namespace's storage prefixes (--allowed-storage): refused unread
-        message = (f"adapters[{name}]: {manifest_uri} is outside the storage prefixes namespace {namespace} "
-                   "may serve from")
-        return adp.Source(manifest_uri=manifest_uri, problems=(("SourceNotAllowed", message),))
-    return await verified_source(store, manifest_uri, expected, name, RUNTIME.verified)
+        return published["manifestUri"], published["digest"]
+
+    async def pods(self, adep: dict) -> list[adp.Pod]:
+        selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(adep).items())
+        return [_pod_view(p) for p in await self.client.list(PODS, self.namespace, selector)
+                if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") != "Failed"]
+
+    async def desired_state(self, adep: dict) -> serving.DesiredState | None:
+        self.config_map = await self.client.get(kube.CONFIGMAPS, self.namespace,
+                                                serving.desired_config_map_name(self.name))
+        if self.config_map:
+            try:
+                return serving.DesiredState.from_json(self.config_map["data"][serving.DESIRED_KEY])
+            except (KeyError, ValueError):
+                return None
+        return None
+
+    async def secrets_found(self, adep: dict) -> dict | None:
+        return await secret_keys(self.secrets, adp.needs_secrets(adep), adep["spec"].get("storage"))
+
+    async def apply_serving(self, adep: dict, changed: serving.DesiredState | None,
+                            desired: serving.DesiredState, max_rank: int | None) -> None:
+        for child in render.render_children(adep, RUNTIME.render, desired, max_rank):
+            if child["kind"] == "ConfigMap":  # read this pass: its content is the current desired state
+                if self.config_map is None:
+                    await _apply_child(self.client, child, None)
+                elif changed is not None:
+                    await self.client.patch(kube.CONFIGMAPS, self.namespace, child["metadata"]["name"],
+                                            {"data": child["data"]})
+                continue
+            existing = await self.client.get(RESOURCES[child["kind"]], self.namespace, child["metadata"]["name"])
+            await _apply_child(self.client, child, existing)
+
+    async def write_status(self, adep: dict, status: dict) -> None:
+        await write_status(self.client, ADAPTERDEPLOYMENTS, adep, status, statuswrite.ADAPTERDEPLOYMENT_VOLATILE,
+                           RUNTIME.status_min_interval_seconds)
+
+    async def post_events(self, adep: dict, events: list) -> None:
+        for event in events:
+            await self.client.post_event(adep, event.type, event.reason, event.message)
+
+    async def retrain_jobs(self, adep: dict, adapter: dict) -> list[driftloop.RetrainJob]:
+        selector = f"{driftloop.LABEL_RETRAIN_OF}={self.name},{driftloop.LABEL_RETRAIN_ADAPTER}={adapter['name']}"
+        return [retrain_view(j) for j in await self.client.list(kube.FINETUNEJOBS, self.namespace, selector)]
+
+    async def retrains_in_flight(self) -> int:
+        jobs = []
+        for namespace in RUNTIME.watch_namespaces or (None,):  # the cap counts every watched namespace
+            jobs += await self.client.list(kube.FINETUNEJOBS, namespace, driftloop.LABEL_RETRAIN_OF)
+        return sum(1 for j in jobs if (j.get("status") or {}).get("phase") not in driftloop.FINISHED)
+
+    async def create_retrain(self, job: dict) -> None:
+        await self.client.create(kube.FINETUNEJOBS, job)
+        metrics.CHILDREN_CREATED.labels(kind="FineTuneJob").inc()
 
 
 def _pod_view(pod: dict) -> adp.Pod:
+    """What a Pod says: its readiness and its agent's report annotation."""
     annotations = pod["metadata"].get("annotations") or {}
     raw = annotations.get(serving.ANNOTATION_REPORT)
     report = None
@@ -116,11 +191,11 @@ def _label_patch(existing: dict, labels: dict) -> dict:
     return {**stale, **labels}
 
 
-async def _apply_child(child: dict, existing: dict | None) -> None:
+async def _apply_child(client: kube.KubeClient, child: dict, existing: dict | None) -> None:
     resource = RESOURCES[child["kind"]]
     namespace, name = child["metadata"]["namespace"], child["metadata"]["name"]
     if existing is None:
-        _, created = await RUNTIME.client.create(resource, child)
+        _, created = await client.create(resource, child)
         if created:
             metrics.CHILDREN_CREATED.labels(kind=child["kind"]).inc()
         return
@@ -131,117 +206,23 @@ async def _apply_child(child: dict, existing: dict | None) -> None:
         template = child["spec"]["template"]
         stale = set(((existing["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {})
         labels = {**dict.fromkeys(stale - set(template["metadata"]["labels"])), **template["metadata"]["labels"]}
-        await RUNTIME.client.patch(resource, namespace, name, {
+        await client.patch(resource, namespace, name, {
             "metadata": {"annotations": child["metadata"]["annotations"],
                          "labels": _label_patch(existing, child["metadata"]["labels"])},
             "spec": {"template": {**template, "metadata": {**template["metadata"], "labels": labels}},
                      "replicas": child["spec"]["replicas"]}})
     elif child["kind"] == "Deployment" and existing["spec"].get("replicas") != child["spec"]["replicas"]:
-        await RUNTIME.client.patch(resource, namespace, name, {"spec": {"replicas": child["spec"]["replicas"]}})
-
-
-def _retrain_view(job: dict) -> driftloop.RetrainJob:
-    status = job.get("status") or {}
-    message = next((c.get("message", "") for c in status.get("conditions") or []
-                    if c.get("type") in ("Failed", "Succeeded", "BaselineSufficient") and c.get("status") == "True"),
-                   status.get("message", ""))
-    return driftloop.RetrainJob(job["metadata"]["name"], status.get("phase", "Pending"), status.get("adapter"),
-                                message or "")
-
-
-async def _retrains_in_flight() -> int:
-    namespaces = RUNTIME.watch_namespaces or (None,)
-    jobs = []
-    for namespace in namespaces:
-        jobs += await RUNTIME.client.list(kube.FINETUNEJOBS, namespace, driftloop.LABEL_RETRAIN_OF)
-    return sum(1 for j in jobs if (j.get("status") or {}).get("phase") not in driftloop.FINISHED)
-
-
-async def _drift_pass(adep: dict, adapter: dict, rec: dict, store: storage.ObjectStore,
-                      now: str) -> tuple[dict, list]:
-    """One adapter's drift loop (clients.drift_storage.drift_pass) with this cluster's FineTuneJobs."""
-    namespace, name = adep["metadata"]["namespace"], adep["metadata"]["name"]
-    selector = f"{driftloop.LABEL_RETRAIN_OF}={name},{driftloop.LABEL_RETRAIN_ADAPTER}={adapter['name']}"
-    jobs = [_retrain_view(j) for j in await RUNTIME.client.list(kube.FINETUNEJOBS, namespace, selector)]
-
-    async def create(job: dict) -> None:
-        await RUNTIME.client.create(kube.FINETUNEJOBS, job)
-        metrics.CHILDREN_CREATED.labels(kind="FineTuneJob").inc()
-
-    return await drift.drift_pass(RUNTIME.analyzer, store, adep, adapter, rec, now, jobs=jobs,
-                                  in_flight=_retrains_in_flight, create_job=create)
+        await client.patch(resource, namespace, name, {"spec": {"replicas": child["spec"]["replicas"]}})
 
 
 async def reconcile(namespace: str, name: str) -> None:
-    client = RUNTIME.client
     async with RUNTIME.locks[(namespace, name)]:
         started = time.monotonic()
-        adep = await client.get(ADAPTERDEPLOYMENTS, namespace, name)
-        if adep is None or adep["metadata"].get("deletionTimestamp"):
-            RUNTIME.locks.pop((namespace, name), None)
+        result = await shell.run_pass(ClusterPort(RUNTIME.client, namespace, name), RUNTIME.settings)
+        if result is None:
             return
-        adep.setdefault("apiVersion", api.API_VERSION)
-        adep.setdefault("kind", "AdapterDeployment")
-        result = validate(adep)
-        if not result.ok:
-            message = "; ".join(str(e) for e in result.errors)
-            conditions = (adep.get("status") or {}).get("conditions")
-            status = {"observedGeneration": adep["metadata"].get("generation", 1), "phase": "Degraded",
-                      statuswrite.LAST_WRITE: now_rfc3339(),
-                      "conditions": cond.set_condition(conditions, "Validated", False, "InvalidSpec", message,
-                                                       adep["metadata"].get("generation", 1), now_rfc3339())}
-            await client.patch(ADAPTERDEPLOYMENTS, namespace, name, {"status": status}, subresource="status")
-            return
-        adep = {**adep, "spec": result.defaulted["spec"]}
-        pass_secrets = PassSecrets(client, namespace)
-        store = await _store_for(adep, pass_secrets)
-        records = {r["name"]: r for r in (adep.get("status") or {}).get("adapters") or []}
-        # a promoted retrain is served instead of the spec's source (while that source is unchanged)
-        rollout_view = driftloop.rollout_view(adep, records)
-        sources = {a["name"]: await _resolve(rollout_view, a, store) for a in rollout_view["spec"]["adapters"]}
-        selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(adep).items())
-        pods = [p for p in await client.list(PODS, namespace, selector)
-                if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") != "Failed"]
-        desired_name = serving.desired_config_map_name(name)
-        config_map = await client.get(kube.CONFIGMAPS, namespace, desired_name)
-        current = None
-        if config_map:
-            try:
-                current = serving.DesiredState.from_json(config_map["data"][serving.DESIRED_KEY])
-            except (KeyError, ValueError):
-                current = None
-        now = now_rfc3339()
-        found_secrets = await secret_keys(pass_secrets, adp.needs_secrets(adep), adep["spec"].get("storage"))
-        plan = adp.decide(adp.Observed(adep=rollout_view, now=now, sources=sources,
-                                       pods=[_pod_view(p) for p in pods], desired=current, secrets=found_secrets),
-                          RUNTIME.settings)
-        events = list(plan.events)
-        for adapter in adep["spec"]["adapters"]:
-            # no drift pass over storage outside the namespace's prefixes (Validated=False StorageNotAllowed)
-            if adapter.get("drift") and not tenancy.adapterdeployment_refusals(adep, RUNTIME.settings.allowed_sources,
-                                                                               adapter):
-                rec = next(r for r in plan.status["adapters"] if r["name"] == adapter["name"])
-                rec["drift"], drift_events = await _drift_pass(adep, adapter, rec, store, now)
-                for event in drift_events:
-                    metrics.DRIFT_DECISIONS.labels(reason=event.reason).inc()
-                events += drift_events
-        desired = plan.desired or current or serving.DesiredState(generation=1)
-        served = {**adep, "status": plan.status}
-        max_rank = adp.runtime_max_rank(adep["spec"], adp.served_ranks(served, sources))
-        children = render.render_children(adep, RUNTIME.render, desired, max_rank)
-        for child in children:
-            if child["kind"] == "ConfigMap":  # read above: its content is the current desired state
-                if config_map is None:
-                    await _apply_child(child, None)
-                elif plan.desired is not None:
-                    await client.patch(kube.CONFIGMAPS, namespace, desired_name, {"data": child["data"]})
-                continue
-            existing = await client.get(RESOURCES[child["kind"]], namespace, child["metadata"]["name"])
-            await _apply_child(child, existing)
-        await write_status(client, ADAPTERDEPLOYMENTS, adep, plan.status, statuswrite.ADAPTERDEPLOYMENT_VOLATILE,
-                           RUNTIME.status_min_interval_seconds)
-        for event in events:
-            await client.post_event(adep, event.type, event.reason, event.message)
+        for event in result.drift_events:
+            metrics.DRIFT_DECISIONS.labels(reason=event.reason).inc()
         metrics.ADEP_RECONCILE_SECONDS.observe(time.monotonic() - started)
 
 

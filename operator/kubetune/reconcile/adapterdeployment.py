@@ -1,24 +1,8 @@
 """The AdapterDeployment state machine (pure): sources, agent reports and the clock in; the desired
 serving state for the agents, status and events out.
 
-Per adapter (alias), level-based and restart-safe (everything it remembers is in status):
-
-    source resolves to digest D ── preflight (manifest verified, digest, rank <= runtime max, base model,
-    allowed source prefix) ── refused: Validated=False, nothing touches the pods
-        │ ok
-        ▼
-    no stable yet: D becomes stable at once (there is nothing to compare a canary with)
-    D != stable: D is the canary; Immediate: weight 100 at once, promoted when every pod loaded it;
-                 Canary: steps in order: setWeight (waits until every pod loaded the canary),
-                 pause (seconds), analysis (canary vs stable over a window, `analysis.judge`)
-        │ all steps passed                         │ analysis failed
-        ▼                                          ▼
-    promoted: D is stable; the old stable stays   rolled back: weight 0, canary unloaded, Degraded=True
-    loaded (weight 0) for unloadGraceSeconds      naming the metric; D is never retried (a new digest is)
-
-The agents pull the desired state (`serving.DesiredState`) from the ConfigMap this machine asks for
-and report on their Pods; the shell (`controllers.adapterdeployment`, `kubetune local`) resolves the
-sources, reads the reports and carries out the plan.
+Per alias: preflight, then stable / canary steps / promotion or rollback, all remembered in status
+(docs/concepts.md, "AdapterDeployment lifecycle"). The shell (`kubetune.shell.adapterdeployment`) runs it.
 """
 
 from __future__ import annotations
@@ -223,141 +207,183 @@ def needs_secrets(adep: dict) -> list[str]:
     return list(dict.fromkeys(r.secret for r in secrets.secret_refs(render_serving.secret_env(adep["spec"]))))
 
 
+@dataclass
+class _Tally:
+    """What the adapters' steps found, for the conditions and the phase."""
+    refused: list = field(default_factory=list)
+    degraded: list = field(default_factory=list)
+    progressing: list = field(default_factory=list)
+    not_ready: list = field(default_factory=list)
+    aliases: list = field(default_factory=list)
+    records: list = field(default_factory=list)
+
+
 def decide(observed: Observed, settings: Settings) -> Plan:
     observed = dataclasses.replace(observed, pods=[dataclasses.replace(p, report=agent_report(p.report))
                                                    for p in observed.pods])
-    adep, now = observed.adep, observed.now
+    adep = observed.adep
     meta, spec = adep["metadata"], adep["spec"]
-    namespace = meta["namespace"]
     generation = int(meta.get("generation", 1))
     previous = adep.get("status") or {}
     records = {r["name"]: r for r in previous.get("adapters") or []}
     plan = Plan()
     status = {k: v for k, v in previous.items() if k not in ("adapters",)}
     status["observedGeneration"] = generation
-    conditions = status.get("conditions")
     requeue = [settings.resync_seconds]
     max_rank = runtime_max_rank(spec, served_ranks(adep, observed.sources))
-    refused, degraded, progressing, not_ready = [], [], [], []
-    new_records, aliases = [], []
+    tally = _Tally()
     reports = _reports(observed.pods)
-
     for adapter in spec["adapters"]:
-        name = adapter["name"]
-        rec = dict(records.get(name) or {"name": name})
-        rec["alias"] = serving.alias_name(namespace, name)
-        source = observed.sources.get(name) or Source(problems=(("SourceUnresolved", f"adapters[{name}]: "
-                                                                                      "source not resolved"),))
-        problems = preflight(adep, adapter, source, settings, max_rank)
-        candidate = None if problems else _version(namespace, name, source)
-        if problems:
-            refused.append(problems[0])
-            if (rec.get("refused") or {}).get("reason") != problems[0][0]:
-                plan.events.append(Event("Warning", problems[0][0], problems[0][1]))
-            rec["refused"] = {"digest": source.digest, "reason": problems[0][0],
-                              "message": "; ".join(m for _, m in problems)}
-        else:
-            rec.pop("refused", None)
-        _step(rec, candidate, adapter, spec, observed, plan, requeue, reports, now)
-        # retire versions whose grace period is over
-        rec["retiring"] = [r for r in rec.get("retiring") or [] if _seconds(now, r["unloadAfter"]) > 0]
-        for r in rec["retiring"]:
-            requeue.append(max(1.0, _seconds(now, r["unloadAfter"])))
-        if not rec["retiring"]:
-            rec.pop("retiring")
-        stable, canary = rec.get("stable"), rec.get("canary")
-        weight = int(rec.get("canaryWeight", 0)) if canary else 0
-        versions = []
-        if stable:
-            versions.append(serving.Version(stable["version"], stable["digest"], stable["manifestUri"], 100 - weight,
-                                            "stable"))
-        if canary:
-            versions.append(serving.Version(canary["version"], canary["digest"], canary["manifestUri"], weight,
-                                            "canary"))
-        for old in rec.get("retiring") or []:
-            versions.append(serving.Version(old["version"], old["digest"], old["manifestUri"], 0, "retiring"))
-        if versions:
-            aliases.append(serving.AliasState(rec["alias"], versions))
-        # pods: how many serve what is desired (per version, and for the version being rolled out)
-        for role in ("stable", "canary"):
-            if rec.get(role):
-                loaded, _ = _loaded_everywhere(observed.pods, rec[role]["version"], rec[role]["digest"])
-                rec[role] = {**rec[role], "podsLoaded": loaded}
-        target = canary or stable
-        if target:
-            ready, total = _loaded_everywhere(observed.pods, target["version"], target["digest"])
-            rec["podsReady"], rec["podsTotal"] = ready, total
-            if ready < total or total == 0:
-                not_ready.append(name)
-        errors = []
-        for pod in observed.pods:
-            for version, error in ((pod.report or {}).get("errors") or {}).items():
-                if version.startswith(rec["alias"] + "@"):
-                    errors.append({"pod": pod.name, "version": version, "reason": error.get("reason", ""),
-                                   "message": str(error.get("message", ""))[:1000]})
-        if errors:
-            rec["podErrors"] = errors[:20]
-        else:
-            rec.pop("podErrors", None)
-        if canary:
-            progressing.append(name)
-        if rec.get("rolledBack") and not canary:
-            degraded.append(rec["rolledBack"])
-        new_records.append(rec)
+        rec = dict(records.get(adapter["name"]) or {"name": adapter["name"]})
+        _adapter_pass(rec, adapter, observed, settings, max_rank, plan, requeue, reports, tally)
+    status["adapters"] = tally.records
+    plan.desired = _desired_if_changed(spec, tally.aliases, observed.desired)
+    status["conditions"], ready = _conditions(status.get("conditions"), tally, observed, plan, generation)
+    status["phase"] = _phase(tally, ready)
+    status["summary"] = versions_summary(tally.records)
+    plan.status = status
+    plan.requeue_after = min(requeue)
+    return plan
 
-    status["adapters"] = new_records
+
+def _adapter_pass(rec: dict, adapter: dict, observed: Observed, settings: Settings, max_rank: int | None,
+                  plan: Plan, requeue: list, reports: dict, tally: _Tally) -> None:
+    """One alias: preflight its source, step its rollout, retire old versions, count its pods."""
+    adep, now = observed.adep, observed.now
+    namespace, name = adep["metadata"]["namespace"], adapter["name"]
+    rec["alias"] = serving.alias_name(namespace, name)
+    source = observed.sources.get(name) or Source(problems=(("SourceUnresolved", f"adapters[{name}]: "
+                                                                                  "source not resolved"),))
+    problems = preflight(adep, adapter, source, settings, max_rank)
+    candidate = None if problems else _version(namespace, name, source)
+    if problems:
+        tally.refused.append(problems[0])
+        if (rec.get("refused") or {}).get("reason") != problems[0][0]:
+            plan.events.append(Event("Warning", problems[0][0], problems[0][1]))
+        rec["refused"] = {"digest": source.digest, "reason": problems[0][0],
+                          "message": "; ".join(m for _, m in problems)}
+    else:
+        rec.pop("refused", None)
+    _step(rec, candidate, adapter, adep["spec"], observed, plan, requeue, reports, now)
+    _retire_expired(rec, requeue, now)
+    versions = _served_versions(rec)
+    if versions:
+        tally.aliases.append(serving.AliasState(rec["alias"], versions))
+    _count_pods(rec, observed.pods, tally)
+    if rec.get("canary"):
+        tally.progressing.append(name)
+    if rec.get("rolledBack") and not rec.get("canary"):
+        tally.degraded.append(rec["rolledBack"])
+    tally.records.append(rec)
+
+
+def _retire_expired(rec: dict, requeue: list, now: str) -> None:
+    """Drop retiring versions whose grace period is over; wake up when the next one ends."""
+    rec["retiring"] = [r for r in rec.get("retiring") or [] if _seconds(now, r["unloadAfter"]) > 0]
+    for r in rec["retiring"]:
+        requeue.append(max(1.0, _seconds(now, r["unloadAfter"])))
+    if not rec["retiring"]:
+        rec.pop("retiring")
+
+
+def _served_versions(rec: dict) -> list:
+    """The alias's versions for the agents: stable and canary share the traffic; retiring ones get none."""
+    stable, canary = rec.get("stable"), rec.get("canary")
+    weight = int(rec.get("canaryWeight", 0)) if canary else 0
+    versions = []
+    if stable:
+        versions.append(serving.Version(stable["version"], stable["digest"], stable["manifestUri"], 100 - weight,
+                                        "stable"))
+    if canary:
+        versions.append(serving.Version(canary["version"], canary["digest"], canary["manifestUri"], weight,
+                                        "canary"))
+    for old in rec.get("retiring") or []:
+        versions.append(serving.Version(old["version"], old["digest"], old["manifestUri"], 0, "retiring"))
+    return versions
+
+
+def _count_pods(rec: dict, pods: list[Pod], tally: _Tally) -> None:
+    """How many pods serve what is desired (per version, and the version being rolled out); their errors."""
+    for role in ("stable", "canary"):
+        if rec.get(role):
+            loaded, _ = _loaded_everywhere(pods, rec[role]["version"], rec[role]["digest"])
+            rec[role] = {**rec[role], "podsLoaded": loaded}
+    target = rec.get("canary") or rec.get("stable")
+    if target:
+        ready, total = _loaded_everywhere(pods, target["version"], target["digest"])
+        rec["podsReady"], rec["podsTotal"] = ready, total
+        if ready < total or total == 0:
+            tally.not_ready.append(rec["name"])
+    errors = []
+    for pod in pods:
+        for version, error in ((pod.report or {}).get("errors") or {}).items():
+            if version.startswith(rec["alias"] + "@"):
+                errors.append({"pod": pod.name, "version": version, "reason": error.get("reason", ""),
+                               "message": str(error.get("message", ""))[:1000]})
+    if errors:
+        rec["podErrors"] = errors[:20]
+    else:
+        rec.pop("podErrors", None)
+
+
+def _desired_if_changed(spec: dict, aliases: list, current: serving.DesiredState | None) -> serving.DesiredState | None:
+    """The agents' desired state, with the next generation, when its content differs from `current`."""
     sampling = spec.get("trafficSampling") or {}
     desired = serving.DesiredState(generation=0, adapters=aliases, sampling_rate=float(sampling.get("rate", 0.0)),
                                    sampling_uri=sampling.get("uri"))
-    current = observed.desired
-    if current is None or _content(current) != _content(desired):
-        plan.desired = serving.DesiredState(generation=(current.generation + 1) if current else 1,
-                                            adapters=desired.adapters, sampling_rate=desired.sampling_rate,
-                                            sampling_uri=desired.sampling_uri)
+    if current is not None and _content(current) == _content(desired):
+        return None
+    return serving.DesiredState(generation=(current.generation + 1) if current else 1, adapters=desired.adapters,
+                                sampling_rate=desired.sampling_rate, sampling_uri=desired.sampling_uri)
+
+
+def _conditions(conditions: list | None, tally: _Tally, observed: Observed, plan: Plan,
+                generation: int) -> tuple[list, bool]:
+    """Validated, Progressing, Degraded, Ready (and the Secrets check): (conditions, ready)."""
+    now, spec = observed.now, observed.adep["spec"]
 
     def set_condition(kind: str, value: bool, reason: str, message: str) -> None:
         nonlocal conditions
         conditions = cond.set_condition(conditions, kind, value, reason, message, generation, now)
 
-    if refused:
-        set_condition("Validated", False, refused[0][0], refused[0][1])
+    if tally.refused:
+        set_condition("Validated", False, tally.refused[0][0], tally.refused[0][1])
     else:
         set_condition("Validated", True, "PreflightPassed", "every adapter source is verified and servable")
-    if progressing or not_ready:
-        detail = ", ".join(progressing) or ", ".join(not_ready)
+    if tally.progressing or tally.not_ready:
+        detail = ", ".join(tally.progressing) or ", ".join(tally.not_ready)
         set_condition("Progressing", True, "RollingOut", f"rolling out: {detail}")
     else:
         set_condition("Progressing", False, "Stable", "every alias serves its stable version")
-    if degraded:
-        set_condition("Degraded", True, degraded[0]["reason"], degraded[0]["message"])
-    elif any(r.get("podErrors") for r in new_records):
-        first = next(r["podErrors"][0] for r in new_records if r.get("podErrors"))
+    if tally.degraded:
+        set_condition("Degraded", True, tally.degraded[0]["reason"], tally.degraded[0]["message"])
+    elif any(r.get("podErrors") for r in tally.records):
+        first = next(r["podErrors"][0] for r in tally.records if r.get("podErrors"))
         set_condition("Degraded", True, "AgentErrors",
                       f"pod {first['pod']}: {first['version']}: {first['reason']}: {first['message']}")
     else:
         set_condition("Degraded", False, "Healthy", "no rollback and no agent errors")
-    ready = bool(observed.pods) and not not_ready and all(r.get("stable") for r in new_records)
+    ready = bool(observed.pods) and not tally.not_ready and all(r.get("stable") for r in tally.records)
     set_condition("Ready", ready, "AllPodsServing" if ready else "NotReady",
                   "every pod serves every alias" if ready else
-                  (f"waiting for pods: {', '.join(not_ready)}" if not_ready else "no serving pods yet"))
+                  (f"waiting for pods: {', '.join(tally.not_ready)}" if tally.not_ready else "no serving pods yet"))
     if observed.secrets is not None:  # pods wait in CreateContainerConfigError without them: say so
-        found = secrets.problem(secrets.secret_refs(render_serving.secret_env(spec)), observed.secrets, namespace)
+        found = secrets.problem(secrets.secret_refs(render_serving.secret_env(spec)), observed.secrets,
+                                observed.adep["metadata"]["namespace"])
         conditions, warning = secrets.report(conditions, found, "serving pods", generation, now)
         if warning:
             plan.events.append(Event("Warning", warning.reason, warning.message))
-    status["conditions"] = conditions
-    if degraded or any(r.get("podErrors") for r in new_records):
-        status["phase"] = "Degraded"
-    elif ready and not progressing:
-        status["phase"] = "Ready"
-    elif any(r.get("stable") for r in new_records):
-        status["phase"] = "Progressing"
-    else:
-        status["phase"] = "Pending"
-    status["summary"] = versions_summary(new_records)
-    plan.status = status
-    plan.requeue_after = min(requeue)
-    return plan
+    return conditions, ready
+
+
+def _phase(tally: _Tally, ready: bool) -> str:
+    if tally.degraded or any(r.get("podErrors") for r in tally.records):
+        return "Degraded"
+    if ready and not tally.progressing:
+        return "Ready"
+    if any(r.get("stable") for r in tally.records):
+        return "Progressing"
+    return "Pending"
 
 
 def _short(version: dict | None) -> str:
