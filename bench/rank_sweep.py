@@ -3,19 +3,7 @@
     .venv/bin/python bench/rank_sweep.py                      # about 3 minutes on 2 cores
     .venv/bin/python bench/rank_sweep.py --smoke --json /tmp/sweep.json   # CI-sized
 
-Three runs of the README's main job (LoRA on the pretrained MiniLM, 12 intents, examples/data/intents)
-through `kubetune.local.finetunejob.run`, i.e. the operator's own passes with real trainer processes, in one go:
-
-- plain: no sweep (the rank from the spec);
-- sequential: a sweep of 4 ranks with parallelism 1, then the full run with the chosen rank;
-- parallel: the same sweep with parallelism 2 (two trial processes at once; each gets half the cores
-  through OMP_NUM_THREADS).
-
-Reported: wall seconds of each run, the sweep's overhead over the plain run, the parallel speed-up of
-the sweep phase (sequential sweep seconds / parallel sweep seconds), each trial's holdout metric and the
-chosen rank (the same in both sweeps: the trials are seeded). Wall time includes every process start and
-model load, which is what a user waits for; on 2 cores, a trial is mostly start-up (loading torch and
-the model) rather than training, which is what parallel processes overlap.
+What runs and what is reported: bench/README.md.
 """
 
 from __future__ import annotations

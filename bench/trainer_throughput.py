@@ -3,37 +3,7 @@
     .venv/bin/python bench/trainer_throughput.py                  # defaults, about 1-3 minutes on 2 cores
     .venv/bin/python bench/trainer_throughput.py --smoke --json /tmp/tp.json   # CI-sized, < 40 s
 
-What is measured: *effective tokens per second* = non-padding tokens that went through training (forward,
-backward, optimizer) per second of training time. Both pipelines run in this one process, on the same
-randomly initialised Llama (built offline with `kubetune_testing.tiny`, a word-level tokenizer trained on
-the CLINC150 texts, saved to a temp dir and loaded from there by both), the same CLINC150 prompt-completion
-pairs (utterance -> intent name), LoRA r=16 alpha 32 on q_proj,v_proj, FP32, no gradient checkpointing, the
-same per-device batch (examples per optimizer step) and the same number of optimizer steps.
-
-- kubetune: the real trainer, `kubetune_trainer.train.run`, on a JobConfig validated exactly as the operator
-  validates a FineTuneJob (packing on, the default: each micro-batch is one padding-free row). Its numbers
-  come from the published manifest: `realTokens`, `paddingFraction` and `trainSeconds`, which sums the
-  micro-steps only (batch building, forward, backward, optimizer step) and excludes loading, the smoke step,
-  the baseline/periodic/final evaluations, checkpointing and publishing.
-- seed: `transformers.Trainer` with `TrainingArguments` (no eval, no save, report_to none, use_cpu), each
-  example tokenised as `tokenizer(prompt + " " + completion, padding="max_length", max_length=512,
-  truncation=True)` and collated by `DataCollatorForLanguageModeling(mlm=False)`, peft LoRA with the same
-  config. Its real tokens are the attention-mask sums of the batches it trained on (counted in a collator
-  wrapper), its total tokens the batch sizes x 512. Only the `trainer.train()` call is timed; that includes
-  Trainer's own small per-run overheads (accelerate preparation, optimizer creation, callbacks), which the
-  kubetune figure does not carry, so the comparison is slightly generous to kubetune on very short runs.
-
-The two pipelines count real tokens slightly differently: kubetune trains BOS + prompt + completion + EOS
-(loss on the completion only), the seed pipeline prompt + " " + completion (the word-level tokenizer adds no
-special tokens, loss on every real token). Per-step work for the seed pipeline is batch x 512 positions
-whatever the lengths; kubetune's is the real tokens alone. The ratio printed is kubetune's real tokens/s over
-the seed's.
-
-Defaults: 60 steps of 8 examples on a 4-layer, hidden-256 Llama (vocab ~5.1k), about 1 minute in all on a
-quiet 2-core machine (the seed side is ~0.8 s a step there, kubetune's ~30 ms). CPU timings are very
-sensitive to other processes: torch's worker threads spin-wait, so with another busy process on the cores a
-step can take 2-5x longer (small kubetune steps suffer most, and unevenly). The 1-minute load average is
-recorded before and after, and a warning is printed when something else was clearly running.
+What is measured, and how the two pipelines differ: bench/README.md.
 """
 
 from __future__ import annotations

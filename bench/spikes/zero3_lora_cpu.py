@@ -1,23 +1,9 @@
 """Spike: DeepSpeed ZeRO-3 + peft LoRA on CPU (gloo), the recipe kubetune_trainer.distributed encodes.
 
     .venv/bin/torchrun --nproc_per_node 2 bench/spikes/zero3_lora_cpu.py --out /tmp/z3   # 2 ranks
-    .venv/bin/torchrun --nproc_per_node 1 bench/spikes/zero3_lora_cpu.py --out /tmp/z3-1
     .venv/bin/python bench/spikes/zero3_lora_cpu.py --out /tmp/z3-py                    # no torchrun
 
-A tiny random-init LlamaForCausalLM (no download) with LoRA r=4 on q_proj/v_proj trains 10 optimizer
-steps (2 micro-batches each) on a fixed set of random token rows, the loss falling, then:
-- saves a DeepSpeed checkpoint, builds a fresh model + engine (other LoRA init), loads it and checks
-  that the trainable weights, the optimizer and scheduler state (the next step's loss and weights are
-  bit-identical to the original engine's), the counters, the client_state and each rank's RNG came back;
-- gathers the adapter on rank 0, writes DIR/adapter_model.safetensors + adapter_config.json, prints
-  every tensor name and shape (also DIR/adapter_shapes.json, to diff runs of different world sizes),
-  checks them against a plain single-process peft model, that `PeftModel.save_pretrained(state_dict=)`
-  writes the same, and that `PeftModel.from_pretrained` reloads the directory.
-Options: `--precision bf16` (works on CPU), `--zero-stage 0|1|2|3`, `--offload-optimizer`,
-`--offload-params`, `--zero-init config|pretrained` (build the base under zero.Init from the config, or
-`from_pretrained` of a saved copy with HfDeepSpeedConfig alive, instead of normally).
-The LoRA tensors are below ZeRO-3's persistence threshold and would never be partitioned; the spike sets
-the threshold to 0 so that gathering is really exercised.
+What it checks and its options: bench/README.md.
 """
 
 from __future__ import annotations

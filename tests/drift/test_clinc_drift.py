@@ -1,16 +1,8 @@
-"""Drift detection (kubetune.stats) on real data: a MiniLM LoRA intent classifier trained by the
-real trainer on 10 CLINC150 intents, its published drift profile as the reference, traffic scored by the
-CPU engine's own model code and embedded by its `/v1/embeddings` encoder, windows of 100 requests with the
-default thresholds (3 sigma, p 0.01, 500 bootstraps).
+"""Drift detection (kubetune.stats) on real data: a MiniLM LoRA intent classifier on 10 CLINC150 intents.
 
-- in-scope traffic (CLINC `test` utterances of the trained intents, shuffled) never fires a trigger;
-- out-of-scope traffic (CLINC `oos_test`) fires both triggers: the model is hurt;
-- traffic narrowing to two of the trained intents (a benign label shift: those the model is surest of on
-  its holdout) moves the embeddings, not the model's confidence: a diagnostic fires, `drifted` stays False.
-  (Narrowing onto a pair the model confuses, such as balance + bill_balance, does lower its confidence and
-  fires the entropy trigger: the triggers measure the model on the traffic it gets, whatever the reason.)
-
-`pytest -s` prints the measured figures.
+In-scope traffic never fires a trigger; out-of-scope traffic fires both (the model is hurt); a benign
+narrowing to two intents moves the embeddings, not the confidence (a diagnostic only). What runs and
+why: docs/testing.md ("Drift on real data"). `pytest -s` prints the measured figures.
 """
 
 from __future__ import annotations

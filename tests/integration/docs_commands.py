@@ -1,19 +1,8 @@
 """The commands of README.md and docs/*.md, as a user would type them, and how CI exercises each.
 
-A command is a line of a ```bash block (with `\\` continuations; `#` comments dropped) or a `$ ` line
-of a ```console block (the lines after it, up to the next `$ `, are its sample output). Blocks in other
-languages (yaml, text, promql, json...) hold no commands.
-
-Every command must fall into exactly one way of being exercised (`how`):
-
-* ``cluster``: kubectl and helm, run for real against the Kubernetes API emulator with the operator
-  running (test_docs_commands.py), in the order of the document;
-* ``cli``: `kubetune validate|render|generate --check`, run for real;
-* ``test``: long runs (`make run`, `kubetune local`, `kubetune operator`...), each run by a named test
-  or CI script that contains the same invocation (checked);
-* ``setup``: `git clone` and `cd` of a fresh checkout (what the clean-clone check does).
-
-Anything else fails the suite: a new command in the docs needs a way to be exercised.
+Every command (a ```bash line, or a `$ ` line of a ```console block) must be exercised exactly one way:
+``cluster`` (kubectl/helm against the emulator), ``cli``, ``test`` (a named test runs the same
+invocation) or ``setup``. The rules: docs/testing.md ("How the docs are tested").
 """
 
 from __future__ import annotations

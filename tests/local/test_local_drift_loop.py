@@ -3,7 +3,7 @@
 A MiniLM intent classifier trained on a CLINC150 subset is served by the real CPU engine behind a real
 agent; in-scope CLINC150 test utterances arrive first, then out-of-scope ones (questions the adapter
 has no intent for). The operator's own decisions (reconcile.adapterdeployment.decide,
-clients.drift_storage.drift_pass) see the windows drift, start a retrain FineTuneJob (run by `kubetune
+shell.drift.drift_pass) see the windows drift, start a retrain FineTuneJob (run by `kubetune
 local`'s torchrun) on the new labelled data, gate it on the trainer's evaluations, canary it and
 promote it. The fast tests at the end check what the command refuses before it starts anything.
 """

@@ -11,7 +11,7 @@ from kubetune.api.validation import validate
 from kubetune.clients.drift_storage import Analyzer
 from kubetune.reconcile import adapterdeployment as adp
 from kubetune.shell import adapterdeployment as shell
-from tests.factories import adapterdeployment
+from kubetune_testing.factories import adapterdeployment
 
 DIGEST = "sha256:" + "a" * 64
 MANIFEST = "s3://team-a/adapters/x/manifest.json"

@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO_ROOT
 
 MAX_MODULE_LINES = 600
@@ -68,7 +66,6 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path, monkeypatch):
         "module", "module docstring", "function long"]
 
 
-@pytest.mark.xfail(strict=False, reason="until issue 14's refactor lands")
 def test_no_module_function_or_docstring_is_too_long():
     found = [violation for path in python_files() for violation in violations(path)]
     assert not found, f"{len(found)} size violation(s):\n" + "\n".join(found)

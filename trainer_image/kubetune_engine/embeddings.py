@@ -1,13 +1,7 @@
 """Sentence embeddings for `/v1/embeddings` (`--embedding-model DIR`): the sentence-transformers recipe of
-all-MiniLM-L6-v2 on plain transformers.
-
-A transformers encoder (`AutoModel`), mean pooling of the last hidden states over the attention mask,
-L2 normalisation; inputs truncated to `max_seq_length` tokens (256, or the directory's
-`sentence_bert_config.json`), encoded in batches of 64 sorted by length (less padding; the order of the
-answer is the order of the inputs). The vectors match `SentenceTransformer(DIR).encode(texts,
-normalize_embeddings=True)` up to float rounding.
-
-Like `models.ModelHost`, not thread-safe: the server calls it from one worker thread at a time.
+all-MiniLM-L6-v2 on plain transformers (mean pooling, L2 normalisation), matching
+`SentenceTransformer(DIR).encode(texts, normalize_embeddings=True)`. Not thread-safe: the server calls it
+from one worker thread at a time. How it pools and batches: docs/serving-runtimes.md.
 """
 
 from __future__ import annotations

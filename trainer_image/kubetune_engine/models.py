@@ -1,14 +1,7 @@
 """The torch side of the CPU engine: base models, LoRA adapters, greedy generation, classification.
 
-Nothing here is thread-safe: the server makes every call from one worker thread at a time (an asyncio
-lock around `asyncio.to_thread`). Only `listing()` (a snapshot) and `cancelled` (an event) are used from the
-event loop while a call runs.
-
-Bases are *instances*: one causal-LM model, and one sequence-classification model per distinct label
-list (a classification adapter's head has one row per label, so adapters with different label lists
-cannot share a head). Each instance becomes a peft `PeftModel` when its first adapter loads; adapters
-get safe internal names (`a0`, `a1`, ...) because served names (`team-a/bot@1a2b3c4d5e6f`) contain
-characters peft does not accept. The base is served with the adapters disabled.
+Not thread-safe: the server makes every call from one worker thread at a time. How bases, adapters and
+their internal names are kept: docs/serving-runtimes.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Per-namespace storage limits (pure): which storage URIs a namespace's objects may name.
 
-The operator is configured with `--allowed-storage NAMESPACE=PREFIX` (repeatable, `*` for every
-namespace; `--allowed-source` is the older name of the same flag; chart value `tenancy.allowedStorage`).
-Unconfigured (an empty map): no limit. Configured: every storage URI of a FineTuneJob or an
-AdapterDeployment in namespace N must lie under one of N's prefixes or the `*` prefixes; a namespace
-with neither may use no storage at all. The operator reads and writes storage with its own
-credentials (manifests, samples, labelled data) and hands URIs to trainer and serving pods, so this
-is what keeps one tenant from reading another's data or adapters through it.
-
-A prefix matches at a path boundary: `s3://team-a` admits `s3://team-a/x` and `s3://team-a` itself,
-not `s3://team-ab/x`. URIs with `..` or `.` path segments are refused whenever limits are configured
-(file:// paths would escape their prefix; S3 keys so named are never needed).
+Configured by `--allowed-storage NAMESPACE=PREFIX` (chart value `tenancy.allowedStorage`); unconfigured
+means no limit. A prefix matches at a path boundary, and `.`/`..` segments are refused whenever limits
+are configured. The rules and why: docs/security.md.
 """
 
 from __future__ import annotations
