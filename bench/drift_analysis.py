@@ -28,11 +28,11 @@ for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image"):
         sys.path.insert(0, str(_src))
 
 from common import free_port, load_average, minilm_dir  # noqa: E402  (bench/, on sys.path)
-from kubetune import stats  # noqa: E402
 from kubetune.api import jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
-from kubetune.clients.embeddings import EmbeddingClient  # noqa: E402
 from kubetune.runtimes import cpu  # noqa: E402
+from kubetune_operator import stats  # noqa: E402
+from kubetune_operator.clients.embeddings import EmbeddingClient  # noqa: E402
 
 SHARED = Path(os.environ.get("KUBETUNE_SHARED", REPO_ROOT.parent / "shared"))
 NS, ADAPTER = "team-a", "intents"

@@ -21,7 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "operator"))
 
-from kubetune.local import finetunejob as local  # noqa: E402
+from kubetune_operator.local import finetunejob as local  # noqa: E402
 
 
 def _minilm() -> Path:

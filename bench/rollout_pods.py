@@ -21,8 +21,8 @@ from common import free_port, minilm_dir
 from kubetune.api import serving
 from kubetune.api.validation import validate
 from kubetune.clients.storage import ObjectStore, S3Settings, check_published
-from kubetune.reconcile import adapterdeployment as adp
 from kubetune.runtimes import cpu
+from kubetune_operator.reconcile import adapterdeployment as adp
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NS = "team-a"
@@ -131,7 +131,7 @@ class Engine:
 
 
 class Agent:
-    """`python -m kubetune.agent` in local mode in front of one engine."""
+    """`python -m kubetune_agent` in local mode in front of one engine."""
 
     def __init__(self, engine: Engine, root: Path, pod: str, sync_seconds: float):
         self.engine, self.pod = engine, pod
@@ -139,7 +139,7 @@ class Agent:
         self.desired_path, self.report_path = root / "desired.json", root / "report.json"
         self.log_path = root / "agent.log"
         self.port = free_port()
-        command = [sys.executable, "-m", "kubetune.agent", "--engine-url", engine.url, "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "kubetune_agent", "--engine-url", engine.url, "--host", "127.0.0.1",
                    "--port", str(self.port), "--namespace", NS, "--pod-name", pod,
                    "--desired-file", str(self.desired_path), "--report-file", str(self.report_path),
                    "--cache-dir", str(root / "cache"), "--sync-seconds", str(sync_seconds), "--report-seconds", "1"]

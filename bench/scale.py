@@ -34,7 +34,7 @@ import yaml  # noqa: E402
 from common import free_port, load_average  # noqa: E402  (bench/, on sys.path)
 from kubetune.api import serving  # noqa: E402
 from kubetune.clients import kube  # noqa: E402
-from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS  # noqa: E402
+from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS  # noqa: E402
 from kubetune_testing import seaweedfs  # noqa: E402
 from kubetune_testing.emulator import K8sEmulator, declare_resources  # noqa: E402
 from kubetune_testing.factories import adapterdeployment, finetunejob  # noqa: E402
@@ -246,7 +246,7 @@ async def start_operator(args, namespaces: list[str], kubeconfig: Path, s3_endpo
     scope = ["--all-namespaces"] if args.all_namespaces else [a for ns in namespaces for a in ("--namespace", ns)]
     with open(log_path, "wb") as log_file:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kubetune.cli", "operator", *scope,
+            sys.executable, "-m", "kubetune_operator.cli", "operator", *scope,
             "--health-port", str(health), "--metrics-port", str(metrics_port),
             stdout=log_file, stderr=subprocess.STDOUT, env=env)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.reconcile.finetunejob import status_patch
+from kubetune_operator.reconcile.finetunejob import status_patch
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"

@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kubetune.agent import kube, sync
-from kubetune.agent.proxy import serve
 from kubetune.api import serving, storage_layout
 from kubetune.clients.storage import ObjectStore, publish_adapter
+from kubetune_agent import kube, sync
+from kubetune_agent.proxy import serve
 
 NS = "team-a"
 BASE = "base-model"

@@ -324,7 +324,7 @@ def _free_port() -> int:
 
 
 async def test_the_agent_process(engine, tmp_path):
-    """`python -m kubetune.agent` in local mode: desired file in, report file out, SIGTERM exits cleanly."""
+    """`python -m kubetune_agent` in local mode: desired file in, report file out, SIGTERM exits cleanly."""
     stable = publish(tmp_path, "intents", b"\x01" * 256, 100)
     desired, report = tmp_path / "desired.json", tmp_path / "report.json"
     write_desired(desired, desired_state(7, {ALIAS: [stable]}))
@@ -333,7 +333,7 @@ async def test_the_agent_process(engine, tmp_path):
                                                                       os.environ.get("PYTHONPATH")])),
            "KUBETUNE_SYNC_SECONDS": "0.2", "POD_NAMESPACE": NS, "POD_NAME": "serve-1"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetune.agent", "--engine-url", engine.url, "--port", str(port),
+        sys.executable, "-m", "kubetune_agent", "--engine-url", engine.url, "--port", str(port),
         "--desired-file", str(desired), "--report-file", str(report), "--cache-dir", str(tmp_path / "cache"),
         "--report-seconds", "0.2", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:

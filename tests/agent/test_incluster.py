@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kubetune import runtimes
-from kubetune.agent import __main__ as agent_main
-from kubetune.agent import kube, sync
-from kubetune.agent.proxy import serve
 from kubetune.api import serving
 from kubetune.clients.storage import ObjectStore
+from kubetune_agent import __main__ as agent_main
+from kubetune_agent import kube, sync
+from kubetune_agent.proxy import serve
 from tests.agent.conftest import NS, desired_state, eventually, publish
 
 

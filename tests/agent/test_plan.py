@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from kubetune.agent import plan
 from kubetune.api import manifest as manifest_api
 from kubetune.api import serving, storage_layout
+from kubetune_agent import plan
 
 NS = "team-a"
 D1, D2, D3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64

@@ -1,4 +1,4 @@
-"""Drift detection (kubetune.stats) on real data: a MiniLM LoRA intent classifier on 10 CLINC150 intents.
+"""Drift detection (kubetune_operator.stats) on real data: a MiniLM LoRA intent classifier on 10 CLINC150 intents.
 
 In-scope traffic never fires a trigger; out-of-scope traffic fires both (the model is hurt); a benign
 narrowing to two intents moves the embeddings, not the confidence (a diagnostic only). What runs and
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import stats
 from kubetune.api import serving
+from kubetune_operator import stats
 from tests.conftest import shared_file
 from tests.trainer.conftest import adapter_dir, make_config, run_in_process
 from tests.trainer.test_minilm_clinc import TRAIN_PER_INTENT, clinc_subset, minilm_dir, minilm_spec
@@ -55,7 +55,7 @@ class Clinc:
 
 
 def sample_record(text: str, response: dict) -> dict:
-    """What `kubetune.agent.proxy` samples for one `/classify` request."""
+    """What `kubetune_agent.proxy` samples for one `/classify` request."""
     alias = VERSION.split("@")[0]
     return {"time": "2025-06-01T12:00:00.000Z", "alias": alias, "version": VERSION, "path": serving.ENGINE_CLASSIFY,
             "status": 200, "latency": 0.01, "confidence": max(response["data"][0]["probs"]),

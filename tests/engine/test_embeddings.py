@@ -1,6 +1,6 @@
 """`POST /v1/embeddings` of the CPU engine (`--embedding-model`): the all-MiniLM-L6-v2 sentence embeddings
 the drift diagnostics use, in OpenAI's shape, and the operator's client for it
-(`kubetune.clients.embeddings`). A real engine process serves them next to its base model."""
+(`kubetune_operator.clients.embeddings`). A real engine process serves them next to its base model."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import struct
 
 import pytest
 
-from kubetune.agent import plan
 from kubetune.api import serving
-from kubetune.clients.embeddings import EmbeddingClient, EmbeddingError
 from kubetune.runtimes import cpu
+from kubetune_agent import plan
+from kubetune_operator.clients.embeddings import EmbeddingClient, EmbeddingError
 from tests.trainer.test_minilm_clinc import minilm_dir
 
 from .conftest import EngineProcess, free_port

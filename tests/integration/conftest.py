@@ -16,12 +16,13 @@ import kopf
 import pytest
 import pytest_asyncio
 
-from kubetune.clients import drift_storage, kube, storage
-from kubetune.controllers import adapterdeployment as adep_controller
-from kubetune.controllers import finetunejob as ftj_controller
-from kubetune.controllers import main as operator_main
-from kubetune.reconcile import adapterdeployment as adp
-from kubetune.reconcile import finetunejob as ftj
+from kubetune.clients import kube, storage
+from kubetune_operator.clients import drift_storage
+from kubetune_operator.controllers import adapterdeployment as adep_controller
+from kubetune_operator.controllers import finetunejob as ftj_controller
+from kubetune_operator.controllers import main as operator_main
+from kubetune_operator.reconcile import adapterdeployment as adp
+from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_testing import seaweedfs
 from kubetune_testing.emulator import K8sEmulator, declare_resources
 from kubetune_testing.seaweedfs import S3Server

@@ -8,8 +8,8 @@ import kmock
 
 from kubetune.api import storage_layout
 from kubetune.clients import kube
-from kubetune.reconcile import conditions as cond
-from kubetune.render import training as render
+from kubetune_operator.reconcile import conditions as cond
+from kubetune_operator.render import training as render
 from kubetune_testing.factories import finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 

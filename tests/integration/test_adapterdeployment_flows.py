@@ -1,5 +1,5 @@
 """AdapterDeployment flows through kopf + KMock + SeaweedFS. The tests play the serving pods' agents:
-they read the desired-state ConfigMap and write reports on Pods, as `kubetune.agent` does."""
+they read the desired-state ConfigMap and write reports on Pods, as `kubetune_agent` does."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from kubetune.api import serving, storage_layout
 from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
-from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS, PODS, ROLES, SERVICES
-from kubetune.reconcile import conditions as cond
+from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS, PODS, ROLES, SERVICES
+from kubetune_operator.reconcile import conditions as cond
 from kubetune_testing.factories import adapterdeployment
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
@@ -228,8 +228,8 @@ async def test_canary_with_rising_errors_is_rolled_back_automatically(operator, 
 
 
 async def test_cross_tenant_source_is_refused(operator, api, s3_server, tmp_path):
-    from kubetune.controllers import adapterdeployment as adep_controller
-    from kubetune.reconcile import adapterdeployment as adp
+    from kubetune_operator.controllers import adapterdeployment as adep_controller
+    from kubetune_operator.reconcile import adapterdeployment as adp
 
     # team-a may serve only from its own prefix; this adapter lives under another team's
     adep_controller.RUNTIME.settings = adp.Settings(resync_seconds=0.5,

@@ -86,7 +86,7 @@ def test_cli_commands_of(doc):
     for command in extract(REPO / doc):
         if how(command)[0] != "cli":
             continue
-        result = subprocess.run([sys.executable, "-m", "kubetune.cli", *command.argv[1:]], cwd=REPO,
+        result = subprocess.run([sys.executable, "-m", "kubetune_operator.cli", *command.argv[1:]], cwd=REPO,
                                 capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
         _check_output(command, result.returncode, result.stdout + result.stderr)
 

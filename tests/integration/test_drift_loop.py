@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.agent import plan as agent_plan
 from kubetune.api import serving
 from kubetune.clients import kube
-from kubetune.controllers import adapterdeployment as adep_controller
-from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS
-from kubetune.reconcile import driftloop
+from kubetune_agent import plan as agent_plan
+from kubetune_operator.controllers import adapterdeployment as adep_controller
+from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS
+from kubetune_operator.reconcile import driftloop
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from tests.conftest import shared_file
 from tests.trainer.conftest import make_config, run_in_process

@@ -22,12 +22,12 @@ import pytest
 from kubetune.api import serving, storage_layout
 from kubetune.clients import kube
 from kubetune.clients.storage import check_published, publish_adapter
-from kubetune.controllers import main as operator_main
-from kubetune.controllers import metrics
-from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS, PODS
-from kubetune.reconcile import adapterdeployment as adp
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.render import training as render
+from kubetune_operator.controllers import main as operator_main
+from kubetune_operator.controllers import metrics
+from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS, PODS
+from kubetune_operator.reconcile import adapterdeployment as adp
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.render import training as render
 from kubetune_testing.emulator import EXEMPT_HEADER, Faults
 from kubetune_testing.factories import adapterdeployment, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY

@@ -10,11 +10,11 @@ import kmock
 import pytest
 
 from kubetune.api import storage_layout
-from kubetune.backends import render_children
 from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
-from kubetune.controllers import finetunejob as ftj_controller
-from kubetune.reconcile import conditions as cond
+from kubetune_operator.backends import render_children
+from kubetune_operator.controllers import finetunejob as ftj_controller
+from kubetune_operator.reconcile import conditions as cond
 from kubetune_testing.factories import finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 

@@ -15,7 +15,7 @@ import pytest
 from kubetune.api import storage_layout
 from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
-from kubetune.controllers.adapterdeployment import (
+from kubetune_operator.controllers.adapterdeployment import (
     ADAPTERDEPLOYMENTS,
     DEPLOYMENTS,
     RESOURCES,
@@ -24,7 +24,7 @@ from kubetune.controllers.adapterdeployment import (
     SERVICEACCOUNTS,
     SERVICES,
 )
-from kubetune.render import gitops
+from kubetune_operator.render import gitops
 from kubetune_testing.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, adapterdeployment, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 

@@ -10,8 +10,8 @@ import pytest
 
 from kubetune.api import storage_layout
 from kubetune.clients import kube
-from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS
-from kubetune.reconcile import conditions as cond
+from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS
+from kubetune_operator.reconcile import conditions as cond
 from kubetune_testing.factories import adapterdeployment, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 

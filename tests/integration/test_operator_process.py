@@ -55,7 +55,7 @@ async def test_operator_process(k8s, s3_server, tmp_path, scope):
     health, metrics = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_server.endpoint}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetune.cli", "operator", *scope,
+        sys.executable, "-m", "kubetune_operator.cli", "operator", *scope,
         "--health-port", str(health), "--metrics-port", str(metrics), "--publish-timeout", "5",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
     try:

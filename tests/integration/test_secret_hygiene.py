@@ -20,11 +20,11 @@ import pytest_asyncio
 from kubetune.api import jobconfig, storage_layout
 from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
-from kubetune.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS
 from kubetune.logs import WIRE_LOGGERS, JsonFormatter, quiet_wire_loggers
-from kubetune.reconcile import adapterdeployment as adp
-from kubetune.reconcile import conditions as cond
-from kubetune.reconcile import finetunejob as ftj
+from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS
+from kubetune_operator.reconcile import adapterdeployment as adp
+from kubetune_operator.reconcile import conditions as cond
+from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_testing.factories import adapterdeployment, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
@@ -265,7 +265,8 @@ def test_kubetune_local_leaks_no_secret(tmp_path):
            "KUBETUNE_S3_ENDPOINT": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
     run_dir, status_file = tmp_path / "runs", tmp_path / "status.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "kubetune.cli", "local", "-f", str(REPO / "examples" / "finetunejob-cpu-tiny.yaml"),
+        [sys.executable, "-m", "kubetune_operator.cli", "local",
+         "-f", str(REPO / "examples" / "finetunejob-cpu-tiny.yaml"),
          "--run-dir", str(run_dir), "--status-file", str(status_file), "--set", f"baseModel.uri=file://{model}",
          "--set", "runPolicy.backoffLimit=0"],
         capture_output=True, text=True, env=env, timeout=300, check=False, cwd=tmp_path)

@@ -12,9 +12,9 @@ import asyncio
 import pytest
 
 from kubetune.api import storage_layout
-from kubetune.backends import render_children
 from kubetune.clients import kube
-from kubetune.render import training as render
+from kubetune_operator.backends import render_children
+from kubetune_operator.render import training as render
 
 from .conftest import NS, eventually
 from .stage_helpers import (
@@ -480,7 +480,7 @@ async def test_trial_created_just_before_a_crash_is_adopted_not_duplicated(opera
     """The operator died after creating a trial's children but before recording them in status."""
     from kubetune.api import jobconfig
     from kubetune.api.validation import validate
-    from kubetune.reconcile import stages
+    from kubetune_operator.reconcile import stages
 
     await operator.stop()
     created = await submit(api, s3_server, "sw-adopt", rankSweep=sweep([4, 8]))

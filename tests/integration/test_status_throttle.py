@@ -14,9 +14,9 @@ from kubetune.api import progress as progress_api
 from kubetune.api import storage_layout
 from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
-from kubetune.controllers import finetunejob as ftj_controller
-from kubetune.controllers import metrics
-from kubetune.reconcile import statuswrite
+from kubetune_operator.controllers import finetunejob as ftj_controller
+from kubetune_operator.controllers import metrics
+from kubetune_operator.reconcile import statuswrite
 from kubetune_testing.factories import finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 

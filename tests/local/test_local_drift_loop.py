@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune import cli
+from kubetune_operator import cli
 from tests.conftest import REPO_ROOT, shared_file
 from tests.trainer.conftest import make_config, run_in_process, write_jsonl
 from tests.trainer.test_minilm_clinc import clinc_subset, minilm_dir, minilm_spec
@@ -117,7 +117,7 @@ def test_drift_retrain_gate_and_canary_close_the_loop_in_kubetune_local(tmp_path
     adep_file.write_text(yaml.safe_dump(adapterdeployment(tmp_path, manifest_uri, manifest["digest"], train,
                                                           validation)))
     status_file = tmp_path / "status.json"
-    command = [sys.executable, "-m", "kubetune.cli", "local", "-f", str(adep_file), "--run-dir",
+    command = [sys.executable, "-m", "kubetune_operator.cli", "local", "-f", str(adep_file), "--run-dir",
                str(tmp_path / "runs"), "--traffic", str(tmp_path / "traffic.jsonl"), "--until", "promoted",
                "--max-seconds", "600", "--poll", "0.5", "--status-file", str(status_file)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT, check=False)

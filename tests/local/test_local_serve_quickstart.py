@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune import cli
 from kubetune.api.validation import validate
-from kubetune.local import inputs
+from kubetune_operator import cli
+from kubetune_operator.local import inputs
 from tests.conftest import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "adapterdeployment-local-intents.yaml"

@@ -26,7 +26,7 @@ import pytest
 from kubetune.api import serving, storage_layout
 from kubetune.api.validation import validate
 from kubetune.clients.storage import ObjectStore, S3Settings, check_published, publish_adapter
-from kubetune.reconcile import adapterdeployment as adp
+from kubetune_operator.reconcile import adapterdeployment as adp
 from tests.agent.conftest import read_report, write_desired
 from tests.conftest import REPO_ROOT
 from tests.engine.conftest import Classifier, EngineProcess, _train_classifier, free_port
@@ -159,7 +159,7 @@ def versions(classifiers, store_root) -> tuple[Published, Published]:
 
 
 class AgentProcess:
-    """`python -m kubetune.agent` in local mode (desired file, report file) in front of one engine."""
+    """`python -m kubetune_agent` in local mode (desired file, report file) in front of one engine."""
 
     def __init__(self, engine: EngineProcess, root: Path, pod: str = "serve-0"):
         self.engine, self.root, self.pod = engine, root, pod
@@ -176,7 +176,7 @@ class AgentProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> AgentProcess:
-        command = [sys.executable, "-m", "kubetune.agent", "--engine-url", self.engine.url, "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "kubetune_agent", "--engine-url", self.engine.url, "--host", "127.0.0.1",
                    "--port", str(self.port), "--namespace", NS, "--pod-name", self.pod,
                    "--desired-file", str(self.desired_path), "--report-file", str(self.report_path),
                    "--cache-dir", str(self.cache_dir), "--sync-seconds", str(SYNC_SECONDS),

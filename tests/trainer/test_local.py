@@ -30,7 +30,7 @@ def _job_file(tmp_path, tiny_llama, data) -> str:
 
 
 def run_local(tmp_path, job_file, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kubetune.cli", "local", "-f", job_file, "--run-dir",
+    return subprocess.run([sys.executable, "-m", "kubetune_operator.cli", "local", "-f", job_file, "--run-dir",
                            str(tmp_path / "runs"), "--poll", "0.2", "--status-file", str(tmp_path / "status.json"),
                            *extra], capture_output=True, text=True, timeout=300, check=False)
 

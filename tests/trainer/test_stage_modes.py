@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.api import jobconfig, storage_layout
-from kubetune.reconcile import stages
+from kubetune_operator.reconcile import stages
 from kubetune_trainer.modeling import BadInput
 from kubetune_trainer.train import Schedule
 

@@ -10,7 +10,7 @@ import sys
 
 import yaml
 
-from kubetune.reconcile import stages
+from kubetune_operator.reconcile import stages
 
 from .test_minilm_clinc import clinc_subset, minilm_spec
 
@@ -29,7 +29,7 @@ def _job_file(tmp_path, train, validation, **spec_extra) -> str:
 
 
 def _run(tmp_path, job_file) -> tuple[subprocess.CompletedProcess, dict]:
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "local", "-f", job_file, "--run-dir",
+    result = subprocess.run([sys.executable, "-m", "kubetune_operator.cli", "local", "-f", job_file, "--run-dir",
                              str(tmp_path / "runs"), "--poll", "0.3", "--status-file", str(tmp_path / "status.json")],
                             capture_output=True, text=True, timeout=900, check=False)
     status = json.loads((tmp_path / "status.json").read_text())["status"]

@@ -6,11 +6,11 @@ import copy
 import json
 
 from kubetune.api import jobconfig
-from kubetune.backends import pytorchjob as pytorchjob_backend
-from kubetune.reconcile import conditions as cond
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.reconcile.finetunejob_plan import Plan, StageReport
-from kubetune.render import training as render
+from kubetune_operator.backends import pytorchjob as pytorchjob_backend
+from kubetune_operator.reconcile import conditions as cond
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.reconcile.finetunejob_plan import Plan, StageReport
+from kubetune_operator.render import training as render
 from kubetune_testing.factories import finetunejob
 
 NOW = "2026-11-28T12:00:00Z"

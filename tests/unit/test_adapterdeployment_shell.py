@@ -8,9 +8,9 @@ import time
 
 from kubetune.api import serving
 from kubetune.api.validation import validate
-from kubetune.clients.drift_storage import Analyzer
-from kubetune.reconcile import adapterdeployment as adp
-from kubetune.shell import adapterdeployment as shell
+from kubetune_operator.clients.drift_storage import Analyzer
+from kubetune_operator.reconcile import adapterdeployment as adp
+from kubetune_operator.shell import adapterdeployment as shell
 from kubetune_testing.factories import adapterdeployment
 
 DIGEST = "sha256:" + "a" * 64

@@ -7,9 +7,9 @@ import json
 from kubetune.api import jobconfig
 from kubetune.api import v1alpha1 as api
 from kubetune.api.validation import validate
-from kubetune.backends import BACKENDS, backend_for_kind, backend_of, pytorchjob, render_children
-from kubetune.backends.workload import CREATED, FAILED, RESTARTING, RUNNING, SUCCEEDED
-from kubetune.render import training as render
+from kubetune_operator.backends import BACKENDS, backend_for_kind, backend_of, pytorchjob, render_children
+from kubetune_operator.backends.workload import CREATED, FAILED, RESTARTING, RUNNING, SUCCEEDED
+from kubetune_operator.render import training as render
 from kubetune_testing.factories import finetunejob
 
 

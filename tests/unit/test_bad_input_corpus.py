@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune import cli
 from kubetune.api import jobconfig
 from kubetune.api import v1alpha1 as api
 from kubetune.api.schema import iter_fields
 from kubetune.api.validation import root_schema, validate
+from kubetune_operator import cli
 from kubetune_testing.kubectl import admission
 from kubetune_trainer import data
 

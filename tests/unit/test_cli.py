@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from kubetune import cli
+from kubetune_operator import cli
 from tests.conftest import REPO_ROOT
 
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("finetunejob-*.yaml")) + sorted(

@@ -7,7 +7,7 @@ import yaml
 
 from kubetune.api import crd
 from kubetune.api.schema import iter_fields
-from kubetune.cli import generated_files
+from kubetune_operator.cli import generated_files
 from tests.conftest import REPO_ROOT
 
 

@@ -14,12 +14,13 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 REPO = Path(__file__).resolve().parents[2]
-OPERATOR = REPO / "operator" / "kubetune"
+OPERATOR = REPO / "operator"  # the contracts (kubetune), the control plane and the agent
+CONTRACTS, CONTROL_PLANE, AGENT = OPERATOR / "kubetune", OPERATOR / "kubetune_operator", OPERATOR / "kubetune_agent"
 TRAINER = REPO / "trainer_image" / "kubetune_trainer"
 DOCS = REPO / "docs"
 
 # `kubetune_...` words in the docs that are module names, not metrics.
-NOT_METRICS = {"kubetune_trainer", "kubetune_engine"}
+NOT_METRICS = {"kubetune_trainer", "kubetune_engine", "kubetune_operator", "kubetune_agent"}
 
 
 def _read(path: Path) -> str:
@@ -39,8 +40,8 @@ def _families(metrics: list[MetricWrapperBase]) -> dict[str, str]:
 
 
 def exported_metrics() -> dict[str, str]:
-    from kubetune.agent.telemetry import Telemetry
-    from kubetune.controllers import metrics as operator_metrics
+    from kubetune_agent.telemetry import Telemetry
+    from kubetune_operator.controllers import metrics as operator_metrics
 
     operator = [m for m in vars(operator_metrics).values() if isinstance(m, MetricWrapperBase)]
     agent = [m for m in vars(Telemetry()).values() if isinstance(m, MetricWrapperBase)]
@@ -94,48 +95,50 @@ def test_every_exported_metric_is_documented():
 # (file, pattern, anchor): every group of `pattern` in `file` is a failure reason; `anchor` must be among them.
 REASON_SOURCES = [
     # FineTuneJob: status.fail(reason, ...) -> phase Failed, Failed=True, status.failure.reason, Warning Event
-    (OPERATOR / "reconcile/finetunejob.py", r"\.fail\(\s*\"(\w+)\"", "TrainingJobLost"),
-    (OPERATOR / "reconcile/stage_jobs.py", r"\.fail\(\s*\"(\w+)\"", "SweepFailed"),
+    (CONTROL_PLANE / "reconcile/finetunejob.py", r"\.fail\(\s*\"(\w+)\"", "TrainingJobLost"),
+    (CONTROL_PLANE / "reconcile/stage_jobs.py", r"\.fail\(\s*\"(\w+)\"", "SweepFailed"),
     # Accepted=False
-    (OPERATOR / "reconcile/finetunejob.py", r"condition\(\s*\"Accepted\",\s*False,\s*\"(\w+)\"", "InvalidSpecUpdate"),
+    (CONTROL_PLANE / "reconcile/finetunejob.py", r"condition\(\s*\"Accepted\",\s*False,\s*\"(\w+)\"",
+     "InvalidSpecUpdate"),
     # a stage's (baseline, trial) failure reasons, inside BaselineFailed / SweepFailed / TrialFailed messages
-    (OPERATOR / "reconcile/stage_jobs.py", r"_stage_failed\(\s*record,\s*\"(\w+)\"", "ResultMissing"),
+    (CONTROL_PLANE / "reconcile/stage_jobs.py", r"_stage_failed\(\s*record,\s*\"(\w+)\"", "ResultMissing"),
     # the reason when the training workload's failure has none
-    (OPERATOR / "reconcile/finetunejob.py", r"workload\.reason\s*or\s*\"(\w+)\"", "TrainingFailed"),
+    (CONTROL_PLANE / "reconcile/finetunejob.py", r"workload\.reason\s*or\s*\"(\w+)\"", "TrainingFailed"),
     # manifest verification problems: AdapterPublished=False / Failed=True / Validated=False
-    (OPERATOR / "api/manifest.py", r"ManifestProblem\(\s*\"(\w+)\"", "DigestMismatch"),
-    (OPERATOR / "clients/storage.py", r"ManifestProblem\(\s*\"(\w+)\"", "AdapterFileCorrupt"),
+    (CONTRACTS / "api/manifest.py", r"ManifestProblem\(\s*\"(\w+)\"", "DigestMismatch"),
+    (CONTRACTS / "clients/storage.py", r"ManifestProblem\(\s*\"(\w+)\"", "AdapterFileCorrupt"),
     # the trainer's own reasons (progress.json failure.reason -> the FineTuneJob's Failed reason)
     (TRAINER / "__main__.py", r"_report_failure\(\s*config,\s*\"(\w+)\"", "BadInput"),
     (TRAINER / "train.py", r"TrainingHalted\(\s*\"(\w+)\"", "NonFiniteLoss"),
     (TRAINER / "metrics.py", r"return\s+\"(\w+)\",", "LossSpike"),
     # AdapterDeployment Validated=False: an invalid spec, unresolvable sources, preflight refusals
-    (OPERATOR / "controllers/adapterdeployment.py", r"\"Validated\",\s*False,\s*\"(\w+)\"", "InvalidSpec"),
-    (OPERATOR / "controllers/adapterdeployment.py", r"problems=\(\(\s*\"(\w+)\"", "FineTuneJobNotReady"),
-    (OPERATOR / "clients/sources.py", r"problems=\(\(\s*\"(\w+)\"", "StorageUnavailable"),
-    (OPERATOR / "reconcile/adapterdeployment.py", r"problems=\(\(\s*\"(\w+)\"", "SourceUnresolved"),
-    (OPERATOR / "reconcile/adapterdeployment.py", r"problems\.append\(\(\s*\"(\w+)\"", "RankTooHigh"),
+    (CONTROL_PLANE / "controllers/adapterdeployment.py", r"\"Validated\",\s*False,\s*\"(\w+)\"", "InvalidSpec"),
+    (CONTROL_PLANE / "controllers/adapterdeployment.py", r"problems=\(\(\s*\"(\w+)\"", "FineTuneJobNotReady"),
+    (CONTROL_PLANE / "clients/sources.py", r"problems=\(\(\s*\"(\w+)\"", "StorageUnavailable"),
+    (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"problems=\(\(\s*\"(\w+)\"", "SourceUnresolved"),
+    (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"problems\.append\(\(\s*\"(\w+)\"", "RankTooHigh"),
     # AdapterDeployment Degraded=True: a rollback's reason, agent errors
-    (OPERATOR / "reconcile/adapterdeployment.py", r"\"rolledBack\"\]\s*=\s*\{[^}]*\"reason\":\s*\"(\w+)\"",
+    (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"\"rolledBack\"\]\s*=\s*\{[^}]*\"reason\":\s*\"(\w+)\"",
      "AnalysisFailed"),
-    (OPERATOR / "reconcile/adapterdeployment.py", r"\"Degraded\",\s*True,\s*\"(\w+)\"", "AgentErrors"),
+    (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"\"Degraded\",\s*True,\s*\"(\w+)\"", "AgentErrors"),
     # the agents' per-version error reasons (status.adapters[].podErrors, the AgentErrors message)
-    (OPERATOR / "agent/plan.py", r"^[A-Z_]+\s*=\s*\"([A-Z]\w+)\"\s*$", "LoadFailed"),
+    (AGENT / "plan.py", r"^[A-Z_]+\s*=\s*\"([A-Z]\w+)\"\s*$", "LoadFailed"),
     # Secrets or keys the pods reference that do not exist (SecretsFound=False, a Warning Event)
-    (OPERATOR / "reconcile/secrets.py", r"^SECRET_\w+\s*=\s*\"(\w+)\"", "SecretNotFound"),
+    (CONTROL_PLANE / "reconcile/secrets.py", r"^SECRET_\w+\s*=\s*\"(\w+)\"", "SecretNotFound"),
     # every Warning Event of the state machines
-    (OPERATOR / "reconcile/stage_jobs.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "TrialFailed"),
-    (OPERATOR / "reconcile/adapterdeployment.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "RolledBack"),
+    (CONTROL_PLANE / "reconcile/stage_jobs.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "TrialFailed"),
+    (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "RolledBack"),
     # the drift loop: every decision and Event (it sets no condition), retrain outcomes, gate verdicts
-    (OPERATOR / "reconcile/driftloop.py", r"(?:Event|decision)\(\s*\"(?:Warning|Normal)\",\s*\"(\w+)\"",
+    (CONTROL_PLANE / "reconcile/driftloop.py", r"(?:Event|decision)\(\s*\"(?:Warning|Normal)\",\s*\"(\w+)\"",
      "DriftDetected"),
-    (OPERATOR / "reconcile/driftloop.py", r"\"(?:Warning|Normal)\",\s*\"(\w+)\",\s*(?:f?\"|\()",
+    (CONTROL_PLANE / "reconcile/driftloop.py", r"\"(?:Warning|Normal)\",\s*\"(\w+)\",\s*(?:f?\"|\()",
      "InsufficientLabelledData"),
-    (OPERATOR / "reconcile/driftloop.py", r"\"reason\":\s*\"(\w+)\"", "RetrainMissing"),
-    (OPERATOR / "reconcile/driftloop.py", r"reason\s*=\s*\"(\w+)\"\s*if\b.*\belse\s*\"(\w+)\"", "RetrainSkipped"),
-    (OPERATOR / "reconcile/driftloop.py", r"GateVerdict\(\s*(?:True|False),\s*\"(\w+)\"", "RegressesOnOriginalData"),
-    (OPERATOR / "shell/drift.py", r"problem\s*=\s*\(\s*\"(\w+)\"", "DriftReferenceUnavailable"),
-    (OPERATOR / "shell/drift.py", r"now,\s*\"(\w+)\",\s*str\(exc\)", "RetrainNotStarted"),
+    (CONTROL_PLANE / "reconcile/driftloop.py", r"\"reason\":\s*\"(\w+)\"", "RetrainMissing"),
+    (CONTROL_PLANE / "reconcile/driftloop.py", r"reason\s*=\s*\"(\w+)\"\s*if\b.*\belse\s*\"(\w+)\"", "RetrainSkipped"),
+    (CONTROL_PLANE / "reconcile/driftloop.py", r"GateVerdict\(\s*(?:True|False),\s*\"(\w+)\"",
+     "RegressesOnOriginalData"),
+    (CONTROL_PLANE / "shell/drift.py", r"problem\s*=\s*\(\s*\"(\w+)\"", "DriftReferenceUnavailable"),
+    (CONTROL_PLANE / "shell/drift.py", r"now,\s*\"(\w+)\",\s*str\(exc\)", "RetrainNotStarted"),
 ]
 
 # Reasons that come from outside this repository's code but users see in the same places.

@@ -1,4 +1,4 @@
-"""Drift statistics (kubetune.stats) on synthetic data: record parsing, calibration, false-positive
+"""Drift statistics (kubetune_operator.stats) on synthetic data: record parsing, calibration, false-positive
 rate on windows from the reference distribution, power on shifted windows, diagnostics vs triggers."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from kubetune import stats
-from kubetune.agent import plan
 from kubetune.api import serving
-from kubetune.stats import Observation, Thresholds
+from kubetune_agent import plan
+from kubetune_operator import stats
+from kubetune_operator.stats import Observation, Thresholds
 
 CLASSES = 10
 DIM = 32

@@ -7,10 +7,10 @@ import datetime as dt
 import json
 import random
 
-from kubetune.agent import plan as agent_plan
 from kubetune.api.validation import validate
-from kubetune.clients import drift_storage
 from kubetune.clients.storage import ObjectStore, S3Settings
+from kubetune_agent import plan as agent_plan
+from kubetune_operator.clients import drift_storage
 from kubetune_testing.factories import adapterdeployment
 
 VERSION = "team-a/support-bot@aaaaaaaaaaaa"

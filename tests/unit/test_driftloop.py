@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 from kubetune.api.validation import validate
-from kubetune.reconcile import driftloop as dl
+from kubetune_operator.reconcile import driftloop as dl
 from kubetune_testing.factories import adapterdeployment
 
 T0 = "2026-11-28T12:00:00Z"

@@ -15,10 +15,10 @@ import pytest
 
 from kubetune.api import serving
 from kubetune.api.validation import validate
-from kubetune.reconcile import driftloop as dl
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.render import gitops
-from kubetune.render import serving as serving_render
+from kubetune_operator.reconcile import driftloop as dl
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.render import gitops
+from kubetune_operator.render import serving as serving_render
 from kubetune_testing.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, adapterdeployment, finetunejob
 
 NOW = "2026-11-28T12:00:00Z"

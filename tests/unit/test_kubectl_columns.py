@@ -4,7 +4,7 @@ emulator runs in tests/integration/test_docs_commands.py)."""
 
 from __future__ import annotations
 
-from kubetune.reconcile.adapterdeployment import versions_summary
+from kubetune_operator.reconcile.adapterdeployment import versions_summary
 from kubetune_testing import apiserver_views as views
 
 DIGEST_A = "sha256:" + "1a2b3c4d5e6f" + "0" * 52

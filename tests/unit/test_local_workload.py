@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from kubetune.backends.workload import CREATED, FAILED, RUNNING, LocalLaunch
-from kubetune.local.finetunejob import LocalWorkload
+from kubetune_operator.backends.workload import CREATED, FAILED, RUNNING, LocalLaunch
+from kubetune_operator.local.finetunejob import LocalWorkload
 
 WORKLOAD = {"kind": "PyTorchJob", "metadata": {"name": "j", "labels": {"kubetune.io/stage": "trial"}}}
 

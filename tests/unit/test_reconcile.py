@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 
 from kubetune.api.manifest import ManifestCheck, ManifestProblem
-from kubetune.backends import pytorchjob as pytorchjob_backend
-from kubetune.reconcile import conditions as cond
-from kubetune.reconcile import finetunejob as ftj
+from kubetune_operator.backends import pytorchjob as pytorchjob_backend
+from kubetune_operator.reconcile import conditions as cond
+from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_testing.factories import finetunejob
 
 NOW = "2026-11-28T12:00:00Z"

@@ -8,8 +8,8 @@ import jsonschema
 
 from kubetune.api.schema import strict_json_schema
 from kubetune.api.validation import root_schema
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.render import training as render
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.render import training as render
 from kubetune_testing.factories import finetunejob
 from tests.unit.stage_cluster import (
     BASELINE_JOB,

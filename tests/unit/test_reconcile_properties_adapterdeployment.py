@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from kubetune.api import serving
 from kubetune.api import v1alpha1 as api
 from kubetune.api.validation import validate
-from kubetune.reconcile import adapterdeployment as adp
+from kubetune_operator.reconcile import adapterdeployment as adp
 from tests.unit.reconcile_properties import (
     ADEP_STATUS_SCHEMA,
     ANY_JSON,

@@ -18,11 +18,11 @@ from kubetune.api import v1alpha1 as api
 from kubetune.api.v1alpha1 import finetunejob as ftj_api
 from kubetune.api.v1alpha1 import finetunejob_status as ftj_status_api
 from kubetune.api.validation import validate
-from kubetune.backends import pytorchjob
-from kubetune.reconcile import conditions as cond
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.reconcile.finetunejob_plan import Plan, StageReport
-from kubetune.render import training as render
+from kubetune_operator.backends import pytorchjob
+from kubetune_operator.reconcile import conditions as cond
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.reconcile.finetunejob_plan import Plan, StageReport
+from kubetune_operator.render import training as render
 from tests.unit.reconcile_properties import (
     ANY_JSON,
     DIGESTS,

@@ -6,11 +6,11 @@ import copy
 
 from kubetune.api import jobconfig
 from kubetune.api.validation import validate
-from kubetune.backends import pytorchjob as pytorchjob_backend
-from kubetune.backends import render_children
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.reconcile import stage_jobs
-from kubetune.render import training as render
+from kubetune_operator.backends import pytorchjob as pytorchjob_backend
+from kubetune_operator.backends import render_children
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.reconcile import stage_jobs
+from kubetune_operator.render import training as render
 from kubetune_testing.factories import finetunejob
 from tests.unit.stage_cluster import (
     BASELINE_JOB,

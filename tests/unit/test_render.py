@@ -12,8 +12,8 @@ import yaml
 
 from kubetune.api.schema import strict_json_schema
 from kubetune.api.validation import validate
-from kubetune.backends import render_children
-from kubetune.render import training as render
+from kubetune_operator.backends import render_children
+from kubetune_operator.render import training as render
 from kubetune_testing.factories import finetunejob
 from tests.conftest import shared_file
 

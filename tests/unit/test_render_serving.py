@@ -8,8 +8,8 @@ import kubernetes_validate
 
 from kubetune.api import serving
 from kubetune.api.validation import validate
-from kubetune.render import serving as render
 from kubetune.runtimes import vllm
+from kubetune_operator.render import serving as render
 from kubetune_testing.factories import adapterdeployment
 
 DESIRED = serving.DesiredState(generation=3, adapters=[serving.AliasState("team-a/support-bot", [

@@ -1,4 +1,4 @@
-"""kubetune.report: the final report of local runs (PNG charts and summary.txt) from synthetic inputs."""
+"""kubetune_operator.report: the final report of local runs (PNG charts and summary.txt) from synthetic inputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import builtins
 
 import pytest
 
-from kubetune import report
+from kubetune_operator import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 DIGEST = "sha256:" + "cd" * 32

@@ -11,8 +11,8 @@ import jsonschema
 from kubetune.api import serving
 from kubetune.api.schema import strict_json_schema
 from kubetune.api.validation import root_schema, validate
-from kubetune.reconcile import adapterdeployment as adp
-from kubetune.reconcile import analysis
+from kubetune_operator.reconcile import adapterdeployment as adp
+from kubetune_operator.reconcile import analysis
 from kubetune_testing.factories import adapterdeployment
 
 NS = "team-a"

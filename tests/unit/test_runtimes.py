@@ -11,12 +11,12 @@ import pytest
 from aiohttp import web
 
 from kubetune import runtimes
-from kubetune.agent.engine_client import EngineClient, EngineError
 from kubetune.api import serving
 from kubetune.api import v1alpha1 as api
 from kubetune.api.validation import validate
-from kubetune.reconcile import adapterdeployment as adp
-from kubetune.render import serving as render
+from kubetune_agent.engine_client import EngineClient, EngineError
+from kubetune_operator.reconcile import adapterdeployment as adp
+from kubetune_operator.render import serving as render
 from kubetune_testing.factories import adapterdeployment
 
 DIGEST = "sha256:" + "b" * 64

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 
-from kubetune.backends import pytorchjob as pytorchjob_backend
-from kubetune.reconcile import conditions as cond
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.reconcile import secrets
-from kubetune.render import training as render
+from kubetune_operator.backends import pytorchjob as pytorchjob_backend
+from kubetune_operator.reconcile import conditions as cond
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.reconcile import secrets
+from kubetune_operator.render import training as render
 from kubetune_testing.factories import finetunejob
 
 NOW = "2026-11-29T12:00:00Z"
@@ -117,7 +117,7 @@ def test_secrets_are_read_until_training_starts_and_while_one_is_missing():
 
 def test_an_adapterdeployment_reports_its_serving_pods_missing_secret_and_recovers():
     from kubetune.api.validation import validate
-    from kubetune.reconcile import adapterdeployment as adp
+    from kubetune_operator.reconcile import adapterdeployment as adp
     from kubetune_testing.factories import adapterdeployment
 
     doc = adapterdeployment()

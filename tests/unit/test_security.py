@@ -15,16 +15,16 @@ import yaml
 
 from kubetune.api import jobconfig, serving
 from kubetune.api.validation import validate
-from kubetune.backends import pytorchjob as pytorchjob_backend
-from kubetune.backends import render_children
-from kubetune.controllers.main import _allowed_storage
-from kubetune.reconcile import adapterdeployment as adp
-from kubetune.reconcile import conditions as cond
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.reconcile import tenancy
-from kubetune.reconcile.finetunejob_plan import Plan
-from kubetune.render import serving as serving_render
-from kubetune.render import training as render
+from kubetune_operator.backends import pytorchjob as pytorchjob_backend
+from kubetune_operator.backends import render_children
+from kubetune_operator.controllers.main import _allowed_storage
+from kubetune_operator.reconcile import adapterdeployment as adp
+from kubetune_operator.reconcile import conditions as cond
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.reconcile import tenancy
+from kubetune_operator.reconcile.finetunejob_plan import Plan
+from kubetune_operator.render import serving as serving_render
+from kubetune_operator.render import training as render
 from kubetune_testing.factories import adapterdeployment, finetunejob
 from tests.unit.test_chart import find_helm
 
@@ -344,7 +344,7 @@ def test_allowed_storage_flag_parsing_and_alias():
         _allowed_storage(["team-a"])
     with pytest.raises(SystemExit):
         _allowed_storage(["team-a=bucket"])
-    from kubetune.cli import build_parser
+    from kubetune_operator.cli import build_parser
     parser = build_parser()
     args = parser.parse_args(["operator", "-A", "--allowed-source", "a=s3://a/", "--allowed-storage", "b=s3://b/"])
     assert args.allowed_storage == ["a=s3://a/", "b=s3://b/"]

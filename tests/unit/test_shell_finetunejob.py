@@ -6,9 +6,9 @@ import asyncio
 import copy
 
 from kubetune.api.manifest import ManifestCheck
-from kubetune.backends import pytorchjob
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.shell import finetunejob as shell
+from kubetune_operator.backends import pytorchjob
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.shell import finetunejob as shell
 from kubetune_testing.factories import finetunejob
 
 NOW = "2026-11-28T12:00:00Z"

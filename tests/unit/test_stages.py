@@ -11,9 +11,9 @@ import pytest
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.api.validation import validate
-from kubetune.backends import render_children
-from kubetune.reconcile import stages
-from kubetune.render import training as render
+from kubetune_operator.backends import render_children
+from kubetune_operator.reconcile import stages
+from kubetune_operator.render import training as render
 from kubetune_testing.factories import finetunejob
 
 ROOT = "s3://adapters/team-a/team-a/llama-lora/0b7f-uid/"

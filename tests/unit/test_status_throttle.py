@@ -8,9 +8,9 @@ import copy
 
 import pytest
 
-from kubetune.backends import pytorchjob as pytorchjob_backend
-from kubetune.reconcile import finetunejob as ftj
-from kubetune.reconcile import statuswrite as sw
+from kubetune_operator.backends import pytorchjob as pytorchjob_backend
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.reconcile import statuswrite as sw
 from kubetune_testing.factories import finetunejob
 
 T0 = "2026-11-28T12:00:00Z"

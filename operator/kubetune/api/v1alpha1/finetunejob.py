@@ -23,7 +23,7 @@ from ..schema import (
 from .common import STORAGE_URI, s3_credentials, s3_endpoint
 
 TASKS = ("CausalLM", "SequenceClassification")
-TRAINING_BACKENDS = ("PyTorchJob",)  # kubetune.backends.BACKENDS keys
+TRAINING_BACKENDS = ("PyTorchJob",)  # kubetune_operator.backends.BACKENDS keys
 DATASET_FORMATS = ("prompt-completion", "chat", "text", "text-label")
 METHODS = ("LoRA", "QLoRA", "Full", "FreezeThaw")
 PRECISIONS = ("Auto", "BF16", "FP16", "FP32")

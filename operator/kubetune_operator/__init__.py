@@ -1,0 +1,1 @@
+"""The control plane: the kopf operator, `kubetune local`, and the `kubetune` command."""

@@ -1,0 +1,137 @@
+"""The Kubeflow PyTorchJob backend: Master + (nodes-1) Workers, torchrun in each pod.
+
+Rendering, reading its conditions into a `WorkloadStatus`, the suspend patch, its API resource and
+what `kubetune local` needs to play it.
+"""
+
+from __future__ import annotations
+
+from kubetune.api import jobconfig
+from kubetune_operator.render import training as render
+
+from .workload import CREATED, FAILED, RESTARTING, RUNNING, SUCCEEDED, LocalLaunch, WorkloadStatus
+
+API_VERSION = "kubeflow.org/v1"
+KIND = "PyTorchJob"
+CONTAINER_NAME = "pytorch"  # the training operator requires this name
+# Conditions that mean its pods started at some point (the training operator keeps a condition listed with
+# status False once it no longer holds): before any of them, no trainer has written anything.
+_STARTED_CONDITIONS = frozenset({RUNNING, RESTARTING, SUCCEEDED, FAILED})
+
+
+def _run_policy(spec: dict) -> dict:
+    policy = spec.get("runPolicy", {})
+    run_policy: dict = {
+        "suspend": bool(policy.get("suspend", False)),
+        "backoffLimit": policy.get("backoffLimit", 3),
+        "cleanPodPolicy": "None",
+    }
+    for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        if key in policy:
+            run_policy[key] = policy[key]
+    scheduling = spec.get("scheduling", {})
+    scheduling_policy = {}
+    if scheduling.get("priorityClassName"):
+        scheduling_policy["priorityClass"] = scheduling["priorityClassName"]
+    if scheduling.get("queueName"):
+        scheduling_policy["queue"] = scheduling["queueName"]
+    if scheduling_policy:
+        run_policy["schedulingPolicy"] = scheduling_policy
+    return run_policy
+
+
+def render_pytorchjob(job: dict, settings: render.RenderSettings, config_data: dict[str, str] | None = None,
+                      stage: jobconfig.Stage | None = None) -> dict:
+    """The PyTorchJob for a defaulted FineTuneJob's stage."""
+    spec = job["spec"]
+    stage = stage or jobconfig.Stage()
+    distributed = spec["distributed"]
+    nodes = distributed["nodes"]
+    per_node = distributed["gpusPerNode"] or distributed.get("processesPerNode", 1)
+    template = render.pod_template(job, settings, stage, CONTAINER_NAME)
+    # ExitCode: 128-255 (signals, EXIT_RETRYABLE) are retried, bad input (EXIT_BAD_INPUT) is not.
+    replica_specs = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
+    if nodes > 1:
+        replica_specs["Worker"] = {"replicas": nodes - 1, "restartPolicy": "ExitCode", "template": template}
+    config_data = config_data if config_data is not None else render.config_map_data(job, stage)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": render.workload_metadata(job, stage, config_data),
+        "spec": {
+            "nprocPerNode": str(per_node),
+            "runPolicy": _run_policy(spec),
+            "pytorchReplicaSpecs": replica_specs,
+        },
+    }
+
+
+def _true_condition(conditions: list[dict], kind: str) -> dict | None:
+    return next((c for c in conditions if c.get("type") == kind and c.get("status") == "True"), None)
+
+
+def _replica_counts(status: dict) -> dict:
+    statuses = status.get("replicaStatuses") or {}
+    return {
+        replica: {k: int(v.get(k, 0) or 0) for k in ("active", "succeeded", "failed")}
+        for replica, v in statuses.items()
+        if isinstance(v, dict)
+    }
+
+
+def read_status(pytorchjob: dict) -> WorkloadStatus:
+    """The PyTorchJob as the state machine sees it. Failed wins over Succeeded, Restarting over Running."""
+    status = pytorchjob.get("status") or {}
+    conditions = status.get("conditions") or []
+    phase, current = CREATED, None
+    for kind in (FAILED, SUCCEEDED, RESTARTING, RUNNING):
+        current = _true_condition(conditions, kind)
+        if current:
+            phase = kind
+            break
+    replicas = _replica_counts(status)
+    metadata = pytorchjob.get("metadata") or {}
+    return WorkloadStatus(
+        name=metadata.get("name", ""), kind=KIND, labels=dict(metadata.get("labels") or {}), phase=phase,
+        started=any(c.get("type") in _STARTED_CONDITIONS for c in conditions),
+        reason=(current or {}).get("reason") or "", message=(current or {}).get("message") or "",
+        since=(current or {}).get("lastTransitionTime"), start_time=status.get("startTime"),
+        completion_time=status.get("completionTime"), replicas=replicas,
+        attempts=sum(replicas.get("Master", {}).values()),
+        suspended=bool(((pytorchjob.get("spec") or {}).get("runPolicy") or {}).get("suspend")))
+
+
+def suspend_patch(suspend: bool) -> dict:
+    return {"spec": {"runPolicy": {"suspend": suspend}}}
+
+
+def local_launch(pytorchjob: dict) -> LocalLaunch:
+    """Its pods' command and job config; the world is nprocPerNode x its pods (several nodes run as one)."""
+    spec = pytorchjob["spec"]
+    pod = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    container = pod["containers"][0]
+    pods = sum(int(r.get("replicas", 1)) for r in spec["pytorchReplicaSpecs"].values())
+    config_map = next(v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v)
+    return LocalLaunch(command=list(container["command"]), processes=int(spec["nprocPerNode"]) * pods,
+                       config_map=config_map, backoff_limit=int(spec.get("runPolicy", {}).get("backoffLimit", 0) or 0))
+
+
+class PyTorchJobBackend:
+    kind = KIND
+    api_resource = ("kubeflow.org", "v1", "pytorchjobs")
+
+    def render(self, job: dict, settings: render.RenderSettings, config_data: dict[str, str],
+               stage: jobconfig.Stage) -> dict:
+        return render_pytorchjob(job, settings, config_data, stage)
+
+    def read_status(self, workload: dict) -> WorkloadStatus:
+        return read_status(workload)
+
+    def suspend_patch(self, suspend: bool) -> dict:
+        return suspend_patch(suspend)
+
+    def local_launch(self, workload: dict) -> LocalLaunch:
+        return local_launch(workload)
+
+
+BACKEND = PyTorchJobBackend()

@@ -1,0 +1,410 @@
+"""`kubetune` command line: validate, render, generate, local, operator."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+from kubetune.api import crd, reference
+from kubetune.api.validation import validate
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.render import serving as serving_render
+from kubetune_operator.render import training as render
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GENERATED_CRD_DIRS = ("crds", "charts/kubetune/crds")
+
+
+class InputError(Exception):
+    """A file the user named cannot be read as YAML: reported in one line, exit code 2."""
+
+
+def _load_documents(path: str) -> list[dict]:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        documents = [doc for doc in yaml.safe_load_all(text) if doc]
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}") from exc
+    not_objects = [index for index, doc in enumerate(documents) if not isinstance(doc, dict)]
+    if not_objects:
+        raise InputError(f"{path}: document {not_objects[0] + 1} is not a Kubernetes object (a mapping)")
+    return documents
+
+
+def dump_yaml(documents: list[dict]) -> str:
+    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False, width=110)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = False
+    for doc in _load_documents(args.file):
+        name = f"{doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
+        result = validate(doc)
+        for warning in result.warnings:
+            print(f"{name}: warning: {warning}", file=sys.stderr)
+        if result.ok:
+            print(f"{name}: valid")
+        else:
+            failed = True
+            for error in result.errors:
+                print(f"{name}: error: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def preview_job(doc: dict, namespace: str) -> dict:
+    """The object as the API server would hand it to the operator (namespace, uid, generation)."""
+    meta = dict(doc.get("metadata") or {})
+    meta.setdefault("namespace", namespace)
+    meta.setdefault("uid", str(uuid.uuid5(uuid.NAMESPACE_URL, f"kubetune:{meta['namespace']}/{meta.get('name')}")))
+    meta.setdefault("generation", 1)
+    return {**doc, "metadata": meta}
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    settings = ftj.Settings(render=render.RenderSettings(trainer_image=args.trainer_image))
+    out = []
+    for doc in _load_documents(args.file):
+        if doc.get("kind") == "AdapterDeployment":
+            children = _render_adapterdeployment(doc, args)
+            if children is None:
+                return 1
+            out.extend(children)
+            continue
+        if doc.get("kind") != "FineTuneJob":
+            print(f"skipping {doc.get('kind')}: it has no children to render", file=sys.stderr)
+            continue
+        job = preview_job(doc, args.namespace)
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        plan = ftj.decide(ftj.Observed(job=job, now=now), settings)
+        phase = plan.status.get("phase")
+        if phase in ("Baseline", "Sweeping"):
+            print(f"FineTuneJob/{job['metadata']['name']} starts in phase {phase}: these are its first children; "
+                  "the rank-sweep trials and the training job are created as the earlier stages finish",
+                  file=sys.stderr)
+        if not plan.create:
+            for condition in plan.status.get("conditions", []):
+                if condition["status"] == "False":
+                    print(f"FineTuneJob/{job['metadata']['name']}: {condition['message']}", file=sys.stderr)
+            return 1
+        out.extend(plan.create)
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print(dump_yaml(out), end="")
+    return 0
+
+
+def _render_adapterdeployment(doc: dict, args: argparse.Namespace) -> list[dict] | None:
+    """The AdapterDeployment's children before any adapter is resolved: an empty desired state, and a
+    --max-lora-rank from the spec (or the smallest vLLM value until the adapters' manifests are read)."""
+    from kubetune.api import serving
+    from kubetune_operator.reconcile import adapterdeployment as adp
+    from kubetune_operator.render import serving as serving_render
+
+    adep = preview_job(doc, args.namespace)
+    result = validate(adep)
+    if not result.ok:
+        for error in result.errors:
+            print(f"AdapterDeployment/{adep['metadata'].get('name')}: error: {error}", file=sys.stderr)
+        return None
+    adep = {**adep, "spec": result.defaulted["spec"]}
+    max_rank = adp.runtime_max_rank(adep["spec"], [])
+    if not (adep["spec"]["runtime"].get("managed") or {}).get("maxLoraRank"):
+        print(f"AdapterDeployment/{adep['metadata']['name']}: --max-lora-rank {max_rank} shown; the operator derives "
+              "it from the adapters' manifests", file=sys.stderr)
+    return serving_render.render_children(adep, serving_render.ServingSettings(), serving.DesiredState(generation=1),
+                                          max_rank)
+
+
+def generated_files() -> dict[str, str]:
+    """Relative path -> content of every file generated from the API definition."""
+    files = {}
+    for filename, document in crd.all_crds().items():
+        text = "# Generated from operator/kubetune/api/v1alpha1/ by `kubetune generate`. Do not edit.\n"
+        text += dump_yaml([document])
+        for directory in GENERATED_CRD_DIRS:
+            files[f"{directory}/{filename}"] = text
+    files["docs/reference.md"] = reference.reference_markdown()
+    return files
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    stale = []
+    for relative, content in generated_files().items():
+        target = root / relative
+        current = target.read_text() if target.exists() else None
+        if current == content:
+            continue
+        stale.append(relative)
+        if not args.check:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+    if args.check and stale:
+        print("generated files are out of date (run `kubetune generate`): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    for relative in stale:
+        print(f"wrote {relative}")
+    return 0
+
+
+def _progress_line(job: dict) -> str:
+    status = job.get("status") or {}
+    progress = status.get("progress") or {}
+    phase = status.get("phase", "")
+    stage = progress.get("stage", "")
+    if phase == "Sweeping" and (status.get("sweep") or {}).get("summary"):
+        return f"Sweeping: {status['sweep']['summary']}"
+    if phase == "Baseline":
+        return f"Baseline: {(status.get('baseline') or {}).get('state', 'Pending')}"
+    if progress.get("totalSteps"):
+        done = progress.get("percent", 0)
+        bar = "#" * (done // 4) + "." * (25 - done // 4)
+        parts = [f"[{bar}] {done:3d}% step {progress.get('step', 0)}/{progress['totalSteps']}"]
+        for key, label in (("trainLoss", "loss"), ("evalLoss", "eval"), ("accuracy", "acc")):
+            if key in progress:
+                parts.append(f"{label} {progress[key]:.4f}")
+        if "tokensPerSecond" in progress:
+            parts.append(f"{progress['tokensPerSecond']:.0f} tok/s")
+        if "etaSeconds" in progress:
+            parts.append(f"eta {progress['etaSeconds']}s")
+        return f"{phase}/{stage}: " + "  ".join(parts)
+    return f"{phase}/{stage}" if stage else phase
+
+
+FINETUNEJOB_FILE = "finetunejob.json"  # RUN_DIR/<job>/: the last `kubetune local` run of that job, with status
+
+
+def _read_manifest(job: dict) -> dict | None:
+    """The published adapter's manifest (training history, best step), None when there is none."""
+    from kubetune.clients.storage import output_store_from_env
+
+    uri = ((job.get("status") or {}).get("adapter") or {}).get("manifestUri")
+    if not uri:
+        return None
+    try:
+        raw = output_store_from_env(job["spec"]).read(uri)
+        return json.loads(raw) if raw else None
+    except Exception as exc:  # the report is best effort: the run's outcome stands
+        print(f"warning: could not read {uri} for the report: {exc}", file=sys.stderr)
+        return None
+
+
+def _finish_report(result, job_dir: Path, name_dir: Path, duration_seconds: float):
+    """The summary printed at the end, written with the charts under RUN_DIR/<job>/report/."""
+    from kubetune_operator import report
+
+    status = result.job.get("status") or {}
+    extra = []
+    if report.sweep_table(status):
+        try:
+            chart = report.sweep_chart(status, job_dir / "sweep.png",
+                                       title=f"{result.job['metadata']['name']}: LoRA rank sweep")
+            extra.append(f"  sweep chart {chart}")
+        except ImportError:
+            extra.append("  (install matplotlib, or kubetune[local], for the sweep chart)")
+    return report.finetunejob_report(result.job, _read_manifest(result.job), name_dir / report.REPORT_DIR,
+                                     run_dir=job_dir, duration_seconds=duration_seconds, extra_lines=extra)
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from kubetune_operator.local import finetunejob as local  # subprocesses and storage only where they are needed
+
+    loaded = _load_documents(args.file)  # once: the file may be stdin
+    kinds = [d.get("kind") for d in loaded]
+    if kinds == ["AdapterDeployment"]:
+        return _local_adapterdeployment(loaded[0], args)
+    documents = [d for d in loaded if d.get("kind") == "FineTuneJob"]
+    if len(documents) != 1:
+        print(f"{args.file}: expected exactly one FineTuneJob or one AdapterDeployment, found "
+              f"{', '.join(str(k) for k in kinds) or 'nothing'}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir).resolve()
+    output = args.output
+    if output is None:
+        output = f"file://{run_dir / 'storage'}"
+    elif output == "spec":
+        output = None
+    try:
+        overrides = [local.parse_override(item) for item in args.set]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    job = local.prepare_job(documents[0], namespace=args.namespace, output=output, overrides=overrides)
+    result = validate(job, local=True)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not result.ok:
+        for error in result.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    job_dir = run_dir / job["metadata"]["name"] / job["metadata"]["uid"]
+    interactive = sys.stderr.isatty()
+    last = {"line": ""}
+
+    def on_change(current: dict, events: list) -> None:
+        for event in events:
+            end = "\n" if not interactive else "\x1b[K\n"
+            print(f"\r{event.type:<7} {event.reason}: {event.message}", end=end, file=sys.stderr)
+        line = _progress_line(current)
+        if line != last["line"]:
+            last["line"] = line
+            print(("\r" + line + "\x1b[K") if interactive else line, end="" if interactive else "\n",
+                  file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    outcome = local.run(job, run_dir=job_dir, on_change=on_change, poll_seconds=args.poll)
+    name_dir = job_dir.parent
+    # what `kubetune local -f adapterdeployment.yaml --run-dir RUN_DIR` resolves a fineTuneJobRef from
+    (name_dir / FINETUNEJOB_FILE).write_text(json.dumps(outcome.job, indent=2))
+    print(_finish_report(outcome, job_dir, name_dir, time.monotonic() - started).summary)
+    if args.status_file:
+        Path(args.status_file).write_text(json.dumps(outcome.job, indent=2))
+    return 0 if outcome.phase in ("Succeeded", "Skipped") else 1
+
+
+def _local_adapterdeployment(document: dict, args: argparse.Namespace) -> int:
+    # the engine and agents run as subprocesses, started there
+    from kubetune_operator.local import adapterdeployment, finetunejob, inputs
+
+    if args.output:
+        print("--output applies to a FineTuneJob; edit the AdapterDeployment instead", file=sys.stderr)
+        return 2
+    try:  # e.g. --set baseModel.uri=file:///path/to/model: the same PATH=VALUE overrides as a FineTuneJob's
+        document = finetunejob.apply_overrides(json.loads(json.dumps(document)),
+                                               [finetunejob.parse_override(item) for item in args.set])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = inputs.Options(
+        run_dir=Path(args.run_dir).resolve(), namespace=args.namespace, poll=args.poll,
+        status_file=Path(args.status_file).resolve() if args.status_file else None,
+        traffic=Path(args.traffic) if args.traffic else None, traffic_rate=args.traffic_rate, until=args.until,
+        max_seconds=args.max_seconds, drift_seconds=args.drift_seconds, embedding_url=args.embedding_url,
+        embedding_model=args.embedding_model)
+    return adapterdeployment.run(document, options)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from kubetune_operator.controllers import main as operator_main  # kopf only where it is needed
+
+    return operator_main.run(args)
+
+
+def _add_offline_commands(sub) -> None:
+    p = sub.add_parser("validate", help="schema + CEL + semantic checks, errors with field paths")
+    p.add_argument("-f", "--file", required=True, help="YAML file (or - for stdin)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("render", help="print the exact objects the operator would create")
+    p.add_argument("-f", "--file", required=True)
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    p.add_argument("--trainer-image", default=render.RenderSettings().trainer_image)
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("generate", help="write the CRDs generated from the API definition")
+    p.add_argument("--root", default=str(REPO_ROOT))
+    p.add_argument("--check", action="store_true", help="fail if a generated file differs, write nothing")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_local_command(sub) -> None:
+    p = sub.add_parser("local", help="run a FineTuneJob, or serve an AdapterDeployment with its drift loop, on "
+                                     "this machine through the operator's own decisions")
+    p.add_argument("-f", "--file", required=True, help="YAML file with one FineTuneJob or one AdapterDeployment")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--run-dir", default="kubetune-runs", help="where configs, logs and file:// outputs go")
+    p.add_argument("--output", help="output URI (default: file://RUN_DIR/storage; 'spec' keeps spec.output.uri)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a spec field, e.g. --set baseModel.uri=file:///models/x (YAML value; repeat)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between state-machine rounds")
+    p.add_argument("--status-file", help="write the final FineTuneJob (with status) here as JSON; an "
+                                         "AdapterDeployment's after every pass (default: "
+                                         "RUN_DIR/NAME/adapterdeployment.json)")
+    serving_flags = p.add_argument_group("AdapterDeployment (one CPU engine, an agent per replica, the drift loop)")
+    serving_flags.add_argument("--traffic", metavar="FILE.jsonl",
+                               help='requests sent once to the agents, round robin: one JSON line each, '
+                                    '{"path": "/classify", "body": {"input": "..."}} (model: the first adapter)')
+    serving_flags.add_argument("--traffic-rate", type=float, metavar="N",
+                               help="requests per second (default: as fast as the agents answer)")
+    serving_flags.add_argument("--until", choices=["promoted", "rejected", "drifted", "traffic-done", "never"],
+                               default="promoted",
+                               help="stop (exit 0) when a retrain is promoted and served everywhere, a retrain is "
+                                    "rejected, drift is detected, the traffic is sent and analysed, or never "
+                                    "(Ctrl-C)")
+    serving_flags.add_argument("--max-seconds", type=float,
+                               help="give up (exit 1) when --until is not reached this long after the start")
+    serving_flags.add_argument("--drift-seconds", type=float, default=2.0,
+                               help="how often new samples are read and drift windows analysed")
+    serving_flags.add_argument("--embedding-url", default=os.environ.get("KUBETUNE_EMBEDDING_URL"),
+                               help="OpenAI-compatible embeddings service for the drift diagnostics (e.g. "
+                                    "kubetune_engine --embedding-model DIR); without it they are skipped")
+    serving_flags.add_argument("--embedding-model", default="all-MiniLM-L6-v2",
+                               help="model name sent to --embedding-url")
+    p.set_defaults(func=cmd_local)
+
+
+def _add_operator_command(sub) -> None:
+    p = sub.add_parser("operator", help="run the operator (kopf)")
+    p.add_argument("-n", "--namespace", action="append", default=[], help="watch only these namespaces (repeat)")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
+    p.add_argument("--trainer-image", default=render.RenderSettings().trainer_image)
+    p.add_argument("--health-port", type=int, default=8080)
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument("--publish-timeout", type=int, default=600, help="seconds to wait for a manifest")
+    p.add_argument("--vllm-image", default=serving_render.ServingSettings().engine_images["vllm"],
+                   help="engine image of managed serving runtimes")
+    p.add_argument("--agent-image", default=serving_render.ServingSettings().agent_image,
+                   help="image of the agent sidecar (the operator's own image)")
+    p.add_argument("--allowed-storage", "--allowed-source", dest="allowed_storage", action="append",
+                   metavar="NAMESPACE=PREFIX",
+                   help="storage prefix a namespace's FineTuneJobs and AdapterDeployments may name (data, outputs, "
+                        "adapter sources, samples; repeatable; *=PREFIX for every namespace; none given: no limit; "
+                        "--allowed-source is its former name)")
+    p.add_argument("--embedding-url", default=os.environ.get("KUBETUNE_EMBEDDING_URL"),
+                   help="OpenAI-compatible embeddings service for the drift diagnostics (e.g. the CPU engine with "
+                        "--embedding-model, or a vLLM/TEI serving all-MiniLM-L6-v2); without it they are skipped")
+    p.add_argument("--embedding-model", default="all-MiniLM-L6-v2", help="model name sent to --embedding-url")
+    p.add_argument("--max-concurrent-retrains", type=int, default=2,
+                   help="drift retrains in flight at once across the watched namespaces")
+    p.add_argument("--drift-seconds", type=float, default=30.0,
+                   help="how often each drift-watched adapter's new samples are read and analysed")
+    p.add_argument("--status-min-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="write fields that change on every poll (FineTuneJob progress, AdapterDeployment drift "
+                        "window counts) at most this often per object (status.lastUpdateTime); phase, conditions "
+                        "and results are written at once; 0: every change at once")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_operator)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_offline_commands(sub)
+    _add_local_command(sub)
+    _add_operator_command(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The cluster adapter for FineTuneJob: kopf triggers and the kube/storage port of `shell.run_pass`.
+
+Every trigger (the job created, changed or resumed; its workload changed; a periodic resync) runs one
+pass under a per-job lock; deterministic names and create-or-get converge on one workload per stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import kopf
+
+from kubetune.api import manifest as manifest_api
+from kubetune.api import storage_layout
+from kubetune.api import v1alpha1 as api
+from kubetune.clients import kube, storage
+from kubetune_operator.backends import BACKENDS, backend_for_kind, backend_of
+from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.reconcile import statuswrite
+from kubetune_operator.reconcile.finetunejob_plan import Event, StageReport
+from kubetune_operator.render import training as render
+from kubetune_operator.shell import finetunejob as shell
+
+from . import metrics
+from .credentials import PassSecrets, object_store, secret_keys
+from .retry import reconcile_or_retry
+
+log = logging.getLogger("kubetune.finetunejob")
+
+
+@dataclass
+class Runtime:
+    """What the handlers share: the API client, settings, and per-object locks."""
+
+    client: kube.KubeClient | None = None
+    settings: ftj.Settings = field(default_factory=ftj.Settings)
+    default_s3: storage.S3Settings = field(default_factory=storage.S3Settings)
+    verify_content: bool = True
+    # volatile status fields (progress) are written at most this often; 0: every change at once.
+    # `kubetune operator --status-min-interval` sets it (default 10 there).
+    status_min_interval_seconds: float = 0.0
+    locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
+
+
+RUNTIME = Runtime()
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class _PassStore:
+    """The job's storage for one reconcile pass: built (and its credentials Secret read) at most once, and
+    only when the pass reads storage at all."""
+
+    def __init__(self, job: dict, secrets: PassSecrets):
+        self.job, self.secrets = job, secrets
+        self._store: storage.ObjectStore | None = None
+
+    async def get(self) -> storage.ObjectStore:
+        """Storage access with the job's own output credentials, else the operator's defaults."""
+        if self._store is None:
+            self._store = await object_store(self.secrets, self.job["spec"]["output"], RUNTIME.default_s3)
+        return self._store
+
+
+async def _read_json(store: storage.ObjectStore, uri: str) -> dict | None:
+    raw = await asyncio.to_thread(store.read, uri)
+    return json.loads(raw) if raw else None
+
+
+async def write_status(client: kube.KubeClient, resource: kube.Resource, obj: dict, new: dict, volatile: tuple,
+                       min_interval_seconds: float) -> bool:
+    """Write the status a pass decided, throttled by reconcile.statuswrite: any change but the volatile
+    fields at once, volatile-only changes at most every `min_interval_seconds`. True when written."""
+    meta = obj["metadata"]
+    write = statuswrite.status_write(obj.get("status"), new, now_rfc3339(), min_interval_seconds, volatile)
+    if write.throttled:
+        metrics.STATUS_WRITES.labels(kind=obj["kind"], result="throttled").inc()
+        log.debug("status write throttled", extra={"kind": obj["kind"], "namespace": meta["namespace"],
+                                                  "name": meta["name"], "due_in": write.due_in})
+    if write.patch is None:
+        return False
+    await client.patch(resource, meta["namespace"], meta["name"], {"status": write.patch}, subresource="status")
+    metrics.STATUS_WRITES.labels(kind=obj["kind"], result="written").inc()
+    return True
+
+
+class ClusterPass:
+    """The cluster side of one pass over one FineTuneJob (shell.finetunejob.FineTuneJobPort): the kube
+    API, the job's storage and its Secrets, each read at most once per pass."""
+
+    def __init__(self, client: kube.KubeClient, namespace: str, name: str):
+        self.client, self.namespace, self.name = client, namespace, name
+        self.secrets = PassSecrets(client, namespace)
+        self.stores: _PassStore | None = None  # once the job is read
+
+    async def read_job(self) -> dict | None:
+        job = await self.client.get(kube.FINETUNEJOBS, self.namespace, self.name)
+        if job is not None:
+            job.setdefault("apiVersion", api.API_VERSION)
+            job.setdefault("kind", "FineTuneJob")
+            self.stores = _PassStore(job, self.secrets)
+        return job
+
+    def _selector(self) -> str:
+        return f"{render.LABEL_JOB}={self.name}"
+
+    async def list_config_maps(self, job: dict) -> list[dict]:
+        return await self.client.list(kube.CONFIGMAPS, self.namespace, self._selector())
+
+    async def list_workloads(self, job: dict) -> list[shell.Workload]:
+        backend = backend_of(job)
+        found = await self.client.list(_resource(backend.kind), self.namespace, self._selector())
+        return [shell.Workload(w["metadata"], backend.read_status(w)) for w in found]
+
+    async def check_manifest(self, job_prefix: str) -> manifest_api.ManifestCheck:
+        store = await self.stores.get()
+        try:
+            return await asyncio.to_thread(storage.check_published, store, job_prefix, RUNTIME.verify_content)
+        except Exception as exc:  # storage down: treat as "not there yet"; the resync retries
+            log.warning("manifest check failed", extra={"job": self.name, "error": str(exc)})
+            return manifest_api.ManifestCheck(found=False)
+
+    async def read_progress(self, prefix: str) -> dict | None:
+        """The trainer's progress.json (None when absent, unreadable or storage is down: progress can wait)."""
+        store = await self.stores.get()
+        try:
+            return await _read_json(store, storage_layout.progress_uri(prefix))
+        except Exception as exc:
+            log.debug("progress read failed", extra={"job": self.name, "error": str(exc)})
+            return None
+
+    async def read_stage_report(self, prefix: str) -> StageReport | None:
+        """result.json and progress.json of a finished (or vanished) stage job; None when unreadable now."""
+        store = await self.stores.get()
+        try:
+            return StageReport(result=await _read_json(store, storage_layout.result_uri(prefix)),
+                                   progress=await _read_json(store, storage_layout.progress_uri(prefix)))
+        except Exception as exc:
+            log.warning("stage result read failed", extra={"job": self.name, "prefix": prefix, "error": str(exc)})
+            return None
+
+    async def secret_keys(self, names: list[str], output: dict | None) -> dict | None:
+        return await secret_keys(self.secrets, names, output)
+
+    async def create_child(self, child: dict) -> None:
+        _, created = await self.client.create(_resource(child["kind"]), child)
+        if created:
+            metrics.CHILDREN_CREATED.labels(kind=child["kind"]).inc()
+            log.info("created child", extra={"job": self.name, "namespace": self.namespace, "kind": child["kind"]})
+
+    async def patch_child(self, kind: str, name: str, patch: dict) -> None:
+        await self.client.patch(_resource(kind), self.namespace, name, patch)
+
+    async def write_status(self, job: dict, status: dict) -> None:
+        await write_status(self.client, kube.FINETUNEJOBS, job, status, statuswrite.FINETUNEJOB_VOLATILE,
+                           RUNTIME.status_min_interval_seconds)
+        old_phase, new_phase = (job.get("status") or {}).get("phase"), status.get("phase")
+        if old_phase != new_phase:
+            metrics.PHASE_TRANSITIONS.labels(phase=new_phase or "").inc()
+            log.info("phase", extra={"job": self.name, "namespace": self.namespace, "from": old_phase,
+                                     "to": new_phase})
+
+    async def post_event(self, job: dict, event: Event) -> None:
+        await self.client.post_event(job, event.type, event.reason, event.message)
+
+
+def _resource(kind: str) -> kube.Resource:
+    """The API resource of a child kind: a ConfigMap, or a training backend's workload."""
+    if kind == "ConfigMap":
+        return kube.CONFIGMAPS
+    return kube.Resource(*backend_for_kind(kind).api_resource)
+
+
+async def reconcile(namespace: str, name: str) -> float | None:
+    """One pass of the FineTuneJob control loop. Returns seconds until the next resync, if any."""
+    async with RUNTIME.locks[(namespace, name)]:
+        started = time.monotonic()
+        plan = await shell.run_pass(ClusterPass(RUNTIME.client, namespace, name), RUNTIME.settings, now_rfc3339())
+        if plan is None:
+            RUNTIME.locks.pop((namespace, name), None)  # waiters keep their reference; memory stays bounded
+            return None
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        return plan.requeue_after
+
+
+def _owner_name(body: dict) -> str | None:
+    for owner in body.get("metadata", {}).get("ownerReferences") or []:
+        if owner.get("kind") == "FineTuneJob" and owner.get("apiVersion", "").startswith(api.GROUP + "/"):
+            return owner.get("name")
+    return None
+
+
+async def _reconcile_logged(namespace: str, name: str) -> None:
+    await reconcile_or_retry(reconcile, namespace, name, metrics.RECONCILE_ERRORS)
+
+
+def register(registry: kopf.OperatorRegistry | None = None) -> None:
+    """Register the handlers (on the given registry, or kopf's default one)."""
+    kw = {"registry": registry} if registry is not None else {}
+
+    @kopf.on.resume(api.GROUP, api.VERSION, "finetunejobs", **kw)
+    @kopf.on.create(api.GROUP, api.VERSION, "finetunejobs", **kw)
+    @kopf.on.update(api.GROUP, api.VERSION, "finetunejobs", field="spec", **kw)
+    async def finetunejob_changed(namespace, name, **_):
+        await _reconcile_logged(namespace, name)
+
+    for backend in BACKENDS.values():
+        group, version, plural = backend.api_resource
+
+        @kopf.on.event(group, version, plural, id=f"{backend.kind.lower()}_event",
+                       labels={render.LABEL_JOB: kopf.PRESENT}, **kw)
+        async def workload_event(body, namespace, type, **_):
+            owner = _owner_name(body)
+            if owner:
+                await _reconcile_logged(namespace, owner)
+
+    @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.resync_seconds,
+                initial_delay=RUNTIME.settings.resync_seconds, idle=None,
+                when=lambda status, **_: (status or {}).get("phase") not in ftj.TERMINAL, **kw)
+    async def finetunejob_resync(namespace, name, **_):
+        await _reconcile_logged(namespace, name)
+
+    # Training progress reaches status within seconds: running jobs are re-read as often as the
+    # trainer writes progress.json (a cheap GET per job; status is patched only when it changed).
+    @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.progress_seconds,
+                initial_delay=RUNTIME.settings.progress_seconds, idle=None,
+                when=lambda status, **_: (status or {}).get("phase") in ftj.ACTIVE, **kw)
+    async def finetunejob_progress(namespace, name, **_):
+        await _reconcile_logged(namespace, name)

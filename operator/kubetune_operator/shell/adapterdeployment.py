@@ -1,0 +1,122 @@
+"""One AdapterDeployment pass, for the cluster and for `kubetune local`: observe through a port, decide
+(`reconcile.adapterdeployment.decide`), run each adapter's drift pass, apply through the port.
+
+Every rule of a pass lives here once: the storage limits on sources and on the drift loop, the rollout
+view of a promoted retrain, the runtime's --max-lora-rank. The ports only read and write.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Protocol
+
+from kubetune.api import serving
+from kubetune.clients import storage
+from kubetune_operator.clients.drift_storage import Analyzer
+from kubetune_operator.clients.sources import verified_source
+from kubetune_operator.reconcile import adapterdeployment as adp
+from kubetune_operator.reconcile import driftloop, tenancy
+
+from .drift import RetrainPort, drift_pass
+
+
+class AdapterDeploymentPort(RetrainPort, Protocol):
+    """What one pass reads and writes, wherever the AdapterDeployment runs."""
+
+    verified: dict  # (manifest uri, digest) -> adp.Source: verification is costly, done once per digest
+    analyzer: Analyzer  # drift caches and settings
+
+    async def read(self) -> dict | None:
+        """The AdapterDeployment, spec defaulted and valid, with its status; None: nothing to reconcile."""
+
+    async def object_store(self, adep: dict) -> storage.ObjectStore:
+        """The adapters' storage, with the AdapterDeployment's credentials."""
+
+    async def locate_source(self, adep: dict, adapter: dict) -> tuple[str, str | None] | adp.Source:
+        """An adapter's (manifest uri, expected digest), or a Source naming why there is none yet."""
+
+    async def pods(self, adep: dict) -> list[adp.Pod]:
+        """The serving pods, with their readiness and their agent's report."""
+
+    async def desired_state(self, adep: dict) -> serving.DesiredState | None:
+        """What the agents read now (None: nothing written yet, or unreadable)."""
+
+    async def secrets_found(self, adep: dict) -> dict | None:
+        """The keys of the Secrets the serving pods need (None: not looked at)."""
+
+    async def apply_serving(self, adep: dict, changed: serving.DesiredState | None,
+                            desired: serving.DesiredState, max_rank: int | None) -> None:
+        """Publish a changed desired state; keep the serving runtime (its children) as `desired` needs."""
+
+    async def write_status(self, adep: dict, status: dict) -> None:
+        """Store the new status."""
+
+    async def post_events(self, adep: dict, events: list) -> None:
+        """Tell the user (Events)."""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    status: dict
+    events: list
+    drift_events: list  # the drift loop's decisions among `events`
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def resolve_source(port: AdapterDeploymentPort, adep: dict, adapter: dict, store: storage.ObjectStore,
+                         settings: adp.Settings) -> adp.Source:
+    """A source as a verified manifest; one outside the namespace's storage prefixes is refused unread."""
+    located = await port.locate_source(adep, adapter)
+    if isinstance(located, adp.Source):
+        return located
+    manifest_uri, expected = located
+    namespace, name = adep["metadata"]["namespace"], adapter["name"]
+    if not adp.allowed(manifest_uri, namespace, settings):
+        message = (f"adapters[{name}]: {manifest_uri} is outside the storage prefixes namespace {namespace} "
+                   "may serve from")
+        return adp.Source(manifest_uri=manifest_uri, problems=(("SourceNotAllowed", message),))
+    return await verified_source(store, manifest_uri, expected, name, port.verified)
+
+
+def drift_allowed(adep: dict, adapter: dict, settings: adp.Settings) -> bool:
+    """No drift pass over storage outside the namespace's prefixes (decide says Validated=False
+    StorageNotAllowed); none configured (`kubetune local`, an open cluster): every drift adapter runs."""
+    return bool(adapter.get("drift")) and not tenancy.adapterdeployment_refusals(adep, settings.allowed_sources,
+                                                                                 adapter)
+
+
+async def run_pass(port: AdapterDeploymentPort, settings: adp.Settings) -> PassResult | None:
+    """Observe -> decide -> drift pass per adapter -> apply. None when there was nothing to reconcile."""
+    adep = await port.read()
+    if adep is None:
+        return None
+    store = await port.object_store(adep)
+    records = {r["name"]: r for r in (adep.get("status") or {}).get("adapters") or []}
+    # a promoted retrain is served instead of the spec's source (while that source is unchanged)
+    rollout_view = driftloop.rollout_view(adep, records)
+    sources = {a["name"]: await resolve_source(port, rollout_view, a, store, settings)
+               for a in rollout_view["spec"]["adapters"]}
+    pods = await port.pods(adep)
+    current = await port.desired_state(adep)
+    now = now_rfc3339()
+    found_secrets = await port.secrets_found(adep)
+    plan = adp.decide(adp.Observed(adep=rollout_view, now=now, sources=sources, pods=pods, desired=current,
+                                   secrets=found_secrets), settings)
+    drift_events = []
+    for adapter in adep["spec"]["adapters"]:
+        if drift_allowed(adep, adapter, settings):
+            rec = next(r for r in plan.status["adapters"] if r["name"] == adapter["name"])
+            rec["drift"], events = await drift_pass(port, port.analyzer, store, adep, adapter, rec, now)
+            drift_events += events
+    served = {**adep, "status": plan.status}
+    max_rank = adp.runtime_max_rank(adep["spec"], adp.served_ranks(served, sources))
+    desired = plan.desired or current or serving.DesiredState(generation=1)
+    await port.apply_serving(adep, plan.desired, desired, max_rank)
+    await port.write_status(adep, plan.status)
+    events = list(plan.events) + drift_events
+    await port.post_events(adep, events)
+    return PassResult(plan.status, events, drift_events)
