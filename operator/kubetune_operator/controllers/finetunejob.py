@@ -7,7 +7,6 @@ pass under a per-job lock; deterministic names and create-or-get converge on one
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 import time
@@ -26,6 +25,7 @@ from kubetune_operator.reconcile import statuswrite
 from kubetune_operator.reconcile.finetunejob_plan import Event, StageReport
 from kubetune_operator.render import training as render
 from kubetune_operator.shell import finetunejob as shell
+from kubetune_operator.shell import now_rfc3339
 
 from . import metrics
 from .credentials import PassSecrets, object_store, secret_keys
@@ -49,10 +49,6 @@ class Runtime:
 
 
 RUNTIME = Runtime()
-
-
-def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class _PassStore:

@@ -24,7 +24,7 @@ from kubetune_operator.clients.sources import manifest_location
 from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import driftloop
 from kubetune_operator.shell import adapterdeployment as shell
-from kubetune_operator.shell.adapterdeployment import now_rfc3339
+from kubetune_operator.shell import now_rfc3339
 
 from .inputs import LocalServingError, Options, Request, emit, prepare, read_traffic, replicas
 from .processes import SAMPLE_FLUSH_SECONDS, Aborted, Agent, Child, start_serving, write_atomic

@@ -8,7 +8,6 @@ come from this shell's environment, not from Secrets. See docs/concepts.md for t
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 import os
@@ -37,13 +36,10 @@ from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.reconcile.finetunejob_plan import Event, StageReport
 from kubetune_operator.render import training as render
 from kubetune_operator.shell import finetunejob as shell
+from kubetune_operator.shell import now_rfc3339
 
 log = logging.getLogger(__name__)
 REPLICA = "Master"  # the status counts one replica type, as for a cluster's first pod
-
-
-def now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _free_port() -> int:
@@ -62,13 +58,13 @@ class LocalWorkload:
         self.process: subprocess.Popen | None = None
         self.attempts = 0
         self.counts = {"active": 0, "succeeded": 0, "failed": 0}
-        self.phase, self.reason, self.message, self.since = CREATED, f"{self.kind}Created", "created locally", now()
+        self._phase(CREATED, "created locally")
         self.start_time: str | None = None
         self.completion_time: str | None = None
         self.log_path = run_dir / "trainer.log"
 
     def _phase(self, phase: str, message: str) -> None:
-        self.phase, self.reason, self.message, self.since = phase, f"{self.kind}{phase}", message, now()
+        self.phase, self.reason, self.message, self.since = phase, f"{self.kind}{phase}", message, now_rfc3339()
 
     def status(self) -> WorkloadStatus:
         return WorkloadStatus(
@@ -89,7 +85,7 @@ class LocalWorkload:
 
     def start(self) -> None:
         self.attempts += 1
-        self.start_time = self.start_time or now()
+        self.start_time = self.start_time or now_rfc3339()
         handle = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         self.process = subprocess.Popen(self.command(), stdout=handle, stderr=subprocess.STDOUT,
                                         env={**os.environ, **self.env}, cwd=self.run_dir)
@@ -107,7 +103,7 @@ class LocalWorkload:
         self.counts["active"] = 0
         if code == jobconfig.EXIT_OK:
             self.counts["succeeded"] = 1
-            self.completion_time = now()
+            self.completion_time = now_rfc3339()
             self._phase(SUCCEEDED, "the trainer exited 0")
             return
         self.counts["failed"] += 1
@@ -115,7 +111,7 @@ class LocalWorkload:
             log.warning("retryable trainer exit: restarting", extra={"code": code, "attempt": self.attempts})
             self.start()
             return
-        self.completion_time = now()
+        self.completion_time = now_rfc3339()
         self._phase(FAILED, f"the trainer exited with code {code} (log: {self.log_path})")
 
     def stop(self) -> None:
@@ -229,7 +225,7 @@ def prepare_job(document: dict, *, namespace: str, output: str | None,
     meta.setdefault("namespace", namespace)
     meta["uid"] = str(uuid.uuid4())  # every local run is a new job: it never sees an earlier run's files
     meta.setdefault("generation", 1)
-    meta.setdefault("creationTimestamp", now())
+    meta.setdefault("creationTimestamp", now_rfc3339())
     if output:
         job["spec"]["output"] = {**job["spec"].get("output", {}), "uri": output}
     return apply_overrides(job, overrides)
@@ -265,7 +261,7 @@ def run(job: dict, *, run_dir: Path, on_change=None, poll_seconds: float = 1.0,
     all_events: list[Event] = []
     try:
         while True:
-            asyncio.run(shell.run_pass(port, settings, now()))
+            asyncio.run(shell.run_pass(port, settings, now_rfc3339()))
             all_events.extend(port.events)
             if on_change:
                 on_change(port.job, port.events)

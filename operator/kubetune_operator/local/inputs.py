@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kubetune.api import serving, storage_layout
 from kubetune.api.validation import validate
-from kubetune_operator.shell.adapterdeployment import now_rfc3339
+from kubetune_operator.shell import now_rfc3339
 
 UNTIL = ("promoted", "rejected", "drifted", "traffic-done", "never")
 MAX_REPLICAS = 4  # agents on one machine; each replica is a real process in front of the one engine

@@ -7,7 +7,6 @@ view of a promoted retrain, the runtime's --max-lora-rank. The ports only read a
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +17,7 @@ from kubetune_operator.clients.sources import verified_source
 from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import driftloop, tenancy
 
+from . import now_rfc3339
 from .drift import RetrainPort, drift_pass
 
 
@@ -61,10 +61,6 @@ class PassResult:
     status: dict
     events: list
     drift_events: list  # the drift loop's decisions among `events`
-
-
-def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 async def resolve_source(port: AdapterDeploymentPort, adep: dict, adapter: dict, store: storage.ObjectStore,
