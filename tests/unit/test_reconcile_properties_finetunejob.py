@@ -15,6 +15,7 @@ from kubetune.api import jobconfig
 from kubetune.api import manifest as manifest_api
 from kubetune.api import progress as progress_api
 from kubetune.api import v1alpha1 as api
+from kubetune.api.v1alpha1 import dataset as dataset_api
 from kubetune.api.v1alpha1 import finetunejob as ftj_api
 from kubetune.api.v1alpha1 import finetunejob_status as ftj_status_api
 from kubetune.api.validation import validate
@@ -45,7 +46,7 @@ from tests.unit.reconcile_properties import (
 def ftj_specs(draw) -> dict:
     """Specs shaped like real ones with random choices: most are valid, some break a CEL or semantic rule."""
     task = draw(st.sampled_from(ftj_api.TASKS))
-    fmt = "text-label" if task == "SequenceClassification" else draw(st.sampled_from(ftj_api.DATASET_FORMATS[:3]))
+    fmt = "text-label" if task == "SequenceClassification" else draw(st.sampled_from(dataset_api.DATASET_FORMATS[:3]))
     method = draw(st.sampled_from(ftj_api.METHODS))
     gpus = draw(st.sampled_from([1, 8] if method == "QLoRA" else [0, 1, 8]))
     spec: dict = {

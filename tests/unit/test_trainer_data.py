@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from kubetune.api.v1alpha1.finetunejob import DATASET_FORMATS
+from kubetune.api.v1alpha1.dataset import DATASET_FORMATS
 from kubetune_trainer import data
 from kubetune_trainer.data import (
     DataError,

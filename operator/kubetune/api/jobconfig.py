@@ -48,6 +48,9 @@ class JobIdentity:
 STAGE_TRAIN = "train"  # train and publish the adapter
 STAGE_BASELINE = "baseline"  # evaluate the base model on the validation split, write result.json, stop
 STAGE_TRIAL = "trial"  # a rank-sweep trial: train on the training split minus a holdout, score the holdout
+# the data stage: a CPU-only pod (tokenizer files only, no weights) that parses, validates, splits,
+# tokenizes and measures the dataset, writes result.json {"data": DataReport} and stops; bad data exits 2
+STAGE_DATA = "data"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ def stage_prefix(job_prefix: str, stage: Stage) -> str:
         return storage_layout.baseline_prefix(job_prefix)
     if stage.kind == STAGE_TRIAL:
         return storage_layout.trial_prefix(job_prefix, stage.rank)
+    if stage.kind == STAGE_DATA:
+        return storage_layout.data_stage_prefix(job_prefix)
     return job_prefix
 
 

@@ -46,6 +46,10 @@ def baseline_prefix(job_prefix_uri: str) -> str:
     return _join(job_prefix_uri, "baseline") + "/"
 
 
+def data_stage_prefix(job_prefix_uri: str) -> str:
+    return _join(job_prefix_uri, "data") + "/"
+
+
 def trial_prefix(job_prefix_uri: str, rank: int) -> str:
     return _join(job_prefix_uri, "sweep", f"rank-{int(rank)}") + "/"
 

@@ -20,7 +20,8 @@ from . import v1alpha1 as api
 from .crd import custom_resource_definition
 from .methods import facts as method_facts
 from .schema import apply_defaults, iter_rules, strict_json_schema
-from .v1alpha1.finetunejob import DATASET_FORMATS, FREEZE_THAW, LORA
+from .v1alpha1.dataset import DATASET_FORMATS
+from .v1alpha1.finetunejob import FREEZE_THAW, LORA
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,39 @@ BASELINE_STATUS = obj(
     },
 )
 
+_SPLIT_COUNTS = {"train": integer("In the training split.", minimum=0),
+                 "validation": integer("In the validation split.", minimum=0)}
+_TOKEN_LENGTHS = obj("Tokens per example (before truncation).",
+                     {"p50": integer("Median.", minimum=0), "p95": integer("95th percentile.", minimum=0),
+                      "max": integer("Longest.", minimum=0)})
+
+DATA_STATUS = obj(
+    "What the data stage (a CPU-only pod, before any GPU) found in the dataset.",
+    {
+        "job": string("The data stage's workload.", max_length=253),
+        "state": string("State of the data stage.", enum=list(STAGE_STATES)),
+        "digest": string("sha256 of the dataset file (and of the validation file, when given).", max_length=256),
+        "examples": obj("Examples per split, after invalid lines and leakage were removed.", _SPLIT_COUNTS),
+        "invalidLines": integer("Lines skipped as invalid (within dataset.maxInvalidFraction).", minimum=0),
+        "labels": array("Labels and their counts per split (text-label data).",
+                        obj("One label.", {"name": string("Label.", max_length=256), **_SPLIT_COUNTS}),
+                        max_items=4096),
+        "tokens": obj("Token lengths per split.", {"train": _TOKEN_LENGTHS, "validation": _TOKEN_LENGTHS}),
+        "truncated": obj("Share of examples longer than training.maxSeqLength (truncated).",
+                         {"train": number("Training split.", minimum=0, maximum=1),
+                          "validation": number("Validation split.", minimum=0, maximum=1)}),
+        "duplicates": obj("Examples whose normalised text repeats (case, whitespace and punctuation ignored).",
+                          {"withinTrain": integer("Repeats within training.", minimum=0),
+                           "withinValidation": integer("Repeats within validation.", minimum=0),
+                           "acrossSplits": integer("Validation examples also in training.", minimum=0)}),
+        "leakage": obj("Validation examples also in training, and what dataset.leakage did with them.",
+                       {"policy": string("dataset.leakage.", enum=["Drop", "Fail", "Warn"]),
+                        "matched": integer("Validation examples found in training.", minimum=0),
+                        "dropped": integer("Removed from validation.", minimum=0)}),
+        "message": string("Why the data stage refused the dataset, with line numbers.", max_length=32_768),
+    },
+)
+
 SWEEP_TRIAL = obj(
     "One rank's trial.",
     {
@@ -148,6 +181,7 @@ FINETUNEJOB_STATUS = obj(
                 "publishTime": string("When the manifest was written.", fmt="date-time"),
             },
         ),
+        "data": DATA_STATUS,
         "baseline": BASELINE_STATUS,
         "sweep": SWEEP_STATUS,
         "failure": obj(
