@@ -146,7 +146,7 @@ def run(config: JobConfig, *, work_dir: Path) -> dict:
     """Train and publish. Returns the manifest document (on rank 0; other ranks get {})."""
     work_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.init_process_group()
-    tracker = tracking.Tracker(config.spec, config.job.__dict__, enabled=dist.is_main)
+    tracker = tracking.Tracker(config, storage.output_store_from_env(config.spec), enabled=dist.is_main)
     status = "FAILED"
     try:
         document = _run(config, dist, work_dir, tracker)
