@@ -115,3 +115,16 @@ def test_the_cache_is_reused_only_while_whole_and_current(proxy, s3_server, mode
         resolve_model_dir(base, proxy_store, tmp_path / "elsewhere", fetch=False)
     with pytest.raises(BadInput, match="no objects"):
         resolve_model_dir({"uri": f"s3://{BUCKET}/node-downloads/none"}, proxy_store, tmp_path / "cache")
+
+
+def test_once_per_node_fetches_on_local_rank_0_and_reads_elsewhere():
+    def refuse():
+        raise BadInput("dataset.uri s3://b/k does not exist")
+
+    with pytest.raises(BadInput, match="does not exist"):  # alone (no process group): raised as it was
+        node_cache.once_per_node(True, refuse, lambda: "local")
+    assert node_cache.once_per_node(True, lambda: "fetched", lambda: "local") == "fetched"
+    assert node_cache.once_per_node(False, refuse, lambda: "local") == "local"  # never fetches
+    assert node_cache.failure_kind(BadInput("x")) == "BadInput"
+    assert node_cache.failure_kind(node_cache.IncompleteDownload("short")) == "Retryable"
+    assert node_cache.failure_kind(ValueError("bug")) == "Failed"

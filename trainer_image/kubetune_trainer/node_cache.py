@@ -70,7 +70,7 @@ def once_per_node(local_main: bool, fetch: Callable[[], T], read_local: Callable
             result = fetch()
         except Exception as exc:  # shared below with every rank, then raised here as it was
             failure = exc
-    failures = _gather((_failure_kind(failure), str(failure)) if failure else None)
+    failures = _gather((failure_kind(failure), str(failure)) if failure else None)
     if failure is not None:
         raise failure
     first = next((f for f in failures if f), None)
@@ -80,7 +80,8 @@ def once_per_node(local_main: bool, fetch: Callable[[], T], read_local: Callable
     return result if local_main else read_local()
 
 
-def _failure_kind(exc: BaseException) -> str:
+def failure_kind(exc: BaseException) -> str:
+    """How the other ranks re-raise a local rank 0's failure, so that every rank exits with the same code."""
     if isinstance(exc, BadInput):
         return "BadInput"
     return "Retryable" if is_retryable(exc) else "Failed"
