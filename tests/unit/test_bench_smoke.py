@@ -110,3 +110,11 @@ def test_scale_smoke(tmp_path: Path):
     assert result["rss_peak_mib"] >= result["rss_after_mib"] > 0 and result["cpu_s"] > 0
     assert result["requests"] > 0 and result["requests_by_verb"]["CREATE"] >= 5 + 1 + 5  # FTJs, ADep, PyTorchJobs
     assert result["settle_requests_per_s"] is not None
+
+
+def test_node_downloads_smoke(tmp_path: Path):
+    out = tmp_path / "downloads.json"
+    _run("node_downloads.py", "--smoke", "--json", str(out), timeout=300)
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert row["model_bytes"] == report["model_bytes"] and row["data_bytes"] == report["data_bytes"], row
