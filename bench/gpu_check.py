@@ -1,6 +1,6 @@
 """One-GPU readiness: CUDA, the LoRA steps (1B, 8B-shaped), a QLoRA NF4 step and packed attention, one table.
 
-    bash scripts/gpu-check.sh [OUT_DIR]     # the way to run it: wheels, PYTHONPATH, then this script
+    bash scripts/gpu-check.sh [--out DIR] [--only lora-1b,qlora-nf4]   # wheels, PYTHONPATH, then this
 Each check runs in its own process; any failure (no CUDA, bitsandbytes, a NaN loss, packed != unpacked)
 exits non-zero and says what broke. Writes gpu-check.json, gpu-check.md and gpu-check.log to OUT_DIR."""
 
@@ -32,6 +32,8 @@ PACKED_CHECKS = [
     ("packed-flash-varlen", "gpu_packed_attention.py", ["--attn", "flash_attention_2"],
      "packed row vs each sequence alone, flash-attn varlen"),
 ]
+CHECKS = LORA_CHECKS + PACKED_CHECKS
+
 
 def probe() -> dict:
     """What this Python sees: versions, and whether CUDA works (run in a child: `gpu_check.py --probe`)."""
@@ -123,13 +125,14 @@ def flash_attn_row(probe: dict) -> dict | None:
     """flash-attn is optional: absent, its row says so (not a failure); installed, it must work."""
     if probe["packages"].get("flash_attn") or importlib.util.find_spec("flash_attn") is not None:
         return None
-    return {"status": "absent", "reason": "flash-attn is not installed; the trainer then uses sdpa (checked above)"}
+    return {"status": "absent", "reason": "flash-attn is not installed; the trainer uses transformers' default, "
+            "sdpa (checked above)"}
 
 
-def run_all(probe: dict, *, workdir: Path, log_path: Path, timeout: float, cpu_smoke: bool) -> dict:
+def run_all(checks: list, probe: dict, *, workdir: Path, log_path: Path, timeout: float, cpu_smoke: bool) -> dict:
     rows = {}
     with log_path.open("a") as log:
-        for name, script, args, _ in LORA_CHECKS + PACKED_CHECKS:
+        for name, script, args, _ in checks:
             absent = flash_attn_row(probe) if name == "packed-flash-varlen" else None
             args = [*args, "--cpu-smoke"] if cpu_smoke else args
             rows[name] = absent or run_check(name, script, args, workdir=workdir, log=log, timeout=timeout)
@@ -178,7 +181,7 @@ def markdown(report: dict) -> str:
                 else ""),
              f"Python {probe.get('python', '?')}, CUDA {probe.get('torch_cuda')}; {packages}", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    whats = {name: what for name, _, _, what in LORA_CHECKS + PACKED_CHECKS}
+    whats = {name: what for name, _, _, what in CHECKS}
     whats["cuda"] = "torch sees the GPU, a bf16 matmul on it is finite"
     for name, row in report["rows"].items():
         lines.append("| " + " | ".join(cell.replace("|", "/") for cell in table_row(name, whats[name], row)) + " |")
@@ -207,22 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "gpu-check.log"
     log_path.write_text("")
-    if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {name for name, *_ in LORA_CHECKS + PACKED_CHECKS}
-        if unknown:
-            print(f"gpu-check: unknown check(s) in --only: {', '.join(sorted(unknown))}", file=sys.stderr)
-            return EXIT_FAILED
-        LORA_CHECKS[:] = [check for check in LORA_CHECKS if check[0] in wanted]
-        PACKED_CHECKS[:] = [check for check in PACKED_CHECKS if check[0] in wanted]
+    wanted = set(args.only.split(",")) if args.only else {name for name, *_ in CHECKS}
+    unknown = wanted - {name for name, *_ in CHECKS}
+    if unknown:
+        print(f"gpu-check: unknown check(s) in --only: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return EXIT_FAILED
     seen = run_probe(timeout=args.timeout)
     no_cuda = None if args.cpu_smoke else cuda_failure(seen)
     rows = {"cuda": {"status": "FAILED", "reason": no_cuda} if no_cuda else {"status": "ok", "result": {}}}
-    if args.cpu_smoke:
+    if args.cpu_smoke:  # said in the table, so that a smoke run never reads as a GPU check
         rows["cuda"] = {"status": "not run", "reason": "--cpu-smoke: CPU shapes, the mechanics only"}
     if not no_cuda:
+        checks = [check for check in CHECKS if check[0] in wanted]
         with tempfile.TemporaryDirectory(prefix="kubetune-gpu-check-") as workdir:
-            rows |= run_all(seen, workdir=Path(workdir), log_path=log_path, timeout=args.timeout,
+            rows |= run_all(checks, seen, workdir=Path(workdir), log_path=log_path, timeout=args.timeout,
                             cpu_smoke=args.cpu_smoke)
     failed = {name: row["reason"] for name, row in rows.items() if row["status"] == "FAILED"}
     report = {"probe": seen, "rows": rows, "failed": failed, "seconds": time.perf_counter() - started,
