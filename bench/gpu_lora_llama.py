@@ -101,16 +101,22 @@ def random_base(shape: dict, *, device, dtype, seq: int):
     return model, params, params - model.get_input_embeddings().weight.numel()
 
 
-def quantized_base(model, spec: dict, *, device, workdir: Path):
-    """Save the random base, then load it as the trainer loads a QLoRA base: `modeling.load_model`, 4-bit."""
+def saved_random_base(shape: dict, *, device, dtype, seq: int, workdir: Path) -> tuple[int, int]:
+    """The random base saved to `workdir` and freed: (params, matmul params) of the unquantized model."""
     import torch
 
-    from kubetune_trainer import modeling
-
+    model, params, matmul = random_base(shape, device=device, dtype=dtype, seq=seq)
     model.save_pretrained(workdir, safe_serialization=True)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return params, matmul
+
+
+def quantized_base(spec: dict, *, device, workdir: Path):
+    """The saved base loaded as the trainer loads a QLoRA base (`modeling.load_model`, 4-bit), checked."""
+    from kubetune_trainer import modeling
+
     precision = "bf16" if device.type == "cuda" else "fp32"
     quantized = modeling.load_model(workdir, spec, precision=precision, num_labels=None, label_ids=None,
                                     device=device)
@@ -133,11 +139,13 @@ def build(shape: dict, *, device, dtype, gradient_checkpointing: bool, seq: int,
     from kubetune_trainer import modeling
     from kubetune_trainer.methods import METHODS
 
-    model, params, matmul = random_base(shape, device=device, dtype=dtype, seq=seq)
     spec = method_spec(method, cuda=device.type == "cuda")
     quantized_layers = 0
     if method == "QLoRA":
-        model, quantized_layers = quantized_base(model, spec, device=device, workdir=workdir)
+        params, matmul = saved_random_base(shape, device=device, dtype=dtype, seq=seq, workdir=workdir)
+        model, quantized_layers = quantized_base(spec, device=device, workdir=workdir)
+    else:
+        model, params, matmul = random_base(shape, device=device, dtype=dtype, seq=seq)
     model, _ = METHODS[method].prepare(model, spec, gradient_checkpointing=gradient_checkpointing)
     if method != "QLoRA":  # as train.py: a quantized base was placed on its device while it loaded
         model.to(device)
