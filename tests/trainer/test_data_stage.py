@@ -100,6 +100,18 @@ def test_bad_data_exits_2_with_its_line_numbers_and_no_result(tokenizer_only, tm
     assert result_of(config) is None
 
 
+def test_a_bad_evaluation_set_is_refused_before_any_gpu(tokenizer_only, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [row(i) for i in range(10)])
+    holdout = write_jsonl(tmp_path / "holdout.jsonl", [row(20), row(21), '{"prompt": "alpha"}'])
+    spec = job_spec(tokenizer_only, data, tmp_path / "out",
+                    evaluation={"sets": [{"name": "holdout", "uri": f"file://{holdout}"}]})
+    config = make_config(spec, name="bad-set", stage=DATA_STAGE)
+    assert run_main(config, tmp_path) == jobconfig.EXIT_BAD_INPUT
+    message = progress_of(config)["failure"]["message"]
+    assert "evaluation set 'holdout'" in message and "the first at line 3 (missing_field" in message
+    assert result_of(config) is None
+
+
 def leaky_job(tokenizer_only: Path, tmp_path: Path, policy: str, stage: jobconfig.Stage | None = DATA_STAGE):
     train = write_jsonl(tmp_path / "train.jsonl", [row(i) for i in range(12)])
     copies = [{"prompt": row(i)["prompt"].upper(), "completion": row(i)["completion"] + "."} for i in (2, 9)]

@@ -1,8 +1,8 @@
 """The data stage (jobconfig.STAGE_DATA): one CPU process judges the dataset before any GPU is held.
 
 Parse and validate every line, apply the leakage policy, split, fetch the tokenizer's files only (no
-weights, no torch, no DeepSpeed), check lengths, tokenize and measure, then write the stage's result
-({"data": data_report.build(...)}) and progress "done". Bad data raises BadInput (exit 2).
+weights, no DeepSpeed), check lengths and the evaluation sets, tokenize and measure, then write the
+stage's result ({"data": data_report.build(...)}) and progress "done". Bad data raises BadInput (exit 2).
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ def run(config: JobConfig, *, work_dir: Path) -> dict:
     progress.update(stage="loading", force=True)
     tokenizer = load_tokenizer(spec, work_dir)
     check_lengths(config, loaded, tokenizer)
+    if (spec.get("evaluation") or {}).get("sets"):  # a bad evaluation set, too, is refused before any GPU
+        from .inputs import load_evaluation_sets
+
+        load_evaluation_sets(config, loaded, tokenizer)
     label_ids = {name: i for i, name in enumerate(loaded.labels)} if loaded.fmt == "text-label" else None
     # sys.maxsize: nothing is cut, so the lengths are those before truncation, in the trainer's own tokenization
     lengths = {split: [len(e.input_ids) for e in text.tokenize(records, loaded.fmt, tokenizer, sys.maxsize,
