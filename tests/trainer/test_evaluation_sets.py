@@ -205,7 +205,9 @@ def test_zero3_two_processes_score_a_classification_candidate_and_reference(tiny
     def spec(out: str, **overrides) -> dict:
         return job_spec(tiny_llama, train, tmp_path / out, task="SequenceClassification", method=lora,
                         dataset={"uri": f"file://{train}", "validationUri": f"file://{validation}",
-                                 "format": "text-label"}, baseline={"enabled": False}, **overrides)
+                                 # kept: the set "original" is the validation file, scored whole
+                                 "format": "text-label", "leakage": "Warn"},
+                        baseline={"enabled": False}, **overrides)
 
     ref = make_config(spec("ref", training__maxSteps=4), name="z3-ref")
     ref_manifest = run_in_process(ref, tmp_path / "work-ref")
@@ -228,7 +230,8 @@ def test_zero3_two_processes_score_a_classification_candidate_and_reference(tiny
     assert any(".score." in n for n in names) and any("lora_A" in n for n in names), names
 
 
-def test_stages_other_than_training_ignore_the_sets(tiny_llama, tmp_path):
+def test_the_baseline_stage_ignores_the_sets(tiny_llama, tmp_path):
+    """Only training scores the sets (the data stage checks them before any GPU: test_data_stage.py)."""
     data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(20))
     missing = {"sets": [{"name": "never-read", "uri": f"file://{tmp_path}/missing.jsonl"}]}
     config = make_config(job_spec(tiny_llama, data, tmp_path / "out", evaluation=missing), name="base-stage",

@@ -189,9 +189,6 @@ def load_inputs(run: TrainingRun) -> None:
     causal = spec["task"] == "CausalLM"
     pad_note = text.choose_pad_token(tokenizer) if causal else "classification: the tokenizer's pad"
     run.label_ids, run.train_examples, run.val_examples, run.token_stats = prepare_data(config, run.loaded, tokenizer)
-    if run.loaded.leakage:
-        log.warning("exact duplicates across the train and validation splits (leakage)",
-                    extra={"pairs": len(run.loaded.leakage), "first": run.loaded.leakage[:10]})
     log.info("dataset report", extra={"summary": run.loaded.summary()})
     log.info("data ready", extra={"train": len(run.train_examples), "validation": len(run.val_examples),
                                   "truncated": run.token_stats["train"]["truncated"], "pad": pad_note})
