@@ -111,9 +111,37 @@ def materialise_volumes(volumes: list[dict], pod_dir: Path, config_maps: dict[st
                 (target / key).write_text(text)
 
 
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time) of every process (Linux /proc)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), fields[19])
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, str]]) -> dict[int, str]:
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        current = todo.pop()
+        found[current] = table[current][1]
+        todo += children.get(current, [])
+    return found
+
+
 @dataclass
 class Pod:
-    """One attempt of one replica: its directory, process group and fate."""
+    """One attempt of one replica: its directory, processes and fate.
+
+    A container's processes all end with it (its PID namespace), but torchrun starts each worker in a
+    session of its own, so a process group is not enough: the pod's process tree is recorded while it
+    runs, and whatever of it outlives the main process is killed, as the container runtime would."""
 
     name: str
     replica_type: str
@@ -123,6 +151,7 @@ class Pod:
     waiting: str = ""  # CreateContainerConfigError: the reason it never started
     message: str = ""
     exit_code: int | None = None
+    members: dict[int, str] = field(default_factory=dict)  # pid -> start time of the pod's other processes
 
     @property
     def log(self) -> Path:
@@ -133,15 +162,29 @@ class Pod:
 
     def poll(self) -> int | None:
         if self.process is not None and self.exit_code is None:
+            self.members.update(descendants(self.process.pid, _process_table()))
             code = self.process.poll()
             if code is not None:
                 self.exit_code = 128 - code if code < 0 else code  # the kubelet reports SIGKILL as 137
+                self._signal_members(signal.SIGKILL)  # the container ends: nothing in it survives
         return self.exit_code
 
     def signal(self, sig: int) -> None:
+        """SIGKILL to every process of the pod (an OOM kill, a lost node); any other signal to its main
+        process only, as the kubelet sends SIGTERM."""
         if self.running():
+            self.members.update(descendants(self.process.pid, _process_table()))
+            if sig == signal.SIGKILL:
+                self._signal_members(sig)
             with contextlib.suppress(ProcessLookupError):  # already gone
-                os.killpg(self.process.pid, sig)
+                os.kill(self.process.pid, sig)
+
+    def _signal_members(self, sig: int) -> None:
+        table = _process_table()
+        for pid, started in self.members.items():
+            if table.get(pid, (0, None))[1] == started:  # the same process, not a reused pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
 
     def output(self, tail: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-tail:] if self.log.exists() else self.message
@@ -185,6 +228,8 @@ class PyTorchJobRun:
     conditions: list[dict] = field(default_factory=list)
     restarts: int = 0
     master_port: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
 
     @property
     def name(self) -> str:
@@ -202,6 +247,7 @@ class PyTorchJobRun:
         # The port the master's container exposes; a free one instead of kubeflow's default 23456 so that
         # several jobs (and tests) run at once on one machine.
         self.master_port = self.master_port or free_port()
+        self.start_time = now_rfc3339()
         self.set_condition("Created", f"PyTorchJob {self.name} is created.")
         for replica_type, spec in self.replica_specs.items():
             for index in range(int(spec.get("replicas", 1))):
@@ -260,10 +306,10 @@ class PyTorchJobRun:
                 self.fail(f"job {self.name} is failing because {pod.replica_type} replica(s) failed "
                           f"({pod.name} exited with {code}).")
                 return self.phase
-            self.restarts += 1
-            if self.backoff_limit is not None and self.restarts > int(self.backoff_limit):
+            if self.backoff_limit is not None and self.restarts + 1 > int(self.backoff_limit):
                 self.fail(f"Job {self.name} has failed because it has reached the specified backoff limit")
                 return self.phase
+            self.restarts += 1
             self.set_condition("Restarting", f"job {self.name} is restarting because {pod.replica_type} "
                                              f"replica(s) failed.")
             self._create_pod(pod.replica_type, pod.index)
@@ -282,6 +328,11 @@ class PyTorchJobRun:
 
     def waiting_pods(self) -> list[Pod]:
         return [p for p in self.pods.values() if p.waiting]
+
+    def retry_waiting(self) -> None:
+        """The kubelet retries a container it could not build (a Secret created since, for instance)."""
+        for pod in self.waiting_pods():
+            self._create_pod(pod.replica_type, pod.index)
 
     def fail(self, message: str) -> None:
         self.set_condition("Failed", message)
@@ -317,6 +368,8 @@ class PyTorchJobRun:
             if kind in ("Succeeded", "Failed") and c["type"] == "Running":
                 c = {**c, "status": "False"}
             kept.append(c)
+        if kind in ("Succeeded", "Failed"):
+            self.completion_time = now
         reason = f"PyTorchJob{kind}"
         kept.append({"type": kind, "status": "True", "reason": reason, "message": message,
                      "lastUpdateTime": now, "lastTransitionTime": now})
@@ -343,7 +396,10 @@ class PyTorchJobRun:
                 "succeeded": sum(1 for p in pods if p.exit_code == 0),
                 "failed": sum(1 for p in pods if p.exit_code not in (None, 0)),
             }
-        return {"conditions": list(self.conditions), "replicaStatuses": replica_statuses}
+        status = {"conditions": list(self.conditions), "replicaStatuses": replica_statuses}
+        status.update({k: v for k, v in (("startTime", self.start_time), ("completionTime", self.completion_time))
+                       if v})
+        return status
 
     # --- what a test does to it ------------------------------------------------------------------
 

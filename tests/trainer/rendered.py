@@ -8,6 +8,7 @@ from pathlib import Path
 from kubetune.api import jobconfig
 from kubetune.api.validation import validate
 from kubetune_operator import backends
+from kubetune_operator.render import training as render
 from kubetune_operator.render.training import RenderSettings
 from kubetune_testing.training_operator import PyTorchJobRun
 
@@ -39,3 +40,14 @@ def json_lines(log: Path) -> list[dict]:
             except ValueError:
                 continue
     return lines
+
+
+def run_from_config(config: jobconfig.JobConfig, root: Path) -> PyTorchJobRun:
+    """The pods of a job whose config a test built itself (`make_config`): the operator's rendering
+    around that exact ConfigMap data, for tests that shape the config beyond what a spec says."""
+    job = {"metadata": {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid},
+           "spec": config.spec}
+    data = {jobconfig.CONFIG_FILE: config.to_json()}
+    config_map = render.render_config_map(job, data, config.stage)
+    pytorchjob = backends.backend_of(job).render(job, RenderSettings(), data, config.stage)
+    return PyTorchJobRun(pytorchjob, root, config_maps={config_map["metadata"]["name"]: data})

@@ -23,13 +23,21 @@ from kubetune.logs import configure_logging
 log = logging.getLogger("kubetune_trainer")
 
 
+# A peer process gone mid-collective (its pod killed, preempted, its node lost). gloo raises a plain
+# RuntimeError for it, which would otherwise read as a bug (exit 1, never retried) on every surviving pod.
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "gloo/transport/tcp",
+              "NCCL communicator was aborted", "ncclRemoteError")
+
+
 def _retryable(exc: BaseException) -> bool:
-    """Storage and network trouble: the next attempt (a pod restart) may well succeed."""
-    names = {type(e).__name__ for e in _chain(exc)}
+    """Storage and network trouble, a lost peer: the next attempt (a pod restart) may well succeed."""
+    chain = list(_chain(exc))
+    names = {type(e).__name__ for e in chain}
     retryable = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
                  "ConnectionError", "ConnectionResetError", "ConnectionRefusedError", "TimeoutError",
                  "DistBackendError", "DistNetworkError"}
-    return bool(names & retryable)
+    lost_peer = any(isinstance(e, RuntimeError) and any(s in str(e) for s in _LOST_PEER) for e in chain)
+    return bool(names & retryable) or lost_peer
 
 
 def _chain(exc: BaseException):
