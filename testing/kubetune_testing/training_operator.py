@@ -306,7 +306,10 @@ class PyTorchJobRun:
                 self.fail(f"job {self.name} is failing because {pod.replica_type} replica(s) failed "
                           f"({pod.name} exited with {code}).")
                 return self.phase
-            if self.backoff_limit is not None and self.restarts + 1 > int(self.backoff_limit):
+            if self.backoff_limit is not None and int(self.backoff_limit) == 0:
+                # kubeflow v1 (common/job.go ReconcileJobs, core/job.go PastBackoffLimit): requeues are never
+                # counted (its work queue is a fake) and a recreated pod's restartCount is 0, so for
+                # ExitCode only backoffLimit 0 stops a retry; any other limit never does.
                 self.fail(f"Job {self.name} has failed because it has reached the specified backoff limit")
                 return self.phase
             self.restarts += 1

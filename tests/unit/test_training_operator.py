@@ -66,22 +66,28 @@ def test_a_missing_secret_keeps_the_pod_from_starting(secrets, message, tmp_path
     assert pod.process is None and pod.waiting == to.CREATE_CONTAINER_CONFIG_ERROR and message in pod.message
 
 
-def _exit_with(code: int) -> list[str]:
-    return ["python", "-c", f"import sys; sys.exit({code})"]
+def _exit_with(code: int, marker: Path | None = None) -> list[str]:
+    """Exit with `code`; with a marker file, only the first time (the next attempt succeeds)."""
+    if marker is None:
+        return ["python", "-c", f"import sys; sys.exit({code})"]
+    return ["python", "-c", f"import pathlib, sys; m = pathlib.Path({str(marker)!r}); first = not m.exists(); "
+                            f"m.touch(); sys.exit({code} if first else 0)"]
 
 
-@pytest.mark.parametrize(("code", "phase", "restarts"), [(0, "Succeeded", 0), (2, "Failed", 0), (143, "Failed", 1)])
-def test_exit_codes_as_restart_policy_exit_code_treats_them(code, phase, restarts, tmp_path):
-    job = _pytorchjob(nodes=1, backoff=1)
-    job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"] = _exit_with(code)
+@pytest.mark.parametrize(("code", "backoff", "phase", "restarts"),
+                         [(0, 3, "Succeeded", 0), (2, 3, "Failed", 0), (143, 3, "Succeeded", 1), (137, 0, "Failed", 0)])
+def test_exit_codes_as_restart_policy_exit_code_treats_them(code, backoff, phase, restarts, tmp_path):
+    job = _pytorchjob(nodes=1, backoff=backoff)
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    container["command"] = _exit_with(code, tmp_path / "marker" if code >= 128 else None)
     run = to.PyTorchJobRun(job, tmp_path, config_maps={"j-config": {}}, secrets={"s3-creds": {"secret": "x"}})
     run.start()
     assert run.wait(60) == phase
-    assert run.restarts == restarts  # 143 is retried up to backoffLimit, each time in a fresh directory
+    assert run.restarts == restarts  # >= 128 is retried (backoffLimit 0 aside), each time in a fresh directory
     assert len({p.directory for p in run.history}) == restarts + 1
+    assert [p.exit_code for p in run.history] == ([code, 0] if restarts else [code])
     condition = next(c for c in run.conditions if c["type"] == phase)
     assert condition["reason"] == f"PyTorchJob{phase}" and condition["status"] == "True"
     if phase == "Failed":
-        assert "backoff limit" in condition["message"] if code == 143 else "Master" in condition["message"]
-    status = run.status()["replicaStatuses"]["Master"]
-    assert status["succeeded" if code == 0 else "failed"] == 1
+        assert "backoff limit" in condition["message"] if backoff == 0 else "Master" in condition["message"]
+    assert run.status()["replicaStatuses"]["Master"]["succeeded" if phase == "Succeeded" else "failed"] == 1
