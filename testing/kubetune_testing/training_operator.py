@@ -152,6 +152,7 @@ class Pod:
     message: str = ""
     exit_code: int | None = None
     members: dict[int, str] = field(default_factory=dict)  # pid -> start time of the pod's other processes
+    scanned: float = 0.0  # when `members` was last refreshed
 
     @property
     def log(self) -> Path:
@@ -162,7 +163,9 @@ class Pod:
 
     def poll(self) -> int | None:
         if self.process is not None and self.exit_code is None:
-            self.members.update(descendants(self.process.pid, _process_table()))
+            if time.monotonic() - self.scanned > 1.0:  # /proc is read once a second, not on every poll
+                self.members.update(descendants(self.process.pid, _process_table()))
+                self.scanned = time.monotonic()
             code = self.process.poll()
             if code is not None:
                 self.exit_code = 128 - code if code < 0 else code  # the kubelet reports SIGKILL as 137

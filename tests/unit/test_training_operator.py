@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,26 @@ def test_exit_codes_as_restart_policy_exit_code_treats_them(code, backoff, phase
     if phase == "Failed":
         assert "backoff limit" in condition["message"] if backoff == 0 else "Master" in condition["message"]
     assert run.status()["replicaStatuses"]["Master"]["succeeded" if phase == "Succeeded" else "failed"] == 1
+
+
+def test_a_killed_pod_takes_every_process_with_it_even_in_other_sessions(tmp_path):
+    """torchrun starts its workers in sessions of their own: killing the process group would miss them."""
+    spawn = ("import subprocess, sys, time, pathlib; child = subprocess.Popen([sys.executable, '-c', "
+             "'import time; time.sleep(120)'], start_new_session=True); "
+             f"pathlib.Path({str(tmp_path / 'child.pid')!r}).write_text(str(child.pid)); time.sleep(120)")
+    job = _pytorchjob(nodes=1)
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"] = \
+        ["python", "-c", spawn]
+    run = to.PyTorchJobRun(job, tmp_path, config_maps={"j-config": {}}, secrets={"s3-creds": {"secret": "x"}})
+    run.start()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "child.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int((tmp_path / "child.pid").read_text())
+    assert run.kill().poll() == 137
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone (or a reaped zombie)
+    run.stop_pods()
