@@ -97,6 +97,14 @@ def run_pods(config: jobconfig.JobConfig, tmp_path: Path, timeout: float = 600) 
                                        output, output)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def manifest_of(config: jobconfig.JobConfig) -> dict | None:
     raw = ObjectStore().read(config.storage.manifest_uri)
     return json.loads(raw) if raw else None

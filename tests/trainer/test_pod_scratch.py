@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 from kubetune.api import jobconfig
 from kubetune_operator.render.training import WORK_DIR, trainer_env
-from kubetune_trainer.__main__ import _retryable, default_work_dir
+from kubetune_trainer.__main__ import default_work_dir
 from kubetune_trainer.checkpoints import needed_by, pod_ranks
+from kubetune_trainer.failures import is_retryable
 
 from .conftest import job_spec, make_config
 
@@ -45,6 +46,6 @@ def test_a_peer_lost_mid_collective_is_retryable_a_bug_is_not():
         except RuntimeError as exc:
             raise ValueError("wrapped") from exc
     except ValueError as wrapped:
-        assert _retryable(wrapped)
-    assert _retryable(ConnectionResetError())
-    assert not _retryable(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        assert is_retryable(wrapped)
+    assert is_retryable(ConnectionResetError())
+    assert not is_retryable(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -20,30 +20,9 @@ from pathlib import Path
 from kubetune.api import jobconfig
 from kubetune.logs import configure_logging
 
+from .failures import is_retryable
+
 log = logging.getLogger("kubetune_trainer")
-
-
-# A peer process gone mid-collective (its pod killed, preempted, its node lost). gloo raises a plain
-# RuntimeError for it, which would otherwise read as a bug (exit 1, never retried) on every surviving pod.
-_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "gloo/transport/tcp",
-              "NCCL communicator was aborted", "ncclRemoteError")
-
-
-def _retryable(exc: BaseException) -> bool:
-    """Storage and network trouble, a lost peer: the next attempt (a pod restart) may well succeed."""
-    chain = list(_chain(exc))
-    names = {type(e).__name__ for e in chain}
-    retryable = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                 "ConnectionError", "ConnectionResetError", "ConnectionRefusedError", "TimeoutError",
-                 "DistBackendError", "DistNetworkError"}
-    lost_peer = any(isinstance(e, RuntimeError) and any(s in str(e) for s in _LOST_PEER) for e in chain)
-    return bool(names & retryable) or lost_peer
-
-
-def _chain(exc: BaseException):
-    while exc is not None:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def _report_failure(config: jobconfig.JobConfig, reason: str, message: str) -> None:
@@ -100,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         _report_failure(config, exc.reason, str(exc))
         return jobconfig.EXIT_FAILED
     except Exception as exc:
-        if _retryable(exc):
+        if is_retryable(exc):
             log.exception("retryable failure", extra={"reason": "Retryable"})
             return jobconfig.EXIT_RETRYABLE
         log.exception("training failed", extra={"reason": "TrainingFailed"})
