@@ -1,83 +1,28 @@
-"""The operator and the real trainer together: kopf + KMock + SeaweedFS + a trainer process.
+"""The operator and the real trainer together: kopf + KMock + SeaweedFS + the rendered pods.
 
-The test plays only what cannot run here, the Kubeflow training operator and the kubelet: it runs
-the Master container's own command with its own environment (secretKeyRefs resolved, PET_* added)
-against the ConfigMap the operator rendered, and writes the PyTorchJob's conditions from the exit
-code. Data comes from S3 and the adapter goes to S3, as in a cluster.
+The training-operator stand-in (kubetune_testing.training_operator_loop) plays only what cannot run
+here, the Kubeflow training operator and the kubelet: it runs every PyTorchJob the operator creates,
+its pods' command and env exactly as rendered (Secrets resolved from the cluster, the job-config
+ConfigMap mounted), and writes the PyTorchJob's status. Data comes from S3 and the adapter goes to S3.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import socket
-import sys
 
 import pytest
 
 from kubetune.api import jobconfig
 from kubetune.clients import kube
 from kubetune.clients.storage import check_published
-from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
+from kubetune_testing import training_operator_loop
+from kubetune_testing.seaweedfs import BUCKET, SECRET_KEY
 from tests.trainer.conftest import lm_corpus
 
-from .conftest import eventually
+from .conftest import NS, eventually
 from .test_finetunejob_flows import condition, status_of, submit, wait_phase
 
 pytestmark = pytest.mark.integration
-
-
-async def pod_command_and_env(api, name: str, tmp_path) -> tuple[list[str], dict]:
-    """The Master pod's container command and environment, as the kubelet would run them: the config
-    mounted (here: a file), secretKeyRefs resolved from the Secret, and the PET_* variables the
-    Kubeflow training operator adds for torchrun."""
-    config_map = await eventually(lambda: api.get(kube.CONFIGMAPS, f"{name}-config"))
-    # The operator creates the ConfigMap before the PyTorchJob: wait for both, not just the first.
-    pytorchjob = await eventually(lambda: api.get(kube.PYTORCHJOBS, name))
-    config_path = tmp_path / "config.json"
-    config_path.write_text(config_map["data"][jobconfig.CONFIG_FILE])
-    container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-    command = [sys.executable if part == "python" else part for part in container["command"]]
-    command[command.index("--config") + 1] = str(config_path)
-    secrets = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}  # the s3-creds Secret
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for item in container["env"]:
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        else:
-            env[item["name"]] = secrets[item["valueFrom"]["secretKeyRef"]["key"]]
-    env["HF_HOME"] = str(tmp_path / "hf")  # the pod's cache volume
-    env.update({"PET_NNODES": "1", "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": pytorchjob["spec"]["nprocPerNode"],
-                "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())})
-    return [*command, "--work-dir", str(tmp_path / "work")], env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def start_trainer(api, name: str, tmp_path) -> asyncio.subprocess.Process:
-    command, env = await pod_command_and_env(api, name, tmp_path)
-    await api.set_pytorchjob_conditions(name, ("Created", "PyTorchJobCreated", "created"),
-                                        ("Running", "PyTorchJobRunning", "running"),
-                                        replicaStatuses={"Master": {"active": 1}})
-    return await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-
-
-async def finish(api, name: str, process) -> tuple[int, str]:
-    output, _ = await process.communicate()
-    code = process.returncode
-    if code == 0:
-        await api.set_pytorchjob_conditions(name, ("Succeeded", "PyTorchJobSucceeded", "done"),
-                                            replicaStatuses={"Master": {"succeeded": 1}})
-    else:
-        await api.set_pytorchjob_conditions(name, ("Failed", "PyTorchJobFailed", f"Master exited with {code}"),
-                                            replicaStatuses={"Master": {"failed": 1}})
-    return code, output.decode(errors="replace")
 
 
 def spec_for(tiny_llama, rows) -> dict:
@@ -94,21 +39,23 @@ def spec_for(tiny_llama, rows) -> dict:
 async def test_real_training_publishes_and_reports_progress(operator, api, s3_server, tiny_llama, tmp_path):
     s3_server.store().write(f"s3://{BUCKET}/data/train.jsonl",
                             "".join(json.dumps(r) + "\n" for r in lm_corpus(96)).encode())
-    await submit(api, s3_server, "real-train", **spec_for(tiny_llama, None))
-    process = await start_trainer(api, "real-train", tmp_path)
+    async with training_operator_loop.running(api.client, NS, tmp_path) as pods:
+        await submit(api, s3_server, "real-train", **spec_for(tiny_llama, None))
 
-    async def training_progress():
-        progress = (await status_of(api, "real-train")).get("progress") or {}
-        # any stage past the first step: on a fast machine the run may be done before a poll sees "training"
-        return progress if progress.get("step", 0) > 0 else None
+        async def training_progress():
+            progress = (await status_of(api, "real-train")).get("progress") or {}
+            # any stage past the first step: on a fast machine the run may be done before a poll sees "training"
+            return progress if progress.get("step", 0) > 0 else None
 
-    progress = await eventually(training_progress, timeout=60)
-    assert progress["totalSteps"] == 60 and 0 <= progress["percent"] <= 100
-    assert progress["trainLoss"] > 0 and progress["tokensPerSecond"] > 0
-
-    code, output = await finish(api, "real-train", process)
-    assert code == 0, output[-3000:]
-    status = await wait_phase(api, "real-train", "Succeeded", timeout=20)
+        progress = await eventually(training_progress, timeout=120)
+        assert progress["totalSteps"] == 60 and 0 <= progress["percent"] <= 100
+        assert progress["trainLoss"] > 0 and progress["tokensPerSecond"] > 0
+        status = await wait_phase(api, "real-train", "Succeeded", timeout=300)
+        run = pods.runs["real-train"]
+        output = run.logs()
+    assert run.phase == "Succeeded", output
+    pytorchjob = await api.get(kube.PYTORCHJOBS, "real-train")
+    assert pytorchjob["status"]["replicaStatuses"]["Master"]["succeeded"] == 1
     assert condition(status, "AdapterPublished")["reason"] == "Verified"
     adapter = status["adapter"]
     assert adapter["metrics"]["eval_loss"] < adapter["baselineMetrics"]["eval_loss"]
@@ -121,11 +68,11 @@ async def test_real_training_publishes_and_reports_progress(operator, api, s3_se
 async def test_bad_data_fails_the_job_with_the_trainers_reason(operator, api, s3_server, tiny_llama, tmp_path):
     rows = [json.dumps(r) for r in lm_corpus(10)] + ['{"prompt": "alpha"}']
     s3_server.store().write(f"s3://{BUCKET}/data/train.jsonl", ("\n".join(rows) + "\n").encode())
-    await submit(api, s3_server, "bad-train", **spec_for(tiny_llama, None))
-    process = await start_trainer(api, "bad-train", tmp_path)
-    code, _ = await finish(api, "bad-train", process)
-    assert code == jobconfig.EXIT_BAD_INPUT
-    status = await wait_phase(api, "bad-train", "Failed")
+    async with training_operator_loop.running(api.client, NS, tmp_path) as pods:
+        await submit(api, s3_server, "bad-train", **spec_for(tiny_llama, None))
+        status = await wait_phase(api, "bad-train", "Failed", timeout=180)
+        master = next(p for p in pods.runs["bad-train"].history if p.replica_type == "Master")
+    assert master.exit_code == jobconfig.EXIT_BAD_INPUT  # not retried: restartPolicy ExitCode
     assert status["failure"]["reason"] == "BadInput"
     assert "line 11" in status["failure"]["message"] and "missing_field" in status["failure"]["message"]
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 from kubetune.api import jobconfig, storage_layout
@@ -85,15 +83,18 @@ def run_in_process(config: jobconfig.JobConfig, work_dir: Path) -> dict:
     return train.run(config, work_dir=work_dir)
 
 
-def run_torchrun(config: jobconfig.JobConfig, tmp_path: Path, nproc: int, timeout: float = 600,
-                 **popen) -> subprocess.CompletedProcess:
-    config_path = tmp_path / f"config-{nproc}.json"
-    config_path.write_text(config.to_json())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "--module", "kubetune_trainer", "--config", str(config_path),
-               "--work-dir", str(tmp_path / f"work-{nproc}")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False, **popen)
+def run_pods(config: jobconfig.JobConfig, tmp_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The job's rendered PyTorchJob, its pods run as the training operator would (processes per pod and
+    nodes from spec.distributed); the master's exit code, and every pod's output as stdout and stderr."""
+    from .rendered import run_from_config
+
+    run = run_from_config(config, tmp_path / f"pods-{config.job.name}")
+    run.start()
+    run.wait(timeout)
+    master = run.pod()
+    output = "\n".join(p.log.read_text(errors="replace") for p in run.history if p.log.exists())
+    return subprocess.CompletedProcess(["pods"], master.exit_code if master.exit_code is not None else -1,
+                                       output, output)
 
 
 def _free_port() -> int:

@@ -28,7 +28,7 @@ from .conftest import (
     make_config,
     manifest_of,
     run_in_process,
-    run_torchrun,
+    run_pods,
     write_jsonl,
 )
 from .test_entrypoint import progress_of, run_main
@@ -216,7 +216,7 @@ def test_zero3_two_processes_score_a_classification_candidate_and_reference(tiny
     config = make_config(spec("out", training__maxSteps=4, training__perDeviceBatchSize=4, evaluation=evaluation,
                               distributed={"nodes": 1, "gpusPerNode": 0, "processesPerNode": 2,
                                            "deepspeed": {"enabled": True, "zeroStage": 3}}), name="z3")
-    result = run_torchrun(config, tmp_path, nproc=2, timeout=300)
+    result = run_pods(config, tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     manifest = manifest_of(config)
     original = manifest["evaluations"]["original"]

@@ -1,4 +1,4 @@
-"""Two processes under `torchrun --nproc_per_node 2` (gloo, CPU), with DeepSpeed ZeRO-3 and with plain
+"""Two processes in the rendered pod (torchrun, gloo, CPU), with DeepSpeed ZeRO-3 and with plain
 DDP, publish a real adapter whose tensors have the same names and shapes as a single-process run's."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from safetensors import safe_open
 
-from .conftest import adapter_dir, job_spec, lm_corpus, make_config, manifest_of, run_torchrun, write_jsonl
+from .conftest import adapter_dir, job_spec, lm_corpus, make_config, manifest_of, run_pods, write_jsonl
 
 
 def tensor_shapes(path) -> dict[str, tuple]:
@@ -20,7 +20,7 @@ def single_process_shapes(tiny_llama, tmp_path_factory):
     data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(64))
     single = make_config(job_spec(tiny_llama, data, tmp_path / "out", training__maxSteps=6,
                                   training__perDeviceBatchSize=4, training__evalSteps=6), name="single")
-    result = run_torchrun(single, tmp_path, nproc=1)
+    result = run_pods(single, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return tensor_shapes(adapter_dir(single, manifest_of(single)) / "adapter_model.safetensors")
 
@@ -33,7 +33,7 @@ def test_two_processes_publish_the_single_process_adapter_shapes(deepspeed, sing
                                   training__perDeviceBatchSize=4, training__evalSteps=6,
                                   distributed={"nodes": 1, "gpusPerNode": 0, "processesPerNode": 2,
                                                "deepspeed": deepspeed}), name="two")
-    result = run_torchrun(config, tmp_path, nproc=2)
+    result = run_pods(config, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     if deepspeed["enabled"]:
         assert '"zeroInit": true' in result.stderr  # weights partitioned while loading, never whole on a rank
