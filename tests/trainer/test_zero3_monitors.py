@@ -1,0 +1,111 @@
+"""Under DeepSpeed ZeRO-3 with two processes (gloo, CPU), launched as the rendered pod launches them
+(`kubetune_trainer.launch`, the work dir from KUBETUNE_WORK_DIR): the monitors report what a DDP run
+reports, early stopping publishes the best evaluation's weights (also after a resume), and a diverging
+run fails with the step and the reason."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kubetune.api import jobconfig, storage_layout
+
+from .conftest import WORDS, _free_port, adapter_dir, job_spec, lm_corpus, make_config, manifest_of, write_jsonl
+
+TWO_PROCESSES = {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 2}
+ZERO3 = {"enabled": True, "zeroStage": 3}
+
+
+def launch(config: jobconfig.JobConfig, directory: Path) -> subprocess.CompletedProcess:
+    """Two processes, as the trainer container's command starts them; nothing else on the command line."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / "config.json"
+    config_path.write_text(config.to_json())
+    command = [sys.executable, "-m", "kubetune_trainer.launch", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "--module", "kubetune_trainer", "--config", str(config_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KUBETUNE_WORK_DIR": str(directory / "work")}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+
+
+def evaluations(manifest: dict) -> list[dict]:
+    return [h for h in manifest["training"]["history"] if "eval_loss" in h]
+
+
+def test_zero3_monitors_match_a_ddp_run(tiny_llama, tmp_path):
+    """Per-layer gradient norms (from the reduced gradients, before clipping) and LoRA-to-base ratios
+    (from the gathered weights) under ZeRO-3 equal DDP's at the same seed and data."""
+    data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(64))
+    monitors = {}
+    for name, deepspeed in (("ddp", {"enabled": False}), ("zero3", ZERO3)):
+        config = make_config(job_spec(tiny_llama, data, tmp_path / name, training__maxSteps=4,
+                                      training__perDeviceBatchSize=4, training__evalSteps=2,
+                                      distributed={**TWO_PROCESSES, "deepspeed": deepspeed}), name=name)
+        result = launch(config, tmp_path / name)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        monitors[name] = evaluations(manifest_of(config))
+    assert [e["step"] for e in monitors["zero3"]] == [2, 4]
+    for ddp, zero3 in zip(monitors["ddp"], monitors["zero3"], strict=True):
+        for key in ("layerGradNormMax", "layerGradNormMean", "loraToBaseMax", "loraToBaseMean"):
+            assert zero3[key] > 0
+            assert zero3[key] == pytest.approx(ddp[key], rel=1e-3), key
+        assert zero3["layerGradNormTopLayer"] == ddp["layerGradNormTopLayer"]
+        assert zero3["loraToBaseTopLayer"] == ddp["loraToBaseTopLayer"]
+
+
+def _best_checkpoint_weights(config: jobconfig.JobConfig, step: int) -> dict[str, torch.Tensor]:
+    """The fp32 weights of the checkpoint at `step`, consolidated from every rank's ZeRO-3 partition."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    prefix = storage_layout.checkpoint_prefix(config.storage.job_prefix, step)
+    directory = storage_layout.split_uri(prefix)[2]
+    return get_fp32_state_dict_from_zero_checkpoint(directory, tag="ds", exclude_frozen_parameters=True)
+
+
+def test_zero3_early_stopping_publishes_the_best_weights_also_after_a_resume(tiny_llama, tmp_path):
+    """Full fine-tuning on random sequences memorises them and the validation loss rises. The published
+    weights are the best evaluation's, equal to that step's checkpoint; a second launch resumes from the
+    last checkpoint (after the best step) and still publishes them: each rank's share of the best weights
+    is in the checkpoint."""
+    rng = random.Random(3)
+    rows = [{"prompt": " ".join(rng.choices(WORDS, k=3)), "completion": " ".join(rng.choices(WORDS, k=6))}
+            for _ in range(24)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    spec = job_spec(tiny_llama, data, tmp_path / "out", method={"type": "Full"}, training__learningRate=0.01,
+                    training__maxSteps=60, training__evalSteps=5, training__checkpointSteps=5,
+                    training__perDeviceBatchSize=4, dataset__validationSplit=0.25,
+                    training__scheduler={"type": "constant", "warmupRatio": 0.0},
+                    training__earlyStopping={"patience": 2}, distributed={**TWO_PROCESSES, "deepspeed": ZERO3})
+    config = make_config(spec, name="best")
+    first = launch(config, tmp_path / "first")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    manifest = manifest_of(config)
+    evals = evaluations(manifest)
+    best = min(evals, key=lambda h: h["eval_loss"])
+    assert evals[-1]["eval_loss"] > best["eval_loss"]  # it did get worse
+    assert manifest["training"]["bestStep"] == best["step"] != evals[-1]["step"]
+    assert f"restored the weights of step {best['step']}" in manifest["training"]["stopReason"]
+    assert manifest["metrics"]["eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)
+
+    published = {}
+    for path in adapter_dir(config, manifest).glob("*.safetensors"):
+        published |= load_file(str(path))
+    at_best = _best_checkpoint_weights(config, best["step"])
+    common = sorted(set(published) & set(at_best))
+    assert len(common) >= len(at_best) // 2, (sorted(published)[:5], sorted(at_best)[:5])
+    for key in common:
+        torch.testing.assert_close(published[key].float(), at_best[key].float(), rtol=0, atol=1e-6)
+
+    second = launch(config, tmp_path / "second")  # the same job again: resumes from the latest checkpoint
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from checkpoint" in second.stderr
+    again = manifest_of(config)
+    assert again["training"]["bestStep"] == best["step"]
+    assert f"restored the weights of step {best['step']}" in again["training"]["stopReason"]
+    assert again["metrics"]["eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)
