@@ -5,8 +5,10 @@ run fails with the step and the reason."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +111,42 @@ def test_zero3_early_stopping_publishes_the_best_weights_also_after_a_resume(tin
     assert again["training"]["bestStep"] == best["step"]
     assert f"restored the weights of step {best['step']}" in again["training"]["stopReason"]
     assert again["metrics"]["eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)
+
+
+def _model_with_a_nan_embedding(directory: Path, word: str) -> Path:
+    """A tiny Llama whose embedding row for `word` is NaN, as a corrupted checkpoint can be: every batch
+    without the word trains normally, the first one with it has a NaN loss."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from kubetune_testing.tiny import make_tiny_llama
+
+    texts = [f"{r['prompt']} {r['completion']}" for r in lm_corpus()] + ["system user assistant", word]
+    make_tiny_llama(directory, texts)
+    token = AutoTokenizer.from_pretrained(directory).convert_tokens_to_ids(word)
+    weights_file = directory / "model.safetensors"
+    weights = load_file(str(weights_file))
+    weights["model.embed_tokens.weight"][token] = float("nan")
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    return directory
+
+
+def test_a_nan_loss_under_zero3_fails_the_job_with_the_step_and_the_reason(tmp_path):
+    model = _model_with_a_nan_embedding(tmp_path / "model", "zulu")
+    rows = lm_corpus(40)
+    rows[17] = {"prompt": rows[17]["prompt"], "completion": f"{rows[17]['completion']} zulu"}
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    validation = write_jsonl(tmp_path / "validation.jsonl", lm_corpus(8, seed=1))
+    config = make_config(job_spec(model, data, tmp_path / "out", training__maxSteps=30,
+                                  training__perDeviceBatchSize=2, training__evalSteps=30,
+                                  dataset__validationUri=f"file://{validation}",
+                                  distributed={**TWO_PROCESSES, "deepspeed": ZERO3}), name="nan")
+    result = launch(config, tmp_path / "run")
+    assert result.returncode == jobconfig.EXIT_FAILED, result.stdout[-3000:] + result.stderr[-3000:]
+    progress = json.loads(Path(storage_layout.split_uri(
+        storage_layout.progress_uri(config.storage.job_prefix))[2]).read_text())
+    failure = progress["failure"]
+    assert progress["stage"] == "failed" and failure["reason"] == "NonFiniteLoss", failure
+    step = int(re.search(r"loss became nan at step (\d+);", failure["message"]).group(1))
+    assert 1 < step <= 30  # mid-run: not the smoke step, and before a NaN reached the weights
+    assert manifest_of(config) is None

@@ -170,7 +170,15 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
     if stage_result is not None:
         return stage_result
     smoke_step(run)
-    run.stop_reason = train(run)
+    try:
+        run.stop_reason = train(run)
+    except TrainingHalted as halt:
+        # Every rank halts at the same micro-step (the guarded loss is all-reduced). Rank 0 records why
+        # before any rank exits: the launcher stops the other workers as soon as one exits, which could
+        # cut rank 0 off before the entrypoint records it.
+        run.progress.update(force=True, stage="failed", failure={"reason": halt.reason, "message": str(halt)})
+        distributed.barrier()
+        raise
     log.info("training finished", extra={"step": run.state.step, "reason": run.stop_reason})
     restore_best_weights(run)
     return finish(run)
