@@ -41,18 +41,21 @@ def evaluations(manifest: dict) -> list[dict]:
 
 
 def test_zero3_monitors_match_a_ddp_run(tiny_llama, tmp_path):
-    """Per-layer gradient norms (from the reduced gradients, before clipping) and LoRA-to-base ratios
-    (from the gathered weights) under ZeRO-3 equal DDP's at the same seed and data."""
+    """Per-layer gradient norms (from the reduced gradients accumulated over two micro-batches, before
+    clipping) and LoRA-to-base ratios (from the gathered weights) under ZeRO-3 equal DDP's at the same
+    seed and data."""
     data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(64))
     monitors = {}
     for name, deepspeed in (("ddp", {"enabled": False}), ("zero3", ZERO3)):
         config = make_config(job_spec(tiny_llama, data, tmp_path / name, training__maxSteps=4,
-                                      training__perDeviceBatchSize=4, training__evalSteps=2,
+                                      training__perDeviceBatchSize=4, training__effectiveBatchSize=16,
+                                      training__evalSteps=2,
                                       distributed={**TWO_PROCESSES, "deepspeed": deepspeed}), name=name)
         result = launch(config, tmp_path / name)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         monitors[name] = evaluations(manifest_of(config))
     assert [e["step"] for e in monitors["zero3"]] == [2, 4]
+    assert manifest_of(config)["training"]["schedule"]["grad_accum"] == 2
     for ddp, zero3 in zip(monitors["ddp"], monitors["zero3"], strict=True):
         for key in ("layerGradNormMax", "layerGradNormMean", "loraToBaseMax", "loraToBaseMean"):
             assert zero3[key] > 0
