@@ -1,7 +1,7 @@
-"""Under DeepSpeed ZeRO-3 with two processes (gloo, CPU), launched as the rendered pod launches them
-(`kubetune_trainer.launch`, the work dir from KUBETUNE_WORK_DIR): the monitors report what a DDP run
-reports, early stopping publishes the best evaluation's weights (also after a resume), and a diverging
-run fails with the step and the reason."""
+"""Under DeepSpeed ZeRO-3 (and ZeRO-2 for the monitors) with two processes (gloo, CPU), launched as the
+rendered pod launches them (`kubetune_trainer.launch`, the work dir from KUBETUNE_WORK_DIR): the monitors
+report what a DDP run reports, early stopping publishes the best evaluation's weights (also after a
+resume), and a NaN loss fails the job with the step and the reason."""
 
 from __future__ import annotations
 
@@ -40,28 +40,38 @@ def evaluations(manifest: dict) -> list[dict]:
     return [h for h in manifest["training"]["history"] if "eval_loss" in h]
 
 
-def test_zero3_monitors_match_a_ddp_run(tiny_llama, tmp_path):
-    """Per-layer gradient norms (from the reduced gradients accumulated over two micro-batches, before
-    clipping) and LoRA-to-base ratios (from the gathered weights) under ZeRO-3 equal DDP's at the same
-    seed and data."""
+def _monitored_run(tiny_llama, tmp_path: Path, name: str, deepspeed: dict) -> list[dict]:
+    """Four steps of two micro-batches each (gradient accumulation), monitored at steps 2 and 4."""
     data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(64))
-    monitors = {}
-    for name, deepspeed in (("ddp", {"enabled": False}), ("zero3", ZERO3)):
-        config = make_config(job_spec(tiny_llama, data, tmp_path / name, training__maxSteps=4,
-                                      training__perDeviceBatchSize=4, training__effectiveBatchSize=16,
-                                      training__evalSteps=2,
-                                      distributed={**TWO_PROCESSES, "deepspeed": deepspeed}), name=name)
-        result = launch(config, tmp_path / name)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        monitors[name] = evaluations(manifest_of(config))
-    assert [e["step"] for e in monitors["zero3"]] == [2, 4]
-    assert manifest_of(config)["training"]["schedule"]["grad_accum"] == 2
-    for ddp, zero3 in zip(monitors["ddp"], monitors["zero3"], strict=True):
+    config = make_config(job_spec(tiny_llama, data, tmp_path / name, training__maxSteps=4,
+                                  training__perDeviceBatchSize=4, training__effectiveBatchSize=16,
+                                  training__evalSteps=2,
+                                  distributed={**TWO_PROCESSES, "deepspeed": deepspeed}), name=name)
+    result = launch(config, tmp_path / name)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = manifest_of(config)
+    assert manifest["training"]["schedule"]["grad_accum"] == 2
+    return evaluations(manifest)
+
+
+@pytest.fixture(scope="module")
+def ddp_monitors(tiny_llama, tmp_path_factory) -> list[dict]:
+    return _monitored_run(tiny_llama, tmp_path_factory.mktemp("ddp"), "ddp", {"enabled": False})
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_zero_monitors_match_a_ddp_run(stage, ddp_monitors, tiny_llama, tmp_path):
+    """Per-layer gradient norms (from the reduced gradients accumulated over two micro-batches, before
+    clipping) and LoRA-to-base ratios (from the gathered weights under ZeRO-3) equal DDP's at the same
+    seed and data."""
+    zero = _monitored_run(tiny_llama, tmp_path, f"zero{stage}", {"enabled": True, "zeroStage": stage})
+    assert [e["step"] for e in zero] == [2, 4]
+    for ddp, monitored in zip(ddp_monitors, zero, strict=True):
         for key in ("layerGradNormMax", "layerGradNormMean", "loraToBaseMax", "loraToBaseMean"):
-            assert zero3[key] > 0
-            assert zero3[key] == pytest.approx(ddp[key], rel=1e-3), key
-        assert zero3["layerGradNormTopLayer"] == ddp["layerGradNormTopLayer"]
-        assert zero3["loraToBaseTopLayer"] == ddp["loraToBaseTopLayer"]
+            assert monitored[key] > 0
+            assert monitored[key] == pytest.approx(ddp[key], rel=1e-3), key
+        assert monitored["layerGradNormTopLayer"] == ddp["layerGradNormTopLayer"]
+        assert monitored["loraToBaseTopLayer"] == ddp["loraToBaseTopLayer"]
 
 
 def _best_checkpoint_weights(config: jobconfig.JobConfig, step: int) -> dict[str, torch.Tensor]:
