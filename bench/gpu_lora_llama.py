@@ -1,9 +1,9 @@
-"""The trainer's LoRA step on one GPU: tokens/s, MFU and peak memory for Llama-8B / 1B shapes (random weights).
+"""The trainer's LoRA or QLoRA step on one GPU: tokens/s, MFU, peak memory for Llama-8B / 1B shapes (random weights).
 
-    .venv/bin/python bench/gpu_lora_llama.py --shape 8b --json /tmp/lora8b.json     # on a GPU
-    .venv/bin/python bench/gpu_lora_llama.py --shape 1b --no-gradient-checkpointing
-    .venv/bin/python bench/gpu_lora_llama.py --cpu-smoke                            # mechanics, < 30 s
-What runs, how MFU and HFU are counted, the CPU smoke shape: BENCHMARKS.md ("GPU LoRA step")."""
+    .venv/bin/python bench/gpu_lora_llama.py --shape 8b --layers 8 --json /tmp/lora8b.json   # on a GPU
+    .venv/bin/python bench/gpu_lora_llama.py --shape 1b --method QLoRA     # NF4 base through modeling.load_model
+    .venv/bin/python bench/gpu_lora_llama.py --cpu-smoke                   # mechanics, < 30 s
+Exits 1 on a non-finite loss or a base that bitsandbytes did not quantize. Method: BENCHMARKS.md ("GPU LoRA step")."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image"):
+for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image", REPO_ROOT / "testing"):
     if str(_src) not in sys.path:
         sys.path.insert(0, str(_src))
 
@@ -47,6 +47,11 @@ PEAK_BF16 = [
 ]
 
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
+QUANTIZATION = {"bits": 4, "quantType": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"}  # the CRD defaults
+
+
+class CheckFailed(Exception):
+    """A CUDA path that broke: the script exits 1 with this message."""
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -73,14 +78,19 @@ def synthetic_rows(count: int, *, seq: int, vocab: int, min_len: int, max_len: i
     return rows
 
 
-def build(shape: dict, *, device, dtype, gradient_checkpointing: bool, seq: int):
-    """Random-init base on the device, then the trainer's method preparation (checkpointing + LoRA)."""
+def method_spec(method: str, *, cuda: bool) -> dict:
+    spec = {"task": "CausalLM", "baseModel": {}, "method": {"type": method, "lora": dict(LORA)}}
+    if method == "QLoRA":
+        spec["method"]["quantization"] = dict(QUANTIZATION, computeDtype="bfloat16" if cuda else "float32")
+    return spec
+
+
+def random_base(shape: dict, *, device, dtype, seq: int):
+    """A randomly initialised Llama of `shape`, built directly on the device: (model, params, matmul params)."""
     import torch
     from transformers import LlamaForCausalLM
 
     from kubetune_testing.tiny import llama_config
-    from kubetune_trainer import modeling
-    from kubetune_trainer.methods import METHODS
 
     config = llama_config(shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
                           intermediate=shape["intermediate"], kv_heads=shape["kv_heads"], max_positions=max(seq, 4096))
@@ -88,12 +98,59 @@ def build(shape: dict, *, device, dtype, gradient_checkpointing: bool, seq: int)
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     model.config.use_cache = False  # as modeling.load_model does
     params = sum(p.numel() for p in model.parameters())
-    matmul = params - model.get_input_embeddings().weight.numel()
-    spec = {"task": "CausalLM", "method": {"type": "LoRA", "lora": dict(LORA)}}
-    model, _ = METHODS["LoRA"].prepare(model, spec, gradient_checkpointing=gradient_checkpointing)
-    model.to(device)
+    return model, params, params - model.get_input_embeddings().weight.numel()
+
+
+def saved_random_base(shape: dict, *, device, dtype, seq: int, workdir: Path) -> tuple[int, int]:
+    """The random base saved to `workdir` and freed: (params, matmul params) of the unquantized model."""
+    import torch
+
+    model, params, matmul = random_base(shape, device=device, dtype=dtype, seq=seq)
+    model.save_pretrained(workdir, safe_serialization=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return params, matmul
+
+
+def quantized_base(spec: dict, *, device, workdir: Path):
+    """The saved base loaded as the trainer loads a QLoRA base (`modeling.load_model`, 4-bit), checked."""
+    from kubetune_trainer import modeling
+
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    quantized = modeling.load_model(workdir, spec, precision=precision, num_labels=None, label_ids=None,
+                                    device=device)
+    layers = [(name, module) for name, module in quantized.named_modules()
+              if type(module).__name__ == "Linear4bit"]
+    if not layers:
+        raise CheckFailed("QLoRA: bitsandbytes left every linear layer unquantized (no Linear4bit module)")
+    name, module = layers[0]
+    quant_type = getattr(module.weight, "quant_type", None)
+    if quant_type != QUANTIZATION["quantType"] or module.weight.device.type != device.type:
+        raise CheckFailed(f"QLoRA: {name} is {quant_type} on {module.weight.device}, "
+                          f"not {QUANTIZATION['quantType']} on {device.type}")
+    return quantized, len(layers)
+
+
+def build(shape: dict, *, device, dtype, gradient_checkpointing: bool, seq: int, method: str = "LoRA",
+          workdir: Path | None = None):
+    """Random-init base on the device (QLoRA: quantized through the trainer's loader), then the trainer's
+    method preparation (checkpointing + LoRA): (model, params, matmul params, trainable, 4-bit layers)."""
+    from kubetune_trainer import modeling
+    from kubetune_trainer.methods import METHODS
+
+    spec = method_spec(method, cuda=device.type == "cuda")
+    quantized_layers = 0
+    if method == "QLoRA":
+        params, matmul = saved_random_base(shape, device=device, dtype=dtype, seq=seq, workdir=workdir)
+        model, quantized_layers = quantized_base(spec, device=device, workdir=workdir)
+    else:
+        model, params, matmul = random_base(shape, device=device, dtype=dtype, seq=seq)
+    model, _ = METHODS[method].prepare(model, spec, gradient_checkpointing=gradient_checkpointing)
+    if method != "QLoRA":  # as train.py: a quantized base was placed on its device while it loaded
+        model.to(device)
     trainable, _ = modeling.trainable_parameters(model)
-    return model, params, matmul, trainable
+    return model, params, matmul, trainable, quantized_layers
 
 
 def engine_for(model, *, device, autocast_dtype, lr: float):
@@ -121,6 +178,9 @@ def pct(value: float | None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["8b", "1b"], default="8b")
+    parser.add_argument("--layers", type=int, help="fewer decoder layers than the shape has (same layer shapes)")
+    parser.add_argument("--method", choices=["LoRA", "QLoRA"], default="LoRA",
+                        help="QLoRA: the base saved, then loaded 4-bit NF4 by the trainer's modeling.load_model")
     parser.add_argument("--cpu-smoke", action="store_true", help="scaled-down 1B shape on CPU (automatic without CUDA)")
     parser.add_argument("--seq", type=int, help="tokens per packed row (default 2048; 512 for the CPU smoke)")
     parser.add_argument("--min-len", type=int, help="shortest synthetic sequence (default 128; 32 on CPU)")
@@ -142,8 +202,14 @@ def run_settings(args, torch) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda and not args.cpu_smoke:
         print("no CUDA device: running the scaled-down CPU smoke shape", file=sys.stderr)
-    return {"cuda": cuda, "shape_name": "1b-cpu-smoke" if small else args.shape,
-            "shape": SHAPES["cpu-smoke"] if small else SHAPES[args.shape],
+    shape = dict(SHAPES["cpu-smoke"] if small else SHAPES[args.shape])
+    name = "1b-cpu-smoke" if small else args.shape
+    if args.layers and args.layers < shape["layers"]:
+        name = f"{name}-shaped ({args.layers} of {shape['layers']} layers)"
+        shape["layers"] = args.layers
+    if args.method == "QLoRA":
+        name = f"{name} QLoRA {QUANTIZATION['quantType']}"
+    return {"cuda": cuda, "shape_name": name, "shape": shape,
             "seq": args.seq or (512 if small else 2048), "min_len": args.min_len or (32 if small else 128),
             "max_len": args.max_len or (256 if small else 1024),
             "warmup": args.warmup if args.warmup is not None else (1 if small else 3),
@@ -192,8 +258,9 @@ def print_summary(result: dict, gradient_checkpointing: bool) -> None:
           f"{r['seconds'] / r['timed_steps'] * 1000:.0f} ms/step; peak {fmt(peak and peak / 1e12, '.1f')} TFLOP/s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> dict:
+    """Build, step, time; raises CheckFailed when a loss is not finite."""
+    import tempfile
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -203,35 +270,48 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     torch.manual_seed(args.seed)
     loaded = time.perf_counter()
-    model, params, matmul, trainable = build(shape, device=device, dtype=s["dtype"],
-                                             gradient_checkpointing=args.gradient_checkpointing, seq=seq)
-    engine = engine_for(model, device=device, autocast_dtype=torch.bfloat16 if cuda else None, lr=args.lr)
+    with tempfile.TemporaryDirectory(prefix="kubetune-gpu-base-") as workdir:
+        model, params, matmul, trainable, quantized_layers = build(
+            shape, device=device, dtype=s["dtype"], gradient_checkpointing=args.gradient_checkpointing, seq=seq,
+            method=args.method, workdir=Path(workdir))
+    quantized = args.method == "QLoRA"
+    # as the trainer: bf16 autocast on a bf16 GPU; a quantized base computes in its own dtype, no autocast
+    engine = engine_for(model, device=device, autocast_dtype=torch.bfloat16 if cuda and not quantized else None,
+                        lr=args.lr)
     load_seconds = time.perf_counter() - loaded
     rows = synthetic_rows(warmup + steps, seq=seq, vocab=shape["vocab"], min_len=s["min_len"],
                           max_len=s["max_len"], seed=args.seed, torch=torch)
     losses, seconds = timed_steps(engine, rows, warmup, cuda, device, torch)
+    if not all(math.isfinite(value) for value in losses):
+        raise CheckFailed(f"non-finite loss in the timed steps of {s['shape_name']}: {losses}")
     tokens = sum(batch.real_tokens for batch in rows[warmup:])
     tokens_per_second = tokens / seconds
     peak = (args.peak_tflops * 1e12) if args.peak_tflops else (peak_flops(s["device_name"]) if cuda else None)
-    mfu = 4 * matmul * tokens_per_second / peak if peak else None
-    hfu = (6 if args.gradient_checkpointing else 4) * matmul * tokens_per_second / peak if peak else None
-    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    if not all(math.isfinite(value) for value in losses):
-        print(f"warning: non-finite losses {losses}", file=sys.stderr)
-
-    result = {
-        "shape": s["shape_name"], "model": shape, "device": s["device_name"],
-        "dtype": str(s["dtype"]).removeprefix("torch."),
+    hardware_factor = 6 if args.gradient_checkpointing else 4
+    return {
+        "shape": s["shape_name"], "model": shape, "device": s["device_name"], "method": args.method,
+        "dtype": str(s["dtype"]).removeprefix("torch."), "quantization": QUANTIZATION if quantized else None,
+        "quantized_layers": quantized_layers, "attn_implementation": model.config._attn_implementation,
         "gradient_checkpointing": args.gradient_checkpointing, "lora": LORA, "params": params,
         "flops_params_N": matmul, "trainable_params": trainable, "seq": seq,
         "sequence_lengths": [s["min_len"], s["max_len"]],
         "tokens_per_step": tokens // steps, "warmup_steps": warmup, "timed_steps": steps, "seconds": seconds,
         "seconds_per_step": seconds / steps, "tokens_per_second": tokens_per_second,
-        "model_flops_per_token": 4 * matmul,
-        "hardware_flops_per_token": (6 if args.gradient_checkpointing else 4) * matmul,
-        "peak_flops": peak, "mfu": mfu, "hfu": hfu, "peak_memory_gib": peak_memory, "load_seconds": load_seconds,
-        "losses": losses,
+        "model_flops_per_token": 4 * matmul, "hardware_flops_per_token": hardware_factor * matmul,
+        "peak_flops": peak, "mfu": 4 * matmul * tokens_per_second / peak if peak else None,
+        "hfu": hardware_factor * matmul * tokens_per_second / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "load_seconds": load_seconds, "losses": losses,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = measure(args)
+    except CheckFailed as failure:
+        print(f"gpu_lora_llama: FAILED: {failure}", file=sys.stderr)
+        return 1
     print_summary(result, args.gradient_checkpointing)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -255,6 +255,9 @@ def finetunejob_summary(job: dict, run_dir: Path | None = None, duration_seconds
         lines.append(f"  adapter   {adapter['uri']}")
         lines.append(f"  manifest  {adapter['manifestUri']}")
         lines.append(f"  digest    {adapter['digest']} ({adapter.get('sizeBytes', '?')} bytes)")
+    merged = status.get("merged")
+    if merged:
+        lines.append(f"  merged    {merged['uri']} ({merged['digest']}, {merged.get('sizeBytes', '?')} bytes)")
     failure = status.get("failure")
     if failure:
         lines.append(f"  {failure['reason']}: {failure['message']}")

@@ -146,9 +146,11 @@ class CountingStore(ObjectStore):
     def __init__(self):
         super().__init__()
         self.downloads = 0
+        self.fetched: list[str] = []
 
     def download_file(self, uri, path):
         self.downloads += 1
+        self.fetched.append(uri)
         super().download_file(uri, path)
 
 
@@ -156,8 +158,9 @@ _published = 0
 
 
 def publish(root: Path, adapter: str, content: bytes, weight: int = 100, role: str = "stable",
-            namespace: str = NS) -> serving.Version:
-    """A small fake adapter published with the trainer's own code into a file:// store under `root`."""
+            namespace: str = NS, merged: bytes | None = None) -> serving.Version:
+    """A small fake adapter published with the trainer's own code into a file:// store under `root`;
+    `merged`: with a merged model beside it (output.mergeAdapter)."""
     global _published
     _published += 1
     adapter_dir = root / f"src-{_published}"
@@ -165,7 +168,13 @@ def publish(root: Path, adapter: str, content: bytes, weight: int = 100, role: s
     (adapter_dir / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "peft_type": "LORA"}))
     (adapter_dir / "adapter_model.safetensors").write_bytes(content)
     job_prefix = f"file://{root}/store/{namespace}/{adapter}/uid-{_published}/"
-    document = publish_adapter(ObjectStore(), adapter_dir, job_prefix, {})
+    merged_dir = None
+    if merged is not None:
+        merged_dir = root / f"merged-{_published}"
+        merged_dir.mkdir(parents=True)
+        (merged_dir / "model.safetensors").write_bytes(merged)
+        (merged_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    document = publish_adapter(ObjectStore(), adapter_dir, job_prefix, {}, merged_dir=merged_dir)
     return serving.Version(name=serving.version_name(namespace, adapter, document["digest"]),
                            digest=document["digest"], manifest_uri=storage_layout.manifest_uri(job_prefix),
                            weight=weight, role=role)

@@ -50,6 +50,20 @@ async def test_loads_the_desired_versions_from_verified_copies(harness, engine, 
         assert harness.store.downloads == downloads and len(engine.loads) == 3
 
 
+async def test_the_merged_model_beside_an_adapter_is_never_fetched(harness, engine, tmp_path):
+    version = publish(tmp_path, "intents", b"\x04" * 2048, merged=b"\x05" * 65536)
+    manifest = json.loads(Path(storage_layout.split_uri(version.manifest_uri)[2]).read_text())
+    assert manifest["merged"]["digest"] != version.digest  # published: the manifest references it
+    harness.set_desired(desired_state(1, {ALIAS: [version]}))
+    async with harness.run():
+        await eventually(lambda: version.name in engine.loaded, message="load")
+        adapter_prefix = version.manifest_uri.rsplit("/", 1)[0] + "/" + manifest["adapterPath"]
+        assert sorted(harness.store.fetched) == [adapter_prefix + "adapter_config.json",
+                                                 adapter_prefix + "adapter_model.safetensors"]
+        copy = Path(engine.loaded[version.name])
+        assert sorted(p.name for p in copy.rglob("*")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 async def test_a_tampered_adapter_is_refused_and_never_loaded(harness, engine, tmp_path):
     good = publish(tmp_path, "intents", b"\x01" * 2048, 100)
     tampered = publish(tmp_path, "summaries", b"\x02" * 2048)

@@ -137,6 +137,40 @@ async def test_success_with_manifest_publishes_the_adapter(operator, api, s3_ser
     assert manifest["digest"] in event["message"]
 
 
+def fake_merged(tmp_path):
+    root = tmp_path / "merged"
+    root.mkdir(exist_ok=True)
+    (root / "model.safetensors").write_bytes(b"\x08" * 65536)
+    (root / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return root
+
+
+async def test_a_merged_model_is_verified_and_recorded_or_fails_the_job(operator, api, s3_server, tmp_path):
+    """output.mergeAdapter on S3: both artifacts verified, status.merged recorded; a merged file removed
+    after publishing fails the job with its reason (the adapter alone is never enough)."""
+    store, prefixes = s3_server.store(), {}
+    for name in ("merged-job", "broken-merged-job"):
+        created = await submit(api, s3_server, name)  # the operator checks what the manifest references
+        await eventually(lambda name=name: api.get(kube.PYTORCHJOBS, name))
+        prefixes[name] = storage_layout.job_prefix(f"s3://{BUCKET}/jobs", NS, name, created["metadata"]["uid"])
+        manifest = publish_adapter(store, fake_adapter(tmp_path), prefixes[name], {"metrics": {"eval_loss": 0.4}},
+                                   merged_dir=fake_merged(tmp_path))
+    _, bucket, key = storage_layout.split_uri(manifest["merged"]["uri"] + "model.safetensors")
+    store.s3.delete_object(Bucket=bucket, Key=key)
+    for name in prefixes:
+        await api.set_pytorchjob_conditions(name, ("Succeeded", "PyTorchJobSucceeded", "done"))
+    status = await wait_phase(api, "merged-job", "Succeeded")
+    merged_uri = storage_layout.merged_prefix(prefixes["merged-job"], manifest["merged"]["digest"])
+    assert status["merged"]["uri"] == merged_uri
+    assert status["merged"]["digest"] == manifest["merged"]["digest"]  # same bytes: the same digest
+    assert status["merged"]["sizeBytes"] == 65536 + len(json.dumps({"model_type": "llama"}))
+    assert status["adapter"]["sizeBytes"] == sum(f["size"] for f in manifest["files"])
+    status = await wait_phase(api, "broken-merged-job", "Failed")
+    assert status["failure"]["reason"] == "MergedFileMissing"
+    assert "merged model: model.safetensors is missing" in status["failure"]["message"]
+    assert "merged" not in status and "adapter" not in status
+
+
 async def test_missing_manifest_is_not_published_until_it_appears(operator, api, s3_server, tmp_path):
     created = await submit(api, s3_server, "late-job")
     await eventually(lambda: api.get(kube.PYTORCHJOBS, "late-job"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -37,12 +38,21 @@ def run_local(tmp_path, job_file, *extra) -> subprocess.CompletedProcess:
 
 def test_local_run_trains_publishes_and_summarises(tmp_path, tiny_llama):
     data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(48))
-    result = run_local(tmp_path, _job_file(tmp_path, tiny_llama, data), "--set", "training.maxSteps=10")
+    result = run_local(tmp_path, _job_file(tmp_path, tiny_llama, data), "--set", "training.maxSteps=10",
+                       "--set", "output.mergeAdapter=true")
     assert result.returncode == 0, result.stdout + result.stderr
     job = json.loads((tmp_path / "status.json").read_text())
     status = job["status"]
     assert status["phase"] == "Succeeded"
     assert status["adapter"]["uri"].startswith(f"file://{tmp_path / 'runs' / 'storage'}")
+    # the merged model: verified by the operator's pass as its own artifact, never in the adapter's files
+    merged, manifest_path = status["merged"], status["adapter"]["manifestUri"].removeprefix("file://")
+    manifest = json.loads(Path(manifest_path).read_text())
+    assert merged["digest"] == manifest["merged"]["digest"] != status["adapter"]["digest"]
+    assert merged["uri"].startswith(status["adapter"]["manifestUri"].rsplit("/", 1)[0] + "/merged/sha256-")
+    assert merged["sizeBytes"] > status["adapter"]["sizeBytes"] == sum(f["size"] for f in manifest["files"])
+    assert not any(f["path"] == "model.safetensors" for f in manifest["files"])
+    assert "merged model" in next(c for c in status["conditions"] if c["type"] == "AdapterPublished")["message"]
     assert status["progress"]["step"] == 10 and status["progress"]["totalSteps"] == 10  # the --set applied
     assert "baseline" in result.stdout and "fine-tuned" in result.stdout and "eval_loss" in result.stdout
     for event in ("Created", "Running", "AdapterPublished"):
@@ -56,6 +66,7 @@ def test_local_run_trains_publishes_and_summarises(tmp_path, tiny_llama):
         assert str(name_dir / "report" / chart) in result.stdout
     summary = (name_dir / "report" / "summary.txt").read_text()
     assert status["adapter"]["digest"] in summary and "eval_loss" in summary and "duration" in summary
+    assert f"merged    {merged['uri']}" in summary
 
 
 def test_local_run_reports_bad_data_and_fails(tmp_path, tiny_llama):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from kubetune.api import manifest as manifest_api
+from kubetune.api import storage_layout
 from kubetune.api.methods import METHODS as OPERATOR_FACTS
 from kubetune.api.v1alpha1 import finetunejob as v1alpha1_finetunejob
+from kubetune.clients.storage import ObjectStore, check_published
 from kubetune_trainer import modeling
 from kubetune_trainer.methods import METHODS
 
@@ -121,9 +125,24 @@ def test_checkpointing_accumulation_monitor_and_merge(tiny_llama, tmp_path):
     evals = [h for h in manifest["training"]["history"] if "eval_loss" in h]
     assert evals and all(h["loraToBaseMax"] > 0 for h in evals)
     assert all(h["layerGradNormMax"] > 0 and ".lora" not in h["layerGradNormTopLayer"] for h in evals)
+    # the merged model is its own artifact: never in the adapter's file list (agents download that list)
     paths = {f["path"] for f in manifest["files"]}
-    assert "merged/model.safetensors" in paths and "merged/config.json" in paths
-    merged = AutoModelForCausalLM.from_pretrained(adapter_dir(config, manifest) / "merged")
+    assert paths >= {"adapter_model.safetensors", "adapter_config.json"}
+    assert not any(p.startswith("merged") or p in ("model.safetensors", "config.json") for p in paths)
+    prefix = config.storage.job_prefix
+    reference = manifest["merged"]
+    assert reference["uri"] == storage_layout.merged_prefix(prefix, reference["digest"])
+    assert reference["manifestUri"] == storage_layout.merged_manifest_uri(prefix)
+    merged_doc = json.loads(ObjectStore().read(reference["manifestUri"]))
+    assert manifest_api.check_merged_document(merged_doc) == []
+    assert merged_doc["adapterDigest"] == manifest["digest"] and merged_doc["digest"] == reference["digest"]
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {f["path"] for f in merged_doc["files"]}
+    assert reference["sizeBytes"] == manifest_api.total_size(merged_doc) > manifest_api.total_size(manifest)
+    # what the operator checks at publish time: both artifacts, every file's sha256
+    check = check_published(ObjectStore(), prefix, verify_merged=True)
+    assert check.verified, check.problems
+    assert check.merged == {k: reference[k] for k in ("uri", "manifestUri", "digest", "sizeBytes")}
+    merged = AutoModelForCausalLM.from_pretrained(storage_layout.split_uri(reference["uri"])[2])
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 

@@ -19,7 +19,7 @@ import pytest
 from kubetune.api import jobconfig, storage_layout
 from kubetune.clients.storage import ObjectStore, S3Settings, check_published, publish_adapter
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
-from kubetune_trainer.__main__ import _retryable
+from kubetune_trainer.failures import is_retryable
 from tests.integration.conftest import s3_server  # noqa: F401 (fixture)
 
 
@@ -163,7 +163,7 @@ def test_storage_down_for_good_fails_the_publish_as_retryable_and_writes_no_mani
         publish_adapter(store, adapter(tmp_path, "down"), prefix, {"rank": 8})
     assert uploads == 1 and proxy.dropped >= 5  # botocore retried before giving up
     # the trainer exits with the retryable code: the pod restarts and resumes from its last checkpoint
-    assert _retryable(failure.value), repr(failure.value)
+    assert is_retryable(failure.value), repr(failure.value)
     assert jobconfig.EXIT_RETRYABLE == 143
     assert direct.read(storage_layout.manifest_uri(prefix)) is None
     assert not assert_whole_or_absent(direct, prefix)
@@ -188,7 +188,7 @@ def test_a_manifest_is_never_visible_without_all_its_files(proxy, s3_server, tmp
             publish_adapter(store_at(proxy.endpoint), adapter(tmp_path, label, files=4), prefix, {"rank": 8})
             outcomes.append("published")
         except Exception as exc:
-            assert _retryable(exc), repr(exc)
+            assert is_retryable(exc), repr(exc)
             outcomes.append("failed")
         published = assert_whole_or_absent(direct, prefix)
         assert published == (outcomes[-1] == "published")

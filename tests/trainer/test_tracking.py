@@ -1,10 +1,22 @@
-"""MLflow tracking records the run; an unreachable or missing tracker never breaks training."""
+"""MLflow tracking records the run, one run per stage, continued by a restarted pod; an unreachable or
+missing tracker never breaks training. (wandb is not installed here: its path is covered only as missing.)"""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
-from .conftest import job_spec, lm_corpus, make_config, run_in_process, write_jsonl
+from kubetune.api import jobconfig, storage_layout
+from kubetune.clients.storage import ObjectStore
+from kubetune_trainer import tracking
+
+from .conftest import job_spec, lm_corpus, make_config, manifest_of, run_in_process, write_jsonl
 
 
 def test_mlflow_records_params_losses_and_metrics(tiny_llama, tmp_path, monkeypatch):
@@ -37,3 +49,70 @@ def test_tracking_failures_never_break_a_run(tracking, tiny_llama, tmp_path, mon
     spec = job_spec(tiny_llama, data, tmp_path / "out", training__maxSteps=3, tracking=tracking)
     manifest = run_in_process(make_config(spec, name="offline"), tmp_path / "work")
     assert manifest["training"]["steps"] == 3
+
+
+def test_each_stage_is_its_own_run_with_a_stable_wandb_id():
+    job = {"namespace": "team-a", "name": "bot", "uid": "u-1"}
+    train = tracking.stage_run(job, jobconfig.Stage())
+    baseline = tracking.stage_run(job, jobconfig.Stage(kind=jobconfig.STAGE_BASELINE))
+    trial = tracking.stage_run(job, jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=8))
+    assert (train.name, train.wandb_id, train.experiment) == ("team-a/bot", "u-1", "team-a")
+    assert (baseline.name, baseline.wandb_id) == ("team-a/bot/baseline", "u-1-baseline")
+    assert (trial.name, trial.wandb_id) == ("team-a/bot/trial-rank-8", "u-1-trial-rank-8")
+    assert trial.tags == {"kubetune.io/job-uid": "u-1", "kubetune.io/stage": "trial"}
+
+
+def test_a_continued_run_skips_what_it_already_logged():
+    logged = {"trainLoss": 12, "eval_loss": 10}
+    assert tracking.unlogged({"trainLoss": 1.0, "eval_loss": 2.0}, 10, logged) == {}
+    assert tracking.unlogged({"trainLoss": 1.0, "eval_loss": 2.0, "lr": 0.1}, 12, logged) == {"eval_loss": 2.0,
+                                                                                             "lr": 0.1}
+    assert tracking.unlogged({"trainLoss": 1.0}, 13, logged) == {"trainLoss": 1.0}
+    assert tracking.unlogged({"eval_loss": 2.0}, 11, {}) == {"eval_loss": 2.0}
+
+
+def test_a_restarted_pod_continues_its_mlflow_run(tiny_llama, tmp_path, monkeypatch):
+    """SIGKILL after a checkpoint (the pod is lost), then the same command again (the restarted pod): one
+    MLflow run, continued by id from the stage's tracking.json, every step logged exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local store stands in for a tracking server
+    store_uri = f"file://{tmp_path / 'mlruns'}"
+    data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(96))
+    total = 100
+    spec = job_spec(tiny_llama, data, tmp_path / "out", training__maxSteps=total, training__checkpointSteps=10,
+                    training__evalSteps=50, training__perDeviceBatchSize=4,
+                    tracking={"mlflow": {"trackingUri": store_uri, "experiment": "resume"}})
+    config = make_config(spec, name="tracked-resume")
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config.to_json())
+    store, prefix = ObjectStore(), config.storage.job_prefix
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-m", "kubetune_trainer", "--config", str(config_path)]
+
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 180
+    latest = storage_layout.latest_checkpoint_uri(prefix)
+    while store.read(latest) is None and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(30) == -signal.SIGKILL
+    saved = json.loads(store.read(storage_layout.tracking_uri(prefix)))
+    client = MlflowClient(store_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert saved == {"api": tracking.TRACKING_API, "mlflow": {"runId": run.info.run_id}}
+    assert run.info.status == "RUNNING"  # killed: nobody ended it
+    logged_before = len(client.get_metric_history(run.info.run_id, "trainLoss"))
+    assert logged_before >= 10  # up to the checkpoint at least; the steps after it are replayed on resume
+    print(f"trainLoss steps logged before the kill: {logged_before}; latest checkpoint: "
+          f"step {json.loads(store.read(latest))['step']}")
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert manifest_of(config)["training"]["steps"] == total
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.run_id == saved["mlflow"]["runId"] and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "trainLoss")]
+    assert sorted(steps) == list(range(1, total + 1)), f"{logged_before} steps logged before the kill"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [50, 100]
+    assert "MLflow run continued" in second.stderr + second.stdout

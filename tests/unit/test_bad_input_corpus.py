@@ -166,7 +166,7 @@ def test_dataset_is_reported_with_line_numbers(name, tmp_path, trainer):
     assert set(entry["errors"]) <= set(data.ERROR_CLASSES), entry["errors"]
     config = _job_config(path, entry, tmp_path)
 
-    loaded = inputs.load_data(config, NoProgress())
+    loaded = inputs.load_data(config, NoProgress(), tmp_path / "cache")
     if entry["outcome"] == "BadInput":
         with pytest.raises(BadInput) as refused:
             inputs.prepare_data(config, loaded, WordTokenizer())

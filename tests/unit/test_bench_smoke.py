@@ -37,7 +37,7 @@ def test_trainer_throughput_smoke(tmp_path: Path):
 
 def test_gpu_lora_llama_cpu_smoke(tmp_path: Path):
     out = tmp_path / "lora.json"
-    _run("gpu_lora_llama.py", "--cpu-smoke", "--json", str(out), timeout=90)
+    _run("gpu_lora_llama.py", "--cpu-smoke", "--json", str(out), timeout=180)
     report = json.loads(out.read_text())
     assert report["tokens_per_second"] > 0, report
     assert report["tokens_per_step"] == report["seq"]  # rows are packed full
@@ -110,3 +110,21 @@ def test_scale_smoke(tmp_path: Path):
     assert result["rss_peak_mib"] >= result["rss_after_mib"] > 0 and result["cpu_s"] > 0
     assert result["requests"] > 0 and result["requests_by_verb"]["CREATE"] >= 5 + 1 + 5  # FTJs, ADep, PyTorchJobs
     assert result["settle_requests_per_s"] is not None
+
+
+def test_node_downloads_smoke(tmp_path: Path):
+    out = tmp_path / "downloads.json"
+    _run("node_downloads.py", "--smoke", "--json", str(out), timeout=300)
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert row["model_bytes"] == report["model_bytes"] and row["data_bytes"] == report["data_bytes"], row
+
+
+def test_gpu_lora_llama_qlora_cpu_smoke(tmp_path: Path):
+    # the QLoRA row of scripts/gpu-check.sh: the base saved, loaded 4-bit NF4 by modeling.load_model, stepped
+    out = tmp_path / "qlora.json"
+    _run("gpu_lora_llama.py", "--cpu-smoke", "--method", "QLoRA", "--json", str(out), timeout=180)
+    report = json.loads(out.read_text())
+    assert report["method"] == "QLoRA" and report["quantization"]["quantType"] == "nf4"
+    assert report["quantized_layers"] == 2 * 7  # every linear layer of the 2 decoder layers, not the head
+    assert report["tokens_per_second"] > 0 and len(report["losses"]) == report["timed_steps"]

@@ -209,6 +209,20 @@ def test_success_waits_for_the_manifest_then_publishes():
     assert not ftj.needs_manifest(job, view(succeeded))
 
 
+def test_a_verified_merged_model_is_recorded_beside_the_adapter():
+    job = created_job()
+    succeeded = pj(("Succeeded", "PyTorchJobSucceeded", "done"), completion="2026-11-28T11:55:00Z")
+    merged = {"uri": "s3://adapters/x/merged/sha256-m/", "manifestUri": "s3://adapters/x/merged/manifest.json",
+              "digest": "sha256:" + "m" * 64, "sizeBytes": 5_000_000}
+    check = ManifestCheck(found=True, document=MANIFEST, adapter_uri="s3://adapters/x/adapter/sha256-d/",
+                          merged=merged)
+    _, job = step(job, pytorchjob=succeeded, manifest=check)
+    assert job["status"]["phase"] == "Succeeded"
+    assert job["status"]["merged"] == merged
+    assert job["status"]["adapter"]["sizeBytes"] == 1024  # the adapter's own files only
+    assert f"merged model {merged['digest']} verified" in condition(job, "AdapterPublished")["message"]
+
+
 def test_missing_manifest_fails_after_the_timeout():
     job = created_job()
     succeeded = pj(("Succeeded", "PyTorchJobSucceeded", "done"), completion="2026-11-28T11:50:00Z")

@@ -20,22 +20,9 @@ from pathlib import Path
 from kubetune.api import jobconfig
 from kubetune.logs import configure_logging
 
+from .failures import is_retryable
+
 log = logging.getLogger("kubetune_trainer")
-
-
-def _retryable(exc: BaseException) -> bool:
-    """Storage and network trouble: the next attempt (a pod restart) may well succeed."""
-    names = {type(e).__name__ for e in _chain(exc)}
-    retryable = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                 "ConnectionError", "ConnectionResetError", "ConnectionRefusedError", "TimeoutError",
-                 "DistBackendError", "DistNetworkError"}
-    return bool(names & retryable)
-
-
-def _chain(exc: BaseException):
-    while exc is not None:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def _report_failure(config: jobconfig.JobConfig, reason: str, message: str) -> None:
@@ -84,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         _report_failure(config, exc.reason, str(exc))
         return jobconfig.EXIT_FAILED
     except Exception as exc:
-        if _retryable(exc):
+        if is_retryable(exc):
             log.exception("retryable failure", extra={"reason": "Retryable"})
             return jobconfig.EXIT_RETRYABLE
         log.exception("training failed", extra={"reason": "TrainingFailed"})

@@ -7,7 +7,6 @@ is an adapter this trainer published, verified file by file before it loads. Pur
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -15,9 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kubetune.api import storage_layout
-from kubetune.clients.storage import ObjectStore, check_published
+from kubetune.clients.storage import ObjectInfo, ObjectStore, check_published
 
-from . import data, metrics, text
+from . import data, metrics, node_cache, text
 from .modeling import BadInput
 
 log = logging.getLogger(__name__)
@@ -140,14 +139,6 @@ def check_reference(document: dict, spec: dict, manifest_uri: str) -> list[str]:
     return list(labels)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_reference(store: ObjectStore, manifest_uri: str, spec: dict) -> tuple[dict, list[str]]:
     """The reference's manifest, read and checked against this job (cheap: every rank does it)."""
     raw = store.read(manifest_uri)
@@ -173,12 +164,10 @@ def fetch_reference(store: ObjectStore, manifest_uri: str, spec: dict, target: P
         raise BadInput(f"evaluation.reference {manifest_uri}: the adapter does not verify: {problems}")
     document = check.document
     labels = check_reference(document, spec, manifest_uri)
-    for entry in document["files"]:
-        local = target / entry["path"]
-        store.download_file(check.adapter_uri + entry["path"], local)
-        if _sha256(local) != entry["sha256"]:
-            raise BadInput(f"evaluation.reference {manifest_uri}: {entry['path']} does not match its sha256 in "
-                           "the manifest")
+    objects = [(entry["path"], ObjectInfo(check.adapter_uri + entry["path"], int(entry["size"]), entry["sha256"]))
+               for entry in document["files"]]
+    node_cache.fetch_objects(store, objects, target, f"evaluation.reference {manifest_uri}",
+                             expected_sha256={entry["path"]: entry["sha256"] for entry in document["files"]})
     labels_path = target / LABELS_FILE
     if labels and labels_path.is_file():
         on_disk = json.loads(labels_path.read_text()).get("labels")

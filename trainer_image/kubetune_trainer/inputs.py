@@ -5,34 +5,70 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kubetune.api import jobconfig
+from kubetune.api import jobconfig, storage_layout
 from kubetune.api.jobconfig import JobConfig
 
-from . import data, distributed, evalsets, storage, text
+from . import data, distributed, evalsets, modeling, node_cache, storage, text
 from .modeling import BadInput
 
 log = logging.getLogger(__name__)
 
 
-def load_data(config: JobConfig, progress: storage.ProgressWriter) -> data.LoadedData:
+def load_data(config: JobConfig, progress: storage.ProgressWriter, cache_dir: Path) -> data.LoadedData:
+    """The dataset (and validation file), fetched once per pod into `cache_dir` and parsed by every rank."""
     spec = config.spec
     dataset = spec["dataset"]
-    store = storage.data_store(spec)
     progress.update(stage="validating", force=True)
-    raw = store.read(dataset["uri"])
-    if raw is None:
-        raise BadInput(f"dataset.uri {dataset['uri']} does not exist")
-    validation_raw = None
+    sources = [("dataset.uri", dataset["uri"])]
     if dataset.get("validationUri"):
-        validation_raw = store.read(dataset["validationUri"])
-        if validation_raw is None:
-            raise BadInput(f"dataset.validationUri {dataset['validationUri']} does not exist")
+        sources.append(("dataset.validationUri", dataset["validationUri"]))
+    paths = fetch_data_files(storage.data_store(spec), sources, cache_dir)
+    raw = paths[0].read_bytes()
+    validation_raw = paths[1].read_bytes() if len(paths) > 1 else None
     stratify = dataset.get("stratifyBy") or ("label" if dataset["format"] == "text-label" else None)
     loaded = data.load_dataset(raw, dataset["format"], labels=spec.get("labels"), validation_bytes=validation_raw,
                                validation_fraction=dataset["validationSplit"], seed=dataset["seed"],
                                stratify_by=stratify, source_name=dataset["uri"],
                                validation_source_name=dataset.get("validationUri") or "validation.jsonl")
     return loaded
+
+
+def fetch_data_files(store, sources: list[tuple[str, str]], cache_dir: Path) -> list[Path]:
+    """Local paths of (field, uri) data files: s3:// objects downloaded once per pod (local rank 0, the
+    others wait), file:// read in place. A missing one is BadInput on every rank, naming its field."""
+    targets = [node_cache.cache_dir_for(cache_dir, "data", uri) for _, uri in sources]
+
+    def local_path(field: str, uri: str, target: Path) -> Path:
+        if uri.startswith("file://"):
+            return Path(storage_layout.split_uri(uri)[2])
+        return target / node_cache.require_complete(target, f"{field} {uri}")[0].path
+
+    def fetch() -> list[Path]:
+        paths = []
+        for (field, uri), target in zip(sources, targets, strict=True):
+            if uri.startswith("file://"):
+                path = local_path(field, uri, target)
+                found = path if path.is_file() else None
+            else:
+                found = node_cache.fetch_object(store, uri, target, f"{field} {uri}")
+            if found is None:
+                raise BadInput(f"{field} {uri} does not exist")
+            paths.append(found)
+        return paths
+
+    def read_local() -> list[Path]:
+        return [local_path(field, uri, target) for (field, uri), target in zip(sources, targets, strict=True)]
+
+    return node_cache.once_per_node(distributed.get_dist_info().is_local_main, fetch, read_local)
+
+
+def resolve_base_model(spec: dict, dist, cache_dir: Path) -> Path:
+    """The base model's local directory: fetched by this pod's local rank 0, read by the other ranks."""
+    store = storage.model_store(spec)
+    return node_cache.once_per_node(
+        dist.is_local_main,
+        lambda: modeling.resolve_model_dir(spec["baseModel"], store, cache_dir),
+        lambda: modeling.resolve_model_dir(spec["baseModel"], store, cache_dir, fetch=False))
 
 
 def length_check_functions(tokenizer, fmt: str) -> tuple:
@@ -75,15 +111,18 @@ def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple
     return label_ids, train_examples, val_examples, {"train": train_stats.as_dict(), "validation": val_stats.as_dict()}
 
 
-def load_evaluation_sets(config: JobConfig, loaded: data.LoadedData, tokenizer) -> list[evalsets.EvalSet]:
+def load_evaluation_sets(config: JobConfig, loaded: data.LoadedData, tokenizer,
+                         cache_dir: Path) -> list[evalsets.EvalSet]:
     """spec.evaluation.sets, read with the dataset's credentials, validated and tokenized like the dataset."""
     spec = config.spec
     fmt, max_len = spec["dataset"]["format"], spec["training"]["maxSeqLength"]
     count, render_chat = length_check_functions(tokenizer, fmt)
-    store = storage.data_store(spec)
+    entries = spec["evaluation"]["sets"]
+    paths = fetch_data_files(storage.data_store(spec), [(f"evaluation set {e['name']!r}", e["uri"])
+                                                        for e in entries], cache_dir)
     out = []
-    for entry in spec["evaluation"]["sets"]:
-        raw = store.read(entry["uri"])
+    for entry, path in zip(entries, paths, strict=True):
+        raw = path.read_bytes()
         records = evalsets.parse_set(raw, entry["name"], entry["uri"], fmt, count_tokens=count, max_tokens=max_len,
                                      render_chat=render_chat)
         examples, gold = evalsets.tokenize_set(records, fmt, tokenizer, max_len, list(loaded.labels))
@@ -102,23 +141,17 @@ def fetch_reference(config: JobConfig, store, dist, work_dir: Path) -> evalsets.
     """spec.evaluation.reference verified and downloaded once per pod (local rank 0), before training.
 
     The manifest's cheap checks (same base model and task) run on every rank, so a wrong reference fails
-    all of them alike; a failed verification on one pod is shared through a collective."""
+    all of them alike; a failed verification on one pod reaches every rank (`node_cache.once_per_node`)."""
     reference_spec = (config.spec.get("evaluation") or {}).get("reference")
     if not reference_spec:
         return None
     uri = reference_spec["manifestUri"]
     document, labels = evalsets.read_reference(store, uri, config.spec)
     target = work_dir / "reference" / str(document.get("digest", "unknown")).replace(":", "-")
-    error: BadInput | None = None
-    reference = None
-    if dist.local_rank == 0:
-        try:
-            reference = evalsets.fetch_reference(store, uri, config.spec, target)
-        except BadInput as exc:
-            error = exc
-    failed = distributed.all_reduce_mean(1.0 if error else 0.0)  # a collective: every rank learns of a failure
-    if error is not None:
-        raise error
-    if failed:
-        raise BadInput(f"evaluation.reference {uri}: the adapter did not verify on another pod (see its log)")
-    return reference or evalsets.Reference(uri, document, target, labels)
+
+    def read_local() -> evalsets.Reference:
+        node_cache.require_complete(target, f"evaluation.reference {uri}")
+        return evalsets.Reference(uri, document, target, labels)
+
+    return node_cache.once_per_node(dist.is_local_main,
+                                    lambda: evalsets.fetch_reference(store, uri, config.spec, target), read_local)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -26,9 +25,11 @@ class BadInput(Exception):
 # --- where the weights are -------------------------------------------------------------------------
 
 
-def resolve_model_dir(base_model: dict, store, cache_dir: Path) -> Path:
-    """A local directory holding the base model: file:// as is, s3:// downloaded once into the cache,
-    hf:// through huggingface_hub (which honours HF_HUB_OFFLINE and HF_ENDPOINT mirrors)."""
+def resolve_model_dir(base_model: dict, store, cache_dir: Path, *, fetch: bool = True) -> Path:
+    """A local directory holding the base model: file:// as is, s3:// downloaded into the cache (kept
+    while whole and current, see `node_cache`), hf:// through huggingface_hub (which honours
+    HF_HUB_OFFLINE and HF_ENDPOINT mirrors). `fetch=False`: the copy already in the cache, no network
+    (what the other ranks of a pod read once its local rank 0 has fetched)."""
     uri, revision = base_model["uri"], base_model.get("revision", "main")
     scheme, _, rest = uri.partition("://")
     if scheme == "file":
@@ -37,22 +38,21 @@ def resolve_model_dir(base_model: dict, store, cache_dir: Path) -> Path:
             raise BadInput(f"baseModel.uri {uri}: no config.json in {path}")
         return path
     if scheme == "s3":
-        prefix = uri.rstrip("/") + "/"
-        target = cache_dir / "models" / re.sub(r"[^A-Za-z0-9._-]", "_", prefix)
-        done = target / ".complete"
-        if not done.exists():
-            from .storage import download_prefix
+        from . import node_cache
 
-            if not download_prefix(store, prefix, target):
-                raise BadInput(f"baseModel.uri {uri}: no objects under that prefix")
-            done.write_text("ok")
+        prefix = uri.rstrip("/") + "/"
+        target = node_cache.cache_dir_for(cache_dir, "models", prefix)
+        if not fetch:
+            node_cache.require_complete(target, f"baseModel.uri {uri}")
+        elif node_cache.fetch_prefix(store, prefix, target, f"baseModel.uri {uri}") is None:
+            raise BadInput(f"baseModel.uri {uri}: no objects under that prefix")
         return target
     if scheme == "hf":
         from huggingface_hub import snapshot_download
 
-        try:
+        try:  # the hub's cache writes each file under a temporary name and renames it when whole
             return Path(snapshot_download(rest, revision=revision, token=os.environ.get("HF_TOKEN") or None,
-                                          cache_dir=str(cache_dir / "hf")))
+                                          cache_dir=str(cache_dir / "hf"), local_files_only=not fetch))
         except Exception as exc:  # offline, private, missing: all need a spec or mirror fix
             raise BadInput(f"baseModel.uri {uri}@{revision}: {exc}") from exc
     raise BadInput(f"baseModel.uri {uri}: unsupported scheme")

@@ -41,7 +41,7 @@ def gather_adapter_state(runner: StepRunner, only_trainable: bool) -> dict | Non
 
 
 def save_weights(run: TrainingRun, target: Path, state_dict: dict | None) -> None:
-    """The method's files, the tokenizer, the class names, and a merged copy when asked for."""
+    """The method's files, the tokenizer and the class names: what a serving agent downloads."""
     spec, labels = run.spec, list(run.loaded.labels)
     target.mkdir(parents=True, exist_ok=True)
     run.method.save(run.runner.module, target, state_dict)
@@ -50,8 +50,18 @@ def save_weights(run: TrainingRun, target: Path, state_dict: dict | None) -> Non
         # the serving engine needs the class names in id order to size the head and name its predictions
         (target / LABELS_FILE).write_text(json.dumps({"labels": labels}))
     refuse_empty_tensors(target)
-    if spec["output"].get("mergeAdapter") and run.method.publishes_adapter:
-        merge(run.model_dir, target, spec, target / "merged", labels)
+
+
+def save_merged(run: TrainingRun, adapter_dir: Path) -> Path | None:
+    """output.mergeAdapter: the adapter merged into the base, in a directory of its own (published as its
+    own artifact, never inside the adapter). None when not asked for or the method has nothing to merge."""
+    if not (run.spec["output"].get("mergeAdapter") and run.method.publishes_adapter):
+        return None
+    target = Path(tempfile.mkdtemp(prefix="merged-", dir=run.work_dir))
+    merge(run.model_dir, adapter_dir, run.spec, target, list(run.loaded.labels))
+    run.tokenizer.save_pretrained(target)  # a merged model is used on its own: it needs its tokenizer
+    refuse_empty_tensors(target)
+    return target
 
 
 def refuse_empty_tensors(directory: Path) -> None:
@@ -99,9 +109,10 @@ def publish(run: TrainingRun, final: Evaluation, state_dict: dict | None, evalua
         fields["evaluations"] = evaluations
     if run.reference is not None:
         fields["evaluationReference"] = {"manifestUri": run.reference.manifest_uri, "digest": run.reference.digest}
-    document = publish_adapter(run.store, adapter_dir, run.prefix, fields)
+    document = publish_adapter(run.store, adapter_dir, run.prefix, fields, merged_dir=save_merged(run, adapter_dir))
     log.info("adapter published", extra={"digest": document["digest"], "files": len(document["files"]),
-                                         "manifest": run.config.storage.manifest_uri})
+                                         "manifest": run.config.storage.manifest_uri,
+                                         "merged": (document.get("merged") or {}).get("manifestUri")})
     return document
 
 

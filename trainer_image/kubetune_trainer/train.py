@@ -23,7 +23,7 @@ from kubetune.clients.storage import ObjectStore
 from . import data, distributed, ds_config, evalsets, metrics, modeling, storage, text, tracking
 from .checkpoints import TrainerState, resume, save_checkpoint
 from .evaluation import Evaluation, evaluate, evaluate_sets
-from .inputs import fetch_reference, load_data, load_evaluation_sets, prepare_data
+from .inputs import fetch_reference, load_data, load_evaluation_sets, prepare_data, resolve_base_model
 from .methods import TrainingMethod, method_of
 from .methods.freeze_thaw import Thawing
 from .modeling import BadInput
@@ -146,7 +146,7 @@ def run(config: JobConfig, *, work_dir: Path) -> dict:
     """Train and publish. Returns the manifest document (on rank 0; other ranks get {})."""
     work_dir.mkdir(parents=True, exist_ok=True)
     dist = distributed.init_process_group()
-    tracker = tracking.Tracker(config.spec, config.job.__dict__, enabled=dist.is_main)
+    tracker = tracking.Tracker(config, storage.output_store_from_env(config.spec), enabled=dist.is_main)
     status = "FAILED"
     try:
         document = _run(config, dist, work_dir, tracker)
@@ -190,9 +190,9 @@ def load_inputs(run: TrainingRun) -> None:
     from transformers import AutoTokenizer
 
     config, spec = run.config, run.spec
-    run.loaded = load_data(config, run.progress)
+    run.loaded = load_data(config, run.progress, run.work_dir / "cache")
     run.progress.update(stage="loading", force=True)
-    run.model_dir = modeling.resolve_model_dir(spec["baseModel"], storage.model_store(spec), run.work_dir / "cache")
+    run.model_dir = resolve_base_model(spec, run.dist, run.work_dir / "cache")
     run.tokenizer = tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
     causal = spec["task"] == "CausalLM"
     pad_note = text.choose_pad_token(tokenizer) if causal else "classification: the tokenizer's pad"
@@ -204,7 +204,7 @@ def load_inputs(run: TrainingRun) -> None:
     log.info("data ready", extra={"train": len(run.train_examples), "validation": len(run.val_examples),
                                   "truncated": run.token_stats["train"]["truncated"], "pad": pad_note})
     if config.stage.kind == jobconfig.STAGE_TRAIN and spec.get("evaluation"):
-        run.eval_sets = load_evaluation_sets(config, run.loaded, tokenizer)
+        run.eval_sets = load_evaluation_sets(config, run.loaded, tokenizer, run.work_dir / "cache")
         run.reference = fetch_reference(config, run.store, run.dist, run.work_dir)
     run.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run.pack = bool(spec["training"]["packing"]) and causal

@@ -3,7 +3,8 @@
 `manifest.json` lists every adapter file with its sha256 and size. The adapter's digest is the
 sha256 of the canonical file list, so it names the exact weights; the files live under a path
 derived from it (see `storage_layout.adapter_prefix`). The manifest is written after every file,
-so its presence means the whole adapter is there.
+so its presence means the whole adapter is there. `output.mergeAdapter`'s merged model is its own
+artifact (own manifest, digest and prefix) that the adapter manifest only references (`merged`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 
 MANIFEST_API = "kubetune.io/manifest/v1"
+MERGED_MANIFEST_API = "kubetune.io/merged-manifest/v1"
+MERGED_REFERENCE_FIELDS = ("uri", "manifestUri", "digest")  # the adapter manifest's `merged` entry
 _SHA256 = re.compile(r"^[a-f0-9]{64}$")
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 
@@ -37,16 +40,54 @@ class ManifestProblem:
 
 
 def check_document(doc: object) -> list[ManifestProblem]:
-    """Structural and digest checks that need no storage access."""
+    """Structural and digest checks of an adapter manifest that need no storage access."""
+    problems = _check_listing(doc, MANIFEST_API, "adapterPath", "manifest.json")
+    if not problems and "merged" in doc:  # type: ignore[operator]
+        problems = check_merged_reference(doc["merged"])  # type: ignore[index]
+    return problems
+
+
+def check_merged_document(doc: object) -> list[ManifestProblem]:
+    """The same checks for the merged model's own manifest (its files live under `modelPath`)."""
+    return _check_listing(doc, MERGED_MANIFEST_API, "modelPath", "the merged model's manifest")
+
+
+def check_merged_reference(reference: object) -> list[ManifestProblem]:
+    if not isinstance(reference, dict):
+        return [ManifestProblem("ManifestInvalid", "merged must be an object")]
+    for key in MERGED_REFERENCE_FIELDS:
+        if not isinstance(reference.get(key), str) or not reference[key]:
+            return [ManifestProblem("ManifestInvalid", f"merged.{key} is missing")]
+    if not _DIGEST.match(reference["digest"]):
+        return [ManifestProblem("ManifestInvalid", "merged.digest must be sha256:<64 hex>")]
+    return []
+
+
+def _check_listing(doc: object, api: str, path_field: str, what: str) -> list[ManifestProblem]:
     if not isinstance(doc, dict):
-        return [ManifestProblem("ManifestInvalid", "manifest.json is not a JSON object")]
+        return [ManifestProblem("ManifestInvalid", f"{what} is not a JSON object")]
     problems = []
-    if doc.get("api") != MANIFEST_API:
-        problems.append(ManifestProblem("ManifestInvalid", f"api is {doc.get('api')!r}, expected {MANIFEST_API!r}"))
+    if doc.get("api") != api:
+        problems.append(ManifestProblem("ManifestInvalid", f"api is {doc.get('api')!r}, expected {api!r}"))
     files = doc.get("files")
     if not isinstance(files, list) or not files:
         return [*problems, ManifestProblem("ManifestInvalid", "files must be a non-empty list")]
-    seen = set()
+    problems += _check_entries(files)
+    if problems:
+        return problems
+    digest = doc.get("digest")
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        return [ManifestProblem("ManifestInvalid", "digest must be sha256:<64 hex>")]
+    actual = files_digest(files)
+    if actual != digest:
+        return [ManifestProblem("DigestMismatch", f"digest {digest} does not match the file list ({actual})")]
+    if not isinstance(doc.get(path_field), str):
+        return [ManifestProblem("ManifestInvalid", f"{path_field} is missing")]
+    return []
+
+
+def _check_entries(files: list) -> list[ManifestProblem]:
+    problems, seen = [], set()
     for index, entry in enumerate(files):
         if not isinstance(entry, dict):
             problems.append(ManifestProblem("ManifestInvalid", f"files[{index}] is not an object"))
@@ -61,17 +102,7 @@ def check_document(doc: object) -> list[ManifestProblem]:
             problems.append(ManifestProblem("ManifestInvalid", f"files[{index}].sha256 is not a sha256 hex digest"))
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             problems.append(ManifestProblem("ManifestInvalid", f"files[{index}].size must be a positive integer"))
-    if problems:
-        return problems
-    digest = doc.get("digest")
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        return [ManifestProblem("ManifestInvalid", "digest must be sha256:<64 hex>")]
-    actual = files_digest(files)
-    if actual != digest:
-        return [ManifestProblem("DigestMismatch", f"digest {digest} does not match the file list ({actual})")]
-    if not isinstance(doc.get("adapterPath"), str):
-        return [ManifestProblem("ManifestInvalid", "adapterPath is missing")]
-    return []
+    return problems
 
 
 def total_size(doc: dict) -> int:
@@ -99,6 +130,7 @@ class ManifestCheck:
     problems: list[ManifestProblem] = field(default_factory=list)
     document: dict | None = None
     adapter_uri: str | None = None
+    merged: dict | None = None  # the verified merged model (uri, manifestUri, digest, sizeBytes), when published
 
     @property
     def verified(self) -> bool:

@@ -12,6 +12,7 @@ MANIFEST_FILE = "manifest.json"
 PROGRESS_FILE = "progress.json"
 LATEST_CHECKPOINT_FILE = "latest.json"
 RESULT_FILE = "result.json"
+TRACKING_FILE = "tracking.json"
 
 
 def _join(prefix: str, *parts: str) -> str:
@@ -62,6 +63,22 @@ def result_uri(stage_prefix_uri: str) -> str:
 def adapter_prefix(job_prefix_uri: str, digest: str) -> str:
     algorithm, _, hexdigest = digest.partition(":")
     return _join(job_prefix_uri, "adapter", f"{algorithm}-{hexdigest}") + "/"
+
+
+def merged_prefix(job_prefix_uri: str, digest: str) -> str:
+    """`output.mergeAdapter`: the merged model's files, beside the adapter and named by their own digest."""
+    algorithm, _, hexdigest = digest.partition(":")
+    return _join(job_prefix_uri, "merged", f"{algorithm}-{hexdigest}") + "/"
+
+
+def merged_manifest_uri(job_prefix_uri: str) -> str:
+    """The merged model's own manifest: written after its files, before the adapter's manifest."""
+    return _join(job_prefix_uri, "merged", MANIFEST_FILE)
+
+
+def tracking_uri(stage_prefix_uri: str) -> str:
+    """A stage's experiment-tracking run ids (MLflow, W&B): how a restarted pod continues the same run."""
+    return _join(stage_prefix_uri, TRACKING_FILE)
 
 
 def split_uri(uri: str) -> tuple[str, str, str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.api import manifest as manifest_api
+from kubetune.api.manifest import ManifestProblem
 
 log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
@@ -42,6 +43,15 @@ def output_store_from_env(spec: dict) -> ObjectStore:
     return ObjectStore(S3Settings(endpoint=output.get("endpoint"), region=output.get("region"),
                                   access_key=os.environ.get(jobconfig.ENV_S3_ACCESS_KEY),
                                   secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY)))
+
+
+@dataclass(frozen=True, order=True)
+class ObjectInfo:
+    """One stored object as a listing shows it."""
+
+    uri: str
+    size: int
+    tag: str
 
 
 class ObjectStore:
@@ -153,16 +163,23 @@ class ObjectStore:
         self.s3.download_file(bucket, key, str(path))
 
     def list(self, prefix_uri: str) -> list[str]:
+        return [entry.uri for entry in self.list_objects(prefix_uri)]
+
+    def list_objects(self, prefix_uri: str) -> list[ObjectInfo]:
+        """Every object under the prefix with its size and version tag, sorted by URI; one LIST request
+        per 1,000 objects on S3. The tag (the S3 ETag; a file's mtime) changes when the object does."""
         scheme, bucket, key = storage_layout.split_uri(prefix_uri)
         if scheme == "file":
             root = Path(key)
-            if not root.exists():
-                return []
-            return sorted(f"file://{p}" for p in root.rglob("*") if p.is_file())
-        uris = []
+            if root.is_file():  # the object itself, named as asked
+                return [ObjectInfo(prefix_uri, root.stat().st_size, str(root.stat().st_mtime_ns))]
+            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+            return [ObjectInfo(f"file://{p}", p.stat().st_size, str(p.stat().st_mtime_ns)) for p in files]
+        objects = []
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            uris.extend(f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", []))
-        return uris
+            objects.extend(ObjectInfo(f"s3://{bucket}/{item['Key']}", int(item["Size"]),
+                                      item.get("ETag", "").strip('"')) for item in page.get("Contents", []))
+        return sorted(objects)
 
 
 def _is_not_found(exc: Exception) -> bool:
@@ -182,64 +199,189 @@ def _file_sha256(path: Path) -> str:
 # --- publishing and verifying ------------------------------------------------------------------
 
 
-def publish_adapter(store: ObjectStore, adapter_dir: Path, job_prefix: str, fields: dict) -> dict:
+def _listing(directory: Path) -> list[dict]:
+    """Every file under `directory` with its sha256 and size; empty files and empty directories refused."""
+    files = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        if size == 0:
+            raise ValueError(f"refusing to publish empty file {path.relative_to(directory)}")
+        files.append({"path": str(path.relative_to(directory)), "sha256": _file_sha256(path), "size": size})
+    if not files:
+        raise ValueError(f"no files to publish in {directory}")
+    return files
+
+
+def _upload(store: ObjectStore, directory: Path, files: list[dict], prefix: str, what: str) -> None:
+    for index, entry in enumerate(files, 1):
+        store.upload_file(directory / entry["path"], prefix + entry["path"])
+        log.info(f"uploaded {what} file", extra={"file": entry["path"], "n": index, "of": len(files)})
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def publish_adapter(store: ObjectStore, adapter_dir: Path, job_prefix: str, fields: dict,
+                    merged_dir: Path | None = None) -> dict:
     """Upload every file of `adapter_dir` under its content-addressed path, then `manifest.json`.
 
     `fields` carries the rest of the manifest (baseModel, dataset, config, metrics...). Empty files
     are refused: an adapter with an empty tensor file is a broken save, not something to serve.
+    `merged_dir` (output.mergeAdapter) is published first as its own artifact, which the adapter
+    manifest references under `merged`: its files are never in the adapter's file list.
     """
     adapter_dir = Path(adapter_dir)
-    files = []
-    for path in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        if size == 0:
-            raise ValueError(f"refusing to publish empty file {path.relative_to(adapter_dir)}")
-        files.append({"path": str(path.relative_to(adapter_dir)), "sha256": _file_sha256(path), "size": size})
-    if not files:
-        raise ValueError(f"no files to publish in {adapter_dir}")
+    files = _listing(adapter_dir)
     digest = manifest_api.files_digest(files)
+    created = fields.get("createdAt") or _now()
+    merged = None
+    if merged_dir is not None:
+        provenance = {key: fields[key] for key in ("job", "task", "baseModel") if key in fields}
+        merged = publish_merged(store, Path(merged_dir), job_prefix,
+                                {**provenance, "adapterDigest": digest, "createdAt": created})
     prefix = storage_layout.adapter_prefix(job_prefix, digest)
-    for index, entry in enumerate(files, 1):
-        store.upload_file(adapter_dir / entry["path"], prefix + entry["path"])
-        log.info("uploaded adapter file", extra={"file": entry["path"], "n": index, "of": len(files)})
+    _upload(store, adapter_dir, files, prefix, "adapter")
     document = {
         **fields,
         "api": manifest_api.MANIFEST_API,
         "digest": digest,
         "adapterPath": prefix[len(job_prefix.rstrip("/")) + 1 :],
         "files": files,
-        "createdAt": fields.get("createdAt") or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "createdAt": created,
     }
+    if merged is not None:
+        document["merged"] = merged
     store.write(storage_layout.manifest_uri(job_prefix), json.dumps(document, indent=2, sort_keys=True).encode())
     return document
 
 
-def check_published(store: ObjectStore, job_prefix: str, verify_content: bool = True) -> manifest_api.ManifestCheck:
-    """Read `manifest.json`, check its digest, and check every file's size (and sha256 when asked)."""
+def publish_merged(store: ObjectStore, merged_dir: Path, job_prefix: str, fields: dict) -> dict:
+    """The merged model under its own digest's prefix, then its manifest; returns the reference the
+    adapter manifest carries (uri, manifestUri, digest, sizeBytes)."""
+    files = _listing(merged_dir)
+    digest = manifest_api.files_digest(files)
+    prefix = storage_layout.merged_prefix(job_prefix, digest)
+    _upload(store, merged_dir, files, prefix, "merged model")
+    manifest_uri = storage_layout.merged_manifest_uri(job_prefix)
+    document = {**fields, "api": manifest_api.MERGED_MANIFEST_API, "digest": digest,
+                "modelPath": prefix[len(job_prefix.rstrip("/")) + 1 :], "files": files,
+                "createdAt": fields.get("createdAt") or _now()}
+    store.write(manifest_uri, json.dumps(document, indent=2, sort_keys=True).encode())
+    return {"uri": prefix, "manifestUri": manifest_uri, "digest": digest,
+            "sizeBytes": manifest_api.total_size(document)}
+
+
+def check_published(store: ObjectStore, job_prefix: str, verify_content: bool = True,
+                    verify_merged: bool = False) -> manifest_api.ManifestCheck:
+    """Read `manifest.json`, check its digest, and check every file's size (and sha256 when asked).
+
+    `verify_merged`: also verify the merged model the manifest references (the FineTuneJob's publish
+    check); readers that only use the adapter (agents, adapter sources, evaluation references) skip it.
+    """
     raw = store.read(storage_layout.manifest_uri(job_prefix))
     if raw is None:
         return manifest_api.ManifestCheck(found=False)
     try:
         document = json.loads(raw)
     except ValueError as exc:
-        return manifest_api.ManifestCheck(True, [manifest_api.ManifestProblem("ManifestInvalid", f"not JSON: {exc}")])
+        return manifest_api.ManifestCheck(True, [ManifestProblem("ManifestInvalid", f"not JSON: {exc}")])
     problems = manifest_api.check_document(document)
     if problems:
         return manifest_api.ManifestCheck(True, problems, document)
     adapter_uri = job_prefix.rstrip("/") + "/" + document["adapterPath"].strip("/") + "/"
     expected_prefix = storage_layout.adapter_prefix(job_prefix, document["digest"])
     if adapter_uri != expected_prefix:
-        problems.append(manifest_api.ManifestProblem(
+        problems.append(ManifestProblem(
             "DigestMismatch", f"adapterPath {document['adapterPath']!r} is not the digest's path"))
-    for entry in document["files"]:
-        uri = adapter_uri + entry["path"]
+    problems += _adapter_file_problems(store, adapter_uri, document["files"], verify_content)
+    merged = None
+    if verify_merged and "merged" in document:
+        merged_problems, merged = check_merged(store, job_prefix, document["merged"], document["digest"],
+                                               verify_content)
+        problems += merged_problems
+    return manifest_api.ManifestCheck(True, problems, document, adapter_uri, merged)
+
+
+def check_merged(store: ObjectStore, job_prefix: str, reference: dict, adapter_digest: str,
+                 verify_content: bool) -> tuple[list[ManifestProblem], dict | None]:
+    """The merged model an adapter manifest references: at its expected places, its own manifest
+    well formed and matching the reference, every file there (sizes, sha256 when asked)."""
+    manifest_uri = storage_layout.merged_manifest_uri(job_prefix)
+    model_uri = storage_layout.merged_prefix(job_prefix, reference["digest"])
+    if reference["manifestUri"] != manifest_uri or reference["uri"] != model_uri:
+        return [ManifestProblem("MergedModelInvalid", f"merged {reference['uri']} ({reference['manifestUri']}) "
+                                f"is not at the digest's path {model_uri} ({manifest_uri})")], None
+    raw = store.read(manifest_uri)
+    if raw is None:
+        return [ManifestProblem("MergedModelMissing", f"{manifest_uri} is missing")], None
+    try:
+        document = json.loads(raw)
+    except ValueError as exc:
+        return [ManifestProblem("MergedModelInvalid", f"{manifest_uri} is not JSON: {exc}")], None
+    problems = [ManifestProblem("MergedModelInvalid" if p.reason == "ManifestInvalid" else p.reason,
+                                f"{manifest_uri}: {p.message}") for p in manifest_api.check_merged_document(document)]
+    if problems:
+        return problems, None
+    if document["digest"] != reference["digest"]:
+        return [ManifestProblem("DigestMismatch", f"{manifest_uri} has digest {document['digest']}, the adapter "
+                                f"manifest references {reference['digest']}")], None
+    if job_prefix.rstrip("/") + "/" + document["modelPath"].strip("/") + "/" != model_uri:
+        return [ManifestProblem("DigestMismatch",
+                                f"modelPath {document['modelPath']!r} is not the digest's path")], None
+    if document.get("adapterDigest") != adapter_digest:
+        return [ManifestProblem("MergedModelInvalid", f"{manifest_uri} was merged from adapter "
+                                f"{document.get('adapterDigest')}, not {adapter_digest}")], None
+    problems = _merged_file_problems(store, model_uri, document["files"], verify_content)
+    verified = {"uri": model_uri, "manifestUri": manifest_uri, "digest": document["digest"],
+                "sizeBytes": manifest_api.total_size(document)}
+    return problems, None if problems else verified
+
+
+def _file_findings(store: ObjectStore, prefix: str, files: list[dict],
+                   verify_content: bool) -> list[tuple[str, dict, int | None]]:
+    """(finding, entry, size found) for every listed file that is not as listed: "missing", "size"
+    or "content" (the sha256, checked only when asked: it reads every byte)."""
+    findings = []
+    for entry in files:
+        uri = prefix + entry["path"]
         size = store.size(uri)
         if size is None:
-            problems.append(manifest_api.ManifestProblem("AdapterFileMissing", f"{entry['path']} is missing"))
+            findings.append(("missing", entry, None))
         elif size != entry["size"]:
-            problems.append(manifest_api.ManifestProblem(
-                "AdapterFileCorrupt", f"{entry['path']} has {size} bytes, manifest says {entry['size']}"))
+            findings.append(("size", entry, size))
         elif verify_content and store.sha256(uri) != entry["sha256"]:
-            problems.append(manifest_api.ManifestProblem(
-                "DigestMismatch", f"{entry['path']} does not match its sha256 in the manifest"))
-    return manifest_api.ManifestCheck(True, problems, document, adapter_uri)
+            findings.append(("content", entry, size))
+    return findings
+
+
+def _adapter_file_problems(store: ObjectStore, prefix: str, files: list[dict],
+                           verify_content: bool) -> list[ManifestProblem]:
+    problems = []
+    for finding, entry, size in _file_findings(store, prefix, files, verify_content):
+        path = entry["path"]
+        if finding == "missing":
+            problems.append(ManifestProblem("AdapterFileMissing", f"{path} is missing"))
+        elif finding == "size":
+            problems.append(ManifestProblem(
+                "AdapterFileCorrupt", f"{path} has {size} bytes, manifest says {entry['size']}"))
+        else:
+            problems.append(ManifestProblem(
+                "DigestMismatch", f"{path} does not match its sha256 in the manifest"))
+    return problems
+
+
+def _merged_file_problems(store: ObjectStore, prefix: str, files: list[dict],
+                          verify_content: bool) -> list[ManifestProblem]:
+    problems = []
+    for finding, entry, size in _file_findings(store, prefix, files, verify_content):
+        path = entry["path"]
+        if finding == "missing":
+            problems.append(ManifestProblem("MergedFileMissing", f"merged model: {path} is missing"))
+        elif finding == "size":
+            problems.append(ManifestProblem(
+                "MergedFileCorrupt", f"merged model: {path} has {size} bytes, its manifest says {entry['size']}"))
+        else:
+            problems.append(ManifestProblem(
+                "DigestMismatch", f"merged model: {path} does not match its sha256 in the manifest"))
+    return problems

@@ -119,7 +119,8 @@ class ClusterPass:
     async def check_manifest(self, job_prefix: str) -> manifest_api.ManifestCheck:
         store = await self.stores.get()
         try:
-            return await asyncio.to_thread(storage.check_published, store, job_prefix, RUNTIME.verify_content)
+            return await asyncio.to_thread(storage.check_published, store, job_prefix, RUNTIME.verify_content,
+                                           verify_merged=True)
         except Exception as exc:  # storage down: treat as "not there yet"; the resync retries
             log.warning("manifest check failed", extra={"job": self.name, "error": str(exc)})
             return manifest_api.ManifestCheck(found=False)

@@ -150,7 +150,7 @@ class LocalPass:
         return [shell.Workload(w.metadata, w.status()) for w in self.workloads.values()]
 
     async def check_manifest(self, job_prefix: str) -> manifest_api.ManifestCheck:
-        return check_published(self.store, job_prefix)
+        return check_published(self.store, job_prefix, verify_merged=True)
 
     async def read_progress(self, prefix: str) -> dict | None:
         return self._read_json(storage_layout.progress_uri(prefix))

@@ -454,13 +454,16 @@ def _publish(observed: Observed, job: dict, settings: Settings, status: Status, 
         "baselineMetrics": manifest_api.numeric_metrics(document.get("baselineMetrics")),
         "publishTime": document.get("createdAt") or observed.now,
     }
+    if check.merged is not None:
+        status.value["merged"] = dict(check.merged)
     _record_training_baseline(status, job, document.get("baselineMetrics"))
     eval_loss = status.value["adapter"]["metrics"].get("eval_loss")
     if eval_loss is not None:
         status.value.setdefault("progress", {})["evalLoss"] = eval_loss
     status.value["phase"] = "Succeeded"
     status.condition("AdapterPublished", True, "Verified",
-                     f"adapter {document['digest']} verified ({len(document['files'])} files)")
+                     f"adapter {document['digest']} verified ({len(document['files'])} files)"
+                     + (f"; merged model {check.merged['digest']} verified" if check.merged else ""))
 
 
 def _phase_event(phase: str, status: dict) -> Event:

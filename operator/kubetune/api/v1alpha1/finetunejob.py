@@ -313,7 +313,9 @@ OUTPUT = obj(
         "region": string("Region of the bucket.", default="us-east-1", max_length=64),
         "credentials": s3_credentials("the output bucket"),
         "mergeAdapter": boolean("Also publish the adapter merged into the base weights (QLoRA merges into "
-                                "a bf16 copy of the base, never into 4-bit weights).", default=False),
+                                "a bf16 copy of the base, never into 4-bit weights), as its own artifact beside the "
+                                "adapter (own manifest and digest, status.merged); serving agents never fetch it.",
+                                default=False),
     },
     required=["uri"],
 )

@@ -181,6 +181,16 @@ FINETUNEJOB_STATUS = obj(
                 "publishTime": string("When the manifest was written.", fmt="date-time"),
             },
         ),
+        "merged": obj(
+            "output.mergeAdapter: the merged model, its own artifact beside the adapter (serving agents never "
+            "fetch it), recorded only after its manifest and every file were verified.",
+            {
+                "uri": string("Content-addressed location of the merged model's files.", max_length=2048),
+                "manifestUri": string("Location of the merged model's own manifest.json.", max_length=2048),
+                "digest": string("sha256:HEX over the merged model's file list.", max_length=80),
+                "sizeBytes": integer("Total size of the merged model's files.", minimum=0),
+            },
+        ),
         "data": DATA_STATUS,
         "baseline": BASELINE_STATUS,
         "sweep": SWEEP_STATUS,
