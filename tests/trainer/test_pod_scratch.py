@@ -34,6 +34,7 @@ def test_a_pod_fetches_the_shared_files_and_its_own_ranks_files():
     assert not needed_by("ds/zero_pp_rank_3_mp_rank_00_model_states.pt", second_pod)
     assert needed_by("ds/rng_state_rank6.pt", second_pod) and not needed_by("ds/rng_state_rank10.pt", second_pod)
     assert needed_by("rng-rank4.pt", second_pod) and not needed_by("rng-rank0.pt", second_pod)
+    assert needed_by("ds/best_rank5.pt", second_pod) and not needed_by("ds/best_rank1.pt", second_pod)
     for shared in ("state.pt", "latest", "ds/mp_rank_00_model_states.pt", "ds/latest"):
         assert needed_by(shared, second_pod)
 

@@ -331,6 +331,17 @@ def test_failure_reason_comes_from_the_trainer_when_it_left_one():
     assert "Master exited with code 2" in job["status"]["failure"]["message"]
 
 
+
+def test_a_halted_training_fails_with_the_trainers_reason_and_step():
+    """The guard's failure (exit 1, not retried) reaches status.failure in the trainer's words."""
+    failed = pj(("Failed", "PyTorchJobFailed", "Master exited with code 1"))
+    report = {**PROGRESS, "stage": "failed", "failure": {
+        "reason": "NonFiniteLoss", "message": "loss became nan at step 3; lower the learning rate or use FP32/BF16"}}
+    _, job = progress_step(created_job(), failed, report)
+    assert job["status"]["phase"] == "Failed"
+    assert job["status"]["failure"]["reason"] == "NonFiniteLoss"
+    assert "at step 3" in job["status"]["failure"]["message"]
+
 def test_local_runs_accept_file_outputs_and_clusters_do_not():
     job = finetunejob(output={"uri": "file:///tmp/out"})
     plan, after = step(job, config_map=False)

@@ -38,8 +38,9 @@ class TrainerState:
     train_seconds: float = 0.0  # optimizer steps only (no evaluation, checkpointing or loading)
 
 
-# Files that belong to one rank: DeepSpeed's ZeRO shards and the RNG states (ours and DeepSpeed's).
-_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_rank|rng-rank)(\d+)_?")
+# Files that belong to one rank: DeepSpeed's ZeRO shards, the RNG states (ours and DeepSpeed's) and the
+# rank's share of early stopping's best weights.
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_rank|rng-rank|best_rank)(\d+)_?")
 
 
 def pod_ranks(dist) -> range:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # rank 0 may upload a checkpoint while the others wait in a barrier
-_GATHER_CHUNK_NUMEL = 50_000_000  # gather at most this many elements at once: bounds peak memory on Full models
+GATHER_CHUNK_NUMEL = 50_000_000  # gather at most this many elements at once: bounds peak memory on Full models
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def _chunks(params: list[torch.nn.Parameter]) -> Iterator[list[torch.nn.Paramete
     size = 0
     for p in params:
         numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        if chunk and size + numel > _GATHER_CHUNK_NUMEL:
+        if chunk and size + numel > GATHER_CHUNK_NUMEL:
             yield chunk
             chunk, size = [], 0
         chunk.append(p)

@@ -107,33 +107,50 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The LoRA-adapted modules (peft's `lora_A`/`lora_B` around a `base_layer`), by name."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and "default" in module.lora_A]
+
+
+def lora_to_base_ratio(module: nn.Module) -> float | None:
+    """||B·A·scale|| / ||W|| of one adapted module: how far the adapter has moved it. None when a weight
+    is not on this rank (ZeRO-3 partitioned, not gathered) or has no cheap norm (4-bit packed)."""
+    a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+    base = module.base_layer.weight
+    if a.numel() == 0 or b.numel() == 0 or base.numel() == 0:
+        return None
+    if base.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    with torch.no_grad():
+        delta = (b.float() @ a.float()) * module.scaling["default"]
+        return float(delta.norm() / base.float().norm().clamp_min(1e-12))
+
+
 def lora_to_base_ratios(model: nn.Module) -> dict[str, float]:
-    """Per adapted module: ||B·A·scale|| / ||W||, how far the adapter has moved each layer."""
+    """Per adapted module: `lora_to_base_ratio`, for weights that are whole on this rank."""
     ratios = {}
-    for name, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if not isinstance(lora_a, nn.ModuleDict) or "default" not in lora_a:
-            continue
-        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-        if a.numel() == 0 or b.numel() == 0:  # ZeRO-3 partitioned: not available on this rank
-            continue
-        base = module.base_layer.weight
-        if base.numel() == 0 or base.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            continue  # 4-bit packed weights: no cheap norm
-        with torch.no_grad():
-            delta = (b.float() @ a.float()) * module.scaling["default"]
-            ratios[name] = float(delta.norm() / base.float().norm().clamp_min(1e-12))
+    for name, module in adapted_modules(model):
+        ratio = lora_to_base_ratio(module)
+        if ratio is not None:
+            ratios[name] = ratio
     return ratios
 
 
+def layer_of(parameter_name: str) -> str:
+    """The layer a parameter's gradient norm is counted under: an adapted layer (its LoRA A and B
+    together), else the module that owns the parameter."""
+    return parameter_name.split(".lora_")[0] if ".lora_" in parameter_name else parameter_name.rsplit(".", 1)[0]
+
+
 def layer_grad_norms(model: nn.Module) -> dict[str, float]:
-    """Gradient norm per adapted layer (its LoRA A and B together), or per trainable module for the other
-    methods; partitioned (ZeRO-3) or missing gradients are left out."""
+    """Gradient norm per `layer_of`, from the gradients on this rank's parameters (plain or DDP: whole
+    and already averaged); missing gradients are left out. DeepSpeed: `zero_state.layer_grad_norms`."""
     squares: dict[str, float] = {}
     for name, parameter in model.named_parameters():
         grad = parameter.grad
         if grad is None or grad.numel() == 0:
             continue
-        layer = name.split(".lora_")[0] if ".lora_" in name else name.rsplit(".", 1)[0]
+        layer = layer_of(name)
         squares[layer] = squares.get(layer, 0.0) + float(grad.detach().float().norm()) ** 2
     return {layer: value ** 0.5 for layer, value in squares.items()}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, modeling
+from . import distributed, modeling, zero_state
 from .checkpoints import TrainerState
 
 
@@ -20,6 +20,9 @@ class StepRunner:
         self.autocast_dtype = autocast_dtype
         self.deepspeed = None
         self.ddp = None
+        # Named before DeepSpeed takes the optimizer (ZeRO replaces its parameter groups with flat buffers);
+        # ZeRO converts the parameters in place, so these stay the model's own.
+        self.deepspeed_parameters = self._optimized_parameters() if ds is not None else {}
         if ds is not None:
             self.deepspeed = distributed.wrap_deepspeed(model, optimizer, scheduler, ds)
         elif dist.world_size > 1:
@@ -59,6 +62,8 @@ class StepRunner:
     def micro_step(self, boundary: bool) -> None:
         """After every micro-batch; the optimizer steps only at an accumulation boundary."""
         if self.deepspeed is not None:
+            if boundary and self.monitor_layers:  # reduced, not yet clipped: step() clips and zeroes them
+                self.layer_grad_norms = zero_state.layer_grad_norms(self.deepspeed, self.deepspeed_parameters)
             self.deepspeed.step()
             if boundary:
                 norm = self.deepspeed.get_global_grad_norm()
@@ -85,14 +90,25 @@ class StepRunner:
         ids = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         return {n: p for n, p in self.module.named_parameters() if id(p) in ids}
 
-    @property
-    def can_keep_best(self) -> bool:
-        return self.deepspeed is None  # ZeRO partitions the weights: no cheap local copy
+    def lora_to_base_ratios(self) -> dict[str, float]:
+        """How far the adapter moved each adapted layer; a collective under ZeRO-3 (gathers the weights)."""
+        if self.deepspeed is not None:
+            return zero_state.lora_to_base_ratios(self.deepspeed)
+        return modeling.lora_to_base_ratios(self.module)
 
     def remember_best(self) -> None:
+        """Early stopping: a CPU copy of the weights the optimizer trains (under DeepSpeed, this rank's
+        share: `zero_state.remember_best`)."""
+        if self.deepspeed is not None:
+            self.best_weights = zero_state.remember_best(self.deepspeed, self.deepspeed_parameters)
+            return
         self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in self._optimized_parameters().items()}
 
     def restore_best(self) -> None:
+        """Back to `remember_best`'s weights (a collective under ZeRO-3)."""
+        if self.deepspeed is not None:
+            zero_state.restore_best(self.deepspeed, self.deepspeed_parameters, self.best_weights)
+            return
         parameters = self._optimized_parameters()
         with torch.no_grad():
             for name, value in self.best_weights.items():
@@ -117,7 +133,9 @@ class StepRunner:
         per rank); the plain/DDP model and optimizer are the same on every rank, so rank 0 writes them."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.deepspeed is not None:
-            distributed.save_checkpoint(self.deepspeed, directory, "ds", {"trainer": state.__dict__})
+            checkpoint = distributed.save_checkpoint(self.deepspeed, directory, "ds", {"trainer": state.__dict__})
+            if self.best_weights is not None:  # each rank's own share (the checkpoint's barrier follows)
+                torch.save(self.best_weights, checkpoint / _best_file(self.dist.rank))
             return
         torch.save(distributed.capture_rng_state(), directory / f"rng-rank{self.dist.rank}.pt")
         if self.dist.is_main:
@@ -129,7 +147,14 @@ class StepRunner:
 
     def load(self, directory: Path) -> TrainerState:
         if self.deepspeed is not None:
-            return TrainerState(**distributed.load_checkpoint(self.deepspeed, directory, "ds")["trainer"])
+            saved = distributed.load_checkpoint(self.deepspeed, directory, "ds")["trainer"]
+            best = directory / "ds" / _best_file(self.dist.rank)
+            if best.is_file():
+                self.best_weights = torch.load(best, map_location="cpu", weights_only=True)
+            elif saved.get("best_step") is not None:
+                raise RuntimeError(f"checkpoint {directory} remembers best step {saved['best_step']} but has "
+                                   f"no {best.name}: it was written by a different world size")
+            return TrainerState(**saved)
         else:
             blob = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
             loaded = self.module.load_state_dict(blob["model"], strict=False)  # frozen weights are not in it
@@ -145,3 +170,7 @@ class StepRunner:
         if rng_file.exists():
             distributed.restore_rng_state(torch.load(rng_file, weights_only=False))
         return TrainerState(**saved)
+
+
+def _best_file(rank: int) -> str:
+    return f"best_rank{rank}.pt"

@@ -170,7 +170,15 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
     if stage_result is not None:
         return stage_result
     smoke_step(run)
-    run.stop_reason = train(run)
+    try:
+        run.stop_reason = train(run)
+    except TrainingHalted as halt:
+        # Every rank halts at the same micro-step (the guarded loss is all-reduced). Rank 0 records why
+        # before any rank exits: the launcher stops the other workers as soon as one exits, which could
+        # cut rank 0 off before the entrypoint records it.
+        run.progress.update(force=True, stage="failed", failure={"reason": halt.reason, "message": str(halt)})
+        distributed.barrier()
+        raise
     log.info("training finished", extra={"step": run.state.step, "reason": run.stop_reason})
     restore_best_weights(run)
     return finish(run)
@@ -415,7 +423,7 @@ def _evaluate_and_decide(run: TrainingRun) -> str | None:
         stop_patience=(stopping or {}).get("patience"), stop_min_delta=(stopping or {}).get("minDelta", 0.0),
         thaw_patience=thawing.patience if thawing else None, thaw_min_delta=thawing.min_delta if thawing else 0.0,
         can_thaw=bool(thawing and thawing.can_thaw))
-    if stopping and runner.can_keep_best and decision.best is not None and decision.best != state.best_metric:
+    if stopping and decision.best is not None and decision.best != state.best_metric:
         runner.remember_best()
         state.best_step = state.step
     state.best_metric, state.evals_without_improvement, state.plateau_evals = (
@@ -434,7 +442,7 @@ def _evaluate_and_decide(run: TrainingRun) -> str | None:
 def _monitors(runner: StepRunner) -> dict:
     """How far each adapted layer moved from its base, and the per-layer gradient norms of the last step."""
     monitor = {}
-    ratios = modeling.lora_to_base_ratios(runner.module)
+    ratios = runner.lora_to_base_ratios()
     if ratios:
         top = max(ratios, key=ratios.get)
         monitor |= {"loraToBaseMax": ratios[top], "loraToBaseMean": sum(ratios.values()) / len(ratios),
