@@ -19,7 +19,8 @@ from kubetune.api.schema import iter_fields
 from kubetune.api.validation import root_schema, validate
 from kubetune_operator import cli
 from kubetune_testing.kubectl import admission
-from kubetune_trainer import data
+from kubetune_trainer import data, dataset_input
+from kubetune_trainer.errors import BadInput
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 SPECS = sorted((CORPUS / "specs").glob("*.yaml"))
@@ -147,35 +148,22 @@ def _job_config(path: Path, entry: dict, out: Path) -> jobconfig.JobConfig:
     return jobconfig.job_config("test", "corpus", "uid-corpus", result.defaulted["spec"], None)
 
 
-@pytest.fixture(scope="module")
-def trainer():
-    """The trainer's own data path (`kubetune_trainer.inputs` imports torch, which the spec tests do without)."""
-    pytest.importorskip("torch")
-    from kubetune_trainer import inputs
-    from kubetune_trainer.modeling import BadInput
-
-    return inputs, BadInput
-
-
 @pytest.mark.parametrize("name", list(DATASETS), ids=[n.removesuffix(".jsonl") for n in DATASETS])
-def test_dataset_is_reported_with_line_numbers(name, tmp_path, trainer):
-    inputs, BadInput = trainer
+def test_dataset_is_reported_with_line_numbers(name, tmp_path):
     entry = DATASETS[name]
     path = CORPUS / "datasets" / name
     assert entry["outcome"] in ("BadInput", "accepted")
     assert set(entry["errors"]) <= set(data.ERROR_CLASSES), entry["errors"]
     config = _job_config(path, entry, tmp_path)
 
-    loaded = inputs.load_data(config, NoProgress())
+    loaded = dataset_input.load_data(config, NoProgress())  # the trainer's own data path, shared by every stage
     if entry["outcome"] == "BadInput":
         with pytest.raises(BadInput) as refused:
-            inputs.prepare_data(config, loaded, WordTokenizer())
+            dataset_input.check_lengths(config, loaded, WordTokenizer())
         summary = str(refused.value)
         assert "nothing was trained" in summary
     else:
-        count, render_chat = inputs.length_check_functions(WordTokenizer(), entry["format"])
-        loaded.apply_length_check(count, config.spec["training"]["maxSeqLength"], render_chat=render_chat)
-        assert loaded.acceptable(config.spec["dataset"]["maxInvalidFraction"])
+        dataset_input.check_lengths(config, loaded, WordTokenizer())
         summary = loaded.summary()
 
     report = loaded.reports[0]

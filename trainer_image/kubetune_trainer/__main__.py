@@ -70,16 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kubetune-"))
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    from . import train  # torch is imported here, after the cheap checks
-    from .modeling import BadInput
+    from .errors import BadInput
 
+    halted: tuple = ()  # the data stage trains nothing, so nothing halts it
+    if config.stage.kind == jobconfig.STAGE_DATA:
+        from .data_stage import run  # no torch, no weights: the CPU pod before any GPU
+    else:
+        from . import train  # torch is imported here, after the cheap checks
+
+        run, halted = train.run, train.TrainingHalted
     try:
-        document = train.run(config, work_dir=work_dir)
+        document = run(config, work_dir=work_dir)
     except BadInput as exc:
         log.error("bad input: nothing was trained", extra={"reason": "BadInput", "error": str(exc)})
         _report_failure(config, "BadInput", str(exc))
         return jobconfig.EXIT_BAD_INPUT
-    except train.TrainingHalted as exc:
+    except halted as exc:
         log.error("training halted", extra={"reason": exc.reason, "error": str(exc)})
         _report_failure(config, exc.reason, str(exc))
         return jobconfig.EXIT_FAILED
@@ -90,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("training failed", extra={"reason": "TrainingFailed"})
         _report_failure(config, "TrainingFailed", f"{type(exc).__name__}: {exc}")
         return jobconfig.EXIT_FAILED
-    if document and config.stage.kind != jobconfig.STAGE_TRAIN:
+    if document and config.stage.kind == jobconfig.STAGE_DATA:
+        print(json.dumps({"stage": config.stage.kind, "result": config.storage.result_uri, "data": document["data"]}))
+    elif document and config.stage.kind != jobconfig.STAGE_TRAIN:
         print(json.dumps({"stage": config.stage.kind, "rank": config.stage.rank, "result": config.storage.result_uri,
                           "metrics": document.get("metrics")}))
     elif document:

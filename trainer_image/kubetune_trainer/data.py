@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .leakage import Outcome, find_pairs
 from .split_sizes import allocate, validation_size
 
 FORMATS = ("prompt-completion", "chat", "text", "text-label")
@@ -124,7 +125,7 @@ class DataReport:
     counts: dict[str, int] = field(default_factory=dict)
     errors: list[DataError] = field(default_factory=list)
     duplicates_within: int = 0
-    # (train line, validation line) pairs of exact duplicates; set on the training file's report.
+    # (train line, validation line) pairs of the same normalised text; set on the training file's report.
     leakage: list[tuple[int, int]] = field(default_factory=list)
     max_tokens: int | None = None  # set once a length check is recorded
     truncated: int = 0
@@ -184,9 +185,8 @@ class DataReport:
         if self.leakage:
             shown = ", ".join(f"train line {t} = validation line {v}" for t, v in self.leakage[:5])
             more = f", ... and {len(self.leakage) - 5} more" if len(self.leakage) > 5 else ""
-            out.append(
-                f"  leakage: {len(self.leakage)} validation examples duplicate training examples ({shown}{more})"
-            )
+            out.append(f"  leakage: {len(self.leakage)} validation examples repeat training examples, case, "
+                       f"whitespace and punctuation ignored ({shown}{more})")
         return "\n".join(out)
 
 
@@ -448,14 +448,6 @@ def duplicates_within(records: Sequence[Record]) -> int:
     return len(records) - len({record.key for record in records})
 
 
-def duplicates_across(train: Iterable[Record], validation: Iterable[Record]) -> list[tuple[int, int]]:
-    """(train line, validation line) for every validation record that exactly duplicates a training record."""
-    first_train_line: dict[str, int] = {}
-    for record in train:
-        first_train_line.setdefault(record.key, record.line)
-    return [(first_train_line[record.key], record.line) for record in validation if record.key in first_train_line]
-
-
 def _stratum(record: Record, field_name: str) -> str:
     if field_name in record.fields:
         return canonical_json(record.fields[field_name])
@@ -507,9 +499,10 @@ class LoadedData:
     train: list[Record]
     validation: list[Record]
     reports: list[DataReport]  # the training file's, then the validation file's when there is one
-    leakage: list[tuple[int, int]]  # (train line, validation line) exact duplicates
+    leakage: list[tuple[int, int]]  # (train line, validation line) still in the splits, same normalised text
     labels: list[str]  # text-label: the declared labels in id order, else those found, sorted; [] otherwise
-    digest: str
+    digest: str  # sha256 of the dataset file, "+" that of the validation file when there is one
+    leakage_outcome: Outcome | None = None  # set once spec.dataset.leakage is applied (dataset_input.py)
 
     def acceptable(self, max_invalid_fraction: float) -> bool:
         return all(report.acceptable(max_invalid_fraction) for report in self.reports)
@@ -538,7 +531,8 @@ class LoadedData:
             drop_train, drop_validation = checks[0].too_long_lines, checks[1].too_long_lines
         self.train = [r for r in self.train if r.line not in drop_train]
         self.validation = [r for r in self.validation if r.line not in drop_validation]
-        self.leakage = duplicates_across(self.train, self.validation)
+        kept_train, kept_validation = {r.line for r in self.train}, {r.line for r in self.validation}
+        self.leakage = [(t, v) for t, v in self.leakage if t in kept_train and v in kept_validation]
         self.reports[0].leakage = self.leakage
 
 
@@ -554,8 +548,9 @@ def load_dataset(
     source_name: str = "train.jsonl",
     validation_source_name: str = "validation.jsonl",
 ) -> LoadedData:
-    """Validate, split (unless validation_bytes is given: then both files are kept in file order) and check
-    for leakage. Acceptance is the caller's call: `LoadedData.acceptable(max_invalid_fraction)`."""
+    """Validate, split (unless validation_bytes is given: then both files are kept in file order) and find
+    leakage (normalised text, `leakage.find_pairs`). Acceptance and the leakage policy are the caller's call:
+    `LoadedData.acceptable(max_invalid_fraction)`, `dataset_input.load_data`."""
     records, report = parse_jsonl(train_bytes, fmt, labels=labels, source=TRAIN, source_name=source_name)
     reports = [report]
     if validation_bytes is None:
@@ -566,7 +561,7 @@ def load_dataset(
             validation_bytes, fmt, labels=labels, source=VALIDATION, source_name=validation_source_name
         )
         reports.append(validation_report)
-    leakage = duplicates_across(train, validation)
+    leakage = find_pairs(train, validation, fmt)
     report.leakage = leakage
     found_labels: list[str] = []
     if fmt == "text-label":
@@ -579,5 +574,5 @@ def load_dataset(
         reports=reports,
         leakage=leakage,
         labels=found_labels,
-        digest=dataset_digest(*blobs),
+        digest="+".join(dataset_digest(blob) for blob in blobs),
     )

@@ -8,60 +8,23 @@ from pathlib import Path
 from kubetune.api import jobconfig
 from kubetune.api.jobconfig import JobConfig
 
-from . import data, distributed, evalsets, storage, text
+from . import data, distributed, evalsets, leakage, storage, text
+from .dataset_input import check_lengths, length_check_functions, stratify_field
 from .modeling import BadInput
 
 log = logging.getLogger(__name__)
-
-
-def load_data(config: JobConfig, progress: storage.ProgressWriter) -> data.LoadedData:
-    spec = config.spec
-    dataset = spec["dataset"]
-    store = storage.data_store(spec)
-    progress.update(stage="validating", force=True)
-    raw = store.read(dataset["uri"])
-    if raw is None:
-        raise BadInput(f"dataset.uri {dataset['uri']} does not exist")
-    validation_raw = None
-    if dataset.get("validationUri"):
-        validation_raw = store.read(dataset["validationUri"])
-        if validation_raw is None:
-            raise BadInput(f"dataset.validationUri {dataset['validationUri']} does not exist")
-    stratify = dataset.get("stratifyBy") or ("label" if dataset["format"] == "text-label" else None)
-    loaded = data.load_dataset(raw, dataset["format"], labels=spec.get("labels"), validation_bytes=validation_raw,
-                               validation_fraction=dataset["validationSplit"], seed=dataset["seed"],
-                               stratify_by=stratify, source_name=dataset["uri"],
-                               validation_source_name=dataset.get("validationUri") or "validation.jsonl")
-    return loaded
-
-
-def length_check_functions(tokenizer, fmt: str) -> tuple:
-    """(count_tokens, render_chat or None): what the data length check needs from the tokenizer."""
-
-    def count(piece: str) -> int:
-        return len(tokenizer(piece, add_special_tokens=True)["input_ids"])
-
-    def render_chat(messages: list[dict]) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-
-    chat_template = fmt == "chat" and getattr(tokenizer, "chat_template", None)
-    return count, render_chat if chat_template else None
 
 
 def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple:
     spec = config.spec
     fmt, max_len = spec["dataset"]["format"], spec["training"]["maxSeqLength"]
     holdout = config.stage.holdout_fraction if config.stage.kind == jobconfig.STAGE_TRIAL else None
-    count, render_chat = length_check_functions(tokenizer, fmt)
-    loaded.apply_length_check(count, max_len, render_chat=render_chat)
-    if not loaded.acceptable(spec["dataset"]["maxInvalidFraction"]):
-        raise BadInput("the dataset has invalid lines (nothing was trained):\n" + loaded.summary())
+    check_lengths(config, loaded, tokenizer)
     if holdout:
         # A rank-sweep trial trains on the training split minus a holdout and is scored on that holdout:
         # the validation split stays unseen until the full run's final evaluation (no selection bias).
-        stratify = spec["dataset"].get("stratifyBy") or ("label" if fmt == "text-label" else None)
         loaded.train, loaded.validation = data.split_records(loaded.train, holdout, spec["dataset"]["seed"] + 1,
-                                                             stratify)
+                                                             stratify_field(spec))
         if not loaded.validation:
             raise BadInput(f"rankSweep.holdoutFraction {holdout} of {len(loaded.train)} training examples "
                            "leaves no holdout to score the trial")
@@ -88,12 +51,13 @@ def load_evaluation_sets(config: JobConfig, loaded: data.LoadedData, tokenizer) 
                                      render_chat=render_chat)
         examples, gold = evalsets.tokenize_set(records, fmt, tokenizer, max_len, list(loaded.labels))
         out.append(evalsets.EvalSet(entry["name"], entry["uri"], data.dataset_digest(raw), records, examples, gold))
-        duplicates = data.duplicates_across(loaded.train, records)
+        duplicates = leakage.find_pairs(loaded.train, records, fmt)  # the dataset's normalisation
         log.info("evaluation set ready", extra={"set": entry["name"], "examples": len(examples),
                                                 "unknownLabels": sum(g not in loaded.labels for g in gold),
                                                 "duplicatesOfTraining": len(duplicates)})
         if duplicates:
-            log.warning("evaluation set lines duplicate training examples (leakage)",
+            log.warning("evaluation set lines repeat training examples (leakage; case, whitespace and punctuation "
+                        "ignored)",
                         extra={"set": entry["name"], "pairs": len(duplicates), "first": duplicates[:10]})
     return out
 

@@ -14,13 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import BadInput  # re-exported: the methods and recipe raise it from here
 from .methods import method_of
 
 log = logging.getLogger(__name__)
-
-
-class BadInput(Exception):
-    """The spec or the data is wrong; retrying cannot help."""
 
 
 # --- where the weights are -------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def manifest_fields(run: TrainingRun, final: Evaluation, seconds: float) -> dict
         "dataset": {"uri": spec["dataset"]["uri"], "validationUri": spec["dataset"].get("validationUri"),
                     "format": spec["dataset"]["format"], "digest": loaded.digest,
                     "trainExamples": len(loaded.train), "validationExamples": len(loaded.validation),
-                    "tokens": run.token_stats, "leakage": len(loaded.leakage)},
+                    "tokens": run.token_stats, "leakage": loaded.leakage_outcome.as_report()},
         "config": spec,
         "metrics": final.metrics,
         "baselineMetrics": state.baseline,

@@ -22,8 +22,9 @@ from kubetune.clients.storage import ObjectStore
 
 from . import data, distributed, ds_config, evalsets, metrics, modeling, storage, text, tracking
 from .checkpoints import TrainerState, resume, save_checkpoint
+from .dataset_input import load_data
 from .evaluation import Evaluation, evaluate, evaluate_sets
-from .inputs import fetch_reference, load_data, load_evaluation_sets, prepare_data
+from .inputs import fetch_reference, load_evaluation_sets, prepare_data
 from .methods import TrainingMethod, method_of
 from .methods.freeze_thaw import Thawing
 from .modeling import BadInput
@@ -189,9 +190,6 @@ def load_inputs(run: TrainingRun) -> None:
     causal = spec["task"] == "CausalLM"
     pad_note = text.choose_pad_token(tokenizer) if causal else "classification: the tokenizer's pad"
     run.label_ids, run.train_examples, run.val_examples, run.token_stats = prepare_data(config, run.loaded, tokenizer)
-    if run.loaded.leakage:
-        log.warning("exact duplicates across the train and validation splits (leakage)",
-                    extra={"pairs": len(run.loaded.leakage), "first": run.loaded.leakage[:10]})
     log.info("dataset report", extra={"summary": run.loaded.summary()})
     log.info("data ready", extra={"train": len(run.train_examples), "validation": len(run.val_examples),
                                   "truncated": run.token_stats["train"]["truncated"], "pad": pad_note})
