@@ -52,11 +52,19 @@ def _report_failure(config: jobconfig.JobConfig, reason: str, message: str) -> N
         log.exception("could not record the failure in progress.json")
 
 
+def default_work_dir(config: jobconfig.JobConfig, temp: Path) -> Path:
+    """One directory for every process of the pod (torchrun's workers share the pod's temp dir): local
+    rank 0 downloads into it what the others then read. Named by job and stage, never per process."""
+    stage = config.stage.kind + (f"-r{config.stage.rank}" if config.stage.rank is not None else "")
+    return temp / f"kubetune-{config.job.uid}-{stage}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
     parser.add_argument("--config", default=jobconfig.CONFIG_PATH, help="job config JSON (kubetune.api.jobconfig)")
     parser.add_argument("--work-dir", default=os.environ.get("KUBETUNE_WORK_DIR"),
-                        help="local scratch for model cache and checkpoints (default: a temp dir)")
+                        help="local scratch for model cache and checkpoints, shared by the pod's processes "
+                             "(default: $KUBETUNE_WORK_DIR, else one per job and stage under the temp dir)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.error("cannot read the job config", extra={"path": args.config, "error": str(exc)})
         return jobconfig.EXIT_BAD_INPUT
-    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="kubetune-"))
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(config, Path(tempfile.gettempdir()))
     work_dir.mkdir(parents=True, exist_ok=True)
 
     from .errors import BadInput

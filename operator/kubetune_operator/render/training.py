@@ -16,6 +16,7 @@ from kubetune.api import v1alpha1 as api
 
 TRAINER_MODULE = "kubetune_trainer"
 CACHE_DIR = "/var/cache/kubetune"
+WORK_DIR = f"{CACHE_DIR}/work"  # the trainer's scratch, shared by the pod's processes (KUBETUNE_WORK_DIR)
 RUN_AS_USER = 1000
 
 LABEL_JOB = "kubetune.io/finetunejob"
@@ -158,6 +159,7 @@ def trainer_env(spec: dict) -> list[dict]:
     env = [
         {"name": "KUBETUNE_JOB_CONFIG", "value": jobconfig.CONFIG_PATH},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "KUBETUNE_WORK_DIR", "value": WORK_DIR},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "TMPDIR", "value": "/tmp"},
