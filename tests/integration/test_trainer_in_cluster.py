@@ -20,9 +20,11 @@ from kubetune.api import jobconfig
 from kubetune.clients import kube
 from kubetune.clients.storage import check_published
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
+from kubetune_testing.training_operator import PyTorchJobRun
 from tests.trainer.conftest import lm_corpus
 
-from .conftest import eventually
+from .conftest import NS, eventually
+from .stage_helpers import data_stage_name, events_for
 from .test_finetunejob_flows import condition, status_of, submit, wait_phase
 
 pytestmark = pytest.mark.integration
@@ -78,6 +80,22 @@ async def finish(api, name: str, process) -> tuple[int, str]:
         await api.set_pytorchjob_conditions(name, ("Failed", "PyTorchJobFailed", f"Master exited with {code}"),
                                             replicaStatuses={"Master": {"failed": 1}})
     return code, output.decode(errors="replace")
+
+
+async def play_pytorchjob(api, name: str, root) -> PyTorchJobRun:
+    """Kubeflow's training operator for one PyTorchJob the operator created: its pods run as rendered
+    (kubetune_testing.training_operator), its status written back to the API as they go."""
+    pytorchjob = await eventually(lambda: api.get(kube.PYTORCHJOBS, name))
+    volumes = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]
+    config_map_name = next(v["configMap"]["name"] for v in volumes if "configMap" in v)
+    config_map = await eventually(lambda: api.get(kube.CONFIGMAPS, config_map_name))
+    run = PyTorchJobRun(pytorchjob, root, config_maps={config_map_name: config_map["data"]},
+                        secrets={"s3-creds": {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}})
+    run.start()
+    await api.client.patch(kube.PYTORCHJOBS, NS, name, {"status": run.status()}, subresource="status")
+    await asyncio.to_thread(run.wait, 240)
+    await api.client.patch(kube.PYTORCHJOBS, NS, name, {"status": run.status()}, subresource="status")
+    return run
 
 
 def spec_for(tiny_llama, rows) -> dict:
@@ -144,3 +162,50 @@ def test_s3_base_model_is_downloaded_once_into_the_cache(s3_server, tiny_llama, 
     assert again == local  # cached: not downloaded twice
     with pytest.raises(BadInput, match="no objects"):
         resolve_model_dir({"uri": f"s3://{BUCKET}/models/missing"}, store, tmp_path / "cache")
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+async def test_the_cpu_data_stage_refuses_bad_data_and_no_gpu_workload_is_created(
+        operator, api, s3_server, tiny_llama, tmp_path):
+    rows = [json.dumps(r) for r in lm_corpus(10)] + ['{"prompt": "alpha"}', "not json"]
+    s3_server.store().write(f"s3://{BUCKET}/data/bad-rows.jsonl", ("\n".join(rows) + "\n").encode())
+    spec = spec_for(tiny_llama, None)
+    spec["dataset"]["uri"] = f"s3://{BUCKET}/data/bad-rows.jsonl"
+    await submit(api, s3_server, "bad-rows", data_stage=False, **spec)
+    run = await play_pytorchjob(api, data_stage_name("bad-rows"), tmp_path)
+    assert run.phase == "Failed" and run.pod().exit_code == jobconfig.EXIT_BAD_INPUT, run.logs()
+    assert run.restarts == 0  # bad input is final: restartPolicy ExitCode does not retry 2
+    status = await wait_phase(api, "bad-rows", "Failed")
+    assert status["failure"]["reason"] == "BadInput"
+    assert "line 11" in status["failure"]["message"] and "line 12" in status["failure"]["message"]
+    assert status["data"]["state"] == "Failed" and "line 11" in status["data"]["message"]
+    assert condition(status, "DataValidated")["status"] == "False"
+    await asyncio.sleep(1.0)  # a few resyncs
+    assert [p["metadata"]["name"] for p in await api.list(kube.PYTORCHJOBS)] == [data_stage_name("bad-rows")]
+    assert not list(tmp_path.rglob("model.safetensors"))  # the tokenizer's files only, never the weights
+
+
+async def test_the_cpu_data_stage_reports_to_status_and_drops_leakage(operator, api, s3_server, tiny_llama, tmp_path):
+    train = lm_corpus(60)
+    leaked = [{"prompt": r["prompt"].upper() + "!", "completion": "  " + r["completion"]} for r in train[:5]]
+    fresh = [{"prompt": "zeta zeta", "completion": f"unseen words {i}"} for i in range(5)]
+    s3_server.store().write(f"s3://{BUCKET}/data/leaky-train.jsonl", _jsonl(train))
+    s3_server.store().write(f"s3://{BUCKET}/data/leaky-validation.jsonl", _jsonl(leaked + fresh))
+    spec = spec_for(tiny_llama, None)
+    spec["dataset"].update(uri=f"s3://{BUCKET}/data/leaky-train.jsonl",
+                           validationUri=f"s3://{BUCKET}/data/leaky-validation.jsonl")
+    await submit(api, s3_server, "leaky", data_stage=False, **spec)
+    run = await play_pytorchjob(api, data_stage_name("leaky"), tmp_path)
+    assert run.phase == "Succeeded", run.logs()
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "leaky"), timeout=20)  # the GPU stage, only now
+    data = (await status_of(api, "leaky"))["data"]
+    assert data["state"] == "Succeeded" and "+" in data["digest"]
+    assert data["leakage"] == {"policy": "Drop", "matched": 5, "dropped": 5}
+    assert data["examples"]["validation"] == 5
+    assert data["duplicates"]["acrossSplits"] == 5
+    assert 0 < data["tokens"]["train"]["p50"] <= data["tokens"]["train"]["p95"] <= data["tokens"]["train"]["max"]
+    leakage = next(e for e in await events_for(api, "leaky") if e["reason"] == "DataLeakage")
+    assert leakage["type"] == "Warning" and "5 of 10 validation examples" in leakage["message"]
