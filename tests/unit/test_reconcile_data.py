@@ -235,3 +235,18 @@ def test_local_table_shows_every_finding():
                   "duplicates: withinTrain 0"):
         assert piece in text, piece
     assert "kept" in data_report.leakage_message(record)
+
+
+def test_a_lost_status_write_after_the_data_stage_is_repaired_from_its_report():
+    _, job = launched()
+    _, job = step(job, data_workload(("Running", "PyTorchJobRunning", "running")))
+    # the pass that saw it succeed created the training job, then its status write was lost
+    training = pytorchjob_backend.read_status({"metadata": {"name": "llama-lora"}, "spec": {}, "status": {}})
+    report = StageReport(result=data_result(job))
+    plan = ftj.decide(ftj.Observed(job=job, now=NOW, config_map={"metadata": {"name": "llama-lora-config"}},
+                                   workload=training, stage_jobs={DATA_JOB: data_workload(SUCCEEDED)},
+                                   stage_reports={DATA_JOB: report},
+                                   stage_config_maps=frozenset({f"{DATA_JOB}-config"})), SETTINGS)
+    assert plan.create == []
+    assert plan.status["data"]["state"] == "Succeeded" and plan.status["data"]["examples"]["train"] == 180
+    assert plan.status["trainingJob"]["name"] == "llama-lora" and plan.status["phase"] == "Pending"

@@ -23,7 +23,7 @@ from kubetune_operator.render import training as render
 from . import conditions as cond
 from . import secrets, stages, tenancy
 from .finetunejob_plan import Event, Plan, StageReport, Status, deep_copy, seconds_between
-from .stage_jobs import data_stage_started, gpu_stages_started, pre_training_stages, stage_of
+from .stage_jobs import data_stage_started, gpu_stages_started, pre_training_stages, record_data_stage, stage_of
 
 TERMINAL = ("Succeeded", "Skipped", "Failed")
 # Phases whose progress is followed closely (every progress_seconds). Not Pending: its pods have not
@@ -241,6 +241,11 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: Sta
         "name": workload.name,
         "configMap": render.config_map_name(job["metadata"]["name"]),
     })
+    data = status.value.get("data") or {}
+    if data.get("state") in (stages.PENDING, stages.RUNNING) and (observed.stage_reports.get(data.get("job"))
+                                                                 or StageReport()).result is not None:
+        # the status write that recorded the data stage's success was lost with the one naming this job
+        record_data_stage(observed, settings, job, plan, status)
     _follow_workload(observed, job, settings, plan, status)
 
 

@@ -191,6 +191,11 @@ def _data_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, s
     return False
 
 
+def record_data_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, status: Status) -> None:
+    """Bring status.data up to date once the job is past its data stage (the training job exists)."""
+    _data_stage(observed, settings, job, plan, status)
+
+
 def _data_failed(status: Status, record: dict, reason: str, message: str) -> bool:
     record["state"] = stages.FAILED
     record["message"] = message[:32_768]
