@@ -86,17 +86,20 @@ def cmd_render(args: argparse.Namespace) -> int:
         job = preview_job(doc, args.namespace)
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         plan = ftj.decide(ftj.Observed(job=job, now=now), settings)
-        phase = plan.status.get("phase")
-        if phase in ("Baseline", "Sweeping"):
-            print(f"FineTuneJob/{job['metadata']['name']} starts in phase {phase}: these are its first children; "
-                  "the rank-sweep trials and the training job are created as the earlier stages finish",
-                  file=sys.stderr)
         if not plan.create:
             for condition in plan.status.get("conditions", []):
                 if condition["status"] == "False":
                     print(f"FineTuneJob/{job['metadata']['name']}: {condition['message']}", file=sys.stderr)
             return 1
         out.extend(plan.create)
+        if plan.status.get("phase") == "Validating":  # the GPU stage that follows a successful data stage
+            data = {**plan.status["data"], "state": "Succeeded"}
+            plan = ftj.decide(ftj.Observed(job={**job, "status": {**plan.status, "data": data}}, now=now), settings)
+            out.extend(plan.create)
+        phase = plan.status.get("phase")
+        print(f"FineTuneJob/{job['metadata']['name']}: the CPU-only data stage first, then "
+              f"{'the training job' if phase == 'Pending' else f'phase {phase}'}'s children; "
+              "later stages' children are created as the earlier stages finish", file=sys.stderr)
     if args.output == "json":
         print(json.dumps(out, indent=2))
     else:
@@ -167,6 +170,8 @@ def _progress_line(job: dict) -> str:
         return f"Sweeping: {status['sweep']['summary']}"
     if phase == "Baseline":
         return f"Baseline: {(status.get('baseline') or {}).get('state', 'Pending')}"
+    if phase == "Validating":
+        return f"Validating: data stage {(status.get('data') or {}).get('state', 'Pending')}"
     if progress.get("totalSteps"):
         done = progress.get("percent", 0)
         bar = "#" * (done // 4) + "." * (25 - done // 4)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from kubetune.api.v1alpha1.finetunejob import HIGHER_IS_BETTER
-from kubetune_operator.reconcile import stages, statuswrite
+from kubetune_operator.reconcile import data_report, stages, statuswrite
 
 
 def sweep_table(status: dict) -> str:
@@ -236,6 +236,10 @@ def finetunejob_summary(job: dict, run_dir: Path | None = None, duration_seconds
     """What `kubetune local` prints at the end of a FineTuneJob (and writes to report/summary.txt)."""
     status = job.get("status") or {}
     lines = ["", f"FineTuneJob {job['metadata']['name']}: {status.get('phase')}"]
+    data = status.get("data") or {}
+    if data.get("state") == stages.SUCCEEDED:
+        lines.append(f"  data ({data.get('digest', '')}):")
+        lines += ["    " + row for row in data_report.table(data).splitlines()]
     baseline_status = status.get("baseline") or {}
     if status.get("phase") == "Skipped":
         lines.append(f"  the base model meets the target ({baseline_status.get('summary', '')}): nothing was trained")

@@ -27,6 +27,35 @@ def finetunejob(**spec_overrides) -> dict:
     return doc
 
 
+# What the data stage reports for a small clean dataset (the result contract's `data` document).
+DATA_REPORT = {
+    "digest": "sha256:" + "a" * 64,
+    "examples": {"train": 180, "validation": 20},
+    "invalidLines": 0,
+    "labels": [],
+    "tokens": {"train": {"p50": 24, "p95": 41, "max": 80}, "validation": {"p50": 23, "p95": 40, "max": 66}},
+    "truncated": {"train": 0.0, "validation": 0.0},
+    "duplicates": {"withinTrain": 0, "withinValidation": 0, "acrossSplits": 0},
+    "leakage": {"policy": "Drop", "matched": 0, "dropped": 0},
+}
+
+
+def data_result(job: dict, report: dict | None = None) -> dict:
+    """The result.json a data stage writes at its prefix (the trainer's `finish_stage` document)."""
+    meta = job["metadata"]
+    return {"api": "kubetune.io/stage-result/v1", "kind": "data",
+            "job": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
+            "createdAt": "2026-11-28T10:59:00Z", "data": copy.deepcopy(report or DATA_REPORT)}
+
+
+def data_validated(job: dict, report: dict | None = None) -> dict:
+    """`job` as it is once its data stage has succeeded: status.data filled, the GPU stages next."""
+    name = job["metadata"]["name"]
+    status = job.setdefault("status", {})
+    status["data"] = {"job": f"{name}-data", "state": "Succeeded", **copy.deepcopy(report or DATA_REPORT)}
+    return job
+
+
 def adapterdeployment() -> dict:
     return {
         "apiVersion": "kubetune.io/v1alpha1",

@@ -10,7 +10,7 @@ from kubetune.api import storage_layout
 from kubetune.clients import kube
 from kubetune_operator.reconcile import conditions as cond
 from kubetune_operator.render import training as render
-from kubetune_testing.factories import finetunejob
+from kubetune_testing.factories import data_result, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, eventually
@@ -29,9 +29,12 @@ def job_doc(name: str, s3_endpoint: str, **overrides) -> dict:
     return doc
 
 
-async def submit(api, s3_server, name: str, **overrides) -> dict:
+async def submit(api, s3_server, name: str, data_stage: bool = True, **overrides) -> dict:
+    """Create the FineTuneJob and (`data_stage`) let its data stage succeed, so its GPU stages come next."""
     await api.create_secret("s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
     created, _ = await api.client.create(kube.FINETUNEJOBS, job_doc(name, s3_server.endpoint, **overrides))
+    if data_stage:
+        await pass_data_stage(api, s3_server, created)
     return created
 
 
@@ -51,6 +54,28 @@ def trial_name(job: str, rank: int) -> str:
 
 def write_json(s3_server, uri: str, doc: dict) -> None:
     s3_server.store().write(uri, json.dumps(doc).encode())
+
+
+def data_stage_name(job: str) -> str:
+    return f"{job}-data"
+
+
+def write_data_result(s3_server, created: dict, report: dict | None = None) -> None:
+    """What the data stage's trainer writes last: result.json with its report at `<job prefix>/data/`."""
+    meta = created["metadata"]
+    prefix = storage_layout.job_prefix(created["spec"]["output"]["uri"], meta["namespace"], meta["name"],
+                                       meta["uid"])
+    write_json(s3_server, storage_layout.result_uri(storage_layout.data_stage_prefix(prefix)),
+               data_result(created, report))
+
+
+async def pass_data_stage(api, s3_server, created: dict, report: dict | None = None) -> None:
+    """Play the CPU data stage as its trainer and the training operator would: wait for `<job>-data`, write
+    its result, then mark the PyTorchJob Succeeded. The GPU stages follow."""
+    name = data_stage_name(created["metadata"]["name"])
+    await wait_exists(api, kube.PYTORCHJOBS, name)
+    write_data_result(s3_server, created, report)
+    await succeed(api, name, startTime=START, completionTime=DONE)
 
 
 def write_trial_result(s3_server, created: dict, rank: int, eval_loss: float) -> None:

@@ -29,7 +29,7 @@ from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.render import training as render
 from kubetune_testing.emulator import EXEMPT_HEADER, Faults
-from kubetune_testing.factories import adapterdeployment, finetunejob
+from kubetune_testing.factories import adapterdeployment, data_result, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, Api, Operator
@@ -41,12 +41,12 @@ LIFECYCLES = ("train", "baseline-met", "baseline-below", "sweep", "rollout", "ca
 FINAL_PHASE = {"train": "Succeeded", "baseline-met": "Skipped", "baseline-below": "Succeeded",
                "sweep": "Succeeded", "rollout": "Ready", "canary": "Ready"}
 # roughly how many writes the operator makes in each lifecycle (kopf's included): kill points land in it
-WRITES = {"train": 10, "baseline-met": 9, "baseline-below": 13, "sweep": 20, "rollout": 10, "canary": 16}
+WRITES = {"train": 13, "baseline-met": 12, "baseline-below": 16, "sweep": 23, "rollout": 10, "canary": 16}
 CHILD_KINDS = ("pytorchjobs", "configmaps", "deployments", "services", "serviceaccounts", "roles", "rolebindings")
 OUTPUT_URI = f"s3://{BUCKET}/jobs"
 CANARY = {"type": "Canary", "unloadGraceSeconds": 0, "canary": {"steps": [{"setWeight": 50}, {"setWeight": 100}]}}
 BASE = {"uri": "hf://meta-llama/Llama-2-7b-hf", "revision": "main"}
-CONVERGE_SECONDS = 30.0
+CONVERGE_SECONDS = 40.0  # every FineTuneJob runs its data stage first: one stage more to converge
 
 
 @pytest.fixture(autouse=True)
@@ -139,7 +139,8 @@ async def submit_job(world: World, name: str, lifecycle: str) -> dict:
 
 async def play_training(world: World, created: dict, lifecycle: str) -> None:
     """The training operator and the trainer, level-based: whatever PyTorchJob of the job is unfinished
-    moves one step (results written before Succeeded, the adapter published before Succeeded)."""
+    moves one step (results, the data stage's report among them, written before Succeeded, the adapter
+    published before Succeeded)."""
     api, store = world.api, world.s3.store()
     name = created["metadata"]["name"]
     prefix = storage_layout.job_prefix(OUTPUT_URI, NS, name, created["metadata"]["uid"])
@@ -155,7 +156,10 @@ async def play_training(world: World, created: dict, lifecycle: str) -> None:
                 continue
             pj_name, labels = pj["metadata"]["name"], pj["metadata"]["labels"]
             stage = labels.get(render.LABEL_STAGE)
-            if stage == "baseline":
+            if stage == "data":
+                await write(storage_layout.result_uri(storage_layout.data_stage_prefix(prefix)),
+                            data_result(created))
+            elif stage == "baseline":
                 await write(storage_layout.result_uri(storage_layout.baseline_prefix(prefix)),
                             {"metrics": {"eval_loss": baseline_loss}, "seconds": 3})
             elif stage == "trial":
@@ -256,8 +260,9 @@ async def check_job(k8s, world: World, name: str, lifecycle: str) -> None:
     api = world.api
     status = await status_of(api, kube.FINETUNEJOBS, name)
     assert status.get("phase") == FINAL_PHASE[lifecycle], status
-    stages = {"train": [name], "baseline-met": [f"{name}-baseline"], "baseline-below": [f"{name}-baseline", name],
-              "sweep": [f"{name}-sweep-r4", f"{name}-sweep-r8", name]}[lifecycle]
+    stages = [f"{name}-data", *{"train": [name], "baseline-met": [f"{name}-baseline"],
+                                "baseline-below": [f"{name}-baseline", name],
+                                "sweep": [f"{name}-sweep-r4", f"{name}-sweep-r8", name]}[lifecycle]]
     pytorchjobs = sorted(p["metadata"]["name"] for p in await api.list(kube.PYTORCHJOBS))
     config_maps = sorted(c["metadata"]["name"] for c in await api.list(kube.CONFIGMAPS)
                          if (c["metadata"].get("labels") or {}).get(render.LABEL_JOB) == name)

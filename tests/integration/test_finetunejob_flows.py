@@ -9,16 +9,17 @@ import json
 import kmock
 import pytest
 
-from kubetune.api import storage_layout
+from kubetune.api import jobconfig, storage_layout
 from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
 from kubetune_operator.backends import render_children
 from kubetune_operator.controllers import finetunejob as ftj_controller
 from kubetune_operator.reconcile import conditions as cond
-from kubetune_testing.factories import finetunejob
+from kubetune_testing.factories import DATA_REPORT, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, eventually
+from .stage_helpers import data_stage_name, pass_data_stage
 
 pytestmark = pytest.mark.integration
 
@@ -31,9 +32,12 @@ def job_doc(name: str, s3_endpoint: str, **overrides) -> dict:
     return doc
 
 
-async def submit(api, s3_server, name: str, **overrides) -> dict:
+async def submit(api, s3_server, name: str, data_stage: bool = True, **overrides) -> dict:
+    """Create the FineTuneJob and (`data_stage`) let its CPU data stage succeed: the training job is next."""
     await api.create_secret("s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
     created, _ = await api.client.create(kube.FINETUNEJOBS, job_doc(name, s3_server.endpoint, **overrides))
+    if data_stage:
+        await pass_data_stage(api, s3_server, created)
     return created
 
 
@@ -57,9 +61,10 @@ async def events_for(api, name: str) -> list[dict]:
     return [e for e in await api.list(kube.EVENTS) if e.get("involvedObject", {}).get("name") == name]
 
 
-async def wait_event(api, name: str, reason: str) -> dict:
+async def wait_event(api, name: str, reason: str, containing: str = "") -> dict:
     async def check():
-        return next((e for e in await events_for(api, name) if e.get("reason") == reason), None)
+        return next((e for e in await events_for(api, name)
+                     if e.get("reason") == reason and containing in e.get("message", "")), None)
     return await eventually(check)
 
 
@@ -88,6 +93,41 @@ async def test_create_renders_configmap_and_pytorchjob(operator, api, s3_server)
     assert created_event["type"] == "Normal"
     assert created_event["involvedObject"]["uid"] == created["metadata"]["uid"]
     assert SECRET_KEY not in json.dumps(await api.list(kube.EVENTS)) + json.dumps(config_map)
+
+
+async def test_the_cpu_data_stage_comes_first_and_its_report_reaches_status(operator, api, s3_server):
+    created = await submit(api, s3_server, "data-job", data_stage=False)
+    data_job = await eventually(lambda: api.get(kube.PYTORCHJOBS, data_stage_name("data-job")))
+    status = await wait_phase(api, "data-job", "Validating")
+    assert [p["metadata"]["name"] for p in await api.list(kube.PYTORCHJOBS)] == [data_stage_name("data-job")]
+    container = data_job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"]) and data_job["spec"]["nprocPerNode"] == "1"
+    leaked = {**DATA_REPORT, "leakage": {"policy": "Drop", "matched": 3, "dropped": 3}}
+    await pass_data_stage(api, s3_server, created, leaked)
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "data-job"))
+    status = await wait_phase(api, "data-job", "Pending")
+    assert status["data"] == {"job": data_stage_name("data-job"), "state": "Succeeded", **leaked}
+    assert condition(status, "DataValidated")["status"] == "True"
+    leakage = await wait_event(api, "data-job", "DataLeakage", "3 of 23 validation examples")
+    assert leakage["type"] == "Warning"
+    await wait_event(api, "data-job", "DataValidated", "180 training and 20 validation examples")
+
+
+async def test_bad_data_fails_the_job_before_any_gpu_workload(operator, api, s3_server):
+    created = await submit(api, s3_server, "bad-data", data_stage=False)
+    name = data_stage_name("bad-data")
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, name))
+    prefix = storage_layout.data_stage_prefix(storage_layout.job_prefix(f"s3://{BUCKET}/jobs", NS, "bad-data",
+                                                                         created["metadata"]["uid"]))
+    message = "the dataset has invalid lines (nothing was trained): invalid_json: lines 3, 7"
+    s3_server.store().write(storage_layout.progress_uri(prefix),
+                            json.dumps({"failure": {"reason": "BadInput", "message": message}}).encode())
+    await api.set_pytorchjob_conditions(name, ("Failed", "PyTorchJobFailed", "1 Master replica(s) failed"))
+    status = await wait_phase(api, "bad-data", "Failed")
+    assert status["failure"]["reason"] == "BadInput" and "lines 3, 7" in status["failure"]["message"]
+    assert status["data"]["state"] == "Failed" and "lines 3, 7" in status["data"]["message"]
+    await asyncio.sleep(1.0)  # a few resyncs: still nothing on a GPU
+    assert [p["metadata"]["name"] for p in await api.list(kube.PYTORCHJOBS)] == [name]
 
 
 async def test_pytorchjob_conditions_flow_into_status(operator, api, s3_server):
@@ -261,26 +301,32 @@ async def test_operator_restart_mid_flight_keeps_exactly_one_pytorchjob(operator
         await asyncio.sleep(1.0)  # a few resyncs
     names = [pj["metadata"]["name"] for pj in await api.list(kube.PYTORCHJOBS)]
     assert names.count("restart-job") == 1
-    assert len(k8s[kmock.action.CREATE, kmock.resource("kubeflow.org", "v1", "pytorchjobs")]) == 1
+    # the data stage's and the training job's, each once
+    assert len(k8s[kmock.action.CREATE, kmock.resource("kubeflow.org", "v1", "pytorchjobs")]) == 2
 
 
 async def test_crash_after_creating_children_before_status_adopts_them(operator, api, s3_server, k8s):
-    """The operator died after creating the PyTorchJob but before writing status: a restart adopts it."""
+    """The operator died after creating the first PyTorchJob (the data stage's) but before writing status:
+    a restart adopts it, and the training job follows it once."""
     await operator.stop()
-    created = await submit(api, s3_server, "adopt-job")
+    created = await submit(api, s3_server, "adopt-job", data_stage=False)
     from kubetune.api.validation import validate
 
     job = copy.deepcopy(created)
     job.update({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"})
     for child in render_children(validate(job).defaulted | {"metadata": job["metadata"]},
-                                 operator.settings.render):
+                                 operator.settings.render, jobconfig.Stage(kind=jobconfig.STAGE_DATA)):
         resource = kube.CONFIGMAPS if child["kind"] == "ConfigMap" else kube.PYTORCHJOBS
         await api.client.create(resource, child)
     await operator.start()
+    status = await wait_phase(api, "adopt-job", "Validating")
+    assert status["data"]["job"] == data_stage_name("adopt-job")
+    await pass_data_stage(api, s3_server, created)
     status = await wait_phase(api, "adopt-job", "Pending")
-    assert status["trainingJob"]["name"] == "adopt-job"
+    assert status["trainingJob"]["name"] == "adopt-job" and status["data"]["state"] == "Succeeded"
     await asyncio.sleep(1.0)
-    assert [pj["metadata"]["name"] for pj in await api.list(kube.PYTORCHJOBS)] == ["adopt-job"]
+    names = sorted(pj["metadata"]["name"] for pj in await api.list(kube.PYTORCHJOBS))
+    assert names == ["adopt-job", data_stage_name("adopt-job")]
 
 
 async def test_final_status_survives_the_ttl_removal(operator, api, s3_server, tmp_path):
@@ -300,13 +346,13 @@ async def test_final_status_survives_the_ttl_removal(operator, api, s3_server, t
 async def test_invalid_spec_is_rejected_without_children(operator, api, s3_server):
     # The API server's CEL rules would refuse this; KMock has no admission, so the operator's own
     # validation is what stands between a bad spec and GPU time.
-    await submit(api, s3_server, "bad-spec", method={"type": "QLoRA", "lora": {"rank": 8}},
+    await submit(api, s3_server, "bad-spec", data_stage=False, method={"type": "QLoRA", "lora": {"rank": 8}},
                  distributed={"nodes": 1, "gpusPerNode": 1})
     status = await wait_phase(api, "bad-spec", "Failed")
     accepted = condition(status, "Accepted")
     assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
     assert "method.quantization is required when method.type is QLoRA" in accepted["message"]
-    assert await api.get(kube.PYTORCHJOBS, "bad-spec") is None
+    assert await api.list(kube.PYTORCHJOBS) == []  # not even the data stage
     assert await api.get(kube.CONFIGMAPS, "bad-spec-config") is None
 
 

@@ -29,6 +29,7 @@ from kubetune_testing.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, ad
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, eventually
+from .stage_helpers import pass_data_stage
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +110,7 @@ async def test_finetunejob_with_tracking_metadata(k8s, operator, api, s3_server,
     doc["spec"]["output"] = {"uri": f"s3://{BUCKET}/jobs", "endpoint": s3_server.endpoint,
                              "credentials": {"secretName": "s3-creds"}}
     created, _ = await api.client.create(kube.FINETUNEJOBS, doc)
+    await pass_data_stage(api, s3_server, created)
     await eventually(lambda: api.get(kube.PYTORCHJOBS, "tracked"))
     await api.set_pytorchjob_conditions("tracked", ("Running", "PyTorchJobRunning", "running"))
     prefix = storage_layout.job_prefix(f"s3://{BUCKET}/jobs", NS, "tracked", created["metadata"]["uid"])
@@ -129,7 +131,8 @@ async def test_finetunejob_with_tracking_metadata(k8s, operator, api, s3_server,
     assert {k: v for k, v in job["metadata"]["annotations"].items()
             if not k.startswith(OPERATOR_ANNOTATION_PREFIX)} == {**TRACKING_ANNOTATIONS, "owner": "alice"}
     children = owned(await api.list(kube.CONFIGMAPS) + await api.list(kube.PYTORCHJOBS), created)
-    assert sorted(c["kind"] for c in children) == ["ConfigMap", "PyTorchJob"]
+    # the data stage's and the training job's
+    assert sorted(c["kind"] for c in children) == ["ConfigMap", "ConfigMap", "PyTorchJob", "PyTorchJob"]
     assert_no_tracking_keys(children, created)
 
 

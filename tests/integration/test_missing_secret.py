@@ -47,7 +47,7 @@ async def test_a_job_waits_for_its_secret_then_starts(k8s, operator, api, s3_ser
     assert 'Secret "hf-late" not found' in missing["message"] and "(for HF_TOKEN)" in missing["message"]
     job = await api.get(kube.FINETUNEJOBS, "late-secret")
     assert job["status"]["phase"] == "Pending" and "trainingJob" not in job["status"]
-    assert await api.get(kube.PYTORCHJOBS, "late-secret") is None
+    assert await api.list(kube.PYTORCHJOBS) == []  # not even the data stage, whose pod needs them too
     assert await api.get(kube.CONFIGMAPS, "late-secret-config") is None
     await eventually(lambda: warnings(api, "late-secret"))
 
@@ -56,11 +56,11 @@ async def test_a_job_waits_for_its_secret_then_starts(k8s, operator, api, s3_ser
     await api.create_secret("hf-late", {"token": "hf_not_a_real_token"})
     keyless = await secrets_condition(api, kube.FINETUNEJOBS, "late-secret", "False", "SecretKeyNotFound")
     assert keyless["message"].startswith('Secret "s3-late" has no key "AWS_SECRET_ACCESS_KEY"')
-    assert await api.get(kube.PYTORCHJOBS, "late-secret") is None
+    assert await api.list(kube.PYTORCHJOBS) == []
 
     await api.client.patch(kube.SECRETS, NS, "s3-late", {"data": {"AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}})
     await secrets_condition(api, kube.FINETUNEJOBS, "late-secret", "True", "SecretsFound")
-    assert await eventually(lambda: api.get(kube.PYTORCHJOBS, "late-secret"), timeout=20)
+    assert await eventually(lambda: api.get(kube.PYTORCHJOBS, "late-secret-data"), timeout=20)  # the first stage
     reasons = [e["reason"] for e in await warnings(api, "late-secret")]
     assert reasons.count("SecretNotFound") == 1 and reasons.count("SecretKeyNotFound") == 1  # once each
     # only the storage Secret was ever read whole; the token only as metadata

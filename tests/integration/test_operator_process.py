@@ -74,16 +74,16 @@ async def test_operator_process(k8s, s3_server, tmp_path, scope):
                          "AWS_SECRET_ACCESS_KEY": base64.b64encode(SECRET_KEY.encode()).decode()}})
             await client.create(kube.FINETUNEJOBS, _job("scoped", namespace, s3_server.endpoint))
         try:
-            await eventually(lambda: client.get(kube.PYTORCHJOBS, "team-a", "scoped"), timeout=15)
+            await eventually(lambda: client.get(kube.PYTORCHJOBS, "team-a", "scoped-data"), timeout=15)
         except TimeoutError:
             process.send_signal(signal.SIGTERM)
             print((await process.communicate())[0].decode()[-6000:])
             raise
         if scope == ("--all-namespaces",):
-            await eventually(lambda: client.get(kube.PYTORCHJOBS, "team-b", "scoped"), timeout=15)
+            await eventually(lambda: client.get(kube.PYTORCHJOBS, "team-b", "scoped-data"), timeout=15)
         else:
             await asyncio.sleep(2.0)
-            assert await client.get(kube.PYTORCHJOBS, "team-b", "scoped") is None  # outside the scope
+            assert await client.get(kube.PYTORCHJOBS, "team-b", "scoped-data") is None  # outside the scope
             other = await client.get(kube.FINETUNEJOBS, "team-b", "scoped")
             assert not other.get("status")
 

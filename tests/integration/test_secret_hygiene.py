@@ -29,6 +29,7 @@ from kubetune_testing.factories import adapterdeployment, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, Operator, eventually
+from .stage_helpers import data_stage_name, pass_data_stage
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -198,19 +199,22 @@ async def test_finetunejob_flows_leak_no_secret(k8s, logs, operator, api, s3_ser
     await api.client.create(kube.FINETUNEJOBS, ftj_doc("hygiene-bad", s3_server.endpoint, "bad-creds"))
     await api.client.create(kube.FINETUNEJOBS, ftj_doc("hygiene-failed", s3_server.endpoint, "bad-creds"))
     for name in ("hygiene-ok", "hygiene-bad", "hygiene-failed"):
-        await eventually(lambda n=name: api.get(kube.PYTORCHJOBS, n))
+        await eventually(lambda n=name: api.get(kube.PYTORCHJOBS, data_stage_name(n)))
+    await pass_data_stage(api, s3_server, good)
+    # wrong credentials: the data stage's result cannot be read (the storage's error is logged) and, once
+    # the publish timeout has passed, the job fails; the trainer's progress.json cannot be read either
+    await api.set_pytorchjob_conditions(data_stage_name("hygiene-bad"), ("Succeeded", "PyTorchJobSucceeded", "done"),
+                                        completionTime="2026-11-28T00:00:00Z")
+    await api.set_pytorchjob_conditions(
+        data_stage_name("hygiene-failed"), ("Failed", "PyTorchJobFailed", "1 Master replica(s) failed"))
+    await eventually(lambda: api.get(kube.PYTORCHJOBS, "hygiene-ok"))
     prefix = storage_layout.job_prefix(f"s3://{BUCKET}/jobs", NS, "hygiene-ok", good["metadata"]["uid"])
     publish(s3_server, tmp_path, prefix, "ok", {"metrics": {"eval_loss": 0.4}})
     await api.set_pytorchjob_conditions("hygiene-ok", ("Succeeded", "PyTorchJobSucceeded", "done"))
-    # wrong credentials: the manifest cannot be read (the storage's error goes into status and Events)
-    await api.set_pytorchjob_conditions("hygiene-bad", ("Succeeded", "PyTorchJobSucceeded", "done"),
-                                        completionTime="2026-11-28T00:00:00Z")
-    await api.set_pytorchjob_conditions(
-        "hygiene-failed", ("Failed", "PyTorchJobFailed", "1 Master replica(s) failed"))
     ok = await phase_of(api, kube.FINETUNEJOBS, "hygiene-ok", ("Succeeded",))
     assert condition(ok, "AdapterPublished")["status"] == "True"
     bad = await phase_of(api, kube.FINETUNEJOBS, "hygiene-bad", ("Failed",))
-    assert condition(bad, "AdapterPublished")["status"] == "False"
+    assert bad["failure"]["reason"] == "ResultMissing" and condition(bad, "DataValidated")["status"] == "False"
     await phase_of(api, kube.FINETUNEJOBS, "hygiene-failed", ("Failed",))
     pytorchjob = await api.get(kube.PYTORCHJOBS, "hygiene-ok")
     env = {e["name"]: e for e in pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
@@ -304,7 +308,7 @@ async def test_storage_outside_the_namespaces_prefixes_is_refused_unread(k8s, te
     accepted = condition(status, "Accepted")
     assert accepted["status"] == "False" and accepted["reason"] == "StorageNotAllowed"
     assert f"spec.dataset.uri: s3://{BUCKET}/team-b/data/train.jsonl" in accepted["message"]
-    assert await api.get(kube.PYTORCHJOBS, "foreign-data") is None
+    assert await api.list(kube.PYTORCHJOBS) == []
     assert await api.get(kube.CONFIGMAPS, "foreign-data-config") is None
 
     adep = adapterdeployment()

@@ -21,6 +21,7 @@ from kubetune_testing.factories import finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, eventually
+from .stage_helpers import pass_data_stage
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +54,7 @@ async def test_progress_is_written_once_per_interval_and_the_final_status_is_com
     doc["spec"]["output"] = {"uri": f"s3://{BUCKET}/jobs", "endpoint": s3_server.endpoint,
                              "credentials": {"secretName": "s3-creds"}}
     created, _ = await api.client.create(kube.FINETUNEJOBS, doc)
+    await pass_data_stage(api, s3_server, created)
     await eventually(lambda: api.get(kube.PYTORCHJOBS, "busy"))
     await api.set_pytorchjob_conditions("busy", ("Running", "PyTorchJobRunning", "running"))
 

@@ -55,8 +55,11 @@ def test_local_run_trains_publishes_and_summarises(tmp_path, tiny_llama):
     assert "merged model" in next(c for c in status["conditions"] if c["type"] == "AdapterPublished")["message"]
     assert status["progress"]["step"] == 10 and status["progress"]["totalSteps"] == 10  # the --set applied
     assert "baseline" in result.stdout and "fine-tuned" in result.stdout and "eval_loss" in result.stdout
-    for event in ("Created", "Running", "AdapterPublished"):
+    for event in ("DataStageStarted", "Validating", "DataValidated", "Created", "Running", "AdapterPublished"):
         assert event in result.stderr
+    # the CPU data stage ran first, as a real process, and its report is in the status and the summary
+    assert status["data"]["state"] == "Succeeded" and status["data"]["examples"]["train"] > 0
+    assert f"data ({status['data']['digest']})" in result.stdout and "tokens p50" in result.stdout
     assert "trainer.log" in result.stdout
     # the final object for `kubetune local -f adep.yaml` (fineTuneJobRef) and the report: charts + summary
     name_dir = tmp_path / "runs" / "local-job"
@@ -76,7 +79,9 @@ def test_local_run_reports_bad_data_and_fails(tmp_path, tiny_llama):
     status = json.loads((tmp_path / "status.json").read_text())["status"]
     assert status["phase"] == "Failed" and status["failure"]["reason"] == "BadInput"
     assert "exited with code 2" in status["failure"]["message"]  # the launcher passes the worker's code through
-    assert status["attempts"] == 1  # bad input is never retried
+    # refused by the CPU data stage: the training job never existed
+    assert status["data"]["state"] == "Failed" and "line 9" in status["data"]["message"]
+    assert "trainingJob" not in status and "Created" not in result.stderr
     assert "invalid_json" in result.stdout and "line 9" in result.stdout
     report = tmp_path / "runs" / "local-job" / "report"
     assert "no adapter was published" in (report / "summary.txt").read_text()  # the charts' reason
@@ -103,6 +108,8 @@ def test_local_retries_a_retryable_exit_up_to_the_backoff_limit(tmp_path, tiny_l
     assert result.returncode == 1, result.stdout + result.stderr
     status = json.loads((tmp_path / "status.json").read_text())["status"]
     assert status["phase"] == "Failed"
+    # the data stage is the first to reach for the storage: it is the one retried, then failed
+    assert status["failure"]["reason"] == "DataStageFailed" and "trainingJob" not in status
     assert "exited with code 143" in status["failure"]["message"]
-    assert status["attempts"] == 2  # the first launch and one retry
-    assert "Restarting" in result.stderr or status["replicas"]["Master"]["failed"] == 2
+    logs = list((tmp_path / "runs").glob("local-job/*/local-job-data/trainer.log"))
+    assert len(logs) == 1 and logs[0].read_text().count("retryable failure") == 2  # the first launch and one retry

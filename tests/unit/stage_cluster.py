@@ -11,7 +11,7 @@ from kubetune_operator.reconcile import conditions as cond
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.reconcile.finetunejob_plan import Plan, StageReport
 from kubetune_operator.render import training as render
-from kubetune_testing.factories import finetunejob
+from kubetune_testing.factories import data_validated, finetunejob
 
 NOW = "2026-11-28T12:00:00Z"
 START = "2026-11-28T11:00:00Z"
@@ -42,10 +42,10 @@ def with_conditions(pytorchjob: dict, *kinds: str, message: str = "", completion
 class Cluster:
     """What the operator's shell does around `decide`: lists the job's children, reads the stage reports
     `needs_stage_reports` asks for, creates what the plan says (never twice), applies patches and writes
-    the status."""
+    the status. The job starts past its data stage (tests/unit/test_reconcile_data.py covers that stage)."""
 
     def __init__(self, job: dict):
-        self.job = job
+        self.job = job if (job.get("status") or {}).get("data") else data_validated(job)
         self.pytorchjobs: dict[str, dict] = {}
         self.config_maps: dict[str, dict] = {}
         self.results: dict[str, dict] = {}  # stage job name -> result.json in its prefix

@@ -25,8 +25,13 @@ def test_every_example_validates(capsys):
 def test_render_prints_the_children(capsys):
     assert cli.main(["render", "-f", str(REPO_ROOT / "examples" / "finetunejob-lora-7b-zero3.yaml")]) == 0
     documents = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in documents] == ["ConfigMap", "PyTorchJob"]
-    pytorchjob = documents[1]
+    # the CPU-only data stage, then the training job it lets start
+    assert [d["kind"] for d in documents] == ["ConfigMap", "PyTorchJob", "ConfigMap", "PyTorchJob"]
+    data_stage = documents[1]
+    assert data_stage["metadata"]["name"].endswith("-data") and data_stage["spec"]["nprocPerNode"] == "1"
+    assert "nvidia.com/gpu" not in str(data_stage["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+                                       ["containers"][0]["resources"])
+    pytorchjob = documents[3]
     assert pytorchjob["metadata"]["namespace"] == "team-a"
     assert pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
     assert pytorchjob["spec"]["nprocPerNode"] == "8"

@@ -8,7 +8,7 @@ from kubetune.api.manifest import ManifestCheck, ManifestProblem
 from kubetune_operator.backends import pytorchjob as pytorchjob_backend
 from kubetune_operator.reconcile import conditions as cond
 from kubetune_operator.reconcile import finetunejob as ftj
-from kubetune_testing.factories import finetunejob
+from kubetune_testing.factories import data_validated, finetunejob
 
 NOW = "2026-11-28T12:00:00Z"
 SETTINGS = ftj.Settings(publish_timeout_seconds=600)
@@ -55,12 +55,12 @@ def condition(job, kind):
 
 
 def created_job():
-    _, job = step(finetunejob(), config_map=False)
+    _, job = step(data_validated(finetunejob()), config_map=False)
     return job
 
 
 def test_new_job_creates_config_map_then_pytorchjob():
-    plan, job = step(finetunejob(), config_map=False)
+    plan, job = step(data_validated(finetunejob()), config_map=False)
     assert [c["kind"] for c in plan.create] == ["ConfigMap", "PyTorchJob"]
     assert job["status"]["phase"] == "Pending"
     assert condition(job, "Accepted")["status"] == "True"
@@ -96,8 +96,11 @@ def test_fixed_spec_after_invalid_one_proceeds():
     job["spec"]["training"] = {"epochs": 1}
     job["metadata"]["generation"] = 2
     plan, job = step(job, config_map=False)
-    assert [c["kind"] for c in plan.create] == ["ConfigMap", "PyTorchJob"]
+    assert [c["metadata"]["name"] for c in plan.create] == ["llama-lora-data-config", "llama-lora-data"]
     assert condition(job, "Accepted")["observedGeneration"] == 2
+    assert job["status"]["phase"] == "Validating"
+    plan, job = step(data_validated(job), config_map=False)
+    assert [c["kind"] for c in plan.create] == ["ConfigMap", "PyTorchJob"]
     assert job["status"]["phase"] == "Pending"
     assert condition(job, "Failed")["status"] == "False"
     assert "failure" not in job["status"] and "completionTime" not in job["status"]
@@ -168,7 +171,7 @@ def test_suspend_and_resume_patch_the_pytorchjob():
 
 
 def test_created_suspended():
-    plan, job = step(finetunejob(runPolicy={"suspend": True}), config_map=False)
+    plan, job = step(data_validated(finetunejob(runPolicy={"suspend": True})), config_map=False)
     assert plan.create[1]["spec"]["runPolicy"]["suspend"] is True
     assert job["status"]["phase"] == "Suspended"
 

@@ -8,8 +8,9 @@ import copy
 from kubetune.api.manifest import ManifestCheck
 from kubetune_operator.backends import pytorchjob
 from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.reconcile.finetunejob_plan import StageReport
 from kubetune_operator.shell import finetunejob as shell
-from kubetune_testing.factories import finetunejob
+from kubetune_testing.factories import data_result, data_validated, finetunejob
 
 NOW = "2026-11-28T12:00:00Z"
 
@@ -22,6 +23,7 @@ class MemoryPort:
         self.config_maps: list[dict] = []
         self.workloads: list[dict] = []
         self.calls: list[tuple] = []
+        self.reports: dict[str, StageReport] = {}  # stage prefix -> what its trainer left
 
     async def read_job(self):
         return copy.deepcopy(self.job)
@@ -42,7 +44,7 @@ class MemoryPort:
 
     async def read_stage_report(self, prefix):
         self.calls.append(("stage", prefix))
-        return None
+        return self.reports.get(prefix)
 
     async def secret_keys(self, names, output):
         self.calls.append(("secrets", tuple(names)))
@@ -81,14 +83,32 @@ def test_a_new_job_reads_its_secrets_creates_its_children_then_writes_status_the
     job["metadata"]["uid"] = "uid-1"
     port = MemoryPort(job)
     plan = run_pass(port)
-    assert plan.status["phase"] == "Pending"
+    assert plan.status["phase"] == "Validating"
     assert kinds(port) == ["secrets", "create", "create", "status", "event", "event"]
-    assert [c[1] for c in port.calls if c[0] == "create"] == ["ConfigMap", "PyTorchJob"]
+    assert [c[2] for c in port.calls if c[0] == "create"] == ["llama-lora-data-config", "llama-lora-data"]
     assert "manifest" not in kinds(port) and "progress" not in kinds(port)
 
 
-def test_a_running_job_reads_progress_and_a_suspend_becomes_the_backends_patch():
+def test_the_data_stages_report_is_read_once_it_finished_then_training_is_created():
     job = finetunejob()
+    job["metadata"]["uid"] = "uid-1"
+    port = MemoryPort(job)
+    run_pass(port)
+    port.calls.clear()
+    run_pass(port)
+    assert "stage" not in kinds(port)  # still running: nothing to read
+    prefix = ftj.job_prefix(port.job) + "data/"
+    port.reports[prefix] = StageReport(result=data_result(port.job))
+    port.workloads[0]["status"] = {"conditions": [{"type": "Succeeded", "status": "True"}]}
+    port.calls.clear()
+    plan = run_pass(port)
+    assert ("stage", prefix) in port.calls
+    assert plan.status["data"]["state"] == "Succeeded" and plan.status["phase"] == "Pending"
+    assert [c[2] for c in port.calls if c[0] == "create"] == ["llama-lora-config", "llama-lora"]
+
+
+def test_a_running_job_reads_progress_and_a_suspend_becomes_the_backends_patch():
+    job = data_validated(finetunejob())
     job["metadata"]["uid"] = "uid-1"
     port = MemoryPort(job)
     run_pass(port)
@@ -101,7 +121,7 @@ def test_a_running_job_reads_progress_and_a_suspend_becomes_the_backends_patch()
 
 
 def test_a_succeeded_job_checks_its_manifest():
-    job = finetunejob()
+    job = data_validated(finetunejob())
     job["metadata"]["uid"] = "uid-1"
     port = MemoryPort(job)
     run_pass(port)
@@ -112,7 +132,7 @@ def test_a_succeeded_job_checks_its_manifest():
 
 
 def test_children_of_another_owner_are_not_stage_jobs():
-    job = finetunejob(rankSweep={"ranks": [4, 8]})
+    job = data_validated(finetunejob(rankSweep={"ranks": [4, 8]}))
     job["metadata"]["uid"] = "uid-1"
     port = MemoryPort(job)
     run_pass(port)

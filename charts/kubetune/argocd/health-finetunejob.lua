@@ -128,10 +128,13 @@ if phase == "Suspended" or run_policy.suspend == true then
   return hs
 end
 
-if phase == nil or phase == "Pending" or phase == "Baseline" or phase == "Sweeping" or phase == "Running"
-    or phase == "Publishing" then
+if phase == nil or phase == "Pending" or phase == "Validating" or phase == "Baseline" or phase == "Sweeping"
+    or phase == "Running" or phase == "Publishing" then
   local parts = { tostring(phase or "Pending") }
-  if phase == "Baseline" then
+  if phase == "Validating" then
+    local data = status.data or {}
+    table.insert(parts, "data stage " .. tostring(data.state or "Pending"))
+  elseif phase == "Baseline" then
     local baseline = status.baseline or {}
     if baseline.summary ~= nil then
       table.insert(parts, "baseline " .. tostring(baseline.summary))

@@ -48,6 +48,8 @@ def render_pytorchjob(job: dict, settings: render.RenderSettings, config_data: d
     distributed = spec["distributed"]
     nodes = distributed["nodes"]
     per_node = distributed["gpusPerNode"] or distributed.get("processesPerNode", 1)
+    if stage.kind == jobconfig.STAGE_DATA:
+        nodes, per_node = 1, 1  # one CPU process reads the whole dataset
     template = render.pod_template(job, settings, stage, CONTAINER_NAME)
     # ExitCode: 128-255 (signals, EXIT_RETRYABLE) are retried, bad input (EXIT_BAD_INPUT) is not.
     replica_specs = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}

@@ -1,8 +1,8 @@
 """The FineTuneJob state machine (pure): observed state in, a `Plan` (children, status, events) out.
 
 Level-based: the same observation gives the same plan, so reconciling twice is harmless. The phases
-(Baseline, Sweeping, Pending, Running, Publishing; Succeeded, Skipped, Failed; Suspended) are drawn in
-docs/concepts.md; the stage jobs before training are reconcile.stage_jobs'.
+(Validating, Baseline, Sweeping, Pending, Running, Publishing; Succeeded, Skipped, Failed; Suspended) are
+drawn in docs/concepts.md; the stage jobs before training (data, baseline, sweep) are reconcile.stage_jobs'.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from kubetune_operator.render import training as render
 from . import conditions as cond
 from . import secrets, stages, tenancy
 from .finetunejob_plan import Event, Plan, StageReport, Status, deep_copy, seconds_between
-from .stage_jobs import pre_training_stages, stage_of
+from .stage_jobs import data_stage_started, gpu_stages_started, pre_training_stages, record_data_stage, stage_of
 
 TERMINAL = ("Succeeded", "Skipped", "Failed")
 # Phases whose progress is followed closely (every progress_seconds). Not Pending: its pods have not
 # started, so there is no progress to read, and the workload's own events (watched) say when they do; the
 # slower resync covers it. Following Pending jobs too made every queued job cost ~1 API request/s
 # (BENCHMARKS.md, Scale).
-ACTIVE = ("Baseline", "Sweeping", "Running")
-CONDITION_TYPES = ("Accepted", "BaselineSufficient", "RankSelected", "Running", "Suspended", "Succeeded", "Failed",
-                   "AdapterPublished", secrets.CONDITION)
+ACTIVE = ("Validating", "Baseline", "Sweeping", "Running")
+CONDITION_TYPES = ("Accepted", "DataValidated", "BaselineSufficient", "RankSelected", "Running", "Suspended",
+                   "Succeeded", "Failed", "AdapterPublished", secrets.CONDITION)
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,9 @@ def _stage_entries(job: dict) -> dict[str, tuple[jobconfig.Stage, str | None]]:
     status = job.get("status") or {}
     name = job["metadata"]["name"]
     out: dict[str, tuple[jobconfig.Stage, str | None]] = {}
+    data = status.get("data") or {}
+    if data.get("job"):
+        out[data["job"]] = (jobconfig.Stage(kind=jobconfig.STAGE_DATA), data.get("state"))
     baseline = status.get("baseline") or {}
     if baseline.get("source") == "BaselineJob":
         stage = jobconfig.Stage(kind=jobconfig.STAGE_BASELINE)
@@ -178,10 +181,7 @@ def decide(observed: Observed, settings: Settings) -> Plan:
 
 
 def _stages_started(previous: dict) -> bool:
-    baseline = previous.get("baseline") or {}
-    if baseline.get("source") == "BaselineJob" and baseline.get("state"):
-        return True
-    return any(t.get("state") != stages.QUEUED for t in (previous.get("sweep") or {}).get("trials") or [])
+    return data_stage_started(previous) or gpu_stages_started(previous)
 
 
 def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: Status) -> None:
@@ -241,6 +241,11 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: Sta
         "name": workload.name,
         "configMap": render.config_map_name(job["metadata"]["name"]),
     })
+    data = status.value.get("data") or {}
+    if data.get("state") in (stages.PENDING, stages.RUNNING) and (observed.stage_reports.get(data.get("job"))
+                                                                 or StageReport()).result is not None:
+        # the status write that recorded the data stage's success was lost with the one naming this job
+        record_data_stage(observed, settings, job, plan, status)
     _follow_workload(observed, job, settings, plan, status)
 
 
@@ -478,6 +483,7 @@ def _phase_event(phase: str, status: dict) -> Event:
         return Event("Normal", "AdapterPublished", f"adapter {adapter.get('digest')} published at {adapter.get('uri')}")
     messages = {
         "Pending": "waiting for the training pods",
+        "Validating": "checking the dataset on CPU before any GPU is requested",
         "Baseline": "evaluating the base model before training",
         "Sweeping": "sweeping LoRA ranks on a holdout",
         "Running": "training is running",

@@ -1,5 +1,6 @@
-"""The stage jobs before training (pure): launch and follow the baseline job and the rank-sweep
-trials, and record their outcomes in status.baseline and status.sweep (reconcile.stages judges them)."""
+"""The stage jobs before training (pure): launch and follow the CPU-only data stage, the baseline job and
+the rank-sweep trials, and record their outcomes in status.data, status.baseline and status.sweep
+(reconcile.stages judges them). No GPU workload is created before the data stage has succeeded."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kubetune_operator.backends import backend_of, render_children
 from kubetune_operator.backends.workload import FAILED, RESTARTING, RUNNING, SUCCEEDED, WorkloadStatus
 from kubetune_operator.render import training as render
 
-from . import stages
+from . import data_report, stages
 from .finetunejob_plan import Event, Plan, StageReport, Status, seconds_between
 
 if TYPE_CHECKING:
@@ -23,16 +24,35 @@ def stage_of(job: dict, workload: WorkloadStatus) -> jobconfig.Stage | None:
     """The stage a child workload runs, from its labels (None: the training job, or not a stage)."""
     labels = workload.labels
     kind = labels.get(render.LABEL_STAGE)
-    if kind == jobconfig.STAGE_BASELINE:
+    if kind in (jobconfig.STAGE_BASELINE, jobconfig.STAGE_DATA):
         return jobconfig.Stage(kind=kind)
     if kind == jobconfig.STAGE_TRIAL and str(labels.get(render.LABEL_RANK, "")).isdigit():
         return jobconfig.Stage(kind=kind, rank=int(labels[render.LABEL_RANK]))
     return None
 
 
+def gpu_stages_started(status: dict) -> bool:
+    """Whether a baseline job or a sweep trial was ever launched (status.baseline, status.sweep)."""
+    baseline = status.get("baseline") or {}
+    if baseline.get("source") == "BaselineJob" and baseline.get("state"):
+        return True
+    return any(t.get("state") != stages.QUEUED for t in (status.get("sweep") or {}).get("trials") or [])
+
+
+def data_stage_started(status: dict) -> bool:
+    return bool((status.get("data") or {}).get("state"))
+
+
 def pre_training_stages(observed: Observed, settings: Settings, job: dict, plan: Plan, status: Status) -> bool:
-    """Run the baseline gate and the rank sweep; True once training may start."""
+    """Run the data stage, the baseline gate and the rank sweep; True once training may start. A job whose
+    GPU stages started without a data stage on record (an operator upgrade, a lost status write) is not
+    sent back to it."""
     spec = job["spec"]
+    gpu_children = any((stage := stage_of(job, workload)) is not None and stage.kind != jobconfig.STAGE_DATA
+                       for workload in observed.stage_jobs.values())
+    due = data_stage_started(status.value) or not (gpu_stages_started(status.value) or gpu_children)
+    if due and not _data_stage(observed, settings, job, plan, status):
+        return False
     if stages.baseline_gates(spec) and not _baseline_stage(observed, settings, job, plan, status):
         return False
     return not stages.sweep_requested(spec) or _sweep_stage(observed, settings, job, plan, status)
@@ -53,8 +73,9 @@ def _launch_stage(observed: Observed, settings: Settings, job: dict, stage_spec:
 
 
 def _follow_stage(observed: Observed, settings: Settings, job: dict, stage_spec: dict, stage: jobconfig.Stage,
-                  record: dict, plan: Plan) -> None:
-    """Move a baseline or trial record along with its workload (or, when the job is gone, its result)."""
+                  record: dict, plan: Plan) -> str | None:
+    """Move a stage's record along with its workload (or, when the job is gone, its result). Returns the
+    reason when the stage failed in this pass."""
     name = record["job"]
     workload = observed.stage_jobs.get(name)
     report = observed.stage_reports.get(name) or StageReport()
@@ -65,7 +86,8 @@ def _follow_stage(observed: Observed, settings: Settings, job: dict, stage_spec:
             else:
                 _stage_failed(record, "JobLost", f"{backend_of(job).kind} {name} was deleted before it finished",
                               observed.now)
-        return
+                return "JobLost"
+        return None
     if record.get("state") in (None, stages.QUEUED):
         record["state"] = stages.PENDING  # adopted (its status write was lost): it exists, it is not queued
     config_map = render.stage_config_map_name(job["metadata"]["name"], stage)
@@ -79,7 +101,7 @@ def _follow_stage(observed: Observed, settings: Settings, job: dict, stage_spec:
             reason = str(trainer_failure["reason"])
             message = f"{trainer_failure.get('message', '')} ({message})"
         _stage_failed(record, reason, message, workload.completion_time or observed.now)
-        return
+        return reason
     if workload.phase == SUCCEEDED:
         completed = workload.completion_time or workload.since or observed.now
         if report.result is not None:
@@ -87,10 +109,12 @@ def _follow_stage(observed: Observed, settings: Settings, job: dict, stage_spec:
         elif seconds_between(completed, observed.now) >= settings.publish_timeout_seconds:
             _stage_failed(record, "ResultMissing", f"{name} succeeded but wrote no result.json within "
                           f"{settings.publish_timeout_seconds}s", completed)
-        return
+            return "ResultMissing"
+        return None
     if config_map not in observed.stage_config_maps:
         plan.create.append(render.render_config_map({**job, "spec": stage_spec}, stage=stage))
     record["state"] = stages.RUNNING if workload.phase in (RUNNING, RESTARTING) else stages.PENDING
+    return None
 
 
 def _stage_succeeded(record: dict, result: dict, completed: str) -> None:
@@ -118,6 +142,67 @@ def _duration(record: dict, result: dict) -> None:
 def _seconds_value(value: object) -> bool:
     """A duration the status can hold: JSON from storage may carry NaN or Infinity, which no API server stores."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _data_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, status: Status) -> bool:
+    """The CPU-only data stage: launched first, followed to its result; True once it has succeeded. Its
+    report becomes status.data; a refusal (bad lines, leakage under Fail) fails the job with the trainer's
+    reason and message."""
+    spec, meta = job["spec"], job["metadata"]
+    record = dict(status.value.get("data") or {})
+    if record.get("state") == stages.SUCCEEDED:
+        return True  # validated once: never again
+    stage = jobconfig.Stage(kind=jobconfig.STAGE_DATA)
+    name = render.stage_job_name(meta["name"], stage)
+    record["job"] = name
+    suspended = bool(spec.get("runPolicy", {}).get("suspend"))
+    workload = observed.stage_jobs.get(name)
+    if workload is not None or record.get("state") is not None:
+        followed = dict(record)  # _follow_stage's times and metrics are not status.data's
+        reason = _follow_stage(observed, settings, job, spec, stage, followed, plan)
+        record["state"] = followed["state"]
+        if reason is not None:
+            message = followed["message"].removeprefix(f"{reason}: ")
+            return _data_failed(status, record, "DataStageFailed" if reason == "TrainingFailed" else reason, message)
+    elif not suspended:
+        _launch_stage(observed, settings, job, spec, stage, plan)
+        record["state"] = stages.PENDING
+        plan.events.append(Event("Normal", "DataStageStarted", f"validating the dataset on CPU before any GPU is "
+                                 f"requested ({name})"))
+    if workload is not None:
+        _suspend_stage_job(plan, name, workload, suspended)
+    if record.get("state") == stages.SUCCEEDED:
+        result = (observed.stage_reports.get(name) or StageReport()).result or {}
+        if not isinstance(result.get("data"), dict):
+            return _data_failed(status, record, "DataReportMissing", f"{name} succeeded but its result.json "
+                                "holds no data report")
+        record.update(data_report.status_fields(result["data"]))
+        record.pop("message", None)
+        status.value["data"] = record
+        summary = data_report.summary(record)
+        status.condition("DataValidated", True, "DataAccepted", summary)
+        plan.events.append(Event("Normal", "DataValidated", summary))
+        leakage = data_report.leakage_message(record)
+        if leakage:
+            plan.events.append(Event("Warning", "DataLeakage", leakage))
+        return True
+    status.value["data"] = record
+    _stage_phase(status, suspended, "Validating", "the data stage is suspended")
+    return False
+
+
+def record_data_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, status: Status) -> None:
+    """Bring status.data up to date once the job is past its data stage (the training job exists)."""
+    _data_stage(observed, settings, job, plan, status)
+
+
+def _data_failed(status: Status, record: dict, reason: str, message: str) -> bool:
+    record["state"] = stages.FAILED
+    record["message"] = message[:32_768]
+    status.value["data"] = record
+    status.condition("DataValidated", False, reason, message)
+    status.fail(reason, f"the data stage ({record['job']}) failed before any GPU was requested: {message}")
+    return False
 
 
 def _baseline_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, status: Status) -> bool:

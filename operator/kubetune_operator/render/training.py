@@ -1,7 +1,8 @@
 """What every stage's children share: names, labels, the job-config ConfigMap, the trainer pod.
 
 Pure. The workload around the pod is its training backend's (kubetune_operator.backends). Names are
-deterministic (`<job>`, `<job>-baseline`, `<job>-sweep-r<rank>`): reconciles converge on one of each.
+deterministic (`<job>`, `<job>-data`, `<job>-baseline`, `<job>-sweep-r<rank>`): reconciles converge on one
+of each. The data stage's pod is CPU-only (`DATA_STAGE_RESOURCES`, docs/operations.md says why).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ LABEL_RANK = "kubetune.io/rank"
 MAX_WORKLOAD_NAME = 63  # workload names must be DNS-1035 labels (the training operator requires it)
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
+# The data stage reads the dataset and the tokenizer's files (no weights) and tokenizes every line on one
+# core: a fast tokenizer over ~1M lines fits in a few GiB. No GPU, and no CPU limit (a limit only throttles a
+# pod that ends in minutes); the memory limit stops a runaway dataset from starving the node.
+DATA_STAGE_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ def stage_job_name(job_name: str, stage: jobconfig.Stage) -> str:
         return _suffixed(job_name, "baseline")
     if stage.kind == jobconfig.STAGE_TRIAL:
         return _suffixed(job_name, f"sweep-r{int(stage.rank)}")
+    if stage.kind == jobconfig.STAGE_DATA:
+        return _suffixed(job_name, "data")
     return workload_name(job_name)
 
 
@@ -177,7 +184,9 @@ def trainer_env(spec: dict) -> list[dict]:
     return env
 
 
-def _resources(spec: dict) -> dict:
+def _resources(spec: dict, stage: jobconfig.Stage) -> dict:
+    if stage.kind == jobconfig.STAGE_DATA:
+        return {kind: dict(values) for kind, values in DATA_STAGE_RESOURCES.items()}
     resources = spec.get("resources", {})
     gpus = spec["distributed"]["gpusPerNode"]
     requests = dict(resources.get("requests", {}))
@@ -209,7 +218,7 @@ def pod_template(job: dict, settings: RenderSettings, stage: jobconfig.Stage, co
         "command": ["python", "-m", f"{TRAINER_MODULE}.launch", "--module", TRAINER_MODULE,
                     "--config", jobconfig.CONFIG_PATH],
         "env": trainer_env(spec),
-        "resources": _resources(spec),
+        "resources": _resources(spec, stage),
         "volumeMounts": [
             {"name": "job-config", "mountPath": jobconfig.CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -258,7 +267,8 @@ def pod_template(job: dict, settings: RenderSettings, stage: jobconfig.Stage, co
 
 
 def _component(stage: jobconfig.Stage) -> str:
-    return {jobconfig.STAGE_BASELINE: "baseline", jobconfig.STAGE_TRIAL: "sweep-trial"}.get(stage.kind, "training")
+    return {jobconfig.STAGE_BASELINE: "baseline", jobconfig.STAGE_TRIAL: "sweep-trial",
+            jobconfig.STAGE_DATA: "data"}.get(stage.kind, "training")
 
 
 def workload_metadata(job: dict, stage: jobconfig.Stage, config_data: dict[str, str]) -> dict:

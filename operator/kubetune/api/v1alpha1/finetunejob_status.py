@@ -27,8 +27,8 @@ _METRICS = {
     "additionalProperties": {"type": "number"},
 }
 
-FINETUNEJOB_PHASES = ("Pending", "Baseline", "Sweeping", "Suspended", "Running", "Publishing", "Succeeded",
-                      "Skipped", "Failed")
+FINETUNEJOB_PHASES = ("Pending", "Validating", "Baseline", "Sweeping", "Suspended", "Running", "Publishing",
+                      "Succeeded", "Skipped", "Failed")
 STAGE_STATES = ("Pending", "Running", "Succeeded", "Failed")
 TRIAL_STATES = ("Queued", *STAGE_STATES)  # Queued: waiting for a free slot (rankSweep.parallelism)
 
@@ -126,8 +126,9 @@ SWEEP_STATUS = obj(
 FINETUNEJOB_STATUS = obj(
     "Observed state, written only by the operator.",
     {
-        "phase": string("Informational summary; use conditions for decisions. Baseline and Sweeping come "
-                        "before training when configured; Skipped means the base model met the target.",
+        "phase": string("Informational summary; use conditions for decisions. Validating (the CPU-only data "
+                        "stage) comes first; Baseline and Sweeping come before training when configured; "
+                        "Skipped means the base model met the target.",
                         enum=list(FINETUNEJOB_PHASES)),
         "observedGeneration": integer("The generation the operator last acted on.", minimum=0),
         "lastUpdateTime": LAST_UPDATE_TIME,
