@@ -1,13 +1,11 @@
-"""The data stage as its CPU pod runs it: the launcher, one process, the tokenizer's files and no weights."""
+"""The data stage as its CPU pod runs it (the rendered pod, verbatim): one process, the tokenizer's files and
+no weights."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,9 @@ from kubetune.api import jobconfig
 from kubetune.api.v1alpha1.finetunejob_status import DATA_STATUS
 from kubetune.clients.storage import ObjectStore
 
-from .conftest import WORDS, job_spec, make_config, write_jsonl
-from .test_entrypoint import progress_of, run_main
+from .conftest import WORDS, job_spec, make_config, run_pods, write_jsonl
+from .rendered import json_lines
+from .test_entrypoint import progress_of
 
 DATA_STAGE = jobconfig.Stage(kind=jobconfig.STAGE_DATA)
 
@@ -33,16 +32,6 @@ def tokenizer_only(tiny_llama, tmp_path_factory) -> Path:
 def row(start: int, length: int = 3) -> dict:
     words = [WORDS[(start + i) % len(WORDS)] for i in range(length + 3)]
     return {"prompt": " ".join(words[:3]), "completion": " ".join(words[3:])}
-
-
-def launch(config: jobconfig.JobConfig, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The rendered data stage's command: the launcher, one process, KUBETUNE_WORK_DIR from the pod."""
-    path = tmp_path / "config.json"
-    path.write_text(config.to_json())
-    command = [sys.executable, "-m", "kubetune_trainer.launch", "--nproc-per-node", "1", "--module",
-               "kubetune_trainer", "--config", str(path)]
-    env = {**os.environ, "KUBETUNE_WORK_DIR": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
 
 
 def result_of(config: jobconfig.JobConfig) -> dict | None:
@@ -65,7 +54,7 @@ def test_the_data_stage_measures_the_dataset_from_the_tokenizer_files_alone(toke
     config = make_config(spec, name="data-stage", stage=DATA_STAGE)
     assert config.storage.job_prefix.endswith("/data/")
 
-    done = launch(config, tmp_path)
+    done = run_pods(config, tmp_path)
     assert done.returncode == jobconfig.EXIT_OK, done.stderr[-3000:]
     document = result_of(config)
     assert {k: document[k] for k in ("api", "kind", "job")} == {
@@ -83,7 +72,8 @@ def test_the_data_stage_measures_the_dataset_from_the_tokenizer_files_alone(toke
     assert report["tokens"]["train"]["max"] > 64  # measured before truncation
     assert 0 < report["tokens"]["train"]["p50"] <= report["tokens"]["train"]["p95"] < 64
     assert progress_of(config)["stage"] == "done"
-    assert json.loads(done.stdout.strip().splitlines()[-1])["data"] == report
+    pod_logs = tmp_path.glob("pods-data-stage/*/container.log")
+    assert [line["data"] for log in pod_logs for line in json_lines(log) if "data" in line] == [report]
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
@@ -93,7 +83,7 @@ def test_bad_data_exits_2_with_its_line_numbers_and_no_result(tokenizer_only, tm
     lines[6] = '{"prompt": "alpha"}'
     data = write_jsonl(tmp_path / "train.jsonl", lines)
     config = make_config(job_spec(tokenizer_only, data, tmp_path / "out"), name="bad-data", stage=DATA_STAGE)
-    assert run_main(config, tmp_path) == jobconfig.EXIT_BAD_INPUT  # the launcher passes 2 through (test_local)
+    assert run_pods(config, tmp_path).returncode == jobconfig.EXIT_BAD_INPUT  # the launcher passes 2 through
     failure = progress_of(config)["failure"]
     assert failure["reason"] == "BadInput"
     assert "invalid_json: 1 (line 4)" in failure["message"] and "missing_field: 1 (line 7)" in failure["message"]
@@ -106,7 +96,7 @@ def test_a_bad_evaluation_set_is_refused_before_any_gpu(tokenizer_only, tmp_path
     spec = job_spec(tokenizer_only, data, tmp_path / "out",
                     evaluation={"sets": [{"name": "holdout", "uri": f"file://{holdout}"}]})
     config = make_config(spec, name="bad-set", stage=DATA_STAGE)
-    assert run_main(config, tmp_path) == jobconfig.EXIT_BAD_INPUT
+    assert run_pods(config, tmp_path).returncode == jobconfig.EXIT_BAD_INPUT
     message = progress_of(config)["failure"]["message"]
     assert "evaluation set 'holdout'" in message and "the first at line 3 (missing_field" in message
     assert result_of(config) is None
@@ -124,7 +114,7 @@ def leaky_job(tokenizer_only: Path, tmp_path: Path, policy: str, stage: jobconfi
 
 def test_leakage_fail_refuses_naming_both_lines(tokenizer_only, tmp_path):
     config = leaky_job(tokenizer_only, tmp_path, "Fail")
-    assert run_main(config, tmp_path) == jobconfig.EXIT_BAD_INPUT
+    assert run_pods(config, tmp_path).returncode == jobconfig.EXIT_BAD_INPUT
     message = progress_of(config)["failure"]["message"]
     assert "dataset.leakage is Fail and 2 validation examples copy training examples" in message
     assert "validation line 2 = training line 3, validation line 4 = training line 10" in message
@@ -133,7 +123,7 @@ def test_leakage_fail_refuses_naming_both_lines(tokenizer_only, tmp_path):
 
 def test_leakage_warn_keeps_and_counts(tokenizer_only, tmp_path):
     config = leaky_job(tokenizer_only, tmp_path, "Warn")
-    assert run_main(config, tmp_path) == jobconfig.EXIT_OK
+    assert run_pods(config, tmp_path).returncode == jobconfig.EXIT_OK
     report = result_of(config)["data"]
     assert report["leakage"] == {"policy": "Warn", "matched": 2, "dropped": 0}
     assert report["examples"] == {"train": 12, "validation": 4}
@@ -143,7 +133,7 @@ def test_training_sees_the_splits_the_data_stage_reported(tiny_llama, tmp_path):
     """The same policy in every stage: the training run's manifest drops the rows the data stage dropped."""
     config = leaky_job(tiny_llama, tmp_path, "Drop", stage=None)
     config = make_config({**config.spec, "training": {**config.spec["training"], "maxSteps": 1}}, name="leak-train")
-    assert run_main(config, tmp_path) == jobconfig.EXIT_OK
+    assert run_pods(config, tmp_path).returncode == jobconfig.EXIT_OK
     manifest = json.loads(ObjectStore().read(config.storage.manifest_uri))
     assert manifest["dataset"]["leakage"] == {"policy": "Drop", "matched": 2, "dropped": 2}
     assert (manifest["dataset"]["trainExamples"], manifest["dataset"]["validationExamples"]) == (12, 2)

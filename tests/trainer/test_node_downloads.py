@@ -1,11 +1,9 @@
 """Inputs are downloaded once per pod: local rank 0 fetches the base model, the data and the reference
-into the pod's cache, the other ranks wait and read it. Bytes are counted by a proxy in front of S3."""
+into the pod's cache, the other ranks wait and read it. Bytes are counted by a proxy in front of S3: the
+job's output endpoint is the proxy's, so the rendered pod (run verbatim) reaches S3 only through it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +14,12 @@ from kubetune_trainer import node_cache
 from kubetune_trainer.modeling import BadInput, resolve_model_dir
 from tests.integration.conftest import s3_server  # noqa: F401 (fixture)
 
-from .conftest import _free_port, job_spec, lm_corpus, make_config, write_jsonl
+from .conftest import job_spec, lm_corpus, write_jsonl
+from .rendered import render_run
 
 MODEL_PREFIX = f"s3://{BUCKET}/node-downloads/model/"
 DATA_URI = f"s3://{BUCKET}/node-downloads/train.jsonl"
+S3_SECRET = "node-downloads-s3"
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +38,25 @@ def model_in_s3(s3_server, tiny_llama) -> int:  # noqa: F811
     return sum(p.stat().st_size for p in files)
 
 
-def launch_pod(config, tmp_path: Path, pod: str, nproc: int, endpoint: str) -> subprocess.CompletedProcess:
-    """One pod as rendered: `python -m kubetune_trainer.launch`, the work dir from KUBETUNE_WORK_DIR."""
-    config_path = tmp_path / f"{pod}.json"
-    config_path.write_text(config.to_json())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KUBETUNE_WORK_DIR": str(tmp_path / pod),
-           "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    command = [sys.executable, "-m", "kubetune_trainer.launch", "--nproc-per-node", str(nproc), "--master-port",
-               str(_free_port()), "--module", "kubetune_trainer", "--config", str(config_path)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+def run_job(spec: dict, name: str, tmp_path: Path) -> tuple[int, str]:
+    """The job's rendered PyTorchJob run as the training operator would: the master's exit code, its log."""
+    run, _ = render_run(spec, name, tmp_path / name,
+                        secrets={S3_SECRET: {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}})
+    run.start()
+    run.wait(600)
+    master = run.pod()
+    return master.exit_code, master.log.read_text(errors="replace")
 
 
-def s3_job(tiny_llama, tmp_path: Path, endpoint: str, name: str, data_uri: str = DATA_URI):
+def s3_job(tiny_llama, tmp_path: Path, endpoint: str, data_uri: str = DATA_URI) -> dict:
     spec = job_spec(tiny_llama, tmp_path / "unused.jsonl", tmp_path / "unused", training__maxSteps=2,
                     training__perDeviceBatchSize=4, training__evalSteps=2,
                     distributed={"nodes": 1, "gpusPerNode": 0, "processesPerNode": 2, "deepspeed": {"enabled": False}})
     spec["baseModel"] = {"uri": MODEL_PREFIX.rstrip("/")}
     spec["dataset"]["uri"] = data_uri
-    spec["output"] = {"uri": f"s3://{BUCKET}/node-downloads/jobs", "endpoint": endpoint}
-    return make_config(spec, name=name)
+    spec["output"] = {"uri": f"s3://{BUCKET}/node-downloads/jobs", "endpoint": endpoint,
+                      "credentials": {"secretName": S3_SECRET}}
+    return spec
 
 
 def test_two_processes_fetch_the_model_and_the_data_once_per_pod(proxy, s3_server, model_in_s3,  # noqa: F811
@@ -64,8 +64,8 @@ def test_two_processes_fetch_the_model_and_the_data_once_per_pod(proxy, s3_serve
     data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(32))
     s3_server.store().upload_file(data, DATA_URI)
     proxy.traffic.reset()
-    result = launch_pod(s3_job(tiny_llama, tmp_path, proxy.endpoint, "once"), tmp_path, "pod-0", 2, proxy.endpoint)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    code, log = run_job(s3_job(tiny_llama, tmp_path, proxy.endpoint), "once", tmp_path)
+    assert code == 0, log[-4000:]
     model_files = sum(1 for p in tiny_llama.rglob("*") if p.is_file())
     assert proxy.traffic.downloaded(f"/{BUCKET}/node-downloads/model/") == model_in_s3
     assert proxy.traffic.gets(f"/{BUCKET}/node-downloads/model/") == model_files
@@ -76,10 +76,9 @@ def test_two_processes_fetch_the_model_and_the_data_once_per_pod(proxy, s3_serve
 def test_a_missing_dataset_is_bad_input_on_every_rank_without_a_wait(proxy, model_in_s3, tiny_llama,
                                                                      tmp_path):
     missing = f"s3://{BUCKET}/node-downloads/missing.jsonl"
-    result = launch_pod(s3_job(tiny_llama, tmp_path, proxy.endpoint, "missing", missing), tmp_path, "pod-0", 2,
-                        proxy.endpoint)
-    assert result.returncode == 2, result.stdout[-4000:] + result.stderr[-4000:]
-    refusals = [line for line in result.stderr.splitlines() if "bad input: nothing was trained" in line]
+    code, log = run_job(s3_job(tiny_llama, tmp_path, proxy.endpoint, missing), "missing", tmp_path)
+    assert code == 2, log[-4000:]
+    refusals = [line for line in log.splitlines() if "bad input: nothing was trained" in line]
     assert len(refusals) == 2 and all(f"dataset.uri {missing} does not exist" in line for line in refusals)
 
 

@@ -1,22 +1,21 @@
 """MLflow tracking records the run, one run per stage, continued by a restarted pod; an unreachable or
-missing tracker never breaks training. (wandb is not installed here: its path is covered only as missing.)"""
+missing tracker never breaks training. The restart runs the rendered pod verbatim through the
+training-operator stand-in. (wandb is not installed here: its path is covered only as missing.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.clients.storage import ObjectStore
+from kubetune_testing.training_operator import MASTER
 from kubetune_trainer import tracking
 
 from .conftest import job_spec, lm_corpus, make_config, manifest_of, run_in_process, write_jsonl
+from .rendered import render_run
 
 
 def test_mlflow_records_params_losses_and_metrics(tiny_llama, tmp_path, monkeypatch):
@@ -72,47 +71,43 @@ def test_a_continued_run_skips_what_it_already_logged():
 
 
 def test_a_restarted_pod_continues_its_mlflow_run(tiny_llama, tmp_path, monkeypatch):
-    """SIGKILL after a checkpoint (the pod is lost), then the same command again (the restarted pod): one
-    MLflow run, continued by id from the stage's tracking.json, every step logged exactly once."""
+    """The rendered pod, run verbatim, SIGKILLed after a checkpoint (the pod is lost) and restarted by
+    `restartPolicy: ExitCode`: one MLflow run, continued by id from the stage's tracking.json, every step
+    logged exactly once."""
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local store stands in for a tracking server
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this test's own client; the pod opts in itself
     store_uri = f"file://{tmp_path / 'mlruns'}"
     data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(96))
     total = 100
     spec = job_spec(tiny_llama, data, tmp_path / "out", training__maxSteps=total, training__checkpointSteps=10,
                     training__evalSteps=50, training__perDeviceBatchSize=4,
                     tracking={"mlflow": {"trackingUri": store_uri, "experiment": "resume"}})
-    config = make_config(spec, name="tracked-resume")
-    config_path = tmp_path / "config.json"
-    config_path.write_text(config.to_json())
+    run, config = render_run(spec, "tracked-resume", tmp_path / "pods")
     store, prefix = ObjectStore(), config.storage.job_prefix
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "-m", "kubetune_trainer", "--config", str(config_path)]
-
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 180
     latest = storage_layout.latest_checkpoint_uri(prefix)
-    while store.read(latest) is None and first.poll() is None and time.monotonic() < deadline:
+    run.start()
+    deadline = time.monotonic() + 180
+    while store.read(latest) is None and time.monotonic() < deadline:
+        assert run.poll() == "Running", run.logs()
         time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    assert first.wait(30) == -signal.SIGKILL
+    assert run.kill(MASTER).poll() == 137
     saved = json.loads(store.read(storage_layout.tracking_uri(prefix)))
     client = MlflowClient(store_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
-    assert saved == {"api": tracking.TRACKING_API, "mlflow": {"runId": run.info.run_id}}
-    assert run.info.status == "RUNNING"  # killed: nobody ended it
-    logged_before = len(client.get_metric_history(run.info.run_id, "trainLoss"))
+    (first,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert saved == {"api": tracking.TRACKING_API, "mlflow": {"runId": first.info.run_id}}
+    assert first.info.status == "RUNNING"  # killed: nobody ended it
+    logged_before = len(client.get_metric_history(first.info.run_id, "trainLoss"))
     assert logged_before >= 10  # up to the checkpoint at least; the steps after it are replayed on resume
     print(f"trainLoss steps logged before the kill: {logged_before}; latest checkpoint: "
           f"step {json.loads(store.read(latest))['step']}")
 
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert run.wait(300) == "Succeeded", run.logs()
+    assert run.restarts == 1
     assert manifest_of(config)["training"]["steps"] == total
-    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
-    assert run.info.run_id == saved["mlflow"]["runId"] and run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "trainLoss")]
+    (run_info,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run_info.info.run_id == saved["mlflow"]["runId"] and run_info.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_info.info.run_id, "trainLoss")]
     assert sorted(steps) == list(range(1, total + 1)), f"{logged_before} steps logged before the kill"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [50, 100]
-    assert "MLflow run continued" in second.stderr + second.stdout
+    assert [m.step for m in client.get_metric_history(run_info.info.run_id, "eval_loss")] == [50, 100]
+    assert "MLflow run continued" in run.pod().log.read_text(errors="replace")

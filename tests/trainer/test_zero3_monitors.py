@@ -1,16 +1,13 @@
-"""Under DeepSpeed ZeRO-3 (and ZeRO-2 for the monitors) with two processes (gloo, CPU), launched as the
-rendered pod launches them (`kubetune_trainer.launch`, the work dir from KUBETUNE_WORK_DIR): the monitors
-report what a DDP run reports, early stopping publishes the best evaluation's weights (also after a
-resume), and a NaN loss fails the job with the step and the reason."""
+"""Under DeepSpeed ZeRO-3 (and ZeRO-2 for the monitors) with two processes (gloo, CPU), in the rendered
+PyTorchJob's pod run verbatim by the training-operator stand-in (`run_pods`): the monitors report what a
+DDP run reports, early stopping publishes the best evaluation's weights (also after a resume), and a NaN
+loss fails the job with the step and the reason."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,21 +16,11 @@ from safetensors.torch import load_file
 
 from kubetune.api import jobconfig, storage_layout
 
-from .conftest import WORDS, _free_port, adapter_dir, job_spec, lm_corpus, make_config, manifest_of, write_jsonl
+from .conftest import WORDS, adapter_dir, job_spec, lm_corpus, make_config, manifest_of, run_pods, write_jsonl
 
 TWO_PROCESSES = {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 2}
 ZERO3 = {"enabled": True, "zeroStage": 3}
 
-
-def launch(config: jobconfig.JobConfig, directory: Path) -> subprocess.CompletedProcess:
-    """Two processes, as the trainer container's command starts them; nothing else on the command line."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config_path = directory / "config.json"
-    config_path.write_text(config.to_json())
-    command = [sys.executable, "-m", "kubetune_trainer.launch", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "--module", "kubetune_trainer", "--config", str(config_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KUBETUNE_WORK_DIR": str(directory / "work")}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
 
 
 def evaluations(manifest: dict) -> list[dict]:
@@ -47,7 +34,7 @@ def _monitored_run(tiny_llama, tmp_path: Path, name: str, deepspeed: dict) -> li
                                   training__perDeviceBatchSize=4, training__effectiveBatchSize=16,
                                   training__evalSteps=2,
                                   distributed={**TWO_PROCESSES, "deepspeed": deepspeed}), name=name)
-    result = launch(config, tmp_path / name)
+    result = run_pods(config, tmp_path / name)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     manifest = manifest_of(config)
     assert manifest["training"]["schedule"]["grad_accum"] == 2
@@ -98,7 +85,7 @@ def test_zero3_early_stopping_publishes_the_best_weights_also_after_a_resume(tin
                     training__scheduler={"type": "constant", "warmupRatio": 0.0},
                     training__earlyStopping={"patience": 2}, distributed={**TWO_PROCESSES, "deepspeed": ZERO3})
     config = make_config(spec, name="best")
-    first = launch(config, tmp_path / "first")
+    first = run_pods(config, tmp_path / "first")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     manifest = manifest_of(config)
     evals = evaluations(manifest)
@@ -117,7 +104,7 @@ def test_zero3_early_stopping_publishes_the_best_weights_also_after_a_resume(tin
     for key in common:
         torch.testing.assert_close(published[key].float(), at_best[key].float(), rtol=0, atol=1e-6)
 
-    second = launch(config, tmp_path / "second")  # the same job again: resumes from the latest checkpoint
+    second = run_pods(config, tmp_path / "second")  # the same job, new pods: resumes from the checkpoint
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from checkpoint" in second.stderr
     again = manifest_of(config)
@@ -154,7 +141,7 @@ def test_a_nan_loss_under_zero3_fails_the_job_with_the_step_and_the_reason(tmp_p
                                   training__perDeviceBatchSize=2, training__evalSteps=30,
                                   dataset__validationUri=f"file://{validation}",
                                   distributed={**TWO_PROCESSES, "deepspeed": ZERO3}), name="nan")
-    result = launch(config, tmp_path / "run")
+    result = run_pods(config, tmp_path / "run")
     assert result.returncode == jobconfig.EXIT_FAILED, result.stdout[-3000:] + result.stderr[-3000:]
     progress = json.loads(Path(storage_layout.split_uri(
         storage_layout.progress_uri(config.storage.job_prefix))[2]).read_text())

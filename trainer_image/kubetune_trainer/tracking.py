@@ -116,6 +116,9 @@ class Tracker:
         # An unreachable server must cost seconds, not the client's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        if settings["trackingUri"].startswith("file://"):
+            # The API accepts a file store (a shared volume); MLflow 3 refuses one unless opted in.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         import mlflow
 
         mlflow.set_tracking_uri(settings["trackingUri"])
