@@ -19,14 +19,15 @@ from kubetune_agent import plan as agent_plan
 from kubetune_operator.controllers import adapterdeployment as adep_controller
 from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS
 from kubetune_operator.reconcile import driftloop
+from kubetune_testing import training_operator_loop
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from tests.conftest import shared_file
 from tests.trainer.conftest import make_config, run_in_process
 from tests.trainer.test_minilm_clinc import clinc_subset, minilm_dir, minilm_spec
 
 from .conftest import NS, eventually
+from .stage_helpers import wait_status
 from .test_adapterdeployment_flows import agent_pods, agents_sync
-from .test_trainer_in_cluster import finish, start_trainer
 
 pytestmark = pytest.mark.integration
 INTENTS, PER_INTENT = 6, 25
@@ -210,9 +211,11 @@ async def run_until_retrain(api, s3_server, serving_adapter, tmp_path, labelled:
 
 
 async def train_retrain(api, name: str, tmp_path: Path) -> None:
-    process = await start_trainer(api, name, tmp_path)
-    code, output = await finish(api, name, process)
-    assert code == 0, output[-4000:]
+    """The retrain's workloads (its CPU data stage, then training) run as rendered by the stand-in."""
+    async with training_operator_loop.running(api.client, NS, tmp_path / "pods") as pods:
+        status = await wait_status(api, name, lambda s: s.get("phase") in ("Succeeded", "Failed"), timeout=900)
+        output = "\n".join(run.logs() for run in pods.runs.values())
+    assert status["phase"] == "Succeeded", (status.get("failure"), output[-4000:])
 
 
 async def test_out_of_scope_drift_retrains_and_the_better_candidate_rolls_out(operator, api, s3_server,
