@@ -76,6 +76,10 @@ def lora_to_base_ratios(engine: Any) -> dict[str, float]:
     import deepspeed
 
     ratios: dict[str, float] = {}
+    # An evaluation's forward passes can leave parameters prefetched and still in flight (seen with a
+    # classification head): gathering those fails ("Cannot partition a param in flight"). Release every
+    # one first and re-gather the persistent ones after, as DeepSpeed does around a checkpoint.
+    engine.optimizer.checkpoint_event_prologue()
     for chunk in _module_chunks(model):
         gathered = [w for _, _, weights in chunk for w in weights if hasattr(w, "ds_id")]
         with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None):
@@ -83,6 +87,7 @@ def lora_to_base_ratios(engine: Any) -> dict[str, float]:
                 ratio = modeling.lora_to_base_ratio(module)
                 if ratio is not None:
                     ratios[name] = ratio
+    engine.optimizer.checkpoint_event_epilogue()
     return ratios
 
 
