@@ -291,6 +291,11 @@ def log_counts(log_path: Path) -> dict:
             "log_first_error": next((line[:400] for line in log_lines[:stop] if is_error(line)), None)}
 
 
+def first_child(job_name: str) -> str:
+    """A FineTuneJob's first workload: its CPU data stage (`<job>-data`), created before any GPU stage."""
+    return f"PyTorchJob/{job_name}-data"
+
+
 class Measured:
     """One size's run once the operator is up: the baselines taken before the creates, and what is
     measured from them."""
@@ -312,7 +317,7 @@ class Measured:
 
     def missing(self) -> int:
         k8s = self.k8s
-        left = sum(1 for ns, name in self.jobs if f"PyTorchJob/{name}" not in k8s.children["FineTuneJob", ns, name])
+        left = sum(1 for ns, name in self.jobs if first_child(name) not in k8s.children["FineTuneJob", ns, name])
         for ns, name, _ in self.adeps:
             have = k8s.children["AdapterDeployment", ns, name]
             left += (f"Deployment/{name}" not in have and not any(c.startswith("Deployment/") for c in have))
@@ -385,7 +390,7 @@ class Measured:
         k8s = self.k8s
         latencies = {"FineTuneJob": [], "AdapterDeployment": []}
         for ns, name in self.jobs:
-            created = k8s.children["FineTuneJob", ns, name].get(f"PyTorchJob/{name}")
+            created = k8s.children["FineTuneJob", ns, name].get(first_child(name))
             if created is not None and ("finetunejobs", ns, name) in k8s.parent_seen:
                 latencies["FineTuneJob"].append(created - k8s.parent_seen["finetunejobs", ns, name])
         for ns, name, _ in self.adeps:

@@ -19,7 +19,13 @@ from kubetune_operator.reconcile import driftloop as dl
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.render import gitops
 from kubetune_operator.render import serving as serving_render
-from kubetune_testing.factories import TRACKING_ANNOTATIONS, TRACKING_LABELS, adapterdeployment, finetunejob
+from kubetune_testing.factories import (
+    TRACKING_ANNOTATIONS,
+    TRACKING_LABELS,
+    adapterdeployment,
+    data_validated,
+    finetunejob,
+)
 
 NOW = "2026-11-28T12:00:00Z"
 
@@ -76,12 +82,15 @@ def test_the_helper_strips_exactly_the_tracking_keys():
 
 
 @pytest.mark.parametrize("stage, spec, kinds", [
+    ("data", {}, {"ConfigMap", "PyTorchJob"}),
     ("training", {}, {"ConfigMap", "PyTorchJob"}),
     ("baseline", {"baseline": {"target": {"metric": "eval_loss", "value": 1.0}}}, {"ConfigMap", "PyTorchJob"}),
     ("sweep", {"rankSweep": {"ranks": [4, 8, 16], "parallelism": 3}}, {"ConfigMap", "PyTorchJob"}),
 ])
 def test_finetunejob_children_of_every_stage_carry_no_tracking_keys(stage, spec, kinds):
     job = tracked(finetunejob(**spec))
+    if stage != "data":  # the GPU stages come once the data stage has succeeded
+        job = data_validated(job)
     children = decide_children(job)
     assert {c["kind"] for c in children} == kinds
     if stage == "sweep":

@@ -10,7 +10,7 @@ from kubetune_operator.reconcile import conditions as cond
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.reconcile import secrets
 from kubetune_operator.render import training as render
-from kubetune_testing.factories import finetunejob
+from kubetune_testing.factories import data_validated, finetunejob
 
 NOW = "2026-11-29T12:00:00Z"
 S3_KEYS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
@@ -79,7 +79,7 @@ def test_the_job_starts_once_the_secret_exists():
     plan, job = step(job, {"s3-creds": S3_KEYS})
     assert [c["kind"] for c in plan.create] == ["ConfigMap", "PyTorchJob"]
     assert condition(job)["status"] == "True" and condition(job)["reason"] == "SecretsFound"
-    assert job["status"]["trainingJob"]["name"] == "llama-lora"
+    assert job["status"]["data"]["job"] == "llama-lora-data"  # the first child: the CPU data stage
 
 
 def test_no_condition_when_every_secret_is_there_from_the_start():
@@ -102,7 +102,9 @@ def test_a_missing_secret_reported_under_a_running_job_does_not_stop_it():
 def test_secrets_are_read_until_training_starts_and_while_one_is_missing():
     job = finetunejob()
     assert ftj.needs_secrets(job) == ["s3-creds"]
-    _, started = step(job, {"s3-creds": S3_KEYS})
+    _, validating = step(job, {"s3-creds": S3_KEYS})
+    assert validating["status"]["data"]["job"] and ftj.needs_secrets(validating) == ["s3-creds"]  # no training yet
+    _, started = step(data_validated(finetunejob()), {"s3-creds": S3_KEYS})
     assert started["status"]["trainingJob"] and ftj.needs_secrets(started) == []  # not on every progress pass
     _, waiting = step(job, {"s3-creds": None})
     assert ftj.needs_secrets(waiting) == ["s3-creds"]

@@ -25,7 +25,7 @@ from kubetune_operator.reconcile import tenancy
 from kubetune_operator.reconcile.finetunejob_plan import Plan
 from kubetune_operator.render import serving as serving_render
 from kubetune_operator.render import training as render
-from kubetune_testing.factories import adapterdeployment, finetunejob
+from kubetune_testing.factories import adapterdeployment, data_validated, finetunejob
 from tests.unit.test_chart import find_helm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,9 +71,10 @@ def training_pods() -> dict[str, dict]:
                 if child["kind"] == "PyTorchJob":
                     for replica, spec in pod_specs_of_pytorchjob(child).items():
                         pods[f"{job_name}/{stage_name}/{replica}"] = spec
-    flows = {"baseline": finetunejob(baseline={"target": {"metric": "eval_loss", "value": 1.0}}),
-             "sweep": finetunejob(rankSweep={"ranks": [4, 8], "parallelism": 2}),
-             "plain": finetunejob()}
+    flows = {"baseline": data_validated(finetunejob(baseline={"target": {"metric": "eval_loss", "value": 1.0}})),
+             "sweep": data_validated(finetunejob(rankSweep={"ranks": [4, 8], "parallelism": 2})),
+             "plain": data_validated(finetunejob()),
+             "data": finetunejob()}  # the CPU data stage, every job's first child
     for flow, doc in flows.items():
         plan = ftj.decide(ftj.Observed(job=copy.deepcopy(doc), now=NOW), ftj.Settings())
         created = [c for c in plan.create if c["kind"] == "PyTorchJob"]
