@@ -45,6 +45,13 @@ def with_top_logprobs(path: str, body: dict) -> tuple[dict, Asked | None]:
     return body, None
 
 
+def carries_logprobs(path: str, body: dict) -> bool:
+    """Whether the client's own request asks for logprobs (its answer can be scored without the agent's)."""
+    if path == serving.ENGINE_COMPLETIONS:
+        return body.get("logprobs") is not None
+    return path == serving.ENGINE_CHAT and body.get("logprobs") is True
+
+
 def for_client(answer: dict, asked: Asked) -> dict:
     """The engine's answer (or one streamed chunk) as the client would have had it without the agent's
     logprobs: `logprobs: null` when not asked, else each position's top list cut to the client's count

@@ -212,7 +212,7 @@ class Proxy:
         url = agent.config.engine_url.rstrip("/") + request.path
         started = time.monotonic()
         response: web.StreamResponse | None = None
-        error = client_gone = events = False
+        error = client_gone = assemble = False
         status = 502
         relay = answers.StreamAnswer(request.path, asked)
         failure = bytearray()  # an error answer's body, for the sample record
@@ -221,14 +221,16 @@ class Proxy:
                 status = upstream.status
                 content_type = upstream.headers.get("Content-Type", "text/event-stream")
                 events = status == 200 and content_type.startswith("text/event-stream")
+                # parsed only when something is scored: a sample, or logprobs the client asked for
+                assemble = events and (sampling_uri is not None or answers.carries_logprobs(request.path, body))
                 response = web.StreamResponse(status=status, headers={VERSION_HEADER: decision.version,
                                                                       "Content-Type": content_type})
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
-                    if events:
+                    if assemble:
                         rewritten = relay.feed(chunk)
                         chunk = rewritten if asked is not None else chunk
-                    elif len(failure) < MAX_FAILURE_BODY:
+                    elif not events and len(failure) < MAX_FAILURE_BODY:
                         failure += chunk
                     try:
                         if chunk:
@@ -237,7 +239,7 @@ class Proxy:
                         client_gone = True
                         break
                 if not client_gone:
-                    if events and asked is not None:
+                    if assemble and asked is not None:
                         await response.write(relay.rest())
                     await response.write_eof()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -245,7 +247,7 @@ class Proxy:
             log.warning("engine stream failed", extra={"version": decision.version,
                                                        "error": f"{type(exc).__name__}: {exc}"})
         seconds = time.monotonic() - started
-        answer = relay.answer() if events else None
+        answer = relay.answer() if assemble else None
         scores = plan.scores(request.path, answer) if answer is not None and "error" not in answer else []
         agent.telemetry.observe(decision.alias, decision.version, seconds, error or plan.is_error(status), scores)
         if sampling_uri is not None and response is not None:

@@ -45,6 +45,14 @@ def test_chats_ask_for_top_logprobs(body, forwarded, asked):
     assert sent == {"messages": [], **body, **forwarded}
 
 
+def test_which_client_requests_carry_logprobs():
+    assert answers.carries_logprobs(serving.ENGINE_COMPLETIONS, {"logprobs": 0})
+    assert not answers.carries_logprobs(serving.ENGINE_COMPLETIONS, {"prompt": "x"})
+    assert answers.carries_logprobs(serving.ENGINE_CHAT, {"logprobs": True})
+    assert not answers.carries_logprobs(serving.ENGINE_CHAT, {"logprobs": False, "top_logprobs": 3})
+    assert not answers.carries_logprobs(serving.ENGINE_CLASSIFY, {"logprobs": 1})
+
+
 def test_classify_is_forwarded_as_is():
     body = {"input": "x"}
     assert answers.with_top_logprobs(serving.ENGINE_CLASSIFY, body) == (body, None)
