@@ -109,9 +109,15 @@ def test_the_openai_client_through_the_agent_with_every_request_sampled(llama_en
     assert chat_text == chat.choices[0].message.content and set(map(type, chat_logprobs)) == {type(None)}
     with pytest.raises(openai.NotFoundError):
         api.chat.completions.create(model="someone-else", messages=MESSAGES, max_tokens=1)
+    with pytest.raises(openai.BadRequestError) as refused:  # the engine's own error, sampled, passed as it came
+        api.completions.create(model="writer", prompt=PROMPT, max_tokens=TOKENS, temperature=-1)
+    assert "temperature" in str(refused.value)
 
     agent.stop()  # flushes the samples and writes a last report
     records = [json.loads(line) for path in sorted(samples.rglob("*.jsonl")) for line in path.read_text().splitlines()]
+    [failed] = [r for r in records if r["status"] != 200]
+    assert failed["status"] == 400 and "temperature" in failed["response"] and stats.observations(failed) == []
+    records.remove(failed)
     assert len(records) == 6 and {r["status"] for r in records} == {200}
     for record in records:
         [choice] = record["response"]["choices"]  # the engine's answer (a stream's assembled)
@@ -128,5 +134,5 @@ def test_the_openai_client_through_the_agent_with_every_request_sampled(llama_en
     streamed = [r for r in records if r["request"].get("stream")]
     assert len(streamed) == 2 and all(r["response"]["usage"]["completion_tokens"] == TOKENS for r in streamed)
     metrics = agent.report().metrics[writer.name]
-    assert metrics.requests == 6 and metrics.confidence_count == 6  # every answer scored, streams too
+    assert metrics.requests == 7 and metrics.confidence_count == 6  # every answer scored, streams too
 
