@@ -248,6 +248,8 @@ class Proxy:
                                                        "error": f"{type(exc).__name__}: {exc}"})
         seconds = time.monotonic() - started
         answer = relay.answer() if assemble else None
+        if answer is not None and error:  # broken off: a partial answer is not scored
+            answer.setdefault("error", {"message": "the engine's stream broke off"})
         scores = plan.scores(request.path, answer) if answer is not None and "error" not in answer else []
         agent.telemetry.observe(decision.alias, decision.version, seconds, error or plan.is_error(status), scores)
         if sampling_uri is not None and response is not None:
