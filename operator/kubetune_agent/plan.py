@@ -12,8 +12,8 @@ import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
+from kubetune.api import answer_scores, serving, storage_layout
 from kubetune.api import manifest as manifest_api
-from kubetune.api import serving, storage_layout
 
 # Error reasons of `AgentReport.errors[version]["reason"]`
 MANIFEST_MISSING = "ManifestMissing"
@@ -207,6 +207,7 @@ def latency_bucket(seconds: float) -> int:
 
 
 def record(metrics: serving.VersionMetrics, seconds: float, error: bool, confidences: list[float]) -> None:
+    """One request into the version's counters (the report's `confidence_*`: the first of each score)."""
     metrics.requests += 1
     metrics.errors += int(error)
     metrics.latency_sum += seconds
@@ -222,31 +223,25 @@ def is_error(status: int) -> bool:
     return status >= 500
 
 
-def confidences(path: str, response: object) -> list[float]:
-    """Confidence values in one engine response: per input of `/classify`, the highest class
-    probability; per choice of a completion that carries logprobs, the mean of exp(token logprob).
-    Completions without logprobs give none (the agent does not ask for them on the client's behalf)."""
+def scores(path: str, response: object) -> list[tuple[float, float]]:
+    """(confidence, entropy in nats) of each scored unit of one engine answer: per input of `/classify`,
+    the highest class probability and the entropy of its probabilities; per choice of a completion or
+    chat completion that carries logprobs, `answer_scores.answer_score` (mean top-1 probability, mean
+    top-K entropy). Answers without logprobs give none: the agent asks for them on sampled requests
+    only (`answers.with_top_logprobs`)."""
     if not isinstance(response, dict):
         return []
-    values: list[float] = []
     if path == serving.ENGINE_CLASSIFY:
+        found = []
         for item in _list(response.get("data")):
-            probs = [p for p in _list(item.get("probs") if isinstance(item, dict) else None) if _number(p)]
+            probs = [float(p) for p in _list(item.get("probs") if isinstance(item, dict) else None) if _number(p)]
             if probs:
-                values.append(float(max(probs)))
-        return values
-    for choice in _list(response.get("choices")):
-        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
-        if not isinstance(logprobs, dict):
-            continue
-        if path == serving.ENGINE_CHAT:
-            tokens = [t.get("logprob") for t in _list(logprobs.get("content")) if isinstance(t, dict)]
-        else:
-            tokens = _list(logprobs.get("token_logprobs"))
-        tokens = [float(t) for t in tokens if _number(t)]
-        if tokens:
-            values.append(sum(math.exp(t) for t in tokens) / len(tokens))
-    return values
+                found.append((max(probs), -sum(p * math.log(p) for p in probs if p > 0)))
+        return found
+    chat = path == serving.ENGINE_CHAT
+    scored = (answer_scores.answer_score(answer_scores.choice_positions(c, chat=chat))
+              for c in _list(response.get("choices")))
+    return [s for s in scored if s is not None]
 
 
 def _list(value: object) -> list:

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubetune.api import serving
 from kubetune.clients.storage import ObjectStore
-from kubetune_agent import plan
+from kubetune_agent import answers, plan
 from kubetune_agent.cache import ensure_s3_client
 from kubetune_agent.sync import Agent
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 VERSION_HEADER = "x-kubetune-version"
 INFERENCE_PATHS = (serving.ENGINE_COMPLETIONS, serving.ENGINE_CHAT, serving.ENGINE_CLASSIFY)
 MAX_BODY = 64 << 20
+MAX_FAILURE_BODY = 64 << 10  # of a streamed request's error answer, kept for its sample record
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
@@ -159,9 +160,13 @@ class Proxy:
         if decision.status != 200:
             return self._reject(decision.status, decision.message)
         assert decision.alias is not None and decision.version is not None
-        forwarded = {**body, "model": decision.version}
+        # decided before forwarding: a sampled generative request asks the engine for top logprobs
+        sampling_uri = self._sampling_uri()
+        forwarded, asked = {**body, "model": decision.version}, None
+        if sampling_uri is not None:
+            forwarded, asked = answers.with_top_logprobs(request.path, forwarded)
         if body.get("stream"):
-            return await self._stream(request, body, forwarded, decision)
+            return await self._stream(request, body, forwarded, decision, sampling_uri, asked)
         url = agent.config.engine_url.rstrip("/") + request.path
         headers = {VERSION_HEADER: decision.version}
         started = time.monotonic()
@@ -181,7 +186,7 @@ class Proxy:
                                   headers)
         seconds = time.monotonic() - started
         parsed = _json(payload) if status == 200 else None
-        values = plan.confidences(request.path, parsed)
+        scores = plan.scores(request.path, parsed)
         if status == 404 and _model_missing(payload, decision.version):
             # the engine does not have a version the agent believed loaded (it restarted): count it as the
             # version's failure, stop routing to it and sync at once
@@ -189,44 +194,67 @@ class Proxy:
             agent.version_missing(decision.version)
             return error_response(503, f"version {decision.version} is not loaded in the engine (reloading)",
                                   headers)
-        agent.telemetry.observe(decision.alias, decision.version, seconds, plan.is_error(status), values)
-        self._sample(request.path, body, decision, status, parsed if parsed is not None else payload, seconds,
-                     values)
+        agent.telemetry.observe(decision.alias, decision.version, seconds, plan.is_error(status), scores)
+        if sampling_uri is not None:
+            self._sample(sampling_uri, request.path, body, decision, status,
+                         parsed if parsed is not None else payload, seconds, scores)
+        if asked is not None and isinstance(parsed, dict):  # engine errors go back as they came
+            payload = json.dumps(answers.for_client(parsed, asked), separators=(",", ":")).encode()
         return web.Response(body=payload, status=status, headers={**headers, "Content-Type": content_type})
 
-    async def _stream(self, request: web.Request, body: dict, forwarded: dict,
-                      decision: plan.Route) -> web.StreamResponse:
-        """Server-sent events pass through chunk by chunk; latency runs to the last chunk. No confidence
-        (the chunks are not parsed) and the sampled record has no response body."""
+    async def _stream(self, request: web.Request, body: dict, forwarded: dict, decision: plan.Route,
+                      sampling_uri: str | None, asked: answers.Asked | None) -> web.StreamResponse:
+        """Server-sent events pass as they arrive (latency runs to the last one) and are assembled into
+        one answer for the scores and the sample record. Untouched unless the agent added logprobs:
+        then each complete event is rewritten for the client (`answers.StreamAnswer`)."""
         agent = self.agent
         assert agent.session is not None and decision.alias is not None and decision.version is not None
         url = agent.config.engine_url.rstrip("/") + request.path
         started = time.monotonic()
         response: web.StreamResponse | None = None
-        error = client_gone = False
+        error = client_gone = assemble = False
         status = 502
+        relay = answers.StreamAnswer(request.path, asked)
+        failure = bytearray()  # an error answer's body, for the sample record
         try:
             async with agent.session.post(url, json=forwarded) as upstream:
                 status = upstream.status
-                response = web.StreamResponse(status=status, headers={
-                    VERSION_HEADER: decision.version,
-                    "Content-Type": upstream.headers.get("Content-Type", "text/event-stream")})
+                content_type = upstream.headers.get("Content-Type", "text/event-stream")
+                events = status == 200 and content_type.startswith("text/event-stream")
+                # parsed only when something is scored: a sample, or logprobs the client asked for
+                assemble = events and (sampling_uri is not None or answers.carries_logprobs(request.path, body))
+                response = web.StreamResponse(status=status, headers={VERSION_HEADER: decision.version,
+                                                                      "Content-Type": content_type})
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
+                    if assemble:
+                        rewritten = relay.feed(chunk)
+                        chunk = rewritten if asked is not None else chunk
+                    elif not events and len(failure) < MAX_FAILURE_BODY:
+                        failure += chunk
                     try:
-                        await response.write(chunk)
+                        if chunk:
+                            await response.write(chunk)
                     except ConnectionResetError:  # the client went away: not the version's fault
                         client_gone = True
                         break
                 if not client_gone:
+                    if assemble and asked is not None:
+                        await response.write(relay.rest())
                     await response.write_eof()
         except (aiohttp.ClientError, TimeoutError) as exc:
             error = True
             log.warning("engine stream failed", extra={"version": decision.version,
                                                        "error": f"{type(exc).__name__}: {exc}"})
         seconds = time.monotonic() - started
-        agent.telemetry.observe(decision.alias, decision.version, seconds, error or plan.is_error(status), [])
-        self._sample(request.path, body, decision, status, None, seconds, [])
+        answer = relay.answer() if assemble else None
+        if answer is not None and error:  # broken off: a partial answer is not scored
+            answer.setdefault("error", {"message": "the engine's stream broke off"})
+        scores = plan.scores(request.path, answer) if answer is not None and "error" not in answer else []
+        agent.telemetry.observe(decision.alias, decision.version, seconds, error or plan.is_error(status), scores)
+        if sampling_uri is not None and response is not None:
+            self._sample(sampling_uri, request.path, body, decision, status,
+                         answer if answer is not None else bytes(failure), seconds, scores)
         if response is None:
             return error_response(502, "the engine did not answer", {VERSION_HEADER: decision.version})
         return response
@@ -235,11 +263,15 @@ class Proxy:
         self.agent.telemetry.rejected.labels(str(status)).inc()
         return error_response(status, message)
 
-    def _sample(self, path: str, body: dict, decision: plan.Route, status: int, response: object, seconds: float,
-                values: list[float]) -> None:
+    def _sampling_uri(self) -> str | None:
+        """Where this request's record goes when it is sampled (one draw per routed request), else None."""
         desired = self.agent.desired
         if desired is None or not plan.should_sample(desired.sampling_rate, desired.sampling_uri, self.rng.random()):
-            return
+            return None
+        return desired.sampling_uri
+
+    def _sample(self, sampling_uri: str, path: str, body: dict, decision: plan.Route, status: int,
+                response: object, seconds: float, scores: list[tuple[float, float]]) -> None:
         if isinstance(response, bytes):
             response = response.decode(errors="replace")
         record = {
@@ -249,12 +281,13 @@ class Proxy:
             "path": path,
             "status": status,
             "latency": round(seconds, 6),
-            "confidence": sum(values) / len(values) if values else None,
+            "confidence": sum(c for c, _ in scores) / len(scores) if scores else None,
+            "entropy": sum(e for _, e in scores) / len(scores) if scores else None,
             "request": body,
             "response": response,
         }
         try:
-            self.sampler.add(desired.sampling_uri or "", record)
+            self.sampler.add(sampling_uri, record)
         except Exception:  # sampling must never fail a request
             log.exception("sampling failed")
 

@@ -24,8 +24,12 @@ class Telemetry:
                                  "the engine's response.", labels, buckets=serving.LATENCY_BUCKETS,
                                  registry=self.registry)
         self.confidence = Summary("kubetune_agent_confidence", "Confidence of answers: /classify: the top class "
-                                  "probability per input; completions with logprobs: mean exp(token logprob) per "
-                                  "choice.", labels, registry=self.registry)
+                                  "probability per input; completions and chats with logprobs (asked for on "
+                                  "sampled requests): mean top-1 token probability per choice.", labels,
+                                  registry=self.registry)
+        self.entropy = Summary("kubetune_agent_entropy", "Entropy (nats) of answers, alike with the confidence: "
+                               "/classify: of the class probabilities per input; generation: mean entropy of the "
+                               "top-5 next-token distribution per choice.", labels, registry=self.registry)
         self.rejected = Counter("kubetune_agent_rejected", "Requests not routed to any version (bad request, "
                                 "unknown or foreign model, nothing loaded).", ["code"], registry=self.registry)
         self.loaded = Gauge("kubetune_agent_loaded", "1 when the version is loaded in the engine, 0 when desired "
@@ -38,14 +42,18 @@ class Telemetry:
                                registry=self.registry)
         self.versions: dict[str, serving.VersionMetrics] = {}
 
-    def observe(self, alias: str, version: str, seconds: float, error: bool, confidences: list[float]) -> None:
-        plan.record(self.versions.setdefault(version, serving.VersionMetrics()), seconds, error, confidences)
+    def observe(self, alias: str, version: str, seconds: float, error: bool,
+                scores: list[tuple[float, float]]) -> None:
+        """One routed request and the (confidence, entropy) scores of its answer (`plan.scores`)."""
+        plan.record(self.versions.setdefault(version, serving.VersionMetrics()), seconds, error,
+                    [confidence for confidence, _ in scores])
         self.requests.labels(alias, version).inc()
         if error:
             self.errors.labels(alias, version).inc()
         self.latency.labels(alias, version).observe(seconds)
-        for value in confidences:
-            self.confidence.labels(alias, version).observe(value)
+        for confidence, entropy in scores:
+            self.confidence.labels(alias, version).observe(confidence)
+            self.entropy.labels(alias, version).observe(entropy)
 
     def set_loaded(self, desired: set[str], loaded: set[str]) -> None:
         self.loaded.clear()

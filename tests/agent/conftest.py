@@ -37,6 +37,7 @@ class FakeEngine:
         self.refuse: dict[str, str] = {}  # adapters whose load answers 400 with this message
         self.requests: list[dict] = []
         self.delay = 0.0
+        self.stream_gate: asyncio.Event | None = None  # a stream's second event waits for it
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -118,12 +119,33 @@ class FakeEngine:
             return problem
         if self.delay:
             await asyncio.sleep(self.delay)
+        if body.get("stream"):
+            return await self.stream(request, body)
         choice = {"index": 0, "text": " ok", "finish_reason": "stop", "logprobs": None}
         if body.get("logprobs"):
             choice["logprobs"] = {"tokens": [" o", "k"], "token_logprobs": [math.log(0.5), math.log(0.9)],
                                   "top_logprobs": None, "text_offset": [0, 2]}
         return web.json_response({"id": "cmpl-1", "object": "text_completion", "model": body["model"],
                                   "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+
+    async def stream(self, request, body: dict) -> web.StreamResponse:
+        """vLLM's completion stream: one event per token (logprobs when asked: the chosen token and the
+        first `logprobs` others), the usage, [DONE]. The second token waits for `stream_gate`."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for offset, (token, probability) in enumerate([(" o", 0.5), ("k", 0.9)]):
+            if offset and self.stream_gate is not None:
+                await self.stream_gate.wait()
+            top = {token: math.log(probability), "x": math.log(0.05), "y": math.log(0.02)}
+            logprobs = {"text_offset": [offset], "token_logprobs": [math.log(probability)], "tokens": [token],
+                        "top_logprobs": [dict(list(top.items())[:(body.get("logprobs") or 0) + 1])]}
+            choice = {"index": 0, "text": token, "finish_reason": "stop" if offset else None,
+                      "logprobs": logprobs if body.get("logprobs") is not None else None}
+            chunk = {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": [choice]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def classify(self, request):
         body = await request.json()

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from kubetune.api import serving, storage_layout
+from kubetune.api.answer_scores import TOP_LOGPROBS
 from tests.agent.conftest import NS, desired_state, eventually, publish, read_report, stored_file, write_desired
 
 ALIAS = f"{NS}/intents"
@@ -160,7 +161,9 @@ async def test_streamed_completions_pass_through(harness, engine, tmp_path):
         async with harness.http.post(harness.url + "/v1/completions",
                                      json={"model": "intents", "prompt": "x", "stream": True}) as response:
             assert response.status == 200 and response.headers["x-kubetune-version"] == version.name
-            assert json.loads(await response.text())["model"] == version.name
+            text = await response.text()
+        assert json.loads(text.split("\n\n")[0][len("data: "):])["model"] == version.name
+        assert text.endswith("data: [DONE]\n\n") and "logprobs" not in engine.requests[-1]  # not sampled: as is
         assert harness.agent.telemetry.versions[version.name].requests == 1
 
 
@@ -289,6 +292,33 @@ async def test_sampling_writes_jsonl_batches(harness, engine, tmp_path):
         assert records[0]["request"]["model"] == "intents"  # what the client sent
         assert records[0]["response"]["data"][0]["probs"] == [0.8, 0.2]
         assert records[0]["confidence"] == 0.8 and records[0]["latency"] > 0 and records[0]["time"].endswith("Z")
+
+
+async def test_a_sampled_stream_reaches_the_client_event_by_event_without_the_agents_logprobs(harness, engine,
+                                                                                            tmp_path):
+    version = publish(tmp_path, "intents", b"\x01" * 256)
+    samples = tmp_path / "samples"
+    harness.set_desired(desired_state(1, {ALIAS: [version]}, sampling_rate=1.0, sampling_uri=f"file://{samples}"))
+    engine.stream_gate = asyncio.Event()
+    async with harness.run():
+        await eventually(lambda: version.name in harness.agent.engine_loaded, message="load")
+        body = {"model": "intents", "prompt": "x", "stream": True}
+        async with harness.http.post(harness.url + "/v1/completions", json=body) as response:
+            # the first event arrives while the engine still holds the second one back
+            first = await asyncio.wait_for(response.content.readline(), 5)
+            engine.stream_gate.set()
+            rest = await response.read()
+        assert engine.requests[-1]["logprobs"] == TOP_LOGPROBS  # asked for the drift statistics
+        events = [json.loads(line[6:]) for line in (first + rest).split(b"\n\n") if line.startswith(b"data: {")]
+        assert [e["choices"][0]["text"] for e in events] == [" o", "k"]
+        assert [e["choices"][0]["logprobs"] for e in events] == [None, None]  # the client asked for none
+        assert rest.endswith(b"data: [DONE]\n\n")
+        await eventually(lambda: list(samples.rglob("*.jsonl")), message="the sample record")
+    [record] = [json.loads(line) for path in samples.rglob("*.jsonl") for line in path.read_text().splitlines()]
+    [choice] = record["response"]["choices"]  # the stream, assembled
+    assert choice["text"] == " ok" and choice["finish_reason"] == "stop"
+    assert choice["logprobs"]["tokens"] == [" o", "k"] and record["confidence"] == pytest.approx(0.7)
+    assert record["entropy"] > 0 and record["request"] == body
 
 
 async def test_sampling_storage_failures_never_fail_requests(harness, engine, tmp_path):

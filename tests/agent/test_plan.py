@@ -217,16 +217,30 @@ def test_only_server_side_failures_are_errors():
     assert not plan.is_error(200) and not plan.is_error(400) and not plan.is_error(404)
 
 
-def test_confidence_of_classifications_completions_and_chats():
+def test_scores_of_classifications_completions_and_chats():
     classify = {"data": [{"probs": [0.7, 0.3]}, {"probs": [0.1, 0.9]}, {"probs": []}]}
-    assert plan.confidences(serving.ENGINE_CLASSIFY, classify) == [0.7, 0.9]
+    assert plan.scores(serving.ENGINE_CLASSIFY, classify) == [
+        (0.7, pytest.approx(-(0.7 * math.log(0.7) + 0.3 * math.log(0.3)))),
+        (0.9, pytest.approx(-(0.1 * math.log(0.1) + 0.9 * math.log(0.9))))]
+    # chosen tokens only (a client's `logprobs: 0`): top-1 = the chosen token, entropy 0
     completion = {"choices": [{"logprobs": {"token_logprobs": [None, math.log(0.5), math.log(0.9)]}},
                               {"logprobs": None}]}
-    assert plan.confidences(serving.ENGINE_COMPLETIONS, completion) == [pytest.approx(0.7)]
-    chat = {"choices": [{"logprobs": {"content": [{"logprob": math.log(0.6)}, {"logprob": math.log(0.8)}]}}]}
-    assert plan.confidences(serving.ENGINE_CHAT, chat) == [pytest.approx(0.7)]
-    assert plan.confidences(serving.ENGINE_COMPLETIONS, {"choices": [{"text": "x"}]}) == []
-    assert plan.confidences(serving.ENGINE_COMPLETIONS, None) == []
+    assert plan.scores(serving.ENGINE_COMPLETIONS, completion) == [(pytest.approx(0.7), 0.0)]
+    # top logprobs (what the agent asks for): the top-1 probability and the renormalised top-K entropy
+    completion = {"choices": [{"logprobs": {"token_logprobs": [math.log(0.3)], "top_logprobs": [
+        {"a": math.log(0.3), "b": math.log(0.6)}]}}]}
+    [(confidence, entropy)] = plan.scores(serving.ENGINE_COMPLETIONS, completion)
+    assert confidence == pytest.approx(0.6)
+    assert entropy == pytest.approx(-(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3)))
+    chat = {"choices": [{"logprobs": {"content": [
+        {"logprob": math.log(0.6), "top_logprobs": [{"logprob": math.log(0.6)}, {"logprob": math.log(0.4)}]},
+        {"logprob": math.log(0.8), "top_logprobs": [{"logprob": math.log(0.8)}, {"logprob": math.log(0.2)}]}]}}]}
+    [(confidence, entropy)] = plan.scores(serving.ENGINE_CHAT, chat)
+    assert confidence == pytest.approx(0.7)
+    assert entropy == pytest.approx((-(0.6 * math.log(0.6) + 0.4 * math.log(0.4))
+                                     - (0.8 * math.log(0.8) + 0.2 * math.log(0.2))) / 2)
+    assert plan.scores(serving.ENGINE_COMPLETIONS, {"choices": [{"text": "x"}]}) == []
+    assert plan.scores(serving.ENGINE_COMPLETIONS, None) == []
 
 
 # --- sampling and reporting -------------------------------------------------------------------------

@@ -224,8 +224,9 @@ def test_completions_chat_and_streams_through_the_agent_on_a_causal_engine(llama
     report = eventually(lambda: (r := agent.report()) and writer.name in r.metrics
                         and r.metrics[writer.name].requests == 4 and r, timeout=5, message="the report's metrics")
     metrics = report.metrics[writer.name]
-    assert metrics.errors == 0 and metrics.confidence_count == 2  # the stream and the plain request carry none
-    assert metrics.confidence_sum == pytest.approx(mean_probability(completion_lps) + mean_probability(chat_lps))
+    # the stream carries the completion's logprobs, assembled from its events; the plain request none
+    assert metrics.errors == 0 and metrics.confidence_count == 3
+    assert metrics.confidence_sum == pytest.approx(2 * mean_probability(completion_lps) + mean_probability(chat_lps))
 
 
 def test_the_agent_reloads_every_desired_version_after_an_engine_crash(engine, versions, make_agent):

@@ -86,18 +86,18 @@ def test_classify_records_give_one_observation_per_input():
     first, second = stats.observations(batch)
     assert (first.text, first.confidence, first.entropy) == ("a b", 0.5, pytest.approx(math.log(2), abs=1e-6))
     assert (second.text, second.confidence, second.entropy) == ("c d", 1.0, pytest.approx(0.0, abs=1e-6))
-    assert [o.confidence for o in stats.observations(batch)] == plan.confidences(serving.ENGINE_CLASSIFY,
-                                                                               batch["response"])
+    assert [(o.confidence, o.entropy) for o in stats.observations(batch)] == [
+        (round(c, 6), pytest.approx(e, abs=1e-6)) for c, e in plan.scores(serving.ENGINE_CLASSIFY, batch["response"])]
 
 
-def test_completion_and_chat_records_use_the_agents_confidence():
+def test_completion_and_chat_records_use_the_agents_scores():
     logprobs = [-0.1, -0.5, -2.0]
     completion = record(serving.ENGINE_COMPLETIONS, {"model": "ns/a", "prompt": "tell me", "logprobs": 1},
                         {"choices": [{"index": 0, "text": "x", "logprobs": {"token_logprobs": logprobs}}]})
     [one] = stats.observations(completion)
-    assert one.text == "tell me" and one.entropy is None
-    assert one.confidence == pytest.approx(plan.confidences(serving.ENGINE_COMPLETIONS, completion["response"])[0],
-                                           abs=1e-6)
+    assert one.text == "tell me" and one.entropy == 0.0  # chosen tokens only: no alternatives
+    [(confidence, entropy)] = plan.scores(serving.ENGINE_COMPLETIONS, completion["response"])
+    assert (one.confidence, one.entropy) == (pytest.approx(confidence, abs=1e-6), pytest.approx(entropy, abs=1e-6))
     chat = record(serving.ENGINE_CHAT, {"model": "ns/a", "logprobs": True, "messages": [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you"}]},
@@ -112,17 +112,35 @@ def test_completion_and_chat_records_use_the_agents_confidence():
     assert [o.text for o in stats.observations(two)] == ["p one", "p two"]
 
 
+def test_a_streamed_answers_record_is_scored_with_its_top_logprobs():
+    """The agent records a stream assembled into the non-streamed shape, with the top logprobs it asked for."""
+    top = [{"token": "a", "logprob": math.log(0.5)}, {"token": "b", "logprob": math.log(0.25)},
+           {"token": "c", "logprob": math.log(0.25)}]
+    answer = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "aa"},
+              "logprobs": {"content": [{"token": "a", "logprob": math.log(0.5), "top_logprobs": top}] * 2},
+              "finish_reason": "length"}]}
+    streamed = record(serving.ENGINE_CHAT, {"model": "ns/a", "stream": True,
+                                            "messages": [{"role": "user", "content": "hi"}]}, answer)
+    [one] = stats.observations(streamed)
+    assert (one.text, one.confidence) == ("hi", 0.5)
+    assert one.entropy == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)), abs=1e-6)
+
+
 @pytest.mark.parametrize("sample", [
     record(serving.ENGINE_CLASSIFY, {"input": "x"}, {"object": "error", "message": "boom"}, status=500),
     record(serving.ENGINE_CLASSIFY, {"input": "x"}, {"object": "error", "message": "bad"}, status=400),
     record(serving.ENGINE_COMPLETIONS, {"prompt": "x", "stream": True}, 'data: {"choices": []}\n\ndata: [DONE]\n\n'),
+    record(serving.ENGINE_COMPLETIONS, {"prompt": "x", "stream": True}, None),
+    record(serving.ENGINE_COMPLETIONS, {"prompt": "x", "stream": True}, {
+        "choices": [{"index": 0, "text": "y", "logprobs": {"token_logprobs": [-0.1]}}], "error": {"code": 500}}),
     record(serving.ENGINE_COMPLETIONS, {"prompt": "x"}, {"choices": [{"index": 0, "text": "y", "logprobs": None}]}),
     record(serving.ENGINE_CHAT, {"messages": [{"role": "user", "content": "x"}]},
            {"choices": [{"index": 0, "message": {"content": "y"}, "logprobs": None}]}),
     record(serving.ENGINE_CLASSIFY, {"input": "x"}, {"data": [{"index": 0, "label": "a"}]}),
     record("/v1/models", {}, {"data": []}),
     {"status": 200},
-], ids=["5xx", "4xx", "stream", "no-logprobs", "chat-no-logprobs", "no-probs", "other-path", "truncated"])
+], ids=["5xx", "4xx", "stream-text", "stream-none", "stream-error", "no-logprobs", "chat-no-logprobs", "no-probs",
+        "other-path", "truncated"])
 def test_records_without_scores_give_nothing(sample):
     assert stats.observations(sample) == []
 

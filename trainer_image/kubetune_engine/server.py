@@ -175,8 +175,10 @@ class ModelServer:
         if body.get("stream"):
             events = []
             for i, g in enumerate(results):
-                for piece in _stream_pieces(g):
-                    events.append({"index": i, "text": piece, "logprobs": None, "finish_reason": None})
+                logprobs = _completion_logprobs(g) if top_n is not None else None
+                for piece, start, end in _stream_steps(g):
+                    events.append({"index": i, "text": piece, "finish_reason": None,
+                                   "logprobs": {k: v[start:end] for k, v in logprobs.items()} if logprobs else None})
                 events.append({"index": i, "text": "", "logprobs": None, "finish_reason": g.finish_reason})
             chunks = [{"id": request_id, "object": "text_completion", "created": created, "model": model,
                        "choices": [event]} for event in events]
@@ -212,8 +214,10 @@ class ModelServer:
         if body.get("stream"):
             chunks = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None}]
-            chunks += [{"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
-                       for piece in _stream_pieces(g)]
+            content = _chat_logprobs(g)["content"] if want_logprobs else None
+            chunks += [{"index": 0, "delta": {"content": piece}, "finish_reason": None,
+                        "logprobs": {"content": content[start:end]} if content is not None else None}
+                       for piece, start, end in _stream_steps(g)]
             chunks.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": g.finish_reason})
             chunks = [{"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                        "choices": [c]} for c in chunks]
@@ -412,11 +416,21 @@ def _chat_logprobs(g: Generation) -> dict:
     return {"content": content}
 
 
-def _stream_pieces(g: Generation) -> list[str]:
-    """The text in token-sized chunks (one chunk when a stop string cut a token in two)."""
-    if "".join(g.tokens) == g.text:
-        return [p for p in g.tokens if p]
-    return [g.text] if g.text else []
+def _stream_steps(g: Generation) -> list[tuple[str, int, int]]:
+    """The text in token-sized chunks, each with the tokens [start, end) it carries, whose logprobs go
+    with it as vLLM streams them: a token without text goes with the next one (the last with the one
+    before); one chunk when a stop string cut a token in two."""
+    if "".join(g.tokens) != g.text:
+        return [(g.text, 0, len(g.tokens))] if g.text or g.tokens else []
+    steps: list[tuple[str, int, int]] = []
+    start = 0
+    for end, piece in enumerate(g.tokens, 1):
+        if piece:
+            steps.append((piece, start, end))
+            start = end
+    if start < len(g.tokens):  # trailing tokens without text
+        steps[-1:] = [(steps[-1][0], steps[-1][1], len(g.tokens))] if steps else [("", 0, len(g.tokens))]
+    return steps
 
 
 async def _sse(request: web.Request, chunks: list[dict], body: dict, usage: dict, request_id: str, kind: str,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kubetune.api import serving
+from kubetune.api import answer_scores, serving
 
 VALUE_DECIMALS = 6  # the profile's values are rounded so; window values too, so ties stay ties
 ENTROPY_FLOOR = 1e-12  # as the trainer: p * log(max(p, 1e-12))
@@ -19,19 +19,21 @@ class Observation:
     """One scored input from sampled traffic."""
 
     text: str  # what the user sent (classification: the input; generation: prompt / non-assistant messages)
-    confidence: float  # classification: max prob; generation: mean token probability
-    entropy: float | None  # classification: predictive entropy (nats) from the probs; generation: None
+    confidence: float  # classification: max prob; generation: mean top-1 token probability (answer_scores)
+    entropy: float | None  # predictive entropy (nats): of the class probs; generation: mean top-K entropy
 
 
 def observations(record: dict) -> list[Observation]:
     """The scored inputs of one sample record (`kubetune_agent.proxy` writes them): one per input of a
     `/classify` (batched inputs included), one per choice of a completion or chat completion that carries
-    logprobs (the same confidence as `kubetune_agent.plan.confidences`). None for failed requests
-    (status != 200), streams (the sample holds the event text), and answers without probabilities."""
+    logprobs (scored as `kubetune_agent.plan.scores`: `answer_scores.answer_score`). A streamed answer's
+    record holds the stream assembled into the non-streamed shape; older agents' stream records hold
+    none. None for failed requests (status != 200, or an error inside the stream) and answers without
+    probabilities."""
     if not isinstance(record, dict) or record.get("status") != 200:
         return []
     request, response = record.get("request"), record.get("response")
-    if not isinstance(request, dict) or not isinstance(response, dict) or request.get("stream"):
+    if not isinstance(request, dict) or not isinstance(response, dict) or "error" in response:
         return []
     path = record.get("path")
     if path == serving.ENGINE_CLASSIFY:
@@ -67,21 +69,13 @@ def _generated(response: dict, prompts: list[str], n: object, *, chat: bool) -> 
     per_prompt = n if _is_int(n) and n >= 1 else 1
     found = []
     for position, choice in enumerate(_list(response.get("choices"))):
-        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
-        if not isinstance(logprobs, dict):
-            continue
-        if chat:
-            tokens = [t.get("logprob") for t in _list(logprobs.get("content")) if isinstance(t, dict)]
-        else:
-            tokens = _list(logprobs.get("token_logprobs"))
-        tokens = [float(t) for t in tokens if _number(t)]
-        if not tokens:
+        score = answer_scores.answer_score(answer_scores.choice_positions(choice, chat=chat))
+        if score is None:
             continue
         index = choice.get("index", position)
         prompt = index // per_prompt if _is_int(index) else -1
         text = prompts[prompt] if 0 <= prompt < len(prompts) else ""
-        confidence = sum(math.exp(t) for t in tokens) / len(tokens)
-        found.append(Observation(text, round(confidence, VALUE_DECIMALS), None))
+        found.append(Observation(text, round(score[0], VALUE_DECIMALS), round(score[1], VALUE_DECIMALS)))
     return found
 
 
