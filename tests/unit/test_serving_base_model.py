@@ -144,3 +144,17 @@ def test_the_secret_precheck_covers_the_engines_base_model_secrets():
     assert condition["status"] == "False" and condition["reason"] == secrets.SECRET_KEY_NOT_FOUND
     assert condition["message"].startswith('Secret "hf-token" has no key "token" (for HF_TOKEN)')
     assert ("Warning", secrets.SECRET_KEY_NOT_FOUND) in [(e.type, e.reason) for e in plan.events]
+
+
+def test_the_shared_s3_region_reaches_the_trainers_model_store_too(monkeypatch):
+    from kubetune.api import jobconfig
+    from kubetune_trainer import storage
+
+    monkeypatch.setenv(jobconfig.ENV_MODEL_S3_ACCESS_KEY, "model-id")
+    monkeypatch.setenv(jobconfig.ENV_MODEL_S3_SECRET_KEY, "model-secret")
+    spec = {"output": {"uri": "s3://out/jobs", "region": "us-east-1"}, "baseModel": S3_BASE}
+    settings = storage.model_store(spec).s3_settings
+    assert (settings.endpoint, settings.region, settings.access_key) == ("http://minio.storage:9000", "eu-west-1",
+                                                                         "model-id")
+    no_region = {**S3_BASE, "s3": {k: v for k, v in S3_BASE["s3"].items() if k != "region"}}
+    assert storage.model_store({**spec, "baseModel": no_region}).s3_settings.region == "us-east-1"  # the output's
