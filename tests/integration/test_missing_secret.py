@@ -69,12 +69,15 @@ async def test_a_job_waits_for_its_secret_then_starts(k8s, operator, api, s3_ser
     assert whole == {"s3-late"}
 
 
-async def test_an_adapterdeployment_reports_its_serving_pods_missing_secret(operator, api, s3_server, tmp_path):
+async def test_an_adapterdeployment_reports_its_serving_pods_missing_secret(k8s, operator, api, s3_server,
+                                                                           tmp_path):
     prefix = storage_layout.job_prefix(f"s3://{BUCKET}/serving", NS, "late", "uid-late")
     manifest = publish(s3_server, tmp_path, prefix, "serve", {"rank": 16,
                                                              "baseModel": {"uri": "hf://meta-llama/Llama-2-7b-hf"}})
     doc = adapterdeployment()
     doc["metadata"] = {"name": "late-serve", "namespace": NS}
+    # the engine's gated base model: its token Secret is the engine container's, checked like the agents'
+    doc["spec"]["baseModel"]["credentials"] = {"secretName": "hf-serve-late"}
     doc["spec"]["adapters"] = [{"name": "support-bot", "source": {"uri": storage_layout.manifest_uri(prefix),
                                                                   "digest": manifest["digest"]}}]
     doc["spec"]["strategy"] = {"type": "Immediate", "unloadGraceSeconds": 0}
@@ -82,7 +85,23 @@ async def test_an_adapterdeployment_reports_its_serving_pods_missing_secret(oper
     await api.client.create(ADAPTERDEPLOYMENTS, doc)
     missing = await secrets_condition(api, ADAPTERDEPLOYMENTS, "late-serve", "False", "SecretNotFound")
     assert 'Secret "serve-late" not found' in missing["message"]
-    await eventually(lambda: api.get(DEPLOYMENTS, "late-serve-serving"))  # created: its pods wait for the Secret
+    assert f'Secret "hf-serve-late" not found in namespace {NS} (for HF_TOKEN)' in missing["message"]
+    deployment = await eventually(lambda: api.get(DEPLOYMENTS, "late-serve-serving"))  # its pods wait for them
+    engine = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-serve-late", "key": "token"}}} \
+        in engine["env"]
     await eventually(lambda: warnings(api, "late-serve"))
     await api.create_secret("serve-late", S3_KEYS)
+
+    async def only_the_token_missing():
+        doc = await api.client.get(ADAPTERDEPLOYMENTS, NS, "late-serve")
+        found = cond.find(((doc or {}).get("status") or {}).get("conditions"), "SecretsFound") or {}
+        return found if found.get("status") == "False" and "serve-late" not in found["message"].replace(
+            "hf-serve-late", "") else None
+    assert "(for HF_TOKEN)" in (await eventually(only_the_token_missing, timeout=20))["message"]
+    await api.create_secret("hf-serve-late", {"token": "hf_not_a_real_token"})
     await secrets_condition(api, ADAPTERDEPLOYMENTS, "late-serve", "True", "SecretsFound")
+    reads = [r for r in list(k8s) if r.resource is not None and r.resource.plural == "secrets" and r.method == "GET"]
+    metadata_only = {r.name for r in reads if "as=PartialObjectMetadata" in (r.headers.get("Accept") or "")}
+    whole = {r.name for r in reads if "as=PartialObjectMetadata" not in (r.headers.get("Accept") or "")}
+    assert "hf-serve-late" in metadata_only and "hf-serve-late" not in whole  # its value never reaches the operator

@@ -155,6 +155,17 @@ CASES = [
     (A, "self.type != 'Canary' || has(self.canary)",
      {"spec.strategy": {"type": "Immediate"}},
      {"spec.strategy": {"type": "Canary"}}, "strategy.canary is required"),
+    # the AdapterDeployment's baseModel is the FineTuneJob's: the same rule, the same message
+    (A, "!has(self.s3) || self.uri.startsWith('s3://')",
+     {"spec.baseModel": {"uri": "s3://models/llama", "s3": {"endpoint": "http://minio:9000", "region": "eu-west-1",
+                                                             "credentials": {"secretName": "models"}}}},
+     {"spec.baseModel": {"uri": "hf://org/m", "s3": {"endpoint": "http://minio:9000"}}}, "baseModel.s3"),
+    (A, "!has(self.maxCpuLoras) || self.maxCpuLoras >= self.maxLoras",
+     {"spec.runtime.managed": {"maxLoras": 4, "maxCpuLoras": 4}},
+     {"spec.runtime.managed": {"maxLoras": 4, "maxCpuLoras": 3}}, "maxCpuLoras must be at least maxLoras"),
+    (A, "!has(self.maxCpuLoras) || self.maxCpuLoras >= self.maxLoras",
+     {"spec.runtime.managed": {"maxCpuLoras": 8}},  # against the defaulted maxLoras (4)
+     {"spec.runtime.managed": {"maxCpuLoras": 2}}, "maxCpuLoras must be at least maxLoras"),
 ]
 
 

@@ -37,7 +37,8 @@ def test_managed_runtime_children_are_valid_kubernetes_objects():
     engine, agent = deployment["spec"]["template"]["spec"]["containers"]
     args = engine["args"]
     assert args[args.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in args
-    assert args[args.index("--max-loras") + 1] == "4" and args[args.index("--model") + 1] == "meta-llama/Llama-2-7b-hf"
+    assert args[args.index("--max-loras") + 1] == "4" and args[0] == "meta-llama/Llama-2-7b-hf"
+    assert engine["command"] == ["vllm", "serve"] and "--model" not in args
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in engine["env"]
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert deployment["spec"]["replicas"] == 2
@@ -70,10 +71,11 @@ def test_selected_pods_get_only_the_desired_state_and_rbac():
 
 
 def test_model_locations_map_to_vllm_arguments():
-    assert vllm.model_args({"uri": "hf://org/m", "revision": "abc"}) == ["--model", "org/m", "--revision", "abc"]
-    assert vllm.model_args({"uri": "s3://models/m"}) == ["--model", "s3://models/m", "--load-format",
-                                                             "runai_streamer"]
-    assert vllm.model_args({"uri": "file:///opt/models/m"}) == ["--model", "/opt/models/m"]
+    # positional, as `vllm serve MODEL` takes it (its --model is deprecated)
+    assert vllm.model_args({"uri": "hf://org/m", "revision": "abc"}) == ["org/m", "--revision", "abc"]
+    assert vllm.model_args({"uri": "s3://models/m"}) == ["s3://models/m", "--load-format", "runai_streamer"]
+    assert vllm.model_args({"uri": "file:///opt/models/m"}) == ["/opt/models/m"]
+    assert vllm.model_args({"uri": "file:///m", "trustRemoteCode": True}) == ["/m", "--trust-remote-code"]
 
 
 def test_template_hash_moves_with_the_engine_not_with_the_adapters():

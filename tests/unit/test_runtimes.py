@@ -43,7 +43,7 @@ def test_the_api_offers_exactly_the_registered_runtimes_and_defaults_to_vllm():
 
 
 @pytest.mark.parametrize("name", sorted(runtimes.RUNTIMES))
-def test_each_runtime_renders_its_engine_or_no_pods(name: str):
+def test_each_runtime_renders_its_engine(name: str):
     runtime = runtimes.RUNTIMES[name]
     adep = defaulted(name)
     settings = render.ServingSettings().with_engine_image(name, f"example.com/{name}:1")
@@ -51,9 +51,6 @@ def test_each_runtime_renders_its_engine_or_no_pods(name: str):
     for child in children:
         kubernetes_validate.validate(child, "1.34", strict=True)
     kinds = [child["kind"] for child in children]
-    if runtime.engine_container is None:
-        assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding"]
-        return
     deployment = children[kinds.index("Deployment")]
     engine = deployment["spec"]["template"]["spec"]["containers"][0]
     assert engine["name"] == "engine" and engine["image"] == f"example.com/{name}:1"

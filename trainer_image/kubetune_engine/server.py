@@ -27,6 +27,7 @@ from kubetune.api import serving
 from kubetune.logs import configure_logging
 from kubetune.runtimes import cpu
 
+from . import model_source
 from .embeddings import Embedded, SentenceEncoder
 from .models import (
     MAX_LOGPROBS,
@@ -472,6 +473,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "L2-normalised: the all-MiniLM-L6-v2 recipe)")
     parser.add_argument("--embedding-model-name", default=EMBEDDING_MODEL_NAME,
                         help=f"the embedding model's name in the API (default: {EMBEDDING_MODEL_NAME})")
+    parser.add_argument("--download-dir", default=None, metavar="DIR",
+                        help="where an s3:// or hf:// model is fetched to before loading (a complete copy is reused)")
+    parser.add_argument("--revision", default=None, help="revision of an hf:// model (default: main)")
     parser.add_argument("--verbose", action="store_true", help="debug logs and the access log")
     args = parser.parse_args(argv)
     if args.max_loras < 1 or args.max_lora_rank < 1:
@@ -480,7 +484,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    host = ModelHost(Path(args.model), served_name=args.served_model_name or args.model, task=args.task,
+    try:  # before listening: the startup probe waits, as it does for vLLM's own download
+        model_dir = model_source.local_model_dir(args.model, args.download_dir, args.revision)
+    except model_source.ModelSourceError as exc:
+        log.error("the base model could not be fetched", extra={"model": args.model, "error": str(exc)})
+        return 1
+    host = ModelHost(model_dir, served_name=args.served_model_name or args.model, task=args.task,
                      max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len)
     encoder = SentenceEncoder(Path(args.embedding_model), name=args.embedding_model_name) \
         if args.embedding_model else None

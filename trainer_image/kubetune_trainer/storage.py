@@ -28,7 +28,7 @@ def _scoped_store(spec: dict, section: dict, access_env: str, secret_env: str) -
     output = spec["output"]
     has_own = bool(s3.get("credentials"))
     return ObjectStore(S3Settings(
-        endpoint=s3.get("endpoint") or output.get("endpoint"), region=output.get("region"),
+        endpoint=s3.get("endpoint") or output.get("endpoint"), region=s3.get("region") or output.get("region"),
         access_key=os.environ.get(access_env if has_own else jobconfig.ENV_S3_ACCESS_KEY),
         secret_key=os.environ.get(secret_env if has_own else jobconfig.ENV_S3_SECRET_KEY)))
 

@@ -45,8 +45,7 @@ class ServingRuntime:
     lora_ranks: tuple[int, ...]  # the --max-lora-rank values it accepts, ascending
     api: EngineApi
     default_image: str
-    # None: a managed runtime renders no Deployment for it (its pods are selected or local)
-    engine_container: ContainerRenderer | None
+    engine_container: ContainerRenderer  # what a managed runtime's pods run
 
     def smallest_rank_for(self, needed: int) -> int | None:
         """The smallest accepted --max-lora-rank that fits `needed` (None: above every one)."""

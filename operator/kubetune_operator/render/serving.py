@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from kubetune import runtimes
 from kubetune.api import serving
 from kubetune.api import v1alpha1 as api
+from kubetune.runtimes.base_model import base_model_env
 
 ENGINE_PORT = 8000
 AGENT_PORT = 8080
@@ -112,11 +113,12 @@ def _storage_env(spec: dict) -> list[dict]:
 
 
 def secret_env(spec: dict) -> list[dict]:
-    """The managed serving pods' variables that come from Secrets (none without a managed runtime: the
-    user's own pods are not ours to check)."""
+    """The managed serving pods' variables that come from Secrets: the agent's storage access and the
+    engine's base model access (none without a managed runtime: the user's own pods are not ours to check)."""
     if not spec["runtime"].get("managed"):
         return []
-    return [variable for variable in _storage_env(spec) if "valueFrom" in variable]
+    env = [*_storage_env(spec), *base_model_env(spec["baseModel"])]
+    return [variable for variable in env if "valueFrom" in variable]
 
 
 _SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
@@ -127,8 +129,6 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
     meta, spec = adep["metadata"], adep["spec"]
     managed = spec["runtime"]["managed"]
     runtime = runtimes.runtime_of(spec)
-    if runtime.engine_container is None:
-        raise ValueError(f"runtime {runtime.name} renders no engine container")
     layout = runtimes.PodLayout(image=managed.get("image") or settings.engine_images[runtime.name],
                                 image_pull_policy=settings.image_pull_policy, port=ENGINE_PORT,
                                 model_cache=MODEL_CACHE, adapter_cache=ADAPTER_CACHE, security_context=_SECURITY)
@@ -138,7 +138,7 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
         "image": settings.agent_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python", "-m", "kubetune_agent", "--engine-url", f"http://127.0.0.1:{ENGINE_PORT}",
-                    "--port", str(AGENT_PORT), "--desired-configmap",
+                    "--port", str(AGENT_PORT), "--runtime", runtime.name, "--desired-configmap",
                     serving.desired_config_map_name(meta["name"]), "--cache-dir", ADAPTER_CACHE],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -198,7 +198,6 @@ def render_children(adep: dict, settings: ServingSettings, desired: serving.Desi
                     max_lora_rank: int | None) -> list[dict]:
     """Every child in creation order (the ConfigMap and RBAC before the pods that use them)."""
     children = [render_desired_config_map(adep, desired), *render_agent_rbac(adep)]
-    renders_engine = runtimes.runtime_of(adep["spec"]).engine_container is not None
-    if adep["spec"]["runtime"].get("managed") and renders_engine and max_lora_rank:
+    if adep["spec"]["runtime"].get("managed") and max_lora_rank:
         children += [render_deployment(adep, settings, max_lora_rank), render_service(adep)]
     return children

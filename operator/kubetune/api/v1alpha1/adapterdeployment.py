@@ -14,7 +14,7 @@ from ..schema import (
     string,
     string_map,
 )
-from .common import LAST_UPDATE_TIME, STORAGE_URI, conditions, s3_credentials, s3_endpoint
+from .common import LAST_UPDATE_TIME, STORAGE_URI, base_model, conditions, s3_credentials, s3_endpoint
 
 ADAPTER_SOURCE = obj(
     "Where an adapter version comes from: a FineTuneJob's published adapter, or a uri with its digest.",
@@ -187,34 +187,40 @@ ADAPTER = obj(
 ADAPTERDEPLOYMENT_SPEC = obj(
     "Which adapters to serve on which base model, and how new versions roll out.",
     {
-        "baseModel": obj(
-            "The base model the serving pods run; adapters trained on another base are refused.",
-            {
-                "uri": string("Same form as FineTuneJob spec.baseModel.uri.", pattern=r"^(hf|s3|file)://.+"),
-                "revision": string("Revision of the base model.", default="main"),
-            },
-            required=["uri"],
-        ),
+        "baseModel": base_model(
+            "The base model the serving pods run (the same fields as a FineTuneJob's spec.baseModel: copy it); "
+            "adapters trained on another base are refused. Its credentials and s3 access reach the engine "
+            "container as the engine reads them (docs/serving-runtimes.md)."),
         "runtime": obj(
             "Serving pods: a managed vLLM Deployment, or existing pods selected by labels.",
             {
                 "engine": string("The inference engine (kubetune.runtimes): its accepted LoRA ranks, its adapter "
-                                 "API and, when managed, the engine container. kubetune-cpu (the CPU engine) "
-                                 "serves selected pods and kubetune local; a managed runtime renders no pods for it.",
+                                 "API and, when managed, the engine container. vllm: vllm/vllm-openai on GPUs; "
+                                 "kubetune-cpu: the CPU engine of the trainer image (transformers + peft), "
+                                 "which fetches the base model itself (s3://, file://, hf://).",
                                  default="vllm", enum=["vllm", "kubetune-cpu"]),
                 "managed": obj(
-                    "A vLLM Deployment and Service rendered by the operator.",
+                    "A Deployment (the engine container and the agent) and a Service rendered by the operator.",
                     {
                         "replicas": integer("Serving pods.", default=1, minimum=0, maximum=1000),
                         "image": string("vLLM image override.", max_length=1024),
-                        "gpusPerReplica": integer("GPUs per pod (tensor parallel size).", default=1, minimum=0,
-                                                  maximum=16),
-                        "maxLoras": integer("Adapters resident at once per pod.", default=4, minimum=1,
+                        "gpusPerReplica": integer("GPUs per pod (vLLM's tensor parallel size; the kubetune-cpu "
+                                                  "engine requests none).", default=1, minimum=0, maximum=16),
+                        "maxLoras": integer("vLLM's --max-loras: the most distinct adapters in one batch (the "
+                                            "GPU's LoRA slots); requests for more wait for the next batch. It does "
+                                            "not bound the adapters a pod serves.", default=4, minimum=1,
                                             maximum=256),
+                        "maxCpuLoras": integer("vLLM's --max-cpu-loras: adapters cached in host memory per pod (LRU); "
+                                               "an evicted adapter stays served and is read again from its files "
+                                               "when asked for. At least maxLoras; default: maxLoras.", minimum=1,
+                                               maximum=1024),
                         "maxLoraRank": integer("Largest rank served (vLLM allows 8, 16, 32, 64, 128, 256, "
                                                "320, 512); default derived from the adapters.",
                                                enum=[1, 8, 16, 32, 64, 128, 256, 320, 512]),
                     },
+                    rules=[rule("!has(self.maxCpuLoras) || self.maxCpuLoras >= self.maxLoras",
+                                "runtime.managed.maxCpuLoras must be at least maxLoras (vLLM refuses fewer)",
+                                field_path=".maxCpuLoras")],
                 ),
                 "selector": obj(
                     "Existing serving pods (every matching pod of every replica), each running the kubetune agent "

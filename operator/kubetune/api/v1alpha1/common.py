@@ -1,8 +1,9 @@
-"""Schema pieces both kinds of kubetune.io/v1alpha1 share: storage credentials and conditions."""
+"""Schema pieces both kinds of kubetune.io/v1alpha1 share: the base model, storage credentials and
+conditions."""
 
 from __future__ import annotations
 
-from ..schema import DNS_LABEL_PATTERN, array, integer, obj, string
+from ..schema import DNS_LABEL_PATTERN, array, boolean, integer, obj, rule, string
 
 STORAGE_URI = r"^(s3|file)://.+"
 
@@ -28,6 +29,57 @@ def s3_endpoint() -> dict:
         pattern=r"^https?://.+",
     )
 
+
+
+def base_model(description: str) -> dict:
+    """A FineTuneJob's and an AdapterDeployment's `spec.baseModel`: one definition, so that the one can
+    be copied to the other (the access fields are what the trainer and the engine container read)."""
+    return obj(
+        description,
+        {
+            "uri": string(
+                "Where the weights come from: hf://ORG/NAME (a Hugging Face repository, or a mirror), "
+                "s3://BUCKET/PREFIX or file:///PATH (a directory in the image or a mounted volume).",
+                pattern=r"^(hf|s3|file)://.+",
+                max_length=1024,
+            ),
+            "revision": string(
+                "Revision to pin (commit, tag or branch) of an hf:// model, so a rerun uses the same weights.",
+                default="main",
+                max_length=255,
+            ),
+            "trustRemoteCode": boolean(
+                "Allow custom modelling code shipped with the model. Off by default: it is code execution.",
+                default=False,
+            ),
+            "credentials": obj(
+                "Token for a private or gated Hugging Face repository (HF_TOKEN), read from a Secret through "
+                "secretKeyRef.",
+                {
+                    "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
+                    "tokenKey": string("Key of the token in the Secret.", default="token"),
+                },
+                required=["secretName"],
+            ),
+            "s3": obj(
+                "Access to the model when uri is s3://.",
+                {
+                    "endpoint": s3_endpoint(),
+                    "region": string("Region of the bucket (unset: a FineTuneJob uses its output's region, "
+                                     "an engine its SDK's default).", max_length=64),
+                    "credentials": s3_credentials("the model bucket"),
+                },
+            ),
+        },
+        required=["uri"],
+        rules=[
+            rule(
+                "!has(self.s3) || self.uri.startsWith('s3://')",
+                "baseModel.s3 applies only when baseModel.uri is s3://",
+                field_path=".s3",
+            ),
+        ],
+    )
 
 CONDITION = obj(
     "A metav1.Condition.",

@@ -20,7 +20,7 @@ from ..schema import (
     string,
     string_map,
 )
-from .common import STORAGE_URI, s3_credentials, s3_endpoint
+from .common import STORAGE_URI, base_model, s3_credentials, s3_endpoint
 from .dataset import DATASET
 
 TASKS = ("CausalLM", "SequenceClassification")
@@ -35,46 +35,7 @@ CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 CAUSAL_LM_METRICS = ("perplexity",)
 
 
-BASE_MODEL = obj(
-    "The model to fine-tune.",
-    {
-        "uri": string(
-            "Where the weights come from: hf://ORG/NAME (a Hugging Face repository, or a mirror), "
-            "s3://BUCKET/PREFIX or file:///PATH (a directory in the trainer image or a mounted volume).",
-            pattern=r"^(hf|s3|file)://.+",
-            max_length=1024,
-        ),
-        "revision": string(
-            "Revision to pin (commit, tag or branch) so a rerun trains on the same weights.",
-            default="main",
-            max_length=255,
-        ),
-        "trustRemoteCode": boolean(
-            "Allow custom modelling code shipped with the model. Off by default: it is code execution.",
-            default=False,
-        ),
-        "credentials": obj(
-            "Token for a private model repository, read from a Secret through secretKeyRef.",
-            {
-                "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
-                "tokenKey": string("Key of the token in the Secret.", default="token"),
-            },
-            required=["secretName"],
-        ),
-        "s3": obj(
-            "Access to the model when uri is s3://.",
-            {"endpoint": s3_endpoint(), "credentials": s3_credentials("the model bucket")},
-        ),
-    },
-    required=["uri"],
-    rules=[
-        rule(
-            "!has(self.s3) || self.uri.startsWith('s3://')",
-            "baseModel.s3 applies only when baseModel.uri is s3://",
-            field_path=".s3",
-        ),
-    ],
-)
+BASE_MODEL = base_model("The model to fine-tune.")
 
 LORA = obj(
     "Low-rank adapter parameters (LoRA and QLoRA).",
