@@ -85,9 +85,12 @@ def stop_ids(tokenizer, model) -> set[int]:
 def greedy_positions(model, prompts: list[list[int]], *, pad_id: int, stops: set[int], max_tokens: int,
                      batch_size: int, device: torch.device, autocast_dtype=None, synced: bool = False,
                      on_batch=None) -> list[list[list[float]]]:
-    """Per prompt, per generated position before the first stop token: the top `TOP_LOGPROBS` logprobs
-    of the full softmax. Greedy (argmax) decoding with no logits processors, up to `max_tokens` tokens;
-    prompts left-padded in batches. `synced` (ZeRO-3): every rank must call this with the same prompts."""
+    """Per prompt, per generated position up to and including the stop token that ended it: the top
+    `TOP_LOGPROBS` logprobs of the full softmax. The stop token counts as vLLM counts it: its output
+    token ids, hence its logprobs, end with the EOS that finished the request (vllm/v1/engine/
+    detokenizer.py appends every new token id; the text alone leaves it out). Greedy (argmax) decoding
+    with no logits processors, up to `max_tokens` tokens; prompts left-padded in batches. `synced`
+    (ZeRO-3): every rank must call this with the same prompts."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_tokens, pad_token_id=pad_id,
@@ -110,9 +113,9 @@ def greedy_positions(model, prompts: list[list[int]], *, pad_id: int, stops: set
         for row in range(len(chunk)):
             positions = []
             for step in range(steps):
+                positions.append(tops[step][row])
                 if tokens[row][step] in stops:
                     break
-                positions.append(tops[step][row])
             found.append(positions)
         if on_batch is not None:
             on_batch(len(found), len(prompts))
@@ -151,8 +154,7 @@ def measure(run: TrainingRun) -> Answers | None:
         runner.train(True)
     scored = [s for s in (answer_scores.answer_score(a) for a in answers) if s is not None]
     decoding = {"method": "greedy", "maxTokens": max_tokens, "topLogprobs": answer_scores.TOP_LOGPROBS,
-                "prompts": len(prompts), "answered": len(scored),
-                "emptyAnswers": len(prompts) - len(scored)}
+                "stopTokenScored": True, "prompts": len(prompts), "answered": len(scored)}
     return Answers([c for c, _ in scored], [e for _, e in scored], decoding)
 
 
