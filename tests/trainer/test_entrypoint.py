@@ -108,7 +108,12 @@ def test_published_adapter_verifies_and_a_tampered_file_fails(tiny_llama, tmp_pa
     assert manifest["trainer"]["version"]
     profile = manifest["driftProfile"]
     assert profile["kind"] == "causal-lm"
-    assert profile["confidence"]["count"] == manifest["dataset"]["validationExamples"]
+    # every holdout prompt answered greedily, scored as serving scores answers; teacher forcing kept aside
+    holdout = manifest["dataset"]["validationExamples"]
+    assert profile["decoding"] == {"method": "greedy", "maxTokens": 32, "topLogprobs": 5, "stopTokenScored": True,
+                                   "prompts": holdout, "answered": holdout}  # an EOS at once is a scored position
+    assert profile["teacherForced"]["confidence"]["count"] == holdout
+    assert len(profile["entropy"]["values"]) == profile["confidence"]["count"] == holdout
     assert profile["inputTokens"]["mean"] > 0 and "alpha" in profile["vocabulary"]
     assert progress_of(config)["stage"] == "done"
 

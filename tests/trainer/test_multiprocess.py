@@ -43,3 +43,8 @@ def test_two_processes_publish_the_single_process_adapter_shapes(deepspeed, sing
     assert shapes == single_process_shapes
     assert shapes and all(all(d > 0 for d in shape) for shape in shapes.values())
     assert manifest["metrics"]["eval_loss"] < manifest["baselineMetrics"]["eval_loss"]
+    # the drift reference's greedy answers: every rank generates under ZeRO-3 (each forward is a
+    # collective), rank 0 alone otherwise (run_pods gives every pod's log as stdout)
+    answering = result.stdout.count("answering holdout prompts for the drift reference")
+    assert answering == (2 if deepspeed["enabled"] else 1)
+    assert manifest["driftProfile"]["decoding"]["prompts"] == manifest["dataset"]["validationExamples"]

@@ -89,3 +89,21 @@ def test_length_grouping_keeps_similar_lengths_together():
     spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
     assert max(spreads) <= 5
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+
+
+def test_reference_prompts_are_the_users_part_of_each_format():
+    from kubetune_trainer import answers
+
+    tok = tokenizer()
+    bos, say = tok.bos_token_id, lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    pair = {"prompt": "the cat", "completion": "sat on the mat"}
+    assert answers.prompt_ids(pair, "prompt-completion", tok, 64) == [bos, *say("the cat")]
+    chat = {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "how are"},
+                         {"role": "user", "content": "you"}, {"role": "assistant", "content": "the mat"}]}
+    rendered = tok.apply_chat_template(chat["messages"][:3], tokenize=False, add_generation_prompt=True)
+    assert answers.prompt_ids(chat, "chat", tok, 64) == say(rendered)  # every turn before the last reply
+    assert answers.prompt_ids({"text": "the cat sat on the mat"}, "text", tok, 64) == [bos, *say("the cat sat")]
+    assert answers.prompt_ids(pair, "prompt-completion", tok, 2) == [bos, *say("the")]
+    tok.chat_template = None  # no template: turns as training renders them, then the assistant's header
+    assert answers.prompt_ids(chat, "chat", tok, 64)[-len(say("assistant: ")):] == say("assistant: ")
+    assert answers.spread(list(range(10)), 4) == [0, 3, 6, 9] and answers.spread([1, 2], 4) == [1, 2]

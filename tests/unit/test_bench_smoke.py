@@ -95,6 +95,19 @@ def test_drift_analysis_smoke(tmp_path: Path):
     assert set(report["ratio"]) == {"http"}
 
 
+def test_generative_drift_smoke(tmp_path: Path):
+    out = tmp_path / "gendrift.json"
+    _run("generative_drift.py", "--smoke", "--json", str(out), timeout=240)
+    report = json.loads(out.read_text())
+    [result] = report["results"]
+    assert result["format"] == "chat" and result["holdoutAnswers"] > 0
+    for reference in ("answers", "teacherForced"):
+        rates = result["rates"][reference]
+        assert set(rates) == {"quiet", "shifted10", "shifted20", "shifted30", "shifted100"}
+        assert rates["shifted100"]["drifted"] == 1.0, rates  # every prompt shifted: both references see it
+    assert result["served"]["quiet"]["confidence"] > result["served"]["shifted100"]["confidence"]
+
+
 def test_scale_smoke(tmp_path: Path):
     out = tmp_path / "scale.json"
     _run("scale.py", "--sizes", "5", "--adeps", "1", "--namespaces", "2", "--settle", "1", "--timeout", "60",

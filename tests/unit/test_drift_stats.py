@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from kubetune.api import serving
+from kubetune.api import answer_scores, serving
 from kubetune_agent import plan
 from kubetune_operator import stats
 from kubetune_operator.stats import Observation, Thresholds
@@ -265,6 +265,48 @@ def test_causal_lm_runs_the_two_sample_test_on_token_probabilities(world):
     assert result["triggers"]["entropy"]["of"] == "confidence" and result["triggers"]["entropy"]["fired"]
     assert "token-probability KS" in result["summary"] and result["drifted"]
     assert "embedding" not in result["diagnostics"]
+
+
+def generated_answers(rng: np.random.Generator, count: int, *, lost: float = 0.0) -> list[Observation]:
+    """Answers scored as the trainer and the agent score them (`answer_scores`): per position, top-5
+    logprobs of a softmax whose leading logit stands `margin` above the rest; a `lost` share of the
+    answers comes from a model that barely prefers any token."""
+    found = []
+    for index in range(count):
+        margin = 0.3 if index < lost * count else rng.uniform(3.0, 6.0)
+        positions = []
+        for _ in range(int(rng.integers(4, 12))):
+            logits = rng.normal(0, 0.5, 50)
+            logits[0] += margin
+            logprobs = logits - np.log(np.exp(logits).sum())
+            positions.append(sorted(logprobs.tolist(), reverse=True)[:answer_scores.TOP_LOGPROBS])
+        confidence, entropy = answer_scores.answer_score(positions)
+        found.append(Observation("say something", round(confidence, 6), round(entropy, 6)))
+    return found
+
+
+def test_generated_answers_get_the_entropy_trigger_when_the_profile_scored_them(world):
+    rng = np.random.default_rng(5)
+    holdout = generated_answers(rng, 200)
+    profile = {**world.profile(holdout, kind="causal-lm"),
+               "decoding": {"method": "greedy", "maxTokens": 32, "topLogprobs": 5}}
+    reference = stats.build_reference(profile, [o.text for o in holdout], None)
+    assert reference["twoSample"]["of"] == "entropy" and reference["twoSample"]["direction"] == "greater"
+    calibration = stats.calibrate(reference, 60, Thresholds())
+    quiet = [stats.analyse(reference, calibration, generated_answers(rng, 60), None, Thresholds())
+             for _ in range(60)]
+    rates = fire_rates(quiet)
+    assert rates["drifted"] <= 0.05 and rates["entropy"] <= 0.05, rates  # p 0.01 and 3 sigma: 0-2 of 60
+    # a quarter of the answers lost: the entropy tail moves and the KS test fires
+    shifted = stats.analyse(reference, calibration, generated_answers(rng, 60, lost=0.25), None, Thresholds())
+    assert shifted["triggers"]["entropy"]["fired"] and shifted["drifted"], shifted
+    assert "entropy KS" in shifted["summary"]
+    # observations without entropy (an engine that gave chosen-token logprobs only): no KS statistic, the
+    # confidence trigger still judges the window
+    bare = [Observation(o.text, o.confidence, None) for o in generated_answers(rng, 60, lost=0.6)]
+    result = stats.analyse(reference, calibration, bare, None, Thresholds())
+    assert result["triggers"]["entropy"]["statistic"] is None and "entropy KS n/a" in result["summary"]
+    assert result["triggers"]["confidence"]["fired"] and result["drifted"]
 
 
 def test_leave_one_out_oov_for_holdouts_taken_from_the_training_data():

@@ -71,6 +71,13 @@ def test_drift_profile_keeps_raw_values_for_bootstrapping():
     assert profile["confidence"]["values"] == [0.9, 0.5, 1.0]
     assert sum(profile["confidence"]["histogram"]["counts"]) == 3
     assert profile["holdoutSize"] == 3
+    assert "decoding" not in profile and "teacherForced" not in profile
+    answered = metrics.drift_profile(input_lengths=[3], texts=["hi"], confidences=[0.8], entropies=[0.4],
+                                     kind="causal-lm", decoding={"method": "greedy"},
+                                     teacher_forced=([0.3, 0.2], [2.0, 2.5]))
+    assert answered["confidence"]["values"] == [0.8] and answered["decoding"] == {"method": "greedy"}
+    assert answered["teacherForced"]["confidence"]["values"] == [0.3, 0.2]
+    assert answered["teacherForced"]["entropy"]["mean"] == 2.25
 
 
 def test_launcher_exit_codes_keep_the_retry_contract():

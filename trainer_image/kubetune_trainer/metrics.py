@@ -80,15 +80,20 @@ def vocabulary(texts: list[str], limit: int = 20_000) -> dict[str, int]:
 
 
 def drift_profile(*, input_lengths: list[int], texts: list[str], confidences: list[float], entropies: list[float],
-                  kind: str, sample_limit: int = 5000) -> dict:
+                  kind: str, decoding: dict | None = None,
+                  teacher_forced: tuple[list[float], list[float]] | None = None, sample_limit: int = 5000) -> dict:
     """The reference the drift detector compares production windows against.
 
     Raw per-example values are kept (up to `sample_limit`) so thresholds can be calibrated later by
-    bootstrapping windows from the holdout, not just compared to a mean.
+    bootstrapping windows from the holdout, not just compared to a mean. `decoding`: how generated
+    answers were scored (causal LM); `teacher_forced`: (confidences, entropies) of the reference tokens,
+    kept as a diagnostic next to the generated answers' values.
     """
     unit = [i / 10 for i in range(11)]
-    return {
-        "kind": kind,  # classification: max softmax probability; causal LM: mean token probability
+    profile = {
+        # classification: max softmax probability; causal LM: top-1 probability of its own greedy answers
+        # (with `decoding`), or of the reference tokens (profiles published before answers were scored)
+        "kind": kind,
         "holdoutSize": len(confidences),
         "inputTokens": summary_stats([float(n) for n in input_lengths]),
         "vocabulary": vocabulary(texts),
@@ -99,6 +104,13 @@ def drift_profile(*, input_lengths: list[int], texts: list[str], confidences: li
         },
         "entropy": {**summary_stats(entropies), "values": [round(v, 6) for v in entropies[:sample_limit]]},
     }
+    if decoding is not None:
+        profile["decoding"] = decoding
+    if teacher_forced is not None:
+        profile["teacherForced"] = {
+            name: {**summary_stats(values), "values": [round(v, 6) for v in values[:sample_limit]]}
+            for name, values in zip(("confidence", "entropy"), teacher_forced, strict=True)}
+    return profile
 
 
 # --- decisions the training loop takes (pure, unit-tested) -------------------------------------------

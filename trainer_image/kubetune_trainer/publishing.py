@@ -17,6 +17,7 @@ from kubetune.clients.storage import publish_adapter
 from . import __version__, distributed, metrics, storage
 
 if TYPE_CHECKING:
+    from .answers import Answers
     from .evaluation import Evaluation
     from .step_runner import StepRunner
     from .train import TrainingRun
@@ -99,12 +100,13 @@ def input_text(fields: dict) -> str:
     return fields.get("prompt") or fields.get("text") or ""
 
 
-def publish(run: TrainingRun, final: Evaluation, state_dict: dict | None, evaluations: dict | None) -> dict:
+def publish(run: TrainingRun, final: Evaluation, state_dict: dict | None, evaluations: dict | None,
+            answers: Answers | None = None) -> dict:
     """Rank 0: save the weights and publish them with the manifest; returns the manifest document."""
     seconds = run.seconds()  # the run's duration, saving and uploading left out
     adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-", dir=run.work_dir))
     save_weights(run, adapter_dir, state_dict)
-    fields = manifest_fields(run, final, seconds)
+    fields = manifest_fields(run, final, seconds, answers)
     if evaluations is not None:  # spec.evaluation: every set scored for this adapter (and the reference)
         fields["evaluations"] = evaluations
     if run.reference is not None:
@@ -116,16 +118,24 @@ def publish(run: TrainingRun, final: Evaluation, state_dict: dict | None, evalua
     return document
 
 
-def manifest_fields(run: TrainingRun, final: Evaluation, seconds: float) -> dict:
+def drift_profile(run: TrainingRun, final: Evaluation, answers: Answers | None) -> dict:
+    """The manifest's driftProfile. A causal LM's confidence and entropy are those of its own greedy
+    answers (`answers`), as serving measures them; the teacher-forced values stay as a diagnostic."""
+    kind = "classification" if run.spec["task"] == "SequenceClassification" else "causal-lm"
+    common = {"input_lengths": [len(e.input_ids) for e in run.val_examples],
+              "texts": [input_text(r.fields) for r in run.loaded.train], "kind": kind}
+    if answers is None:
+        return metrics.drift_profile(confidences=final.confidences, entropies=final.entropies, **common)
+    return metrics.drift_profile(confidences=answers.confidences, entropies=answers.entropies,
+                                 decoding=answers.decoding, teacher_forced=(final.confidences, final.entropies),
+                                 **common)
+
+
+def manifest_fields(run: TrainingRun, final: Evaluation, seconds: float, answers: Answers | None = None) -> dict:
     import peft
     import transformers
 
     config, spec, loaded, state = run.config, run.spec, run.loaded, run.state
-    kind = "classification" if spec["task"] == "SequenceClassification" else "causal-lm"
-    profile = metrics.drift_profile(
-        input_lengths=[len(e.input_ids) for e in run.val_examples],
-        texts=[input_text(r.fields) for r in loaded.train],
-        confidences=final.confidences, entropies=final.entropies, kind=kind)
     padding = state.padding_tokens / max(1, state.padding_tokens + state.real_tokens)
     return {
         "job": {"namespace": config.job.namespace, "name": config.job.name, "uid": config.job.uid},
@@ -149,7 +159,7 @@ def manifest_fields(run: TrainingRun, final: Evaluation, seconds: float) -> dict
                      "seconds": round(seconds, 1), "history": metrics.bounded_history(state.history)},
         "trainer": {"version": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                     "peft": peft.__version__},
-        "driftProfile": profile,
+        "driftProfile": drift_profile(run, final, answers),
     }
 
 

@@ -20,7 +20,7 @@ from kubetune.api import jobconfig
 from kubetune.api.jobconfig import JobConfig
 from kubetune.clients.storage import ObjectStore
 
-from . import data, distributed, ds_config, evalsets, metrics, modeling, storage, text, tracking
+from . import answers, data, distributed, ds_config, evalsets, metrics, modeling, storage, text, tracking
 from .checkpoints import TrainerState, resume, save_checkpoint
 from .evaluation import Evaluation, evaluate, evaluate_sets
 from .inputs import fetch_reference, load_data, load_evaluation_sets, prepare_data, resolve_base_model
@@ -480,12 +480,13 @@ def finish(run: TrainingRun) -> dict:
             "steps": state.step, "stopReason": run.stop_reason, "trainSeconds": round(state.train_seconds, 3),
             "seconds": round(run.seconds(), 1), "history": state.history[-200:]})
     evaluations = evaluate_sets(run) if run.eval_sets else None
+    reference_answers = answers.measure(run)  # all ranks under ZeRO-3 (collective forwards), else rank 0
     weights = gather_adapter_state(run.runner, only_trainable=run.method.publishes_adapter)
     document: dict = {}
     if run.dist.is_main:
         progress.update(stage="publishing", force=True, evalMetrics=final.metrics,
                         evalLoss=final.metrics.get("eval_loss"))
-        document = publish(run, final, weights, evaluations)
+        document = publish(run, final, weights, evaluations, reference_answers)
         progress.update(stage="done", force=True, step=state.step)
     distributed.barrier()
     return document

@@ -55,12 +55,14 @@ def build_reference(profile: dict, holdout_texts: list[str], holdout_embeddings:
     confidence = rounded_values((profile.get("confidence") or {}).get("values"))
     if len(confidence) < 2:
         raise ValueError("the drift profile holds fewer than 2 holdout confidence values: nothing to calibrate")
-    if kind == CLASSIFICATION:
-        tested = rounded_values((profile.get("entropy") or {}).get("values"))
-        if len(tested) < 2:
+    entropy = rounded_values((profile.get("entropy") or {}).get("values"))
+    if kind == CLASSIFICATION or profile.get("decoding"):
+        # a causal LM's entropies are comparable with traffic's only when measured on its own generated
+        # answers from top logprobs (`decoding` recorded); teacher-forced full-softmax entropies are not
+        if len(entropy) < 2:
             raise ValueError("the drift profile holds fewer than 2 holdout entropy values")
-        two_sample = {"of": "entropy", "direction": "greater", "values": tested}
-    else:  # the engine gives chosen-token log-probabilities only: the test runs on them
+        two_sample = {"of": "entropy", "direction": "greater", "values": entropy}
+    else:  # a profile of reference-token probabilities: the test runs on confidence
         two_sample = {"of": "confidence", "direction": "less", "values": confidence}
     counted = {str(w): int(c) for w, c in (profile.get("vocabulary") or {}).items()}
     texts = [t for t in holdout_texts if isinstance(t, str)]

@@ -1,0 +1,186 @@
+"""Generative drift: false-alarm and detection rates of the drift triggers for a causal-LM adapter, with the
+reference of its own greedy answers (now) and the teacher-forced reference (before), on the same windows.
+
+    .venv/bin/python bench/generative_drift.py --json /tmp/gendrift.json           # 20 + 4 x 10 windows of 30
+    .venv/bin/python bench/generative_drift.py --smoke --json /tmp/gendrift.json   # chat, 2 + 4 x 1 windows (CI)
+Method: bench/README.md ("generative_drift.py"); figures: BENCHMARKS.md ("Generative drift")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image", REPO_ROOT / "testing"):
+    if str(_src) not in sys.path:
+        sys.path.insert(0, str(_src))
+
+from common import free_port  # noqa: E402  (bench/, on sys.path)
+from drift_analysis import post  # noqa: E402
+from kubetune.api import answer_scores, jobconfig, serving, storage_layout  # noqa: E402
+from kubetune.api.validation import validate  # noqa: E402
+from kubetune_operator import stats  # noqa: E402
+from kubetune_testing import cycle_lm  # noqa: E402
+
+NS = "team-a"
+DEFAULTS = {"window": 30, "quiet": 20, "shifted": 10, "formats": list(cycle_lm.FORMATS)}
+SMOKE = {"window": 30, "quiet": 2, "shifted": 1, "formats": ["chat"]}
+SHARES = (0.1, 0.2, 0.3, 1.0)  # shifted windows: this share of their prompts shifted, the rest in distribution
+
+
+class Engine:
+    """`python -m kubetune_engine` serving the taught base (adapters loaded later), one thread."""
+
+    def __init__(self, base: Path, log_path: Path):
+        self.port = free_port()
+        command = [sys.executable, "-m", "kubetune_engine", "--model", str(base), "--port", str(self.port),
+                   "--served-model-name", "cycle", "--max-lora-rank", "8"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"engine exited {self.process.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("the engine was not healthy within 180 s")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def train(root: Path, base: Path, fmt: str) -> tuple[dict, Path]:
+    """The real trainer (in process) on cycle_lm lines of `fmt`: the published manifest and adapter dir."""
+    from kubetune_trainer import train as trainer
+
+    data = root / f"{fmt}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in cycle_lm.rows(fmt, 320, seed=1)))
+    spec = {"baseModel": {"uri": f"file://{base}"}, "task": "CausalLM",
+            "dataset": {"uri": f"file://{data}", "format": fmt, "validationSplit": 0.25},
+            "method": {"type": "LoRA", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0,
+                                                "targetModules": ["q_proj", "v_proj"]}},
+            "training": {"maxSteps": 10, "learningRate": 1e-3, "perDeviceBatchSize": 8, "maxSeqLength": 64,
+                         "precision": "FP32", "gradientCheckpointing": False, "evalSteps": 10},
+            "distributed": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1, "deepspeed": {"enabled": False}},
+            "output": {"uri": f"file://{root / ('out-' + fmt)}"}}
+    name = f"gendrift-{fmt}"
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}"}, "spec": spec}
+    result = validate(doc, local=True)
+    if not result.ok:
+        raise SystemExit(f"the bench's job does not validate: {result.errors}")
+    config = jobconfig.job_config(NS, name, f"uid-{name}", result.defaulted["spec"])
+    with cycle_lm.one_thread():
+        manifest = trainer.run(config, work_dir=root / f"work-{fmt}")
+    prefix = storage_layout.adapter_prefix(config.storage.job_prefix, manifest["digest"])
+    return manifest, Path(storage_layout.split_uri(prefix)[2])
+
+
+def teacher_forced(profile: dict) -> dict:
+    """The profile as published before answers were scored: teacher-forced values, no decoding."""
+    old = {k: v for k, v in profile.items() if k not in ("decoding", "teacherForced")}
+    old["confidence"], old["entropy"] = profile["teacherForced"]["confidence"], profile["teacherForced"]["entropy"]
+    return old
+
+
+def observation(engine: Engine, model: str, prompt: str, chat: bool) -> stats.Observation | None:
+    body = cycle_lm.request_body(model, prompt, chat=chat, max_tokens=answer_scores.REFERENCE_MAX_TOKENS,
+                                 top_logprobs=answer_scores.TOP_LOGPROBS)
+    path = serving.ENGINE_CHAT if chat else serving.ENGINE_COMPLETIONS
+    choice = json.loads(post(engine.url + path, body))["choices"][0]
+    score = answer_scores.answer_score(answer_scores.choice_positions(choice, chat=chat))
+    return stats.Observation(prompt, round(score[0], 6), round(score[1], 6)) if score else None
+
+
+def windows(settings: dict, seed: int) -> dict[str, list[list[str]]]:
+    """`quiet` windows of fresh in-distribution prompts, then `shifted` windows per share of SHARES."""
+    rng, m = random.Random(seed), settings["window"]
+
+    def window(share: float) -> list[str]:
+        shifted = round(share * m)
+        return [cycle_lm.shifted(rng) for _ in range(shifted)] + [cycle_lm.pair(rng)[0] for _ in range(m - shifted)]
+
+    found = {"quiet": [window(0.0) for _ in range(settings["quiet"])]}
+    for share in SHARES:
+        found[f"shifted{round(share * 100)}"] = [window(share) for _ in range(settings["shifted"])]
+    return found
+
+
+def measure(engine: Engine, base: Path, root: Path, fmt: str, settings: dict) -> dict:
+    manifest, adapter = train(root, base, fmt)
+    name = f"gendrift-{fmt}"
+    post(engine.url + "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)})
+    profile, thresholds = manifest["driftProfile"], stats.Thresholds()
+    references = {"answers": stats.build_reference(profile, [], None),
+                  "teacherForced": stats.build_reference(teacher_forced(profile), [], None)}
+    calibrations = {k: stats.calibrate(r, settings["window"], thresholds) for k, r in references.items()}
+    rates: dict = {k: {} for k in references}
+    served: dict = {}
+    for kind, prompts in windows(settings, seed=11).items():
+        verdicts: dict = {k: [] for k in references}
+        scores = []
+        for window in prompts:
+            observed = [o for o in (observation(engine, name, p, fmt == "chat") for p in window) if o]
+            scores.extend(observed)
+            for key, reference in references.items():
+                verdicts[key].append(stats.analyse(reference, calibrations[key], observed, None, thresholds))
+        served[kind] = {"confidence": sum(o.confidence for o in scores) / max(len(scores), 1),
+                        "entropy": sum(o.entropy for o in scores) / max(len(scores), 1), "answers": len(scores)}
+        for key, found in verdicts.items():
+            rates[key][kind] = {"windows": len(found), "drifted": sum(v["drifted"] for v in found) / len(found),
+                                "confidence": sum(v["triggers"]["confidence"]["fired"] for v in found) / len(found),
+                                "twoSample": sum(v["triggers"]["entropy"]["fired"] for v in found) / len(found)}
+    means = {"answers": {"confidence": profile["confidence"]["mean"], "entropy": profile["entropy"]["mean"]},
+             "teacherForced": {"confidence": profile["teacherForced"]["confidence"]["mean"]}}
+    return {"format": fmt, "holdoutAnswers": profile["decoding"]["answered"], "reference": means,
+            "served": served, "rates": rates}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="few windows (CI)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    settings = SMOKE if args.smoke else DEFAULTS
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gendrift-") as tmp:
+        root = Path(tmp)
+        base = cycle_lm.taught_llama(root / "base")
+        engine = Engine(base, root / "engine.log")
+        try:
+            results = [measure(engine, base, root, fmt, settings) for fmt in settings["formats"]]
+        finally:
+            engine.stop()
+    report = {"settings": settings, "shares": SHARES, "results": results,
+              "seconds": round(time.monotonic() - started, 1)}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
