@@ -16,6 +16,7 @@ from kubetune import runtimes
 from kubetune_agent.engine_client import EngineClient, EngineError
 from kubetune_agent.proxy import _model_missing
 from kubetune_engine import vllm_api
+from kubetune_operator.clients.embeddings import _detail
 from kubetune_operator.local import processes
 from kubetune_testing.factories import adapterdeployment, set_path
 
@@ -138,6 +139,13 @@ def test_the_proxy_tells_a_missing_model_from_other_404s(shape):
     assert not _model_missing(json.dumps({"detail": "Not Found"}).encode(), version)  # an unknown path
     assert not _model_missing(json.dumps(shape(404, "NotFoundError", "This engine serves no embedding model")).encode(),
                               version)
+
+
+@pytest.mark.parametrize("shape", [nested, flat])
+def test_the_operators_embedding_client_reads_both_error_shapes(shape):
+    assert _detail(json.dumps(shape(404, "NotFoundError", "The model `x` does not exist.")).encode()) == \
+        "The model `x` does not exist."
+    assert _detail(b'{"detail": "Not Found"}') == "Not Found" and _detail(b"bad gateway") == "bad gateway"
 
 
 # --- kubetune local -----------------------------------------------------------------------------------
