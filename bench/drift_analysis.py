@@ -143,8 +143,8 @@ class Engine:
     def __init__(self, log_dir: Path, threads: int):
         self.port = free_port()
         self.log_path = log_dir / f"engine-{self.port}.log"
-        command = [sys.executable, "-m", "kubetune_engine", "--model", str(minilm_dir()), "--port", str(self.port),
-                   "--served-model-name", "minilm", "--embedding-model", str(minilm_dir()),
+        command = [sys.executable, "-m", "kubetune_engine", str(minilm_dir()), "--fidelity", "kubetune",
+                   "--port", str(self.port), "--served-model-name", "minilm", "--embedding-model", str(minilm_dir()),
                    "--embedding-model-name", EMBEDDING_MODEL]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
         self.started = time.monotonic()

@@ -90,8 +90,8 @@ class Engine:
         return f"http://127.0.0.1:{self.port}"
 
     def spawn(self) -> Engine:
-        command = [sys.executable, "-m", "kubetune_engine", "--model", str(minilm_dir()), "--port", str(self.port),
-                   "--served-model-name", "minilm"]
+        command = [sys.executable, "-m", "kubetune_engine", str(minilm_dir()), "--fidelity", "kubetune",
+                   "--port", str(self.port), "--served-model-name", "minilm"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(self.threads)}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)

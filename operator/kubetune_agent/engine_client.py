@@ -70,7 +70,9 @@ class EngineClient:
 
 
 def _message(body: bytes) -> str:
-    """The engine's error message (vLLM: {"object": "error", "message": ...}; FastAPI: {"detail": ...})."""
+    """The engine's error message, whichever shape carries it: vLLM >= 0.10.1 (the pinned v0.11.0 and
+    the CPU engine) nests it, `{"error": {"message", "type", "param", "code"}}`; older vLLM sends it
+    flat, `{"object": "error", "message", ...}`; FastAPI's own errors `{"detail": ...}`."""
     text = body.decode(errors="replace")
     try:
         raw = json.loads(text)

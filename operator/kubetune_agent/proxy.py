@@ -329,8 +329,13 @@ class Proxy:
 
 
 def _model_missing(payload: bytes, version: str) -> bool:
-    """A 404 saying the model does not exist (vLLM: "The model `X` does not exist."), not a missing path."""
-    text = payload.decode(errors="replace")
+    """A 404 saying the model does not exist (vLLM: "The model `X` does not exist."), not a missing path.
+    The message is nested in vLLM >= 0.10.1 (`{"error": {"message": ...}}`), flat in older vLLM."""
+    body = _json(payload)
+    error = body.get("error") if isinstance(body, dict) else None
+    fields = error if isinstance(error, dict) else body if isinstance(body, dict) else {}
+    message = fields.get("message") or fields.get("detail")
+    text = message if isinstance(message, str) else payload.decode(errors="replace")
     return version in text or "does not exist" in text
 
 

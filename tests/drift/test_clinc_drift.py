@@ -96,7 +96,7 @@ def _clinc(root: Path) -> Clinc:
     manifest = run_in_process(config, root / "work")
     train_seconds = time.monotonic() - started
 
-    host = ModelHost(minilm_dir(), served_name="minilm")
+    host = ModelHost(minilm_dir(), served_name="minilm", fidelity="kubetune")  # a classifier: kubetune-cpu
     host.load_base()
     host.load_adapter(VERSION, str(adapter_dir(config, manifest)))
     instance, adapter = host.resolve(VERSION)

@@ -65,8 +65,7 @@ class EngineProcess:
 
     def start(self) -> EngineProcess:
         self.starts += 1
-        command = [sys.executable, "-m", "kubetune_engine", "--model", str(self.model), "--port", str(self.port),
-                   *self.args]
+        command = [sys.executable, "-m", "kubetune_engine", str(self.model), "--port", str(self.port), *self.args]
         if self.served_name != str(self.model):
             command += ["--served-model-name", self.served_name]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -192,6 +191,8 @@ def llama_engine(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def minilm_engine(tmp_path_factory):
-    engine = EngineProcess(minilm_dir(), tmp_path_factory.mktemp("engine-minilm-logs"), served_name="minilm").start()
+    """The kubetune-cpu runtime's engine: classification adapters (modules_to_save) are served."""
+    engine = EngineProcess(minilm_dir(), tmp_path_factory.mktemp("engine-minilm-logs"), "--fidelity", "kubetune",
+                           served_name="minilm").start()
     yield engine
     engine.stop()

@@ -63,7 +63,7 @@ class Scorer:
     def __init__(self, adapter_dir: Path):
         from kubetune_engine.models import ModelHost
 
-        self.host = ModelHost(minilm_dir(), served_name="minilm", task="auto")
+        self.host = ModelHost(minilm_dir(), served_name="minilm", task="auto", fidelity="kubetune")
         self.host.load_base()
         self.host.load_adapter("v1", str(adapter_dir))
 

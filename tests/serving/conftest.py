@@ -265,7 +265,8 @@ def llama_engine(tiny_llama, tmp_path_factory):
 def engines(tmp_path_factory):
     """Two MiniLM engines (their base serves as `minilm`)."""
     logs = tmp_path_factory.mktemp("serving-engine-logs")
-    started = [EngineProcess(minilm_dir(), logs, served_name="minilm") for _ in range(2)]
+    # the kubetune-cpu runtime's engines: they serve classification adapters (modules_to_save)
+    started = [EngineProcess(minilm_dir(), logs, "--fidelity", "kubetune", served_name="minilm") for _ in range(2)]
     try:
         with ThreadPoolExecutor(2) as pool:  # both start at once (start() waits for /health)
             for future in [pool.submit(engine.start) for engine in started]:

@@ -1,4 +1,4 @@
-"""`python -m kubetune_engine --model DIR --port PORT [...]` (see `server.parse_args`)."""
+"""`python -m kubetune_engine DIR --port PORT [...]` (see `server.parse_args`)."""
 
 import sys
 

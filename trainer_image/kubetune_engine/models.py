@@ -1,7 +1,7 @@
 """The torch side of the CPU engine: base models, LoRA adapters, greedy generation, classification.
 
-Not thread-safe: the server makes every call from one worker thread at a time. How bases, adapters and
-their internal names are kept: docs/serving-runtimes.md.
+Not thread-safe: the server makes every call from one worker thread at a time. How bases, adapters,
+their internal names and the CPU cache of adapter weights are kept: docs/serving-runtimes.md.
 """
 
 from __future__ import annotations
@@ -13,11 +13,26 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .vllm_api import (
+    FIDELITIES,
+    VLLM,
+    EngineError,
+    adapter_not_found,
+    adapter_rank,
+    already_loaded,
+    bad_request,
+    cpu_loras_error,
+    model_not_found,
+    no_adapter_found,
+    peft_refusals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +43,6 @@ LABELS_FILE = "labels.json"  # written by kubetune_trainer next to a classificat
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
-MESSAGE_LIMIT = 2000
-
-
-class EngineError(Exception):
-    """A request the engine refuses: becomes vLLM's error body with this status and type."""
-
-    def __init__(self, status: int, kind: str, message: str):
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message[:MESSAGE_LIMIT]
-
-
-def bad_request(message: str) -> EngineError:
-    return EngineError(400, "BadRequestError", message)
-
-
-def not_found(message: str) -> EngineError:
-    return EngineError(404, "NotFoundError", message)
-
-
-def model_not_found(name: object) -> EngineError:
-    return not_found(f"The model `{name}` does not exist.")
 
 
 def quiet_libraries() -> None:
@@ -120,12 +114,23 @@ class Classification:
 
 
 class ModelHost:
-    """The base model, its instances and the loaded adapters."""
+    """The base model, its instances and the registered adapters, of which at most `max_cpu_loras`
+    hold their weights in memory (vLLM's LRU cache: the least recently used is evicted, and reloaded
+    from its lora_path when next asked for). `max_loras`, the adapters of one batch in vLLM, is met
+    by construction: each request is served alone, with one adapter."""
 
     def __init__(self, model_dir: Path, *, served_name: str, task: str = "auto", max_loras: int = 4,
-                 max_lora_rank: int = 64, max_model_len: int | None = None):
+                 max_cpu_loras: int | None = None, max_lora_rank: int = 64, max_model_len: int | None = None,
+                 fidelity: str = VLLM):
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+        if fidelity not in FIDELITIES:
+            raise ValueError(f"fidelity {fidelity!r} is not one of {', '.join(FIDELITIES)}")
+        if error := cpu_loras_error(max_loras, max_cpu_loras):
+            raise ValueError(error)
+        self.fidelity = fidelity
+        self.max_cpu_loras = max_cpu_loras or max_loras
+        self.resident: OrderedDict[str, None] = OrderedDict()  # adapters with weights in memory, LRU first
         self.model_dir = Path(model_dir)
         self.served_name = served_name
         self.requested_task = task
@@ -202,74 +207,88 @@ class ModelHost:
             return list(self.adapters.values())
 
     def load_adapter(self, name: str, path: str) -> Adapter:
+        """Register an adapter (any number: vLLM refuses none for count) and bring its weights into
+        the CPU cache, evicting the least recently used when it is full."""
         if name in self.adapters:
-            raise bad_request(f"The lora adapter '{name}' has already been loaded.")
+            raise already_loaded(name)
         if name == self.served_name:
             raise bad_request(f"The lora adapter name '{name}' is the base model's served name.")
         directory = Path(path)
-        if not directory.is_dir():
-            raise bad_request(f"Loading lora {name} failed: No adapter found for {path}")
+        if not (directory / ADAPTER_CONFIG).is_file():
+            raise no_adapter_found(name, path)
         adapter_config = self._adapter_config(name, directory)
-        ranks = [adapter_config.get("r"), *(adapter_config.get("rank_pattern") or {}).values()]
-        if not all(isinstance(r, int) and r >= 1 for r in ranks):
-            raise bad_request(f"Loading lora {name} failed: its ranks (r, rank_pattern) must be positive integers")
-        rank = max(ranks)
-        if rank > self.max_lora_rank:
-            raise bad_request(f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}.")
-        if len(self.adapters) >= self.max_loras:
-            raise bad_request(f"Cannot load LoRA adapter '{name}': {len(self.adapters)} adapters are loaded and "
-                              f"max_loras is {self.max_loras}; unload one first.")
         labels = self._labels(name, directory)
         task = CLASSIFICATION if labels is not None or adapter_config.get("task_type") == "SEQ_CLS" else CAUSAL_LM
         if self.requested_task != "auto" and task != self.task:
             raise bad_request(f"Loading lora {name} failed: it is a {task} adapter and this engine serves "
                               f"{self.task} (--task {self.requested_task}).")
-        try:
-            instance = self._instance(task, labels)
-        except Exception as exc:
-            raise bad_request(f"Loading lora {name} failed: the base model {self.model_dir} cannot be loaded "
-                              f"for {task}: {type(exc).__name__}: {exc}") from exc
         internal = f"a{self._next_internal}"
         self._next_internal += 1
-        try:
-            self._attach(instance, internal, directory)
-        except Exception as exc:
-            log.warning("adapter refused", extra={"lora_name": name, "lora_path": path,
-                                                  "error": f"{type(exc).__name__}: {exc}"})
-            self._detach(instance, internal)
-            raise bad_request(f"Loading lora {name} failed: the adapter is corrupt or does not match the base "
-                              f"model {self.model_dir}: {type(exc).__name__}: {exc}") from exc
-        adapter = Adapter(name, internal, path, task, rank, labels, instance.key, int(time.time()))
+        adapter = Adapter(name, internal, path, task, adapter_rank(adapter_config), labels, (task, labels),
+                          int(time.time()))
+        self._make_resident(adapter)
         with self._registry:
             self.adapters[name] = adapter
-        log.info("adapter loaded", extra={"lora_name": name, "lora_path": path, "task": task, "rank": rank,
+        log.info("adapter loaded", extra={"lora_name": name, "lora_path": path, "task": task, "rank": adapter.rank,
                                           "internal": internal})
         return adapter
 
     def unload_adapter(self, name: str) -> None:
         adapter = self.adapters.get(name)
         if adapter is None:
-            raise not_found(f"The lora adapter '{name}' cannot be found.")
-        instance = self.instances[adapter.instance]
+            raise adapter_not_found(name)
         with self._registry:
             del self.adapters[name]
-        self._detach(instance, adapter.internal)
+        if name in self.resident:
+            del self.resident[name]
+            self._detach(self.instances[adapter.instance], adapter.internal)
         log.info("adapter unloaded", extra={"lora_name": name, "internal": adapter.internal})
 
-    @staticmethod
-    def _adapter_config(name: str, directory: Path) -> dict:
+    def _make_resident(self, adapter: Adapter) -> None:
+        """The adapter's weights in memory, most recently used; the least recently used other adapters
+        are evicted first when the cache holds `max_cpu_loras`."""
+        if adapter.name in self.resident:
+            self.resident.move_to_end(adapter.name)
+            return
+        while len(self.resident) >= self.max_cpu_loras:
+            evicted = self.adapters[next(iter(self.resident))]
+            del self.resident[evicted.name]
+            self._detach(self.instances[evicted.instance], evicted.internal)
+            log.info("adapter evicted from the CPU cache", extra={"lora_name": evicted.name,
+                                                                  "resident": len(self.resident)})
+        try:
+            instance = self._instance(*adapter.instance)
+        except Exception as exc:
+            raise bad_request(f"Loading lora {adapter.name} failed: the base model {self.model_dir} cannot be "
+                              f"loaded for {adapter.task}: {type(exc).__name__}: {exc}") from exc
+        try:
+            self._attach(instance, adapter.internal, Path(adapter.path))
+        except Exception as exc:
+            log.warning("adapter refused", extra={"lora_name": adapter.name, "lora_path": adapter.path,
+                                                  "error": f"{type(exc).__name__}: {exc}"})
+            self._detach(instance, adapter.internal)
+            reloading = " (reloaded after its eviction from the CPU cache)" if adapter.name in self.adapters else ""
+            raise bad_request(f"Loading lora {adapter.name} failed{reloading}: the adapter is corrupt or does not "
+                              f"match the base model {self.model_dir}: {type(exc).__name__}: {exc}") from exc
+        self.resident[adapter.name] = None
+        log.info("adapter in the CPU cache", extra={"lora_name": adapter.name, "resident": len(self.resident),
+                                                    "max_cpu_loras": self.max_cpu_loras})
+
+    def _adapter_config(self, name: str, directory: Path) -> dict:
+        """adapter_config.json, refused as vLLM's PEFTHelper refuses it, then as peft would."""
         config_path = directory / ADAPTER_CONFIG
-        if not config_path.is_file():
-            raise bad_request(f"Loading lora {name} failed: {directory} has no {ADAPTER_CONFIG}")
         try:
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as exc:
             raise bad_request(f"Loading lora {name} failed: {config_path} is not valid JSON: {exc}") from exc
-        if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        if not isinstance(config, dict):
+            raise bad_request(f"Loading lora {name} failed: {config_path} is not a JSON object")
+        refusals = peft_refusals(config, max_lora_rank=self.max_lora_rank, fidelity=self.fidelity)
+        if refusals:
+            raise bad_request(" ".join(refusals))
+        if config.get("peft_type") != "LORA":
             raise bad_request(f"Loading lora {name} failed: {config_path} is not a LoRA adapter config "
-                              f"(peft_type {config.get('peft_type') if isinstance(config, dict) else None!r})")
-        if not isinstance(config.get("rank_pattern") or {}, dict):
-            raise bad_request(f"Loading lora {name} failed: {config_path} has an invalid rank_pattern")
+                              f"(peft_type {config.get('peft_type')!r})")
         if not any((directory / weights).is_file() for weights in ADAPTER_WEIGHTS):
             raise bad_request(f"Loading lora {name} failed: {directory} has no {' or '.join(ADAPTER_WEIGHTS)}")
         return config
@@ -335,12 +354,14 @@ class ModelHost:
     # --- requests --------------------------------------------------------------------------------
 
     def resolve(self, model: object) -> tuple[Instance, Adapter | None]:
-        """The instance and adapter behind a request's `model` (absent: the base, as vLLM does)."""
+        """The instance and adapter behind a request's `model` (absent: the base, as vLLM does); an
+        adapter evicted from the CPU cache is reloaded from its lora_path first."""
         if model is None or model == self.served_name:
             return self.default, None
         adapter = self.adapters.get(model) if isinstance(model, str) else None
         if adapter is None:
             raise model_not_found(model)
+        self._make_resident(adapter)
         return self.instances[adapter.instance], adapter
 
     @contextlib.contextmanager

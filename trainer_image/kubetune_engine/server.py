@@ -1,7 +1,7 @@
 """The HTTP shell of the CPU engine: its runtime's control API (`kubetune.runtimes.cpu`, vLLM's) and the
-OpenAI-compatible inference paths (`kubetune.api.serving`). Handlers take one lock and run torch in a
-thread, so `/health` answers during a generation; 503 until the base model is loaded. With
-`--embedding-model DIR` it also serves OpenAI's `POST /v1/embeddings` (the drift diagnostics' encoder).
+OpenAI-compatible inference paths (`kubetune.api.serving`), with vLLM's status codes and error bodies
+(`vllm_api`). Handlers take one lock and run torch in a thread, so `/health` answers during a
+generation; 503 until the base model is loaded. `--embedding-model DIR` adds `POST /v1/embeddings`.
 """
 
 from __future__ import annotations
@@ -29,17 +29,18 @@ from kubetune.runtimes import cpu
 
 from . import model_source
 from .embeddings import Embedded, SentenceEncoder
-from .models import (
-    MAX_LOGPROBS,
-    TASKS,
-    Classification,
+from .models import MAX_LOGPROBS, TASKS, Classification, Generation, ModelHost, quiet_libraries
+from .vllm_api import (
+    FIDELITIES,
+    VLLM,
     EngineError,
-    Generation,
-    ModelHost,
     bad_request,
+    cpu_loras_error,
+    error_body,
     model_not_found,
+    names_missing,
     not_found,
-    quiet_libraries,
+    unload_name_missing,
 )
 
 log = logging.getLogger("kubetune_engine")
@@ -48,14 +49,14 @@ EMBEDDINGS = "/v1/embeddings"  # OpenAI's (and vLLM's) path; served with --embed
 EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per request
 ENGINE_API = cpu.RUNTIME.api
-
-
-def error_body(status: int, kind: str, message: str) -> dict:
-    return {"object": "error", "message": message, "type": kind, "code": status}
+# vLLM's FlexibleArgumentParser, on `vllm serve --model X` (it then takes X as the positional model)
+MODEL_OPTION_DEPRECATED = ("With `vllm serve`, you should provide the model as a positional argument or in a "
+                           "config file instead of via the `--model` option. The `--model` option will be "
+                           "removed in v0.13.")
 
 
 def error_response(error: EngineError) -> web.Response:
-    return web.json_response(error_body(error.status, error.kind, error.message), status=error.status)
+    return web.json_response(error_body(error.status, error.kind, error.message, error.param), status=error.status)
 
 
 class ModelServer:
@@ -135,7 +136,7 @@ class ModelServer:
         body = await _body(request)
         name, path = body.get("lora_name"), body.get("lora_path")
         if not (isinstance(name, str) and name and isinstance(path, str) and path):
-            raise bad_request("Both 'lora_name' and 'lora_path' must be provided.")
+            raise names_missing()
         await self.call(self.host.load_adapter, name, path)
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -143,7 +144,7 @@ class ModelServer:
         body = await _body(request)
         name = body.get("lora_name")
         if not isinstance(name, str) or not name:
-            raise bad_request("'lora_name' must be provided.")
+            raise unload_name_missing()
         await self.call(self.host.unload_adapter, name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
@@ -457,13 +458,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kubetune_engine",
                                      description="kubetune's CPU engine: vLLM's OpenAI-compatible API with runtime "
                                                  "LoRA loading, on transformers + peft.")
-    parser.add_argument("--model", required=True, help="the base model directory (config.json, weights, tokenizer)")
+    parser.add_argument("model", nargs="?", help="the base model directory (config.json, weights, tokenizer), "
+                                                 "positional as `vllm serve` takes it")
+    parser.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                        help="deprecated (as in vLLM): give the model as the positional argument")
+    parser.add_argument("--fidelity", choices=FIDELITIES, default=VLLM,
+                        help="vllm: refuse what vLLM v0.11.0 refuses; kubetune (the kubetune-cpu runtime): also "
+                             "serve classification adapters (modules_to_save, labels.json, /classify)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--task", choices=TASKS, default="auto",
                         help="auto: from the base's config (ForCausalLM -> causal-lm, else classification); "
                              "each adapter then serves its own kind (labels.json -> classification)")
-    parser.add_argument("--max-loras", type=int, default=4, help="adapters loaded at once; more loads are refused")
+    parser.add_argument("--max-loras", type=int, default=4,
+                        help="vLLM's adapters per batch; met by construction (one request, one adapter at a time)")
+    parser.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="adapters whose weights stay in memory, least recently used evicted and reloaded from "
+                             "their lora_path on next use (default: --max-loras); loads are never refused for count")
     parser.add_argument("--max-lora-rank", type=int, default=64, help="adapters of a higher rank are refused")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + completion tokens (default: the model's max_position_embeddings)")
@@ -478,8 +489,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", default=None, help="revision of an hf:// model (default: main)")
     parser.add_argument("--verbose", action="store_true", help="debug logs and the access log")
     args = parser.parse_args(argv)
-    if args.max_loras < 1 or args.max_lora_rank < 1:
-        parser.error("--max-loras and --max-lora-rank must be at least 1")
+    if args.model_option is not None and args.model is not None:
+        parser.error("the model is given twice: as the positional argument and with --model")
+    args.model_option_used = args.model_option is not None
+    args.model = args.model if args.model is not None else args.model_option
+    if args.model is None:
+        parser.error("the model (a positional argument) is required")
+    if args.max_loras < 1 or args.max_lora_rank < 1 or (args.max_cpu_loras is not None and args.max_cpu_loras < 1):
+        parser.error("--max-loras, --max-cpu-loras and --max-lora-rank must be at least 1")
+    if error := cpu_loras_error(args.max_loras, args.max_cpu_loras):
+        parser.error(error)
     return args
 
 
@@ -490,7 +509,8 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("the base model could not be fetched", extra={"model": args.model, "error": str(exc)})
         return 1
     host = ModelHost(model_dir, served_name=args.served_model_name or args.model, task=args.task,
-                     max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len)
+                     max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
+                     max_model_len=args.max_model_len, fidelity=args.fidelity)
     encoder = SentenceEncoder(Path(args.embedding_model), name=args.embedding_model_name) \
         if args.embedding_model else None
     engine = ModelServer(host, root=args.model, encoder=encoder)
@@ -544,7 +564,8 @@ async def serve(args: argparse.Namespace) -> int:
     elif loaded.done():
         engine.ready = True
         log.info(f"kubetune engine ready on {url}", extra={
-            "url": url, "model": host.served_name, "task": host.task, "max_loras": host.max_loras,
+            "url": url, "model": host.served_name, "task": host.task, "fidelity": host.fidelity,
+            "max_loras": host.max_loras, "max_cpu_loras": host.max_cpu_loras,
             "max_lora_rank": host.max_lora_rank, "max_model_len": host.max_model_len,
             "embedding_model": encoder.name if encoder else None})
         await stopping
@@ -558,6 +579,8 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.verbose)
+    if args.model_option_used:
+        log.warning(MODEL_OPTION_DEPRECATED)
     logging.captureWarnings(True)  # library warnings as JSON log lines too
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only: never reach for the hub
     quiet_libraries()

@@ -60,12 +60,15 @@ class EmbeddingClient:
 
 
 def _detail(raw: bytes) -> str:
-    """An error body's message (OpenAI/vLLM `{"message"}` or FastAPI `{"detail"}`), else its text."""
+    """An error body's message (OpenAI's and vLLM >= 0.10.1's `{"error": {"message"}}`, older vLLM's flat
+    `{"message"}` or FastAPI's `{"detail"}`), else its text."""
     text = raw.decode(errors="replace")
     try:
         document = json.loads(text)
     except ValueError:
         document = None
+    if isinstance(document, dict) and isinstance(document.get("error"), dict):
+        document = document["error"]
     if isinstance(document, dict):
         text = str(document.get("message") or document.get("detail") or text)
     return text[:MESSAGE_LIMIT]

@@ -36,6 +36,8 @@ AGENT_SYNC_SECONDS = 0.5
 AGENT_REPORT_SECONDS = 0.5
 REQUEST_TIMEOUT = 60.0
 STOP_SECONDS = 15.0  # SIGTERM, then SIGKILL after this long
+# the CPU engine's --fidelity for each serving runtime it stands in for
+ENGINE_FIDELITY = {runtimes.vllm.RUNTIME.name: "vllm", runtimes.cpu.RUNTIME.name: "kubetune"}
 
 
 def free_port() -> int:
@@ -157,13 +159,22 @@ def _engine(adep: dict, run_dir: Path, env: dict) -> tuple[Child, str]:
     # The CPU engine reserves nothing per rank: without an explicit maxLoraRank it accepts what the
     # rollout's preflight accepts (vLLM's largest), so no engine restart is ever needed for a rank.
     max_rank = int(runtime.get("maxLoraRank") or runtimes.runtime_of(spec).lora_ranks[-1])
-    max_loras = int((spec["runtime"].get("managed") or {}).get("maxLoras", 4))
+    managed = spec["runtime"].get("managed") or {}
+    max_loras = int(managed.get("maxLoras", 4))
     model_dir = local_path(spec["baseModel"]["uri"])
     port = free_port()
-    engine = Child("engine", [sys.executable, "-m", "kubetune_engine", "--model", str(model_dir),
-                              "--host", "127.0.0.1", "--port", str(port), "--max-lora-rank", str(max_rank),
-                              "--max-loras", str(max_loras)], run_dir / "engine.log", env)
-    return engine, f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "kubetune_engine", str(model_dir), "--fidelity", engine_fidelity(spec),
+               "--host", "127.0.0.1", "--port", str(port), "--max-lora-rank", str(max_rank),
+               "--max-loras", str(max_loras)]
+    if managed.get("maxCpuLoras"):
+        command += ["--max-cpu-loras", str(managed["maxCpuLoras"])]
+    return Child("engine", command, run_dir / "engine.log", env), f"http://127.0.0.1:{port}"
+
+
+def engine_fidelity(spec: dict) -> str:
+    """The CPU engine refuses what the AdapterDeployment's runtime refuses: vLLM's rules for `vllm`;
+    classification adapters accepted too for `kubetune-cpu`."""
+    return ENGINE_FIDELITY[runtimes.runtime_of(spec).name]
 
 
 def _agent(pod: str, namespace: str, engine_url: str, desired_file: Path, run_dir: Path, s3: storage.S3Settings,
