@@ -34,11 +34,12 @@ MAX_FAILURE_BODY = 64 << 10  # of a streamed request's error answer, kept for it
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
-    """vLLM's error shape, so clients see one kind of error whoever answered."""
+    """vLLM's error body since 0.10.1 (`{"error": {...}}`, as the CPU engine answers in vLLM fidelity), so
+    clients see one kind of error whoever answered: the agent or the engine behind it."""
     kind = {400: "BadRequestError", 404: "NotFoundError", 502: "BadGateway", 503: "ServiceUnavailable",
             504: "GatewayTimeout"}.get(status, "Error")
-    return web.json_response({"object": "error", "message": message, "type": kind, "code": status},
-                             status=status, headers=headers)
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.json_response(body, status=status, headers=headers)
 
 
 class Sampler:

@@ -94,7 +94,7 @@ async def test_a_tampered_adapter_is_refused_and_never_loaded(harness, engine, t
         assert 'kubetune_agent_sync_errors_total{reason="DigestMismatch"}' in text
         assert (await harness.get_text("/readyz"))[0] == 503  # summaries has nothing to serve
         status, body, _ = await harness.post("/v1/completions", {"model": "summaries", "prompt": "x"})
-        assert status == 503 and body["object"] == "error"
+        assert status == 503 and body["error"]["code"] == 503
         # the store is repaired (the original bytes are uploaded again): the version comes up
         data[100] ^= 0xFF
         path.write_bytes(bytes(data))
@@ -145,7 +145,7 @@ async def test_weighted_routing_and_tenant_isolation(harness, engine, tmp_path):
         for model in ("nope", f"{NS}/nope", "team-b/intents", "team-b/intents@" + stable.name[-12:],
                       "team-b/" + stable.name.split("/", 1)[1], f"{NS}/intents@" + "0" * 12, "base-model"):
             status, body, header = await harness.post("/v1/completions", {"model": model, "prompt": "x"})
-            assert status == 404 and body["object"] == "error" and header is None, model
+            assert status == 404 and body["error"]["code"] == 404 and header is None, model
         assert len(engine.requests) == before
         async with harness.http.post(harness.url + "/v1/completions", data=b"{not json") as response:
             assert response.status == 400
