@@ -110,7 +110,7 @@ async def submit(api, s3_server, serving_adapter: dict, tmp_path: Path, **retrai
         "metadata": {"name": "support", "namespace": NS},
         "spec": {
             "baseModel": {"uri": f"file://{minilm_dir()}"},
-            "runtime": {"managed": {"replicas": 1}},
+            "runtime": {"engine": "kubetune-cpu", "managed": {"replicas": 1}},  # a classifier: not on vLLM
             "storage": {"endpoint": s3_server.endpoint, "credentials": {"secretName": "s3-creds"}},
             "trafficSampling": {"rate": 1.0, "uri": f"{root_of(tmp_path)}/samples"},
             "strategy": {"type": "Canary", "unloadGraceSeconds": 0,

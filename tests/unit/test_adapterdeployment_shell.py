@@ -23,6 +23,7 @@ class MemoryPort:
     def __init__(self, adep: dict | None, located=(MANIFEST, DIGEST)):
         self.adep, self.located = adep, located
         self.verified = {(MANIFEST, DIGEST): adp.Source(manifest_uri=MANIFEST, digest=DIGEST, rank=8)}
+        self.base_identities: dict = {}
         # the manifest is read and the samples analysed already: this pass reads no storage
         self.analyzer = Analyzer(manifests={MANIFEST: {"digest": DIGEST}},
                                  last_analysis={("team-a", "support", "support-bot"): time.monotonic()})
