@@ -204,7 +204,8 @@ class LocalOperator:
         self.agents = agents
         self.doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "AdapterDeployment",
                     "metadata": {"name": ADAPTER, "namespace": NS, "generation": 1},
-                    "spec": {"baseModel": base_model, "runtime": {"managed": {"replicas": len(agents)}},
+                    "spec": {"baseModel": base_model,  # a MiniLM classifier: the CPU engine serves it, not vLLM
+                             "runtime": {"engine": "kubetune-cpu", "managed": {"replicas": len(agents)}},
                              "adapters": [{"name": ADAPTER, "source": {"uri": source.manifest_uri,
                                                                        "digest": source.digest}}],
                              "strategy": {"type": "Immediate", "unloadGraceSeconds": 0}}}

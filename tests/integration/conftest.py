@@ -76,6 +76,7 @@ class Operator:
         serving_runtime.default_s3 = runtime.default_s3
         serving_runtime.locks.clear()
         serving_runtime.verified.clear()
+        serving_runtime.base_identities.clear()
         # drift caches and settings: fresh per operator start, samples analysed on every pass
         serving_runtime.analyzer = drift_storage.Analyzer(drift_seconds=0.2)
         registry = kopf.OperatorRegistry()

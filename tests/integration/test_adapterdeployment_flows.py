@@ -50,10 +50,12 @@ async def desired_of(api, name: str) -> serving.DesiredState | None:
     return serving.DesiredState.from_json(config_map["data"][serving.DESIRED_KEY]) if config_map else None
 
 
-async def agent_pods(api, name: str, count: int) -> list[str]:
-    """Serving pods as the Deployment would create them (labels from its template)."""
-    deployment = await eventually(lambda: api.get(DEPLOYMENTS, f"{name}-serving"))
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
+async def agent_pods(api, name: str, count: int, labels: dict | None = None) -> list[str]:
+    """Serving pods as the Deployment would create them (labels from its template), or with `labels`
+    (a `runtime.selector`'s, whose pods the user runs)."""
+    if labels is None:
+        deployment = await eventually(lambda: api.get(DEPLOYMENTS, f"{name}-serving"))
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
     names = []
     for i in range(count):
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-serving-{i}", "namespace": NS,

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.integration
 INTENTS, PER_INTENT = 6, 25
 WINDOW = 60
 ALIAS = f"{NS}/support-bot"
+ENGINE_LABELS = {"app": "support-engine"}
 
 
 def root_of(tmp_path: Path) -> str:
@@ -110,7 +111,8 @@ async def submit(api, s3_server, serving_adapter: dict, tmp_path: Path, **retrai
         "metadata": {"name": "support", "namespace": NS},
         "spec": {
             "baseModel": {"uri": f"file://{minilm_dir()}"},
-            "runtime": {"managed": {"replicas": 1}},
+            # a classifier, which vLLM refuses: the CPU engine serves it, in pods the test plays
+            "runtime": {"engine": "kubetune-cpu", "selector": {"matchLabels": ENGINE_LABELS}},
             "storage": {"endpoint": s3_server.endpoint, "credentials": {"secretName": "s3-creds"}},
             "trafficSampling": {"rate": 1.0, "uri": f"{root_of(tmp_path)}/samples"},
             "strategy": {"type": "Canary", "unloadGraceSeconds": 0,
@@ -177,7 +179,7 @@ async def run_until_retrain(api, s3_server, serving_adapter, tmp_path, labelled:
     adep_controller.RUNTIME.analyzer.drift_seconds = 0.2
     data = clinc()
     version = serving.version_name(NS, "support-bot", serving_adapter["digest"])
-    pods = await agent_pods(api, "support", 1)
+    pods = await agent_pods(api, "support", 1, ENGINE_LABELS)
     await serve_agents(api, pods, lambda: stable_digest(api))
     traffic = Traffic(s3_server.store(), Scorer(serving_adapter["adapterDir"]), version, root_of(tmp_path))
 
@@ -322,7 +324,7 @@ class SyntheticTraffic(Traffic):
 async def test_an_open_window_survives_an_operator_restart(operator, api, s3_server, tmp_path):
     adapter = synthetic_adapter(s3_server, tmp_path)
     await submit(api, s3_server, adapter, tmp_path)
-    pods = await agent_pods(api, "support", 1)
+    pods = await agent_pods(api, "support", 1, ENGINE_LABELS)
     await serve_agents(api, pods, lambda: stable_digest(api))
     version = serving.version_name(NS, "support-bot", adapter["digest"])
     traffic = SyntheticTraffic(s3_server.store(), version, root_of(tmp_path))

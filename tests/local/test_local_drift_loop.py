@@ -85,7 +85,7 @@ def adapterdeployment(root: Path, manifest_uri: str, digest: str, train: Path, v
         "metadata": {"name": NAME, "namespace": NS},
         "spec": {
             "baseModel": {"uri": f"file://{minilm_dir()}"},
-            "runtime": {"managed": {"replicas": 1}},
+            "runtime": {"engine": "kubetune-cpu", "managed": {"replicas": 1}},  # a classifier: not on vLLM
             "adapters": [{
                 "name": NAME,
                 "source": {"uri": manifest_uri, "digest": digest},

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kubetune.api import jobconfig, storage_layout
 from kubetune.clients.storage import ObjectStore, check_published
+from kubetune_operator.clients.base_models import read_identity
 from kubetune_trainer.__main__ import main
 
 from .conftest import job_spec, lm_corpus, make_config, manifest_of, write_jsonl
@@ -103,6 +104,9 @@ def test_published_adapter_verifies_and_a_tampered_file_fails(tiny_llama, tmp_pa
     paths = {f["path"] for f in manifest["files"]}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= paths
     assert manifest["baseModel"]["uri"] == f"file://{tiny_llama}"
+    # the base's identity: what the operator compares with the served base (kubetune.api.base_identity)
+    served, _ = read_identity(store, {"uri": f"file://{tiny_llama}"})
+    assert manifest["baseModel"]["identity"] == served and served["weightsDigest"].startswith("sha256:")
     assert manifest["dataset"]["digest"].startswith("sha256:")
     assert manifest["config"]["method"]["lora"]["rank"] == 4
     assert manifest["trainer"]["version"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from kubetune.api import serving
+from kubetune.api import base_identity, serving
 from kubetune.api.validation import validate
 from kubetune_operator.clients.drift_storage import Analyzer
 from kubetune_operator.reconcile import adapterdeployment as adp
@@ -23,6 +23,7 @@ class MemoryPort:
     def __init__(self, adep: dict | None, located=(MANIFEST, DIGEST)):
         self.adep, self.located = adep, located
         self.verified = {(MANIFEST, DIGEST): adp.Source(manifest_uri=MANIFEST, digest=DIGEST, rank=8)}
+        self.base_identities: dict = {}
         # the manifest is read and the samples analysed already: this pass reads no storage
         self.analyzer = Analyzer(manifests={MANIFEST: {"digest": DIGEST}},
                                  last_analysis={("team-a", "support", "support-bot"): time.monotonic()})
@@ -134,3 +135,18 @@ def test_no_limits_configured_every_drift_adapter_runs():
     port = MemoryPort(served("s3://team-b/out"))
     run(port)
     assert port.drift_passes == ["support-bot"]
+
+
+def test_the_served_base_is_resolved_only_for_manifests_that_record_an_identity():
+    port = MemoryPort(served())
+    run(port)
+    assert port.base_identities == {}  # an older manifest: the URIs are compared, nothing is read
+    trained = base_identity.identity({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096}, "main")
+    other = base_identity.identity({"architectures": ["LlamaForCausalLM"], "hidden_size": 8192}, "main")
+    base = port.adep["spec"]["baseModel"]
+    port.verified[(MANIFEST, DIGEST)] = adp.Source(manifest_uri=MANIFEST, digest=DIGEST, rank=8,
+                                                   base_model={**base, "identity": trained})
+    port.base_identities[(base["uri"], base.get("revision"))] = (time.monotonic() + 60, (other, "read"))
+    run(port)
+    refused = port.status["adapters"][0]["refused"]
+    assert refused["reason"] == "BaseModelMismatch" and "config.json digest" in refused["message"]

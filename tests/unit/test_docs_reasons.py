@@ -117,6 +117,8 @@ REASON_SOURCES = [
     (CONTROL_PLANE / "clients/sources.py", r"problems=\(\(\s*\"(\w+)\"", "StorageUnavailable"),
     (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"problems=\(\(\s*\"(\w+)\"", "SourceUnresolved"),
     (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"problems\.append\(\(\s*\"(\w+)\"", "RankTooHigh"),
+    (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"\(\s*\"([A-Z]\w+)\",\s*f\"adapters\[", "AdapterUnsupported"),
+    (CONTROL_PLANE / "clients/sources.py", r"AdapterConfigProblem\(\s*\"(\w+)\"", "NotAnAdapter"),
     # AdapterDeployment Degraded=True: a rollback's reason, agent errors
     (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"\"rolledBack\"\]\s*=\s*\{[^}]*\"reason\":\s*\"(\w+)\"",
      "AnalysisFailed"),

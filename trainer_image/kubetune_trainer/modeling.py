@@ -6,12 +6,16 @@ the entrypoint turns into exit code 2 (never retried) with the message in the lo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from kubetune.api import base_identity
 
 from .errors import BadInput  # re-exported: the methods and recipe raise it from here
 from .methods import method_of
@@ -53,6 +57,39 @@ def resolve_model_dir(base_model: dict, store, cache_dir: Path, *, fetch: bool =
         except Exception as exc:  # offline, private, missing: all need a spec or mirror fix
             raise BadInput(f"baseModel.uri {uri}@{revision}: {exc}") from exc
     raise BadInput(f"baseModel.uri {uri}: unsupported scheme")
+
+
+_SHA256_NAME = re.compile(r"^[a-f0-9]{64}$")
+
+
+def weight_hashes(model_dir: Path) -> dict[str, str] | None:
+    """The safetensors files' sha256 where cheap: the hub cache's blob names (an LFS blob is named by its
+    sha256), the node cache's marker (computed while downloading), else the files hashed when small."""
+    files = sorted(p for p in model_dir.glob(f"*{base_identity.WEIGHT_SUFFIX}"))
+    if not files:
+        return None
+    blob_names = {p.name: p.resolve().name for p in files}
+    if all(_SHA256_NAME.match(name) for name in blob_names.values()):
+        return blob_names
+    from . import node_cache
+
+    marker = {f.path: f.sha256 for f in node_cache.read_marker(model_dir) or []}
+    if all(p.name in marker for p in files):
+        return {p.name: marker[p.name] for p in files}
+    if sum(p.stat().st_size for p in files) > base_identity.HASHED_WEIGHTS_LIMIT:
+        return None
+    return {p.name: _sha256(p) for p in files}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def model_identity(model_dir: Path, base_model: dict) -> dict:
+    """The base model's identity (kubetune.api.base_identity) for the manifest."""
+    config = base_identity.parse_config((model_dir / "config.json").read_bytes(), base_model["uri"])
+    return base_identity.identity(config, base_identity.revision_of(base_model), weight_hashes(model_dir))
 
 
 # --- precision -------------------------------------------------------------------------------------

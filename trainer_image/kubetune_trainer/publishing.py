@@ -14,7 +14,7 @@ import torch
 from kubetune.api import jobconfig
 from kubetune.clients.storage import publish_adapter
 
-from . import __version__, distributed, metrics, storage
+from . import __version__, distributed, metrics, modeling, storage
 
 if TYPE_CHECKING:
     from .answers import Answers
@@ -143,7 +143,8 @@ def manifest_fields(run: TrainingRun, final: Evaluation, seconds: float, answers
         "method": spec["method"]["type"],
         **run.method.manifest_fields(spec),
         "labels": list(loaded.labels) if spec["task"] == "SequenceClassification" else None,
-        "baseModel": {"uri": spec["baseModel"]["uri"], "revision": spec["baseModel"].get("revision")},
+        "baseModel": {"uri": spec["baseModel"]["uri"], "revision": spec["baseModel"].get("revision"),
+                      "identity": modeling.model_identity(run.model_dir, spec["baseModel"])},
         "dataset": {"uri": spec["dataset"]["uri"], "validationUri": spec["dataset"].get("validationUri"),
                     "format": spec["dataset"]["format"], "digest": loaded.digest,
                     "trainExamples": len(loaded.train), "validationExamples": len(loaded.validation),

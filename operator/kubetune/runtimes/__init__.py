@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kubetune.runtimes import peft_rules
+
 
 @dataclass(frozen=True)
 class EngineApi:
@@ -46,6 +48,8 @@ class ServingRuntime:
     api: EngineApi
     default_image: str
     engine_container: ContainerRenderer  # what a managed runtime's pods run
+    # adapter_config.json -> why this runtime cannot load it (empty: it can), for pre-flight
+    adapter_refusals: Callable[[dict], list[str]] = peft_rules.peft_refusals
 
     def smallest_rank_for(self, needed: int) -> int | None:
         """The smallest accepted --max-lora-rank that fits `needed` (None: above every one)."""

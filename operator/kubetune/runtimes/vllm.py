@@ -4,7 +4,7 @@ ENTRYPOINT runs it; the flags as vLLM v0.11.0's engine/arg_utils.py and config/l
 
 from __future__ import annotations
 
-from kubetune.runtimes import EngineApi, PodLayout, ServingRuntime
+from kubetune.runtimes import EngineApi, PodLayout, ServingRuntime, peft_rules
 from kubetune.runtimes.base_model import base_model_env
 
 ENGINE_API = EngineApi(health="/health", models="/v1/models", load="/v1/load_lora_adapter",
@@ -79,4 +79,4 @@ def engine_container(spec: dict, layout: PodLayout, max_lora_rank: int) -> dict:
 
 
 RUNTIME = ServingRuntime(name="vllm", title="vLLM", lora_ranks=LORA_RANKS, api=ENGINE_API, default_image=IMAGE,
-                         engine_container=engine_container)
+                         engine_container=engine_container, adapter_refusals=peft_rules.vllm_refusals)

@@ -55,6 +55,7 @@ class Runtime:
     default_s3: storage.S3Settings = field(default_factory=storage.S3Settings)
     resync_seconds: float = 5.0
     verified: dict = field(default_factory=dict)  # (manifest uri, digest) -> Source: verification is costly
+    base_identities: dict = field(default_factory=dict)  # (uri, revision) -> the served base's identity
     locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
     analyzer: drift.Analyzer = field(default_factory=drift.Analyzer)  # drift caches and settings
     watch_namespaces: tuple = ()  # empty: the whole cluster (the retrain cap counts these)
@@ -71,6 +72,7 @@ class ClusterPort:
         self.client, self.namespace, self.name = client, namespace, name
         self.secrets = PassSecrets(client, namespace)
         self.verified, self.analyzer = RUNTIME.verified, RUNTIME.analyzer
+        self.base_identities = RUNTIME.base_identities
         self.config_map: dict | None = None  # the desired-state ConfigMap as read in this pass
 
     async def read(self) -> dict | None:

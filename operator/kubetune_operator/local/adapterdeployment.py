@@ -51,6 +51,7 @@ class LocalDeployment:
         self.agents: list[Agent] = []
         self.retrains: dict[str, Retrain] = {}
         self.verified: dict = {}  # (manifest uri, digest) -> adp.Source, as the controller caches them
+        self.base_identities: dict = {}  # (uri, revision) -> the served base's identity, as the controller's
         self.reasons_seen: set[str] = set()
         self.print_lock = threading.Lock()
         self.last_progress = ""

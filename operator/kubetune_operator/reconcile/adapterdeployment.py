@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from kubetune import runtimes
-from kubetune.api import serving
+from kubetune.api import base_identity, methods, serving
 from kubetune_operator.render import serving as render_serving
 
 from . import analysis, secrets, tenancy
@@ -28,7 +28,9 @@ class Source:
     manifest_uri: str | None = None
     digest: str | None = None
     rank: int | None = None
-    base_model: dict | None = None  # the manifest's {uri, revision}
+    base_model: dict | None = None  # the manifest's {uri, revision, identity}
+    method: str | None = None  # the manifest's training method (spec.method.type)
+    adapter_config: dict | None = None  # adapter_config.json, verified (None: whole weights, or not read)
     problems: tuple[tuple[str, str], ...] = ()  # (reason, message): FineTuneJobNotReady, ManifestMissing...
 
 
@@ -55,6 +57,8 @@ class Observed:
     desired: serving.DesiredState | None = None  # what the desired ConfigMap holds now
     # Secret name -> its keys (None: no such Secret) for `needs_secrets`; None: not looked at (local mode)
     secrets: dict | None = None
+    # spec.baseModel's identity as read (base_identity), or (None, why unknown); None: not resolved
+    served_base: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ def _seconds(start: str | None, end: str) -> float:
 def _plus(now: str, seconds: float) -> str:
     moment = dt.datetime.fromisoformat(now.replace("Z", "+00:00")) + dt.timedelta(seconds=seconds)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+CPU_ENGINE = runtimes.cpu.RUNTIME.name  # serves what vLLM refuses: peft loads every LoRA adapter
 
 
 # --- preflight -----------------------------------------------------------------------------------------
@@ -113,8 +120,10 @@ def allowed(uri: str, namespace: str, settings: Settings) -> bool:
     return tenancy.uri_allowed(uri, namespace, settings.allowed_sources)
 
 
-def preflight(adep: dict, adapter: dict, source: Source, settings: Settings, max_rank: int | None) -> list:
-    """Reasons to refuse a candidate before any pod is touched: [(reason, message)], empty when it may roll."""
+def preflight(adep: dict, adapter: dict, source: Source, settings: Settings, max_rank: int | None,
+              served_base: tuple | None = None) -> list:
+    """Reasons to refuse a candidate before any pod is touched: [(reason, message)], empty when it may roll.
+    `served_base`: (identity, why unknown) of spec.baseModel as the shell resolved it (None: not resolved)."""
     if source.problems:
         return list(source.problems)
     name, namespace = adapter["name"], adep["metadata"]["namespace"]
@@ -136,15 +145,49 @@ def preflight(adep: dict, adapter: dict, source: Source, settings: Settings, max
     if source.rank is not None and max_rank is None:
         problems.append(("RankTooHigh", f"adapters[{name}]: rank {source.rank} is above every --max-lora-rank "
                          f"{runtime.title} accepts ({runtime.lora_ranks[-1]})"))
-    base = adep["spec"]["baseModel"]
-    trained_on = source.base_model or {}
-    if trained_on.get("uri") and trained_on["uri"] != base["uri"]:
-        problems.append(("BaseModelMismatch", f"adapters[{name}]: trained on {trained_on['uri']}, served on "
-                         f"{base['uri']}"))
-    elif (trained_on.get("revision") and base.get("revision") and trained_on["revision"] != base["revision"]):
-        problems.append(("BaseModelMismatch", f"adapters[{name}]: trained on revision {trained_on['revision']}, "
-                         f"served on {base['revision']}"))
-    return problems
+    problems += adapter_refusals(adep, name, source)
+    mismatch = base_model_refusal(name, adep["spec"]["baseModel"], source.base_model or {}, served_base)
+    return problems + ([mismatch] if mismatch else [])
+
+
+def adapter_refusals(adep: dict, name: str, source: Source) -> list:
+    """What no runtime serves (whole weights, another PEFT type) and what the chosen runtime refuses in
+    adapter_config.json (vLLM: modules_to_save, DoRA, bias): the engine would refuse it on every pod."""
+    facts = methods.METHODS.get(source.method or "")
+    if facts is not None and not facts.publishes_adapter:
+        return [("NotAnAdapter", f"adapters[{name}]: method {source.method} publishes whole weights, not an "
+                 "adapter: serve them as spec.baseModel, or train with LoRA or QLoRA")]
+    config = source.adapter_config
+    if config is None:
+        return []
+    peft_type = config.get("peft_type") or "LORA"
+    if peft_type != "LORA":
+        return [("NotAnAdapter", f"adapters[{name}]: adapter_config.json peft_type {peft_type}: only LoRA "
+                 "adapters are loaded at runtime")]
+    runtime = runtimes.runtime_of(adep["spec"])
+    return [("AdapterUnsupported", f"adapters[{name}]: {why}; spec.runtime.engine {runtime.name} cannot serve it"
+             + ("" if runtime.name == CPU_ENGINE else f", serve it with spec.runtime.engine: {CPU_ENGINE}"))
+            for why in runtime.adapter_refusals(config)]
+
+
+def base_model_refusal(name: str, base: dict, trained_on: dict, served_base: tuple | None) -> tuple | None:
+    """BaseModelMismatch unless the adapter's base is the served one: by identity (the manifest's
+    baseModel.identity against the served base's) when both are known, else by URI and revision."""
+    unknown = ""
+    if trained_on.get("identity") and served_base is not None:
+        served, why_unknown = served_base
+        same, why = base_identity.compare(trained_on["identity"], served)
+        if same is not None:
+            return None if same else ("BaseModelMismatch", f"adapters[{name}]: trained on {trained_on.get('uri')}, "
+                                      f"served on {base['uri']}, which is another model: {why}")
+        unknown = f" (its identity cannot be verified: {why_unknown})"
+    if trained_on.get("uri") and trained_on["uri"].rstrip("/") != base["uri"].rstrip("/"):
+        return ("BaseModelMismatch", f"adapters[{name}]: trained on {trained_on['uri']}, served on {base['uri']}"
+                + unknown)
+    if trained_on.get("revision") and base.get("revision") and trained_on["revision"] != base["revision"]:
+        return ("BaseModelMismatch", f"adapters[{name}]: trained on revision {trained_on['revision']}, served on "
+                f"{base['revision']}")
+    return None
 
 
 # --- the decision --------------------------------------------------------------------------------------
@@ -254,7 +297,7 @@ def _adapter_pass(rec: dict, adapter: dict, observed: Observed, settings: Settin
     rec["alias"] = serving.alias_name(namespace, name)
     source = observed.sources.get(name) or Source(problems=(("SourceUnresolved", f"adapters[{name}]: "
                                                                                   "source not resolved"),))
-    problems = preflight(adep, adapter, source, settings, max_rank)
+    problems = preflight(adep, adapter, source, settings, max_rank, observed.served_base)
     candidate = None if problems else _version(namespace, name, source)
     if problems:
         tally.refused.append(problems[0])

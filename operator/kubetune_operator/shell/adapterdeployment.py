@@ -12,6 +12,7 @@ from typing import Protocol
 
 from kubetune.api import serving
 from kubetune.clients import storage
+from kubetune_operator.clients import base_models
 from kubetune_operator.clients.drift_storage import Analyzer
 from kubetune_operator.clients.sources import verified_source
 from kubetune_operator.reconcile import adapterdeployment as adp
@@ -25,6 +26,7 @@ class AdapterDeploymentPort(RetrainPort, Protocol):
     """What one pass reads and writes, wherever the AdapterDeployment runs."""
 
     verified: dict  # (manifest uri, digest) -> adp.Source: verification is costly, done once per digest
+    base_identities: dict  # (uri, revision) -> (expiry, (identity, why)): clients.base_models' cache
     analyzer: Analyzer  # drift caches and settings
 
     async def read(self) -> dict | None:
@@ -96,12 +98,15 @@ async def run_pass(port: AdapterDeploymentPort, settings: adp.Settings) -> PassR
     rollout_view = driftloop.rollout_view(adep, records)
     sources = {a["name"]: await resolve_source(port, rollout_view, a, store, settings)
                for a in rollout_view["spec"]["adapters"]}
+    served_base = None
+    if any((s.base_model or {}).get("identity") for s in sources.values()):  # older manifests: URIs compared
+        served_base = await base_models.served_identity(store, adep["spec"]["baseModel"], port.base_identities)
     pods = await port.pods(adep)
     current = await port.desired_state(adep)
     now = now_rfc3339()
     found_secrets = await port.secrets_found(adep)
     plan = adp.decide(adp.Observed(adep=rollout_view, now=now, sources=sources, pods=pods, desired=current,
-                                   secrets=found_secrets), settings)
+                                   secrets=found_secrets, served_base=served_base), settings)
     drift_events = []
     for adapter in adep["spec"]["adapters"]:
         if drift_allowed(adep, adapter, settings):
