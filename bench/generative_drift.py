@@ -1,5 +1,6 @@
 """Generative drift: false-alarm and detection rates of the drift triggers for a causal-LM adapter, with the
-reference of its own greedy answers (now) and the teacher-forced reference (before), on the same windows.
+reference of its own greedy answers (now) and the teacher-forced reference (before), on the same windows,
+built from the agent's sampled records of plain and of streamed requests (clients ask for no logprobs).
 
     .venv/bin/python bench/generative_drift.py --json /tmp/gendrift.json           # 20 + 4 x 10 windows of 30
     .venv/bin/python bench/generative_drift.py --smoke --json /tmp/gendrift.json   # chat, 2 + 4 x 1 windows (CI)
@@ -30,6 +31,7 @@ from kubetune.api import answer_scores, jobconfig, serving, storage_layout  # no
 from kubetune.api.validation import validate  # noqa: E402
 from kubetune_operator import stats  # noqa: E402
 from kubetune_testing import cycle_lm  # noqa: E402
+from rollout_pods import Agent, wait_until  # noqa: E402
 
 NS = "team-a"
 DEFAULTS = {"window": 30, "quiet": 20, "shifted": 10, "formats": list(cycle_lm.FORMATS)}
@@ -73,8 +75,8 @@ class Engine:
                 self.process.wait(10)
 
 
-def train(root: Path, base: Path, fmt: str) -> tuple[dict, Path]:
-    """The real trainer (in process) on cycle_lm lines of `fmt`: the published manifest and adapter dir."""
+def train(root: Path, base: Path, fmt: str) -> tuple[dict, str]:
+    """The real trainer (in process) on cycle_lm lines of `fmt`: the published manifest and its URI."""
     from kubetune_trainer import train as trainer
 
     data = root / f"{fmt}.jsonl"
@@ -96,8 +98,7 @@ def train(root: Path, base: Path, fmt: str) -> tuple[dict, Path]:
     config = jobconfig.job_config(NS, name, f"uid-{name}", result.defaulted["spec"])
     with cycle_lm.one_thread():
         manifest = trainer.run(config, work_dir=root / f"work-{fmt}")
-    prefix = storage_layout.adapter_prefix(config.storage.job_prefix, manifest["digest"])
-    return manifest, Path(storage_layout.split_uri(prefix)[2])
+    return manifest, storage_layout.manifest_uri(config.storage.job_prefix)
 
 
 def teacher_forced(profile: dict) -> dict:
@@ -107,13 +108,50 @@ def teacher_forced(profile: dict) -> dict:
     return old
 
 
-def observation(engine: Engine, model: str, prompt: str, chat: bool) -> stats.Observation | None:
-    body = cycle_lm.request_body(model, prompt, chat=chat, max_tokens=answer_scores.REFERENCE_MAX_TOKENS,
-                                 top_logprobs=answer_scores.TOP_LOGPROBS)
-    path = serving.ENGINE_CHAT if chat else serving.ENGINE_COMPLETIONS
-    choice = json.loads(post(engine.url + path, body))["choices"][0]
-    score = answer_scores.answer_score(answer_scores.choice_positions(choice, chat=chat))
-    return stats.Observation(prompt, round(score[0], 6), round(score[1], 6)) if score else None
+def ask(agent: Agent, alias: str, prompt: str, chat: bool, stream: bool) -> None:
+    """A client's request through the agent, without logprobs (the agent asks the engine for them)."""
+    body = cycle_lm.request_body(alias, prompt, chat=chat, max_tokens=answer_scores.REFERENCE_MAX_TOKENS,
+                                 top_logprobs=0)
+    body = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+    raw = post(agent.url + (serving.ENGINE_CHAT if chat else serving.ENGINE_COMPLETIONS), {**body, "stream": stream})
+    if b'"logprobs":{' in raw.replace(b" ", b"") or b'"logprobs":[' in raw.replace(b" ", b""):
+        raise RuntimeError(f"the client got logprobs it did not ask for: {raw[:300]!r}")
+
+
+def sampled(samples: Path) -> dict[bool, list[stats.Observation]]:
+    """streamed? -> the observations of the sample records, in request order, parsed as the operator's
+    drift pass parses them (`stats.observations`)."""
+    found: dict[bool, list[stats.Observation]] = {False: [], True: []}
+    for path in sorted(samples.rglob("*.jsonl")):  # <date>/<timestamp>-<sequence>.jsonl: in write order
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            found[bool(record["request"].get("stream"))].extend(stats.observations(record))
+    return found
+
+
+def serve(engine: Engine, root: Path, fmt: str, manifest: dict, manifest_uri: str,
+          prompts: list[str]) -> dict[bool, list]:
+    """The adapter behind an agent that samples every request; `prompts` sent plain, then streamed."""
+    adapter = f"gendrift-{fmt.split('-')[0]}"
+    name, alias = serving.version_name(NS, adapter, manifest["digest"]), serving.alias_name(NS, adapter)
+    samples = root / f"samples-{fmt}"
+    agent = Agent(engine, root / f"agent-{fmt}", "serve-0", sync_seconds=0.2)
+    try:
+        agent.wait_ready()
+        version = serving.Version(name, manifest["digest"], manifest_uri, 100, "stable")
+        agent.set_desired(serving.DesiredState(1, [serving.AliasState(alias, [version])], sampling_rate=1.0,
+                                               sampling_uri=f"file://{samples}"))
+        wait_until(lambda: name in ((agent.report() or {}).get("loaded") or []), 120, f"{name} loaded")
+        for stream in (False, True):
+            for prompt in prompts:
+                ask(agent, alias, prompt, fmt == "chat", stream)
+    finally:
+        agent.stop()  # flushes the samples
+    found = sampled(samples)
+    for stream, observed in found.items():
+        if [o.text for o in observed] != prompts:  # every answer scored (the EOS ends it), in order
+            raise RuntimeError(f"stream={stream}: {len(observed)} sampled observations for {len(prompts)} requests")
+    return found
 
 
 def windows(settings: dict, seed: int) -> dict[str, list[list[str]]]:
@@ -130,34 +168,49 @@ def windows(settings: dict, seed: int) -> dict[str, list[list[str]]]:
     return found
 
 
+def judge(references: dict, calibrations: dict, cut: list[list], thresholds: stats.Thresholds) -> dict:
+    """Per reference: the share of the windows `cut` drifted, and of each trigger fired."""
+    rates = {}
+    for key, reference in references.items():
+        found = [stats.analyse(reference, calibrations[key], w, None, thresholds) for w in cut]
+        rates[key] = {"windows": len(found), "drifted": sum(v["drifted"] for v in found) / len(found),
+                      "confidence": sum(v["triggers"]["confidence"]["fired"] for v in found) / len(found),
+                      "twoSample": sum(v["triggers"]["entropy"]["fired"] for v in found) / len(found)}
+    return rates
+
+
 def measure(engine: Engine, base: Path, root: Path, fmt: str, settings: dict) -> dict:
-    manifest, adapter = train(root, base, fmt)
-    name = f"gendrift-{fmt}"
-    post(engine.url + "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter)})
+    manifest, manifest_uri = train(root, base, fmt)
     profile, thresholds = manifest["driftProfile"], stats.Thresholds()
     references = {"answers": stats.build_reference(profile, [], None),
                   "teacherForced": stats.build_reference(teacher_forced(profile), [], None)}
     calibrations = {k: stats.calibrate(r, settings["window"], thresholds) for k, r in references.items()}
-    rates: dict = {k: {} for k in references}
+    kinds = windows(settings, seed=11)
+    prompts = [p for kind in kinds.values() for window in kind for p in window]
+    plain, streamed = (observed for _, observed in sorted(serve(engine, root, fmt, manifest, manifest_uri,
+                                                                prompts).items()))
+    rates: dict = {"plain": {k: {} for k in references}, "streamed": {k: {} for k in references}}
     served: dict = {}
-    for kind, prompts in windows(settings, seed=11).items():
-        verdicts: dict = {k: [] for k in references}
-        scores = []
-        for window in prompts:
-            observed = [o for o in (observation(engine, name, p, fmt == "chat") for p in window) if o]
-            scores.extend(observed)
-            for key, reference in references.items():
-                verdicts[key].append(stats.analyse(reference, calibrations[key], observed, None, thresholds))
+    start = 0
+    for kind, prompts in kinds.items():
+        count = sum(len(w) for w in prompts)
+        for traffic, observed in (("plain", plain), ("streamed", streamed)):
+            cut, at = [], start
+            for window in prompts:
+                cut.append(observed[at:at + len(window)])
+                at += len(window)
+            for key, found in judge(references, calibrations, cut, thresholds).items():
+                rates[traffic][key][kind] = found
+        scores = plain[start:start + count]
         served[kind] = {"confidence": sum(o.confidence for o in scores) / max(len(scores), 1),
                         "entropy": sum(o.entropy for o in scores) / max(len(scores), 1), "answers": len(scores)}
-        for key, found in verdicts.items():
-            rates[key][kind] = {"windows": len(found), "drifted": sum(v["drifted"] for v in found) / len(found),
-                                "confidence": sum(v["triggers"]["confidence"]["fired"] for v in found) / len(found),
-                                "twoSample": sum(v["triggers"]["entropy"]["fired"] for v in found) / len(found)}
+        start += count
+    gap = max(max(abs(a.confidence - b.confidence), abs(a.entropy - b.entropy))
+              for a, b in zip(plain, streamed, strict=True))
     means = {"answers": {"confidence": profile["confidence"]["mean"], "entropy": profile["entropy"]["mean"]},
              "teacherForced": {"confidence": profile["teacherForced"]["confidence"]["mean"]}}
     return {"format": fmt, "holdoutAnswers": profile["decoding"]["answered"], "reference": means,
-            "served": served, "rates": rates}
+            "served": served, "rates": rates, "streamedVsPlainMaxDifference": gap}
 
 
 def main() -> None:

@@ -101,10 +101,13 @@ def test_generative_drift_smoke(tmp_path: Path):
     report = json.loads(out.read_text())
     [result] = report["results"]
     assert result["format"] == "chat" and result["holdoutAnswers"] > 0
-    for reference in ("answers", "teacherForced"):
-        rates = result["rates"][reference]
-        assert set(rates) == {"quiet", "shifted10", "shifted20", "shifted30", "shifted100"}
-        assert rates["shifted100"]["drifted"] == 1.0, rates  # every prompt shifted: both references see it
+    for traffic in ("plain", "streamed"):  # windows from the agent's sample records of each
+        for reference in ("answers", "teacherForced"):
+            rates = result["rates"][traffic][reference]
+            assert set(rates) == {"quiet", "shifted10", "shifted20", "shifted30", "shifted100"}
+            assert rates["shifted100"]["drifted"] == 1.0, rates  # every prompt shifted: both references see it
+    assert result["rates"]["plain"] == result["rates"]["streamed"]  # a stream is sampled as the same answer
+    assert result["streamedVsPlainMaxDifference"] <= 1e-6
     assert result["served"]["quiet"]["confidence"] > result["served"]["shifted100"]["confidence"]
 
 

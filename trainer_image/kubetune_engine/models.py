@@ -101,6 +101,9 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]
     top: list[list[tuple[str, float]]]  # per token, the `top_n` most likely as (piece, logprob); [] without
+    # the last token is the end-of-sequence that stopped it: in tokens and logprobs as vLLM returns it
+    # (its output token ids end with it), but not in the text
+    ends_with_eos: bool = False
 
 
 @dataclass
@@ -436,14 +439,14 @@ class ModelHost:
                 scores = torch.log_softmax(output.logits[0, -1].float(), dim=-1)
                 token = int(torch.argmax(scores))
                 generated += 1
-                if token in stop_ids:
-                    finish = "stop"
-                    break
                 out_ids.append(token)
                 logprobs.append(_finite(float(scores[token])))
                 if top_n:
                     values, indices = torch.topk(scores, min(top_n, scores.numel()))
                     top_ids.append([(int(i), _finite(float(v))) for v, i in zip(values, indices, strict=True)])
+                if token in stop_ids:
+                    finish = "stop"
+                    break
                 if stop:
                     text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
                     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
@@ -451,10 +454,12 @@ class ModelHost:
                         cut_text, finish = text[:cut], "stop"
                         break
                 input_ids = torch.tensor([[token]], dtype=torch.long)
-        text = cut_text if cut_text is not None else self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        ends_with_eos = bool(out_ids) and out_ids[-1] in stop_ids
+        text_ids = out_ids[:-1] if ends_with_eos else out_ids
+        text = cut_text if cut_text is not None else self.tokenizer.decode(text_ids, skip_special_tokens=True)
         pieces = [self._piece(out_ids[:i], token) for i, token in enumerate(out_ids)]
         top = [[(self._piece(out_ids[:i], alt), value) for alt, value in row] for i, row in enumerate(top_ids)]
-        return Generation(len(prompt_ids), text, finish, generated, pieces, out_ids, logprobs, top)
+        return Generation(len(prompt_ids), text, finish, generated, pieces, out_ids, logprobs, top, ends_with_eos)
 
     def _piece(self, before: list[int], token: int) -> str:
         """A token's share of the decoded text after `before` (a leading space included), so that the

@@ -422,11 +422,12 @@ def _stream_steps(g: Generation) -> list[tuple[str, int, int]]:
     """The text in token-sized chunks, each with the tokens [start, end) it carries, whose logprobs go
     with it as vLLM streams them: a token without text goes with the next one (the last with the one
     before); one chunk when a stop string cut a token in two."""
-    if "".join(g.tokens) != g.text:
+    text_pieces = g.tokens[:-1] if g.ends_with_eos else g.tokens  # the end-of-sequence has no text
+    if "".join(text_pieces) != g.text:
         return [(g.text, 0, len(g.tokens))] if g.text or g.tokens else []
     steps: list[tuple[str, int, int]] = []
     start = 0
-    for end, piece in enumerate(g.tokens, 1):
+    for end, piece in enumerate(text_pieces, 1):
         if piece:
             steps.append((piece, start, end))
             start = end
