@@ -3,6 +3,7 @@ process, and the client threads that time every answer (bench/adapter_rollout.py
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime as dt
 import json
@@ -20,8 +21,9 @@ from pathlib import Path
 from common import free_port, minilm_dir
 from kubetune.api import serving
 from kubetune.api.validation import validate
-from kubetune.clients.storage import ObjectStore, S3Settings, check_published
+from kubetune.clients.storage import ObjectStore, S3Settings
 from kubetune.runtimes import cpu
+from kubetune_operator.clients import sources
 from kubetune_operator.reconcile import adapterdeployment as adp
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +206,8 @@ class LocalOperator:
         self.agents = agents
         self.doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "AdapterDeployment",
                     "metadata": {"name": ADAPTER, "namespace": NS, "generation": 1},
-                    "spec": {"baseModel": base_model,  # a MiniLM classifier: the CPU engine serves it, not vLLM
+                    # a MiniLM classifier: the CPU engine serves it, not vLLM; the base as trained on
+                    "spec": {"baseModel": {k: base_model[k] for k in ("uri", "revision")},
                              "runtime": {"engine": "kubetune-cpu", "managed": {"replicas": len(agents)}},
                              "adapters": [{"name": ADAPTER, "source": {"uri": source.manifest_uri,
                                                                        "digest": source.digest}}],
@@ -218,12 +221,8 @@ class LocalOperator:
         self.doc["metadata"]["generation"] += 1
 
     def _resolve(self, uri: str) -> adp.Source:
-        check = check_published(self.store, uri.rsplit("/", 1)[0] + "/", True)
-        if not check.found or check.problems:
-            return adp.Source(manifest_uri=uri, problems=(("ManifestInvalid", f"{uri}: {check.problems}"),))
-        document = check.document
-        return adp.Source(manifest_uri=uri, digest=document["digest"], rank=document.get("rank"),
-                          base_model=document.get("baseModel"))
+        """As the operator's shell resolves a `uri` source: manifest, files and adapter config verified."""
+        return asyncio.run(sources.verified_source(self.store, uri, None, ADAPTER, {}))
 
     def reconcile(self) -> adp.Plan:
         result = validate(copy.deepcopy(self.doc))

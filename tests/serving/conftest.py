@@ -9,6 +9,7 @@ agent fixture empties the engine first, so tests do not see each other's adapter
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -25,7 +26,8 @@ import pytest
 
 from kubetune.api import serving, storage_layout
 from kubetune.api.validation import validate
-from kubetune.clients.storage import ObjectStore, S3Settings, check_published, publish_adapter
+from kubetune.clients.storage import ObjectStore, S3Settings, publish_adapter
+from kubetune_operator.clients import sources
 from kubetune_operator.reconcile import adapterdeployment as adp
 from tests.agent.conftest import read_report, write_desired
 from tests.conftest import REPO_ROOT
@@ -311,17 +313,9 @@ def desired(generation: int, *versions: serving.Version, alias: str = ALIAS) -> 
 
 
 def resolve(manifest_uri: str) -> adp.Source:
-    """An adapter source as the operator's shell resolves a `uri` source: the manifest read and every
-    file's size and sha256 checked (controllers.adapterdeployment._resolve)."""
-    prefix = manifest_uri.rsplit("/", 1)[0] + "/"
-    check = check_published(ObjectStore(S3Settings()), prefix, True)
-    if not check.found:
-        return adp.Source(manifest_uri=manifest_uri, problems=(("ManifestMissing", manifest_uri),))
-    if check.problems:
-        return adp.Source(manifest_uri=manifest_uri, problems=tuple((p.reason, p.message) for p in check.problems))
-    document = check.document
-    return adp.Source(manifest_uri=manifest_uri, digest=document["digest"], rank=document.get("rank"),
-                      base_model=document.get("baseModel"))
+    """An adapter source as the operator's shell resolves a `uri` source (`clients.sources.verified_source`):
+    the manifest read, every file's size and sha256 checked, the adapter's config read for pre-flight."""
+    return asyncio.run(sources.verified_source(ObjectStore(S3Settings()), manifest_uri, None, ADAPTER, {}))
 
 
 def now_rfc3339() -> str:
@@ -337,8 +331,10 @@ class LocalOperator:
         self.agents = agents
         self.doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "AdapterDeployment",
                     "metadata": {"name": name, "namespace": NS, "generation": 1},
-                    "spec": {"baseModel": source.document["baseModel"],
-                             "runtime": {"managed": {"replicas": len(agents)}},
+                    # the base as trained on (the manifest's identity is not a spec field); the CPU engine
+                    # runtime, which serves classifiers (modules_to_save) as well as causal LMs
+                    "spec": {"baseModel": {k: source.document["baseModel"][k] for k in ("uri", "revision")},
+                             "runtime": {"engine": "kubetune-cpu", "managed": {"replicas": len(agents)}},
                              "adapters": [{"name": ADAPTER, "source": {"uri": source.manifest_uri,
                                                                        "digest": source.digest}}],
                              "strategy": strategy or {"type": "Immediate", "unloadGraceSeconds": 0}}}
