@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image"):
     if str(_src) not in sys.path:
         sys.path.insert(0, str(_src))
 
-from common import free_port, load_average, minilm_dir  # noqa: E402  (bench/, on sys.path)
+from common import free_port, load_average, minilm_dir, stop_process  # noqa: E402  (bench/, on sys.path)
 from kubetune.api import jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
 from kubetune.runtimes import cpu  # noqa: E402
@@ -170,13 +169,7 @@ class Engine:
         raise TimeoutError(f"the engine was not healthy within {STARTUP_TIMEOUT} s")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
 
 def sample_lines(engine: Engine, version: str, texts: list[str]) -> list[str]:

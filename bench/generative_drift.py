@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ for _src in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image", REPO_ROOT / "t
     if str(_src) not in sys.path:
         sys.path.insert(0, str(_src))
 
-from common import free_port  # noqa: E402  (bench/, on sys.path)
+from common import free_port, stop_process  # noqa: E402  (bench/, on sys.path)
 from drift_analysis import post  # noqa: E402
 from kubetune.api import answer_scores, jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
@@ -44,7 +43,7 @@ class Engine:
 
     def __init__(self, base: Path, log_path: Path):
         self.port = free_port()
-        command = [sys.executable, "-m", "kubetune_engine", "--model", str(base), "--port", str(self.port),
+        command = [sys.executable, "-m", "kubetune_engine", str(base), "--port", str(self.port),
                    "--served-model-name", "cycle", "--max-lora-rank", "8"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         with open(log_path, "wb") as log:
@@ -66,13 +65,7 @@ class Engine:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
 
 def train(root: Path, base: Path, fmt: str) -> tuple[dict, str]:

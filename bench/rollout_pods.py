@@ -8,7 +8,6 @@ import copy
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import free_port, minilm_dir
+from common import free_port, minilm_dir, stop_process
 from kubetune.api import serving
 from kubetune.api.validation import validate
 from kubetune.clients.storage import ObjectStore, S3Settings
@@ -123,13 +122,7 @@ class Engine:
             http("POST", self.url + cpu.RUNTIME.api.unload, {"lora_name": name})
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
 
 class Agent:
@@ -186,13 +179,7 @@ class Agent:
         return lines
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, grace=15)
 
 
 # --- the operator's decision, in this process ------------------------------------------------------------
