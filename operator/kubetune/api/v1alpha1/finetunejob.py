@@ -195,7 +195,7 @@ TRAINING = obj(
 )
 
 DISTRIBUTED = obj(
-    "Where and how wide training runs: a PyTorchJob of `nodes` pods (1 Master + nodes-1 Workers), "
+    "Where and how wide training runs: `nodes` pods (PyTorchJob: 1 Master + nodes-1 Workers; TrainJob: numNodes), "
     "each running torchrun with one process per GPU.",
     {
         "nodes": integer("Pods (machines).", default=1, minimum=1, maximum=1024),
@@ -372,7 +372,7 @@ BASELINE = obj(
 )
 
 RANK_SWEEP = obj(
-    "Choose the LoRA rank before training: one short trial per rank, each its own PyTorchJob, trained on "
+    "Choose the LoRA rank before training: one short trial per rank, each its own workload, trained on "
     "the training split minus a holdout and scored on that holdout (the validation split stays unseen "
     "until the final evaluation). The best rank (ties go to the smaller rank) is used for the full run.",
     {
