@@ -2,7 +2,8 @@
 
 Every stage (data, baseline, two sweep trials, training) of a tiny model runs as a TrainJob whose pods the
 stand-in (kubetune_testing.trainer_v2) runs with the torch runtime's PET_* environment; the operator reads
-the TrainJobs' Complete/Failed conditions and publishes the adapter. No PyTorchJob is created.
+the TrainJobs' Complete/Failed conditions and publishes the adapter. No PyTorchJob is created. The suspend
+flow plays Trainer v2 by writing the TrainJobs' status, as test_stage_flows.py does for PyTorchJobs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,17 @@ from kubetune_testing import trainer_v2, training_operator_loop
 from kubetune_testing.seaweedfs import BUCKET
 from tests.trainer.conftest import lm_corpus
 
-from .conftest import NS
-from .stage_helpers import data_stage_name, wait_exists
+from .conftest import NS, eventually
+from .stage_helpers import (
+    data_stage_name,
+    sweep,
+    trial_name,
+    trial_states,
+    wait_exists,
+    wait_status,
+    write_data_result,
+    write_trial_result,
+)
 from .test_finetunejob_flows import submit, wait_phase
 from .test_trainer_in_cluster import spec_for
 
@@ -72,3 +82,47 @@ async def test_an_unknown_training_runtime_fails_the_job_naming_it(operator, api
         status = await wait_phase(api, "v2-lost", "Failed", timeout=30)
     assert data["spec"]["runtimeRef"]["name"] == "torch-nowhere"
     assert 'ClusterTrainingRuntime.trainer.kubeflow.org "torch-nowhere" not found' in status["failure"]["message"]
+
+
+async def write_trainjob_status(api, name: str, *, active: int = 0, complete: bool = False) -> None:
+    """Play Trainer v2: the node job's counts and, once it finished, the Complete condition."""
+    conditions = [{"type": "Complete", "status": "True", "reason": trainer_v2.COMPLETE_REASON,
+                   "message": trainer_v2.COMPLETE_MESSAGE, "lastTransitionTime": "2026-11-28T11:05:00Z"}]
+    status = {"conditions": conditions if complete else [],
+              "jobsStatus": [{"name": "node", "active": active, "succeeded": int(complete), "failed": 0}]}
+    await api.client.patch(TRAINJOBS, NS, name, {"status": status}, subresource="status")
+
+
+async def suspended_is(api, name: str, suspend: bool) -> bool:
+    return (await api.get(TRAINJOBS, name))["spec"]["suspend"] is suspend
+
+
+async def test_suspend_during_a_sweep_suspends_the_trial_trainjobs_and_resume_releases_them(operator, api,
+                                                                                              s3_server):
+    created = await submit(api, s3_server, "v2-pause", data_stage=False, backend="TrainJob",
+                           rankSweep=sweep([4, 8], parallelism=2))
+    await wait_exists(api, TRAINJOBS, "v2-pause-data")
+    write_data_result(s3_server, created)
+    await write_trainjob_status(api, "v2-pause-data", complete=True)
+    for rank in (4, 8):
+        await wait_exists(api, TRAINJOBS, trial_name("v2-pause", rank))
+        await write_trainjob_status(api, trial_name("v2-pause", rank), active=1)
+    await wait_status(api, "v2-pause", lambda s: trial_states(s) == {4: "Running", 8: "Running"})
+
+    await api.client.patch(kube.FINETUNEJOBS, NS, "v2-pause", {"spec": {"runPolicy": {"suspend": True}}})
+    for rank in (4, 8):
+        await eventually(lambda r=rank: suspended_is(api, trial_name("v2-pause", r), True))
+    await wait_phase(api, "v2-pause", "Suspended")
+    await api.client.patch(kube.FINETUNEJOBS, NS, "v2-pause", {"spec": {"runPolicy": {"suspend": False}}})
+    for rank in (4, 8):
+        await eventually(lambda r=rank: suspended_is(api, trial_name("v2-pause", r), False))
+    await wait_phase(api, "v2-pause", "Sweeping")
+
+    for rank, loss in ((4, 0.9), (8, 0.7)):
+        write_trial_result(s3_server, created, rank, loss)
+        await write_trainjob_status(api, trial_name("v2-pause", rank), complete=True)
+    training = await wait_exists(api, TRAINJOBS, "v2-pause")
+    assert training["spec"]["suspend"] is False and training["spec"]["trainer"]["numNodes"] == 2
+    status = await wait_phase(api, "v2-pause", "Pending")
+    assert status["rank"] == 8 and status["sweep"]["trials"][0]["job"] == trial_name("v2-pause", 4)
+    assert await api.list(kube.PYTORCHJOBS) == []
