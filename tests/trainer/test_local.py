@@ -123,5 +123,6 @@ def test_local_runs_a_trainjob_as_it_runs_a_pytorchjob(tmp_path, tiny_llama):
     assert result.returncode == 0, result.stdout + result.stderr
     status = json.loads((tmp_path / "status.json").read_text())["status"]
     assert status["phase"] == "Succeeded" and status["data"]["state"] == "Succeeded"
+    assert status["replicas"] == {"node": {"active": 0, "succeeded": 1, "failed": 0}}
     assert "created TrainJob local-job" in result.stderr and "PyTorchJob" not in result.stderr
     assert status["adapter"]["uri"].startswith(f"file://{tmp_path / 'runs' / 'storage'}")

@@ -176,7 +176,7 @@ def test_suspend_patch_local_launch_and_the_registry():
                                                                 "deepspeed": {"enabled": False}})).defaulted
     _, workload = render_children(job, SETTINGS)
     launch = trainjob.local_launch(workload)
-    assert launch.processes == 4 and launch.backoff_limit == trainjob.JOB_BACKOFF_LIMIT
+    assert launch.processes == 4 and launch.backoff_limit == trainjob.JOB_BACKOFF_LIMIT and launch.replica == "node"
     assert launch.command == pytorchjob.local_launch(pytorchjob.render_pytorchjob(job, SETTINGS)).command
     assert launch.config_map == render.config_map_name(job["metadata"]["name"])
     assert BACKENDS["TrainJob"] is trainjob.BACKEND and trainjob.BACKEND.api_resource[2] == "trainjobs"

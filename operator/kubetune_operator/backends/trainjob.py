@@ -137,7 +137,7 @@ def local_launch(trainjob: dict) -> LocalLaunch:
     config_map = next(v["configMap"]["name"] for v in volumes if "configMap" in v)
     return LocalLaunch(command=list(trainer["command"]),
                        processes=int(trainer.get("numProcPerNode", 1)) * int(trainer.get("numNodes", 1)),
-                       config_map=config_map, backoff_limit=JOB_BACKOFF_LIMIT)
+                       config_map=config_map, backoff_limit=JOB_BACKOFF_LIMIT, replica=NODE)
 
 
 class TrainJobBackend:
