@@ -44,7 +44,7 @@ class MemoryPort:
         return self.located
 
     async def namespaces(self, adep):
-        return []
+        return None
 
     async def pods(self, adep, namespace):
         return [adp.Pod("support-0", True, None)]

@@ -62,6 +62,7 @@ def test_targets_are_the_matching_namespaces_or_its_own_without_a_selector():
                   cw.Namespace("team-a", {"kubetune.io/serving": "on"}), cw.Namespace(HOME)]
     assert [n.name for n in cw.targets(cluster_adep(), namespaces)] == ["team-a", "team-b"]
     assert [n.name for n in cw.targets(cluster_adep(selector=None), namespaces)] == [HOME]
+    assert [n.name for n in cw.targets(cluster_adep(), None)] == [HOME]  # `kubetune local`: one namespace
 
 
 def test_a_namespace_must_accept_the_adapters_and_allow_their_storage():
@@ -120,6 +121,26 @@ def test_reach_records_each_namespace_and_releases_the_ones_left_once_unloaded()
     # only the newly refused namespace is announced
     assert reach.events == [("Warning", "NamespaceRefused", "namespace team-d: not asked for")]
     assert reach.summary == "0/4 namespaces, 1/2 pods (2 refused)"
+
+
+def test_writes_create_where_served_empty_where_refused_or_left_and_delete_once_unloaded():
+    adep = cluster_adep()
+    version = serving.Version(f"{HOME}/support-bot@aaaa", D1, manifest(D1), 100)
+    desired = serving.DesiredState(generation=2, adapters=[serving.AliasState(f"{HOME}/support-bot", [version])])
+    served = [cw.Namespace(HOME), cw.Namespace("team-a"), cw.Namespace("team-c")]
+    out = cw.writes(adep, desired, served, {"team-c": ("NotAccepted", "no")}, ["gone", "gone-clean"],
+                    cw.Reach(release=["gone-clean"]))
+    summary = [(name, None if state is None else list(state.versions()), create) for name, state, create in out]
+    assert summary == [("team-a", ["team-a/support-bot@aaaa"], True), ("team-c", [], False), ("gone", [], False),
+                       ("gone-clean", None, False)]  # its own namespace: apply_serving's
+
+
+def test_status_names_namespaces_only_while_it_may_reach_others():
+    reach = cw.Reach(records=[{"name": HOME, "phase": "Serving", "podsReady": 1, "podsTotal": 1}],
+                     summary="1/1 pods")
+    single = cw.with_reach({"phase": "Ready", "namespaces": []}, cluster_adep(selector=None), reach)
+    assert single == {"phase": "Ready", "reach": "1/1 pods"}
+    assert cw.with_reach({}, cluster_adep(), reach)["namespaces"] == reach.records
 
 
 def test_children_in_another_namespace_are_labelled_not_owned():
@@ -299,3 +320,12 @@ def test_a_namespace_that_leaves_the_selection_unloads_then_is_released():
     status = cluster.run(SETTINGS)
     assert cluster.released == ["team-b"] and "team-b" not in {n["name"] for n in status["namespaces"]}
     assert status["reach"] == "1/2 namespaces, 2/2 pods (1 refused)"
+
+
+def test_a_port_that_knows_only_its_own_namespace_serves_it_whatever_the_selector():
+    cluster = Cluster(cluster_adep())  # `kubetune local`: one machine, one namespace
+    cluster.namespace_objects = None
+    cluster.pod_names[HOME] = ["local-0"]
+    status = cluster.run(adp.Settings())
+    assert cluster.config_maps == {} and status["adapters"][0]["podsTotal"] == 1
+    assert [(n["name"], n["podsTotal"]) for n in status["namespaces"]] == [(HOME, 1)]

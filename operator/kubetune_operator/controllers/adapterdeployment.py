@@ -119,10 +119,10 @@ class ClusterPort:
                                                                 f"published no adapter (phase {phase})"),))
         return published["manifestUri"], published["digest"]
 
-    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace]:
+    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace] | None:
         """Every namespace (the watched ones with --namespace), read only when a selector may reach them."""
         if not clusterwide.namespace_selector(adep["spec"]) and not clusterwide.remembered(adep):
-            return []
+            return None
         if RUNTIME.watch_namespaces:  # the operator may touch no other namespace
             found = [await self.client.get(NAMESPACES, "", name) for name in RUNTIME.watch_namespaces]
         else:

@@ -132,9 +132,9 @@ class LocalDeployment:
         src = adapter["source"]
         return manifest_location(src["uri"]), src.get("digest")
 
-    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace]:
+    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace] | None:
         """One machine is one namespace: a namespaceSelector reaches no other here."""
-        return []
+        return None
 
     async def pods(self, adep: dict, namespace: str) -> list[adp.Pod]:
         return [a.pod_view() for a in self.agents]

@@ -55,11 +55,17 @@ def remembered(adep: dict) -> list[str]:
     return [n["name"] for n in (adep.get("status") or {}).get("namespaces") or [] if n.get("name") != home]
 
 
-def targets(adep: dict, namespaces: list[Namespace]) -> list[Namespace]:
+def left(adep: dict, served: list[Namespace]) -> list[str]:
+    """The namespaces it served (its status says) and no longer does: their agents must unload it."""
+    return [name for name in remembered(adep) if name not in {n.name for n in served}]
+
+
+def targets(adep: dict, namespaces: list[Namespace] | None) -> list[Namespace]:
     """The namespaces served: without a namespaceSelector its own; with one, every namespace it matches
-    (its own only if it matches too, as a platform team's namespace usually runs no serving pods), by name."""
+    (its own only if it matches too, as a platform team's namespace usually runs no serving pods), by name.
+    `namespaces` None: none were read (no selector; or `kubetune local`, where one machine is one namespace)."""
     selector = namespace_selector(adep["spec"])
-    if not selector:
+    if not selector or namespaces is None:
         return [Namespace(adep["metadata"]["namespace"])]
     return sorted((n for n in namespaces if selects(selector, n.labels)), key=lambda n: n.name)
 
@@ -218,3 +224,27 @@ def reach_summary(records: list[dict], cluster_wide: bool) -> str:
     serving_now = sum(1 for r in selected if r["phase"] == SERVING)
     refused = sum(1 for r in selected if r["phase"] == REFUSED)
     return (f"{serving_now}/{len(selected)} namespaces, {pods}" + (f" ({refused} refused)" if refused else ""))
+
+
+def with_reach(status: dict, adep: dict, reach_now: Reach) -> dict:
+    """The status with status.reach, and status.namespaces while it may reach (or still holds) other namespaces."""
+    out = {k: v for k, v in status.items() if k != "namespaces"}
+    out["reach"] = reach_now.summary
+    if namespace_selector(adep["spec"]) or remembered(adep):
+        out["namespaces"] = reach_now.records
+    return out
+
+
+def writes(adep: dict, desired: serving.DesiredState, served: list[Namespace], refusals: dict, released: list[str],
+           reach_now: Reach) -> list[tuple[str, serving.DesiredState | None, bool]]:
+    """What to write into each other namespace: (namespace, its desired state, create it if absent), or
+    (namespace, None, False) to delete its children. Served: the state under its names; refused: none
+    (only updating one that exists, so a namespace that never took it is never written to); left: none
+    until its agents unloaded, then deleted."""
+    home = adep["metadata"]["namespace"]
+    out = [(n.name, desired_for(desired, home, n.name, n.name in refusals), n.name not in refusals)
+           for n in served if n.name != home]
+    for name in released:
+        out.append((name, None, False) if name in reach_now.release
+                   else (name, desired_for(desired, home, name, True), False))
+    return out

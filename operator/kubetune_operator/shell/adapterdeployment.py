@@ -38,9 +38,9 @@ class AdapterDeploymentPort(RetrainPort, Protocol):
     async def locate_source(self, adep: dict, adapter: dict) -> tuple[str, str | None] | adp.Source:
         """An adapter's (manifest uri, expected digest), or a Source naming why there is none yet."""
 
-    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace]:
-        """The namespaces a namespaceSelector may reach, with their labels and annotations (empty: its own
-        namespace only, when it has no selector and no other namespace in its status)."""
+    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace] | None:
+        """The namespaces a namespaceSelector may reach, with their labels and annotations; None: not read
+        (no selector and no other namespace in its status; or a port that knows only its own namespace)."""
 
     async def pods(self, adep: dict, namespace: str) -> list[adp.Pod]:
         """The serving pods in `namespace`, with their readiness and their agent's report."""
@@ -100,31 +100,15 @@ def drift_allowed(adep: dict, adapter: dict, settings: adp.Settings) -> bool:
 
 async def observe_reach(port: AdapterDeploymentPort, adep: dict, rollout_view: dict, sources: dict,
                         settings: adp.Settings) -> tuple[list, dict, list, dict]:
-    """Where it serves (its namespace, then those selected), which of them refuse it and why, the namespaces
-    it left (remembered in status), and the pods listed in each."""
+    """Where it serves, which of those namespaces refuse it and why, the namespaces it left, and the pods
+    listed in each."""
     served = clusterwide.targets(adep, await port.namespaces(adep))
     manifests = {name: source.manifest_uri for name, source in sources.items()}
     refusals = {n.name: why for n in served
                 if (why := clusterwide.refusal(rollout_view, n, manifests, settings.allowed_sources))}
-    released = [name for name in clusterwide.remembered(adep) if name not in {n.name for n in served}]
+    released = clusterwide.left(adep, served)
     listed = {name: await port.pods(adep, name) for name in [n.name for n in served] + released}
     return served, refusals, released, listed
-
-
-async def apply_reach(port: AdapterDeploymentPort, adep: dict, desired: serving.DesiredState, served: list,
-                      refusals: dict, released: list, reach: clusterwide.Reach) -> None:
-    """Other namespaces: the desired state under their names (none where refused or left, created only where
-    served); children deleted where a left namespace's agents hold nothing of it any more."""
-    home = adep["metadata"]["namespace"]
-    for namespace in (n for n in served if n.name != home):
-        refused = namespace.name in refusals
-        await port.apply_remote(adep, namespace.name, clusterwide.desired_for(desired, home, namespace.name, refused),
-                                create=not refused)
-    for name in released:
-        if name in reach.release:
-            await port.release(adep, name)
-        else:
-            await port.apply_remote(adep, name, clusterwide.desired_for(desired, home, name, True), create=False)
 
 
 async def run_pass(port: AdapterDeploymentPort, settings: adp.Settings) -> PassResult | None:
@@ -151,10 +135,7 @@ async def run_pass(port: AdapterDeploymentPort, settings: adp.Settings) -> PassR
                                    secrets=found_secrets, served_base=served_base), settings)
     reach = clusterwide.reach(adep, reached, refusals, listed, released, plan.status["adapters"],
                               plan.status["summary"])
-    plan.status["reach"] = reach.summary
-    plan.status.pop("namespaces", None)
-    if clusterwide.namespace_selector(adep["spec"]) or clusterwide.remembered(adep):
-        plan.status["namespaces"] = reach.records
+    plan.status = clusterwide.with_reach(plan.status, adep, reach)
     plan.events += [adp.Event(*event) for event in reach.events]
     drift_events = []
     for adapter in adep["spec"]["adapters"]:
@@ -166,7 +147,9 @@ async def run_pass(port: AdapterDeploymentPort, settings: adp.Settings) -> PassR
     max_rank = adp.runtime_max_rank(adep["spec"], adp.served_ranks(served, sources))
     desired = plan.desired or current or serving.DesiredState(generation=1)
     await port.apply_serving(adep, plan.desired, desired, max_rank)
-    await apply_reach(port, adep, desired, reached, refusals, released, reach)
+    for namespace, state, create in clusterwide.writes(adep, desired, reached, refusals, released, reach):
+        await (port.release(adep, namespace) if state is None else
+               port.apply_remote(adep, namespace, state, create=create))
     await port.write_status(adep, plan.status)
     events = list(plan.events) + drift_events
     await port.post_events(adep, events)
