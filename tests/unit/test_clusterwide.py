@@ -329,3 +329,23 @@ def test_a_port_that_knows_only_its_own_namespace_serves_it_whatever_the_selecto
     status = cluster.run(adp.Settings())
     assert cluster.config_maps == {} and status["adapters"][0]["podsTotal"] == 1
     assert [(n["name"], n["podsTotal"]) for n in status["namespaces"]] == [(HOME, 1)]
+
+
+class NamespaceList:
+    """A client whose one LIST of namespaces is all the cluster port may read here."""
+
+    async def list(self, resource, namespace=None, label_selector=None):
+        assert resource.plural == "namespaces" and namespace is None and label_selector is None
+        return [{"metadata": {"name": n, "labels": {"kubetune.io/serving": "on"}}} for n in ("team-a", "team-b")] + [
+            {"metadata": {"name": "team-z", "labels": {"kubetune.io/serving": "on"},
+                          "deletionTimestamp": "2026-12-07T10:00:00Z"}}]
+
+
+def test_the_cluster_port_reads_namespaces_only_for_a_selector_and_only_the_watched_ones(monkeypatch):
+    from kubetune_operator.controllers import adapterdeployment as controller
+
+    port = controller.ClusterPort(NamespaceList(), HOME, "support")
+    assert asyncio.run(port.namespaces(cluster_adep(selector=None))) is None  # no LIST at all
+    assert [n.name for n in asyncio.run(port.namespaces(cluster_adep()))] == ["team-a", "team-b"]
+    monkeypatch.setattr(controller.RUNTIME, "watch_namespaces", (HOME, "team-b"))
+    assert [n.name for n in asyncio.run(port.namespaces(cluster_adep()))] == ["team-b"]

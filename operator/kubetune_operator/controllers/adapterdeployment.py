@@ -123,11 +123,9 @@ class ClusterPort:
         """Every namespace (the watched ones with --namespace), read only when a selector may reach them."""
         if not clusterwide.namespace_selector(adep["spec"]) and not clusterwide.remembered(adep):
             return None
-        if RUNTIME.watch_namespaces:  # the operator may touch no other namespace
-            found = [await self.client.get(NAMESPACES, "", name) for name in RUNTIME.watch_namespaces]
-        else:
-            found = await self.client.list(NAMESPACES)
-        return [clusterwide.namespace_view(n) for n in found if n and not n["metadata"].get("deletionTimestamp")]
+        watched = set(RUNTIME.watch_namespaces)  # with --namespace the operator may touch no other namespace
+        return [clusterwide.namespace_view(n) for n in await self.client.list(NAMESPACES)
+                if (not watched or n["metadata"]["name"] in watched) and not n["metadata"].get("deletionTimestamp")]
 
     async def pods(self, adep: dict, namespace: str) -> list[adp.Pod]:
         selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(adep).items())
