@@ -161,11 +161,15 @@ class ClusterPort:
     async def apply_remote(self, adep: dict, namespace: str, desired: serving.DesiredState, create: bool) -> None:
         config_map, *rbac = render.render_remote_children(adep, namespace, desired)
         existing = await self.client.get(kube.CONFIGMAPS, namespace, config_map["metadata"]["name"])
+        if (existing is None and not create) or (existing and existing.get("data") == config_map["data"]):
+            return
+        # on every change, the agents' RBAC first (create-or-get: one deleted by hand comes back), so that
+        # they can read what is written; one GET of the ConfigMap per namespace and pass otherwise
+        for child in rbac:
+            await _apply_child(self.client, child, None)
         if existing is None:
-            if create:  # the agents' RBAC first: a desired state they could not read would be no use
-                for child in [*rbac, config_map]:
-                    await _apply_child(self.client, child, None)
-        elif (existing.get("data") or {}) != config_map["data"]:
+            await _apply_child(self.client, config_map, None)
+        else:
             await self.client.patch(kube.CONFIGMAPS, namespace, config_map["metadata"]["name"],
                                     {"data": config_map["data"]})
 
