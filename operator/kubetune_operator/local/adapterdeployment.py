@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from kubetune.api import jobconfig, serving
+from kubetune.api import jobconfig, serving, storage_location
 from kubetune.clients import storage
 from kubetune_operator.clients import drift_storage
 from kubetune_operator.clients.sources import manifest_location
@@ -56,9 +56,9 @@ class LocalDeployment:
         self.print_lock = threading.Lock()
         self.last_progress = ""
         spec = adep["spec"]
-        endpoint = (spec.get("storage") or {}).get("endpoint") or os.environ.get("KUBETUNE_S3_ENDPOINT") or None
-        region = (spec.get("storage") or {}).get("region") or os.environ.get("AWS_REGION") or None
-        self.s3 = storage.S3Settings(endpoint=endpoint, region=region,
+        # the operator's precedence, the shell's environment standing in for the operator's setting
+        location = storage_location.resolve(spec.get("storage"), fallback=storage_location.operator_setting(os.environ))
+        self.s3 = storage.S3Settings(endpoint=location.endpoint, region=location.region,
                                      access_key=os.environ.get(jobconfig.ENV_S3_ACCESS_KEY) or None,
                                      secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY) or None)
         self.store = storage.ObjectStore(self.s3)

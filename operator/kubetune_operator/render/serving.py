@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from kubetune import runtimes
-from kubetune.api import serving
+from kubetune.api import serving, storage_location
 from kubetune.api import v1alpha1 as api
 from kubetune.runtimes.base_model import base_model_env
 
@@ -30,6 +30,8 @@ class ServingSettings:
         default_factory=lambda: {name: runtime.default_image for name, runtime in runtimes.RUNTIMES.items()})
     agent_image: str = "ghcr.io/kubetune/operator:0.1.0"  # the agent ships in the operator's image
     image_pull_policy: str = "IfNotPresent"
+    # The operator's storage setting (chart storage.endpoint/region): where a spec names none
+    storage: storage_location.StorageLocation = storage_location.AWS
 
     def with_engine_image(self, engine: str, image: str) -> ServingSettings:
         return replace(self, engine_images={**self.engine_images, engine: image})
@@ -124,13 +126,10 @@ def render_remote_children(adep: dict, target: str, desired: serving.DesiredStat
     return [render_desired_config_map(adep, desired, target), *render_agent_rbac(adep, target)]
 
 
-def _storage_env(spec: dict) -> list[dict]:
+def _storage_env(spec: dict, fallback: storage_location.StorageLocation = storage_location.AWS) -> list[dict]:
+    """The agent's storage: spec.storage's endpoint and region, else the operator's setting (`fallback`)."""
     storage = spec.get("storage") or {}
-    env = []
-    if storage.get("endpoint"):
-        env.append({"name": "KUBETUNE_S3_ENDPOINT", "value": storage["endpoint"]})
-    if storage.get("region"):
-        env.append({"name": "AWS_REGION", "value": storage["region"]})
+    env = storage_location.location_env(storage_location.resolve(storage, fallback=fallback))
     credentials = storage.get("credentials")
     if credentials:
         for var, key in (("AWS_ACCESS_KEY_ID", credentials["accessKeyIdKey"]),
@@ -158,7 +157,8 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
     runtime = runtimes.runtime_of(spec)
     layout = runtimes.PodLayout(image=managed.get("image") or settings.engine_images[runtime.name],
                                 image_pull_policy=settings.image_pull_policy, port=ENGINE_PORT,
-                                model_cache=MODEL_CACHE, adapter_cache=ADAPTER_CACHE, security_context=_SECURITY)
+                                model_cache=MODEL_CACHE, adapter_cache=ADAPTER_CACHE, security_context=_SECURITY,
+                                storage=settings.storage)
     engine = runtime.engine_container(spec, layout, max_lora_rank)
     agent = {
         "name": "agent",
@@ -170,7 +170,7 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            *_storage_env(spec),
+            *_storage_env(spec, settings.storage),
         ],
         "ports": [{"name": "http", "containerPort": AGENT_PORT}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": AGENT_PORT}, "periodSeconds": 5},

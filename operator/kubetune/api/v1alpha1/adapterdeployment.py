@@ -14,7 +14,7 @@ from ..schema import (
     string,
     string_map,
 )
-from .common import LAST_UPDATE_TIME, STORAGE_URI, base_model, conditions, s3_credentials, s3_endpoint
+from .common import LAST_UPDATE_TIME, STORAGE_URI, base_model, conditions, s3_credentials, s3_endpoint, s3_region
 
 ADAPTER_SOURCE = obj(
     "Where an adapter version comes from: a FineTuneJob's published adapter, or a uri with its digest.",
@@ -289,7 +289,7 @@ ADAPTERDEPLOYMENT_SPEC = obj(
             "How the serving pods' agents reach the adapters and the sample prefix (S3-compatible).",
             {
                 "endpoint": s3_endpoint(),
-                "region": string("Region of the bucket.", default="us-east-1", max_length=64),
+                "region": s3_region(),
                 "credentials": s3_credentials("the adapter and sample buckets"),
             },
         ),
