@@ -22,7 +22,7 @@ from kubetune.clients import storage
 from kubetune_operator.clients import drift_storage
 from kubetune_operator.clients.sources import manifest_location
 from kubetune_operator.reconcile import adapterdeployment as adp
-from kubetune_operator.reconcile import driftloop
+from kubetune_operator.reconcile import clusterwide, driftloop
 from kubetune_operator.shell import adapterdeployment as shell
 from kubetune_operator.shell import now_rfc3339
 
@@ -132,7 +132,11 @@ class LocalDeployment:
         src = adapter["source"]
         return manifest_location(src["uri"]), src.get("digest")
 
-    async def pods(self, adep: dict) -> list[adp.Pod]:
+    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace] | None:
+        """One machine is one namespace: a namespaceSelector reaches no other here."""
+        return None
+
+    async def pods(self, adep: dict, namespace: str) -> list[adp.Pod]:
         return [a.pod_view() for a in self.agents]
 
     async def desired_state(self, adep: dict) -> serving.DesiredState | None:

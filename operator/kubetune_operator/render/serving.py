@@ -41,8 +41,9 @@ def serving_name(adep_name: str) -> str:
     return f"{adep_name}-serving"
 
 
-def agent_account_name(adep_name: str) -> str:
-    return f"{adep_name}-agent"
+def agent_account_name(adep_name: str, home: str | None = None) -> str:
+    """`<adep>-agent`; `<home>.<adep>-agent` in a namespace reached cluster-wide (see desired_config_map_name)."""
+    return f"{home}.{adep_name}-agent" if home else f"{adep_name}-agent"
 
 
 def labels(adep_name: str, component: str) -> dict[str, str]:
@@ -70,33 +71,59 @@ def owner_reference(adep: dict) -> dict:
             "uid": adep["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
 
 
-def _meta(adep: dict, name: str, component: str) -> dict:
+def remote_labels(adep: dict) -> dict[str, str]:
+    """What marks the children written into another namespace as this AdapterDeployment's (ownerReferences
+    cannot cross namespaces: the clean-up finds them by these labels)."""
+    return {serving.LABEL_ADAPTERDEPLOYMENT: adep["metadata"]["name"],
+            serving.LABEL_HOME_NAMESPACE: adep["metadata"]["namespace"]}
+
+
+def _home(adep: dict, target: str | None) -> str | None:
+    """The home namespace when `target` is another namespace (names are qualified with it), else None."""
+    home = adep["metadata"]["namespace"]
+    return home if target and target != home else None
+
+
+def _meta(adep: dict, name: str, component: str, target: str | None = None) -> dict:
+    if _home(adep, target):
+        return {"name": name, "namespace": target,
+                "labels": {**labels(adep["metadata"]["name"], component), **remote_labels(adep)}}
     return {"name": name, "namespace": adep["metadata"]["namespace"],
             "labels": labels(adep["metadata"]["name"], component), "ownerReferences": [owner_reference(adep)]}
 
 
-def render_desired_config_map(adep: dict, desired: serving.DesiredState) -> dict:
-    name = serving.desired_config_map_name(adep["metadata"]["name"])
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(adep, name, "desired-state"),
+def render_desired_config_map(adep: dict, desired: serving.DesiredState, target: str | None = None) -> dict:
+    """The agents' desired state in the AdapterDeployment's namespace, or in `target` (cluster-wide)."""
+    name = serving.desired_config_map_name(adep["metadata"]["name"], _home(adep, target))
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(adep, name, "desired-state", target),
             "data": {serving.DESIRED_KEY: desired.to_json()}}
 
 
-def render_agent_rbac(adep: dict) -> list[dict]:
-    """The agent reads one ConfigMap and writes its report on its own Pod; nothing else."""
-    name = agent_account_name(adep["metadata"]["name"])
-    desired = serving.desired_config_map_name(adep["metadata"]["name"])
+def render_agent_rbac(adep: dict, target: str | None = None) -> list[dict]:
+    """The agent reads one ConfigMap and writes its report on its own Pod; nothing else. In `target`
+    (cluster-wide) the same, under names qualified with the AdapterDeployment's namespace."""
+    home = _home(adep, target)
+    name = agent_account_name(adep["metadata"]["name"], home)
+    desired = serving.desired_config_map_name(adep["metadata"]["name"], home)
+    namespace = target or adep["metadata"]["namespace"]
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(adep, name, "agent"),
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(adep, name, "agent", target),
          "automountServiceAccountToken": True},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(adep, name, "agent"),
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(adep, name, "agent", target),
          "rules": [
              {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [desired], "verbs": ["get"]},
              {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
          ]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(adep, name, "agent"),
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(adep, name, "agent", target),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": adep["metadata"]["namespace"]}]},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
     ]
+
+
+def render_remote_children(adep: dict, target: str, desired: serving.DesiredState) -> list[dict]:
+    """What a namespace reached cluster-wide holds: the desired state and the agents' RBAC, labelled, not owned."""
+    return [render_desired_config_map(adep, desired, target), *render_agent_rbac(adep, target)]
 
 
 def _storage_env(spec: dict, fallback: storage_location.StorageLocation = storage_location.AWS) -> list[dict]:
