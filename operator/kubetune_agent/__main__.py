@@ -74,11 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-flush-seconds", type=float,
                         default=float(_env("SAMPLE_FLUSH_SECONDS", default="30")),
                         help="...or every N seconds (KUBETUNE_SAMPLE_FLUSH_SECONDS)")
-    parser.add_argument("--s3-endpoint", default=_env("S3_ENDPOINT"),
-                        help="S3-compatible endpoint for s3:// manifests and samples (KUBETUNE_S3_ENDPOINT); "
-                             "credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or boto3's default chain")
-    parser.add_argument("--s3-region", default=_env("S3_REGION", "AWS_REGION"),
-                        help="(KUBETUNE_S3_REGION, AWS_REGION)")
+    parser.add_argument("--s3-endpoint", default=_env("S3_ENDPOINT", "AWS_ENDPOINT_URL"),
+                        help="S3-compatible endpoint for s3:// manifests and samples (KUBETUNE_S3_ENDPOINT, "
+                             "AWS_ENDPOINT_URL: what the operator renders); credentials: AWS_ACCESS_KEY_ID / "
+                             "AWS_SECRET_ACCESS_KEY or boto3's default chain")
+    parser.add_argument("--s3-region", default=_env("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+                        help="(KUBETUNE_S3_REGION, AWS_REGION, AWS_DEFAULT_REGION)")
     parser.add_argument("--verbose", action="store_true", default=bool(_env("VERBOSE")))
     args = parser.parse_args(argv)
     if not args.namespace:

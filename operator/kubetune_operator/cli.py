@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.api import crd, reference
+from kubetune.api import crd, reference, storage_location
 from kubetune.api.validation import validate
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.render import serving as serving_render
@@ -70,12 +70,21 @@ def preview_job(doc: dict, namespace: str) -> dict:
     return {**doc, "metadata": meta}
 
 
+def storage_setting(args: argparse.Namespace) -> storage_location.StorageLocation:
+    """The operator's storage setting from `--storage-endpoint` / `--storage-region` (exit 2 if malformed)."""
+    try:
+        return storage_location.operator_location(args.storage_endpoint, args.storage_region)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 def cmd_render(args: argparse.Namespace) -> int:
-    settings = ftj.Settings(render=render.RenderSettings(trainer_image=args.trainer_image))
+    storage = storage_setting(args)
+    settings = ftj.Settings(render=render.RenderSettings(trainer_image=args.trainer_image, storage=storage))
     out = []
     for doc in _load_documents(args.file):
         if doc.get("kind") == "AdapterDeployment":
-            children = _render_adapterdeployment(doc, args)
+            children = _render_adapterdeployment(doc, args, serving_render.ServingSettings(storage=storage))
             if children is None:
                 return 1
             out.extend(children)
@@ -107,7 +116,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _render_adapterdeployment(doc: dict, args: argparse.Namespace) -> list[dict] | None:
+def _render_adapterdeployment(doc: dict, args: argparse.Namespace,
+                              settings: serving_render.ServingSettings) -> list[dict] | None:
     """The AdapterDeployment's children before any adapter is resolved: an empty desired state, and a
     --max-lora-rank from the spec (or the smallest vLLM value until the adapters' manifests are read)."""
     from kubetune.api import serving
@@ -125,8 +135,7 @@ def _render_adapterdeployment(doc: dict, args: argparse.Namespace) -> list[dict]
     if not (adep["spec"]["runtime"].get("managed") or {}).get("maxLoraRank"):
         print(f"AdapterDeployment/{adep['metadata']['name']}: --max-lora-rank {max_rank} shown; the operator derives "
               "it from the adapters' manifests", file=sys.stderr)
-    return serving_render.render_children(adep, serving_render.ServingSettings(), serving.DesiredState(generation=1),
-                                          max_rank)
+    return serving_render.render_children(adep, settings, serving.DesiredState(generation=1), max_rank)
 
 
 def generated_files() -> dict[str, str]:
@@ -303,7 +312,18 @@ def _local_adapterdeployment(document: dict, args: argparse.Namespace) -> int:
 def cmd_operator(args: argparse.Namespace) -> int:
     from kubetune_operator.controllers import main as operator_main  # kopf only where it is needed
 
-    return operator_main.run(args)
+    return operator_main.run(args, storage_setting(args))
+
+
+def _add_storage_flags(p) -> None:
+    """The operator's storage setting: what a spec that names no endpoint or region gets (docs/operations.md)."""
+    setting = storage_location.operator_setting(os.environ)
+    p.add_argument("--storage-endpoint", default=setting.endpoint, metavar="URL",
+                   help="S3 endpoint for every spec that names none: the operator's own reads and every pod it "
+                        "renders (default: $KUBETUNE_S3_ENDPOINT, $AWS_ENDPOINT_URL; none: AWS S3)")
+    p.add_argument("--storage-region", default=setting.region, metavar="REGION",
+                   help="S3 region for every spec that names none (default: $AWS_REGION, $AWS_DEFAULT_REGION; "
+                        "none: the S3 client's default)")
 
 
 def _add_offline_commands(sub) -> None:
@@ -316,6 +336,7 @@ def _add_offline_commands(sub) -> None:
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     p.add_argument("--trainer-image", default=render.RenderSettings().trainer_image)
+    _add_storage_flags(p)
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("generate", help="write the CRDs generated from the API definition")
@@ -385,6 +406,7 @@ def _add_operator_command(sub) -> None:
                    help="drift retrains in flight at once across the watched namespaces")
     p.add_argument("--drift-seconds", type=float, default=30.0,
                    help="how often each drift-watched adapter's new samples are read and analysed")
+    _add_storage_flags(p)
     p.add_argument("--status-min-interval", type=float, default=10.0, metavar="SECONDS",
                    help="write fields that change on every poll (FineTuneJob progress, AdapterDeployment drift "
                         "window counts) at most this often per object (status.lastUpdateTime); phase, conditions "

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import datetime
-import random
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp.web
@@ -26,6 +24,7 @@ from kmock._internal import parsing as _kmock_parsing
 from kmock._internal import rendering as _kmock_rendering
 
 from kubetune_testing import apiserver_views as views
+from kubetune_testing.emulator_faults import Faults, Write
 
 _parse_path = _kmock_parsing.parse_path
 
@@ -70,63 +69,6 @@ EXEMPT_HEADER = 'X-Emulator-Exempt'  # a client sending it (the test's own) neve
 WRITES = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
 
 
-@dataclasses.dataclass
-class Faults:
-    """API faults injected into every request of a non-exempt client (the operator: kopf and its
-    KubeClient), each drawn at its rate from a seeded generator. Off unless set on the emulator.
-
-    `conflict` (409, writes only), `throttle` (429 with Retry-After), `error` (500) are answered
-    instead of serving the request (nothing is written); `slow` delays a request by `slow_seconds`
-    before serving it; a watch stream is closed after a random 1..2x`watch_drop_events` events (or
-    `watch_drop_seconds`), as an API server or a load balancer does, and the client must re-watch.
-    `counts` counts what was injected, by kind."""
-
-    seed: int = 0
-    conflict: float = 0.0
-    throttle: float = 0.0
-    retry_after_seconds: int = 1
-    error: float = 0.0
-    slow: float = 0.0
-    slow_seconds: float = 0.5
-    watch_drop_events: int = 0
-    watch_drop_seconds: float = 0.0
-    budget: int | None = None  # at most this many 409/429/500 in all (None: no limit)
-    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
-
-    def status_fault(self, write: bool) -> tuple[int, str] | None:
-        if self.budget is not None and sum(self.counts[c] for c in ('409', '429', '500')) >= self.budget:
-            return None
-        draw = self.rng.random()
-        for code, reason, rate in ((409, 'Conflict', self.conflict if write else 0.0),
-                                   (429, 'TooManyRequests', self.throttle), (500, 'InternalError', self.error)):
-            if draw < rate:
-                self.counts[str(code)] += 1
-                return code, reason
-            draw -= rate
-        return None
-
-    def watch_limits(self) -> tuple[int | None, float | None]:
-        events = self.rng.randint(1, 2 * self.watch_drop_events) if self.watch_drop_events else None
-        seconds = self.rng.uniform(0.5, 1.5) * self.watch_drop_seconds if self.watch_drop_seconds else None
-        return events, seconds
-
-
-@dataclasses.dataclass(frozen=True)
-class Write:
-    """One write request as the emulator answered it (the journal: duplicates, request counts)."""
-
-    method: str
-    plural: str
-    namespace: str | None
-    name: str | None
-    subresource: str | None
-    status: int
-    exempt: bool
-
-
 class K8sEmulator(kmock.KubernetesEmulator):
     """
     Adds what kopf needs but kmock 0.8 does not do by itself (see the report):
@@ -163,6 +105,9 @@ class K8sEmulator(kmock.KubernetesEmulator):
     short names on subresources, and optionally admission (``admission``: a callable that returns
     the errors for a kubetune object, i.e. the CRD's schema and CEL rules, refused with 422 as the
     API server does).
+
+    Other API-server parts plug in through ``gates`` (``auth.TokenAuthenticator``: bearer tokens and
+    their rotation, 401) and ``mutators`` (mutating webhooks, e.g. Kueue's suspend-on-create).
     """
 
     def __attrs_post_init__(self) -> None:
@@ -179,6 +124,11 @@ class K8sEmulator(kmock.KubernetesEmulator):
         self.operator_requests = 0          # requests of non-exempt clients (served or faulted)
         self.cut = asyncio.Event()          # set once a cut-off dropped a request
         self._cut_after: int | None = None
+        # hooks for stand-ins of other API-server parts, each in its own module: `gates` see every
+        # request first (authentication, authorization) and may answer it instead (401, 403); `mutators`
+        # change a create's body before admission and storage (mutating webhooks such as Kueue's)
+        self.gates: list[Callable[[kmock.Request], Awaitable[aiohttp.web.StreamResponse | None]]] = []
+        self.mutators: list[Callable[[kmock.Request], None]] = []
 
     # --- fault injection ---
     def cut_off_after(self, writes: int) -> None:
@@ -399,6 +349,10 @@ class K8sEmulator(kmock.KubernetesEmulator):
                     obj['metadata']['resourceVersion'] = rv  # in-place; kmock then patches
 
     async def _handle(self, request: kmock.Request) -> Any:
+        for gate in self.gates:
+            answer = await gate(request)
+            if answer is not None:
+                return answer
         if request.resource is None:
             openapi = self._openapi(request.url.path)
             if openapi is not None:
@@ -419,6 +373,9 @@ class K8sEmulator(kmock.KubernetesEmulator):
             self._replace(request)
         if request.resource.plural == 'secrets' and request.resource.group == '':
             views.secret_string_data(request.data)
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            for mutate in self.mutators:
+                mutate(request)
         self._admit(request)
         if request.action == kmock.action.LIST:
             async with self._write_lock:

@@ -43,7 +43,10 @@ class MemoryPort:
         self.located_for.append(adapter["name"])
         return self.located
 
-    async def pods(self, adep):
+    async def namespaces(self, adep):
+        return None
+
+    async def pods(self, adep, namespace):
         return [adp.Pod("support-0", True, None)]
 
     async def desired_state(self, adep):

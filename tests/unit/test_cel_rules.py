@@ -174,6 +174,21 @@ CASES = [
     (A, "!has(self.maxCpuLoras) || self.maxCpuLoras >= self.maxLoras",
      {"spec.runtime.managed": {"maxLoras": 4, "maxCpuLoras": 4}},
      {"spec.runtime.managed": {"maxLoras": 4, "maxCpuLoras": 3}}, "maxCpuLoras must be at least maxLoras"),
+    (A, "has(self.matchLabels) || has(self.matchExpressions)",
+     {"spec.runtime": {"selector": {"matchLabels": {"app": "llm"}, "namespaceSelector": {
+         "matchLabels": {"kubetune.io/serving": "on"}}}}},
+     {"spec.runtime": {"selector": {"matchLabels": {"app": "llm"}, "namespaceSelector": {}}}},
+     "an empty selector would select every namespace"),
+    (A, "(self.operator in ['In', 'NotIn'])",
+     {"spec.runtime": {"selector": {"matchLabels": {"app": "llm"}, "namespaceSelector": {"matchExpressions": [
+         {"key": "team", "operator": "In", "values": ["a", "b"]}, {"key": "frozen", "operator": "DoesNotExist"}]}}}},
+     {"spec.runtime": {"selector": {"matchLabels": {"app": "llm"}, "namespaceSelector": {"matchExpressions": [
+         {"key": "team", "operator": "In"}]}}}}, "In and NotIn need values"),
+    (A, "(self.operator in ['In', 'NotIn'])",
+     {"spec.runtime": {"selector": {"matchLabels": {"app": "llm"}, "namespaceSelector": {"matchExpressions": [
+         {"key": "team", "operator": "Exists", "values": []}]}}}},
+     {"spec.runtime": {"selector": {"matchLabels": {"app": "llm"}, "namespaceSelector": {"matchExpressions": [
+         {"key": "team", "operator": "Exists", "values": ["a"]}]}}}}, "Exists and DoesNotExist take none"),
     (A, "!has(self.maxCpuLoras) || self.maxCpuLoras >= self.maxLoras",
      {"spec.runtime.managed": {"maxCpuLoras": 8}},  # against the defaulted maxLoras (4)
      {"spec.runtime.managed": {"maxCpuLoras": 2}}, "maxCpuLoras must be at least maxLoras"),

@@ -469,6 +469,32 @@ def test_deployment_storage_env_and_scheduling(rendered):
     assert template_meta["labels"]["example.com/tier"] == "control"
 
 
+def test_the_charts_storage_setting_reaches_every_pod_the_operator_renders(rendered, monkeypatch):
+    """storage.endpoint/region as the operator process takes them (its container's env and args), and
+    the trainer, agent and engine containers it then renders for specs that name no endpoint or region."""
+    from kubetune.api import serving
+    from kubetune_operator import backends, cli
+    from kubetune_operator.render import serving as serving_render
+    from kubetune_operator.render import training as render
+    from tests.unit.test_storage_location import containers, managed_adep, silent_job, values
+
+    _, container = operator_container(rendered["full"])
+    for name in ("KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for variable in container["env"]:
+        if "value" in variable:
+            monkeypatch.setenv(variable["name"], variable["value"])
+    args = cli.build_parser().parse_args(container["command"][1:] + container["args"])
+    setting = cli.storage_setting(args)
+    assert (setting.endpoint, setting.region) == ("http://seaweedfs.storage:8333", "eu-west-1")
+    pods = containers(backends.render_children(silent_job(), render.RenderSettings(storage=setting)))
+    pods += containers(serving_render.render_children(
+        managed_adep(), serving_render.ServingSettings(storage=setting), serving.DesiredState(generation=1), 16))
+    assert len(pods) == 4  # the master and worker trainers, the engine, the agent
+    for pod in pods:
+        assert (values(pod)["AWS_ENDPOINT_URL"], values(pod)["AWS_REGION"]) == (setting.endpoint, setting.region)
+
+
 # --- 5. values.schema.json ---------------------------------------------------------------------
 
 

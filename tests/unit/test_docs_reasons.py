@@ -119,6 +119,9 @@ REASON_SOURCES = [
     (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"problems\.append\(\(\s*\"(\w+)\"", "RankTooHigh"),
     (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"\(\s*\"([A-Z]\w+)\",\s*f\"adapters\[", "AdapterUnsupported"),
     (CONTROL_PLANE / "clients/sources.py", r"AdapterConfigProblem\(\s*\"(\w+)\"", "NotAnAdapter"),
+    # cluster-wide rollout: why a namespace refuses (status.namespaces[].reason), its Warning Event
+    (CONTROL_PLANE / "reconcile/clusterwide.py", r"\(\"([A-Z][A-Za-z]+)\",\s*(?:f\"|message)", "NotAccepted"),
+    (CONTROL_PLANE / "reconcile/clusterwide.py", r"\"Warning\",\s*\"(\w+)\"", "NamespaceRefused"),
     # AdapterDeployment Degraded=True: a rollback's reason, agent errors
     (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"\"rolledBack\"\]\s*=\s*\{[^}]*\"reason\":\s*\"(\w+)\"",
      "AnalysisFailed"),

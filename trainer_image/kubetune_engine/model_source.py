@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kubetune.api import storage_location
 from kubetune.clients.storage import ObjectStore, S3Settings
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,10 @@ def _checked(path: Path, model: str) -> Path:
 
 
 def s3_store_from_env() -> ObjectStore:
-    """The store the AWS_* variables describe (the engine container's env, set from spec.baseModel.s3)."""
-    return ObjectStore(S3Settings(endpoint=os.environ.get("AWS_ENDPOINT_URL") or None,
-                                  region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+    """The store the AWS_* variables describe (the engine container's env: spec.baseModel.s3, else the
+    operator's setting, as the operator resolved it)."""
+    location = storage_location.from_environment(os.environ)
+    return ObjectStore(S3Settings(endpoint=location.endpoint, region=location.region,
                                   access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
                                   secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None))
 

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from kubetune.api import jobconfig, storage_layout
+from kubetune.api import jobconfig, storage_layout, storage_location
 from kubetune.api import progress as progress_api
 from kubetune.clients.storage import ObjectStore, S3Settings, output_store_from_env
 
@@ -21,14 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def _scoped_store(spec: dict, section: dict, access_env: str, secret_env: str) -> ObjectStore:
-    """The data or model store: its own endpoint/credentials when given, else the output's."""
+    """The data or model store: its own endpoint/credentials when given, else the output's, else the
+    environment's (the operator's setting, rendered into the pod)."""
     s3 = section.get("s3") or {}
     if not s3:
         return output_store_from_env(spec)
-    output = spec["output"]
     has_own = bool(s3.get("credentials"))
+    location = storage_location.resolve(s3, spec["output"], fallback=storage_location.from_environment(os.environ))
     return ObjectStore(S3Settings(
-        endpoint=s3.get("endpoint") or output.get("endpoint"), region=s3.get("region") or output.get("region"),
+        endpoint=location.endpoint, region=location.region,
         access_key=os.environ.get(access_env if has_own else jobconfig.ENV_S3_ACCESS_KEY),
         secret_key=os.environ.get(secret_env if has_own else jobconfig.ENV_S3_SECRET_KEY)))
 

@@ -15,6 +15,9 @@ REPORT_API = "kubetune.io/agent-report/v1"
 DESIRED_KEY = "desired.json"
 ANNOTATION_REPORT = "kubetune.io/agent-report"
 LABEL_ADAPTERDEPLOYMENT = "kubetune.io/adapterdeployment"
+# On the desired state and agent RBAC the operator writes into another namespace (cluster-wide rollout):
+# the AdapterDeployment's own namespace, as ownerReferences cannot cross namespaces
+LABEL_HOME_NAMESPACE = "kubetune.io/adapterdeployment-namespace"
 
 # Inference paths, the same on the agent and on every engine (the control paths: kubetune.runtimes)
 ENGINE_COMPLETIONS = "/v1/completions"
@@ -25,8 +28,10 @@ ENGINE_CLASSIFY = "/classify"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def desired_config_map_name(adapterdeployment: str) -> str:
-    return f"{adapterdeployment}-desired"
+def desired_config_map_name(adapterdeployment: str, home: str | None = None) -> str:
+    """`<adep>-desired` in the AdapterDeployment's namespace; `<home>.<adep>-desired` in a namespace it reaches
+    cluster-wide, so it never collides with a local AdapterDeployment of the same name."""
+    return f"{home}.{adapterdeployment}-desired" if home else f"{adapterdeployment}-desired"
 
 
 def alias_name(namespace: str, adapter: str) -> str:

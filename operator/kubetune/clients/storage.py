@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune.api import jobconfig, storage_layout
+from kubetune.api import jobconfig, storage_layout, storage_location
 from kubetune.api import manifest as manifest_api
 from kubetune.api.manifest import ManifestProblem
 
@@ -38,9 +38,10 @@ class S3Settings:
 
 def output_store_from_env(spec: dict) -> ObjectStore:
     """The job's output store with credentials from this process's environment: how the trainer (from
-    its secretKeyRef variables) and `kubetune local` (from the user's shell) reach it."""
-    output = spec["output"]
-    return ObjectStore(S3Settings(endpoint=output.get("endpoint"), region=output.get("region"),
+    its secretKeyRef variables) and `kubetune local` (from the user's shell) reach it. Where the spec
+    names no endpoint or region, the environment's (the operator's setting, rendered into the pod)."""
+    location = storage_location.resolve(spec["output"], fallback=storage_location.from_environment(os.environ))
+    return ObjectStore(S3Settings(endpoint=location.endpoint, region=location.region,
                                   access_key=os.environ.get(jobconfig.ENV_S3_ACCESS_KEY),
                                   secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY)))
 
@@ -70,7 +71,9 @@ class ObjectStore:
             self._s3 = boto3.client(
                 "s3",
                 endpoint_url=self.s3_settings.endpoint,
-                region_name=self.s3_settings.region or "us-east-1",
+                # None lets botocore decide (AWS_DEFAULT_REGION, ~/.aws/config, else us-east-1 and S3's
+                # redirects to the bucket's region): no region of ours overrides the environment's.
+                region_name=self.s3_settings.region,
                 aws_access_key_id=self.s3_settings.access_key,
                 aws_secret_access_key=self.s3_settings.secret_key,
                 config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kubetune.api.storage_location import AWS, StorageLocation
 from kubetune.runtimes import peft_rules
 
 
@@ -34,6 +35,7 @@ class PodLayout:
     model_cache: str
     adapter_cache: str
     security_context: dict
+    storage: StorageLocation = AWS  # the operator's storage setting, for an s3:// base the spec leaves open
 
 
 # (AdapterDeployment spec, the pod's layout, --max-lora-rank) -> the engine container

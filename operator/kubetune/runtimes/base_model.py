@@ -4,9 +4,9 @@ Which loader reads which variable, checked against vLLM v0.11.0: docs/serving-ru
 
 from __future__ import annotations
 
+from kubetune.api import storage_location
+
 HF_TOKEN = "HF_TOKEN"  # huggingface_hub's token variable (gated or private hf:// repositories)
-ENDPOINT = "AWS_ENDPOINT_URL"  # boto3 and the Run:ai streamer's S3 client
-REGION = "AWS_REGION"
 # vLLM's docs (models/extensions/runai_model_streamer.md) for an S3-compatible store: path-style
 # addressing and no EC2 metadata lookups; the streamer's C++ client also reads its own endpoint variable.
 S3_COMPATIBLE_ENV = (("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0"), ("AWS_EC2_METADATA_DISABLED", "true"))
@@ -17,8 +17,9 @@ def secret_ref(name: str, secret: str, key: str) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def base_model_env(base: dict) -> list[dict]:
-    """The engine container's variables for `base` (a defaulted spec.baseModel); none when it needs none."""
+def base_model_env(base: dict, storage: storage_location.StorageLocation = storage_location.AWS) -> list[dict]:
+    """The engine container's variables for `base` (a defaulted spec.baseModel); none when it needs none.
+    An s3:// base's endpoint and region: `base.s3`'s, else the operator's `storage` setting."""
     env = []
     if base.get("credentials"):
         env.append(secret_ref(HF_TOKEN, base["credentials"]["secretName"], base["credentials"]["tokenKey"]))
@@ -29,9 +30,9 @@ def base_model_env(base: dict) -> list[dict]:
     if credentials:
         env += [secret_ref("AWS_ACCESS_KEY_ID", credentials["secretName"], credentials["accessKeyIdKey"]),
                 secret_ref("AWS_SECRET_ACCESS_KEY", credentials["secretName"], credentials["secretAccessKeyKey"])]
-    if s3.get("endpoint"):
-        env += [{"name": ENDPOINT, "value": s3["endpoint"]}, {"name": STREAMER_ENDPOINT, "value": s3["endpoint"]},
+    location = storage_location.resolve(s3, fallback=storage)
+    env += storage_location.location_env(location)  # AWS_ENDPOINT_URL, AWS_REGION and AWS_DEFAULT_REGION
+    if location.endpoint:
+        env += [{"name": STREAMER_ENDPOINT, "value": location.endpoint},
                 *({"name": name, "value": value} for name, value in S3_COMPATIBLE_ENV)]
-    if s3.get("region"):  # boto3 reads AWS_DEFAULT_REGION, the AWS C++ SDK (the streamer) AWS_REGION
-        env += [{"name": REGION, "value": s3["region"]}, {"name": "AWS_DEFAULT_REGION", "value": s3["region"]}]
     return env

@@ -47,7 +47,8 @@ def engine_container(spec: dict, layout: PodLayout, max_lora_rank: int) -> dict:
         "imagePullPolicy": layout.image_pull_policy,
         "command": command,
         "env": [{"name": "HF_HOME", "value": f"{layout.model_cache}/huggingface"},
-                *({"name": name, "value": value} for name, value in WRITABLE_ENV), *hub, *base_model_env(base)],
+                *({"name": name, "value": value} for name, value in WRITABLE_ENV), *hub,
+                *base_model_env(base, layout.storage)],
         "ports": [{"name": "engine", "containerPort": layout.port}],
         "readinessProbe": {**probe, "periodSeconds": 5},
         # the first start downloads the base into the model cache before /health answers

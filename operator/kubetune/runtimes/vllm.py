@@ -65,7 +65,7 @@ def engine_container(spec: dict, layout: PodLayout, max_lora_rank: int) -> dict:
         "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
                 {"name": "HF_HOME", "value": f"{layout.model_cache}/huggingface"},
                 *({"name": name, "value": value} for name, value in ENGINE_WRITABLE_ENV),
-                *base_model_env(spec["baseModel"])],
+                *base_model_env(spec["baseModel"], layout.storage)],
         "ports": [{"name": "engine", "containerPort": layout.port}],
         "readinessProbe": {**probe, "periodSeconds": 5},
         "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 180},

@@ -22,8 +22,8 @@ from kubetune.clients import kube, storage
 from kubetune_operator.clients import drift_storage as drift
 from kubetune_operator.clients.sources import manifest_location
 from kubetune_operator.reconcile import adapterdeployment as adp
+from kubetune_operator.reconcile import clusterwide, driftloop, statuswrite
 from kubetune_operator.reconcile import conditions as cond
-from kubetune_operator.reconcile import driftloop, statuswrite
 from kubetune_operator.render import gitops
 from kubetune_operator.render import serving as render
 from kubetune_operator.shell import adapterdeployment as shell
@@ -43,6 +43,7 @@ SERVICES = kube.Resource("", "v1", "services")
 SERVICEACCOUNTS = kube.Resource("", "v1", "serviceaccounts")
 ROLES = kube.Resource("rbac.authorization.k8s.io", "v1", "roles")
 ROLEBINDINGS = kube.Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
+NAMESPACES = kube.Resource("", "v1", "namespaces", namespaced=False)
 RESOURCES = {"ConfigMap": kube.CONFIGMAPS, "ServiceAccount": SERVICEACCOUNTS, "Role": ROLES,
              "RoleBinding": ROLEBINDINGS, "Deployment": DEPLOYMENTS, "Service": SERVICES}
 
@@ -118,9 +119,17 @@ class ClusterPort:
                                                                 f"published no adapter (phase {phase})"),))
         return published["manifestUri"], published["digest"]
 
-    async def pods(self, adep: dict) -> list[adp.Pod]:
+    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace] | None:
+        """Every namespace (the watched ones with --namespace), read only when a selector may reach them."""
+        if not clusterwide.namespace_selector(adep["spec"]) and not clusterwide.remembered(adep):
+            return None
+        watched = set(RUNTIME.watch_namespaces)  # with --namespace the operator may touch no other namespace
+        return [clusterwide.namespace_view(n) for n in await self.client.list(NAMESPACES)
+                if (not watched or n["metadata"]["name"] in watched) and not n["metadata"].get("deletionTimestamp")]
+
+    async def pods(self, adep: dict, namespace: str) -> list[adp.Pod]:
         selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(adep).items())
-        return [_pod_view(p) for p in await self.client.list(PODS, self.namespace, selector)
+        return [_pod_view(p) for p in await self.client.list(PODS, namespace, selector)
                 if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") != "Failed"]
 
     async def desired_state(self, adep: dict) -> serving.DesiredState | None:
@@ -148,6 +157,24 @@ class ClusterPort:
                 continue
             existing = await self.client.get(RESOURCES[child["kind"]], self.namespace, child["metadata"]["name"])
             await _apply_child(self.client, child, existing)
+
+    async def apply_remote(self, adep: dict, namespace: str, desired: serving.DesiredState, create: bool) -> None:
+        config_map, *rbac = render.render_remote_children(adep, namespace, desired)
+        existing = await self.client.get(kube.CONFIGMAPS, namespace, config_map["metadata"]["name"])
+        if (existing is None and not create) or (existing and existing.get("data") == config_map["data"]):
+            return
+        # on every change, the agents' RBAC first (create-or-get: one deleted by hand comes back), so that
+        # they can read what is written; one GET of the ConfigMap per namespace and pass otherwise
+        for child in rbac:
+            await _apply_child(self.client, child, None)
+        if existing is None:
+            await _apply_child(self.client, config_map, None)
+        else:
+            await self.client.patch(kube.CONFIGMAPS, namespace, config_map["metadata"]["name"],
+                                    {"data": config_map["data"]})
+
+    async def release(self, adep: dict, namespace: str) -> None:
+        await release_namespace(self.client, adep["metadata"]["namespace"], self.name, namespace)
 
     async def write_status(self, adep: dict, status: dict) -> None:
         await write_status(self.client, ADAPTERDEPLOYMENTS, adep, status, statuswrite.ADAPTERDEPLOYMENT_VOLATILE,
@@ -217,6 +244,31 @@ async def _apply_child(client: kube.KubeClient, child: dict, existing: dict | No
         await client.patch(resource, namespace, name, {"spec": {"replicas": child["spec"]["replicas"]}})
 
 
+async def release_namespace(client: kube.KubeClient, home: str, name: str, namespace: str) -> None:
+    """Delete the desired state and agent RBAC an AdapterDeployment wrote into another namespace."""
+    stub = {"metadata": {"namespace": home, "name": name}}
+    for child in render.render_remote_children(stub, namespace, serving.DesiredState(generation=0)):
+        await client.delete(RESOURCES[child["kind"]], namespace, child["metadata"]["name"])
+
+
+async def release_everywhere(client: kube.KubeClient, home: str, name: str, status: dict) -> None:
+    """On deletion: ownerReferences cannot cross namespaces, so the garbage collector does not reach what it
+    wrote elsewhere; find it by its labels (and its status) and delete it."""
+    selector = f"{serving.LABEL_ADAPTERDEPLOYMENT}={name},{serving.LABEL_HOME_NAMESPACE}={home}"
+    found = set()
+    for namespace in RUNTIME.watch_namespaces or (None,):
+        found |= {c["metadata"]["namespace"] for c in await client.list(kube.CONFIGMAPS, namespace, selector)}
+    found |= {n["name"] for n in status.get("namespaces") or []}
+    for namespace in sorted(found - {home}):
+        await release_namespace(client, home, name, namespace)
+
+
+def _reaches_other_namespaces(spec, status, namespace, **_) -> bool:
+    """Whether it may hold children in other namespaces: its finalizer's condition."""
+    return bool(clusterwide.namespace_selector(dict(spec))) or any(
+        n.get("name") != namespace for n in (status or {}).get("namespaces") or [])
+
+
 async def reconcile(namespace: str, name: str) -> None:
     async with RUNTIME.locks[(namespace, name)]:
         started = time.monotonic()
@@ -240,6 +292,12 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     @kopf.on.update(api.GROUP, api.VERSION, "adapterdeployments", field="spec", **kw)
     async def adapterdeployment_changed(namespace, name, **_):
         await _reconcile_logged(namespace, name)
+
+    # What it wrote into other namespaces is deleted before it goes (kopf's finalizer, only on those that may)
+    @kopf.on.delete(api.GROUP, api.VERSION, "adapterdeployments", when=_reaches_other_namespaces, **kw)
+    async def adapterdeployment_deleted(namespace, name, status, **_):
+        async with RUNTIME.locks[(namespace, name)]:
+            await release_everywhere(RUNTIME.client, namespace, name, dict(status or {}))
 
     # Rollouts move on time (pauses, analysis windows) and on the agents' Pod reports: a periodic pass
     # per AdapterDeployment reads them (one LIST of its pods, one GET of its ConfigMap).

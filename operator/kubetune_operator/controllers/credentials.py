@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 
+from kubetune.api import storage_location
 from kubetune.clients import kube, storage
 
 log = logging.getLogger("kubetune.credentials")
@@ -62,6 +63,7 @@ async def object_store(secrets: PassSecrets, section: dict | None,
         access, secret = (base64.b64decode(data[key]).decode() if key in data else None
                           for key in (credentials.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
                                       credentials.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")))
-    return storage.ObjectStore(storage.S3Settings(
-        endpoint=section.get("endpoint") or defaults.endpoint, region=section.get("region") or defaults.region,
-        access_key=access, secret_key=secret))
+    location = storage_location.resolve(
+        section, fallback=storage_location.StorageLocation(endpoint=defaults.endpoint, region=defaults.region))
+    return storage.ObjectStore(storage.S3Settings(endpoint=location.endpoint, region=location.region,
+                                                  access_key=access, secret_key=secret))

@@ -10,6 +10,7 @@ import os
 import kopf
 from prometheus_client import start_http_server
 
+from kubetune.api import storage_location
 from kubetune.clients import kube, storage
 from kubetune.logs import configure_logging
 from kubetune_operator.reconcile import adapterdeployment as adp
@@ -71,24 +72,25 @@ def _allowed_storage(items: list[str]) -> dict[str, tuple[str, ...]]:
         raise SystemExit(str(e)) from None
 
 
-def run(args: argparse.Namespace) -> int:
-    configure_logging(args.verbose)
+def apply_settings(args: argparse.Namespace, storage_setting: storage_location.StorageLocation) -> None:
+    """The flags (and the chart's environment) into both controllers' runtimes; `storage_setting` (where
+    a spec names no endpoint or region) reaches the operator's own store and every renderer."""
     allowed_storage = _allowed_storage(args.allowed_storage or [])
     finetunejob.RUNTIME.settings = ftj.Settings(
-        render=render.RenderSettings(trainer_image=args.trainer_image),
+        render=render.RenderSettings(trainer_image=args.trainer_image, storage=storage_setting),
         publish_timeout_seconds=args.publish_timeout,
         allowed_storage=allowed_storage,
     )
     finetunejob.RUNTIME.default_s3 = storage.S3Settings(
-        endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT") or None,
-        region=os.environ.get("AWS_REGION") or None,
+        endpoint=storage_setting.endpoint,
+        region=storage_setting.region,
         access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
         secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
     )
     adapterdeployment.RUNTIME.default_s3 = finetunejob.RUNTIME.default_s3
     adapterdeployment.RUNTIME.settings = adp.Settings(allowed_sources=allowed_storage)
     adapterdeployment.RUNTIME.render = serving_render.ServingSettings(
-        agent_image=args.agent_image).with_engine_image("vllm", args.vllm_image)
+        agent_image=args.agent_image, storage=storage_setting).with_engine_image("vllm", args.vllm_image)
     adapterdeployment.RUNTIME.analyzer.max_retrains = args.max_concurrent_retrains
     adapterdeployment.RUNTIME.analyzer.drift_seconds = args.drift_seconds
     adapterdeployment.RUNTIME.watch_namespaces = tuple(args.namespace or ())
@@ -100,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
         from kubetune_operator.clients.embeddings import EmbeddingClient
 
         adapterdeployment.RUNTIME.analyzer.embedder = EmbeddingClient(args.embedding_url, args.embedding_model)
+
+
+def run(args: argparse.Namespace, storage_setting: storage_location.StorageLocation) -> int:
+    configure_logging(args.verbose)
+    apply_settings(args, storage_setting)
     register_all()
 
     @kopf.on.login()

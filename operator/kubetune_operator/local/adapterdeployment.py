@@ -17,12 +17,12 @@ import threading
 import time
 from pathlib import Path
 
-from kubetune.api import jobconfig, serving
+from kubetune.api import jobconfig, serving, storage_location
 from kubetune.clients import storage
 from kubetune_operator.clients import drift_storage
 from kubetune_operator.clients.sources import manifest_location
 from kubetune_operator.reconcile import adapterdeployment as adp
-from kubetune_operator.reconcile import driftloop
+from kubetune_operator.reconcile import clusterwide, driftloop
 from kubetune_operator.shell import adapterdeployment as shell
 from kubetune_operator.shell import now_rfc3339
 
@@ -56,9 +56,9 @@ class LocalDeployment:
         self.print_lock = threading.Lock()
         self.last_progress = ""
         spec = adep["spec"]
-        endpoint = (spec.get("storage") or {}).get("endpoint") or os.environ.get("KUBETUNE_S3_ENDPOINT") or None
-        region = (spec.get("storage") or {}).get("region") or os.environ.get("AWS_REGION") or None
-        self.s3 = storage.S3Settings(endpoint=endpoint, region=region,
+        # the operator's precedence, the shell's environment standing in for the operator's setting
+        location = storage_location.resolve(spec.get("storage"), fallback=storage_location.operator_setting(os.environ))
+        self.s3 = storage.S3Settings(endpoint=location.endpoint, region=location.region,
                                      access_key=os.environ.get(jobconfig.ENV_S3_ACCESS_KEY) or None,
                                      secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY) or None)
         self.store = storage.ObjectStore(self.s3)
@@ -132,7 +132,11 @@ class LocalDeployment:
         src = adapter["source"]
         return manifest_location(src["uri"]), src.get("digest")
 
-    async def pods(self, adep: dict) -> list[adp.Pod]:
+    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace] | None:
+        """One machine is one namespace: a namespaceSelector reaches no other here."""
+        return None
+
+    async def pods(self, adep: dict, namespace: str) -> list[adp.Pod]:
         return [a.pod_view() for a in self.agents]
 
     async def desired_state(self, adep: dict) -> serving.DesiredState | None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from kubetune import runtimes
-from kubetune.api import serving
+from kubetune.api import serving, storage_location
 from kubetune.api import v1alpha1 as api
 from kubetune.runtimes.base_model import base_model_env
 
@@ -30,6 +30,8 @@ class ServingSettings:
         default_factory=lambda: {name: runtime.default_image for name, runtime in runtimes.RUNTIMES.items()})
     agent_image: str = "ghcr.io/kubetune/operator:0.1.0"  # the agent ships in the operator's image
     image_pull_policy: str = "IfNotPresent"
+    # The operator's storage setting (chart storage.endpoint/region): where a spec names none
+    storage: storage_location.StorageLocation = storage_location.AWS
 
     def with_engine_image(self, engine: str, image: str) -> ServingSettings:
         return replace(self, engine_images={**self.engine_images, engine: image})
@@ -39,8 +41,9 @@ def serving_name(adep_name: str) -> str:
     return f"{adep_name}-serving"
 
 
-def agent_account_name(adep_name: str) -> str:
-    return f"{adep_name}-agent"
+def agent_account_name(adep_name: str, home: str | None = None) -> str:
+    """`<adep>-agent`; `<home>.<adep>-agent` in a namespace reached cluster-wide (see desired_config_map_name)."""
+    return f"{home}.{adep_name}-agent" if home else f"{adep_name}-agent"
 
 
 def labels(adep_name: str, component: str) -> dict[str, str]:
@@ -68,42 +71,65 @@ def owner_reference(adep: dict) -> dict:
             "uid": adep["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
 
 
-def _meta(adep: dict, name: str, component: str) -> dict:
+def remote_labels(adep: dict) -> dict[str, str]:
+    """What marks the children written into another namespace as this AdapterDeployment's (ownerReferences
+    cannot cross namespaces: the clean-up finds them by these labels)."""
+    return {serving.LABEL_ADAPTERDEPLOYMENT: adep["metadata"]["name"],
+            serving.LABEL_HOME_NAMESPACE: adep["metadata"]["namespace"]}
+
+
+def _home(adep: dict, target: str | None) -> str | None:
+    """The home namespace when `target` is another namespace (names are qualified with it), else None."""
+    home = adep["metadata"]["namespace"]
+    return home if target and target != home else None
+
+
+def _meta(adep: dict, name: str, component: str, target: str | None = None) -> dict:
+    if _home(adep, target):
+        return {"name": name, "namespace": target,
+                "labels": {**labels(adep["metadata"]["name"], component), **remote_labels(adep)}}
     return {"name": name, "namespace": adep["metadata"]["namespace"],
             "labels": labels(adep["metadata"]["name"], component), "ownerReferences": [owner_reference(adep)]}
 
 
-def render_desired_config_map(adep: dict, desired: serving.DesiredState) -> dict:
-    name = serving.desired_config_map_name(adep["metadata"]["name"])
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(adep, name, "desired-state"),
+def render_desired_config_map(adep: dict, desired: serving.DesiredState, target: str | None = None) -> dict:
+    """The agents' desired state in the AdapterDeployment's namespace, or in `target` (cluster-wide)."""
+    name = serving.desired_config_map_name(adep["metadata"]["name"], _home(adep, target))
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(adep, name, "desired-state", target),
             "data": {serving.DESIRED_KEY: desired.to_json()}}
 
 
-def render_agent_rbac(adep: dict) -> list[dict]:
-    """The agent reads one ConfigMap and writes its report on its own Pod; nothing else."""
-    name = agent_account_name(adep["metadata"]["name"])
-    desired = serving.desired_config_map_name(adep["metadata"]["name"])
+def render_agent_rbac(adep: dict, target: str | None = None) -> list[dict]:
+    """The agent reads one ConfigMap and writes its report on its own Pod; nothing else. In `target`
+    (cluster-wide) the same, under names qualified with the AdapterDeployment's namespace."""
+    home = _home(adep, target)
+    name = agent_account_name(adep["metadata"]["name"], home)
+    desired = serving.desired_config_map_name(adep["metadata"]["name"], home)
+    namespace = target or adep["metadata"]["namespace"]
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(adep, name, "agent"),
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(adep, name, "agent", target),
          "automountServiceAccountToken": True},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(adep, name, "agent"),
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(adep, name, "agent", target),
          "rules": [
              {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [desired], "verbs": ["get"]},
              {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
          ]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(adep, name, "agent"),
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(adep, name, "agent", target),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": adep["metadata"]["namespace"]}]},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
     ]
 
 
-def _storage_env(spec: dict) -> list[dict]:
+def render_remote_children(adep: dict, target: str, desired: serving.DesiredState) -> list[dict]:
+    """What a namespace reached cluster-wide holds: the desired state and the agents' RBAC, labelled, not owned."""
+    return [render_desired_config_map(adep, desired, target), *render_agent_rbac(adep, target)]
+
+
+def _storage_env(spec: dict, fallback: storage_location.StorageLocation = storage_location.AWS) -> list[dict]:
+    """The agent's storage: spec.storage's endpoint and region, else the operator's setting (`fallback`)."""
     storage = spec.get("storage") or {}
-    env = []
-    if storage.get("endpoint"):
-        env.append({"name": "KUBETUNE_S3_ENDPOINT", "value": storage["endpoint"]})
-    if storage.get("region"):
-        env.append({"name": "AWS_REGION", "value": storage["region"]})
+    env = storage_location.location_env(storage_location.resolve(storage, fallback=fallback))
     credentials = storage.get("credentials")
     if credentials:
         for var, key in (("AWS_ACCESS_KEY_ID", credentials["accessKeyIdKey"]),
@@ -131,7 +157,8 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
     runtime = runtimes.runtime_of(spec)
     layout = runtimes.PodLayout(image=managed.get("image") or settings.engine_images[runtime.name],
                                 image_pull_policy=settings.image_pull_policy, port=ENGINE_PORT,
-                                model_cache=MODEL_CACHE, adapter_cache=ADAPTER_CACHE, security_context=_SECURITY)
+                                model_cache=MODEL_CACHE, adapter_cache=ADAPTER_CACHE, security_context=_SECURITY,
+                                storage=settings.storage)
     engine = runtime.engine_container(spec, layout, max_lora_rank)
     agent = {
         "name": "agent",
@@ -143,7 +170,7 @@ def render_deployment(adep: dict, settings: ServingSettings, max_lora_rank: int)
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            *_storage_env(spec),
+            *_storage_env(spec, settings.storage),
         ],
         "ports": [{"name": "http", "containerPort": AGENT_PORT}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": AGENT_PORT}, "periodSeconds": 5},

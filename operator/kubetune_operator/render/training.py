@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from kubetune.api import jobconfig
+from kubetune.api import jobconfig, storage_location
 from kubetune.api import v1alpha1 as api
 
 TRAINER_MODULE = "kubetune_trainer"
@@ -38,6 +38,8 @@ class RenderSettings:
     trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     default_service_account: str | None = None
+    # The operator's storage setting (chart storage.endpoint/region): where a spec names none
+    storage: storage_location.StorageLocation = storage_location.AWS
 
 
 def config_map_name(job_name: str) -> str:
@@ -154,8 +156,11 @@ def _s3_env(credentials: dict | None, access_var: str, secret_var: str) -> list[
     ]
 
 
-def trainer_env(spec: dict) -> list[dict]:
-    """Environment of the trainer: credentials only as secretKeyRef, never values."""
+def trainer_env(spec: dict, storage: storage_location.StorageLocation = storage_location.AWS) -> list[dict]:
+    """Environment of the trainer: credentials only as secretKeyRef, never values; the output's endpoint
+    and region as resolved against the operator's `storage` setting (the trainer's stores fall back to
+    them where the spec names none, kubetune_trainer.storage)."""
+    output = spec["output"]
     env = [
         {"name": "KUBETUNE_JOB_CONFIG", "value": jobconfig.CONFIG_PATH},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
@@ -163,8 +168,8 @@ def trainer_env(spec: dict) -> list[dict]:
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "TMPDIR", "value": "/tmp"},
+        *storage_location.location_env(storage_location.resolve(output, fallback=storage)),
     ]
-    output = spec["output"]
     env += _s3_env(output.get("credentials"), jobconfig.ENV_S3_ACCESS_KEY, jobconfig.ENV_S3_SECRET_KEY)
     data_creds = spec["dataset"].get("s3", {}).get("credentials")
     env += _s3_env(data_creds, jobconfig.ENV_DATA_S3_ACCESS_KEY, jobconfig.ENV_DATA_S3_SECRET_KEY)
@@ -225,7 +230,7 @@ def pod_template(job: dict, settings: RenderSettings, stage: jobconfig.Stage, co
         # failing worker's code: torchrun's own 1 would defeat restartPolicy ExitCode (2 vs 143).
         "command": ["python", "-m", f"{TRAINER_MODULE}.launch", "--module", TRAINER_MODULE,
                     "--config", jobconfig.CONFIG_PATH],
-        "env": trainer_env(spec),
+        "env": trainer_env(spec, settings.storage),
         "resources": _resources(spec, stage),
         "volumeMounts": [
             {"name": "job-config", "mountPath": jobconfig.CONFIG_MOUNT, "readOnly": True},

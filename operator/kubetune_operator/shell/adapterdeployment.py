@@ -16,7 +16,7 @@ from kubetune_operator.clients import base_models
 from kubetune_operator.clients.drift_storage import Analyzer
 from kubetune_operator.clients.sources import verified_source
 from kubetune_operator.reconcile import adapterdeployment as adp
-from kubetune_operator.reconcile import driftloop, tenancy
+from kubetune_operator.reconcile import clusterwide, driftloop, tenancy
 
 from . import now_rfc3339
 from .drift import RetrainPort, drift_pass
@@ -38,8 +38,12 @@ class AdapterDeploymentPort(RetrainPort, Protocol):
     async def locate_source(self, adep: dict, adapter: dict) -> tuple[str, str | None] | adp.Source:
         """An adapter's (manifest uri, expected digest), or a Source naming why there is none yet."""
 
-    async def pods(self, adep: dict) -> list[adp.Pod]:
-        """The serving pods, with their readiness and their agent's report."""
+    async def namespaces(self, adep: dict) -> list[clusterwide.Namespace] | None:
+        """The namespaces a namespaceSelector may reach, with their labels and annotations; None: not read
+        (no selector and no other namespace in its status; or a port that knows only its own namespace)."""
+
+    async def pods(self, adep: dict, namespace: str) -> list[adp.Pod]:
+        """The serving pods in `namespace`, with their readiness and their agent's report."""
 
     async def desired_state(self, adep: dict) -> serving.DesiredState | None:
         """What the agents read now (None: nothing written yet, or unreadable)."""
@@ -50,6 +54,13 @@ class AdapterDeploymentPort(RetrainPort, Protocol):
     async def apply_serving(self, adep: dict, changed: serving.DesiredState | None,
                             desired: serving.DesiredState, max_rank: int | None) -> None:
         """Publish a changed desired state; keep the serving runtime (its children) as `desired` needs."""
+
+    async def apply_remote(self, adep: dict, namespace: str, desired: serving.DesiredState, create: bool) -> None:
+        """Keep another namespace's desired state and agent RBAC (cluster-wide); only update it if not `create`.
+        Called only for namespaces `namespaces` returned."""
+
+    async def release(self, adep: dict, namespace: str) -> None:
+        """Delete what it wrote into another namespace."""
 
     async def write_status(self, adep: dict, status: dict) -> None:
         """Store the new status."""
@@ -87,6 +98,19 @@ def drift_allowed(adep: dict, adapter: dict, settings: adp.Settings) -> bool:
                                                                                  adapter)
 
 
+async def observe_reach(port: AdapterDeploymentPort, adep: dict, rollout_view: dict, sources: dict,
+                        settings: adp.Settings) -> tuple[list, dict, list, dict]:
+    """Where it serves, which of those namespaces refuse it and why, the namespaces it left, and the pods
+    listed in each."""
+    served = clusterwide.targets(adep, await port.namespaces(adep))
+    manifests = {name: source.manifest_uri for name, source in sources.items()}
+    refusals = {n.name: why for n in served
+                if (why := clusterwide.refusal(rollout_view, n, manifests, settings.allowed_sources))}
+    released = clusterwide.left(adep, served)
+    listed = {name: await port.pods(adep, name) for name in [n.name for n in served] + released}
+    return served, refusals, released, listed
+
+
 async def run_pass(port: AdapterDeploymentPort, settings: adp.Settings) -> PassResult | None:
     """Observe -> decide -> drift pass per adapter -> apply. None when there was nothing to reconcile."""
     adep = await port.read()
@@ -101,12 +125,18 @@ async def run_pass(port: AdapterDeploymentPort, settings: adp.Settings) -> PassR
     served_base = None
     if any((s.base_model or {}).get("identity") for s in sources.values()):  # older manifests: URIs compared
         served_base = await base_models.served_identity(store, adep["spec"]["baseModel"], port.base_identities)
-    pods = await port.pods(adep)
+    reached, refusals, released, listed = await observe_reach(port, adep, rollout_view, sources, settings)
+    pods = clusterwide.union_pods(adep, [n.name for n in reached if n.name not in refusals], listed,
+                                  [a["name"] for a in adep["spec"]["adapters"]])
     current = await port.desired_state(adep)
     now = now_rfc3339()
     found_secrets = await port.secrets_found(adep)
     plan = adp.decide(adp.Observed(adep=rollout_view, now=now, sources=sources, pods=pods, desired=current,
                                    secrets=found_secrets, served_base=served_base), settings)
+    reach = clusterwide.reach(adep, reached, refusals, listed, released, plan.status["adapters"],
+                              plan.status["summary"])
+    plan.status = clusterwide.with_reach(plan.status, adep, reach)
+    plan.events += [adp.Event(*event) for event in reach.events]
     drift_events = []
     for adapter in adep["spec"]["adapters"]:
         if drift_allowed(adep, adapter, settings):
@@ -117,6 +147,9 @@ async def run_pass(port: AdapterDeploymentPort, settings: adp.Settings) -> PassR
     max_rank = adp.runtime_max_rank(adep["spec"], adp.served_ranks(served, sources))
     desired = plan.desired or current or serving.DesiredState(generation=1)
     await port.apply_serving(adep, plan.desired, desired, max_rank)
+    for namespace, state, create in clusterwide.writes(adep, desired, reached, refusals, released, reach):
+        await (port.release(adep, namespace) if state is None else
+               port.apply_remote(adep, namespace, state, create=create))
     await port.write_status(adep, plan.status)
     events = list(plan.events) + drift_events
     await port.post_events(adep, events)

@@ -14,7 +14,7 @@ from ..schema import (
     string,
     string_map,
 )
-from .common import LAST_UPDATE_TIME, STORAGE_URI, base_model, conditions, s3_credentials, s3_endpoint
+from .common import LAST_UPDATE_TIME, STORAGE_URI, base_model, conditions, s3_credentials, s3_endpoint, s3_region
 
 ADAPTER_SOURCE = obj(
     "Where an adapter version comes from: a FineTuneJob's published adapter, or a uri with its digest.",
@@ -173,6 +173,33 @@ DRIFT = obj(
     },
 )
 
+LABEL_REQUIREMENT = obj(
+    "A label requirement: key, operator and values, as in a Kubernetes LabelSelector.",
+    {
+        "key": string("The label key.", max_length=317),
+        "operator": string("How the key's value is compared.", enum=["In", "NotIn", "Exists", "DoesNotExist"]),
+        "values": array("Values for In and NotIn; empty for Exists and DoesNotExist.",
+                        string("A value.", max_length=63), max_items=64),
+    },
+    required=["key", "operator"],
+    rules=[rule("(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                "matchExpressions[]: In and NotIn need values, Exists and DoesNotExist take none",
+                field_path=".values")],
+)
+
+NAMESPACE_SELECTOR = obj(
+    "Serve the selected pods in every namespace whose labels match, besides this one (cluster-wide "
+    "rollout, docs/concepts.md). A namespace other than this one must also accept this namespace's "
+    "adapters (annotation kubetune.io/accept-adapters-from) and allow the sources (tenancy).",
+    {
+        "matchLabels": string_map("Labels the namespaces carry."),
+        "matchExpressions": array("Label requirements, all of which must hold.", LABEL_REQUIREMENT, max_items=16),
+    },
+    rules=[rule("has(self.matchLabels) || has(self.matchExpressions)",
+                "runtime.selector.namespaceSelector: set matchLabels or matchExpressions (an empty selector "
+                "would select every namespace)")],
+)
+
 ADAPTER = obj(
     "An adapter served under a stable alias.",
     {
@@ -229,6 +256,7 @@ ADAPTERDEPLOYMENT_SPEC = obj(
                         "matchLabels": string_map("Labels the serving pods carry."),
                         "maxLoraRank": integer("The --max-lora-rank the existing engines run with (adapters above "
                                                "it are refused).", minimum=1, maximum=512),
+                        "namespaceSelector": NAMESPACE_SELECTOR,
                     },
                     required=["matchLabels"],
                 ),
@@ -261,7 +289,7 @@ ADAPTERDEPLOYMENT_SPEC = obj(
             "How the serving pods' agents reach the adapters and the sample prefix (S3-compatible).",
             {
                 "endpoint": s3_endpoint(),
-                "region": string("Region of the bucket.", default="us-east-1", max_length=64),
+                "region": s3_region(),
                 "credentials": s3_credentials("the adapter and sample buckets"),
             },
         ),
@@ -295,6 +323,23 @@ ADAPTER_VERSION = obj(
     },
 )
 
+NAMESPACE_STATUS = obj(
+    "Where one target namespace stands (cluster-wide rollout).",
+    {
+        "name": string("The namespace.", max_length=63),
+        "phase": string("Serving: every pod serves the desired versions; Progressing: some do not yet; NoPods; "
+                        "Refused: the namespace does not accept or allow the adapters, none are served there; "
+                        "Released: no longer selected, its agents unload the adapters.",
+                        enum=["Serving", "Progressing", "NoPods", "Refused", "Released"]),
+        "reason": string("Why Refused (NotAccepted, SourceNotAllowed, StorageNotAllowed).", max_length=256),
+        "message": string("Detail.", max_length=4096),
+        "podsReady": integer("Pods here serving every desired version.", minimum=0),
+        "podsTotal": integer("Pods selected here.", minimum=0),
+        "versions": string("What is served here: each alias's stable version and canary (as status.summary).",
+                           max_length=1024),
+    },
+)
+
 ADAPTERDEPLOYMENT_STATUS = obj(
     "Observed state, written only by the operator.",
     {
@@ -305,6 +350,10 @@ ADAPTERDEPLOYMENT_STATUS = obj(
         "observedGeneration": integer("The generation the operator last acted on.", minimum=0),
         "lastUpdateTime": LAST_UPDATE_TIME,
         "conditions": conditions(),
+        "namespaces": array("Per namespace (runtime.selector.namespaceSelector): what is served there.",
+                            NAMESPACE_STATUS, max_items=1000),
+        "reach": string("One line for kubectl get: namespaces serving of those selected, and pods ready of all, "
+                        "e.g. '2/3 namespaces, 4/4 pods (1 refused)'.", max_length=256),
         "adapters": array(
             "Per-alias rollout state.",
             obj(
@@ -361,6 +410,8 @@ ADAPTERDEPLOYMENT_PRINTER_COLUMNS = [
     {"name": "Versions", "type": "string", "jsonPath": ".status.summary",
      "description": "Each alias's stable version, and the canary with its weight"},
     {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri", "priority": 1},
+    {"name": "Reach", "type": "string", "jsonPath": ".status.reach",
+     "description": "Namespaces serving of those selected, pods ready of all"},
     {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type"},
     {"name": "Drift", "type": "string", "jsonPath": ".status.adapters[0].drift.state"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -4,6 +4,7 @@ conditions."""
 from __future__ import annotations
 
 from ..schema import DNS_LABEL_PATTERN, array, boolean, integer, obj, rule, string
+from ..storage_location import ENDPOINT_PATTERN
 
 STORAGE_URI = r"^(s3|file)://.+"
 
@@ -25,9 +26,15 @@ def s3_credentials(what: str) -> dict:
 
 def s3_endpoint() -> dict:
     return string(
-        "Endpoint URL of an S3-compatible store (MinIO, SeaweedFS, Ceph). Empty means AWS S3.",
-        pattern=r"^https?://.+",
+        "Endpoint URL of an S3-compatible store (MinIO, SeaweedFS, Ceph). Empty: the operator's storage "
+        "setting (the chart's storage.endpoint), else AWS S3.",
+        pattern=ENDPOINT_PATTERN,
     )
+
+
+def s3_region() -> dict:
+    return string("Region of the bucket. Empty: the operator's storage setting (the chart's storage.region), "
+                  "else the S3 client's own default.", max_length=64)
 
 
 
@@ -66,7 +73,8 @@ def base_model(description: str) -> dict:
                 {
                     "endpoint": s3_endpoint(),
                     "region": string("Region of the bucket (unset: a FineTuneJob uses its output's region, "
-                                     "an engine its SDK's default).", max_length=64),
+                                     "then the operator's storage setting; an engine the operator's "
+                                     "setting, else its SDK's default).", max_length=64),
                     "credentials": s3_credentials("the model bucket"),
                 },
             ),

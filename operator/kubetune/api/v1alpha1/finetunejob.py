@@ -20,7 +20,7 @@ from ..schema import (
     string,
     string_map,
 )
-from .common import STORAGE_URI, base_model, s3_credentials, s3_endpoint
+from .common import STORAGE_URI, base_model, s3_credentials, s3_endpoint, s3_region
 from .dataset import DATASET
 
 TASKS = ("CausalLM", "SequenceClassification")
@@ -271,7 +271,7 @@ OUTPUT = obj(
                       "file:///PATH is accepted only by `kubetune local` (a cluster's pods cannot write to it).",
                       pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.+)$", max_length=1024),
         "endpoint": s3_endpoint(),
-        "region": string("Region of the bucket.", default="us-east-1", max_length=64),
+        "region": s3_region(),
         "credentials": s3_credentials("the output bucket"),
         "mergeAdapter": boolean("Also publish the adapter merged into the base weights (QLoRA merges into "
                                 "a bf16 copy of the base, never into 4-bit weights), as its own artifact beside the "

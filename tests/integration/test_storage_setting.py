@@ -1,0 +1,117 @@
+"""The operator's storage setting on the path a cluster takes: `kubetune operator` started as the chart
+starts it with storage.endpoint (KUBETUNE_S3_ENDPOINT, here SeaweedFS's), a FineTuneJob whose spec names
+no endpoint, and its training pods run from the rendered manifests (the training-operator stand-in runs
+their command and env verbatim, no variable of this process inherited): they read the dataset from and
+write results and the adapter to that store, and the operator reads them there."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+
+import kmock
+import pytest
+import yaml
+
+from kubetune.clients import kube
+from kubetune.clients.storage import check_published
+from kubetune_testing import training_operator_loop
+from kubetune_testing.factories import finetunejob
+from kubetune_testing.ports import free_port
+from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
+from tests.trainer.conftest import lm_corpus
+
+from .conftest import NS, eventually
+
+pytestmark = pytest.mark.integration
+
+STORAGE_VARIABLES = ("KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                     "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@contextlib.asynccontextmanager
+async def operator_process(k8s, tmp_path, storage_endpoint: str):
+    """`kubetune operator -n team-a` with the chart's storage environment and nothing else of storage."""
+    k8s.objects[kmock.resource("", "v1", "namespaces"), None, NS] = {
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": str(k8s.url).rstrip("/")}}],
+        "users": [{"name": "operator", "user": {"token": "operator-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}],
+    }))
+    env = {key: value for key, value in os.environ.items() if key not in STORAGE_VARIABLES}
+    env.update(KUBECONFIG=str(kubeconfig), KUBETUNE_S3_ENDPOINT=storage_endpoint)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubetune_operator.cli", "operator", "--namespace", NS, "--health-port",
+        str(free_port()), "--metrics-port", str(free_port()), "--publish-timeout", "30", "--status-min-interval", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.communicate(), timeout=30)
+        except TimeoutError:
+            process.kill()
+            await process.communicate()
+
+
+def silent_spec(tiny_llama) -> dict:
+    """Storage by URI and credentials only: no endpoint, no region anywhere in the spec."""
+    return {
+        "baseModel": {"uri": f"file://{tiny_llama}"},
+        "dataset": {"uri": f"s3://{BUCKET}/silent/train.jsonl", "format": "prompt-completion"},
+        "method": {"type": "LoRA", "lora": {"rank": 4, "targetModules": ["q_proj", "v_proj"]}},
+        "training": {"maxSteps": 6, "learningRate": 0.01, "perDeviceBatchSize": 4, "maxSeqLength": 64,
+                     "precision": "FP32", "gradientCheckpointing": False, "evalSteps": 6},
+        "distributed": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1, "deepspeed": {"enabled": False}},
+        "output": {"uri": f"s3://{BUCKET}/silent-jobs", "credentials": {"secretName": "s3-creds"}},
+    }
+
+
+def rendered_env(workload: dict) -> dict[str, str]:
+    pod = workload["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    return {e["name"]: e["value"] for e in pod["containers"][0]["env"] if "value" in e}
+
+
+async def test_a_spec_without_endpoint_trains_against_the_operators_store(k8s, api, s3_server, tiny_llama, tmp_path):
+    s3_server.store().write(f"s3://{BUCKET}/silent/train.jsonl",
+                            "".join(json.dumps(r) + "\n" for r in lm_corpus(48)).encode())
+    await api.create_secret("s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+    doc = finetunejob(**silent_spec(tiny_llama))
+    doc["metadata"] = {"name": "silent", "namespace": NS}
+    async with operator_process(k8s, tmp_path, s3_server.endpoint) as process, \
+            training_operator_loop.running(api.client, NS, tmp_path / "pods") as pods:
+        await api.client.create(kube.FINETUNEJOBS, doc)
+
+        async def finished():
+            job = await api.get(kube.FINETUNEJOBS, "silent")
+            phase = ((job or {}).get("status") or {}).get("phase")
+            return job if phase in ("Succeeded", "Failed") else None
+
+        try:
+            job = await eventually(finished, timeout=240, interval=0.5)
+        except TimeoutError:
+            process.send_signal(signal.SIGTERM)
+            print((await process.communicate())[0].decode()[-6000:])
+            raise
+        runs = {name: (run.phase, run.logs()) for name, run in pods.runs.items()}
+        workloads = {name: await api.get(kube.PYTORCHJOBS, name) for name in ("silent-data", "silent")}
+    status = job["status"]
+    assert status["phase"] == "Succeeded", (status, {name: logs[-3000:] for name, (_, logs) in runs.items()})
+    for name, workload in workloads.items():  # both pods got the operator's endpoint, and no region
+        env = rendered_env(workload)
+        assert env["AWS_ENDPOINT_URL"] == s3_server.endpoint, name
+        assert "AWS_REGION" not in env and "AWS_DEFAULT_REGION" not in env
+        assert runs[name][0] == "Succeeded"
+    assert status["data"]["state"] == "Succeeded" and status["data"]["examples"]["train"] > 0  # read there
+    adapter = status["adapter"]
+    assert adapter["uri"].startswith(f"s3://{BUCKET}/silent-jobs/")
+    assert check_published(s3_server.store(), adapter["manifestUri"].rsplit("/", 1)[0] + "/").verified
