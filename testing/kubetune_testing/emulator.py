@@ -162,17 +162,17 @@ class K8sEmulator(kmock.KubernetesEmulator):
     OpenAPI v3 built from the CRDs' schemas (``kubectl explain``, client-side validation), no
     short names on subresources, and optionally admission (``admission``: a callable that returns
     the errors for a kubetune object, i.e. the CRD's schema and CEL rules, refused with 422 as the
-    API server does).
+    API server does). ``mutators`` change a create's body before admission (mutating webhooks: ``kueue``).
     """
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._rv = 1000                      # last committed resourceVersion
         self._write_lock = asyncio.Lock()    # serializes writes + lists (RV consistency)
-        # (kind, object) -> (["path: message", ...], the object with the schema's defaults); None: no
-        # admission (the operator's own handling of invalid specs is tested by creating them)
+        # (kind, object) -> (["path: message", ...], the object with its defaults); None: no admission
         self.admission: Callable[[str, dict], tuple[list[str], dict]] | None = None
         self.faults: Faults | None = None
+        self.mutators: list[Callable[[kmock.Request], None]] = []
         self.journal: list[Write] = []
         self.phases: dict[tuple[str, str | None, str | None], list[str | None]] = {}
         self.operator_writes = 0            # writes of non-exempt clients let through
@@ -419,6 +419,8 @@ class K8sEmulator(kmock.KubernetesEmulator):
             self._replace(request)
         if request.resource.plural == 'secrets' and request.resource.group == '':
             views.secret_string_data(request.data)
+        for mutate in self.mutators if request.action == kmock.action.CREATE and isinstance(request.data, dict) else ():
+            mutate(request)
         self._admit(request)
         if request.action == kmock.action.LIST:
             async with self._write_lock:
