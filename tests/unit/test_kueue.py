@@ -264,3 +264,23 @@ def test_the_shell_reads_kueues_workload_only_when_needed_and_writes_its_activat
     asyncio.run(shell.run_pass(port, ftj.Settings(), NOW))
     assert ("activate", "pytorchjob-llama-lora-1a2b3", False) in port.calls
     assert not [c for c in port.calls if c[0] == "patch"]
+
+
+def test_a_stage_created_in_this_pass_is_queued_at_once():
+    job = finetunejob(scheduling={"queueName": QUEUE})
+    plan = ftj.decide(ftj.Observed(job=job, now=NOW), ftj.Settings())
+    created = next(c for c in plan.create if c["kind"] == "PyTorchJob")
+    assert created["metadata"]["name"] == "llama-lora-data" and created["spec"]["runPolicy"]["suspend"] is True
+    assert plan.status["phase"] == "Queued" and condition(plan, "Queued")["reason"] == kueue.WAITING_REASON
+    suspended = finetunejob(scheduling={"queueName": QUEUE}, runPolicy={"suspend": True})
+    plan = ftj.decide(ftj.Observed(job=suspended, now=NOW), ftj.Settings())
+    assert not plan.create and plan.status["phase"] == "Suspended" and not condition(plan, "Queued")
+
+
+def test_kubetune_local_has_no_kueue_so_its_workloads_run_at_once():
+    from kubetune_operator.local.finetunejob import prepare_job
+
+    job = prepare_job(finetunejob(scheduling={"queueName": QUEUE, "priorityClassName": "batch"}),
+                      namespace="default", output=None)
+    assert job["spec"]["scheduling"] == {"priorityClassName": "batch"}
+    assert rendered(job)["spec"]["runPolicy"]["suspend"] is False

@@ -390,7 +390,7 @@ def _follow_workload(observed: Observed, job: dict, settings: Settings, plan: Pl
         return
 
     queueing.hold(plan, workload, job["spec"], training=True)
-    queued = queueing.report(status, [workload])
+    queued = queueing.report(status, job["spec"], [workload])
     if kueue.user_suspended(job["spec"]):
         status.value["phase"] = "Suspended"
         status.condition("Suspended", True, "SuspendedBySpec", "spec.runPolicy.suspend is true")
@@ -416,13 +416,8 @@ def _created_phase(job: dict, status: Status) -> None:
     if kueue.user_suspended(spec):
         status.value["phase"] = "Suspended"
         status.condition("Suspended", True, "SuspendedBySpec", "spec.runPolicy.suspend is true")
-    elif kueue.queue_name(spec):
-        status.value["phase"] = queueing.QUEUED
-        status.condition(queueing.QUEUED, True, kueue.WAITING_REASON, f"{backend_of(job).kind} "
-                         f"{status.value['trainingJob']['name']} waits in LocalQueue {kueue.queue_name(spec)}: "
-                         f"{kueue.WAITING_MESSAGE}")
     else:
-        status.value["phase"] = "Pending"
+        status.value["phase"] = queueing.QUEUED if queueing.report(status, spec, []) else "Pending"
 
 
 def _follow_missing_workload(observed: Observed, job: dict, settings: Settings, status: Status) -> None:

@@ -28,18 +28,23 @@ def hold(plan: Plan, workload: WorkloadStatus, spec: dict, training: bool = Fals
             plan.activate_kueue_workloads[workload.admission.workload] = active
 
 
-def report(status: Status, workloads: list[WorkloadStatus]) -> bool:
+def report(status: Status, spec: dict, workloads: list[WorkloadStatus]) -> bool:
     """The Queued condition from the stage's workloads: True with Kueue's reason and message while one
     waits for admission, False once none does. True when every unfinished one waits (the phase is
-    Queued); a stage with none created yet is not queued."""
+    Queued), or, with a queue, when the stage has none yet (being created, suspended, in this pass)."""
+    queue = kueue.queue_name(spec)
+    if not workloads and queue:
+        status.condition(QUEUED, True, kueue.WAITING_REASON, f"created suspended in LocalQueue {queue}: "
+                         f"{kueue.WAITING_MESSAGE}")
+        return True
     waiting = [w for w in workloads if w.queued]
     if not waiting:
         status.clear(QUEUED, "Admitted", "Kueue admitted the workloads")
         return False
     first = waiting[0]
     admission = first.admission or kueue.Admission()
-    queue = first.labels.get(kueue.LABEL_QUEUE, "")
-    message = f"{first.kind} {first.name} waits in LocalQueue {queue}: {admission.message}"
+    message = f"{first.kind} {first.name} waits in LocalQueue {first.labels.get(kueue.LABEL_QUEUE, '')}: " \
+              f"{admission.message}"
     if len(waiting) > 1:
         message += f" (and {len(waiting) - 1} more of this stage)"
     status.condition(QUEUED, True, admission.reason, message)
@@ -50,10 +55,9 @@ def stage_phase(status: Status, spec: dict, phase: str, suspended_message: str,
                 workloads: list[WorkloadStatus]) -> None:
     """The phase of a stage that is under way: Suspended by the user, Queued while Kueue holds all its
     workloads, else the stage's own phase (Queued time counts against no timeout: none runs then)."""
-    queued = report(status, workloads)
     if kueue.user_suspended(spec):
         status.value["phase"] = "Suspended"
         status.condition("Suspended", True, "SuspendedBySpec", f"spec.runPolicy.suspend is true: {suspended_message}")
         return
     status.clear("Suspended", "Resumed", "spec.runPolicy.suspend is false")
-    status.value["phase"] = QUEUED if queued else phase
+    status.value["phase"] = QUEUED if report(status, spec, workloads) else phase
