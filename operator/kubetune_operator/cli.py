@@ -101,13 +101,13 @@ def cmd_render(args: argparse.Namespace) -> int:
                     print(f"FineTuneJob/{job['metadata']['name']}: {condition['message']}", file=sys.stderr)
             return 1
         out.extend(plan.create)
-        if plan.status.get("phase") == "Validating":  # the GPU stage that follows a successful data stage
+        if (plan.status.get("data") or {}).get("state") == "Pending":  # the GPU stage after a successful data stage
             data = {**plan.status["data"], "state": "Succeeded"}
             plan = ftj.decide(ftj.Observed(job={**job, "status": {**plan.status, "data": data}}, now=now), settings)
             out.extend(plan.create)
         phase = plan.status.get("phase")
         print(f"FineTuneJob/{job['metadata']['name']}: the CPU-only data stage first, then "
-              f"{'the training job' if phase == 'Pending' else f'phase {phase}'}'s children; "
+              f"{'the training job' if plan.status.get('trainingJob') else f'phase {phase}'}'s children; "
               "later stages' children are created as the earlier stages finish", file=sys.stderr)
     if args.output == "json":
         print(json.dumps(out, indent=2))

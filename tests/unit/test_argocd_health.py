@@ -104,6 +104,8 @@ FINETUNEJOB_CASES = {
     "failed from condition": (job({"phase": "Failed", "conditions": [condition("Failed", True, "JobLost", "gone")]}),
                               "Degraded", ["joblost: gone"]),
     "failed without detail": (job({"phase": "Failed"}), "Degraded", ["failed"]),
+    "queued by kueue": (job({"phase": "Queued", "conditions": [condition("Queued", True, "Pending", "no quota")]}),
+                        "Progressing", ["queued", "pending: no quota"]),
     "suspended phase": (job({"phase": "Suspended"}, suspend=True), "Suspended", ["suspend"]),
     "suspend in spec": (job({"phase": "Running"}, suspend=True), "Suspended", ["running"]),
     "suspend false": (job({"phase": "Running"}, suspend=False), "Progressing", ["running"]),

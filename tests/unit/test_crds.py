@@ -29,8 +29,8 @@ def test_finetunejob_crd_names_columns_and_status():
     version = document["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Base Model", "Method", "Baseline", "Sweep", "Rank", "Progress", "Eval Loss", "Reason",
-                       "Adapter", "Age"]
+    assert columns == ["Phase", "Base Model", "Method", "Queue", "Baseline", "Sweep", "Rank", "Progress", "Eval Loss",
+                       "Reason", "Adapter", "Age"]
     adep = crd.custom_resource_definition("AdapterDeployment")["spec"]["names"]
     assert adep["shortNames"] == ["adep"] and adep["categories"] == ["kubetune"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 from kubetune.api import jobconfig
+from kubetune_operator.backends import kueue
 from kubetune_operator.backends import pytorchjob as pytorchjob_backend
 from kubetune_operator.reconcile import conditions as cond
 from kubetune_operator.reconcile import data_report
@@ -193,7 +194,8 @@ def test_data_stage_pod_is_cpu_only_one_process_and_schedules_like_the_job():
     assert container["resources"] == render.DATA_STAGE_RESOURCES
     assert "nvidia.com/gpu" not in str(container["resources"])
     assert pod["nodeSelector"] == {"pool": "a100"} and pod["priorityClassName"] == "batch"
-    assert pytorchjob["metadata"]["labels"][render.LABEL_QUEUE] == "gpu-queue"
+    assert pytorchjob["metadata"]["labels"][kueue.LABEL_QUEUE] == "gpu-queue"
+    assert pytorchjob["spec"]["runPolicy"]["suspend"] is True  # created suspended: Kueue admits it
     assert pytorchjob["metadata"]["labels"][render.LABEL_STAGE] == "data"
     training = _training_pod()
     assert container["command"] == training["containers"][0]["command"]

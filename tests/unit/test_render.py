@@ -129,7 +129,7 @@ def test_run_policy_scheduling_and_queue_pass_through():
     assert run_policy["backoffLimit"] == 1
     assert run_policy["activeDeadlineSeconds"] == 3600
     assert run_policy["ttlSecondsAfterFinished"] == 60
-    assert run_policy["schedulingPolicy"] == {"priorityClass": "batch", "queue": "team-a"}
+    assert run_policy["schedulingPolicy"] == {"priorityClass": "batch"}  # a Kueue queue is no Volcano field
     assert pytorchjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     pod = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "h100"}

@@ -14,7 +14,7 @@ import yaml
 from kubetune.api import jobconfig
 from kubetune.api.schema import iter_rules, strict_json_schema
 from kubetune.api.validation import validate
-from kubetune_operator.backends import BACKENDS, pytorchjob, render_children, trainjob
+from kubetune_operator.backends import BACKENDS, kueue, pytorchjob, render_children, trainjob
 from kubetune_operator.backends.workload import CREATED, FAILED, RUNNING, SUCCEEDED
 from kubetune_operator.render import training as render
 from kubetune_testing import trainer_v2
@@ -124,9 +124,9 @@ def test_nodes_processes_runtime_and_the_data_stage_on_one_cpu_process():
 def test_a_kueue_queue_creates_it_suspended_and_labelled():
     _, queued = children(finetunejob(backend="TrainJob", scheduling={"queueName": "team-a"}))
     assert queued["spec"]["suspend"] is True
-    assert queued["metadata"]["labels"][render.LABEL_QUEUE] == "team-a"
+    assert queued["metadata"]["labels"][kueue.LABEL_QUEUE] == "team-a"
     _, plain = children(finetunejob(backend="TrainJob"))
-    assert plain["spec"]["suspend"] is False and render.LABEL_QUEUE not in plain["metadata"]["labels"]
+    assert plain["spec"]["suspend"] is False and kueue.LABEL_QUEUE not in plain["metadata"]["labels"]
     _, scheduled = children(EXAMPLES["scheduled"])
     assert scheduled["spec"]["activeDeadlineSeconds"] == 3600
 

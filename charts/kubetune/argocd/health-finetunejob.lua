@@ -128,10 +128,16 @@ if phase == "Suspended" or run_policy.suspend == true then
   return hs
 end
 
-if phase == nil or phase == "Pending" or phase == "Validating" or phase == "Baseline" or phase == "Sweeping"
-    or phase == "Running" or phase == "Publishing" then
+if phase == nil or phase == "Pending" or phase == "Queued" or phase == "Validating" or phase == "Baseline"
+    or phase == "Sweeping" or phase == "Running" or phase == "Publishing" then
   local parts = { tostring(phase or "Pending") }
-  if phase == "Validating" then
+  if phase == "Queued" then
+    -- waiting for Kueue's admission: progressing (nothing failed), in Kueue's words
+    local c = condition(status, "Queued")
+    if c ~= nil then
+      table.insert(parts, reason_message(c.reason, c.message, "waiting for Kueue"))
+    end
+  elseif phase == "Validating" then
     local data = status.data or {}
     table.insert(parts, "data stage " .. tostring(data.state or "Pending"))
   elseif phase == "Baseline" then

@@ -9,6 +9,7 @@ from __future__ import annotations
 from kubetune.api import jobconfig
 from kubetune_operator.render import training as render
 
+from . import kueue
 from .workload import CREATED, FAILED, RESTARTING, RUNNING, SUCCEEDED, LocalLaunch, WorkloadStatus
 
 API_VERSION = "kubeflow.org/v1"
@@ -22,21 +23,17 @@ _STARTED_CONDITIONS = frozenset({RUNNING, RESTARTING, SUCCEEDED, FAILED})
 def _run_policy(spec: dict) -> dict:
     policy = spec.get("runPolicy", {})
     run_policy: dict = {
-        "suspend": bool(policy.get("suspend", False)),
+        "suspend": kueue.queueing(spec).suspend,
         "backoffLimit": policy.get("backoffLimit", 3),
         "cleanPodPolicy": "None",
     }
     for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
         if key in policy:
             run_policy[key] = policy[key]
-    scheduling = spec.get("scheduling", {})
-    scheduling_policy = {}
-    if scheduling.get("priorityClassName"):
-        scheduling_policy["priorityClass"] = scheduling["priorityClassName"]
-    if scheduling.get("queueName"):
-        scheduling_policy["queue"] = scheduling["queueName"]
-    if scheduling_policy:
-        run_policy["schedulingPolicy"] = scheduling_policy
+    # schedulingPolicy is for gang schedulers (Volcano, scheduler-plugins); a Kueue queue is a label
+    priority_class = spec.get("scheduling", {}).get("priorityClassName")
+    if priority_class:
+        run_policy["schedulingPolicy"] = {"priorityClass": priority_class}
     return run_policy
 
 
@@ -52,10 +49,12 @@ def render_pytorchjob(job: dict, settings: render.RenderSettings, config_data: d
     if nodes > 1:
         replica_specs["Worker"] = {"replicas": nodes - 1, "restartPolicy": "ExitCode", "template": template}
     config_data = config_data if config_data is not None else render.config_map_data(job, stage)
+    metadata = render.workload_metadata(job, stage, config_data)
+    metadata["labels"].update(kueue.queueing(spec).labels)
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": render.workload_metadata(job, stage, config_data),
+        "metadata": metadata,
         "spec": {
             "nprocPerNode": str(per_node),
             "runPolicy": _run_policy(spec),
@@ -95,7 +94,7 @@ def read_status(pytorchjob: dict) -> WorkloadStatus:
         reason=(current or {}).get("reason") or "", message=(current or {}).get("message") or "",
         since=(current or {}).get("lastTransitionTime"), start_time=status.get("startTime"),
         completion_time=status.get("completionTime"), replicas=replicas,
-        attempts=sum(replicas.get("Master", {}).values()),
+        attempts=sum(replicas.get("Master", {}).values()), uid=metadata.get("uid") or "",
         suspended=bool(((pytorchjob.get("spec") or {}).get("runPolicy") or {}).get("suspend")))
 
 

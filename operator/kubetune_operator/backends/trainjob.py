@@ -10,6 +10,7 @@ from __future__ import annotations
 from kubetune.api import jobconfig
 from kubetune_operator.render import training as render
 
+from . import kueue
 from .workload import CREATED, FAILED, RUNNING, SUCCEEDED, LocalLaunch, WorkloadStatus
 
 GROUP = "trainer.kubeflow.org"
@@ -56,19 +57,20 @@ def render_trainjob(job: dict, settings: render.RenderSettings, config_data: dic
     nodes, per_node = render.node_layout(spec, stage)
     template = render.pod_template(job, settings, stage, NODE)
     policy = spec.get("runPolicy", {})
-    queued = bool(spec.get("scheduling", {}).get("queueName"))
+    queueing = kueue.queueing(spec)
     train_spec: dict = {
         "runtimeRef": {"name": spec.get("trainingRuntime") or DEFAULT_RUNTIME, "apiGroup": GROUP,
                        "kind": "ClusterTrainingRuntime"},
-        "suspend": bool(policy.get("suspend")) or queued,
+        "suspend": queueing.suspend,
         "trainer": _trainer(template["spec"]["containers"][0], nodes, per_node),
         "runtimePatches": [_runtime_patch(template)],
     }
     if "activeDeadlineSeconds" in policy:
         train_spec["activeDeadlineSeconds"] = policy["activeDeadlineSeconds"]
     config_data = config_data if config_data is not None else render.config_map_data(job, stage)
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": render.workload_metadata(job, stage, config_data),
-            "spec": train_spec}
+    metadata = render.workload_metadata(job, stage, config_data)
+    metadata["labels"].update(queueing.labels)
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": train_spec}
 
 
 def _condition(conditions: list[dict], kind: str) -> dict | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .kueue import Admission, managed
+
 CREATED, RUNNING, RESTARTING, SUCCEEDED, FAILED = "Created", "Running", "Restarting", "Succeeded", "Failed"
 FINISHED = (SUCCEEDED, FAILED)
 
@@ -26,10 +28,19 @@ class WorkloadStatus:
     replicas: dict = field(default_factory=dict)  # replica type -> {"active", "succeeded", "failed"}
     attempts: int = 0  # pods started for it so far (restarts included)
     suspended: bool = False
+    uid: str = ""
+    # Kueue's view of a workload it manages (backends.kueue): read by the shell only when asked
+    # (`kueue.needs_admission`), else None
+    admission: Admission | None = None
 
     @property
     def finished(self) -> bool:
         return self.phase in FINISHED
+
+    @property
+    def queued(self) -> bool:
+        """Held by Kueue: suspended, carrying a queue label, not finished (kueue.managed)."""
+        return self.suspended and not self.finished and managed(self.labels)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from kubetune.api import manifest as manifest_api
 from kubetune.api import storage_layout
 from kubetune.api import v1alpha1 as api
 from kubetune.clients import kube, storage
-from kubetune_operator.backends import BACKENDS, backend_for_kind, backend_of
+from kubetune_operator.backends import BACKENDS, backend_for_kind, backend_of, kueue
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.reconcile import statuswrite
 from kubetune_operator.reconcile.finetunejob_plan import Event, StageReport
@@ -49,6 +49,7 @@ class Runtime:
 
 
 RUNTIME = Runtime()
+KUEUE_WORKLOADS = kube.Resource(*kueue.WORKLOADS)
 
 
 class _PassStore:
@@ -155,6 +156,22 @@ class ClusterPass:
 
     async def patch_child(self, kind: str, name: str, patch: dict) -> None:
         await self.client.patch(_resource(kind), self.namespace, name, patch)
+
+    async def read_kueue_workload(self, job: dict, workload_uid: str) -> dict | None:
+        """Kueue's Workload for one of the job's workloads (labelled with its uid by Kueue). None when Kueue
+        has made none yet, is not installed (404), or the operator may not read it (403: the status then
+        says only that the workload waits for admission)."""
+        try:
+            found = await self.client.list(KUEUE_WORKLOADS, self.namespace, f"{kueue.LABEL_JOB_UID}={workload_uid}")
+        except kube.ApiError as exc:
+            if exc.status not in (403, 404):
+                raise
+            log.debug("Kueue workloads unreadable", extra={"job": self.name, "status": exc.status})
+            return None
+        return found[0] if found else None
+
+    async def activate_kueue_workload(self, job: dict, name: str, active: bool) -> None:
+        await self.client.patch(KUEUE_WORKLOADS, self.namespace, name, {"spec": {"active": active}})
 
     async def write_status(self, job: dict, status: dict) -> None:
         await write_status(self.client, kube.FINETUNEJOBS, job, status, statuswrite.FINETUNEJOB_VOLATILE,

@@ -180,6 +180,13 @@ class LocalPass:
     async def patch_child(self, kind: str, name: str, patch: dict) -> None:
         """Local workloads are not suspended: they run to the end."""
 
+    async def read_kueue_workload(self, job: dict, workload_uid: str) -> dict | None:
+        """No Kueue on this machine (`prepare_job` drops the queue): never asked."""
+        return None
+
+    async def activate_kueue_workload(self, job: dict, name: str, active: bool) -> None:
+        """No Kueue on this machine: never asked."""
+
     async def write_status(self, job: dict, status: dict) -> None:
         self.job = {**job, "status": status}
 
@@ -227,6 +234,8 @@ def prepare_job(document: dict, *, namespace: str, output: str | None,
     meta.setdefault("creationTimestamp", now_rfc3339())
     if output:
         job["spec"]["output"] = {**job["spec"].get("output", {}), "uri": output}
+    # no Kueue on this machine: its workloads run at once (created suspended, nothing would admit them)
+    (job["spec"].get("scheduling") or {}).pop("queueName", None)
     return apply_overrides(job, overrides)
 
 

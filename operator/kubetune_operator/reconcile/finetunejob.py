@@ -1,7 +1,7 @@
 """The FineTuneJob state machine (pure): observed state in, a `Plan` (children, status, events) out.
 
 Level-based: the same observation gives the same plan, so reconciling twice is harmless. The phases
-(Validating, Baseline, Sweeping, Pending, Running, Publishing; Succeeded, Skipped, Failed; Suspended) are
+(Validating, Baseline, Sweeping, Pending, Running, Publishing; Succeeded, Skipped, Failed; Suspended, Queued) are
 drawn in docs/concepts.md; the stage jobs before training (data, baseline, sweep) are reconcile.stage_jobs'.
 """
 
@@ -16,12 +16,12 @@ from kubetune.api import progress as progress_api
 from kubetune.api.methods import METHODS
 from kubetune.api.schema import apply_defaults
 from kubetune.api.validation import root_schema, structural_errors, validate
-from kubetune_operator.backends import backend_of, render_children
+from kubetune_operator.backends import backend_of, kueue, render_children
 from kubetune_operator.backends.workload import FAILED, RESTARTING, RUNNING, SUCCEEDED, WorkloadStatus
 from kubetune_operator.render import training as render
 
 from . import conditions as cond
-from . import secrets, stages, tenancy
+from . import queueing, secrets, stages, tenancy
 from .finetunejob_plan import Event, Plan, StageReport, Status, deep_copy, seconds_between
 from .stage_jobs import data_stage_started, gpu_stages_started, pre_training_stages, record_data_stage, stage_of
 
@@ -31,8 +31,8 @@ TERMINAL = ("Succeeded", "Skipped", "Failed")
 # slower resync covers it. Following Pending jobs too made every queued job cost ~1 API request/s
 # (BENCHMARKS.md, Scale).
 ACTIVE = ("Validating", "Baseline", "Sweeping", "Running")
-CONDITION_TYPES = ("Accepted", "DataValidated", "BaselineSufficient", "RankSelected", "Running", "Suspended",
-                   "Succeeded", "Failed", "AdapterPublished", secrets.CONDITION)
+CONDITION_TYPES = ("Accepted", "DataValidated", "BaselineSufficient", "RankSelected", "Queued", "Running",
+                   "Suspended", "Succeeded", "Failed", "AdapterPublished", secrets.CONDITION)
 
 
 @dataclass(frozen=True)
@@ -226,10 +226,7 @@ def _decide_into(observed: Observed, settings: Settings, plan: Plan, status: Sta
             "configMap": render.config_map_name(meta["name"]),
             "generation": status.generation,
         }
-        suspended = bool(job["spec"].get("runPolicy", {}).get("suspend"))
-        status.value["phase"] = "Suspended" if suspended else "Pending"
-        if suspended:
-            status.condition("Suspended", True, "SuspendedBySpec", "spec.runPolicy.suspend is true")
+        _created_phase(job, status)
         plan.events.append(Event("Normal", "Created", f"created {backend_of(job).kind} "
                                  f"{status.value['trainingJob']['name']} and its job config"))
         return
@@ -392,16 +389,18 @@ def _follow_workload(observed: Observed, job: dict, settings: Settings, plan: Pl
         _publish(observed, job, settings, status, completed)
         return
 
-    desired_suspend = bool(job["spec"].get("runPolicy", {}).get("suspend"))
-    if desired_suspend != workload.suspended:
-        plan.suspend_workload = desired_suspend
-    if desired_suspend:
+    queueing.hold(plan, workload, job["spec"], training=True)
+    queued = queueing.report(status, job["spec"], [workload])
+    if kueue.user_suspended(job["spec"]):
         status.value["phase"] = "Suspended"
         status.condition("Suspended", True, "SuspendedBySpec", "spec.runPolicy.suspend is true")
         status.clear("Running", "Suspended", "training is suspended")
         return
     status.clear("Suspended", "Resumed", "spec.runPolicy.suspend is false")
-    if workload.phase == RESTARTING:
+    if queued:  # not admitted yet, or evicted (preempted) by Kueue: its pods are gone until it is admitted
+        status.value["phase"] = queueing.QUEUED
+        status.clear("Running", queueing.QUEUED, "training waits for Kueue to admit it")
+    elif workload.phase == RESTARTING:
         status.value["phase"] = "Running"
         status.condition("Running", True, "Restarting", workload.message or "training is restarting")
     elif workload.phase == RUNNING:
@@ -409,6 +408,16 @@ def _follow_workload(observed: Observed, job: dict, settings: Settings, plan: Pl
         status.condition("Running", True, "TrainingRunning", workload.message or "training is running")
     else:
         status.value["phase"] = "Pending"
+
+
+def _created_phase(job: dict, status: Status) -> None:
+    """The phase of a training job just created: Suspended by the user, Queued when Kueue is to admit it."""
+    spec = job["spec"]
+    if kueue.user_suspended(spec):
+        status.value["phase"] = "Suspended"
+        status.condition("Suspended", True, "SuspendedBySpec", "spec.runPolicy.suspend is true")
+    else:
+        status.value["phase"] = queueing.QUEUED if queueing.report(status, spec, []) else "Pending"
 
 
 def _follow_missing_workload(observed: Observed, job: dict, settings: Settings, status: Status) -> None:
@@ -488,6 +497,7 @@ def _phase_event(phase: str, status: dict) -> Event:
         "Sweeping": "sweeping LoRA ranks on a holdout",
         "Running": "training is running",
         "Suspended": "training is suspended",
+        "Queued": "waiting for Kueue to admit its workloads",
         "Publishing": "training finished; verifying the published adapter",
     }
     return Event("Normal", phase, messages.get(phase, phase))

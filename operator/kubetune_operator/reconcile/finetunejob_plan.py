@@ -29,6 +29,7 @@ class Plan:
     create: list[dict] = field(default_factory=list)
     suspend_workload: bool | None = None  # suspend (True) or resume (False) the training workload
     suspend_stage_jobs: dict = field(default_factory=dict)  # stage job name -> suspend (True) or resume
+    activate_kueue_workloads: dict = field(default_factory=dict)  # Kueue Workload name -> its spec.active
     status: dict = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None

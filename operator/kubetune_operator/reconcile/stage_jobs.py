@@ -13,7 +13,7 @@ from kubetune_operator.backends import backend_of, render_children
 from kubetune_operator.backends.workload import FAILED, RESTARTING, RUNNING, SUCCEEDED, WorkloadStatus
 from kubetune_operator.render import training as render
 
-from . import data_report, stages
+from . import data_report, queueing, stages
 from .finetunejob_plan import Event, Plan, StageReport, Status, seconds_between
 
 if TYPE_CHECKING:
@@ -56,11 +56,6 @@ def pre_training_stages(observed: Observed, settings: Settings, job: dict, plan:
     if stages.baseline_gates(spec) and not _baseline_stage(observed, settings, job, plan, status):
         return False
     return not stages.sweep_requested(spec) or _sweep_stage(observed, settings, job, plan, status)
-
-
-def _suspend_stage_job(plan: Plan, name: str, workload: WorkloadStatus, desired: bool) -> None:
-    if workload.suspended != desired and not workload.finished:
-        plan.suspend_stage_jobs[name] = desired
 
 
 def _launch_stage(observed: Observed, settings: Settings, job: dict, stage_spec: dict, stage: jobconfig.Stage,
@@ -170,7 +165,7 @@ def _data_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, s
         plan.events.append(Event("Normal", "DataStageStarted", f"validating the dataset on CPU before any GPU is "
                                  f"requested ({name})"))
     if workload is not None:
-        _suspend_stage_job(plan, name, workload, suspended)
+        queueing.hold(plan, workload, spec)
     if record.get("state") == stages.SUCCEEDED:
         result = (observed.stage_reports.get(name) or StageReport()).result or {}
         if not isinstance(result.get("data"), dict):
@@ -187,7 +182,7 @@ def _data_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, s
             plan.events.append(Event("Warning", "DataLeakage", leakage))
         return True
     status.value["data"] = record
-    _stage_phase(status, suspended, "Validating", "the data stage is suspended")
+    queueing.stage_phase(status, spec, "Validating", "the data stage is suspended", _present(workload))
     return False
 
 
@@ -224,14 +219,14 @@ def _baseline_stage(observed: Observed, settings: Settings, job: dict, plan: Pla
             plan.events.append(Event("Normal", "BaselineStarted",
                                      f"evaluating the base model on the validation split ({name})"))
         if workload is not None:
-            _suspend_stage_job(plan, name, workload, suspended)
+            queueing.hold(plan, workload, spec)
     status.value["baseline"] = record
     state = record.get("state")
     if state == stages.FAILED:
         status.fail("BaselineFailed", f"the base model could not be evaluated: {record.get('message', '')}")
         return False
     if state != stages.SUCCEEDED:
-        _stage_phase(status, suspended, "Baseline", "the baseline evaluation is suspended")
+        queueing.stage_phase(status, spec, "Baseline", "the baseline evaluation is suspended", _present(workload))
         return False
     metrics = record.get("metrics") or {}
     met = stages.baseline_met(metrics, target)
@@ -263,7 +258,7 @@ def _sweep_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, 
     launched = {rank for rank, t in previous.items() if t.get("state") != stages.QUEUED}
     launched |= {stage.rank for workload in observed.stage_jobs.values()
                  if (stage := stage_of(job, workload)) is not None and stage.kind == jobconfig.STAGE_TRIAL}
-    trials = []
+    trials, workloads = [], []
     for rank in sorted(set(stages.sweep_ranks(spec)) | launched):
         stage = stages.trial_stage(spec, rank)
         name = render.stage_job_name(meta["name"], stage)
@@ -283,7 +278,8 @@ def _sweep_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, 
                 else:
                     record["metric"] = value
         if workload is not None:
-            _suspend_stage_job(plan, name, workload, suspended)
+            queueing.hold(plan, workload, spec)
+            workloads.append(workload)
         if record["state"] != before:
             _trial_event(plan, record, metric)
         trials.append(record)
@@ -307,7 +303,7 @@ def _sweep_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, 
     had_best = (status.value.get("sweep") or {}).get("bestRank")
     status.value["sweep"] = record
     if not finished:
-        _stage_phase(status, suspended, "Sweeping", "the rank sweep is suspended")
+        queueing.stage_phase(status, spec, "Sweeping", "the rank sweep is suspended", workloads)
         return False
     if best is None:
         reasons = "; ".join(f"r{t['rank']}: {t.get('message', 'failed')}" for t in trials)
@@ -326,13 +322,8 @@ def _sweep_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, 
     return True
 
 
-def _stage_phase(status: Status, suspended: bool, phase: str, suspended_message: str) -> None:
-    if suspended:
-        status.value["phase"] = "Suspended"
-        status.condition("Suspended", True, "SuspendedBySpec", f"spec.runPolicy.suspend is true: {suspended_message}")
-    else:
-        status.value["phase"] = phase
-        status.clear("Suspended", "Resumed", "spec.runPolicy.suspend is false")
+def _present(workload: WorkloadStatus | None) -> list[WorkloadStatus]:
+    return [] if workload is None else [workload]
 
 
 def _trial_event(plan: Plan, record: dict, metric: str) -> None:

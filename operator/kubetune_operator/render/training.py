@@ -23,7 +23,6 @@ LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_STAGE = "kubetune.io/stage"
 LABEL_RANK = "kubetune.io/rank"
 MAX_WORKLOAD_NAME = 63  # workload names must be DNS-1035 labels (the training operator requires it)
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
 # The data stage reads the dataset and the tokenizer's files (no weights) and tokenizes every line on one
 # core: a fast tokenizer over ~1M lines fits in a few GiB. No GPU, and no CPU limit (a limit only throttles a
@@ -285,11 +284,10 @@ def _component(stage: jobconfig.Stage) -> str:
 
 
 def workload_metadata(job: dict, stage: jobconfig.Stage, config_data: dict[str, str]) -> dict:
-    """Metadata of a stage's workload, whatever its backend: name, labels, config hash, owner."""
-    meta, spec = job["metadata"], job["spec"]
+    """Metadata of a stage's workload, whatever its backend: name, labels, config hash, owner (a queue's
+    label is added by its backend, from backends.kueue)."""
+    meta = job["metadata"]
     job_labels = _stage_labels(meta["name"], _component(stage), stage)
-    if spec.get("scheduling", {}).get("queueName"):
-        job_labels[LABEL_QUEUE] = spec["scheduling"]["queueName"]
     return {
         "name": stage_job_name(meta["name"], stage),
         "namespace": meta["namespace"],

@@ -7,11 +7,12 @@ say how to read and write.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
 from kubetune.api import manifest as manifest_api
-from kubetune_operator.backends import backend_of
+from kubetune_operator.backends import backend_of, kueue
 from kubetune_operator.backends.workload import WorkloadStatus
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.reconcile.finetunejob_plan import Event, Plan, StageReport
@@ -48,6 +49,11 @@ class FineTuneJobPort(Protocol):
 
     async def patch_child(self, kind: str, name: str, patch: dict) -> None: ...
 
+    async def read_kueue_workload(self, job: dict, workload_uid: str) -> dict | None:
+        """Kueue's Workload for the workload of this uid; None: none (yet), or no Kueue."""
+
+    async def activate_kueue_workload(self, job: dict, name: str, active: bool) -> None: ...
+
     async def write_status(self, job: dict, status: dict) -> None: ...
 
     async def post_event(self, job: dict, event: Event) -> None: ...
@@ -57,11 +63,20 @@ def _owned_by(metadata: dict, job: dict) -> bool:
     return any(o.get("uid") == job["metadata"].get("uid") for o in metadata.get("ownerReferences") or [])
 
 
+async def _with_admission(port: FineTuneJobPort, job: dict, workload: Workload) -> Workload:
+    """The workload with Kueue's view of it, when Kueue manages it and the decision needs that view."""
+    status = workload.status
+    if not kueue.needs_admission(status.labels, status.suspended, status.finished, job.get("spec") or {}):
+        return workload
+    found = await port.read_kueue_workload(job, status.uid)
+    return Workload(workload.metadata, dataclasses.replace(status, admission=kueue.admission(found)))
+
+
 async def observe(port: FineTuneJobPort, job: dict, now: str) -> ftj.Observed:
     """Read what `decide` needs, and only that: the children, then storage and Secrets when asked."""
     name = job["metadata"]["name"]
     config_maps = {c["metadata"]["name"]: c for c in await port.list_config_maps(job)}
-    workloads = {w.metadata["name"]: w for w in await port.list_workloads(job)}
+    workloads = {w.metadata["name"]: await _with_admission(port, job, w) for w in await port.list_workloads(job)}
     config_map = config_maps.pop(render.config_map_name(name), None)
     training = workloads.pop(render.workload_name(name), None)
     workload = training.status if training else None
@@ -90,6 +105,8 @@ async def apply(port: FineTuneJobPort, job: dict, plan: Plan) -> None:
                                backend.suspend_patch(plan.suspend_workload))
     for stage_job, suspend in plan.suspend_stage_jobs.items():
         await port.patch_child(backend.kind, stage_job, backend.suspend_patch(suspend))
+    for kueue_workload, active in plan.activate_kueue_workloads.items():
+        await port.activate_kueue_workload(job, kueue_workload, active)
     await port.write_status(job, plan.status)
     for event in plan.events:
         await port.post_event(job, event)

@@ -259,7 +259,8 @@ SCHEDULING = obj(
         "tolerations": array("Tolerations (core/v1 Toleration).", opaque_object("A toleration.")),
         "affinity": opaque_object("Affinity (core/v1 Affinity)."),
         "priorityClassName": string("PriorityClass of the pods.", max_length=253),
-        "queueName": string("Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the workload.",
+        "queueName": string("Kueue LocalQueue: every workload is created suspended with the kueue.x-k8s.io/queue-name "
+                            "label and runs once Kueue admits it (phase Queued until then).",
                             max_length=253),
     },
 )

@@ -27,7 +27,7 @@ _METRICS = {
     "additionalProperties": {"type": "number"},
 }
 
-FINETUNEJOB_PHASES = ("Pending", "Validating", "Baseline", "Sweeping", "Suspended", "Running", "Publishing",
+FINETUNEJOB_PHASES = ("Pending", "Queued", "Validating", "Baseline", "Sweeping", "Suspended", "Running", "Publishing",
                       "Succeeded", "Skipped", "Failed")
 STAGE_STATES = ("Pending", "Running", "Succeeded", "Failed")
 TRIAL_STATES = ("Queued", *STAGE_STATES)  # Queued: waiting for a free slot (rankSweep.parallelism)
@@ -211,6 +211,8 @@ FINETUNEJOB_PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel.uri", "priority": 1},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
+    {"name": "Queue", "type": "string", "jsonPath": ".spec.scheduling.queueName", "priority": 1,
+     "description": "The Kueue LocalQueue that admits its workloads"},
     {"name": "Baseline", "type": "string", "jsonPath": ".status.baseline.summary",
      "description": "The base model's score against the target"},
     {"name": "Sweep", "type": "string", "jsonPath": ".status.sweep.summary",
