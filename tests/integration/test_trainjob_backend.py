@@ -3,7 +3,7 @@
 Every stage (data, baseline, two sweep trials, training) of a tiny model runs as a TrainJob whose pods the
 stand-in (kubetune_testing.trainer_v2) runs with the torch runtime's PET_* environment; the operator reads
 the TrainJobs' Complete/Failed conditions and publishes the adapter. No PyTorchJob is created. The suspend
-flow plays Trainer v2 by writing the TrainJobs' status, as test_stage_flows.py does for PyTorchJobs.
+and Kueue flows play Trainer v2 by writing the TrainJobs' status, as test_stage_flows.py does for PyTorchJobs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 from kubetune.clients import kube
 from kubetune.clients.storage import check_published
 from kubetune_operator.backends import trainjob
-from kubetune_testing import trainer_v2, training_operator_loop
+from kubetune_testing import kueue, trainer_v2, training_operator_loop
+from kubetune_testing.emulator import EXEMPT_HEADER
 from kubetune_testing.seaweedfs import BUCKET
 from tests.trainer.conftest import lm_corpus
 
@@ -31,6 +32,7 @@ from .stage_helpers import (
     write_trial_result,
 )
 from .test_finetunejob_flows import submit, wait_phase
+from .test_kueue import wait_queued
 from .test_trainer_in_cluster import spec_for
 
 pytestmark = pytest.mark.integration
@@ -126,3 +128,26 @@ async def test_suspend_during_a_sweep_suspends_the_trial_trainjobs_and_resume_re
     status = await wait_phase(api, "v2-pause", "Pending")
     assert status["rank"] == 8 and status["sweep"]["trials"][0]["job"] == trial_name("v2-pause", 4)
     assert await api.list(kube.PYTORCHJOBS) == []
+
+
+async def test_queued_trainjobs_wait_for_kueue_and_the_operator_never_unsuspends_them(operator, api, k8s, s3_server):
+    api.client._headers[EXEMPT_HEADER] = "1"  # the test and Kueue are not the operator
+    async with kueue.running(k8s, api.client, NS, {"team-a": 0}) as stand_in:
+        created = await submit(api, s3_server, "v2-queued", data_stage=False, backend="TrainJob",
+                               scheduling={"queueName": "team-a"})
+        await wait_queued(api, "v2-queued", "Pending")
+        data = await api.get(TRAINJOBS, "v2-queued-data")
+        assert data["spec"]["suspend"] is True and data["metadata"]["labels"][kueue.LABEL_QUEUE] == "team-a"
+
+        stand_in.quotas["team-a"] = 1  # Kueue admits one at a time: the data stage, then training
+        await eventually(lambda: suspended_is(api, "v2-queued-data", False))
+        write_data_result(s3_server, created)
+        await write_trainjob_status(api, "v2-queued-data", complete=True)
+        training = await wait_exists(api, TRAINJOBS, "v2-queued")
+        assert training["spec"]["suspend"] is True  # created suspended: Kueue, not the operator, starts it
+        await eventually(lambda: suspended_is(api, "v2-queued", False))
+        await write_trainjob_status(api, "v2-queued", active=1)
+        await wait_phase(api, "v2-queued", "Running")
+    assert stand_in.admitted == ["v2-queued-data", "v2-queued"] and stand_in.suspended_on_create == []
+    operator_writes = [w for w in k8s.journal if w.plural == "trainjobs" and not w.exempt]
+    assert {w.method for w in operator_writes} == {"POST"}, operator_writes

@@ -142,7 +142,7 @@ def test_pytorchjob_only_settings_are_refused_for_a_trainjob_by_name():
 
 
 def _tj(*conditions: tuple[str, str], suspend: bool = False, jobs: dict | None = None) -> dict:
-    return {"metadata": {"name": "j", "labels": {render.LABEL_STAGE: "trial"},
+    return {"metadata": {"name": "j", "uid": "u-1", "labels": {render.LABEL_STAGE: "trial"},
                          "creationTimestamp": "2026-01-01T00:00:00Z"},
             "spec": {"suspend": suspend},
             "status": {"conditions": [{"type": t, "status": s, "reason": f"R{t}", "message": f"m {t}",
@@ -154,6 +154,7 @@ def _tj(*conditions: tuple[str, str], suspend: bool = False, jobs: dict | None =
 def test_trainjob_status_reads_into_the_neutral_view():
     created = trainjob.read_status(_tj())
     assert (created.phase, created.started, created.start_time, created.kind) == (CREATED, False, None, "TrainJob")
+    assert created.uid == "u-1"  # Kueue's Workload is found by it
     running = trainjob.read_status(_tj(jobs={"active": 1, "ready": 1}))
     assert (running.phase, running.started, running.start_time) == (RUNNING, True, "2026-01-01T00:00:00Z")
     assert running.replicas == {"node": {"active": 1, "succeeded": 0, "failed": 0}} and running.attempts == 1

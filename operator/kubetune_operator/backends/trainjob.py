@@ -123,7 +123,7 @@ def read_status(trainjob: dict) -> WorkloadStatus:
         since=(current or {}).get("lastTransitionTime"),
         start_time=_start_time(trainjob, conditions) if started else None,
         completion_time=(current or {}).get("lastTransitionTime") if phase in (FAILED, SUCCEEDED) else None,
-        replicas=counts, attempts=sum(node.values()), suspended=suspended)
+        replicas=counts, attempts=sum(node.values()), suspended=suspended, uid=metadata.get("uid") or "")
 
 
 def suspend_patch(suspend: bool) -> dict:
