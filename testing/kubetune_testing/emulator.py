@@ -544,11 +544,10 @@ def declare_resources(k8s: kmock.KubernetesEmulator) -> None:
             verbs={'list', 'watch', 'get', 'create', 'patch', 'update', 'delete'},
             subresources=set(crd_version_subresources(crd, version)),
         )
-    k8s.resources['kubeflow.org/v1/pytorchjobs'] = kmock.ResourceInfo(
-        kind='PyTorchJob', singular='pytorchjob', namespaced=True,
-        verbs={'list', 'watch', 'get', 'create', 'patch', 'update', 'delete'},
-        subresources={'status'},
-    )
+    for path, kind in (('kubeflow.org/v1/pytorchjobs', 'PyTorchJob'), ('trainer.kubeflow.org/v1alpha1/trainjobs',
+                                                                          'TrainJob')):  # the training backends
+        k8s.resources[path] = kmock.ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True, subresources={
+            'status'}, verbs={'list', 'watch', 'get', 'create', 'patch', 'update', 'delete'})
 
 
 def crd_version_subresources(crd: dict, version: str) -> list[str]:

@@ -113,3 +113,16 @@ def test_local_retries_a_retryable_exit_up_to_the_backoff_limit(tmp_path, tiny_l
     assert "exited with code 143" in status["failure"]["message"]
     logs = list((tmp_path / "runs").glob("local-job/*/local-job-data/trainer.log"))
     assert len(logs) == 1 and logs[0].read_text().count("retryable failure") == 2  # the first launch and one retry
+
+
+def test_local_runs_a_trainjob_as_it_runs_a_pytorchjob(tmp_path, tiny_llama):
+    """backend TrainJob: the same passes create TrainJobs, played from their trainer's command and world."""
+    data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(32))
+    result = run_local(tmp_path, _job_file(tmp_path, tiny_llama, data), "--set", "backend=TrainJob",
+                       "--set", "training.maxSteps=4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads((tmp_path / "status.json").read_text())["status"]
+    assert status["phase"] == "Succeeded" and status["data"]["state"] == "Succeeded"
+    assert status["replicas"] == {"node": {"active": 0, "succeeded": 1, "failed": 0}}
+    assert "created TrainJob local-job" in result.stderr and "PyTorchJob" not in result.stderr
+    assert status["adapter"]["uri"].startswith(f"file://{tmp_path / 'runs' / 'storage'}")

@@ -37,6 +37,21 @@ def test_render_prints_the_children(capsys):
     assert pytorchjob["spec"]["nprocPerNode"] == "8"
 
 
+def test_render_shows_trainjobs_for_backend_trainjob(tmp_path, capsys):
+    doc = yaml.safe_load((REPO_ROOT / "examples" / "finetunejob-lora-7b-zero3.yaml").read_text())
+    doc["spec"]["backend"] = "TrainJob"
+    # a TrainJob's runtime, not the job, owns these: validation refuses them by name (test_trainjob_backend)
+    del doc["spec"]["scheduling"]["priorityClassName"], doc["spec"]["runPolicy"]["ttlSecondsAfterFinished"]
+    path = tmp_path / "trainjob.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["render", "-f", str(path)]) == 0
+    documents = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in documents] == ["ConfigMap", "TrainJob", "ConfigMap", "TrainJob"]
+    trainer = documents[3]["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 8)
+    assert documents[3]["spec"]["runtimeRef"]["name"] == "torch-distributed"
+
+
 def test_validate_reports_field_paths(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     doc = yaml.safe_load((REPO_ROOT / "examples" / "finetunejob-qlora.yaml").read_text())

@@ -11,7 +11,7 @@ from typing import Protocol
 from kubetune.api import jobconfig
 from kubetune_operator.render import training as render
 
-from . import pytorchjob
+from . import pytorchjob, trainjob
 from .workload import LocalLaunch, WorkloadStatus
 
 DEFAULT = "PyTorchJob"
@@ -31,7 +31,7 @@ class TrainingBackend(Protocol):
     def local_launch(self, workload: dict) -> LocalLaunch: ...
 
 
-BACKENDS: dict[str, TrainingBackend] = {pytorchjob.BACKEND.kind: pytorchjob.BACKEND}
+BACKENDS: dict[str, TrainingBackend] = {b.kind: b for b in (pytorchjob.BACKEND, trainjob.BACKEND)}
 
 
 def backend_of(job: dict) -> TrainingBackend:

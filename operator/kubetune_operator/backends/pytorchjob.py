@@ -42,11 +42,7 @@ def render_pytorchjob(job: dict, settings: render.RenderSettings, config_data: d
     """The PyTorchJob for a defaulted FineTuneJob's stage."""
     spec = job["spec"]
     stage = stage or jobconfig.Stage()
-    distributed = spec["distributed"]
-    nodes = distributed["nodes"]
-    per_node = distributed["gpusPerNode"] or distributed.get("processesPerNode", 1)
-    if stage.kind == jobconfig.STAGE_DATA:
-        nodes, per_node = 1, 1  # one CPU process reads the whole dataset
+    nodes, per_node = render.node_layout(spec, stage)
     template = render.pod_template(job, settings, stage, CONTAINER_NAME)
     # ExitCode: 128-255 (signals, EXIT_RETRYABLE) are retried, bad input (EXIT_BAD_INPUT) is not.
     replica_specs = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}

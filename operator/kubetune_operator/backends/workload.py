@@ -51,3 +51,4 @@ class LocalLaunch:
     processes: int  # the whole world: processes per pod x pods
     config_map: str  # the job-config ConfigMap its pods mount
     backoff_limit: int = 0  # retryable exits (>= 128) restart it up to this many times
+    replica: str = "Master"  # the replica type its status counts (a cluster's first pod's)

@@ -39,7 +39,6 @@ from kubetune_operator.shell import finetunejob as shell
 from kubetune_operator.shell import now_rfc3339
 
 log = logging.getLogger(__name__)
-REPLICA = "Master"  # the status counts one replica type, as for a cluster's first pod
 
 
 def _free_port() -> int:
@@ -70,8 +69,8 @@ class LocalWorkload:
         return WorkloadStatus(
             name=self.metadata["name"], kind=self.kind, labels=dict(self.metadata.get("labels") or {}),
             phase=self.phase, started=self.attempts > 0, reason=self.reason, message=self.message, since=self.since,
-            start_time=self.start_time, completion_time=self.completion_time, replicas={REPLICA: dict(self.counts)},
-            attempts=sum(self.counts.values()))
+            start_time=self.start_time, completion_time=self.completion_time,
+            replicas={self.launch.replica: dict(self.counts)}, attempts=sum(self.counts.values()))
 
     def command(self) -> list[str]:
         command = list(self.launch.command)

@@ -60,7 +60,7 @@ def _suffixed(job_name: str, suffix: str) -> str:
 
 
 def stage_job_name(job_name: str, stage: jobconfig.Stage) -> str:
-    """The PyTorchJob of a stage (the training stage keeps the job's own name)."""
+    """The workload of a stage (the training stage keeps the job's own name)."""
     if stage.kind == jobconfig.STAGE_BASELINE:
         return _suffixed(job_name, "baseline")
     if stage.kind == jobconfig.STAGE_TRIAL:
@@ -186,6 +186,14 @@ def trainer_env(spec: dict, storage: storage_location.StorageLocation = storage_
     if wandb_creds:
         env.append(_secret_env(jobconfig.ENV_WANDB_API_KEY, wandb_creds["secretName"], wandb_creds["apiKeyKey"]))
     return env
+
+
+def node_layout(spec: dict, stage: jobconfig.Stage) -> tuple[int, int]:
+    """(pods, processes per pod) of a stage's workload, whatever its backend."""
+    if stage.kind == jobconfig.STAGE_DATA:
+        return 1, 1  # one CPU process reads the whole dataset
+    distributed = spec["distributed"]
+    return distributed["nodes"], distributed["gpusPerNode"] or distributed.get("processesPerNode", 1)
 
 
 def _resources(spec: dict, stage: jobconfig.Stage) -> dict:

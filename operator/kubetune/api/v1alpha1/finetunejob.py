@@ -24,7 +24,7 @@ from .common import STORAGE_URI, base_model, s3_credentials, s3_endpoint, s3_reg
 from .dataset import DATASET
 
 TASKS = ("CausalLM", "SequenceClassification")
-TRAINING_BACKENDS = ("PyTorchJob",)  # kubetune_operator.backends.BACKENDS keys
+TRAINING_BACKENDS = ("PyTorchJob", "TrainJob")  # kubetune_operator.backends.BACKENDS keys
 METHODS = ("LoRA", "QLoRA", "Full", "FreezeThaw")
 PRECISIONS = ("Auto", "BF16", "FP16", "FP32")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -195,7 +195,7 @@ TRAINING = obj(
 )
 
 DISTRIBUTED = obj(
-    "Where and how wide training runs: a PyTorchJob of `nodes` pods (1 Master + nodes-1 Workers), "
+    "Where and how wide training runs: `nodes` pods (PyTorchJob: 1 Master + nodes-1 Workers; TrainJob: numNodes), "
     "each running torchrun with one process per GPU.",
     {
         "nodes": integer("Pods (machines).", default=1, minimum=1, maximum=1024),
@@ -325,12 +325,13 @@ TRACKING = obj(
 )
 
 RUN_POLICY = obj(
-    "Lifecycle of the training run, passed through to the PyTorchJob.",
+    "Lifecycle of the training run, passed through to the workload (a TrainJob takes suspend and "
+    "activeDeadlineSeconds; its retries are its training runtime's).",
     {
         "suspend": boolean("Suspend the run (pods are removed; resume by setting it back to false).",
                            default=False),
-        "backoffLimit": integer("Retries after retryable failures before the job fails.", default=3, minimum=0,
-                                maximum=100),
+        "backoffLimit": integer("Retries after retryable failures before the job fails (PyTorchJob).", default=3,
+                                minimum=0, maximum=100),
         "activeDeadlineSeconds": integer("Fail the job after this long.", minimum=1),
         "ttlSecondsAfterFinished": integer("Remove the PyTorchJob this long after it finishes; the "
                                            "FineTuneJob keeps its final status.", minimum=0),
@@ -372,7 +373,7 @@ BASELINE = obj(
 )
 
 RANK_SWEEP = obj(
-    "Choose the LoRA rank before training: one short trial per rank, each its own PyTorchJob, trained on "
+    "Choose the LoRA rank before training: one short trial per rank, each its own workload, trained on "
     "the training split minus a holdout and scored on that holdout (the validation split stays unseen "
     "until the final evaluation). The best rank (ties go to the smaller rank) is used for the full run.",
     {
@@ -441,8 +442,12 @@ FINETUNEJOB_SPEC = obj(
         "dataset": DATASET,
         "method": METHOD,
         "training": TRAINING,
-        "backend": string("Which workload kind trains the job (and runs its baseline and sweep trials).",
-                          default="PyTorchJob", enum=TRAINING_BACKENDS),
+        "backend": string("Which workload kind trains the job (and runs its data, baseline and sweep stages): "
+                          "a Kubeflow PyTorchJob (kubeflow.org/v1) or a Kubeflow Trainer v2 TrainJob "
+                          "(trainer.kubeflow.org/v1alpha1).", default="PyTorchJob", enum=TRAINING_BACKENDS),
+        "trainingRuntime": string("backend TrainJob: the ClusterTrainingRuntime its TrainJobs reference "
+                                  "(default torch-distributed, the torch runtime Kubeflow Trainer ships).",
+                                  pattern=DNS_LABEL_PATTERN, max_length=253),
         "distributed": DISTRIBUTED,
         "resources": RESOURCES,
         "scheduling": SCHEDULING,
@@ -511,6 +516,23 @@ FINETUNEJOB_SPEC = obj(
             "!has(self.labels) || self.task == 'SequenceClassification'",
             "labels: only valid when task is SequenceClassification",
             field_path=".labels",
+        ),
+        rule(
+            "!has(self.trainingRuntime) || self.backend == 'TrainJob'",
+            "trainingRuntime: applies only when backend is TrainJob",
+            field_path=".trainingRuntime",
+        ),
+        rule(
+            "self.backend != 'TrainJob' || !has(self.scheduling) || !has(self.scheduling.priorityClassName)",
+            "scheduling.priorityClassName: a TrainJob cannot set its pods' priority class (its training runtime "
+            "does); leave it out or use backend PyTorchJob",
+            field_path=".scheduling.priorityClassName",
+        ),
+        rule(
+            "self.backend != 'TrainJob' || !has(self.runPolicy.ttlSecondsAfterFinished)",
+            "runPolicy.ttlSecondsAfterFinished: a TrainJob has no such setting (its training runtime's JobSet "
+            "does); leave it out or use backend PyTorchJob",
+            field_path=".runPolicy.ttlSecondsAfterFinished",
         ),
         rule(
             "self.method.type != 'QLoRA' || self.distributed.gpusPerNode > 0",

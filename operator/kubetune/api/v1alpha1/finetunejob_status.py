@@ -37,7 +37,7 @@ BASELINE_STATUS = obj(
     {
         "source": string("BaselineJob: a separate evaluation job (a target can stop the run); TrainingJob: the "
                          "training job's first evaluation.", enum=["BaselineJob", "TrainingJob"]),
-        "job": string("The PyTorchJob that evaluates it.", max_length=253),
+        "job": string("The workload (PyTorchJob or TrainJob) that evaluates it.", max_length=253),
         "state": string("State of the evaluation.", enum=list(STAGE_STATES)),
         "metrics": _METRICS,
         "examples": integer("Validation examples evaluated.", minimum=0),
@@ -90,7 +90,7 @@ SWEEP_TRIAL = obj(
     {
         "rank": integer("LoRA rank.", minimum=1),
         "alpha": integer("LoRA alpha used.", minimum=1),
-        "job": string("The trial's PyTorchJob.", max_length=253),
+        "job": string("The trial's workload (PyTorchJob or TrainJob).", max_length=253),
         "state": string("Queued (waiting for a free slot), Pending (created), Running, Succeeded or Failed.",
                         enum=list(TRIAL_STATES)),
         "metric": number("The sweep metric on the holdout."),
@@ -136,19 +136,21 @@ FINETUNEJOB_STATUS = obj(
         "method": string("Method in use.", max_length=32),
         "rank": integer("LoRA rank in use.", minimum=0),
         "trainingJob": obj(
-            "The PyTorchJob running the training.",
+            "The workload (PyTorchJob or TrainJob) running the training.",
             {
-                "name": string("Name of the PyTorchJob.", max_length=253),
+                "name": string("Name of the workload.", max_length=253),
                 "configMap": string("Name of the job config ConfigMap.", max_length=253),
                 "generation": integer("Spec generation the training job was created from.", minimum=0),
             },
         ),
         "startTime": string("When training started.", fmt="date-time"),
         "completionTime": string("When the job finished (succeeded or failed).", fmt="date-time"),
-        "attempts": integer("Training pod launches of the Master replica (1 + retries).", minimum=0),
+        "attempts": integer("Training pod launches of the Master replica (1 + retries); for a TrainJob, its "
+                            "node Jobs.", minimum=0),
         "replicas": {
             "type": "object",
-            "description": "Pod counts per replica type (Master, Worker).",
+            "description": "Pod counts per replica type (Master, Worker); for a TrainJob, Job counts per "
+                           "replicated job (node).",
             "additionalProperties": REPLICA_STATUS,
         },
         "progress": obj(
