@@ -15,12 +15,13 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from kubetune_testing import auth
 from kubetune_testing.kubectl import admission
 
+from .conftest import write_kubeconfig
 from .docs_commands import REPO, RUN_BY, DocCommand, all_commands, documents, extract, how
 
 pytestmark = pytest.mark.integration
@@ -91,15 +92,6 @@ def test_cli_commands_of(doc):
         _check_output(command, result.returncode, result.stdout + result.stderr)
 
 
-def _kubeconfig(path: Path, server: str, namespace: str) -> Path:
-    path.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters: [{{name: emulator, cluster: {{server: \"{server}\"}}}}]\n"
-        f"contexts: [{{name: emulator, context: {{cluster: emulator, user: user, namespace: {namespace}}}}}]\n"
-        "users: [{name: user, user: {}}]\ncurrent-context: emulator\n")
-    return path
-
-
 def _prelude() -> list[DocCommand]:
     """The docs talk about the examples' resources by name (ticket-router, support...): each document
     starts in a cluster where a user applied them (with kubectl too)."""
@@ -115,7 +107,10 @@ async def test_cluster_commands_of(doc, k8s, operator, tmp_path):
     operator running), from a kubeconfig whose namespace is team-a, as after
     `kubectl config set-context --current --namespace team-a`."""
     k8s.admission = admission
-    env = {**os.environ, "KUBECONFIG": str(_kubeconfig(tmp_path / "kubeconfig", str(k8s.url).rstrip("/"), "team-a")),
+    # the user's kubectl and helm authenticate as a cluster admin (kubeadm's admin.conf user)
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(k8s.url), {"token": k8s.authenticator.issue(auth.ADMIN)},
+                                  namespace="team-a")
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig),
            "HOME": str(tmp_path), "PATH": f"{TOOLS}:{os.environ.get('PATH', '')}",
            "HELM_CACHE_HOME": str(tmp_path / "helm-cache"), "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),
            "HELM_DATA_HOME": str(tmp_path / "helm-data")}
