@@ -59,12 +59,14 @@ async def k8s() -> AsyncIterator[K8sEmulator]:
         yield emulator
 
 
-def write_kubeconfig(path: Path, server: str, user: dict, namespace: str | None = None) -> Path:
+def write_kubeconfig(path: Path, server: str, user: dict, namespace: str | None = None,
+                     ca_path: Path | None = None) -> Path:
     """A kubeconfig for the emulator with `user` (`{"token": ...}`, `{"tokenFile": ...}`, `{"exec": ...}`)."""
     context = {"cluster": "emulator", "user": "user", **({"namespace": namespace} if namespace else {})}
+    cluster = {"server": server.rstrip("/"), **({"certificate-authority": str(ca_path)} if ca_path else {})}
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": server.rstrip("/")}}],
+        "clusters": [{"name": "emulator", "cluster": cluster}],
         "users": [{"name": "user", "user": user}],
         "contexts": [{"name": "emulator", "context": context}]}))
     return path

@@ -15,11 +15,14 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 
 from kubetune_testing import auth
 from kubetune_testing.kubectl import admission
+from kubetune_testing.tls_front import TlsFront
 
 from .conftest import write_kubeconfig
 from .docs_commands import REPO, RUN_BY, DocCommand, all_commands, documents, extract, how
@@ -101,15 +104,23 @@ def _prelude() -> list[DocCommand]:
             for path in examples]
 
 
+@pytest_asyncio.fixture()
+async def tls_front(k8s, tmp_path) -> AsyncIterator[TlsFront]:
+    """kubectl and helm send their kubeconfig's token only over TLS."""
+    async with TlsFront(str(k8s.url), tmp_path / "tls") as front:
+        yield front
+
+
 @pytest.mark.parametrize("doc", _docs_with("cluster"))
-async def test_cluster_commands_of(doc, k8s, operator, tmp_path):
+async def test_cluster_commands_of(doc, k8s, operator, tls_front, tmp_path):
     """The document's kubectl and helm commands, in order, against one cluster (the emulator with the
     operator running), from a kubeconfig whose namespace is team-a, as after
     `kubectl config set-context --current --namespace team-a`."""
     k8s.admission = admission
     # the user's kubectl and helm authenticate as a cluster admin (kubeadm's admin.conf user)
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(k8s.url), {"token": k8s.authenticator.issue(auth.ADMIN)},
-                                  namespace="team-a")
+    admin = {"token": k8s.authenticator.issue(auth.ADMIN)}
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", tls_front.url, admin, namespace="team-a",
+                                  ca_path=tls_front.ca_path)
     env = {**os.environ, "KUBECONFIG": str(kubeconfig),
            "HOME": str(tmp_path), "PATH": f"{TOOLS}:{os.environ.get('PATH', '')}",
            "HELM_CACHE_HOME": str(tmp_path / "helm-cache"), "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),

@@ -94,11 +94,6 @@ class KubeClient:
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def from_connection_info(cls, info: Any) -> KubeClient:
-        """Fixed credentials, from a `kopf.ConnectionInfo` or a `credentials.Login`: they never refresh."""
-        return cls(credentials=creds.Static(info))
-
-    @classmethod
     def from_credentials(cls, provider: creds.CredentialsProvider) -> KubeClient:
         """Credentials that refresh: the provider is asked on every request, and again after a 401."""
         return cls(credentials=provider)
