@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 
 from kubetune.api import serving
-from kubetune.clients import kube
+from kubetune.clients import credentials, kube
 
 PODS = kube.Resource("", "v1", "pods")
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+SERVICE_ACCOUNT_DIR = credentials.SERVICE_ACCOUNT_DIR
 
 
 class NotInCluster(RuntimeError):
@@ -22,8 +22,9 @@ class NotInCluster(RuntimeError):
 
 
 class InClusterKube:
-    """A `KubeClient` with the Pod's service account. The projected token rotates (kubelet rewrites
-    the file), so it is re-read on every use and the client rebuilt when it changed."""
+    """A `KubeClient` with the Pod's service account. kubelet rewrites the projected token as it
+    rotates: the file is re-read within a minute, and at once when the API server answers 401
+    (then the request is retried once), through the token file login the in-cluster operator shares."""
 
     def __init__(self, root: Path = SERVICE_ACCOUNT_DIR, host: str | None = None, port: str | None = None):
         host = host or os.environ.get("KUBERNETES_SERVICE_HOST")
@@ -31,29 +32,21 @@ class InClusterKube:
         if not host:
             raise NotInCluster("KUBERNETES_SERVICE_HOST is not set: not in a cluster "
                                "(use --desired-file and --report-file)")
-        if ":" in host:  # IPv6
-            host = f"[{host}]"
-        self.server = f"https://{host}:{port}"
+        self.server = server = credentials.in_cluster_server_of(host, port)
         self.root = root
         try:
-            self._ssl = ssl.create_default_context(cafile=str(root / "ca.crt"))
+            ssl_context = ssl.create_default_context(cafile=str(root / "ca.crt"))
         except OSError as exc:
             raise NotInCluster(f"no service account CA at {root / 'ca.crt'}: {exc}") from exc
-        self._token: str | None = None
-        self._client: kube.KubeClient | None = None
+        self.credentials = credentials.Refreshing(credentials.token_file_login(server, root),
+                                                  max_age=credentials.TOKEN_FILE_MAX_AGE_SECONDS)
+        self._client = kube.KubeClient(credentials=self.credentials, ssl_context=ssl_context, timeout=15.0)
 
     async def client(self) -> kube.KubeClient:
-        token = (self.root / "token").read_text().strip()
-        if self._client is None or token != self._token:
-            if self._client is not None:
-                await self._client.close()
-            self._client = kube.KubeClient(self.server, token=token, ssl_context=self._ssl, timeout=15.0)
-            self._token = token
         return self._client
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        await self._client.close()
 
 
 class DesiredFile:

@@ -1,13 +1,17 @@
 """Integration harness: kopf runs our operator in-process against a KMock Kubernetes emulator over
-real HTTP, and the operator verifies adapters in a real S3 server (SeaweedFS) started here."""
+real HTTP, and the operator verifies adapters in a real S3 server (SeaweedFS) started here. The emulator
+authenticates every request: the operator logs in with its ServiceAccount's token through a kubeconfig,
+as the product does; the test's own client is the cluster admin."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import logging
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,21 +19,25 @@ import kmock
 import kopf
 import pytest
 import pytest_asyncio
+import yaml
 
 from kubetune.clients import kube, storage
 from kubetune_operator.clients import drift_storage
 from kubetune_operator.controllers import adapterdeployment as adep_controller
 from kubetune_operator.controllers import finetunejob as ftj_controller
+from kubetune_operator.controllers import login as operator_login
 from kubetune_operator.controllers import main as operator_main
 from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import finetunejob as ftj
-from kubetune_testing import seaweedfs
-from kubetune_testing.emulator import K8sEmulator, declare_resources
+from kubetune_testing import auth, seaweedfs
+from kubetune_testing.emulator import EXEMPT_HEADER, K8sEmulator, declare_resources
 from kubetune_testing.seaweedfs import S3Server
 
 pytestmark = pytest.mark.integration
 
 NS = "team-a"
+# the chart's ServiceAccount (charts/kubetune): the user the RBAC that the chart renders is bound to
+OPERATOR_USER = auth.service_account("kubetune-system", "kubetune")
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +55,26 @@ def s3_server(tmp_path_factory) -> S3Server:
 async def k8s() -> AsyncIterator[K8sEmulator]:
     async with K8sEmulator() as emulator, kmock.Server(emulator):
         declare_resources(emulator)
+        emulator.authenticator = auth.TokenAuthenticator().install(emulator)
         yield emulator
+
+
+def write_kubeconfig(path: Path, server: str, user: dict, namespace: str | None = None,
+                     ca_path: Path | None = None) -> Path:
+    """A kubeconfig for the emulator with `user` (`{"token": ...}`, `{"tokenFile": ...}`, `{"exec": ...}`)."""
+    context = {"cluster": "emulator", "user": "user", **({"namespace": namespace} if namespace else {})}
+    cluster = {"server": server.rstrip("/"), **({"certificate-authority": str(ca_path)} if ca_path else {})}
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": cluster}],
+        "users": [{"name": "user", "user": user}],
+        "contexts": [{"name": "emulator", "context": context}]}))
+    return path
+
+
+def admin_client(k8s: K8sEmulator, **kw: Any) -> kube.KubeClient:
+    """The test's own client, a cluster admin (as kubectl with an admin kubeconfig), spared the faults."""
+    return kube.KubeClient(str(k8s.url), headers={EXEMPT_HEADER: "1"}, **kw)
 
 
 class Operator:
@@ -64,6 +91,19 @@ class Operator:
         self.thread: threading.Thread | None = None
         self.stop_flag: threading.Event | None = None
         self.error: BaseException | None = None
+        # the ServiceAccount token in a file that a kubeconfig names (`tokenFile`), read by the operator's
+        # own login (controllers/login.py): `rotate_token` rewrites it and the old token is refused
+        self._home = tempfile.TemporaryDirectory(prefix="kubetune-operator-")
+        self.token_file = Path(self._home.name) / "token"
+        self.token = k8s.authenticator.issue(OPERATOR_USER, self.token_file)
+        self.kubeconfig = write_kubeconfig(Path(self._home.name) / "kubeconfig", str(k8s.url),
+                                           {"tokenFile": str(self.token_file)})
+        self.credentials = None  # the operator's credentials provider, once started
+
+    def rotate_token(self) -> str:
+        """Rotate the operator's token as kubelet does (a new one in the file; the old one refused)."""
+        self.token = self.k8s.authenticator.rotate(self.token)
+        return self.token
 
     async def start(self) -> None:
         runtime = ftj_controller.RUNTIME
@@ -81,15 +121,7 @@ class Operator:
         serving_runtime.analyzer = drift_storage.Analyzer(drift_seconds=0.2)
         registry = kopf.OperatorRegistry()
         operator_main.register_all(registry)
-        server = str(self.k8s.url)
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            info = kopf.ConnectionInfo(server=server, insecure=True, default_namespace=NS)
-            runtime.client = kube.KubeClient.from_connection_info(info)
-            serving_runtime.client = runtime.client
-            return info
-
+        self.credentials = operator_login.register(registry, operator_login.Source(kubeconfig=str(self.kubeconfig)))
         settings = kopf.OperatorSettings()
         operator_main.configure(settings)
         settings.watching.reconnect_backoff = 0.1
@@ -133,7 +165,7 @@ class Api:
     """The test's own view of the cluster over HTTP, like kubectl (and the training operator)."""
 
     def __init__(self, k8s: K8sEmulator):
-        self.client = kube.KubeClient(str(k8s.url))
+        self.client = admin_client(k8s)
 
     async def create_secret(self, name: str, data: dict[str, str]) -> None:
         await self.client.create(kube.SECRETS, {

@@ -15,12 +15,16 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 
+from kubetune_testing import auth
 from kubetune_testing.kubectl import admission
+from kubetune_testing.tls_front import TlsFront
 
+from .conftest import write_kubeconfig
 from .docs_commands import REPO, RUN_BY, DocCommand, all_commands, documents, extract, how
 
 pytestmark = pytest.mark.integration
@@ -91,15 +95,6 @@ def test_cli_commands_of(doc):
         _check_output(command, result.returncode, result.stdout + result.stderr)
 
 
-def _kubeconfig(path: Path, server: str, namespace: str) -> Path:
-    path.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters: [{{name: emulator, cluster: {{server: \"{server}\"}}}}]\n"
-        f"contexts: [{{name: emulator, context: {{cluster: emulator, user: user, namespace: {namespace}}}}}]\n"
-        "users: [{name: user, user: {}}]\ncurrent-context: emulator\n")
-    return path
-
-
 def _prelude() -> list[DocCommand]:
     """The docs talk about the examples' resources by name (ticket-router, support...): each document
     starts in a cluster where a user applied them (with kubectl too)."""
@@ -109,13 +104,24 @@ def _prelude() -> list[DocCommand]:
             for path in examples]
 
 
+@pytest_asyncio.fixture()
+async def tls_front(k8s, tmp_path) -> AsyncIterator[TlsFront]:
+    """kubectl and helm send their kubeconfig's token only over TLS."""
+    async with TlsFront(str(k8s.url), tmp_path / "tls") as front:
+        yield front
+
+
 @pytest.mark.parametrize("doc", _docs_with("cluster"))
-async def test_cluster_commands_of(doc, k8s, operator, tmp_path):
+async def test_cluster_commands_of(doc, k8s, operator, tls_front, tmp_path):
     """The document's kubectl and helm commands, in order, against one cluster (the emulator with the
     operator running), from a kubeconfig whose namespace is team-a, as after
     `kubectl config set-context --current --namespace team-a`."""
     k8s.admission = admission
-    env = {**os.environ, "KUBECONFIG": str(_kubeconfig(tmp_path / "kubeconfig", str(k8s.url).rstrip("/"), "team-a")),
+    # the user's kubectl and helm authenticate as a cluster admin (kubeadm's admin.conf user)
+    admin = {"token": k8s.authenticator.issue(auth.ADMIN)}
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", tls_front.url, admin, namespace="team-a",
+                                  ca_path=tls_front.ca_path)
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig),
            "HOME": str(tmp_path), "PATH": f"{TOOLS}:{os.environ.get('PATH', '')}",
            "HELM_CACHE_HOME": str(tmp_path / "helm-cache"), "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),
            "HELM_DATA_HOME": str(tmp_path / "helm-data")}

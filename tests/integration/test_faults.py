@@ -32,7 +32,7 @@ from kubetune_testing.emulator import EXEMPT_HEADER, Faults
 from kubetune_testing.factories import adapterdeployment, data_result, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from .conftest import NS, Api, Operator
+from .conftest import NS, OPERATOR_USER, Api, Operator
 
 pytestmark = pytest.mark.integration
 
@@ -66,14 +66,14 @@ def quick_consistency(monkeypatch):
     monkeypatch.setattr(operator_main, "configure", configured)
     # the operator's client retries a dropped connection after 0.05, 0.1, 0.2 s (0.2, 0.4, 0.8 s by
     # default): a killed operator's stop waits for its handlers' retries
-    from_info = kube.KubeClient.from_connection_info.__func__
+    from_credentials = kube.KubeClient.from_credentials.__func__
 
-    def quick_client(cls, info):
-        client = from_info(cls, info)
+    def quick_client(cls, provider):
+        client = from_credentials(cls, provider)
         client.backoff = 0.05
         return client
 
-    monkeypatch.setattr(kube.KubeClient, "from_connection_info", classmethod(quick_client))
+    monkeypatch.setattr(kube.KubeClient, "from_credentials", classmethod(quick_client))
 
 
 # --- the test's side of the cluster ------------------------------------------------------------------
@@ -460,7 +460,8 @@ async def test_the_api_client_retries_throttling_and_server_errors_with_backoff(
     """One refused request used to fail the whole reconcile pass, retried by kopf 5 s later: with 5% of
     429s and 500s an AdapterDeployment pass (a dozen requests) failed more often than not and a rollout
     took a minute. The client now retries them: after the server's Retry-After, else with backoff."""
-    client = kube.KubeClient(str(k8s.url), backoff=0.05)
+    token = k8s.authenticator.issue(OPERATOR_USER)
+    client = kube.KubeClient(str(k8s.url), token=token, backoff=0.05)
     doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "retried", "namespace": NS}, "data": {}}
     try:
         k8s.faults = Faults(seed=1, throttle=1.0, retry_after_seconds=1, budget=1)

@@ -13,14 +13,13 @@ import sys
 import aiohttp
 import kmock
 import pytest
-import yaml
 
 from kubetune.clients import kube
 from kubetune_testing.factories import finetunejob
 from kubetune_testing.ports import free_port
 from kubetune_testing.seaweedfs import ACCESS_KEY, SECRET_KEY
 
-from .conftest import eventually
+from .conftest import OPERATOR_USER, admin_client, eventually, write_kubeconfig
 
 pytestmark = pytest.mark.integration
 
@@ -41,17 +40,12 @@ async def _http_get(url: str) -> tuple[int, str]:
 @pytest.mark.parametrize("scope", [("--namespace", "team-a"), ("--all-namespaces",)], ids=["namespace", "cluster"])
 async def test_operator_process(k8s, s3_server, tmp_path, scope):
     """Scoped to team-a, team-b's job is left alone; with --all-namespaces (the chart's default) both run."""
-    client = kube.KubeClient(str(k8s.url))
+    client = admin_client(k8s)
     for namespace in ("team-a", "team-b"):  # KMock's HTTP side cannot create cluster-scoped objects
         k8s.objects[kmock.resource("", "v1", "namespaces"), None, namespace] = {
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": str(k8s.url).rstrip("/")}}],
-        "users": [{"name": "operator", "user": {"token": "operator-token"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}],
-    }))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(k8s.url),
+                                  {"token": k8s.authenticator.issue(OPERATOR_USER)})
     health, metrics = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_server.endpoint}
     process = await asyncio.create_subprocess_exec(

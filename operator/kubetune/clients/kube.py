@@ -1,8 +1,9 @@
 """A small asyncio Kubernetes REST client over aiohttp.
 
-kopf watches and calls our handlers; the handlers read and write child objects through this
-client with the same credentials kopf logged in with (`kopf.ConnectionInfo`). It covers what the
-operator needs (get, create, merge-patch, status patch, delete, list, events) and nothing more.
+kopf watches and calls our handlers; the handlers read and write child objects through this client.
+Each request takes the current credentials from a provider (`credentials`: the same login as kopf's),
+and a 401 renews them once and retries. It covers what the operator needs (get, create, merge-patch,
+status patch, delete, list, events) and nothing more.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+
+from kubetune.clients import credentials as creds
 
 log = logging.getLogger(__name__)
 
@@ -71,43 +74,49 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class KubeClient:
-    def __init__(self, server: str, *, token: str | None = None, ssl_context: ssl.SSLContext | bool | None = None,
-                 timeout: float = 30.0, retries: int = 3, backoff: float = 0.2, max_delay: float = 10.0):
-        self.server = server.rstrip("/")
+    def __init__(self, server: str | None = None, *, token: str | None = None,
+                 credentials: creds.CredentialsProvider | None = None, headers: dict[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | bool | None = None, timeout: float = 30.0, retries: int = 3,
+                 backoff: float = 0.2, max_delay: float = 10.0):
+        if credentials is None:
+            if not server:
+                raise ValueError("KubeClient needs a server (and token) or a credentials provider")
+            credentials = creds.Static(creds.Login(server=server, token=token))
+        self.credentials = credentials
         # a request that was throttled, hit a transient server error or lost its connection is tried
         # again `retries` times after backoff * 2^n s (or the server's Retry-After), at most max_delay s
         # apart: one refused request no longer fails a whole reconcile pass
         self.retries, self.backoff, self.max_delay = retries, backoff, max_delay
-        self._headers = {"Accept": "application/json"}
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
-        self._ssl = ssl_context
+        self._headers = {"Accept": "application/json", **(headers or {})}
+        self._ssl_override = ssl_context
+        self._ssl_of: tuple[Any, ssl.SSLContext | bool | None] | None = None  # (credentials, their context)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def from_connection_info(cls, info: Any) -> KubeClient:
-        """Build from a `kopf.ConnectionInfo` (what kopf's login handlers return)."""
-        context: ssl.SSLContext | bool | None = None
-        if info.insecure:
-            context = False
-        elif info.ca_path or info.ca_data or info.certificate_path or info.certificate_data:
-            context = ssl.create_default_context(cafile=info.ca_path)
-            if info.ca_data:
-                context.load_verify_locations(cadata=_pem(info.ca_data))
-            if info.certificate_path or info.certificate_data:
-                cert = info.certificate_path or _to_file(info.certificate_data)
-                key = info.private_key_path or _to_file(info.private_key_data)
-                context.load_cert_chain(cert, key)
-        token = info.token
-        return cls(info.server, token=token, ssl_context=context)
+    def from_credentials(cls, provider: creds.CredentialsProvider) -> KubeClient:
+        """Credentials that refresh: the provider is asked on every request, and again after a 401."""
+        return cls(credentials=provider)
 
-    async def _request(self, method: str, path: str, *, json: Any = None, content_type: str | None = None,
-                       params: dict | None = None, accept: str | None = None) -> Any:
+    async def _request(self, method: str, path: str, **kw: Any) -> Any:
+        info = await self.credentials.current()
+        try:
+            return await self._with_retries(info, method, path, **kw)
+        except ApiError as exc:
+            if exc.status != 401:
+                raise
+            # the token expired or was rotated (a bound ServiceAccount token, an exec plugin's): log in
+            # again, once for all the requests that saw it, and retry once; a second 401 is an error
+            fresh = await self.credentials.refreshed(info)
+            if fresh is info:
+                raise
+            log.info("API credentials refreshed after a 401", extra={"method": method, "path": path})
+            return await self._with_retries(fresh, method, path, **kw)
+
+    async def _with_retries(self, info: Any, method: str, path: str, **kw: Any) -> Any:
         for attempt in range(self.retries + 1):
             try:
-                return await self._request_once(method, path, json=json, content_type=content_type, params=params,
-                                                accept=accept)
+                return await self._request_once(info, method, path, **kw)
             except ApiError as exc:
                 if exc.status not in RETRY_STATUSES or attempt == self.retries:
                     raise
@@ -121,23 +130,34 @@ class KubeClient:
             await asyncio.sleep(min(delay, self.max_delay))
         raise AssertionError("unreachable")
 
-    async def _request_once(self, method: str, path: str, *, json: Any = None, content_type: str | None = None,
-                            params: dict | None = None, accept: str | None = None) -> Any:
+    async def _request_once(self, info: Any, method: str, path: str, *, json: Any = None,
+                            content_type: str | None = None, params: dict | None = None,
+                            accept: str | None = None) -> Any:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         headers = dict(self._headers)
+        if info.token:
+            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+        basic = aiohttp.BasicAuth(info.username, info.password) if not info.token and info.username else None
         if content_type:
             headers["Content-Type"] = content_type
         if accept:
             headers["Accept"] = accept
-        async with self._session.request(method, self.server + path, json=json, headers=headers, params=params,
-                                         ssl=self._ssl) as response:
+        async with self._session.request(method, info.server.rstrip("/") + path, json=json, headers=headers,
+                                         params=params, auth=basic, ssl=self._ssl_for(info)) as response:
             if response.status >= 400:
                 text = await response.text()
                 raise ApiError(response.status, text[:500], _retry_after(response.headers.get("Retry-After")))
             if response.content_type == "application/json":
                 return await response.json()
             return await response.text()
+
+    def _ssl_for(self, info: Any) -> ssl.SSLContext | bool | None:
+        if self._ssl_override is not None:
+            return self._ssl_override
+        if self._ssl_of is None or self._ssl_of[0] is not info:  # built once per login
+            self._ssl_of = (info, _ssl_context(info))
+        return self._ssl_of[1]
 
     async def close(self) -> None:
         if self._session is not None:
@@ -225,6 +245,22 @@ class KubeClient:
             await self._request("POST", EVENTS.path(meta["namespace"]), json=body)
         except (ApiError, aiohttp.ClientError) as exc:  # events are best-effort, never fail a reconcile
             log.warning("could not post event", extra={"reason": reason, "error": str(exc)})
+
+
+def _ssl_context(info: Any) -> ssl.SSLContext | bool | None:
+    """The TLS settings of a `kopf.ConnectionInfo`-like login: its CA and client certificate."""
+    if info.insecure:
+        return False
+    if not (info.ca_path or info.ca_data or info.certificate_path or info.certificate_data):
+        return None
+    context = ssl.create_default_context(cafile=info.ca_path)
+    if info.ca_data:
+        context.load_verify_locations(cadata=_pem(info.ca_data))
+    if info.certificate_path or info.certificate_data:
+        cert = info.certificate_path or _to_file(info.certificate_data)
+        key = info.private_key_path or _to_file(info.private_key_data)
+        context.load_cert_chain(cert, key)
+    return context
 
 
 def _pem(data: bytes | str) -> str:

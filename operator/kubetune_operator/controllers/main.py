@@ -11,7 +11,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from kubetune.api import storage_location
-from kubetune.clients import kube, storage
+from kubetune.clients import storage
 from kubetune.logs import configure_logging
 from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import finetunejob as ftj
@@ -19,7 +19,7 @@ from kubetune_operator.reconcile import tenancy
 from kubetune_operator.render import serving as serving_render
 from kubetune_operator.render import training as render
 
-from . import adapterdeployment, finetunejob
+from . import adapterdeployment, finetunejob, login
 
 
 def configure(settings: kopf.OperatorSettings, *, standalone: bool = True) -> None:
@@ -109,16 +109,7 @@ def run(args: argparse.Namespace, storage_setting: storage_location.StorageLocat
     apply_settings(args, storage_setting)
     register_all()
 
-    @kopf.on.login()
-    def login(**kwargs):
-        try:
-            info = kopf.login_with_service_account(**kwargs)
-        except Exception:  # not in a cluster
-            info = None
-        info = info or kopf.login_with_kubeconfig(**kwargs)
-        finetunejob.RUNTIME.client = kube.KubeClient.from_connection_info(info)
-        adapterdeployment.RUNTIME.client = finetunejob.RUNTIME.client
-        return info
+    login.register()  # kopf's login and the reconcilers' client: credentials that follow rotation
 
     start_http_server(args.metrics_port)
     if not args.namespace and not args.all_namespaces:
