@@ -14,7 +14,7 @@ import kmock
 
 from kubetune_testing.emulator import EXEMPT_HEADER, K8sEmulator
 
-USER_KEY = "kubetune.user"  # where the gate leaves the request's user, on the aiohttp request
+USER_KEY = aiohttp.web.RequestKey("kubetune.user", "UserInfo")  # where the gate leaves the user
 POD_NAME, POD_UID = "authentication.kubernetes.io/pod-name", "authentication.kubernetes.io/pod-uid"
 
 

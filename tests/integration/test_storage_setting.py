@@ -15,7 +15,6 @@ import sys
 
 import kmock
 import pytest
-import yaml
 
 from kubetune.clients import kube
 from kubetune.clients.storage import check_published
@@ -25,7 +24,7 @@ from kubetune_testing.ports import free_port
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from tests.trainer.conftest import lm_corpus
 
-from .conftest import NS, eventually
+from .conftest import NS, OPERATOR_USER, eventually, write_kubeconfig
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +37,8 @@ async def operator_process(k8s, tmp_path, storage_endpoint: str):
     """`kubetune operator -n team-a` with the chart's storage environment and nothing else of storage."""
     k8s.objects[kmock.resource("", "v1", "namespaces"), None, NS] = {
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": str(k8s.url).rstrip("/")}}],
-        "users": [{"name": "operator", "user": {"token": "operator-token"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}],
-    }))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(k8s.url),
+                                  {"token": k8s.authenticator.issue(OPERATOR_USER)})
     env = {key: value for key, value in os.environ.items() if key not in STORAGE_VARIABLES}
     env.update(KUBECONFIG=str(kubeconfig), KUBETUNE_S3_ENDPOINT=storage_endpoint)
     process = await asyncio.create_subprocess_exec(
