@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,13 +27,17 @@ from kubetune_operator.controllers import finetunejob as ftj_controller
 from kubetune_operator.controllers import main as operator_main
 from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import finetunejob as ftj
-from kubetune_testing import seaweedfs
-from kubetune_testing.emulator import K8sEmulator, declare_resources
+from kubetune_operator.render import serving as serving_render
+from kubetune_testing import auth, enforcement, rbac_coverage, seaweedfs
+from kubetune_testing.emulator import EXEMPT_HEADER, K8sEmulator, declare_resources
 from kubetune_testing.seaweedfs import S3Server
 
 pytestmark = pytest.mark.integration
 
 NS = "team-a"
+OPERATOR_USER = auth.service_account("kubetune-system", "kubetune")  # the chart's ServiceAccount
+SECRET_NAMESPACES = ("team-a", "team-b")  # the chart's rbac.secretNamespaces in ClusterRole mode
+RBAC_USES: set = set()  # every authorized request of the session's flows (rbac_coverage, at the session's end)
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +53,22 @@ def s3_server(tmp_path_factory) -> S3Server:
 
 @pytest_asyncio.fixture()
 async def k8s() -> AsyncIterator[K8sEmulator]:
+    """The emulator as a cluster with the chart installed sees requests: bearer tokens authenticated
+    (`k8s.authenticator`), RBAC of the chart in ClusterRole mode enforced (`k8s.enforcement`; see
+    `enforce_watch_namespaces` for the other mode), every authorized use recorded for the coverage check."""
     async with K8sEmulator() as emulator, kmock.Server(emulator):
         declare_resources(emulator)
+        emulator.authenticator = auth.TokenAuthenticator().install(emulator)
+        emulator.enforcement = enforcement.enforce(emulator, secret_namespaces=SECRET_NAMESPACES,
+                                                   uses=RBAC_USES)
         yield emulator
+
+
+def enforce_watch_namespaces(k8s: K8sEmulator, namespaces: tuple[str, ...], uses: set | None = None) -> None:
+    """Authorize against the chart rendered with `watchNamespaces` instead (Roles per namespace)."""
+    k8s.enforcement.remove()
+    k8s.enforcement = enforcement.enforce(k8s, watch_namespaces=namespaces,
+                                          uses=RBAC_USES if uses is None else uses)
 
 
 class Operator:
@@ -83,9 +104,11 @@ class Operator:
         operator_main.register_all(registry)
         server = str(self.k8s.url)
 
+        token = self.k8s.authenticator.issue(OPERATOR_USER)
+
         @kopf.on.login(registry=registry)
         def login(**_: Any) -> kopf.ConnectionInfo:
-            info = kopf.ConnectionInfo(server=server, insecure=True, default_namespace=NS)
+            info = kopf.ConnectionInfo(server=server, insecure=True, default_namespace=NS, token=token)
             runtime.client = kube.KubeClient.from_connection_info(info)
             serving_runtime.client = runtime.client
             return info
@@ -130,10 +153,21 @@ async def operator(k8s, s3_server) -> AsyncIterator[Operator]:
 
 
 class Api:
-    """The test's own view of the cluster over HTTP, like kubectl (and the training operator)."""
+    """The test's own view of the cluster over HTTP, like kubectl with an admin's kubeconfig (and the
+    training operator); `agent` is the client of one serving pod's agent (its pod-bound token)."""
 
     def __init__(self, k8s: K8sEmulator):
+        self.k8s = k8s
         self.client = kube.KubeClient(str(k8s.url))
+        self.client._headers[EXEMPT_HEADER] = "1"
+        self._agents: dict[str, kube.KubeClient] = {}
+
+    def agent(self, adapterdeployment: str, pod: str) -> kube.KubeClient:
+        if pod not in self._agents:
+            account = serving_render.agent_account_name(adapterdeployment)
+            token = self.k8s.authenticator.issue(auth.service_account(NS, account, pod=pod))
+            self._agents[pod] = kube.KubeClient(str(self.k8s.url), token=token)
+        return self._agents[pod]
 
     async def create_secret(self, name: str, data: dict[str, str]) -> None:
         await self.client.create(kube.SECRETS, {
@@ -155,7 +189,8 @@ class Api:
         await self.client.patch(kube.PYTORCHJOBS, NS, name, {"status": status}, subresource="status")
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in [self.client, *self._agents.values()]:
+            await client.close()
 
 
 @pytest_asyncio.fixture()
@@ -181,3 +216,37 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"condition not met in {timeout}s: {check} (last error: {last_error!r})")
         await asyncio.sleep(interval)
+
+
+# --- RBAC coverage, once the whole integration suite ran ------------------------------------------------
+
+
+def _ran_every_flow(session: pytest.Session) -> bool:
+    """The coverage check needs every flow: the session's arguments include all of tests/integration
+    and nothing was deselected or filtered by -k/-m."""
+    here = Path(__file__).resolve().parent
+    options = session.config.option
+    if getattr(options, "keyword", "") or getattr(options, "markexpr", "") or session.config.getoption("deselect"):
+        return False
+    arguments = [Path(str(a).split("::")[0]).resolve() for a in session.config.args]
+    return any(here == a or a in here.parents for a in arguments)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    record = os.environ.get("KUBETUNE_RBAC_USES")  # a file to collect the uses of partial runs into
+    if record:
+        with open(record, "a") as out:
+            out.writelines(json.dumps(dataclasses.asdict(u)) + "\n" for u in sorted(RBAC_USES, key=str))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if exitstatus != 0 or not _ran_every_flow(session):
+        if reporter is not None and RBAC_USES:
+            reporter.write_line("RBAC coverage: not checked (it needs every integration flow, passing)")
+        return
+    found = rbac_coverage.problems(rbac_coverage.granted(), rbac_coverage.used(RBAC_USES),
+                                   rbac_coverage.unexercised())
+    if reporter is not None:
+        reporter.write_line("RBAC coverage: " + ("every granted verb was used" if not found else "FAILED"))
+        for line in found:
+            reporter.write_line(f"  {line}")
+    if found:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -10,7 +10,7 @@ from kubetune_testing import auth
 
 
 async def test_tokens_are_required_and_rotated_tokens_refused(k8s, tmp_path):
-    authenticator = auth.TokenAuthenticator().install(k8s)
+    authenticator = k8s.authenticator  # installed by the conftest, as on every integration test
     anonymous = kube.KubeClient(str(k8s.url), retries=0)
     with pytest.raises(kube.ApiError) as refused:
         await anonymous.list(kube.CONFIGMAPS, "team-a")

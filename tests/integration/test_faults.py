@@ -32,7 +32,7 @@ from kubetune_testing.emulator import EXEMPT_HEADER, Faults
 from kubetune_testing.factories import adapterdeployment, data_result, finetunejob
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-from .conftest import NS, Api, Operator
+from .conftest import NS, OPERATOR_USER, Api, Operator
 
 pytestmark = pytest.mark.integration
 
@@ -460,7 +460,7 @@ async def test_the_api_client_retries_throttling_and_server_errors_with_backoff(
     """One refused request used to fail the whole reconcile pass, retried by kopf 5 s later: with 5% of
     429s and 500s an AdapterDeployment pass (a dozen requests) failed more often than not and a rollout
     took a minute. The client now retries them: after the server's Retry-After, else with backoff."""
-    client = kube.KubeClient(str(k8s.url), backoff=0.05)
+    client = kube.KubeClient(str(k8s.url), token=k8s.authenticator.issue(OPERATOR_USER), backoff=0.05)
     doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "retried", "namespace": NS}, "data": {}}
     try:
         k8s.faults = Faults(seed=1, throttle=1.0, retry_after_seconds=1, budget=1)

@@ -16,11 +16,12 @@ import pytest
 import yaml
 
 from kubetune.clients import kube
+from kubetune_testing.emulator import EXEMPT_HEADER
 from kubetune_testing.factories import finetunejob
 from kubetune_testing.ports import free_port
 from kubetune_testing.seaweedfs import ACCESS_KEY, SECRET_KEY
 
-from .conftest import eventually
+from .conftest import OPERATOR_USER, enforce_watch_namespaces, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -40,8 +41,12 @@ async def _http_get(url: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("scope", [("--namespace", "team-a"), ("--all-namespaces",)], ids=["namespace", "cluster"])
 async def test_operator_process(k8s, s3_server, tmp_path, scope):
-    """Scoped to team-a, team-b's job is left alone; with --all-namespaces (the chart's default) both run."""
+    """Scoped to team-a, team-b's job is left alone; with --all-namespaces (the chart's default) both run.
+    The operator logs in with its ServiceAccount's token, under the chart's RBAC for that scope."""
     client = kube.KubeClient(str(k8s.url))
+    client._headers[EXEMPT_HEADER] = "1"  # the test's own client: an admin
+    if scope[0] == "--namespace":
+        enforce_watch_namespaces(k8s, (scope[1],))
     for namespace in ("team-a", "team-b"):  # KMock's HTTP side cannot create cluster-scoped objects
         k8s.objects[kmock.resource("", "v1", "namespaces"), None, namespace] = {
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
@@ -49,7 +54,7 @@ async def test_operator_process(k8s, s3_server, tmp_path, scope):
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
         "clusters": [{"name": "emulator", "cluster": {"server": str(k8s.url).rstrip("/")}}],
-        "users": [{"name": "operator", "user": {"token": "operator-token"}}],
+        "users": [{"name": "operator", "user": {"token": k8s.authenticator.issue(OPERATOR_USER)}}],
         "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}],
     }))
     health, metrics = free_port(), free_port()

@@ -6,6 +6,7 @@ import base64
 import logging
 
 from kubetune.clients import kube, storage
+from kubetune_operator.reconcile import secrets as secret_rules
 
 log = logging.getLogger("kubetune.credentials")
 
@@ -25,15 +26,16 @@ class PassSecrets:
 
 
 async def secret_keys(secrets: PassSecrets, names: list[str], section: dict | None
-                      ) -> dict[str, frozenset | bool | None]:
+                      ) -> dict[str, frozenset | bool | str | None]:
     """For reconcile.secrets: which keys each named Secret has (None: it does not exist).
     Only the Secret of the storage `section`'s credentials (which the operator reads anyway, to reach
     storage) is read whole, and only its key names leave this function; every other one is read as
     metadata only (reconcile.secrets.EXISTS: its values never reach the operator). A Secret the operator
-    may not read (403: RBAC narrower than the chart's) is left out: not looked at, so not reported."""
+    may not read (403: its namespace did not grant the chart's Secrets role) is NOT_READABLE, reported
+    as such in the object's status."""
     credentials = section.get("credentials") if isinstance(section, dict) else None
     own = credentials.get("secretName") if isinstance(credentials, dict) else None
-    found: dict[str, frozenset | bool | None] = {}
+    found: dict[str, frozenset | bool | str | None] = {}
     for name in names:
         try:
             if name == own:
@@ -46,6 +48,7 @@ async def secret_keys(secrets: PassSecrets, names: list[str], section: dict | No
             if exc.status != 403:
                 raise
             log.warning("may not read Secret", extra={"namespace": secrets.namespace, "secret": name})
+            found[name] = secret_rules.NOT_READABLE
     return found
 
 

@@ -22,6 +22,7 @@ MODEL_CACHE = "/models"
 ADAPTER_CACHE = "/var/cache/kubetune-adapters"
 RUN_AS_USER = 1000
 ANNOTATION_TEMPLATE_HASH = "kubetune.io/template-hash"
+AGENT_ACCOUNT_SUFFIX = "kubetune-agent"  # the chart's agent-policy.yaml matches it
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ def serving_name(adep_name: str) -> str:
 
 
 def agent_account_name(adep_name: str) -> str:
-    return f"{adep_name}-agent"
+    """The agents' ServiceAccount; the chart's ValidatingAdmissionPolicy recognizes agents by this suffix."""
+    return f"{adep_name}-{AGENT_ACCOUNT_SUFFIX}"
 
 
 def labels(adep_name: str, component: str) -> dict[str, str]:
@@ -80,7 +82,9 @@ def render_desired_config_map(adep: dict, desired: serving.DesiredState) -> dict
 
 
 def render_agent_rbac(adep: dict) -> list[dict]:
-    """The agent reads one ConfigMap and writes its report on its own Pod; nothing else."""
+    """The agent reads one ConfigMap and writes its report on its own Pod; nothing else. RBAC cannot
+    name "its own Pod": the chart's ValidatingAdmissionPolicy (templates/agent-policy.yaml) limits the
+    `patch` to the Pod the agent's token is bound to and to the report annotation."""
     name = agent_account_name(adep["metadata"]["name"])
     desired = serving.desired_config_map_name(adep["metadata"]["name"])
     return [
@@ -89,7 +93,7 @@ def render_agent_rbac(adep: dict) -> list[dict]:
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(adep, name, "agent"),
          "rules": [
              {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [desired], "verbs": ["get"]},
-             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+             {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},
          ]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(adep, name, "agent"),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
