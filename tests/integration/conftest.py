@@ -79,8 +79,9 @@ class Operator:
     so it must not share the test's event loop."""
 
     def __init__(self, k8s: K8sEmulator, s3: S3Server, settings: ftj.Settings,
-                 adep_settings: adp.Settings | None = None):
+                 adep_settings: adp.Settings | None = None, namespaces: tuple[str, ...] = ()):
         self.k8s, self.s3, self.settings = k8s, s3, settings
+        self.namespaces = namespaces  # empty: the whole cluster (--all-namespaces), else --namespace each
         self.adep_settings = adep_settings or adp.Settings(resync_seconds=0.5)
         self.thread: threading.Thread | None = None
         self.stop_flag: threading.Event | None = None
@@ -94,6 +95,7 @@ class Operator:
         serving_runtime = adep_controller.RUNTIME
         serving_runtime.settings = self.adep_settings
         serving_runtime.resync_seconds = self.adep_settings.resync_seconds
+        serving_runtime.watch_namespaces = self.namespaces
         serving_runtime.default_s3 = runtime.default_s3
         serving_runtime.locks.clear()
         serving_runtime.verified.clear()
@@ -122,7 +124,8 @@ class Operator:
         def run() -> None:
             try:
                 asyncio.run(kopf.operator(
-                    registry=registry, settings=settings, clusterwide=True, standalone=True,
+                    registry=registry, settings=settings, clusterwide=not self.namespaces,
+                    namespaces=self.namespaces, standalone=True,
                     memo=kopf.Memo(), stop_flag=self.stop_flag, ready_flag=ready))
             except BaseException as exc:  # surfaced by stop()
                 self.error = exc
@@ -150,6 +153,27 @@ async def operator(k8s, s3_server) -> AsyncIterator[Operator]:
     await handle.start()
     yield handle
     await handle.stop()
+    assert not operator_refusals(k8s)
+
+
+def operator_refusals(k8s: K8sEmulator) -> list[str]:
+    """What RBAC refused the operator in this test: nothing, as the chart's RBAC must be sufficient."""
+    return [m for m in k8s.enforcement.authorizer.refused if f'"{OPERATOR_USER.username}"' in m]
+
+
+@pytest_asyncio.fixture()
+async def namespaced_operator(k8s, s3_server) -> AsyncIterator[Operator]:
+    """The operator scoped to NS (the chart's `watchNamespaces: [NS]`), under that layout's RBAC."""
+    enforce_watch_namespaces(k8s, (NS,))
+    # kopf's namespace observer lists them (KMock's HTTP side cannot create cluster-scoped objects)
+    k8s.objects[kmock.resource("", "v1", "namespaces"), None, NS] = {
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
+    handle = Operator(k8s, s3_server, ftj.Settings(publish_timeout_seconds=5, resync_seconds=0.5, progress_seconds=0.5),
+                      namespaces=(NS,))
+    await handle.start()
+    yield handle
+    await handle.stop()
+    assert not operator_refusals(k8s)
 
 
 class Api:

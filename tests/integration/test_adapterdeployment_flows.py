@@ -150,6 +150,16 @@ async def test_immediate_rollout_to_every_pod(operator, api, s3_server, tmp_path
     await wait_for(api, "support", lambda s: s.get("phase") == "Ready")
 
 
+async def test_rollout_with_the_operator_scoped_to_its_namespaces(namespaced_operator, api, s3_server, tmp_path):
+    """The chart's watchNamespaces layout: a Role per namespace, only kopf's reads cluster-wide."""
+    v1 = publish(s3_server, tmp_path, "v1")
+    await submit(api, s3_server, "scoped", v1)
+    pods = await agent_pods(api, "scoped", 2)
+    await agents_sync(api, "scoped", pods)
+    status = await wait_for(api, "scoped", lambda s: s.get("phase") == "Ready")
+    assert status["adapters"][0]["podsReady"] == 2
+
+
 async def test_rank_above_the_runtime_limit_is_refused_before_any_pod_is_touched(operator, api, s3_server, tmp_path):
     small = publish(s3_server, tmp_path, "small", rank=16)
     doc_adapter = small
