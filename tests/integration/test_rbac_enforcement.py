@@ -11,7 +11,7 @@ from kubetune.api import serving
 from kubetune.clients import kube
 from kubetune_operator.controllers.adapterdeployment import PODS, ROLES
 from kubetune_operator.render import serving as serving_render
-from kubetune_testing import auth, rbac, rbac_coverage
+from kubetune_testing import auth, rbac
 from kubetune_testing.factories import adapterdeployment
 
 from .conftest import NS, OPERATOR_USER, enforce_watch_namespaces, eventually
@@ -174,20 +174,3 @@ async def test_an_agent_changes_nothing_but_its_own_pods_report(k8s, api, operat
     assert (await refused(agent.get(kube.CONFIGMAPS, NS, "other-config"))).status == 403  # one ConfigMap only
     assert (await refused(agent.delete(PODS, NS, "serving-0"))).status == 403
     await unbound.close()
-
-
-def test_coverage_reports_unused_grants_and_stale_reasons():
-    grants = {rbac_coverage.Grant("operator", "get", "", "configmaps"),
-              rbac_coverage.Grant("operator", "delete", "", "configmaps"),
-              rbac_coverage.Grant("agent", "patch", "", "pods")}
-    uses = rbac_coverage.used([rbac.Use(rbac.OPERATOR, "get", "", "configmaps", NS),
-                               rbac.Use("system:serviceaccount:team-a:x-kubetune-agent", "patch", "", "pods", NS),
-                               rbac.Use("jane", "delete", "", "configmaps", NS)])  # not a subject: ignored
-    assert rbac_coverage.problems(grants, uses, {}) == [
-        "granted but no flow used it: operator: delete configmaps (remove it, or name why in rbac-rules.yaml "
-        "`unexercised`)"]
-    allowed = {rbac_coverage.Grant("operator", "delete", "", "configmaps"): "why",
-               rbac_coverage.Grant("operator", "get", "", "configmaps"): "stale"}
-    assert rbac_coverage.problems(grants, uses, allowed) == [
-        "`unexercised` but used or not granted: operator: get configmaps (drop the reason)"]
-    assert rbac_coverage.Grant("operator", "patch", "kubetune.io", "finetunejobs/status") in rbac_coverage.granted()
