@@ -112,6 +112,7 @@ async def test_a_secret_in_a_namespace_that_did_not_grant_it_is_reported_until_i
     """Cluster-wide, the operator reads Secrets only where a namespace granted the chart's Secrets role:
     elsewhere the job says so (SecretNotReadable) and waits; a tenant's RoleBinding lets it start."""
     tenant = "team-c"  # not in the chart's rbac.secretNamespaces
+    k8s.expected_refusals = [f'cannot get resource "secrets" in API group "" in the namespace "{tenant}"']
     await api.client.create(kube.SECRETS, {"apiVersion": "v1", "kind": "Secret",
                                            "metadata": {"name": "s3-creds", "namespace": tenant},
                                            "stringData": S3_KEYS})
@@ -138,7 +139,29 @@ async def test_a_secret_in_a_namespace_that_did_not_grant_it_is_reported_until_i
         "subjects": [{"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]})
     await eventually(lambda: secrets_found("SecretsFound"), timeout=20)
     assert await eventually(lambda: api.client.get(kube.PYTORCHJOBS, tenant, "tenant-job-data"), timeout=20)
-    refusals = k8s.enforcement.authorizer.refused
-    assert refusals and all(f'cannot get resource "secrets" in API group "" in the namespace "{tenant}"' in m
-                            for m in refusals)
-    refusals.clear()  # expected: the operator fixture fails a test on any other refusal
+    assert k8s.enforcement.authorizer.refused
+
+
+async def test_an_adapterdeployment_says_which_secret_it_may_not_read(k8s, operator, api, s3_server, tmp_path):
+    """Its storage credentials unreadable, storage is not reached with any other credentials; the
+    status says why and the pass goes on."""
+    tenant = "team-c"
+    k8s.expected_refusals = [f'cannot get resource "secrets" in API group "" in the namespace "{tenant}"']
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/serving", tenant, "c", "uid-c")
+    manifest = publish(s3_server, tmp_path, prefix, "serve", {"rank": 16,
+                                                             "baseModel": {"uri": "hf://meta-llama/Llama-2-7b-hf"}})
+    doc = adapterdeployment()
+    doc["metadata"] = {"name": "tenant-serve", "namespace": tenant}
+    doc["spec"]["adapters"] = [{"name": "support-bot", "source": {"uri": storage_layout.manifest_uri(prefix),
+                                                                  "digest": manifest["digest"]}}]
+    doc["spec"]["storage"] = {"endpoint": s3_server.endpoint, "credentials": {"secretName": "s3-creds"}}
+    await api.client.create(ADAPTERDEPLOYMENTS, doc)
+
+    async def unreadable():
+        found = await api.client.get(ADAPTERDEPLOYMENTS, tenant, "tenant-serve")
+        condition = cond.find(((found or {}).get("status") or {}).get("conditions"), "SecretsFound") or {}
+        return condition if condition.get("reason") == "SecretNotReadable" else None
+    condition = await eventually(unreadable, timeout=20)
+    assert f'the operator may not read Secret "s3-creds" in namespace {tenant}' in condition["message"]
+    status = (await api.client.get(ADAPTERDEPLOYMENTS, tenant, "tenant-serve"))["status"]
+    assert status["phase"] != "Ready"

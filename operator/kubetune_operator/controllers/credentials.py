@@ -52,6 +52,20 @@ async def secret_keys(secrets: PassSecrets, names: list[str], section: dict | No
     return found
 
 
+class RefusedStore(storage.ObjectStore):
+    """The storage of a spec whose credentials Secret RBAC keeps from the operator: every S3 access
+    fails with why (never falling back to the operator's own credentials); the SecretsFound condition
+    tells the user (reconcile.secrets.SECRET_NOT_READABLE)."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
+
+    @property
+    def s3(self):
+        raise PermissionError(self.reason)
+
+
 async def object_store(secrets: PassSecrets, section: dict | None,
                        defaults: storage.S3Settings) -> storage.ObjectStore:
     """A store for an S3 section of a spec (`{endpoint, region, credentials}`: a FineTuneJob's
@@ -61,7 +75,14 @@ async def object_store(secrets: PassSecrets, section: dict | None,
     access, secret = defaults.access_key, defaults.secret_key
     credentials = section.get("credentials")
     if credentials:
-        data = ((await secrets.get(credentials["secretName"])) or {}).get("data") or {}
+        try:
+            document = await secrets.get(credentials["secretName"])
+        except kube.ApiError as exc:
+            if exc.status != 403:
+                raise
+            return RefusedStore(f'the operator may not read Secret "{credentials["secretName"]}" in namespace '
+                                f"{secrets.namespace}")
+        data = (document or {}).get("data") or {}
         access, secret = (base64.b64decode(data[key]).decode() if key in data else None
                           for key in (credentials.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
                                       credentials.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")))
