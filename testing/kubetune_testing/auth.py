@@ -64,6 +64,9 @@ class TokenAuthenticator:
         self._users: dict[str, UserInfo] = {}
         self._files: dict[str, Path] = {}
         self.refused: collections.Counter = collections.Counter()
+        # the user of a request without credentials; None: refused (401), as with --anonymous-auth=false.
+        # kubectl sends no bearer token over plain HTTP, so the docs' kubectl commands set ADMIN here.
+        self.anonymous: UserInfo | None = None
 
     def install(self, k8s: K8sEmulator) -> TokenAuthenticator:
         k8s.gates.insert(0, self.gate)
@@ -95,6 +98,9 @@ class TokenAuthenticator:
             raw[USER_KEY] = ADMIN
             return None
         scheme, _, token = (raw.headers.get("Authorization") or "").partition(" ")
+        if not token and self.anonymous is not None:
+            raw[USER_KEY] = self.anonymous
+            return None
         user = self._users.get(token.strip()) if scheme.lower() == "bearer" else None
         if user is None:
             self.refused["anonymous" if not token else "unknown or expired token"] += 1

@@ -92,12 +92,12 @@ def test_cli_commands_of(doc):
         _check_output(command, result.returncode, result.stdout + result.stderr)
 
 
-def _kubeconfig(path: Path, server: str, namespace: str, token: str) -> Path:
+def _kubeconfig(path: Path, server: str, namespace: str) -> Path:
     path.write_text(
         "apiVersion: v1\nkind: Config\n"
         f"clusters: [{{name: emulator, cluster: {{server: \"{server}\"}}}}]\n"
         f"contexts: [{{name: emulator, context: {{cluster: emulator, user: user, namespace: {namespace}}}}}]\n"
-        f"users: [{{name: user, user: {{token: {token}}}}}]\ncurrent-context: emulator\n")
+        "users: [{name: user, user: {}}]\ncurrent-context: emulator\n")
     return path
 
 
@@ -116,9 +116,9 @@ async def test_cluster_commands_of(doc, k8s, operator, tmp_path):
     operator running), from a kubeconfig whose namespace is team-a, as after
     `kubectl config set-context --current --namespace team-a`."""
     k8s.admission = admission
-    admin = k8s.authenticator.issue(auth.ADMIN)  # the docs' commands run as a cluster admin would
-    env = {**os.environ, "KUBECONFIG": str(_kubeconfig(tmp_path / "kubeconfig", str(k8s.url).rstrip("/"), "team-a",
-                                                       admin)),
+    k8s.authenticator.anonymous = auth.ADMIN  # the docs' commands run as a cluster admin's would (no token:
+    # kubectl sends none over the emulator's plain HTTP)
+    env = {**os.environ, "KUBECONFIG": str(_kubeconfig(tmp_path / "kubeconfig", str(k8s.url).rstrip("/"), "team-a")),
            "HOME": str(tmp_path), "PATH": f"{TOOLS}:{os.environ.get('PATH', '')}",
            "HELM_CACHE_HOME": str(tmp_path / "helm-cache"), "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),
            "HELM_DATA_HOME": str(tmp_path / "helm-data")}
