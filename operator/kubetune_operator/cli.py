@@ -16,10 +16,12 @@ import yaml
 from kubetune.api import crd, reference, storage_location
 from kubetune.api.validation import validate
 from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.render import rbac_table
 from kubetune_operator.render import serving as serving_render
 from kubetune_operator.render import training as render
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RBAC_RULES, SECURITY_DOC = "charts/kubetune/rbac-rules.yaml", "docs/security.md"
 GENERATED_CRD_DIRS = ("crds", "charts/kubetune/crds")
 
 
@@ -138,8 +140,9 @@ def _render_adapterdeployment(doc: dict, args: argparse.Namespace,
     return serving_render.render_children(adep, settings, serving.DesiredState(generation=1), max_rank)
 
 
-def generated_files() -> dict[str, str]:
-    """Relative path -> content of every file generated from the API definition."""
+def generated_files(root: Path = REPO_ROOT) -> dict[str, str]:
+    """Relative path -> content of every file generated from the API definition (and, for the RBAC
+    table of docs/security.md, from the chart's rbac-rules.yaml under `root`)."""
     files = {}
     for filename, document in crd.all_crds().items():
         text = "# Generated from operator/kubetune/api/v1alpha1/ by `kubetune generate`. Do not edit.\n"
@@ -147,13 +150,15 @@ def generated_files() -> dict[str, str]:
         for directory in GENERATED_CRD_DIRS:
             files[f"{directory}/{filename}"] = text
     files["docs/reference.md"] = reference.reference_markdown()
+    rules = yaml.safe_load((root / RBAC_RULES).read_text())
+    files[SECURITY_DOC] = rbac_table.replace_table((root / SECURITY_DOC).read_text(), rules)
     return files
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     root = Path(args.root)
     stale = []
-    for relative, content in generated_files().items():
+    for relative, content in generated_files(root).items():
         target = root / relative
         current = target.read_text() if target.exists() else None
         if current == content:

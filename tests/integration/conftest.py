@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import json
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +32,8 @@ from kubetune_operator.controllers import login as operator_login
 from kubetune_operator.controllers import main as operator_main
 from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import finetunejob as ftj
-from kubetune_testing import auth, seaweedfs
+from kubetune_operator.render import serving as serving_render
+from kubetune_testing import auth, enforcement, rbac_coverage, seaweedfs
 from kubetune_testing.emulator import EXEMPT_HEADER, K8sEmulator, declare_resources
 from kubetune_testing.seaweedfs import S3Server
 
@@ -38,6 +42,8 @@ pytestmark = pytest.mark.integration
 NS = "team-a"
 # the chart's ServiceAccount (charts/kubetune): the user the RBAC that the chart renders is bound to
 OPERATOR_USER = auth.service_account("kubetune-system", "kubetune")
+SECRET_NAMESPACES = ("team-a", "team-b", "ml-platform")  # the chart's rbac.secretNamespaces (ClusterRole mode)
+RBAC_USES: set = set()  # every authorized request of the session's flows (rbac_coverage, at the session's end)
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +59,14 @@ def s3_server(tmp_path_factory) -> S3Server:
 
 @pytest_asyncio.fixture()
 async def k8s() -> AsyncIterator[K8sEmulator]:
+    """The emulator as a cluster with the chart installed sees requests: bearer tokens authenticated
+    (`k8s.authenticator`), RBAC of the chart in ClusterRole mode enforced (`k8s.enforcement`; see
+    `enforce_watch_namespaces` for the other mode), every authorized use recorded for the coverage check."""
     async with K8sEmulator() as emulator, kmock.Server(emulator):
         declare_resources(emulator)
         emulator.authenticator = auth.TokenAuthenticator().install(emulator)
+        emulator.enforcement = enforcement.enforce(emulator, secret_namespaces=SECRET_NAMESPACES,
+                                                   uses=RBAC_USES)
         yield emulator
 
 
@@ -77,6 +88,13 @@ def admin_client(k8s: K8sEmulator, **kw: Any) -> kube.KubeClient:
     return kube.KubeClient(str(k8s.url), headers={EXEMPT_HEADER: "1"}, **kw)
 
 
+def enforce_watch_namespaces(k8s: K8sEmulator, namespaces: tuple[str, ...], uses: set | None = None) -> None:
+    """Authorize against the chart rendered with `watchNamespaces` instead (Roles per namespace)."""
+    k8s.enforcement.remove()
+    k8s.enforcement = enforcement.enforce(k8s, watch_namespaces=namespaces,
+                                          uses=RBAC_USES if uses is None else uses)
+
+
 class Operator:
     """kopf running kubetune's handlers in its own thread and event loop, against the emulator over
     HTTP, as a deployed operator would; stop() and start() simulate an operator restart.
@@ -85,8 +103,9 @@ class Operator:
     so it must not share the test's event loop."""
 
     def __init__(self, k8s: K8sEmulator, s3: S3Server, settings: ftj.Settings,
-                 adep_settings: adp.Settings | None = None):
+                 adep_settings: adp.Settings | None = None, namespaces: tuple[str, ...] = ()):
         self.k8s, self.s3, self.settings = k8s, s3, settings
+        self.namespaces = namespaces  # empty: the whole cluster (--all-namespaces), else --namespace each
         self.adep_settings = adep_settings or adp.Settings(resync_seconds=0.5)
         self.thread: threading.Thread | None = None
         self.stop_flag: threading.Event | None = None
@@ -113,6 +132,7 @@ class Operator:
         serving_runtime = adep_controller.RUNTIME
         serving_runtime.settings = self.adep_settings
         serving_runtime.resync_seconds = self.adep_settings.resync_seconds
+        serving_runtime.watch_namespaces = self.namespaces
         serving_runtime.default_s3 = runtime.default_s3
         serving_runtime.locks.clear()
         serving_runtime.verified.clear()
@@ -131,7 +151,8 @@ class Operator:
         def run() -> None:
             try:
                 asyncio.run(kopf.operator(
-                    registry=registry, settings=settings, clusterwide=True, standalone=True,
+                    registry=registry, settings=settings, clusterwide=not self.namespaces,
+                    namespaces=self.namespaces, standalone=True,
                     memo=kopf.Memo(), stop_flag=self.stop_flag, ready_flag=ready))
             except BaseException as exc:  # surfaced by stop()
                 self.error = exc
@@ -159,13 +180,47 @@ async def operator(k8s, s3_server) -> AsyncIterator[Operator]:
     await handle.start()
     yield handle
     await handle.stop()
+    assert not operator_refusals(k8s)
+
+
+def operator_refusals(k8s: K8sEmulator) -> list[str]:
+    """What RBAC refused the operator in this test: nothing, as the chart's RBAC must be sufficient,
+    but what the test expects (`k8s.expected_refusals`: parts of the messages, e.g. a namespace's Secrets)."""
+    expected = getattr(k8s, "expected_refusals", ())
+    return [m for m in k8s.enforcement.authorizer.refused
+            if f'"{OPERATOR_USER.username}"' in m and not any(part in m for part in expected)]
+
+
+@pytest_asyncio.fixture()
+async def namespaced_operator(k8s, s3_server) -> AsyncIterator[Operator]:
+    """The operator scoped to NS (the chart's `watchNamespaces: [NS]`), under that layout's RBAC."""
+    enforce_watch_namespaces(k8s, (NS,))
+    # kopf's namespace observer lists them (KMock's HTTP side cannot create cluster-scoped objects)
+    k8s.objects[kmock.resource("", "v1", "namespaces"), None, NS] = {
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
+    handle = Operator(k8s, s3_server, ftj.Settings(publish_timeout_seconds=5, resync_seconds=0.5, progress_seconds=0.5),
+                      namespaces=(NS,))
+    await handle.start()
+    yield handle
+    await handle.stop()
+    assert not operator_refusals(k8s)
 
 
 class Api:
-    """The test's own view of the cluster over HTTP, like kubectl (and the training operator)."""
+    """The test's own view of the cluster over HTTP, like kubectl with an admin's kubeconfig (and the
+    training operator); `agent` is the client of one serving pod's agent (its pod-bound token)."""
 
     def __init__(self, k8s: K8sEmulator):
+        self.k8s = k8s
         self.client = admin_client(k8s)
+        self._agents: dict[str, kube.KubeClient] = {}
+
+    def agent(self, adapterdeployment: str, pod: str) -> kube.KubeClient:
+        if pod not in self._agents:
+            account = serving_render.agent_account_name(adapterdeployment)
+            token = self.k8s.authenticator.issue(auth.service_account(NS, account, pod=pod))
+            self._agents[pod] = kube.KubeClient(str(self.k8s.url), token=token)
+        return self._agents[pod]
 
     async def create_secret(self, name: str, data: dict[str, str]) -> None:
         await self.client.create(kube.SECRETS, {
@@ -187,7 +242,8 @@ class Api:
         await self.client.patch(kube.PYTORCHJOBS, NS, name, {"status": status}, subresource="status")
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in [self.client, *self._agents.values()]:
+            await client.close()
 
 
 @pytest_asyncio.fixture()
@@ -213,3 +269,37 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"condition not met in {timeout}s: {check} (last error: {last_error!r})")
         await asyncio.sleep(interval)
+
+
+# --- RBAC coverage, once the whole integration suite ran ------------------------------------------------
+
+
+def _ran_every_flow(session: pytest.Session) -> bool:
+    """The coverage check needs every flow: the session's arguments include all of tests/integration
+    and nothing was deselected or filtered by -k/-m."""
+    here = Path(__file__).resolve().parent
+    options = session.config.option
+    if getattr(options, "keyword", "") or getattr(options, "markexpr", "") or session.config.getoption("deselect"):
+        return False
+    arguments = [Path(str(a).split("::")[0]).resolve() for a in session.config.args]
+    return any(here == a or a in here.parents for a in arguments)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    record = os.environ.get("KUBETUNE_RBAC_USES")  # a file to collect the uses of partial runs into
+    if record:
+        with open(record, "a") as out:
+            out.writelines(json.dumps(dataclasses.asdict(u)) + "\n" for u in sorted(RBAC_USES, key=str))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if exitstatus != 0 or not _ran_every_flow(session):
+        if reporter is not None and RBAC_USES:
+            reporter.write_line("RBAC coverage: not checked (it needs every integration flow, passing)")
+        return
+    found = rbac_coverage.problems(rbac_coverage.granted(), rbac_coverage.used(RBAC_USES),
+                                   rbac_coverage.unexercised())
+    if reporter is not None:
+        reporter.write_line("RBAC coverage: " + ("every granted verb was used" if not found else "FAILED"))
+        for line in found:
+            reporter.write_line(f"  {line}")
+    if found:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -12,12 +12,14 @@ from kubetune.clients import kube
 from kubetune.clients.storage import publish_adapter
 from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, DEPLOYMENTS, PODS, ROLES, SERVICES
 from kubetune_operator.reconcile import conditions as cond
+from kubetune_operator.render import serving as serving_render
 from kubetune_testing.factories import adapterdeployment
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, eventually
 
 pytestmark = pytest.mark.integration
+ROLEBINDINGS = kube.Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
 BASE = {"uri": "hf://meta-llama/Llama-2-7b-hf", "revision": "main"}
 
 
@@ -81,8 +83,11 @@ def serve(pods: list[str], version_name: str, requests: int, errors: int = 0) ->
 
 
 async def agents_sync(api, name: str, pods: list[str], refuse: set[str] = frozenset()) -> None:
-    """What each agent does: load what is desired (or refuse it), report on its own Pod."""
-    desired = await desired_of(api, name)
+    """What each agent does: load what is desired (or refuse it), report on its own Pod, with its
+    pod-bound token (under the agents' Role and the chart's admission policy), once the operator bound it."""
+    await eventually(lambda: api.get(ROLEBINDINGS, serving_render.agent_account_name(name)))
+    config_map = await api.agent(name, pods[0]).get(kube.CONFIGMAPS, NS, serving.desired_config_map_name(name))
+    desired = serving.DesiredState.from_json(config_map["data"][serving.DESIRED_KEY]) if config_map else None
     for pod in pods:
         versions = desired.versions() if desired else {}
         report = serving.AgentReport(
@@ -91,7 +96,7 @@ async def agents_sync(api, name: str, pods: list[str], refuse: set[str] = frozen
             errors={n: {"reason": "DigestMismatch", "message": "adapter_model.safetensors: sha256 differs"}
                     for n in versions if n in refuse},
             metrics=dict(COUNTERS.get(pod, {})), started="2026-11-28T10:00:00Z", updated="2026-11-28T10:00:01Z")
-        await api.client.patch(PODS, NS, pod, {"metadata": {"annotations": {
+        await api.agent(name, pod).patch(PODS, NS, pod, {"metadata": {"annotations": {
             serving.ANNOTATION_REPORT: report.to_json()}}})
 
 
@@ -119,7 +124,7 @@ async def test_immediate_rollout_to_every_pod(operator, api, s3_server, tmp_path
     await submit(api, s3_server, "support", v1)
     desired = await eventually(lambda: desired_of(api, "support"))
     assert {n: v.weight for n, v in desired.versions().items()} == {version(v1): 100}
-    for resource, child in ((DEPLOYMENTS, "support-serving"), (SERVICES, "support"), (ROLES, "support-agent")):
+    for resource, child in ((DEPLOYMENTS, "support-serving"), (SERVICES, "support"), (ROLES, "support-kubetune-agent")):
         await eventually(lambda resource=resource, child=child: api.get(resource, child))
     pods = await agent_pods(api, "support", 3)
     status = await wait_for(api, "support", lambda s: (s.get("adapters") or [{}])[0].get("podsTotal") == 3)
@@ -143,6 +148,16 @@ async def test_immediate_rollout_to_every_pod(operator, api, s3_server, tmp_path
     status = await wait_for(api, "support", lambda s: s["adapters"][0]["stable"]["digest"] == v2["digest"])
     assert "canary" not in status["adapters"][0]
     await wait_for(api, "support", lambda s: s.get("phase") == "Ready")
+
+
+async def test_rollout_with_the_operator_scoped_to_its_namespaces(namespaced_operator, api, s3_server, tmp_path):
+    """The chart's watchNamespaces layout: a Role per namespace, only kopf's reads cluster-wide."""
+    v1 = publish(s3_server, tmp_path, "v1")
+    await submit(api, s3_server, "scoped", v1)
+    pods = await agent_pods(api, "scoped", 2)
+    await agents_sync(api, "scoped", pods)
+    status = await wait_for(api, "scoped", lambda s: s.get("phase") == "Ready")
+    assert status["adapters"][0]["podsReady"] == 2
 
 
 async def test_rank_above_the_runtime_limit_is_refused_before_any_pod_is_touched(operator, api, s3_server, tmp_path):
@@ -260,4 +275,4 @@ async def test_existing_pods_selected_by_labels_are_served_without_a_managed_run
     status = await wait_for(api, "byo", lambda s: s.get("phase") == "Ready")
     assert status["adapters"][0]["podsTotal"] == 2  # every matching pod, and only those
     assert await api.get(DEPLOYMENTS, "byo-serving") is None  # nothing rendered for pods the user runs
-    assert await api.get(ROLES, "byo-agent") is not None  # the agents still get their RBAC
+    assert await api.get(ROLES, "byo-kubetune-agent") is not None  # the agents still get their RBAC

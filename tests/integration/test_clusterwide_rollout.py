@@ -22,6 +22,7 @@ from kubetune_operator.controllers.adapterdeployment import (
 )
 from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import clusterwide
+from kubetune_operator.render import serving as serving_render
 from kubetune_testing.factories import adapterdeployment
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
@@ -141,7 +142,7 @@ async def test_one_adapterdeployment_rolls_out_canaries_and_rollbacks_across_nam
 
     # a canary over the union of the served pods, analysed across namespaces and promoted; the agents' RBAC
     # deleted by hand in one namespace is back with the next desired state written there
-    account = f"{HOME}.support-agent"
+    account = serving_render.agent_account_name("support", HOME)
     assert await api.client.delete(ROLEBINDINGS, "team-a", account)
     await set_source(api, v2)
     status = await agents.until(api, lambda s: s["adapters"][0]["stable"]["digest"] == v2["digest"], requests=20)
@@ -163,7 +164,7 @@ async def test_one_adapterdeployment_rolls_out_canaries_and_rollbacks_across_nam
 
 
 async def _gone(api) -> bool:
-    account = f"{HOME}.support-agent"
+    account = serving_render.agent_account_name("support", HOME)
     for namespace in ("team-a", "team-b"):
         for resource, name in ((kube.CONFIGMAPS, DESIRED), (SERVICEACCOUNTS, account), (ROLES, account),
                                (ROLEBINDINGS, account)):

@@ -10,7 +10,8 @@ from kubetune_testing import auth
 
 
 async def test_tokens_are_required_and_rotated_tokens_refused(k8s, tmp_path):
-    authenticator = k8s.authenticator  # the harness installs it on every emulator
+    authenticator = k8s.authenticator  # installed by the conftest, as on every integration test
+    k8s.enforcement.authorizer.uses = set()  # a probe, not a flow: not counted for RBAC coverage
     anonymous = kube.KubeClient(str(k8s.url), retries=0)
     with pytest.raises(kube.ApiError) as refused:
         await anonymous.list(kube.CONFIGMAPS, "team-a")

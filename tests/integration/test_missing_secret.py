@@ -105,3 +105,63 @@ async def test_an_adapterdeployment_reports_its_serving_pods_missing_secret(k8s,
     metadata_only = {r.name for r in reads if "as=PartialObjectMetadata" in (r.headers.get("Accept") or "")}
     whole = {r.name for r in reads if "as=PartialObjectMetadata" not in (r.headers.get("Accept") or "")}
     assert "hf-serve-late" in metadata_only and "hf-serve-late" not in whole  # its value never reaches the operator
+
+
+async def test_a_secret_in_a_namespace_that_did_not_grant_it_is_reported_until_it_opts_in(k8s, operator, api,
+                                                                                          s3_server):
+    """Cluster-wide, the operator reads Secrets only where a namespace granted the chart's Secrets role:
+    elsewhere the job says so (SecretNotReadable) and waits; a tenant's RoleBinding lets it start."""
+    tenant = "team-c"  # not in the chart's rbac.secretNamespaces
+    k8s.expected_refusals = [f'cannot get resource "secrets" in API group "" in the namespace "{tenant}"']
+    await api.client.create(kube.SECRETS, {"apiVersion": "v1", "kind": "Secret",
+                                           "metadata": {"name": "s3-creds", "namespace": tenant},
+                                           "stringData": S3_KEYS})
+    doc = finetunejob()
+    doc["metadata"] = {"name": "tenant-job", "namespace": tenant}
+    doc["spec"]["output"] = {"uri": f"s3://{BUCKET}/jobs", "endpoint": s3_server.endpoint,
+                             "credentials": {"secretName": "s3-creds"}}
+    await api.client.create(kube.FINETUNEJOBS, doc)
+
+    async def secrets_found(reason: str):
+        job = await api.client.get(kube.FINETUNEJOBS, tenant, "tenant-job")
+        found = cond.find(((job or {}).get("status") or {}).get("conditions"), "SecretsFound") or {}
+        return found if found.get("reason") == reason else None
+    unreadable = await eventually(lambda: secrets_found("SecretNotReadable"), timeout=20)
+    assert unreadable["message"].startswith(f'the operator may not read Secret "s3-creds" in namespace {tenant} '
+                                            "(for AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY): grant it with a "
+                                            "RoleBinding of the chart's <release>-secrets ClusterRole")
+    assert await api.client.list(kube.PYTORCHJOBS, tenant) == []
+
+    await api.client.create(kube.Resource("rbac.authorization.k8s.io", "v1", "rolebindings"), {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "kubetune-secrets", "namespace": tenant},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubetune-secrets"},
+        "subjects": [{"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]})
+    await eventually(lambda: secrets_found("SecretsFound"), timeout=20)
+    assert await eventually(lambda: api.client.get(kube.PYTORCHJOBS, tenant, "tenant-job-data"), timeout=20)
+    assert k8s.enforcement.authorizer.refused
+
+
+async def test_an_adapterdeployment_says_which_secret_it_may_not_read(k8s, operator, api, s3_server, tmp_path):
+    """Its storage credentials unreadable, storage is not reached with any other credentials; the
+    status says why and the pass goes on."""
+    tenant = "team-c"
+    k8s.expected_refusals = [f'cannot get resource "secrets" in API group "" in the namespace "{tenant}"']
+    prefix = storage_layout.job_prefix(f"s3://{BUCKET}/serving", tenant, "c", "uid-c")
+    manifest = publish(s3_server, tmp_path, prefix, "serve", {"rank": 16,
+                                                             "baseModel": {"uri": "hf://meta-llama/Llama-2-7b-hf"}})
+    doc = adapterdeployment()
+    doc["metadata"] = {"name": "tenant-serve", "namespace": tenant}
+    doc["spec"]["adapters"] = [{"name": "support-bot", "source": {"uri": storage_layout.manifest_uri(prefix),
+                                                                  "digest": manifest["digest"]}}]
+    doc["spec"]["storage"] = {"endpoint": s3_server.endpoint, "credentials": {"secretName": "s3-creds"}}
+    await api.client.create(ADAPTERDEPLOYMENTS, doc)
+
+    async def unreadable():
+        found = await api.client.get(ADAPTERDEPLOYMENTS, tenant, "tenant-serve")
+        condition = cond.find(((found or {}).get("status") or {}).get("conditions"), "SecretsFound") or {}
+        return condition if condition.get("reason") == "SecretNotReadable" else None
+    condition = await eventually(unreadable, timeout=20)
+    assert f'the operator may not read Secret "s3-creds" in namespace {tenant}' in condition["message"]
+    status = (await api.client.get(ADAPTERDEPLOYMENTS, tenant, "tenant-serve"))["status"]
+    assert status["phase"] != "Ready"

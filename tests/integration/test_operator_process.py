@@ -19,7 +19,7 @@ from kubetune_testing.factories import finetunejob
 from kubetune_testing.ports import free_port
 from kubetune_testing.seaweedfs import ACCESS_KEY, SECRET_KEY
 
-from .conftest import OPERATOR_USER, admin_client, eventually, write_kubeconfig
+from .conftest import OPERATOR_USER, admin_client, enforce_watch_namespaces, eventually, write_kubeconfig
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +39,11 @@ async def _http_get(url: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("scope", [("--namespace", "team-a"), ("--all-namespaces",)], ids=["namespace", "cluster"])
 async def test_operator_process(k8s, s3_server, tmp_path, scope):
-    """Scoped to team-a, team-b's job is left alone; with --all-namespaces (the chart's default) both run."""
+    """Scoped to team-a, team-b's job is left alone; with --all-namespaces (the chart's default) both run.
+    The operator logs in with its ServiceAccount's token, under the chart's RBAC for that scope."""
     client = admin_client(k8s)
+    if scope[0] == "--namespace":
+        enforce_watch_namespaces(k8s, (scope[1],))
     for namespace in ("team-a", "team-b"):  # KMock's HTTP side cannot create cluster-scoped objects
         k8s.objects[kmock.resource("", "v1", "namespaces"), None, namespace] = {
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}

@@ -63,29 +63,26 @@ CASES = {
     "full": ["--values", "<full>"],  # replaced by the path of FULL_VALUES written to a temp file
 }
 
-# Least privilege: (apiGroup, resource) -> the verbs the operator may have. Nothing else, no wildcards.
-NAMESPACED_GRANTS = {
-    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch", "create"},  # create: drift retrains
-    ("kubetune.io", "adapterdeployments"): {"get", "list", "watch", "patch"},
-    ("kubetune.io", "finetunejobs/status"): {"get", "patch", "update"},
-    ("kubetune.io", "adapterdeployments/status"): {"get", "patch", "update"},
-    ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-    ("", "secrets"): {"get"},
-    ("", "pods"): {"get", "list", "watch", "patch"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"get", "create", "patch", "delete"},
-    ("", "serviceaccounts"): {"get", "create", "patch", "delete"},
-    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "patch", "delete"},
-    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "patch", "delete"},
-}
-CLUSTER_GRANTS = {  # what kopf itself needs cluster-wide
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
-    ("", "namespaces"): {"list", "watch"},
-}
-ALLOWED_GRANTS = {**NAMESPACED_GRANTS, **CLUSTER_GRANTS}
+# The grants, set by set, as charts/kubetune/rbac-rules.yaml lists them with their reasons: (apiGroup, resource)
+# -> verbs. That each one is used is the integration suite's RBAC coverage check (docs/security.md).
+RBAC_RULES = yaml.safe_load((CHART / "rbac-rules.yaml").read_text())
+
+
+def rule_set(name: str) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in RBAC_RULES[name]:
+        assert rule.get("why"), f"rbac-rules.yaml: a rule of {name} without `why`: {rule}"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+NAMESPACED_GRANTS = rule_set("operator")
+SECRET_GRANTS = rule_set("secrets")
+CLUSTER_GRANTS = {**rule_set("kopf"), **rule_set("clusterwide")}  # cluster-wide in every mode
+NAMESPACE_GRANTS = rule_set("namespaces")  # kopf's namespace observer, with watchNamespaces only
+ALLOWED_GRANTS = {**NAMESPACED_GRANTS, **CLUSTER_GRANTS, **NAMESPACE_GRANTS, **SECRET_GRANTS}
 RECOMMENDED_LABELS = (
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
@@ -233,6 +230,8 @@ def test_rendered_documents_validate_against_kubernetes_schemas(rendered, case):
     expected = [
         "ClusterRole",
         "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
         "CustomResourceDefinition",
         "CustomResourceDefinition",
         "Deployment",
@@ -240,6 +239,7 @@ def test_rendered_documents_validate_against_kubernetes_schemas(rendered, case):
         "ServiceAccount",
     ]
     expected += ["Role", "RoleBinding"] * len(WATCHED if case == "namespaced" else [])
+    expected += ["ClusterRole"] if case == "default" else []  # the Secrets ClusterRole, bound per namespace
     if case == "full":
         expected += ["Role", "RoleBinding", "ServiceMonitor"]
     assert kinds == sorted(expected)
@@ -316,10 +316,23 @@ def test_rbac_is_least_privilege(rendered, case):
                         assert rule["verbs"] == ["get"], f"Secrets must be get-only: {where}"
 
 
-def test_rbac_all_namespaces_uses_one_cluster_role(rendered):
+def test_rbac_all_namespaces_uses_one_cluster_role_and_no_secrets(rendered):
     docs = rendered["default"]
     assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
-    assert grants(the(docs, "ClusterRole")["rules"]) == ALLOWED_GRANTS
+    fullname = the(docs, "ServiceAccount")["metadata"]["name"]
+    roles = {r["metadata"]["name"]: grants(r["rules"]) for r in of_kind(docs, "ClusterRole")}
+    assert roles == {fullname: {**NAMESPACED_GRANTS, **CLUSTER_GRANTS}, f"{fullname}-secrets": SECRET_GRANTS}
+    # the Secrets ClusterRole is never bound cluster-wide
+    assert [b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding")] == [fullname]
+
+
+def test_rbac_secrets_are_granted_per_opted_in_namespace(helm):
+    docs = [d for d in yaml.safe_load_all(helm("template", RELEASE, str(CHART), "--namespace", RELEASE_NS,
+                                                 "--set", "rbac.secretNamespaces={team-a,team-b}").stdout) if d]
+    bindings = of_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    fullname = the(docs, "ServiceAccount")["metadata"]["name"]
+    assert {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in bindings} == {("ClusterRole", f"{fullname}-secrets")}
 
 
 @pytest.mark.parametrize("case", ["namespaced", "full"])
@@ -327,11 +340,11 @@ def test_rbac_watch_namespaces_uses_roles(rendered, case):
     docs = rendered[case]
     watched = WATCHED if case == "namespaced" else tuple(FULL_VALUES["watchNamespaces"])
     # Cluster-wide only what kopf needs: no Secrets, Pods, ConfigMaps, ... outside the watched namespaces.
-    assert grants(the(docs, "ClusterRole")["rules"]) == CLUSTER_GRANTS
+    assert grants(the(docs, "ClusterRole")["rules"]) == {**CLUSTER_GRANTS, **NAMESPACE_GRANTS}
     roles = of_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(watched)
     for role in roles:
-        assert grants(role["rules"]) == NAMESPACED_GRANTS
+        assert grants(role["rules"]) == {**NAMESPACED_GRANTS, **SECRET_GRANTS}
     assert sorted(b["metadata"]["namespace"] for b in of_kind(docs, "RoleBinding")) == sorted(watched)
 
 

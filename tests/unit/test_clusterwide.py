@@ -154,9 +154,9 @@ def test_children_in_another_namespace_are_labelled_not_owned():
         assert meta["labels"][serving.LABEL_ADAPTERDEPLOYMENT] == "support"
     config_map, account, role, binding = children
     assert config_map["metadata"]["name"] == f"{HOME}.support-desired"
-    assert account["metadata"]["name"] == role["metadata"]["name"] == f"{HOME}.support-agent"
+    assert account["metadata"]["name"] == role["metadata"]["name"] == f"{HOME}.support-kubetune-agent"
     assert role["rules"][0]["resourceNames"] == [f"{HOME}.support-desired"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{HOME}.support-agent",
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{HOME}.support-kubetune-agent",
                                     "namespace": "team-a"}]
     home_children = render.render_children(adep, render.ServingSettings(), serving.DesiredState(generation=1), 16)
     assert home_children[0]["metadata"]["ownerReferences"][0]["uid"] == "u-1"

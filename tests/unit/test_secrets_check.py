@@ -59,6 +59,12 @@ def test_problem_names_the_secret_the_key_and_the_variable():
     assert secrets.problem(refs, {"s3": S3_KEYS, "hf": secrets.EXISTS}, "team-a") is None
     key = secrets.problem(refs, {"s3": frozenset({"AWS_ACCESS_KEY_ID"}), "hf": frozenset({"token"})}, "team-a")
     assert key.reason == secrets.SECRET_KEY_NOT_FOUND and '"AWS_SECRET_ACCESS_KEY"' in key.message
+    # RBAC refused the read (a namespace that did not grant the chart's Secrets role): said so, with the fix
+    refused = secrets.problem(refs, {"s3": secrets.NOT_READABLE, "hf": frozenset({"token"})}, "team-b")
+    assert refused.reason == secrets.SECRET_NOT_READABLE
+    assert refused.message.startswith('the operator may not read Secret "s3" in namespace team-b (for '
+                                      "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY): grant it with a RoleBinding of "
+                                      "the chart's <release>-secrets ClusterRole in team-b")
 
 
 def test_a_missing_secret_holds_the_job_in_pending_with_a_condition_and_one_warning():

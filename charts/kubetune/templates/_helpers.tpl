@@ -60,60 +60,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-RBAC rules for the objects the operator manages, granted where it watches: in a ClusterRole
-(all namespaces) or in a Role per watched namespace. No wildcards.
+RBAC rules of one set of rbac-rules.yaml (operator, kopf, namespaces, secrets): the chart's one list of
+grants, each with its reason, from which docs/security.md's table is generated. No wildcards.
+Called with (dict "root" $ "set" "operator").
 */}}
-{{- define "kubetune.rbac.namespacedRules" -}}
-- apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs", "adapterdeployments"]
-  verbs: ["get", "list", "watch", "patch"]
-# retrains: an AdapterDeployment's drift loop creates FineTuneJobs it owns
-- apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs"]
-  verbs: ["create"]
-- apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs/status", "adapterdeployments/status"]
-  verbs: ["get", "patch", "update"]
-- apiGroups: ["kubeflow.org"]
-  resources: ["pytorchjobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-# Only `get`: the operator reads the Secret a FineTuneJob references (to verify its published adapter
-# in object storage); it never lists or watches Secrets.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
-# Serving pods report adapter state (annotations written by their agents). `patch` only because the
-# agent Role the operator creates grants it: Kubernetes lets nobody grant what they do not hold.
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch", "patch"]
-# A managed serving runtime: the vLLM Deployment, its Service, and the agents' ServiceAccount and Role.
-- apiGroups: ["apps"]
-  resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["services", "serviceaccounts"]
-  verbs: ["get", "create", "patch", "delete"]
-- apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["roles", "rolebindings"]
-  verbs: ["get", "create", "patch", "delete"]
+{{- define "kubetune.rbac.rules" -}}
+{{- range index (.root.Files.Get "rbac-rules.yaml" | fromYaml) .set }}
+- apiGroups: {{ toJson .apiGroups }}
+  resources: {{ toJson .resources }}
+  verbs: {{ toJson .verbs }}
 {{- end }}
-
-{{/* What the kopf framework itself reads cluster-wide (CRD and namespace scanning). */}}
-{{- define "kubetune.rbac.clusterRules" -}}
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["list", "watch"]
 {{- end }}

@@ -7,6 +7,7 @@ import logging
 
 from kubetune.api import storage_location
 from kubetune.clients import kube, storage
+from kubetune_operator.reconcile import secrets as secret_rules
 
 log = logging.getLogger("kubetune.credentials")
 
@@ -26,15 +27,16 @@ class PassSecrets:
 
 
 async def secret_keys(secrets: PassSecrets, names: list[str], section: dict | None
-                      ) -> dict[str, frozenset | bool | None]:
+                      ) -> dict[str, frozenset | bool | str | None]:
     """For reconcile.secrets: which keys each named Secret has (None: it does not exist).
     Only the Secret of the storage `section`'s credentials (which the operator reads anyway, to reach
     storage) is read whole, and only its key names leave this function; every other one is read as
     metadata only (reconcile.secrets.EXISTS: its values never reach the operator). A Secret the operator
-    may not read (403: RBAC narrower than the chart's) is left out: not looked at, so not reported."""
+    may not read (403: its namespace did not grant the chart's Secrets role) is NOT_READABLE, reported
+    as such in the object's status."""
     credentials = section.get("credentials") if isinstance(section, dict) else None
     own = credentials.get("secretName") if isinstance(credentials, dict) else None
-    found: dict[str, frozenset | bool | None] = {}
+    found: dict[str, frozenset | bool | str | None] = {}
     for name in names:
         try:
             if name == own:
@@ -47,7 +49,22 @@ async def secret_keys(secrets: PassSecrets, names: list[str], section: dict | No
             if exc.status != 403:
                 raise
             log.warning("may not read Secret", extra={"namespace": secrets.namespace, "secret": name})
+            found[name] = secret_rules.NOT_READABLE
     return found
+
+
+class RefusedStore(storage.ObjectStore):
+    """The storage of a spec whose credentials Secret RBAC keeps from the operator: every S3 access
+    fails with why (never falling back to the operator's own credentials); the SecretsFound condition
+    tells the user (reconcile.secrets.SECRET_NOT_READABLE)."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
+
+    @property
+    def s3(self):
+        raise PermissionError(self.reason)
 
 
 async def object_store(secrets: PassSecrets, section: dict | None,
@@ -59,7 +76,14 @@ async def object_store(secrets: PassSecrets, section: dict | None,
     access, secret = defaults.access_key, defaults.secret_key
     credentials = section.get("credentials")
     if credentials:
-        data = ((await secrets.get(credentials["secretName"])) or {}).get("data") or {}
+        try:
+            document = await secrets.get(credentials["secretName"])
+        except kube.ApiError as exc:
+            if exc.status != 403:
+                raise
+            return RefusedStore(f'the operator may not read Secret "{credentials["secretName"]}" in namespace '
+                                f"{secrets.namespace}")
+        data = (document or {}).get("data") or {}
         access, secret = (base64.b64decode(data[key]).decode() if key in data else None
                           for key in (credentials.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
                                       credentials.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")))

@@ -15,8 +15,10 @@ from . import conditions as cond
 CONDITION = "SecretsFound"
 SECRET_NOT_FOUND = "SecretNotFound"
 SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
+SECRET_NOT_READABLE = "SecretNotReadable"
 FOUND = "SecretsFound"
 EXISTS = True  # in `found`: the Secret exists, its keys were not read (metadata only)
+NOT_READABLE = "forbidden"  # in `found`: the operator may not read it (403: its namespace did not grant it)
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class SecretRef:
 
 @dataclass(frozen=True)
 class Problem:
-    reason: str  # SECRET_NOT_FOUND | SECRET_KEY_NOT_FOUND
+    reason: str  # SECRET_NOT_FOUND | SECRET_NOT_READABLE | SECRET_KEY_NOT_FOUND
     message: str
 
 
@@ -66,9 +68,10 @@ def named_secrets(spec: object) -> list[str]:
 def problem(refs: Iterable[SecretRef], found: Mapping[str, frozenset | bool | None], namespace: str
             ) -> Problem | None:
     """What is missing among `refs`, given `found` (Secret name -> its keys; EXISTS when only its
-    metadata was read; None when it does not exist). A Secret not in `found` was not looked at
-    (`kubetune local`, RBAC): nothing is reported."""
+    metadata was read; None when it does not exist; NOT_READABLE when RBAC refused the read). A Secret
+    not in `found` was not looked at (`kubetune local`): nothing is reported."""
     absent: dict[str, list[str]] = {}
+    unreadable: dict[str, list[str]] = {}
     keys_missing: list[str] = []
     for ref in refs:
         if ref.secret not in found:
@@ -76,13 +79,19 @@ def problem(refs: Iterable[SecretRef], found: Mapping[str, frozenset | bool | No
         keys = found[ref.secret]
         if keys is None:
             absent.setdefault(ref.secret, []).append(ref.env)
+        elif keys == NOT_READABLE:
+            unreadable.setdefault(ref.secret, []).append(ref.env)
         elif keys is not EXISTS and ref.key not in keys:
             keys_missing.append(f'Secret "{ref.secret}" has no key "{ref.key}" (for {ref.env})')
     parts = [f'Secret "{name}" not found in namespace {namespace} (for {", ".join(envs)})'
-             for name, envs in absent.items()] + keys_missing
+             for name, envs in absent.items()]
+    parts += [f'the operator may not read Secret "{name}" in namespace {namespace} (for {", ".join(envs)}): '
+              f'grant it with a RoleBinding of the chart\'s <release>-secrets ClusterRole in {namespace} '
+              f'(chart value rbac.secretNamespaces)' for name, envs in unreadable.items()]
+    parts += keys_missing
     if not parts:
         return None
-    reason = SECRET_NOT_FOUND if absent else SECRET_KEY_NOT_FOUND
+    reason = SECRET_NOT_FOUND if absent else SECRET_NOT_READABLE if unreadable else SECRET_KEY_NOT_FOUND
     return Problem(reason, "; ".join(parts) + "; pods cannot start without it, nothing new starts until it exists")
 
 

@@ -22,6 +22,7 @@ MODEL_CACHE = "/models"
 ADAPTER_CACHE = "/var/cache/kubetune-adapters"
 RUN_AS_USER = 1000
 ANNOTATION_TEMPLATE_HASH = "kubetune.io/template-hash"
+AGENT_ACCOUNT_SUFFIX = "kubetune-agent"  # the chart's agent-policy.yaml matches it
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,9 @@ def serving_name(adep_name: str) -> str:
 
 
 def agent_account_name(adep_name: str, home: str | None = None) -> str:
-    """`<adep>-agent`; `<home>.<adep>-agent` in a namespace reached cluster-wide (see desired_config_map_name)."""
-    return f"{home}.{adep_name}-agent" if home else f"{adep_name}-agent"
+    """`<adep>-kubetune-agent`; `<home>.<adep>-kubetune-agent` in a namespace reached cluster-wide (see
+    desired_config_map_name). The chart's ValidatingAdmissionPolicy recognizes agents by the suffix."""
+    return f"{home}.{adep_name}-{AGENT_ACCOUNT_SUFFIX}" if home else f"{adep_name}-{AGENT_ACCOUNT_SUFFIX}"
 
 
 def labels(adep_name: str, component: str) -> dict[str, str]:
@@ -101,7 +103,9 @@ def render_desired_config_map(adep: dict, desired: serving.DesiredState, target:
 
 def render_agent_rbac(adep: dict, target: str | None = None) -> list[dict]:
     """The agent reads one ConfigMap and writes its report on its own Pod; nothing else. In `target`
-    (cluster-wide) the same, under names qualified with the AdapterDeployment's namespace."""
+    (cluster-wide) the same, under names qualified with the AdapterDeployment's namespace. RBAC cannot
+    name "its own Pod": the chart's ValidatingAdmissionPolicy (templates/agent-policy.yaml) limits the
+    `patch` to the Pod the agent's token is bound to and to the report annotation."""
     home = _home(adep, target)
     name = agent_account_name(adep["metadata"]["name"], home)
     desired = serving.desired_config_map_name(adep["metadata"]["name"], home)
@@ -112,7 +116,7 @@ def render_agent_rbac(adep: dict, target: str | None = None) -> list[dict]:
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(adep, name, "agent", target),
          "rules": [
              {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [desired], "verbs": ["get"]},
-             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+             {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},
          ]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": _meta(adep, name, "agent", target),
