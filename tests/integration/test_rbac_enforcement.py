@@ -18,6 +18,7 @@ from .conftest import NS, OPERATOR_USER, enforce_watch_namespaces, eventually
 
 pytestmark = pytest.mark.integration
 RBAC_API = kube.Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
+SERVICES = kube.Resource("", "v1", "services")
 
 
 @pytest.fixture(autouse=True)
@@ -62,14 +63,14 @@ def test_request_attributes_as_the_api_server_derives_them():
 
 async def test_what_the_chart_does_not_grant_is_refused_with_the_api_servers_status(k8s, api):
     operator = client_of(k8s, OPERATOR_USER)
-    await api.client.create(kube.CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
-                                              "metadata": {"name": "cfg", "namespace": NS}})
-    code, body = await answer(k8s, OPERATOR_USER, "DELETE", f"/api/v1/namespaces/{NS}/configmaps/cfg")
+    await api.client.create(SERVICES, {"apiVersion": "v1", "kind": "Service",
+                                       "metadata": {"name": "svc", "namespace": NS}})
+    code, body = await answer(k8s, OPERATOR_USER, "DELETE", f"/api/v1/namespaces/{NS}/services/svc")
     assert code == 403 and body["code"] == 403 and body["status"] == "Failure"
-    assert body["reason"] == "Forbidden" and body["details"] == {"name": "cfg", "kind": "configmaps"}
+    assert body["reason"] == "Forbidden" and body["details"] == {"name": "svc", "kind": "services"}
     assert body["message"] == (
-        'configmaps "cfg" is forbidden: User "system:serviceaccount:kubetune-system:kubetune" cannot delete '
-        'resource "configmaps" in API group "" in the namespace "team-a"')
+        'services "svc" is forbidden: User "system:serviceaccount:kubetune-system:kubetune" cannot delete '
+        'resource "services" in API group "" in the namespace "team-a"')
     # no list or watch of Secrets anywhere; no get of Secrets where no namespace opted in
     assert (await refused(operator.list(kube.SECRETS, NS))).status == 403
     assert (await refused(operator.get(kube.SECRETS, "team-c", "s3-creds"))).status == 403
