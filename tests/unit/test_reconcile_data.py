@@ -306,3 +306,12 @@ def test_the_local_summary_shows_findings_of_an_accepted_and_of_a_refused_datase
     job = {"metadata": {"name": "llama-lora"}, "status": {"phase": "Failed", "data": refused}}
     summary = report.finetunejob_summary(job)
     assert "  data refused:\n    error TooFewLabels: the training split has 1 distinct" in summary
+
+
+def test_kubetune_local_exits_2_on_bad_input_only():
+    from kubetune_operator.cli import local_exit_code
+
+    assert local_exit_code({"phase": "Failed", "failure": {"reason": "BadInput", "message": "m"}}) == 2
+    assert local_exit_code({"phase": "Failed", "failure": {"reason": "DataStageFailed", "message": "m"}}) == 1
+    assert local_exit_code({"phase": "Failed"}) == 1
+    assert local_exit_code({"phase": "Succeeded"}) == local_exit_code({"phase": "Skipped"}) == 0
