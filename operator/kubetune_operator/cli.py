@@ -289,7 +289,15 @@ def cmd_local(args: argparse.Namespace) -> int:
     print(_finish_report(outcome, job_dir, name_dir, time.monotonic() - started).summary)
     if args.status_file:
         Path(args.status_file).write_text(json.dumps(outcome.job, indent=2))
-    return 0 if outcome.phase in ("Succeeded", "Skipped") else 1
+    return local_exit_code(outcome.job.get("status") or {})
+
+
+def local_exit_code(status: dict) -> int:
+    """0 when the job succeeded (or had nothing to train), 2 when it failed on bad input (the trainer's
+    own exit 2: the spec or the data must change), else 1."""
+    if status.get("phase") in ("Succeeded", "Skipped"):
+        return 0
+    return 2 if (status.get("failure") or {}).get("reason") == "BadInput" else 1
 
 
 def _local_adapterdeployment(document: dict, args: argparse.Namespace) -> int:

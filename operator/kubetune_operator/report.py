@@ -240,6 +240,9 @@ def finetunejob_summary(job: dict, run_dir: Path | None = None, duration_seconds
     if data.get("state") == stages.SUCCEEDED:
         lines.append(f"  data ({data.get('digest', '')}):")
         lines += ["    " + row for row in data_report.table(data).splitlines()]
+    elif data.get("findings"):
+        lines.append("  data refused:")
+        lines += ["    " + row for row in data_report.findings_text(data["findings"])]
     baseline_status = status.get("baseline") or {}
     if status.get("phase") == "Skipped":
         lines.append(f"  the base model meets the target ({baseline_status.get('summary', '')}): nothing was trained")

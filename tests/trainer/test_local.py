@@ -75,7 +75,7 @@ def test_local_run_trains_publishes_and_summarises(tmp_path, tiny_llama):
 def test_local_run_reports_bad_data_and_fails(tmp_path, tiny_llama):
     data = write_jsonl(tmp_path / "train.jsonl", [json.dumps(r) for r in lm_corpus(8)] + ["not json"])
     result = run_local(tmp_path, _job_file(tmp_path, tiny_llama, data))
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input, as the trainer's own exit code says
     status = json.loads((tmp_path / "status.json").read_text())["status"]
     assert status["phase"] == "Failed" and status["failure"]["reason"] == "BadInput"
     assert "exited with code 2" in status["failure"]["message"]  # the launcher passes the worker's code through
@@ -86,6 +86,34 @@ def test_local_run_reports_bad_data_and_fails(tmp_path, tiny_llama):
     report = tmp_path / "runs" / "local-job" / "report"
     assert "no adapter was published" in (report / "summary.txt").read_text()  # the charts' reason
     assert not list(report.glob("*.png"))
+
+
+def test_local_refuses_a_single_class_dataset_with_its_finding_and_publishes_nothing(tmp_path, tiny_llama):
+    rows = [{"text": f"{' '.join(r['prompt'].split()[:2])} {r['completion']}", "label": "billing"}
+            for r in lm_corpus(12)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    result = run_local(tmp_path, _job_file(tmp_path, tiny_llama, data), "--set", "task=SequenceClassification",
+                       "--set", "dataset.format=text-label", "--set", "dataset.validationSplit=0.25")
+    assert result.returncode == 2, result.stdout + result.stderr
+    status = json.loads((tmp_path / "status.json").read_text())["status"]
+    assert status["phase"] == "Failed" and status["failure"]["reason"] == "BadInput"
+    assert [(f["severity"], f["code"]) for f in status["data"]["findings"]] == [("Error", "TooFewLabels")]
+    assert "1 distinct label ('billing')" in status["data"]["findings"][0]["message"]
+    assert "Warning DataTooFewLabels: Error: the training split has 1 distinct label" in result.stderr
+    assert "data refused:\n    error TooFewLabels: the training split has 1 distinct label ('billing')" in result.stdout
+    # refused by the CPU data stage: no training job, nothing in the output storage
+    assert "trainingJob" not in status and "adapter" not in status
+    assert not list((tmp_path / "runs" / "storage").rglob("manifest.json"))
+    assert not list((tmp_path / "runs" / "storage").rglob("*.safetensors"))
+
+
+def test_local_names_a_directory_given_as_the_dataset(tmp_path, tiny_llama):
+    (tmp_path / "data").mkdir()
+    result = run_local(tmp_path, _job_file(tmp_path, tiny_llama, tmp_path / "data"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    status = json.loads((tmp_path / "status.json").read_text())["status"]
+    assert status["failure"]["reason"] == "BadInput" and "Traceback" not in status["failure"]["message"]
+    assert f"dataset.uri file://{tmp_path / 'data'} is a directory; expected a JSON Lines file" in result.stdout
 
 
 def test_local_refuses_an_invalid_spec_before_running_anything(tmp_path, tiny_llama):

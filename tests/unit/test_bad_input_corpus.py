@@ -54,8 +54,9 @@ def test_corpus_size():
     assert len(SPECS) >= 50
     assert kinds.count("FineTuneJob") >= 35 and kinds.count("AdapterDeployment") >= 15
     assert len(DATASETS) >= 20
-    assert sorted(DATASETS) == sorted(p.name for p in (CORPUS / "datasets").glob("*.jsonl")), \
-        "every dataset file has a manifest entry and every entry a file"
+    named = [*DATASETS, *(entry["validation"] for entry in DATASETS.values() if "validation" in entry)]
+    assert sorted(named) == sorted(p.name for p in (CORPUS / "datasets").glob("*.jsonl")), \
+        "every dataset file has a manifest entry (or is an entry's validation file) and every entry a file"
 
 
 @pytest.mark.parametrize("kind", sorted(api.KINDS))
@@ -141,6 +142,9 @@ def _job_config(path: Path, entry: dict, out: Path) -> jobconfig.JobConfig:
     }
     if entry.get("labels"):
         spec["labels"] = entry["labels"]
+    if "validation" in entry:
+        spec["dataset"]["validationUri"] = (path.parent / entry["validation"]).as_uri()
+    spec["dataset"].update({key: entry[key] for key in ("validationSplit", "leakage") if key in entry})
     doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": "corpus", "namespace": "test", "uid": "uid-corpus", "generation": 1}, "spec": spec}
     result = validate(doc, local=True)
@@ -160,11 +164,15 @@ def test_dataset_is_reported_with_line_numbers(name, tmp_path):
     if entry["outcome"] == "BadInput":
         with pytest.raises(BadInput) as refused:
             dataset_input.check_lengths(config, loaded, WordTokenizer())
-        summary = str(refused.value)
+        summary, findings = str(refused.value), refused.value.findings
         assert "nothing was trained" in summary
     else:
         dataset_input.check_lengths(config, loaded, WordTokenizer())
-        summary = loaded.summary()
+        summary, findings = loaded.summary(), loaded.findings
+    # The dataset policy's findings on the final splits: exactly these codes, each of its severity
+    assert {f["code"]: f["severity"] for f in findings} == entry.get("findings", {}), findings
+    if "message" in entry:
+        assert any(entry["message"] in f["message"] for f in findings), findings
 
     report = loaded.reports[0]
     found: dict[str, list[int]] = {}

@@ -252,3 +252,66 @@ def test_a_lost_status_write_after_the_data_stage_is_repaired_from_its_report():
     assert plan.create == []
     assert plan.status["data"]["state"] == "Succeeded" and plan.status["data"]["examples"]["train"] == 180
     assert plan.status["trainingJob"]["name"] == "llama-lora" and plan.status["phase"] == "Pending"
+
+
+# --- the dataset policy's findings -----------------------------------------------------------------------
+
+FINDINGS = [{"severity": "Warning", "code": "LabelsNotValidated", "message": "1 training label without a "
+             "validation example, so the metrics say nothing about them: 'account'"},
+            {"severity": "Warning", "code": "Leakage", "message": "1 of 4 validation examples copy training"}]
+
+
+def test_warnings_reach_status_and_become_warning_events():
+    report = {**DATA_REPORT, "findings": FINDINGS, "leakage": {"policy": "Warn", "matched": 1, "dropped": 0}}
+    _, job = launched()
+    plan, job = step(job, data_workload(SUCCEEDED), StageReport(result=data_result(job, report)))
+    assert job["status"]["data"]["findings"] == FINDINGS
+    warnings = [(e.type, e.reason, e.message) for e in plan.events if e.type == "Warning"]
+    # Leakage keeps its own Event (DataLeakage, in the words its readers know): not a second one
+    assert [reason for _, reason, _ in warnings] == ["DataLeakage", "DataLabelsNotValidated"]
+    assert warnings[1][2] == "Warning: " + FINDINGS[0]["message"]
+    assert [c["metadata"]["name"] for c in plan.create] == ["llama-lora-config", "llama-lora"]
+
+
+def test_a_refusal_keeps_its_findings_in_status_with_an_event_each():
+    _, job = launched()
+    found = [{"severity": "Error", "code": "TooFewLabels", "message": "the training split has 1 distinct label"},
+             {"severity": "Error", "code": "ValidationTooSmall", "message": "the validation split has 1 example"}]
+    failure = {"failure": {"reason": "BadInput", "message": "the dataset cannot train", "findings": found}}
+    plan, job = step(job, data_workload(FAILED), StageReport(progress=failure))
+    assert job["status"]["data"]["findings"] == found
+    assert job["status"]["failure"]["reason"] == "BadInput" and plan.create == []
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "DataTooFewLabels"),
+                                                         ("Warning", "DataValidationTooSmall"), ("Warning", "BadInput")]
+
+
+def test_findings_the_status_cannot_hold_are_left_out_or_cut():
+    found = data_report.findings([{"severity": "Fatal", "code": "X", "message": "m"}, "text",
+                                  {"severity": "Error", "code": "C" * 100, "message": "m" * 10_000},
+                                  {"severity": "Warning"}] + [{"severity": "Warning", "code": "W"}] * 40)
+    assert found[0] == {"severity": "Error", "code": "C" * 64, "message": "m" * 4096}
+    assert found[1] == {"severity": "Warning", "code": "Finding", "message": ""}
+    assert len(found) == data_report.MAX_FINDINGS
+    assert data_report.findings(None) == [] and "findings" not in data_report.status_fields(DATA_REPORT)
+
+
+def test_the_local_summary_shows_findings_of_an_accepted_and_of_a_refused_dataset():
+    from kubetune_operator import report
+
+    record = {"job": DATA_JOB, "state": "Succeeded", **DATA_REPORT, "findings": FINDINGS}
+    job = {"metadata": {"name": "llama-lora"}, "status": {"phase": "Succeeded", "data": record}}
+    assert "warning LabelsNotValidated: 1 training label" in report.finetunejob_summary(job)
+    refused = {"job": DATA_JOB, "state": "Failed", "findings": [{"severity": "Error", "code": "TooFewLabels",
+                                                                 "message": "the training split has 1 distinct"}]}
+    job = {"metadata": {"name": "llama-lora"}, "status": {"phase": "Failed", "data": refused}}
+    summary = report.finetunejob_summary(job)
+    assert "  data refused:\n    error TooFewLabels: the training split has 1 distinct" in summary
+
+
+def test_kubetune_local_exits_2_on_bad_input_only():
+    from kubetune_operator.cli import local_exit_code
+
+    assert local_exit_code({"phase": "Failed", "failure": {"reason": "BadInput", "message": "m"}}) == 2
+    assert local_exit_code({"phase": "Failed", "failure": {"reason": "DataStageFailed", "message": "m"}}) == 1
+    assert local_exit_code({"phase": "Failed"}) == 1
+    assert local_exit_code({"phase": "Succeeded"}) == local_exit_code({"phase": "Skipped"}) == 0

@@ -25,8 +25,9 @@ from .failures import is_retryable
 log = logging.getLogger("kubetune_trainer")
 
 
-def _report_failure(config: jobconfig.JobConfig, reason: str, message: str) -> None:
-    """Leave the reason where the operator and `kubetune local` look (progress.json)."""
+def _report_failure(config: jobconfig.JobConfig, reason: str, message: str, findings: list | None = None) -> None:
+    """Leave the reason (and the dataset policy's findings) where the operator and `kubetune local` look
+    (progress.json)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     try:
@@ -34,7 +35,10 @@ def _report_failure(config: jobconfig.JobConfig, reason: str, message: str) -> N
 
         store = storage.output_store_from_env(config.spec)
         writer = storage.ProgressWriter(store, config.storage.job_prefix, enabled=True)
-        writer.update(force=True, stage="failed", failure={"reason": reason, "message": message[:4000]})
+        failure = {"reason": reason, "message": message[:4000]}
+        if findings:
+            failure["findings"] = findings
+        writer.update(force=True, stage="failed", failure=failure)
     except Exception:  # the exit code still tells the story
         log.exception("could not record the failure in progress.json")
 
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         document = run(config, work_dir=work_dir)
     except BadInput as exc:
         log.error("bad input: nothing was trained", extra={"reason": "BadInput", "error": str(exc)})
-        _report_failure(config, "BadInput", str(exc))
+        _report_failure(config, "BadInput", str(exc), exc.findings)
         return jobconfig.EXIT_BAD_INPUT
     except halted as exc:
         log.error("training halted", extra={"reason": exc.reason, "error": str(exc)})

@@ -503,6 +503,7 @@ class LoadedData:
     labels: list[str]  # text-label: the declared labels in id order, else those found, sorted; [] otherwise
     digest: str  # sha256 of the dataset file, "+" that of the validation file when there is one
     leakage_outcome: Outcome | None = None  # set once spec.dataset.leakage is applied (dataset_input.py)
+    findings: list[dict] = field(default_factory=list)  # the dataset policy's (dataset_policy.Finding.as_dict)
 
     def acceptable(self, max_invalid_fraction: float) -> bool:
         return all(report.acceptable(max_invalid_fraction) for report in self.reports)

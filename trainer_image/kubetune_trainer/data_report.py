@@ -56,4 +56,5 @@ def build(loaded: LoadedData, lengths: dict[str, Sequence[int]], max_tokens: int
         "truncated": {split: truncated_share(lengths[split], max_tokens) for split in (TRAIN, VALIDATION)},
         "duplicates": duplicates(loaded),
         "leakage": outcome.as_report(),
+        "findings": list(loaded.findings),
     }

@@ -7,10 +7,12 @@ functions, so they see the same splits and refuse the same data with the same me
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+from kubetune.api import storage_layout
 from kubetune.api.jobconfig import JobConfig
 
-from . import data, leakage, storage
+from . import data, dataset_policy, leakage, storage
 from .errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -27,15 +29,30 @@ def load_data(config: JobConfig, progress: storage.ProgressWriter) -> data.Loade
     dataset = spec["dataset"]
     store = storage.data_store(spec)
     progress.update(stage="validating", force=True)
-    raw = store.read(dataset["uri"])
-    if raw is None:
-        raise BadInput(f"dataset.uri {dataset['uri']} does not exist")
+    raw = read_data_file(store, "dataset.uri", dataset["uri"])
     validation_raw = None
     if dataset.get("validationUri"):
-        validation_raw = store.read(dataset["validationUri"])
-        if validation_raw is None:
-            raise BadInput(f"dataset.validationUri {dataset['validationUri']} does not exist")
+        validation_raw = read_data_file(store, "dataset.validationUri", dataset["validationUri"])
     return parse_data(config, raw, validation_raw)
+
+
+def read_data_file(store, field: str, uri: str) -> bytes:
+    """The bytes of the file at `field`'s uri; BadInput naming the field when it is missing or a directory."""
+    scheme, _, key = storage_layout.split_uri(uri)
+    names_a_file = bool(key) and not key.endswith("/") and not (scheme == "file" and Path(key).is_dir())
+    raw = store.read(uri) if names_a_file else None
+    if raw is None:
+        raise missing_data_file(store, field, uri)
+    return raw
+
+
+def missing_data_file(store, field: str, uri: str) -> BadInput:
+    """Why no file is at `uri`: a directory (a local one, a key ending in "/", objects under "uri/") or nothing."""
+    scheme, _, key = storage_layout.split_uri(uri)
+    directory = Path(key).is_dir() if scheme == "file" else not key or key.endswith("/") or store.list(uri + "/")
+    if directory:
+        return BadInput(f"{field} {uri} is a directory; expected a JSON Lines file")
+    return BadInput(f"{field} {uri} does not exist")
 
 
 def parse_data(config: JobConfig, raw: bytes, validation_raw: bytes | None) -> data.LoadedData:
@@ -56,7 +73,8 @@ def apply_leakage_policy(loaded: data.LoadedData, policy: str, train_name: str, 
     loaded.validation, outcome = leakage.apply_policy(policy, loaded.leakage, loaded.validation)
     loaded.leakage_outcome = outcome
     if outcome.refused:
-        raise BadInput(outcome.refusal(train_name, validation_name))
+        message = outcome.refusal(train_name, validation_name)
+        raise BadInput(message, [dataset_policy.Finding(dataset_policy.ERROR, "Leakage", message).as_dict()])
     if outcome.dropped:
         loaded.leakage = loaded.reports[0].leakage = []
     if outcome.matched:
@@ -79,9 +97,25 @@ def length_check_functions(tokenizer, fmt: str) -> tuple:
 
 def check_lengths(config: JobConfig, loaded: data.LoadedData, tokenizer) -> None:
     """Drop examples with nothing left to train on after truncation; refuse the data beyond
-    dataset.maxInvalidFraction (BadInput with the report's line numbers)."""
+    dataset.maxInvalidFraction (BadInput with the report's line numbers); then apply the dataset policy
+    to the final splits (`loaded.findings`; BadInput on an Error)."""
     spec = config.spec
     count, render_chat = length_check_functions(tokenizer, spec["dataset"]["format"])
     loaded.apply_length_check(count, spec["training"]["maxSeqLength"], render_chat=render_chat)
     if not loaded.acceptable(spec["dataset"]["maxInvalidFraction"]):
         raise BadInput("the dataset has invalid lines (nothing was trained):\n" + loaded.summary())
+    apply_dataset_policy(spec, loaded)
+
+
+def apply_dataset_policy(spec: dict, loaded: data.LoadedData) -> None:
+    """Record the policy's findings on `loaded`, log the warnings, refuse on an error (dataset_policy)."""
+    dataset = spec["dataset"]
+    found = dataset_policy.findings(
+        loaded, validation_expected=bool(dataset.get("validationUri")) or dataset["validationSplit"] > 0,
+        declared_labels=spec.get("labels") or (), validation_name=dataset.get("validationUri") or dataset["uri"])
+    loaded.findings = [finding.as_dict() for finding in found]
+    refusal = dataset_policy.refusal(found)
+    if refusal:
+        raise BadInput(refusal, loaded.findings)
+    for finding in found:
+        log.warning("dataset finding: %s", finding.message, extra={"severity": finding.severity, "code": finding.code})

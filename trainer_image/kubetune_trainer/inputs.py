@@ -9,7 +9,7 @@ from kubetune.api import jobconfig, storage_layout
 from kubetune.api.jobconfig import JobConfig
 
 from . import data, distributed, evalsets, leakage, modeling, node_cache, storage, text
-from .dataset_input import check_lengths, length_check_functions, parse_data, stratify_field
+from .dataset_input import check_lengths, length_check_functions, missing_data_file, parse_data, stratify_field
 from .modeling import BadInput
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def fetch_data_files(store, sources: list[tuple[str, str]], cache_dir: Path) -> 
             else:
                 found = node_cache.fetch_object(store, uri, target, f"{field} {uri}")
             if found is None:
-                raise BadInput(f"{field} {uri} does not exist")
+                raise missing_data_file(store, field, uri)
             paths.append(found)
         return paths
 

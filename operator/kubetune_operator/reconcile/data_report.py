@@ -1,6 +1,6 @@
 """The data stage's report as the status holds it (pure): `status_fields` keeps what status.data can
-store from the result document the trainer wrote, `summary` and `leakage_message` are its Events' text,
-`table` the block `kubetune local` prints."""
+store from the result document the trainer wrote, `summary`, `leakage_message` and `finding_events` are
+its Events, `table` the block `kubetune local` prints."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ SPLITS = ("train", "validation")
 LEAKAGE_POLICIES = DATA_STATUS["properties"]["leakage"]["properties"]["policy"]["enum"]
 MAX_LABELS = DATA_STATUS["properties"]["labels"]["maxItems"]
 MAX_DIGEST = DATA_STATUS["properties"]["digest"]["maxLength"]
+_FINDINGS = DATA_STATUS["properties"]["findings"]
+MAX_FINDINGS = _FINDINGS["maxItems"]
+FINDING_FIELDS = _FINDINGS["items"]["properties"]
 
 
 def _count(value: object) -> int | None:
@@ -63,7 +66,33 @@ def status_fields(report: object) -> dict:
         counted["policy"] = leakage["policy"]
     if counted:
         out["leakage"] = counted
+    found = findings(report.get("findings"))
+    if found:
+        out["findings"] = found
     return out
+
+
+def findings(value: object) -> list[dict]:
+    """The dataset policy's findings the status can hold (a report without them, from an older trainer: [])."""
+    out = []
+    for item in value if isinstance(value, list) else []:
+        if not isinstance(item, dict) or item.get("severity") not in FINDING_FIELDS["severity"]["enum"]:
+            continue
+        out.append({"severity": item["severity"],
+                    "code": str(item.get("code") or "Finding")[:FINDING_FIELDS["code"]["maxLength"]],
+                    "message": str(item.get("message") or "")[:FINDING_FIELDS["message"]["maxLength"]]})
+    return out[:MAX_FINDINGS]
+
+
+def finding_events(found: list[dict], *, skip: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Event each finding becomes: Warning, Data<code> (an Error refused the
+    dataset, so it is a Warning too: Kubernetes has no other type)."""
+    return [("Warning", f"Data{f['code']}", f"{f['severity']}: {f['message']}") for f in found if f["code"] not in skip]
+
+
+def findings_text(found: list[dict]) -> list[str]:
+    """A line per finding (`kubetune local`'s summary)."""
+    return [f"{f['severity'].lower()} {f['code']}: {f['message']}" for f in found]
 
 
 def leakage_message(record: dict) -> str | None:
@@ -128,4 +157,5 @@ def table(record: dict) -> str:
                     f"{leakage.get('dropped', 0)} dropped")
     if record.get("invalidLines"):
         rows.append(f"invalid lines skipped: {record['invalidLines']}")
+    rows += findings_text(record.get("findings") or [])
     return "\n".join(rows)

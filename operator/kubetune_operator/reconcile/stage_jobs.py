@@ -158,6 +158,11 @@ def _data_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, s
         record["state"] = followed["state"]
         if reason is not None:
             message = followed["message"].removeprefix(f"{reason}: ")
+            failure = ((observed.stage_reports.get(name) or StageReport()).progress or {}).get("failure")
+            found = data_report.findings(failure.get("findings") if isinstance(failure, dict) else None)
+            if found:
+                record["findings"] = found
+                plan.events += [Event(*event) for event in data_report.finding_events(found)]
             return _data_failed(status, record, "DataStageFailed" if reason == "TrainingFailed" else reason, message)
     elif not suspended:
         _launch_stage(observed, settings, job, spec, stage, plan)
@@ -180,6 +185,9 @@ def _data_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, s
         leakage = data_report.leakage_message(record)
         if leakage:
             plan.events.append(Event("Warning", "DataLeakage", leakage))
+        # Leakage has its Event above, in the words its readers know
+        plan.events += [Event(*event) for event in data_report.finding_events(record.get("findings") or [],
+                                                                              skip=("Leakage",))]
         return True
     status.value["data"] = record
     queueing.stage_phase(status, spec, "Validating", "the data stage is suspended", _present(workload))

@@ -81,6 +81,13 @@ DATA_STATUS = obj(
                        {"policy": string("dataset.leakage.", enum=["Drop", "Fail", "Warn"]),
                         "matched": integer("Validation examples found in training.", minimum=0),
                         "dropped": integer("Removed from validation.", minimum=0)}),
+        "findings": array(
+            "What the dataset policy found (docs/trainer.md): an Error refused the dataset, a Warning was kept.",
+            obj("One finding.", {"severity": string("Error or Warning.", enum=["Error", "Warning"]),
+                                 "code": string("CamelCase kind, e.g. TooFewLabels.", max_length=64),
+                                 "message": string("What was found, with labels and line numbers.",
+                                                   max_length=4096)}),
+            max_items=32),
         "message": string("Why the data stage refused the dataset, with line numbers.", max_length=32_768),
     },
 )
