@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.api import crd, reference, storage_location
+from kubetune.api import crd, documents, reference, storage_location
 from kubetune.api.validation import validate
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.render import rbac_table
@@ -26,21 +26,30 @@ GENERATED_CRD_DIRS = ("crds", "charts/kubetune/crds")
 
 
 class InputError(Exception):
-    """A file the user named cannot be read as YAML: reported in one line, exit code 2."""
+    """A flag or setting that cannot be used as given: reported in one line, exit code 2."""
 
 
-def _load_documents(path: str) -> list[dict]:
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
-        documents = [doc for doc in yaml.safe_load_all(text) if doc]
-    except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML: {exc}") from exc
-    not_objects = [index for index, doc in enumerate(documents) if not isinstance(doc, dict)]
-    if not_objects:
-        raise InputError(f"{path}: document {not_objects[0] + 1} is not a Kubernetes object (a mapping)")
-    return documents
+def _read(path: str) -> bytes:
+    """The file's bytes (or stdin's), at most what the loader accepts plus one byte to see it is more."""
+    if path == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        return stream.read(documents.MAX_FILE_BYTES + 1) if stream else sys.stdin.read().encode("utf-8")
+    with open(path, "rb") as handle:
+        return handle.read(documents.MAX_FILE_BYTES + 1)
+
+
+def load_objects(path: str) -> list[documents.Document]:
+    """Every object in the file as kubectl would send it (documents.load); InputError or OSError when
+    the file cannot be read as Kubernetes objects."""
+    return documents.load(_read(path), "stdin" if path == "-" else path)
+
+
+def _shape_refused(doc: documents.Document) -> bool:
+    """Print the top-level problems that stop every command (validate reports them itself)."""
+    problems = documents.shape_errors(doc.value)
+    for field_path, message in problems:
+        print(f"{doc.name}: error: {field_path}: {message}", file=sys.stderr)
+    return bool(problems)
 
 
 def dump_yaml(documents: list[dict]) -> str:
@@ -49,17 +58,19 @@ def dump_yaml(documents: list[dict]) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
-    for doc in _load_documents(args.file):
-        name = f"{doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
-        result = validate(doc)
+    for doc in load_objects(args.file):
+        document, notes = documents.as_created(doc.value)
+        result = validate(document)
+        for field_path, message in notes:
+            print(f"{doc.name}: warning: {field_path}: {message}", file=sys.stderr)
         for warning in result.warnings:
-            print(f"{name}: warning: {warning}", file=sys.stderr)
+            print(f"{doc.name}: warning: {warning}", file=sys.stderr)
         if result.ok:
-            print(f"{name}: valid")
+            print(f"{doc.name}: valid")
         else:
             failed = True
             for error in result.errors:
-                print(f"{name}: error: {error}", file=sys.stderr)
+                print(f"{doc.name}: error: {error}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -84,7 +95,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     storage = storage_setting(args)
     settings = ftj.Settings(render=render.RenderSettings(trainer_image=args.trainer_image, storage=storage))
     out = []
-    for doc in _load_documents(args.file):
+    for loaded in load_objects(args.file):
+        if _shape_refused(loaded):
+            return 1
+        doc = documents.as_created(loaded.value)[0]
         if doc.get("kind") == "AdapterDeployment":
             children = _render_adapterdeployment(doc, args, serving_render.ServingSettings(storage=storage))
             if children is None:
@@ -239,12 +253,15 @@ def _finish_report(result, job_dir: Path, name_dir: Path, duration_seconds: floa
 def cmd_local(args: argparse.Namespace) -> int:
     from kubetune_operator.local import finetunejob as local  # subprocesses and storage only where they are needed
 
-    loaded = _load_documents(args.file)  # once: the file may be stdin
+    objects = load_objects(args.file)  # once: the file may be stdin
+    if any([_shape_refused(doc) for doc in objects]):
+        return 2
+    loaded = [documents.as_created(doc.value)[0] for doc in objects]
     kinds = [d.get("kind") for d in loaded]
     if kinds == ["AdapterDeployment"]:
         return _local_adapterdeployment(loaded[0], args)
-    documents = [d for d in loaded if d.get("kind") == "FineTuneJob"]
-    if len(documents) != 1:
+    jobs = [d for d in loaded if d.get("kind") == "FineTuneJob"]
+    if len(jobs) != 1:
         print(f"{args.file}: expected exactly one FineTuneJob or one AdapterDeployment, found "
               f"{', '.join(str(k) for k in kinds) or 'nothing'}", file=sys.stderr)
         return 2
@@ -256,10 +273,10 @@ def cmd_local(args: argparse.Namespace) -> int:
         output = None
     try:
         overrides = [local.parse_override(item) for item in args.set]
+        job = local.prepare_job(jobs[0], namespace=args.namespace, output=output, overrides=overrides)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    job = local.prepare_job(documents[0], namespace=args.namespace, output=output, overrides=overrides)
     result = validate(job, local=True)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -433,9 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except InputError as exc:
+    except (InputError, documents.InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:  # a file named on the command line: missing, a directory, unreadable, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+    except Exception as exc:
+        print(f"error: kubetune stopped on an unexpected problem (please report it): {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -96,10 +96,10 @@ def test_unreadable_input_is_one_line_and_exit_2(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("spec: [\n")
     assert cli.main(["render", "-f", str(broken)]) == 2
-    assert f"error: {broken}: not valid YAML" in capsys.readouterr().err
+    assert f"error: {broken}:2: document 1: not valid YAML" in capsys.readouterr().err
     broken.write_text("- a list\n")
     assert cli.main(["local", "-f", str(broken)]) == 2
-    assert "document 1 is not a Kubernetes object" in capsys.readouterr().err
+    assert "document 1: a list, not a Kubernetes object" in capsys.readouterr().err
 
 
 def test_the_invalid_example_is_refused_with_field_paths(capsys):

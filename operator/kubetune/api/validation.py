@@ -18,6 +18,7 @@ import jsonschema
 
 from . import v1alpha1 as api
 from .crd import custom_resource_definition
+from .documents import shape_errors
 from .methods import facts as method_facts
 from .schema import apply_defaults, iter_rules, strict_json_schema
 from .v1alpha1.dataset import DATASET_FORMATS
@@ -241,6 +242,12 @@ def validate(document: dict, *, local: bool = False) -> ValidationResult:
 
     `local`: validate for `kubetune local` (file:// outputs allowed) instead of a cluster."""
     result = ValidationResult()
+    if not isinstance(document, dict):
+        result.errors.append(FieldError("", "a Kubernetes object must be a mapping"))
+        return result
+    result.errors.extend(FieldError(path, message) for path, message in shape_errors(document))
+    if result.errors:
+        return result  # nothing below can read a top level of the wrong shape
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if api_version != api.API_VERSION:
         result.errors.append(FieldError("apiVersion", f"must be {api.API_VERSION}, got {api_version!r}"))
