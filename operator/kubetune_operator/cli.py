@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import sys
 import time
@@ -337,6 +338,33 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return operator_main.run(args, storage_setting(args))
 
 
+def positive_number(text: str) -> float:
+    """A flag's seconds or rate: a finite number above zero (nan, inf and 0 would hang or spin)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else positive_number(text)
+
+
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
+def positive_integer(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def _add_storage_flags(p) -> None:
     """The operator's storage setting: what a spec that names no endpoint or region gets (docs/operations.md)."""
     setting = storage_location.operator_setting(os.environ)
@@ -376,7 +404,7 @@ def _add_local_command(sub) -> None:
     p.add_argument("--output", help="output URI (default: file://RUN_DIR/storage; 'spec' keeps spec.output.uri)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. --set baseModel.uri=file:///models/x (YAML value; repeat)")
-    p.add_argument("--poll", type=float, default=1.0, help="seconds between state-machine rounds")
+    p.add_argument("--poll", type=positive_number, default=1.0, help="seconds between state-machine rounds")
     p.add_argument("--status-file", help="write the final FineTuneJob (with status) here as JSON; an "
                                          "AdapterDeployment's after every pass (default: "
                                          "RUN_DIR/NAME/adapterdeployment.json)")
@@ -384,16 +412,16 @@ def _add_local_command(sub) -> None:
     serving_flags.add_argument("--traffic", metavar="FILE.jsonl",
                                help='requests sent once to the agents, round robin: one JSON line each, '
                                     '{"path": "/classify", "body": {"input": "..."}} (model: the first adapter)')
-    serving_flags.add_argument("--traffic-rate", type=float, metavar="N",
+    serving_flags.add_argument("--traffic-rate", type=positive_number, metavar="N",
                                help="requests per second (default: as fast as the agents answer)")
     serving_flags.add_argument("--until", choices=["promoted", "rejected", "drifted", "traffic-done", "never"],
                                default="promoted",
                                help="stop (exit 0) when a retrain is promoted and served everywhere, a retrain is "
                                     "rejected, drift is detected, the traffic is sent and analysed, or never "
                                     "(Ctrl-C)")
-    serving_flags.add_argument("--max-seconds", type=float,
+    serving_flags.add_argument("--max-seconds", type=positive_number,
                                help="give up (exit 1) when --until is not reached this long after the start")
-    serving_flags.add_argument("--drift-seconds", type=float, default=2.0,
+    serving_flags.add_argument("--drift-seconds", type=positive_number, default=2.0,
                                help="how often new samples are read and drift windows analysed")
     serving_flags.add_argument("--embedding-url", default=os.environ.get("KUBETUNE_EMBEDDING_URL"),
                                help="OpenAI-compatible embeddings service for the drift diagnostics (e.g. "
@@ -408,9 +436,9 @@ def _add_operator_command(sub) -> None:
     p.add_argument("-n", "--namespace", action="append", default=[], help="watch only these namespaces (repeat)")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
     p.add_argument("--trainer-image", default=render.RenderSettings().trainer_image)
-    p.add_argument("--health-port", type=int, default=8080)
-    p.add_argument("--metrics-port", type=int, default=9090)
-    p.add_argument("--publish-timeout", type=int, default=600, help="seconds to wait for a manifest")
+    p.add_argument("--health-port", type=port_number, default=8080)
+    p.add_argument("--metrics-port", type=port_number, default=9090)
+    p.add_argument("--publish-timeout", type=positive_integer, default=600, help="seconds to wait for a manifest")
     p.add_argument("--vllm-image", default=serving_render.ServingSettings().engine_images["vllm"],
                    help="engine image of managed serving runtimes")
     p.add_argument("--agent-image", default=serving_render.ServingSettings().agent_image,
@@ -424,12 +452,12 @@ def _add_operator_command(sub) -> None:
                    help="OpenAI-compatible embeddings service for the drift diagnostics (e.g. the CPU engine with "
                         "--embedding-model, or a vLLM/TEI serving all-MiniLM-L6-v2); without it they are skipped")
     p.add_argument("--embedding-model", default="all-MiniLM-L6-v2", help="model name sent to --embedding-url")
-    p.add_argument("--max-concurrent-retrains", type=int, default=2,
+    p.add_argument("--max-concurrent-retrains", type=positive_integer, default=2,
                    help="drift retrains in flight at once across the watched namespaces")
-    p.add_argument("--drift-seconds", type=float, default=30.0,
+    p.add_argument("--drift-seconds", type=positive_number, default=30.0,
                    help="how often each drift-watched adapter's new samples are read and analysed")
     _add_storage_flags(p)
-    p.add_argument("--status-min-interval", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--status-min-interval", type=non_negative_number, default=10.0, metavar="SECONDS",
                    help="write fields that change on every poll (FineTuneJob progress, AdapterDeployment drift "
                         "window counts) at most this often per object (status.lastUpdateTime); phase, conditions "
                         "and results are written at once; 0: every change at once")

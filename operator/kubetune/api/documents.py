@@ -368,8 +368,17 @@ def _parse(text: str, source: str) -> list[tuple[Any, int, int]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = " ".join(part for part in (exc.context, exc.problem) if part)
-        raise InputError(source, f"not valid YAML: {problem}", document=f"document {max(index, 1)}",
+        if "maximum nesting depth" in problem:  # libyaml's own limit (1000), met while it scans ahead
+            problem = (f"nested more than {MAX_DEPTH} levels deep; no field of a kubetune object nests that deep "
+                       f"(kubectl itself stops at {KUBECTL_MAX_DEPTH})")
+        else:
+            problem = f"not valid YAML: {problem}"
+        raise InputError(source, problem, document=f"document {max(index, 1)}",
                          line=mark.line + 1 if mark else None) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, other control characters)
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        raise InputError(source, f"not valid YAML: {exc.reason}", document=f"document {max(index, 1)}",
+                         line=line) from None
     except yaml.YAMLError as exc:
         raise InputError(source, f"not valid YAML: {exc}") from None
     return documents
@@ -451,6 +460,6 @@ def as_created(document: dict) -> tuple[dict, list[tuple[str, str]]]:
     if not isinstance(meta, dict) or meta.get("name") or not isinstance(meta.get("generateName"), str):
         return document, []
     name = meta["generateName"][:MAX_GENERATED_BASE] + "x" * GENERATED_SUFFIX
-    warning = ("metadata.generateName", "accepted by `kubectl create`, but `kubectl apply` and GitOps tools (Argo CD, "
-               "Flux) need metadata.name to find the object again; checked here as " + name)
+    warning = ("metadata.generateName", "accepted by `kubectl create`; `kubectl apply` refuses it (cannot use generate "
+               "name with apply) and GitOps tools need metadata.name to find the object again; checked as " + name)
     return {**document, "metadata": {**meta, "name": name}}, [warning]
