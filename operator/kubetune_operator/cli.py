@@ -31,12 +31,24 @@ class InputError(Exception):
 
 
 def _read(path: str) -> bytes:
-    """The file's bytes (or stdin's), at most what the loader accepts plus one byte to see it is more."""
+    """The file's bytes (or stdin's), at most what the loader accepts plus one byte to see it is more,
+    read a MiB at a time so a small file costs little."""
     if path == "-":
         stream = getattr(sys.stdin, "buffer", None)
-        return stream.read(documents.MAX_FILE_BYTES + 1) if stream else sys.stdin.read().encode("utf-8")
+        return _read_bounded(stream) if stream else sys.stdin.read().encode("utf-8")
     with open(path, "rb") as handle:
-        return handle.read(documents.MAX_FILE_BYTES + 1)
+        return _read_bounded(handle)
+
+
+def _read_bounded(stream) -> bytes:
+    chunks, total = [], 0
+    while total <= documents.MAX_FILE_BYTES:
+        chunk = stream.read(2**20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def load_objects(path: str) -> list[documents.Document]:

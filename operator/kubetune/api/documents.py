@@ -419,6 +419,12 @@ def _type_name(value: Any) -> str:
             dict: "mapping", type(None): "null"}.get(type(value), "value")
 
 
+def shown(value: Any) -> str:
+    """A value as JSON when it is short and on one line, else what it is (a mapping, a list...)."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 and "\\" not in text else f"a {_type_name(value)}"
+
+
 def parse_value(text: str, source: str) -> Any:
     """One value (a `--set` value) read with the same rules; an empty text is an empty string."""
     if text == "":
@@ -435,20 +441,20 @@ def shape_errors(document: dict) -> list[tuple[str, str]]:
         if name not in document or document[name] in (None, ""):
             errors.append((name, "Required value"))
         elif not isinstance(document[name], str):
-            errors.append((name, f"Invalid value: {json.dumps(document[name])}: must be a string"))
+            errors.append((name, f"Invalid value: {shown(document[name])}: must be a string"))
     meta = document.get("metadata")
     if meta is None:
         errors.append(("metadata.name", "Required value: name or generateName is required"))
     elif not isinstance(meta, dict):
-        errors.append(("metadata", f"Invalid value: a {_type_name(meta)}: must be an object"))
+        errors.append(("metadata", f"Invalid value: {shown(meta)}: must be an object"))
     else:
         for name in ("name", "generateName", "namespace"):
             if name in meta and not isinstance(meta[name], str):
-                errors.append((f"metadata.{name}", f"Invalid value: {json.dumps(meta[name])}: must be a string"))
+                errors.append((f"metadata.{name}", f"Invalid value: {shown(meta[name])}: must be a string"))
         if not meta.get("name") and not meta.get("generateName"):
             errors.append(("metadata.name", "Required value: name or generateName is required"))
     if "spec" in document and not isinstance(document["spec"], dict):
-        errors.append(("spec", f"Invalid value: {json.dumps(document['spec'])}: must be an object"))
+        errors.append(("spec", f"Invalid value: {shown(document['spec'])}: must be an object"))
     return errors
 
 
