@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from kubetune_operator import cli
@@ -107,3 +108,12 @@ def test_the_invalid_example_is_refused_with_field_paths(capsys):
     err = capsys.readouterr().err
     assert "spec.method.quantization: method.quantization is required when method.type is QLoRA" in err
     assert "spec.training: training: set exactly one of training.epochs or training.maxSteps" in err
+
+
+def test_a_traffic_file_that_is_not_utf8_is_one_line(tmp_path):
+    from kubetune_operator.local.inputs import LocalServingError, read_traffic
+
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_bytes('{"input": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(LocalServingError, match=r"traffic.jsonl: not UTF-8 \(byte 0xe9 at offset 14\)"):
+        read_traffic(traffic, "default/intents")

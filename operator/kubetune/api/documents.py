@@ -66,8 +66,9 @@ class Document:
         """Kind/name as kubectl prints it; a generateName shows as PREFIX*."""
         value = self.value if isinstance(self.value, dict) else {}
         meta = value.get("metadata") if isinstance(value.get("metadata"), dict) else {}
-        name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "?")
-        return f"{value.get('kind') if isinstance(value.get('kind'), str) else '?'}/{name}"
+        name, prefix = (text if isinstance(text, str) else "" for text in (meta.get("name"), meta.get("generateName")))
+        kind = value.get("kind") if isinstance(value.get("kind"), str) else "?"
+        return f"{kind}/{name or (prefix + '*' if prefix else '?')}"
 
 
 def decode(raw: bytes, source: str) -> str:
