@@ -7,6 +7,7 @@ the upstream source of each limit: docs/cli.md, "What `kubetune validate` reads"
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from .k8s_values import MAX_REQUEST_BYTES
 
 KUBECTL_MAX_DEPTH = 10000  # go-yaml v2 scannerc.go max_flow_level / max_indents; encoding/json's maxNestingDepth
 MAX_DEPTH = 100  # kubetune's: no field of its objects (Kubernetes types in them included) nests deeper than ~20
-MAX_FILE_BYTES = 64 * 1024 * 1024  # kubetune's own bound on what it reads; each document is held to 3 MiB
+MAX_FILE_BYTES = 8 * 1024 * 1024  # kubetune's own bound on what it reads (memory); each document is held to 3 MiB
 GENERATED_SUFFIX = 5  # apiserver/pkg/storage/names: generateName + 5 random characters, the base cut to 58
 MAX_GENERATED_BASE = 63 - GENERATED_SUFFIX
 _ALIAS_RANGE_LOW, _ALIAS_RANGE_HIGH = 400_000, 4_000_000  # go-yaml v2 decode.go alias_ratio_range_*
@@ -93,13 +94,14 @@ def decode(raw: bytes, source: str) -> str:
 
 def _check_sizes(text: str, source: str) -> None:
     """Each document (split at `---` lines, as apimachinery's YAMLReader does) within the API server's
-    request limit, checked before anything is parsed."""
+    request limit, checked before anything is parsed. Comment lines do not count: they are not sent."""
     start, size, index = 1, 0, 1
     for number, line in enumerate(text.splitlines(keepends=True), start=1):
         if _SEPARATOR.match(line):
             start, size, index = number, 0, index + 1
             continue
-        size += len(line.encode("utf-8", "surrogatepass"))
+        if not line.lstrip().startswith("#"):
+            size += len(line.encode("utf-8", "surrogatepass"))
         if size > MAX_REQUEST_BYTES:
             raise InputError(source, f"more than {MAX_REQUEST_BYTES} bytes (3 MiB), the API server's limit on one "
                                      "request (413 Request Entity Too Large)", document=f"document {index}",
@@ -132,8 +134,6 @@ def _number(plain: str) -> int | float | None:
     if not plain:
         return None
     value = _go_int(plain)
-    if value is None and plain.startswith(("0b", "-0b")):
-        value = _go_int(plain)
     if value is None and _YAML_STYLE_FLOAT.fullmatch(plain):
         return _finite(plain)
     return value
@@ -154,6 +154,20 @@ class _NotJson(Exception):
     def __init__(self, written: str, why: str):
         super().__init__(written)
         self.written, self.why = written, why
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_scalar(value: str, tag: str | None, plain: bool) -> tuple[Any, int]:
+    """`scalar` and its compact JSON size, remembered: files repeat their short values (1, true, q_proj)."""
+    resolved = scalar(value, tag, plain)
+    return resolved, len(json.dumps(resolved))
+
+
+def resolved_scalar(value: str, tag: str | None, plain: bool) -> tuple[Any, int]:
+    if len(value) <= 64:
+        return _short_scalar(value, tag, plain)
+    resolved = scalar(value, tag, plain)
+    return resolved, (len(value) + 2 if isinstance(resolved, str) and resolved is value else len(json.dumps(resolved)))
 
 
 def scalar(value: str, tag: str | None, plain: bool) -> Any:
@@ -329,11 +343,11 @@ class _Builder:
         line = event.start_mark.line + 1
         self.decodes += 1
         try:
-            value = scalar(event.value, event.tag, event.implicit[0])
+            value, size = resolved_scalar(event.value, event.tag, event.implicit[0])
         except _NotJson as exc:
             where = f"{self.where()}: " if self.where() else ""
             raise self.fail(f"{where}{exc.written} is not a value JSON can carry ({exc.why})", line) from None
-        size = len(json.dumps(value)) + 1
+        size += 1
         self.grow(size, line)
         if event.anchor:
             self.anchors[event.anchor] = (value, 1, size, 0)
@@ -350,7 +364,9 @@ def _parse(text: str, source: str) -> list[tuple[Any, int, int]]:
     try:
         for event in yaml.parse(text, Loader=loader):
             line = event.start_mark.line + 1 if event.start_mark else 0
-            if isinstance(event, yaml.DocumentStartEvent):
+            if type(event) is yaml.ScalarEvent:  # most events: first
+                value = builder.scalar(event)
+            elif isinstance(event, yaml.DocumentStartEvent):
                 index, start, value = index + 1, line, None
                 builder = _Builder(source, index)
             elif isinstance(event, yaml.DocumentEndEvent):
