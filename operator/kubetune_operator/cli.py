@@ -83,6 +83,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         else:
             failed = True
             for error in result.errors:
+                if notes and error.path == "metadata.name":  # the user wrote a generateName: say so
+                    error = f"metadata.generateName: {error.message} (generated names are the prefix plus " \
+                            f"{documents.GENERATED_SUFFIX} characters, e.g. {document['metadata']['name']})"
                 print(f"{doc.name}: error: {error}", file=sys.stderr)
     return 1 if failed else 0
 
