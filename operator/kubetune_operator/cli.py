@@ -498,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file named on the command line: missing, a directory, unreadable, a full disk
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130  # the shell's code for SIGINT
     except Exception as exc:
         print(f"error: kubetune stopped on an unexpected problem (please report it): {exc}", file=sys.stderr)
     return 2

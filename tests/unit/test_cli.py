@@ -117,3 +117,18 @@ def test_a_traffic_file_that_is_not_utf8_is_one_line(tmp_path):
     traffic.write_bytes('{"input": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(LocalServingError, match=r"traffic.jsonl: not UTF-8 \(byte 0xe9 at offset 14\)"):
         read_traffic(traffic, "default/intents")
+
+
+@pytest.mark.parametrize(("raised", "code", "line"), [
+    (RuntimeError("the disk moved"), 2, "error: kubetune stopped on an unexpected problem (please report it): the "
+                                        "disk moved"),
+    (PermissionError(13, "Permission denied", "/runs/job"), 2, "error: /runs/job: Permission denied"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_main_turns_any_failure_into_one_line(monkeypatch, tmp_path, capsys, raised, code, line):
+    def fails(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_validate", fails)
+    assert cli.main(["validate", "-f", str(tmp_path / "x.yaml")]) == code
+    assert capsys.readouterr().err == line + "\n"
