@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.api import crd, reference, storage_location
+from kubetune.api import crd, documents, reference, storage_location
 from kubetune.api.validation import validate
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.render import rbac_table
@@ -26,21 +27,42 @@ GENERATED_CRD_DIRS = ("crds", "charts/kubetune/crds")
 
 
 class InputError(Exception):
-    """A file the user named cannot be read as YAML: reported in one line, exit code 2."""
+    """A flag or setting that cannot be used as given: reported in one line, exit code 2."""
 
 
-def _load_documents(path: str) -> list[dict]:
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
-        documents = [doc for doc in yaml.safe_load_all(text) if doc]
-    except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML: {exc}") from exc
-    not_objects = [index for index, doc in enumerate(documents) if not isinstance(doc, dict)]
-    if not_objects:
-        raise InputError(f"{path}: document {not_objects[0] + 1} is not a Kubernetes object (a mapping)")
-    return documents
+def _read(path: str) -> bytes:
+    """The file's bytes (or stdin's), at most what the loader accepts plus one byte to see it is more,
+    read a MiB at a time so a small file costs little."""
+    if path == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        return _read_bounded(stream) if stream else sys.stdin.read().encode("utf-8")
+    with open(path, "rb") as handle:
+        return _read_bounded(handle)
+
+
+def _read_bounded(stream) -> bytes:
+    chunks, total = [], 0
+    while total <= documents.MAX_FILE_BYTES:
+        chunk = stream.read(2**20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def load_objects(path: str) -> list[documents.Document]:
+    """Every object in the file as kubectl would send it (documents.load); InputError or OSError when
+    the file cannot be read as Kubernetes objects."""
+    return documents.load(_read(path), "stdin" if path == "-" else path)
+
+
+def _shape_refused(doc: documents.Document) -> bool:
+    """Print the top-level problems that stop every command (validate reports them itself)."""
+    problems = documents.shape_errors(doc.value)
+    for field_path, message in problems:
+        print(f"{doc.name}: error: {field_path}: {message}", file=sys.stderr)
+    return bool(problems)
 
 
 def dump_yaml(documents: list[dict]) -> str:
@@ -49,17 +71,22 @@ def dump_yaml(documents: list[dict]) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
-    for doc in _load_documents(args.file):
-        name = f"{doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
-        result = validate(doc)
+    for doc in load_objects(args.file):
+        document, notes = documents.as_created(doc.value)
+        result = validate(document)
+        for field_path, message in notes:
+            print(f"{doc.name}: warning: {field_path}: {message}", file=sys.stderr)
         for warning in result.warnings:
-            print(f"{name}: warning: {warning}", file=sys.stderr)
+            print(f"{doc.name}: warning: {warning}", file=sys.stderr)
         if result.ok:
-            print(f"{name}: valid")
+            print(f"{doc.name}: valid")
         else:
             failed = True
             for error in result.errors:
-                print(f"{name}: error: {error}", file=sys.stderr)
+                if notes and error.path == "metadata.name":  # the user wrote a generateName: say so
+                    error = f"metadata.generateName: {error.message} (generated names are the prefix plus " \
+                            f"{documents.GENERATED_SUFFIX} characters, e.g. {document['metadata']['name']})"
+                print(f"{doc.name}: error: {error}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -84,7 +111,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     storage = storage_setting(args)
     settings = ftj.Settings(render=render.RenderSettings(trainer_image=args.trainer_image, storage=storage))
     out = []
-    for doc in _load_documents(args.file):
+    for loaded in load_objects(args.file):
+        if _shape_refused(loaded):
+            return 1
+        doc = documents.as_created(loaded.value)[0]
         if doc.get("kind") == "AdapterDeployment":
             children = _render_adapterdeployment(doc, args, serving_render.ServingSettings(storage=storage))
             if children is None:
@@ -239,12 +269,15 @@ def _finish_report(result, job_dir: Path, name_dir: Path, duration_seconds: floa
 def cmd_local(args: argparse.Namespace) -> int:
     from kubetune_operator.local import finetunejob as local  # subprocesses and storage only where they are needed
 
-    loaded = _load_documents(args.file)  # once: the file may be stdin
+    objects = load_objects(args.file)  # once: the file may be stdin
+    if any([_shape_refused(doc) for doc in objects]):
+        return 2
+    loaded = [documents.as_created(doc.value)[0] for doc in objects]
     kinds = [d.get("kind") for d in loaded]
     if kinds == ["AdapterDeployment"]:
         return _local_adapterdeployment(loaded[0], args)
-    documents = [d for d in loaded if d.get("kind") == "FineTuneJob"]
-    if len(documents) != 1:
+    jobs = [d for d in loaded if d.get("kind") == "FineTuneJob"]
+    if len(jobs) != 1:
         print(f"{args.file}: expected exactly one FineTuneJob or one AdapterDeployment, found "
               f"{', '.join(str(k) for k in kinds) or 'nothing'}", file=sys.stderr)
         return 2
@@ -256,10 +289,10 @@ def cmd_local(args: argparse.Namespace) -> int:
         output = None
     try:
         overrides = [local.parse_override(item) for item in args.set]
+        job = local.prepare_job(jobs[0], namespace=args.namespace, output=output, overrides=overrides)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    job = local.prepare_job(documents[0], namespace=args.namespace, output=output, overrides=overrides)
     result = validate(job, local=True)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -328,6 +361,33 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return operator_main.run(args, storage_setting(args))
 
 
+def positive_number(text: str) -> float:
+    """A flag's seconds or rate: a finite number above zero (nan, inf and 0 would hang or spin)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else positive_number(text)
+
+
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
+def positive_integer(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def _add_storage_flags(p) -> None:
     """The operator's storage setting: what a spec that names no endpoint or region gets (docs/operations.md)."""
     setting = storage_location.operator_setting(os.environ)
@@ -367,7 +427,7 @@ def _add_local_command(sub) -> None:
     p.add_argument("--output", help="output URI (default: file://RUN_DIR/storage; 'spec' keeps spec.output.uri)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. --set baseModel.uri=file:///models/x (YAML value; repeat)")
-    p.add_argument("--poll", type=float, default=1.0, help="seconds between state-machine rounds")
+    p.add_argument("--poll", type=positive_number, default=1.0, help="seconds between state-machine rounds")
     p.add_argument("--status-file", help="write the final FineTuneJob (with status) here as JSON; an "
                                          "AdapterDeployment's after every pass (default: "
                                          "RUN_DIR/NAME/adapterdeployment.json)")
@@ -375,16 +435,16 @@ def _add_local_command(sub) -> None:
     serving_flags.add_argument("--traffic", metavar="FILE.jsonl",
                                help='requests sent once to the agents, round robin: one JSON line each, '
                                     '{"path": "/classify", "body": {"input": "..."}} (model: the first adapter)')
-    serving_flags.add_argument("--traffic-rate", type=float, metavar="N",
+    serving_flags.add_argument("--traffic-rate", type=positive_number, metavar="N",
                                help="requests per second (default: as fast as the agents answer)")
     serving_flags.add_argument("--until", choices=["promoted", "rejected", "drifted", "traffic-done", "never"],
                                default="promoted",
                                help="stop (exit 0) when a retrain is promoted and served everywhere, a retrain is "
                                     "rejected, drift is detected, the traffic is sent and analysed, or never "
                                     "(Ctrl-C)")
-    serving_flags.add_argument("--max-seconds", type=float,
+    serving_flags.add_argument("--max-seconds", type=positive_number,
                                help="give up (exit 1) when --until is not reached this long after the start")
-    serving_flags.add_argument("--drift-seconds", type=float, default=2.0,
+    serving_flags.add_argument("--drift-seconds", type=positive_number, default=2.0,
                                help="how often new samples are read and drift windows analysed")
     serving_flags.add_argument("--embedding-url", default=os.environ.get("KUBETUNE_EMBEDDING_URL"),
                                help="OpenAI-compatible embeddings service for the drift diagnostics (e.g. "
@@ -399,9 +459,9 @@ def _add_operator_command(sub) -> None:
     p.add_argument("-n", "--namespace", action="append", default=[], help="watch only these namespaces (repeat)")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
     p.add_argument("--trainer-image", default=render.RenderSettings().trainer_image)
-    p.add_argument("--health-port", type=int, default=8080)
-    p.add_argument("--metrics-port", type=int, default=9090)
-    p.add_argument("--publish-timeout", type=int, default=600, help="seconds to wait for a manifest")
+    p.add_argument("--health-port", type=port_number, default=8080)
+    p.add_argument("--metrics-port", type=port_number, default=9090)
+    p.add_argument("--publish-timeout", type=positive_integer, default=600, help="seconds to wait for a manifest")
     p.add_argument("--vllm-image", default=serving_render.ServingSettings().engine_images["vllm"],
                    help="engine image of managed serving runtimes")
     p.add_argument("--agent-image", default=serving_render.ServingSettings().agent_image,
@@ -415,12 +475,12 @@ def _add_operator_command(sub) -> None:
                    help="OpenAI-compatible embeddings service for the drift diagnostics (e.g. the CPU engine with "
                         "--embedding-model, or a vLLM/TEI serving all-MiniLM-L6-v2); without it they are skipped")
     p.add_argument("--embedding-model", default="all-MiniLM-L6-v2", help="model name sent to --embedding-url")
-    p.add_argument("--max-concurrent-retrains", type=int, default=2,
+    p.add_argument("--max-concurrent-retrains", type=positive_integer, default=2,
                    help="drift retrains in flight at once across the watched namespaces")
-    p.add_argument("--drift-seconds", type=float, default=30.0,
+    p.add_argument("--drift-seconds", type=positive_number, default=30.0,
                    help="how often each drift-watched adapter's new samples are read and analysed")
     _add_storage_flags(p)
-    p.add_argument("--status-min-interval", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--status-min-interval", type=non_negative_number, default=10.0, metavar="SECONDS",
                    help="write fields that change on every poll (FineTuneJob progress, AdapterDeployment drift "
                         "window counts) at most this often per object (status.lastUpdateTime); phase, conditions "
                         "and results are written at once; 0: every change at once")
@@ -441,9 +501,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except InputError as exc:
+    except (InputError, documents.InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:  # a file named on the command line: missing, a directory, unreadable, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130  # the shell's code for SIGINT
+    except Exception as exc:
+        print(f"error: kubetune stopped on an unexpected problem (please report it): {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from kubetune_operator import cli
@@ -96,10 +97,10 @@ def test_unreadable_input_is_one_line_and_exit_2(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("spec: [\n")
     assert cli.main(["render", "-f", str(broken)]) == 2
-    assert f"error: {broken}: not valid YAML" in capsys.readouterr().err
+    assert f"error: {broken}:2: document 1: not valid YAML" in capsys.readouterr().err
     broken.write_text("- a list\n")
     assert cli.main(["local", "-f", str(broken)]) == 2
-    assert "document 1 is not a Kubernetes object" in capsys.readouterr().err
+    assert "document 1: a list, not a Kubernetes object" in capsys.readouterr().err
 
 
 def test_the_invalid_example_is_refused_with_field_paths(capsys):
@@ -107,3 +108,27 @@ def test_the_invalid_example_is_refused_with_field_paths(capsys):
     err = capsys.readouterr().err
     assert "spec.method.quantization: method.quantization is required when method.type is QLoRA" in err
     assert "spec.training: training: set exactly one of training.epochs or training.maxSteps" in err
+
+
+def test_a_traffic_file_that_is_not_utf8_is_one_line(tmp_path):
+    from kubetune_operator.local.inputs import LocalServingError, read_traffic
+
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_bytes('{"input": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(LocalServingError, match=r"traffic.jsonl: not UTF-8 \(byte 0xe9 at offset 14\)"):
+        read_traffic(traffic, "default/intents")
+
+
+@pytest.mark.parametrize(("raised", "code", "line"), [
+    (RuntimeError("the disk moved"), 2, "error: kubetune stopped on an unexpected problem (please report it): the "
+                                        "disk moved"),
+    (PermissionError(13, "Permission denied", "/runs/job"), 2, "error: /runs/job: Permission denied"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_main_turns_any_failure_into_one_line(monkeypatch, tmp_path, capsys, raised, code, line):
+    def fails(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_validate", fails)
+    assert cli.main(["validate", "-f", str(tmp_path / "x.yaml")]) == code
+    assert capsys.readouterr().err == line + "\n"

@@ -18,6 +18,7 @@ import jsonschema
 
 from . import v1alpha1 as api
 from .crd import custom_resource_definition
+from .documents import shape_errors
 from .methods import facts as method_facts
 from .schema import apply_defaults, iter_rules, strict_json_schema
 from .v1alpha1.dataset import DATASET_FORMATS
@@ -88,13 +89,26 @@ def _json_path(parts) -> str:
     return path
 
 
+def _readable(instance: Any, message: str) -> str:
+    """jsonschema starts its messages with the value's Python repr: keep it where it reads as what the
+    user wrote ('csv', [4], 1024), describe it where it would show Python (None, True) or run long."""
+    shown = repr(instance)
+    if not message.startswith(shown) or (len(shown) <= 80 and not re.search(r"\bNone\b|\bTrue\b|\bFalse\b|\\", shown)):
+        return message
+    described = {type(None): "null", bool: str(instance).lower(), str: f"a string of {len(str(instance))} characters",
+                 list: f"a list of {len(instance) if isinstance(instance, list) else 0} items",
+                 dict: "an object"}.get(type(instance), "a value")
+    return described + message[len(shown):]
+
+
 def structural_errors(kind: str, document: dict) -> list[FieldError]:
     errors = []
     for error in sorted(_structural_validator(kind).iter_errors(document), key=lambda e: list(e.absolute_path)):
         path = _json_path(error.absolute_path)
-        message = error.message
+        message = _readable(error.instance, error.message)
         if error.validator == "additionalProperties":
-            for name in re.findall(r"'([^']+)'", message.split("(", 1)[-1]):
+            known = error.schema.get("properties", {})
+            for name in [key for key in error.instance if key not in known]:  # any key, quotes included
                 errors.append(FieldError(f"{path}.{name}" if path else name, "unknown field"))
             continue
         if error.validator == "required":
@@ -241,6 +255,12 @@ def validate(document: dict, *, local: bool = False) -> ValidationResult:
 
     `local`: validate for `kubetune local` (file:// outputs allowed) instead of a cluster."""
     result = ValidationResult()
+    if not isinstance(document, dict):
+        result.errors.append(FieldError("", "a Kubernetes object must be a mapping"))
+        return result
+    result.errors.extend(FieldError(path, message) for path, message in shape_errors(document))
+    if result.errors:
+        return result  # nothing below can read a top level of the wrong shape
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if api_version != api.API_VERSION:
         result.errors.append(FieldError("apiVersion", f"must be {api.API_VERSION}, got {api_version!r}"))

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune.api import jobconfig, storage_layout
+from kubetune.api import documents, jobconfig, storage_layout
 from kubetune.api import manifest as manifest_api
 from kubetune.clients.storage import check_published, output_store_from_env
 from kubetune_operator.backends import backend_for_kind
@@ -213,18 +214,41 @@ class LocalResult:
         return (self.job.get("status") or {}).get("phase", "")
 
 
-def parse_override(item: str) -> tuple[list[str], object]:
-    """`training.maxSteps=20` -> (["training", "maxSteps"], 20); the value is read as YAML."""
-    import yaml
+_INDEX = re.compile(r"\[(\d+)\]")
 
-    path, sep, value = item.partition("=")
-    if not sep or not path:
+
+@dataclass(frozen=True)
+class Override:
+    """One `--set PATH=VALUE`: the spec path (keys, and list indexes as ints) and the parsed value."""
+
+    item: str
+    path: list[str | int]
+    value: object
+
+
+def parse_override(item: str) -> Override:
+    """`training.maxSteps=20` -> (["training", "maxSteps"], 20); `adapters[0].name=x` indexes a list.
+    The value is read as `kubetune validate` reads a file (documents.parse_value). ValueError names
+    the item and the problem in one line."""
+    path, sep, text = item.partition("=")
+    if not sep or not path.strip():
         raise ValueError(f"--set {item!r}: expected PATH=VALUE (a spec field path like training.maxSteps)")
-    return path.removeprefix("spec.").split("."), yaml.safe_load(value)
+    parts: list[str | int] = []
+    for segment in path.removeprefix("spec.").split("."):
+        name, _, rest = segment.partition("[")
+        indexes = _INDEX.findall("[" + rest) if rest else []
+        if not name or (rest and "".join(f"[{i}]" for i in indexes) != "[" + rest):
+            raise ValueError(f"--set {item!r}: empty or malformed path segment {segment!r} in {path!r} (write "
+                             "a.b.c, or a[0].b for a list item)")
+        parts.extend([name, *map(int, indexes)])
+    try:
+        value = documents.parse_value(text, f"--set {item!r}")
+    except documents.InputError as exc:
+        raise ValueError(f"--set {item!r}: {exc.message}") from None
+    return Override(item, parts, value)
 
 
-def prepare_job(document: dict, *, namespace: str, output: str | None,
-                overrides: list[tuple[list[str], object]] = ()) -> dict:
+def prepare_job(document: dict, *, namespace: str, output: str | None, overrides: list[Override] = ()) -> dict:
     """The object as the API server would hand it over, with local overrides applied."""
     job = json.loads(json.dumps(document))
     meta = job.setdefault("metadata", {})
@@ -233,20 +257,47 @@ def prepare_job(document: dict, *, namespace: str, output: str | None,
     meta.setdefault("generation", 1)
     meta.setdefault("creationTimestamp", now_rfc3339())
     if output:
-        job["spec"]["output"] = {**job["spec"].get("output", {}), "uri": output}
+        job["spec"]["output"] = {**(job["spec"].get("output") or {}), "uri": output}
     # no Kueue on this machine: its workloads run at once (created suspended, nothing would admit them)
     (job["spec"].get("scheduling") or {}).pop("queueName", None)
     return apply_overrides(job, overrides)
 
 
-def apply_overrides(document: dict, overrides: list[tuple[list[str], object]]) -> dict:
-    """`--set` values (parse_override) written into the document's spec, in place; the document."""
-    for path, value in overrides:
-        target = document.setdefault("spec", {})
-        for part in path[:-1]:
-            target = target.setdefault(part, {})
-        target[path[-1]] = value
+def apply_overrides(document: dict, overrides: list[Override]) -> dict:
+    """`--set` values (parse_override) written into the document's spec, in place; the document.
+    ValueError when a path goes through a scalar or past a list's end."""
+    for override in overrides:
+        target, walked = document.setdefault("spec", {}), "spec"
+        for part, following in zip(override.path, override.path[1:], strict=False):  # every step but the last
+            _check_step(override, walked, target, part, appending=False)
+            if isinstance(part, str) and target.get(part) is None:
+                target[part] = [] if isinstance(following, int) else {}
+            target = target[part]
+            walked += f"[{part}]" if isinstance(part, int) else f".{part}"
+        last = override.path[-1]
+        _check_step(override, walked, target, last, appending=True)
+        if isinstance(last, int) and last == len(target):
+            target.append(override.value)  # a[N]=x with N the list's length appends, as Helm's --set does
+        else:
+            target[last] = override.value
     return document
+
+
+def _check_step(override: Override, walked: str, target: object, part: str | int, *, appending: bool) -> None:
+    prefix = f"--set {override.item!r}: {walked}"
+    if isinstance(part, int):
+        if not isinstance(target, list):
+            raise ValueError(f"{prefix} is {_shown(target)}, not a list to take item [{part}] of")
+        if part > len(target) or (part == len(target) and not appending):
+            raise ValueError(f"{prefix} has {len(target)} item(s); [{part}] is past its end")
+    elif not isinstance(target, dict):
+        what = "a list (index it: [0])" if isinstance(target, list) else _shown(target)
+        raise ValueError(f"{prefix} is {what}, not a mapping to set {part!r} in")
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__.replace('dict', 'mapping')}"
 
 
 def _threads_per_process(job: dict, workload: dict, launch: LocalLaunch) -> dict:

@@ -143,6 +143,9 @@ def read_traffic(path: Path, default_model: str) -> list[Request]:
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise LocalServingError([f"--traffic {path}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise LocalServingError([f"--traffic {path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+                                 f"{exc.start}); write it as UTF-8"]) from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
