@@ -236,10 +236,10 @@ def test_window_due():
 
 def test_rollout_view_serves_the_promoted_retrain_while_the_spec_source_is_unchanged():
     doc = adep()
-    drift = {"promoted": {"job": "r1", "digest": "sha256:" + "e" * 64, "manifestUri": "s3://archive/r1/manifest.json",
+    drift = {"promoted": {"job": "r1", "digest": "sha256:" + "e" * 64, "manifestUri": "s3://arc/r1/manifest.json",
                           "replaces": dl.adapter_source_key(doc["spec"]["adapters"][0])}}
     view = dl.rollout_view(doc, {"support-bot": {"name": "support-bot", "drift": drift}})
-    assert view["spec"]["adapters"][0]["source"] == {"uri": "s3://archive/r1/manifest.json", "digest": "sha256:" + "e" * 64}
+    assert view["spec"]["adapters"][0]["source"] == {"uri": "s3://arc/r1/manifest.json", "digest": "sha256:" + "e" * 64}
     assert doc["spec"]["adapters"][0]["source"] == {"fineTuneJobRef": {"name": "llama-lora"}}  # spec untouched
     assert dl.rollout_view(doc, {})["spec"]["adapters"][0]["source"] == {"fineTuneJobRef": {"name": "llama-lora"}}
 

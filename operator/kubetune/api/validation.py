@@ -145,17 +145,17 @@ def cel_errors(kind: str, document: dict) -> list[FieldError]:
         program = _compiled(entry["rule"])
         if "oldSelf" in program.variables():
             continue  # transition rules apply to updates only
+        where = (path + entry.get("fieldPath", "")).lstrip(".")
         try:
             passed = program.execute({"self": value})
         except (KeyError, TypeError, RuntimeError, IndexError, ValueError, ZeroDivisionError) as exc:
             # a user needs the field and the problem, never the rule's source or the engine's internals
             reason = type(exc).__name__.removesuffix("Error").lower() or "error"
-            errors.append(FieldError(path or "spec", f"could not be checked: a value it needs is missing or of "
-                                                      f"the wrong type ({reason})"))
+            errors.append(FieldError(where, f"could not be checked: a value it needs is missing or of the wrong "
+                                            f"type ({reason})"))
             continue
         if passed is not True:
-            where = path + entry.get("fieldPath", "") if entry.get("fieldPath") else path
-            errors.append(FieldError(where.lstrip("."), entry["message"]))
+            errors.append(FieldError(where, entry["message"]))
     return errors
 
 
@@ -276,7 +276,8 @@ def validate(document: dict, *, local: bool = False) -> ValidationResult:
     `local`: validate for `kubetune local` (file:// outputs allowed) instead of a cluster."""
     result = ValidationResult()
     if not isinstance(document, dict):
-        result.errors.append(FieldError("", f"must be an object (a mapping), got {type(document).__name__}"))
+        got = "nothing" if document is None else type(document).__name__.replace("str", "a string")
+        result.errors.append(FieldError("", f"must be an object (a mapping of fields), got {got}"))
         return result
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if api_version != api.API_VERSION:
