@@ -4,6 +4,7 @@ rules (exactly what `kubectl apply` of a bad spec gets from a cluster)."""
 from __future__ import annotations
 
 from kubetune.api import validation
+from kubetune.api.object_rules import decoded
 from kubetune.api.schema import apply_defaults
 
 
@@ -14,6 +15,6 @@ def admission(kind: str, document: dict) -> tuple[list[str], dict]:
     errors = validation.structural_errors(kind, document)
     if errors:
         return [f"{e.path}: {e.message}" for e in errors], document
-    defaulted = apply_defaults(validation.root_schema(kind), document)
+    defaulted = apply_defaults(validation.root_schema(kind), decoded(document))
     errors = validation.object_errors(kind, defaulted) + validation.cel_errors(kind, defaulted)
     return [f"{e.path}: {e.message}" for e in errors], defaulted

@@ -168,3 +168,22 @@ def test_dataset_uris_need_a_bucket_and_a_key(uri, ok):
 def test_what_is_not_an_object_is_refused_with_a_message(document):
     errors = validate(document).errors
     assert errors and all(e.message and "None" not in e.message for e in errors)
+
+
+@pytest.mark.parametrize("name", [None, ""])
+def test_an_object_without_a_name_is_told_so_once(name):
+    doc = set_path(finetunejob(), "metadata.name", name)
+    assert [str(e) for e in validate(doc).errors][:1] == [
+        "metadata.name: Required value: name or generateName is required"]
+    assert all("could not be checked" not in e.message for e in validate(doc).errors)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ([None], "spec.task: [null] is not of type 'string'"),
+    ({"a": None}, 'spec.task: {"a": null} is not of type \'string\''),
+    (None, "spec.task: null is not of type 'string'"),
+])
+def test_values_in_messages_are_shown_as_written_not_as_python_shows_them(value, expected):
+    doc = finetunejob()
+    doc["spec"]["task"] = value
+    assert expected in [str(e) for e in validate(doc).errors]

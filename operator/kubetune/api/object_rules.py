@@ -73,7 +73,9 @@ def object_meta_errors(metadata: dict) -> list[tuple[str, str]]:
     """ObjectMeta's value rules (apimachinery's ValidateObjectMeta) on an already well-typed metadata."""
     errors = []
     name, namespace = metadata.get("name"), metadata.get("namespace")
-    if name is not None:
+    if not name and not metadata.get("generateName"):
+        errors.append(("metadata.name", "Required value: name or generateName is required"))
+    elif name:
         errors.extend(("metadata.name", message) for message in k8s_values.dns1123_subdomain(name))
     if namespace is not None:
         errors.extend(("metadata.namespace", message) for message in k8s_values.dns1123_label(namespace))
@@ -86,6 +88,14 @@ def object_meta_errors(metadata: dict) -> list[tuple[str, str]]:
         errors.append(("metadata.annotations", f"Too long: must have at most {k8s_values.MAX_ANNOTATIONS_BYTES} "
                                                "bytes"))
     return errors
+
+
+def decoded(document: dict) -> dict:
+    """The object as the API server decodes it: a null metadata field is Go's zero value, i.e. absent."""
+    metadata = document.get("metadata")
+    if not isinstance(metadata, dict):
+        return document
+    return {**document, "metadata": {key: value for key, value in metadata.items() if value is not None}}
 
 
 def _go_value(value: Any) -> str:

@@ -9,6 +9,7 @@ all call `validate`.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from .crd import custom_resource_definition
 from .methods import facts as method_facts
 from .object_rules import (
     OBJECT_META,
+    decoded,
     json_value_errors,
     list_type_errors,
     object_meta_errors,
@@ -112,6 +114,13 @@ def object_errors(kind: str, document: dict) -> list[FieldError]:
     return [FieldError(path, message) for path, message in found]
 
 
+def shown(value: Any) -> str:
+    """A value in an error: strings and numbers as before ('abc', 3), anything else as JSON (null, [])."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return json.dumps(value, default=str)
+
+
 def _schema_errors(kind: str, document: dict) -> list[FieldError]:
     errors = []
     for error in sorted(_structural_validator(kind).iter_errors(document), key=lambda e: list(e.absolute_path)):
@@ -126,12 +135,14 @@ def _schema_errors(kind: str, document: dict) -> list[FieldError]:
             path = f"{path}.{missing}" if path else missing
             message = "required field is missing"
         if error.validator == "anyOf":  # an int-or-string (a quantity): say what the string form missed
-            message = next((sub.message for sub in error.context if sub.validator == "pattern"), message)
+            message = next((sub.message for sub in error.context if sub.validator == "pattern"),
+                           f"{shown(error.instance)} is not a quantity (a string such as 16Gi or 500m, or an integer)")
+        if message.startswith(repr(error.instance)):  # the value as the user wrote it, not as Python shows it
+            message = shown(error.instance) + message.removeprefix(repr(error.instance))
         if error.validator == "type":  # null is accepted where Go's zero value is (metadata): never name it
             wanted = [t for t in ([error.validator_value] if isinstance(error.validator_value, str)
                                   else error.validator_value) if t != "null"]
-            shown = "null" if error.instance is None else repr(error.instance)
-            message = f"{shown} is not of type " + " or ".join(repr(t) for t in wanted)
+            message = f"{shown(error.instance)} is not of type " + " or ".join(repr(t) for t in wanted)
         errors.append(FieldError(path, message))
     return errors
 
@@ -281,17 +292,17 @@ def validate(document: dict, *, local: bool = False) -> ValidationResult:
         return result
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if api_version != api.API_VERSION:
-        got = "nothing" if api_version is None else repr(api_version)
+        got = "nothing" if api_version is None else shown(api_version)
         result.errors.append(FieldError("apiVersion", f"must be {api.API_VERSION}, got {got}"))
         return result
     if not isinstance(kind, str) or kind not in api.KINDS:
-        got = "nothing" if kind is None else repr(kind)
+        got = "nothing" if kind is None else shown(kind)
         result.errors.append(FieldError("kind", f"must be one of {sorted(api.KINDS)}, got {got}"))
         return result
     result.errors.extend(structural_errors(kind, document))
     if result.errors:
         return result  # CEL on a structurally broken object only adds noise
-    defaulted = apply_defaults(root_schema(kind), document)
+    defaulted = apply_defaults(root_schema(kind), decoded(document))
     if kind == "FineTuneJob":
         defaulted = {**defaulted, "spec": resolve_method_defaults(defaulted["spec"])}
     result.errors.extend(object_errors(kind, defaulted))
