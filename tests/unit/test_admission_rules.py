@@ -187,3 +187,14 @@ def test_values_in_messages_are_shown_as_written_not_as_python_shows_them(value,
     doc = finetunejob()
     doc["spec"]["task"] = value
     assert expected in [str(e) for e in validate(doc).errors]
+
+
+def test_names_the_api_server_takes_are_taken():
+    """Secret and ServiceAccount names are DNS-1123 subdomains: dots are fine (they were once refused)."""
+    doc = set_path(finetunejob(), "spec.output.credentials", {"secretName": "team-a.s3-adapters",
+                                                             "accessKeyIdKey": "access.key-id_1"})
+    doc = set_path(doc, "spec.serviceAccountName", "trainer.team-a")
+    doc = set_path(doc, "spec.scheduling", {"priorityClassName": "batch.low", "queueName": "Team_A.gpu",
+                                            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+                                            "tolerations": [{"operator": "Exists"}]})
+    assert validate(doc).ok, validate(doc).errors
