@@ -85,8 +85,9 @@ def child_value_errors(kind: str, document: dict) -> Found:
 
 
 def _file_sources(kind: str, spec: dict):
-    """(path, uri) of every source the operator or a pod reads besides the base model (an image may
-    carry it under file:///) and the outputs (checked where they are described)."""
+    """(path, uri) of the data sources a pod or the operator reads. Not here: the base model (an image
+    may carry it under file:///), published adapters (an AdapterDeployment's source and the reference
+    a retrain copies from it, which a volume may hold) and the outputs (checked where described)."""
     if kind == "FineTuneJob":
         dataset = spec.get("dataset") or {}
         for field in ("uri", "validationUri"):
@@ -94,7 +95,6 @@ def _file_sources(kind: str, spec: dict):
         evaluation = spec.get("evaluation") or {}
         for index, entry in enumerate(evaluation.get("sets") or []):
             yield f"spec.evaluation.sets[{index}].uri", entry.get("uri")
-        yield "spec.evaluation.reference.manifestUri", (evaluation.get("reference") or {}).get("manifestUri")
         return
     for index, adapter in enumerate(spec.get("adapters") or []):
         labelled = (((adapter.get("drift") or {}).get("retrain") or {}).get("labelledData") or {})
