@@ -205,15 +205,15 @@ def test_a_new_stable_version_restarts_the_windows():
 def test_retrain_job_is_a_valid_finetunejob_owned_by_the_deployment():
     doc = adep()
     adapter = doc["spec"]["adapters"][0]
-    data = dl.RetrainData("s3://d/train.jsonl", "s3://d/val.jsonl", "s3://d/orig.jsonl", "s3://d/new.jsonl",
+    data = dl.RetrainData("s3://data/train.jsonl", "s3://data/val.jsonl", "s3://data/orig.jsonl", "s3://data/new.jsonl",
                           "text-label")
-    job = dl.retrain_job(doc, adapter, "support-support-bot-retrain-1", data, "s3://a/manifest.json")
+    job = dl.retrain_job(doc, adapter, "support-support-bot-retrain-1", data, "s3://archive/manifest.json")
     result = validate(job)
     assert result.ok, result.errors
     assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-adep"
     assert job["metadata"]["labels"] == {"team": "a", dl.LABEL_RETRAIN_OF: "support",
                                          dl.LABEL_RETRAIN_ADAPTER: "support-bot"}
-    assert job["spec"]["evaluation"]["reference"] == {"manifestUri": "s3://a/manifest.json"}
+    assert job["spec"]["evaluation"]["reference"] == {"manifestUri": "s3://archive/manifest.json"}
     assert [s["name"] for s in job["spec"]["evaluation"]["sets"]] == ["original", "new"]
 
 
@@ -236,10 +236,10 @@ def test_window_due():
 
 def test_rollout_view_serves_the_promoted_retrain_while_the_spec_source_is_unchanged():
     doc = adep()
-    drift = {"promoted": {"job": "r1", "digest": "sha256:" + "e" * 64, "manifestUri": "s3://a/r1/manifest.json",
+    drift = {"promoted": {"job": "r1", "digest": "sha256:" + "e" * 64, "manifestUri": "s3://arc/r1/manifest.json",
                           "replaces": dl.adapter_source_key(doc["spec"]["adapters"][0])}}
     view = dl.rollout_view(doc, {"support-bot": {"name": "support-bot", "drift": drift}})
-    assert view["spec"]["adapters"][0]["source"] == {"uri": "s3://a/r1/manifest.json", "digest": "sha256:" + "e" * 64}
+    assert view["spec"]["adapters"][0]["source"] == {"uri": "s3://arc/r1/manifest.json", "digest": "sha256:" + "e" * 64}
     assert doc["spec"]["adapters"][0]["source"] == {"fineTuneJobRef": {"name": "llama-lora"}}  # spec untouched
     assert dl.rollout_view(doc, {})["spec"]["adapters"][0]["source"] == {"fineTuneJobRef": {"name": "llama-lora"}}
 

@@ -142,10 +142,10 @@ def drift_adep() -> dict:
 def test_drift_retrain_finetunejob_keeps_user_metadata_but_no_tracking_keys():
     adep = drift_adep()
     adapter = adep["spec"]["adapters"][0]
-    data = dl.RetrainData("s3://d/train.jsonl", "s3://d/val.jsonl", "s3://d/orig.jsonl", "s3://d/new.jsonl",
+    data = dl.RetrainData("s3://data/train.jsonl", "s3://data/val.jsonl", "s3://data/orig.jsonl", "s3://data/new.jsonl",
                           "text-label")
     job = dl.retrain_job(adep, adapter, dl.retrain_job_name("support", "support-bot", 1), data,
-                         "s3://a/manifest.json")
+                         "s3://archive/manifest.json")
     assert_clean(job, adep)
     assert job["metadata"]["labels"] == {**USER_LABELS, dl.LABEL_RETRAIN_OF: "support",
                                          dl.LABEL_RETRAIN_ADAPTER: "support-bot"}

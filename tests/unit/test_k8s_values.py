@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 import pytest
@@ -77,3 +78,16 @@ def test_not_quantities(text):
 def test_negative_quantities_are_refused_for_resources():
     assert kv.non_negative_quantity("-1") == ["must be greater than or equal to 0"]
     assert kv.non_negative_quantity("0") == [] and kv.non_negative_quantity("4Gi") == []
+
+
+@pytest.mark.parametrize("value", ["a", "team.s3-creds", "A", "-a", "a.", "", "..x", ".x", ".", "..", "a..b",
+                                   "x" * 63, "x" * 64, "Tls.crt", "a_b", "a b"])
+def test_patterns_agree_with_the_functions(value):
+    """The CRD's patterns are the functions' rules (lengths are the schemas' maxLength)."""
+    def matches(pattern):
+        return re.search(pattern, value) is not None
+
+    assert matches(kv.DNS1123_SUBDOMAIN_PATTERN) == (kv.dns1123_subdomain(value) == [])
+    assert matches(kv.DNS1035_LABEL_PATTERN) == (not [m for m in kv.dns1035_label(value) if "regex" in m])
+    assert matches(kv.LABEL_VALUE_PATTERN) == (not [m for m in kv.label_value(value) if "regex" in m])
+    assert matches(kv.CONFIG_KEY_PATTERN) == (kv.config_map_key(value) == [])

@@ -50,7 +50,7 @@ EXAMPLES = {
                    "suspend": True},
         resources={"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "64Gi"}},
         baseModel={"uri": "hf://org/model", "credentials": {"secretName": "hf"}},
-        dataset={"uri": "s3://d/x.jsonl", "format": "chat", "s3": {"credentials": {"secretName": "data"}}},
+        dataset={"uri": "s3://data/x.jsonl", "format": "chat", "s3": {"credentials": {"secretName": "data"}}},
         tracking={"mlflow": {"trackingUri": "https://mlflow.example.com", "credentials": {"secretName": "mlflow"}},
                   "wandb": {"project": "p", "credentials": {"secretName": "wandb"}}}),
 }

@@ -43,7 +43,7 @@ JOBS = {
                                      distributed={"nodes": 1, "gpusPerNode": 1, "deepspeed": {"enabled": False}}),
     "credentials-everywhere": finetunejob(
         baseModel={"uri": "hf://org/model", "credentials": {"secretName": "hf"}},
-        dataset={"uri": "s3://d/x.jsonl", "format": "chat", "s3": {"credentials": {"secretName": "data"}}},
+        dataset={"uri": "s3://data/x.jsonl", "format": "chat", "s3": {"credentials": {"secretName": "data"}}},
         tracking={"mlflow": {"trackingUri": "https://mlflow.example.com", "credentials": {"secretName": "mlflow"}},
                   "wandb": {"project": "p", "credentials": {"secretName": "wandb"}}}),
 }
@@ -347,8 +347,8 @@ def test_allowed_storage_flag_parsing_and_alias():
         _allowed_storage(["team-a=bucket"])
     from kubetune_operator.cli import build_parser
     parser = build_parser()
-    args = parser.parse_args(["operator", "-A", "--allowed-source", "a=s3://a/", "--allowed-storage", "b=s3://b/"])
-    assert args.allowed_storage == ["a=s3://a/", "b=s3://b/"]
+    args = parser.parse_args(["operator", "-A", "--allowed-source", "a=s3://a/", "--allowed-storage", "b=s3://bucket/"])
+    assert args.allowed_storage == ["a=s3://a/", "b=s3://bucket/"]
 
 
 def test_chart_renders_allowed_storage_flags(chart_docs):

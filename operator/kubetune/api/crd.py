@@ -11,8 +11,8 @@ MAX_JOB_NAME = 45
 NAME_RULES = {
     "FineTuneJob": [
         rule(
-            f"self.metadata.name.size() <= {MAX_JOB_NAME}"
-            " && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+            f"!has(self.metadata) || !has(self.metadata.name) || (self.metadata.name.size() <= {MAX_JOB_NAME}"
+            " && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$'))",
             f"metadata.name must be a DNS-1035 label of at most {MAX_JOB_NAME} characters (lower case, starting "
             "with a letter): the training pods and services are named after it",
             field_path=".metadata.name",
@@ -21,9 +21,22 @@ NAME_RULES = {
         # Stage jobs are named <job>-baseline and <job>-sweep-r<rank>: a FineTuneJob with such a name
         # would own a training PyTorchJob (and ConfigMap) of the same name as another job's stage.
         rule(
-            "!self.metadata.name.endsWith('-baseline') && !self.metadata.name.matches('-sweep-r[0-9]+$')",
+            "!has(self.metadata) || !has(self.metadata.name) || (!self.metadata.name.endsWith('-baseline')"
+            " && !self.metadata.name.matches('-sweep-r[0-9]+$'))",
             "metadata.name must not end in -baseline or -sweep-r<number>: those are the names of another "
             "FineTuneJob's baseline and rank-sweep jobs",
+            field_path=".metadata.name",
+            reason="FieldValueInvalid",
+        ),
+    ],
+    # The serving Service is named after the AdapterDeployment (DNS-1035 label) and the name is the
+    # value of every child's kubetune.io/adapterdeployment label (at most 63 characters).
+    "AdapterDeployment": [
+        rule(
+            "!has(self.metadata) || !has(self.metadata.name) || (self.metadata.name.size() <= 63"
+            " && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$'))",
+            "metadata.name must be a DNS-1035 label of at most 63 characters (lower case, starting with a "
+            "letter): the serving Service is named after it",
             field_path=".metadata.name",
             reason="FieldValueInvalid",
         ),

@@ -140,3 +140,11 @@ def non_negative_quantity(text: str) -> list[str]:
     except ValueError as exc:
         return [str(exc)]
     return ["must be greater than or equal to 0"] if value < 0 else []
+
+
+# The same rules as patterns, for CRD fields that a child object takes as they are (anchored, RE2-safe).
+DNS1123_SUBDOMAIN_PATTERN = f"^{_DNS1123_SUBDOMAIN}$"
+DNS1035_LABEL_PATTERN = f"^{_DNS1035_LABEL}$"
+LABEL_VALUE_PATTERN = f"^{_LABEL_VALUE}$"
+# config_map_key without lookahead: an optional single leading dot, so never '.', '..' or '..x'
+CONFIG_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"

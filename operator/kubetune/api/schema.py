@@ -15,8 +15,9 @@ from typing import Any
 
 Schema = dict[str, Any]
 
+# resource.Quantity's syntax without the minus sign: requests, limits and sizes are never negative
 QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    r"^(\+)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
@@ -136,20 +137,24 @@ def array(
     min_items: int | None = None,
     max_items: int | None = None,
     list_type: str | None = None,
+    map_keys: Iterable[str] = (),
     rules: Iterable[Schema] = (),
 ) -> Schema:
+    """`list_type` set: duplicates are refused; map: items are keyed by `map_keys` (each required)."""
     schema = _base("array", description, default, minItems=min_items, maxItems=max_items)
     schema["items"] = items
     if list_type:
         schema["x-kubernetes-list-type"] = list_type
+    if map_keys:
+        schema["x-kubernetes-list-map-keys"] = list(map_keys)
     rules = list(rules)
     if rules:
         schema["x-kubernetes-validations"] = rules
     return schema
 
 
-def string_map(description: str, *, max_properties: int | None = None) -> Schema:
-    schema = _base("object", description, maxProperties=max_properties)
+def string_map(description: str, *, max_properties: int | None = None, min_properties: int | None = None) -> Schema:
+    schema = _base("object", description, maxProperties=max_properties, minProperties=min_properties)
     schema["additionalProperties"] = {"type": "string"}
     return schema
 

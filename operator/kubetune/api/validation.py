@@ -9,6 +9,7 @@ all call `validate`.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,18 @@ import cel
 import jsonschema
 
 from . import v1alpha1 as api
+from .child_values import child_value_errors, cluster_uri_errors
 from .crd import custom_resource_definition
 from .documents import shape_errors
 from .methods import facts as method_facts
+from .object_rules import (
+    OBJECT_META,
+    decoded,
+    json_value_errors,
+    list_type_errors,
+    object_meta_errors,
+    request_size_errors,
+)
 from .schema import apply_defaults, iter_rules, strict_json_schema
 from .v1alpha1.dataset import DATASET_FORMATS
 from .v1alpha1.finetunejob import FREEZE_THAW, LORA
@@ -54,8 +64,8 @@ def root_schema(kind: str) -> dict:
 @functools.cache
 def _structural_validator(kind: str) -> jsonschema.Draft4Validator:
     schema = strict_json_schema(root_schema(kind))
-    # metadata is validated by the API server itself; status is never written by users
-    schema["properties"]["metadata"] = {"type": "object"}
+    # the CRD cannot describe metadata (the API server owns ObjectMeta); status is never written by users
+    schema["properties"]["metadata"] = OBJECT_META
     schema["properties"].pop("status", None)
     schema["additionalProperties"] = True
     return jsonschema.Draft4Validator(schema)
@@ -102,6 +112,29 @@ def _readable(instance: Any, message: str) -> str:
 
 
 def structural_errors(kind: str, document: dict) -> list[FieldError]:
+    """What stops the API server before CEL: the request (size, JSON values), then the structural
+    schema with strict fields (ObjectMeta's included)."""
+    early = json_value_errors(document) or request_size_errors(document)
+    if early:
+        return [FieldError(path, message) for path, message in early]
+    return _schema_errors(kind, document)
+
+
+def object_errors(kind: str, document: dict) -> list[FieldError]:
+    """ObjectMeta's value rules and list-type uniqueness on a structurally valid object: the API server
+    reports them together with the CEL rules' errors (they do not stop CEL)."""
+    found = object_meta_errors(document.get("metadata") or {}) + list_type_errors(root_schema(kind), document)
+    return [FieldError(path, message) for path, message in found]
+
+
+def shown(value: Any) -> str:
+    """A value in an error: strings and numbers as before ('abc', 3), anything else as JSON (null, [])."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return json.dumps(value, default=str)
+
+
+def _schema_errors(kind: str, document: dict) -> list[FieldError]:
     errors = []
     for error in sorted(_structural_validator(kind).iter_errors(document), key=lambda e: list(e.absolute_path)):
         path = _json_path(error.absolute_path)
@@ -115,6 +148,15 @@ def structural_errors(kind: str, document: dict) -> list[FieldError]:
             missing = error.message.split("'")[1]
             path = f"{path}.{missing}" if path else missing
             message = "required field is missing"
+        if error.validator == "anyOf":  # an int-or-string (a quantity): say what the string form missed
+            message = next((sub.message for sub in error.context if sub.validator == "pattern"),
+                           f"{shown(error.instance)} is not a quantity (a string such as 16Gi or 500m, or an integer)")
+        if message.startswith(repr(error.instance)):  # the value as the user wrote it, not as Python shows it
+            message = shown(error.instance) + message.removeprefix(repr(error.instance))
+        if error.validator == "type":  # null is accepted where Go's zero value is (metadata): never name it
+            wanted = [t for t in ([error.validator_value] if isinstance(error.validator_value, str)
+                                  else error.validator_value) if t != "null"]
+            message = f"{shown(error.instance)} is not of type " + " or ".join(repr(t) for t in wanted)
         errors.append(FieldError(path, message))
     return errors
 
@@ -128,14 +170,17 @@ def cel_errors(kind: str, document: dict) -> list[FieldError]:
         program = _compiled(entry["rule"])
         if "oldSelf" in program.variables():
             continue  # transition rules apply to updates only
+        where = (path + entry.get("fieldPath", "")).lstrip(".")
         try:
             passed = program.execute({"self": value})
         except (KeyError, TypeError, RuntimeError, IndexError, ValueError, ZeroDivisionError) as exc:
-            errors.append(FieldError(path, f"rule {entry['rule']!r} could not be evaluated: {exc}"))
+            # a user needs the field and the problem, never the rule's source or the engine's internals
+            reason = type(exc).__name__.removesuffix("Error").lower() or "error"
+            errors.append(FieldError(where, f"could not be checked: a value it needs is missing or of the wrong "
+                                            f"type ({reason})"))
             continue
         if passed is not True:
-            where = path + entry.get("fieldPath", "") if entry.get("fieldPath") else path
-            errors.append(FieldError(where.lstrip("."), entry["message"]))
+            errors.append(FieldError(where, entry["message"]))
     return errors
 
 
@@ -256,25 +301,32 @@ def validate(document: dict, *, local: bool = False) -> ValidationResult:
     `local`: validate for `kubetune local` (file:// outputs allowed) instead of a cluster."""
     result = ValidationResult()
     if not isinstance(document, dict):
-        result.errors.append(FieldError("", "a Kubernetes object must be a mapping"))
+        got = "nothing" if document is None else type(document).__name__.replace("str", "a string")
+        result.errors.append(FieldError("", f"must be an object (a mapping of fields), got {got}"))
         return result
     result.errors.extend(FieldError(path, message) for path, message in shape_errors(document))
     if result.errors:
         return result  # nothing below can read a top level of the wrong shape
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if api_version != api.API_VERSION:
-        result.errors.append(FieldError("apiVersion", f"must be {api.API_VERSION}, got {api_version!r}"))
+        got = "nothing" if api_version is None else shown(api_version)
+        result.errors.append(FieldError("apiVersion", f"must be {api.API_VERSION}, got {got}"))
         return result
-    if kind not in api.KINDS:
-        result.errors.append(FieldError("kind", f"must be one of {sorted(api.KINDS)}, got {kind!r}"))
+    if not isinstance(kind, str) or kind not in api.KINDS:
+        got = "nothing" if kind is None else shown(kind)
+        result.errors.append(FieldError("kind", f"must be one of {sorted(api.KINDS)}, got {got}"))
         return result
     result.errors.extend(structural_errors(kind, document))
     if result.errors:
         return result  # CEL on a structurally broken object only adds noise
-    defaulted = apply_defaults(root_schema(kind), document)
+    defaulted = apply_defaults(root_schema(kind), decoded(document))
     if kind == "FineTuneJob":
         defaulted = {**defaulted, "spec": resolve_method_defaults(defaulted["spec"])}
+    result.errors.extend(object_errors(kind, defaulted))
     result.errors.extend(cel_errors(kind, defaulted))
+    if not result.errors:
+        found = child_value_errors(kind, defaulted) + cluster_uri_errors(kind, defaulted["spec"], local=local)
+        result.errors.extend(FieldError(path, message) for path, message in found)
     if kind == "FineTuneJob" and not result.errors:
         errors, warnings = semantic_errors(defaulted["spec"], local=local)
         result.errors.extend(errors)

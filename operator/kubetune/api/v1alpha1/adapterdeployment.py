@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..k8s_values import LABEL_VALUE_PATTERN
 from ..schema import (
     DNS_LABEL_PATTERN,
     array,
@@ -14,7 +15,15 @@ from ..schema import (
     string,
     string_map,
 )
-from .common import LAST_UPDATE_TIME, STORAGE_URI, base_model, conditions, s3_credentials, s3_endpoint, s3_region
+from .common import (
+    LAST_UPDATE_TIME,
+    STORAGE_PREFIX,
+    base_model,
+    conditions,
+    s3_credentials,
+    s3_endpoint,
+    s3_region,
+)
 
 ADAPTER_SOURCE = obj(
     "Where an adapter version comes from: a FineTuneJob's published adapter, or a uri with its digest.",
@@ -24,7 +33,7 @@ ADAPTER_SOURCE = obj(
             {"name": string("Name of the FineTuneJob.", pattern=DNS_LABEL_PATTERN, max_length=253)},
             required=["name"],
         ),
-        "uri": string("Location of the adapter's manifest.json or its directory.", pattern=STORAGE_URI,
+        "uri": string("Location of the adapter's manifest.json or its directory.", pattern=STORAGE_PREFIX,
                       max_length=2048),
         "digest": string("Expected sha256:HEX digest of the adapter.", pattern=r"^sha256:[a-f0-9]{64}$"),
     },
@@ -132,7 +141,7 @@ DRIFT = obj(
                     "New labelled examples (JSON Lines in the template's dataset format) collected after "
                     "deployment: every object under the prefix that no earlier retrain used.",
                     {
-                        "uri": string("S3 (or file://) prefix.", pattern=STORAGE_URI, max_length=2048),
+                        "uri": string("S3 (or file://) prefix.", pattern=STORAGE_PREFIX, max_length=2048),
                         "minExamples": integer("No retrain with fewer new labelled examples.", default=100,
                                                minimum=1),
                         "holdoutFraction": number("Share of the new examples held out to judge the candidate.",
@@ -179,7 +188,8 @@ LABEL_REQUIREMENT = obj(
         "key": string("The label key.", max_length=317),
         "operator": string("How the key's value is compared.", enum=["In", "NotIn", "Exists", "DoesNotExist"]),
         "values": array("Values for In and NotIn; empty for Exists and DoesNotExist.",
-                        string("A value.", max_length=63), max_items=64),
+                        string("A value (a label value).", pattern=LABEL_VALUE_PATTERN, max_length=63),
+                        max_items=64, list_type="set"),
     },
     required=["key", "operator"],
     rules=[rule("(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
@@ -253,7 +263,8 @@ ADAPTERDEPLOYMENT_SPEC = obj(
                     "Existing serving pods (every matching pod of every replica), each running the kubetune agent "
                     "next to its engine.",
                     {
-                        "matchLabels": string_map("Labels the serving pods carry."),
+                        "matchLabels": string_map("Labels the serving pods carry (at least one: an empty selector "
+                                                  "selects every pod in the namespace).", min_properties=1),
                         "maxLoraRank": integer("The --max-lora-rank the existing engines run with (adapters above "
                                                "it are refused).", minimum=1, maximum=512),
                         "namespaceSelector": NAMESPACE_SELECTOR,
@@ -264,9 +275,8 @@ ADAPTERDEPLOYMENT_SPEC = obj(
             rules=[rule("has(self.managed) != has(self.selector)",
                         "runtime: set exactly one of runtime.managed or runtime.selector")],
         ),
-        "adapters": array("Adapters to serve.", ADAPTER, min_items=1, max_items=256, list_type="map",
-                          rules=[rule("self.all(a, self.exists_one(b, b.name == a.name))",
-                                      "adapters[].name must be unique")]),
+        "adapters": array("Adapters to serve, keyed by name.", ADAPTER, min_items=1, max_items=256, list_type="map",
+                          map_keys=["name"]),
         "strategy": obj(
             "How a new adapter version replaces the serving one.",
             {
@@ -297,7 +307,7 @@ ADAPTERDEPLOYMENT_SPEC = obj(
             "Requests and responses sampled to storage for drift analysis.",
             {
                 "rate": number("Share of requests sampled.", default=0.0, minimum=0, maximum=1),
-                "uri": string("S3 prefix for samples (file:// only with `kubetune local`).", pattern=STORAGE_URI,
+                "uri": string("S3 prefix for samples (file:// only with `kubetune local`).", pattern=STORAGE_PREFIX,
                               max_length=2048),
             },
             default={},
@@ -309,8 +319,6 @@ ADAPTERDEPLOYMENT_SPEC = obj(
                 "adapters[].drift needs trafficSampling.uri and trafficSampling.rate > 0 (drift is measured on "
                 "sampled traffic)", field_path=".trafficSampling")],
 )
-# The list-map above is keyed by name.
-ADAPTERDEPLOYMENT_SPEC["properties"]["adapters"]["x-kubernetes-list-map-keys"] = ["name"]
 
 ADAPTER_VERSION = obj(
     "One version of an adapter.",

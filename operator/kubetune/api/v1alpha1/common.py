@@ -3,10 +3,26 @@ conditions."""
 
 from __future__ import annotations
 
-from ..schema import DNS_LABEL_PATTERN, array, boolean, integer, obj, rule, string
+from ..k8s_values import CONFIG_KEY_PATTERN, DNS1123_SUBDOMAIN_PATTERN
+from ..schema import array, boolean, integer, obj, rule, string
 from ..storage_location import ENDPOINT_PATTERN
 
-STORAGE_URI = r"^(s3|file)://.+"
+# S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens, starting and ending alphanumeric.
+S3_BUCKET = r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]"
+# An object (a file): s3://BUCKET/KEY with a key, or file:///PATH (absolute).
+STORAGE_URI = rf"^(s3://{S3_BUCKET}/.+|file:///.+)$"
+# A prefix (a directory): the bucket alone is one too.
+STORAGE_PREFIX = rf"^(s3://{S3_BUCKET}(/.*)?|file:///.+)$"
+
+
+def secret_name() -> dict:
+    """Secrets are named by DNS-1123 subdomains (dots allowed), like most objects."""
+    return string("Name of the Secret.", pattern=DNS1123_SUBDOMAIN_PATTERN, max_length=253)
+
+
+def secret_key(description: str, default: str) -> dict:
+    """A key of a Secret's data: the API server's config-key rule (letters, digits, '-', '_', '.')."""
+    return string(description, default=default, pattern=CONFIG_KEY_PATTERN, max_length=253)
 
 
 def s3_credentials(what: str) -> dict:
@@ -14,11 +30,9 @@ def s3_credentials(what: str) -> dict:
         f"Credentials for {what}, read from a Secret in the job's namespace through secretKeyRef "
         "(never copied into ConfigMaps, arguments or logs).",
         {
-            "secretName": string("Name of the Secret holding the keys.", pattern=DNS_LABEL_PATTERN, max_length=253),
-            "accessKeyIdKey": string("Key of the access key id in the Secret.", default="AWS_ACCESS_KEY_ID"),
-            "secretAccessKeyKey": string(
-                "Key of the secret access key in the Secret.", default="AWS_SECRET_ACCESS_KEY"
-            ),
+            "secretName": secret_name(),
+            "accessKeyIdKey": secret_key("Key of the access key id in the Secret.", "AWS_ACCESS_KEY_ID"),
+            "secretAccessKeyKey": secret_key("Key of the secret access key in the Secret.", "AWS_SECRET_ACCESS_KEY"),
         },
         required=["secretName"],
     )
@@ -47,7 +61,7 @@ def base_model(description: str) -> dict:
             "uri": string(
                 "Where the weights come from: hf://ORG/NAME (a Hugging Face repository, or a mirror), "
                 "s3://BUCKET/PREFIX or file:///PATH (a directory in the image or a mounted volume).",
-                pattern=r"^(hf|s3|file)://.+",
+                pattern=rf"^(hf://.+|s3://{S3_BUCKET}(/.*)?|file:///.+)$",
                 max_length=1024,
             ),
             "revision": string(
@@ -63,8 +77,8 @@ def base_model(description: str) -> dict:
                 "Token for a private or gated Hugging Face repository (HF_TOKEN), read from a Secret through "
                 "secretKeyRef.",
                 {
-                    "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
-                    "tokenKey": string("Key of the token in the Secret.", default="token"),
+                    "secretName": secret_name(),
+                    "tokenKey": secret_key("Key of the token in the Secret.", "token"),
                 },
                 required=["secretName"],
             ),

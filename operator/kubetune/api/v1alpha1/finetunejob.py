@@ -6,6 +6,7 @@ model (`spec.baseline`), the LoRA rank sweep (`spec.rankSweep`) and training.
 
 from __future__ import annotations
 
+from ..k8s_values import DNS1123_SUBDOMAIN_PATTERN, LABEL_VALUE_PATTERN
 from ..schema import (
     DNS_LABEL_PATTERN,
     array,
@@ -20,7 +21,16 @@ from ..schema import (
     string,
     string_map,
 )
-from .common import STORAGE_URI, base_model, s3_credentials, s3_endpoint, s3_region
+from .common import (
+    STORAGE_PREFIX,
+    STORAGE_URI,
+    base_model,
+    s3_credentials,
+    s3_endpoint,
+    s3_region,
+    secret_key,
+    secret_name,
+)
 from .dataset import DATASET
 
 TASKS = ("CausalLM", "SequenceClassification")
@@ -252,16 +262,33 @@ RESOURCES = obj(
     default={},
 )
 
+# core/v1 Toleration's fields, so a typo or a bad operator is refused at apply, not by the pod.
+TOLERATION = obj(
+    "A toleration (core/v1 Toleration).",
+    {
+        "key": string("Taint key (a label key); empty with operator Exists matches every taint.", max_length=317),
+        "operator": string("Equal (the default) or Exists.", enum=["Equal", "Exists"]),
+        "value": string("Taint value for Equal (a label value).", pattern=LABEL_VALUE_PATTERN, max_length=63),
+        "effect": string("Taint effect to match (empty: all).", enum=["", "NoSchedule", "PreferNoSchedule",
+                                                                      "NoExecute"]),
+        "tolerationSeconds": integer("How long a NoExecute taint is tolerated (default: forever).", minimum=0),
+    },
+    rules=[rule("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "scheduling.tolerations[].value must be empty when operator is Exists", field_path=".value")],
+)
+
 SCHEDULING = obj(
     "Placement of the training pods.",
     {
         "nodeSelector": string_map("Node labels the pods must match."),
-        "tolerations": array("Tolerations (core/v1 Toleration).", opaque_object("A toleration.")),
+        "tolerations": array("Tolerations (core/v1 Toleration).", TOLERATION, max_items=64),
         "affinity": opaque_object("Affinity (core/v1 Affinity)."),
-        "priorityClassName": string("PriorityClass of the pods.", max_length=253),
+        "priorityClassName": string("PriorityClass of the pods (a DNS-1123 subdomain).",
+                                    pattern=DNS1123_SUBDOMAIN_PATTERN, max_length=253),
         "queueName": string("Kueue LocalQueue: every workload is created suspended with the kueue.x-k8s.io/queue-name "
-                            "label and runs once Kueue admits it (phase Queued until then).",
-                            max_length=253),
+                            "label and runs once Kueue admits it (phase Queued until then). It is a label value: "
+                            "at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric.",
+                            pattern=LABEL_VALUE_PATTERN, min_length=1, max_length=63),
     },
 )
 
@@ -270,7 +297,7 @@ OUTPUT = obj(
     {
         "uri": string("S3 prefix (s3://BUCKET/PREFIX); each job writes under PREFIX/NAMESPACE/NAME/UID/. "
                       "file:///PATH is accepted only by `kubetune local` (a cluster's pods cannot write to it).",
-                      pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.+)$", max_length=1024),
+                      pattern=STORAGE_PREFIX, max_length=1024),
         "endpoint": s3_endpoint(),
         "region": s3_region(),
         "credentials": s3_credentials("the output bucket"),
@@ -295,8 +322,8 @@ TRACKING = obj(
                 "credentials": obj(
                     "Token for the server, from a Secret (MLFLOW_TRACKING_TOKEN in the pod).",
                     {
-                        "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
-                        "tokenKey": string("Key of the token in the Secret.", default="token"),
+                        "secretName": secret_name(),
+                        "tokenKey": secret_key("Key of the token in the Secret.", "token"),
                     },
                     required=["secretName"],
                 ),
@@ -313,8 +340,8 @@ TRACKING = obj(
                 "credentials": obj(
                     "API key, from a Secret (WANDB_API_KEY in the pod).",
                     {
-                        "secretName": string("Name of the Secret.", pattern=DNS_LABEL_PATTERN, max_length=253),
-                        "apiKeyKey": string("Key of the API key in the Secret.", default="api-key"),
+                        "secretName": secret_name(),
+                        "apiKeyKey": secret_key("Key of the API key in the Secret.", "api-key"),
                     },
                     required=["secretName"],
                 ),
@@ -378,9 +405,7 @@ RANK_SWEEP = obj(
     "until the final evaluation). The best rank (ties go to the smaller rank) is used for the full run.",
     {
         "ranks": array("Ranks to try.", integer("A LoRA rank.", minimum=1, maximum=MAX_LORA_RANK),
-                       default=[4, 8, 16, 32], min_items=2, max_items=16, list_type="set",
-                       rules=[rule("self.all(r, self.exists_one(s, s == r))",
-                                   "rankSweep.ranks must not repeat a rank")]),
+                       default=[4, 8, 16, 32], min_items=2, max_items=16, list_type="set"),
         "holdoutFraction": number("Share of the training split held out to score the trials.", default=0.1,
                                   minimum=0, exclusive_minimum=True, maximum=0.5),
         "epochs": number("Passes over the remaining training data per trial.", default=1, minimum=0,
@@ -414,8 +439,7 @@ EVALUATION = obj(
                                max_length=63),
                 "uri": string("Location of the set (JSON Lines).", pattern=STORAGE_URI, max_length=2048),
             }, required=["name", "uri"]),
-            min_items=1, max_items=8,
-            rules=[rule("self.all(a, self.exists_one(b, b.name == a.name))", "evaluation.sets[].name must be unique")],
+            min_items=1, max_items=8, list_type="map", map_keys=["name"],
         ),
         "reference": obj(
             "An adapter already published on the same base model, scored on the same sets (the one serving now).",
@@ -453,7 +477,7 @@ FINETUNEJOB_SPEC = obj(
         "scheduling": SCHEDULING,
         "image": string("Trainer image override (default: the operator's configured trainer image).",
                         max_length=1024),
-        "serviceAccountName": string("ServiceAccount of the training pods.", pattern=DNS_LABEL_PATTERN,
+        "serviceAccountName": string("ServiceAccount of the training pods.", pattern=DNS1123_SUBDOMAIN_PATTERN,
                                      max_length=253),
         "output": OUTPUT,
         "tracking": TRACKING,
