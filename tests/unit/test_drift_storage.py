@@ -72,3 +72,36 @@ def test_the_open_window_is_kept_in_storage(tmp_path):
     write(store, tmp_path, "pod-a", list(range(5, 11)), 2)
     second = analyse(store, manifest, adep, drift_storage.Analyzer())  # a fresh process: nothing in memory
     assert [(v["index"], v["requests"]) for v in second.verdicts] == [(1, 10)]
+
+
+def _retrain_inputs(tmp_path, include_original: bool):
+    store, manifest, adep = setup(tmp_path)
+    original = tmp_path / "train.jsonl"
+    original.write_text("".join(json.dumps({"text": f"where is my order {i}", "label": label}) + "\n"
+                                for i in range(40) for label in ("reset", "order")))
+    manifest = {**manifest, "dataset": {**manifest["dataset"], "uri": f"file://{original}"}}
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    (labelled / "batch-1.jsonl").write_text("".join(json.dumps({"text": f"book a flight {i}", "label": "oos"}) + "\n"
+                                                    for i in range(60)))
+    adapter = {**adep["spec"]["adapters"][0], "drift": {"retrain": {
+        "template": {"spec": {}}, "includeOriginalData": include_original,
+        "labelledData": {"uri": f"file://{labelled}/", "holdoutFraction": 0.2}}}}
+    data = drift_storage.prepare_retrain(store, adep, adapter, "support-retrain-1", manifest, "file:///m.json")
+
+    def labels(uri):
+        return {json.loads(line)["label"] for line in store.read(uri).decode().splitlines()}
+    return data, labels
+
+
+def test_a_retrain_on_new_data_only_validates_on_labels_it_trains(tmp_path):
+    """Without the original data the retrain cannot learn the original labels: its validation holds the
+    new holdout only (the dataset policy refuses labels only in validation); the gate's `original` set
+    still measures the regression."""
+    data, labels = _retrain_inputs(tmp_path, include_original=False)
+    assert labels(data.train_uri) == labels(data.validation_uri) == {"oos"}
+    assert labels(data.original_holdout_uri) == {"reset"}
+    (tmp_path / "with").mkdir()
+    data, labels = _retrain_inputs(tmp_path / "with", include_original=True)
+    assert labels(data.validation_uri) == {"reset", "oos"}
+    assert labels(data.train_uri) == {"reset", "order", "oos"}

@@ -300,13 +300,17 @@ def prepare_retrain(store: storage.ObjectStore, adep: dict, adapter: dict, job: 
         original_train, original_holdout = [json.loads(x) for x in kept], [json.loads(x) for x in held]
     if not original_holdout:
         raise DataError("the serving adapter has no holdout to guard against regressions")
-    train = (original_train if retrain.get("includeOriginalData", True) else []) + new_train_rows
+    include_original = retrain.get("includeOriginalData", True)
+    train = (original_train if include_original else []) + new_train_rows
+    # validation measures what the retrain learns, so it holds only labels its training has (the dataset
+    # policy refuses any other); regressions on the original data are the gate's `original` set's job
+    validation = (original_holdout if include_original else []) + new_holdout_rows
     base = f"{prefix}retrains/{job}/"
     data = driftloop.RetrainData(train_uri=base + "train.jsonl", validation_uri=base + "validation.jsonl",
                                  original_holdout_uri=base + "original.jsonl", new_holdout_uri=base + "new.jsonl",
                                  format=fmt)
     store.write(data.train_uri, _dump(train))
-    store.write(data.validation_uri, _dump(original_holdout + new_holdout_rows))
+    store.write(data.validation_uri, _dump(validation))
     store.write(data.original_holdout_uri, _dump(original_holdout))
     store.write(data.new_holdout_uri, _dump(new_holdout_rows))
     _write_json(store, base + "inputs.json", {"labelled": objects, "servingManifest": manifest_uri,
