@@ -34,21 +34,18 @@ from kubetune.api import serving  # noqa: E402
 from kubetune.clients import kube  # noqa: E402
 from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS  # noqa: E402
 from kubetune_testing import operator_process, seaweedfs  # noqa: E402
-from kubetune_testing.emulator import K8sEmulator, declare_resources  # noqa: E402
+from kubetune_testing.emulator import declare_resources  # noqa: E402
 from kubetune_testing.factories import adapterdeployment, finetunejob  # noqa: E402
+from kubetune_testing.served_requests import ForgetfulEmulator  # noqa: E402
 
 
-class CountingEmulator(K8sEmulator):
+class CountingEmulator(ForgetfulEmulator):
     """The emulator, plus: every request counted by verb and resource, and when each kubetune child was
     created (keyed by its owner), so convergence is timed where it happens, with no extra requests.
 
-    And one change of cost: kmock (0.8) keeps every request it served and routes each new one by testing
-    its fallback filters against that whole history (`request in payload._source`), so serving request k
-    costs O(k) and a run O(requests^2): at 30 FineTuneJobs, 165 of the 190 CPU seconds of this process
-    went to kmock's filtering and a FineTuneJob waited 60 s for its PyTorchJob. A served request is
-    forgotten here (only the ones in flight, watches included, stay), which is what an API server does."""
-
-    forget_served = True  # False: kmock's own behaviour (--keep-history)
+    A served request is forgotten (ForgetfulEmulator): with kmock's whole history kept, at 30
+    FineTuneJobs 165 of the 190 CPU seconds of this process went to kmock's filtering and a FineTuneJob
+    waited 60 s for its PyTorchJob (--keep-history brings that back)."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -68,14 +65,7 @@ class CountingEmulator(K8sEmulator):
             meta = request.data.get("metadata") or {}
             self.parent_seen.setdefault((plural, request.namespace or meta.get("namespace"), meta.get("name")),
                                         time.monotonic())
-        try:
-            response = await super()._handle(request)
-        finally:
-            history = self._requests if self.forget_served else ()
-            for index in range(len(history) - 1, -1, -1):
-                if history[index] is request:
-                    del history[index]
-                    break
+        response = await super()._handle(request)
         if request.action == kmock.action.CREATE and isinstance(request.data, dict) and response.status < 400:
             meta = request.data.get("metadata") or {}
             for owner in meta.get("ownerReferences") or []:
