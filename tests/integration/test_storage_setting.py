@@ -20,6 +20,7 @@ from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from tests.trainer.conftest import lm_corpus
 
 from .conftest import NS, OPERATOR_USER, eventually, write_kubeconfig
+from .test_trainer_in_cluster import spec_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +42,11 @@ def operator_env(k8s, tmp_path, storage_endpoint: str) -> dict[str, str]:
 
 def silent_spec(tiny_llama) -> dict:
     """Storage by URI and credentials only: no endpoint, no region anywhere in the spec."""
-    return {
-        "baseModel": {"uri": f"file://{tiny_llama}"},
-        "dataset": {"uri": f"s3://{BUCKET}/silent/train.jsonl", "format": "prompt-completion"},
-        "method": {"type": "LoRA", "lora": {"rank": 4, "targetModules": ["q_proj", "v_proj"]}},
-        "training": {"maxSteps": 6, "learningRate": 0.01, "perDeviceBatchSize": 4, "maxSeqLength": 64,
-                     "precision": "FP32", "gradientCheckpointing": False, "evalSteps": 6},
-        "distributed": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1, "deepspeed": {"enabled": False}},
-        "output": {"uri": f"s3://{BUCKET}/silent-jobs", "credentials": {"secretName": "s3-creds"}},
-    }
+    spec = spec_for(tiny_llama, None)
+    spec["dataset"]["uri"] = f"s3://{BUCKET}/silent/train.jsonl"
+    spec["training"].update(maxSteps=6, evalSteps=6)
+    spec["output"] = {"uri": f"s3://{BUCKET}/silent-jobs", "credentials": {"secretName": "s3-creds"}}
+    return spec
 
 
 def rendered_env(workload: dict) -> dict[str, str]:
