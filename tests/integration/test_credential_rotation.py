@@ -25,7 +25,8 @@ from .test_adapterdeployment_flows import agent_pods, desired_of, publish, submi
 from .test_finetunejob_flows import fake_adapter, wait_phase
 from .test_finetunejob_flows import submit as submit_job
 
-pytestmark = pytest.mark.integration
+# no test here reads kmock's request history: each request is forgotten once served
+pytestmark = [pytest.mark.integration, pytest.mark.forget_served_requests]
 EXPIRED = "unknown or expired token"
 
 
@@ -135,6 +136,9 @@ async def test_the_operator_process_logs_in_through_an_exec_plugin_again_after_a
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_server.endpoint}
     operator = await operator_process.start(env, "--namespace", NS, "--publish-timeout", "5")
     try:
+        # its start-up (imports, the plugin's first run) is not what the 30 s below bound: a loaded
+        # machine took longer than that to start it
+        await eventually(operator.healthy, timeout=120, interval=0.2)
         await client.create(kube.FINETUNEJOBS, _job("before", s3_server.endpoint))
         await eventually(lambda: client.get(kube.PYTORCHJOBS, NS, "before-data"), timeout=30)
         runs_before = runs.read_text().count("run")
