@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,26 +29,23 @@ import kmock  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-from common import free_port, load_average  # noqa: E402  (bench/, on sys.path)
+from common import load_average  # noqa: E402  (bench/, on sys.path)
 from kubetune.api import serving  # noqa: E402
 from kubetune.clients import kube  # noqa: E402
 from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS  # noqa: E402
-from kubetune_testing import seaweedfs  # noqa: E402
-from kubetune_testing.emulator import K8sEmulator, declare_resources  # noqa: E402
+from kubetune_testing import operator_process, seaweedfs  # noqa: E402
+from kubetune_testing.emulator import declare_resources  # noqa: E402
 from kubetune_testing.factories import adapterdeployment, finetunejob  # noqa: E402
+from kubetune_testing.served_requests import ForgetfulEmulator  # noqa: E402
 
 
-class CountingEmulator(K8sEmulator):
+class CountingEmulator(ForgetfulEmulator):
     """The emulator, plus: every request counted by verb and resource, and when each kubetune child was
     created (keyed by its owner), so convergence is timed where it happens, with no extra requests.
 
-    And one change of cost: kmock (0.8) keeps every request it served and routes each new one by testing
-    its fallback filters against that whole history (`request in payload._source`), so serving request k
-    costs O(k) and a run O(requests^2): at 30 FineTuneJobs, 165 of the 190 CPU seconds of this process
-    went to kmock's filtering and a FineTuneJob waited 60 s for its PyTorchJob. A served request is
-    forgotten here (only the ones in flight, watches included, stay), which is what an API server does."""
-
-    forget_served = True  # False: kmock's own behaviour (--keep-history)
+    A served request is forgotten (ForgetfulEmulator): with kmock's whole history kept, at 30
+    FineTuneJobs 165 of the 190 CPU seconds of this process went to kmock's filtering and a FineTuneJob
+    waited 60 s for its PyTorchJob (--keep-history brings that back)."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -70,14 +65,7 @@ class CountingEmulator(K8sEmulator):
             meta = request.data.get("metadata") or {}
             self.parent_seen.setdefault((plural, request.namespace or meta.get("namespace"), meta.get("name")),
                                         time.monotonic())
-        try:
-            response = await super()._handle(request)
-        finally:
-            history = self._requests if self.forget_served else ()
-            for index in range(len(history) - 1, -1, -1):
-                if history[index] is request:
-                    del history[index]
-                    break
+        response = await super()._handle(request)
         if request.action == kmock.action.CREATE and isinstance(request.data, dict) and response.status < 400:
             meta = request.data.get("metadata") or {}
             for owner in meta.get("ownerReferences") or []:
@@ -186,12 +174,13 @@ async def run_size(n_jobs: int, n_adeps: int, args, s3_endpoint: str, keys: tupl
         client = kube.KubeClient(str(k8s.url), timeout=120)
         await populate(k8s, client, namespaces, keys)
         kubeconfig = write_kubeconfig(work / f"kubeconfig-{n_jobs}", str(k8s.url))
-        health, metrics_port = free_port(), free_port()
         log_path = work / f"operator-{n_jobs}.log"
-        process = await start_operator(args, namespaces, kubeconfig, s3_endpoint, health, metrics_port, log_path)
+        with open(log_path, "wb") as log_file:
+            operator = await start_operator(args, namespaces, kubeconfig, s3_endpoint, log_file)
+        process, metrics_port = operator.process, operator.metrics_port
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         try:
-            await wait_healthy(session, process, health, log_path)
+            await wait_healthy(operator, log_path)
             run = Measured(k8s, process, s3_pid, jobs, adeps)
             await run.converge(client, args, s3_endpoint, result)
             run.record_costs(result)
@@ -208,7 +197,7 @@ async def run_size(n_jobs: int, n_adeps: int, args, s3_endpoint: str, keys: tupl
             result["load_after"] = load_average()
         finally:
             await session.close()
-            await stop_operator(process)
+            await operator.stop(grace=60)
             await client.close()
         result["operator_exit"] = process.returncode
         result.update(log_counts(log_path))
@@ -237,43 +226,23 @@ def write_kubeconfig(path: Path, server: str) -> Path:
     return path
 
 
-async def start_operator(args, namespaces: list[str], kubeconfig: Path, s3_endpoint: str, health: int,
-                         metrics_port: int, log_path: Path) -> asyncio.subprocess.Process:
+async def start_operator(args, namespaces: list[str], kubeconfig: Path, s3_endpoint: str,
+                         log_file) -> operator_process.OperatorProcess:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_endpoint,
            "PYTHONUNBUFFERED": "1"}
     # `--all-namespaces` (the chart's default) dies at start-up: main.run passes namespaces=None to
     # kopf.operator, whose namespace observer iterates it (TypeError). Scope to the namespaces instead.
     scope = ["--all-namespaces"] if args.all_namespaces else [a for ns in namespaces for a in ("--namespace", ns)]
-    with open(log_path, "wb") as log_file:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kubetune_operator.cli", "operator", *scope,
-            "--health-port", str(health), "--metrics-port", str(metrics_port),
-            stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    return await operator_process.start(env, *scope, stdout=log_file)
 
 
-async def wait_healthy(session: aiohttp.ClientSession, process: asyncio.subprocess.Process, health: int,
-                       log_path: Path) -> None:
+async def wait_healthy(operator: operator_process.OperatorProcess, log_path: Path) -> None:
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if (await http_get(session, f"http://127.0.0.1:{health}/healthz"))[0] == 200:
-                break
-        except aiohttp.ClientError:
-            pass
-        if process.returncode is not None or time.monotonic() > deadline:
+    while not await operator.healthy():
+        if operator.process.returncode is not None or time.monotonic() > deadline:
             raise SystemExit(f"operator did not start:\n{log_path.read_text()[-3000:]}")
         await asyncio.sleep(0.2)
     await asyncio.sleep(1.0)  # kopf's watches settle
-
-
-async def stop_operator(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), timeout=60)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
 
 
 def log_counts(log_path: Path) -> dict:

@@ -9,7 +9,6 @@ plugin's Validate and the runtime lookup. Liberties: docs/testing.md ("The Train
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ from kubetune.clients import kube
 from .training_operator import (
     LOOPBACK,
     Pod,
-    PodConfigError,
     base_env,
     container_env,
     free_port,
@@ -134,15 +132,7 @@ class TrainJobRun:
         pod = Pod(name, NODE, index, self.root / f"{name}.{attempt}")
         self.pods[index] = pod
         self.history.append(pod)
-        try:
-            argv, env = self.pod_process(index, pod.directory)
-        except PodConfigError as exc:
-            pod.waiting, pod.message = "CreateContainerConfigError", str(exc)
-            return pod
-        pod.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(pod.log, "wb") as log:
-            pod.process = subprocess.Popen(argv, env=env, cwd=pod.directory, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+        pod.start(lambda directory: self.pod_process(index, directory))
         return pod
 
     def pod_process(self, index: int, pod_dir: Path) -> tuple[list[str], dict]:

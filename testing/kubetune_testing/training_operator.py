@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,6 +190,20 @@ class Pod:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
 
+    def start(self, process_of: Callable[[Path], tuple[list[str], dict]]) -> None:
+        """Runs the container `process_of(directory)` describes (argv, env), or leaves the pod waiting
+        with CreateContainerConfigError when its config cannot be resolved, as the kubelet does."""
+        try:
+            argv, env = process_of(self.directory)
+        except PodConfigError as exc:
+            self.waiting, self.message = CREATE_CONTAINER_CONFIG_ERROR, str(exc)
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as log:
+            # its own session: a kill reaches torchrun's workers as a pod's end does
+            self.process = subprocess.Popen(argv, env=env, cwd=self.directory, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
     def output(self, tail: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-tail:] if self.log.exists() else self.message
 
@@ -264,16 +279,7 @@ class PyTorchJobRun:
         self.pods[(replica_type, index)] = pod
         self.history.append(pod)
         template = self.replica_specs[replica_type]["template"]["spec"]
-        try:
-            argv, env = self.pod_process(template, replica_type, index, pod.directory)
-        except PodConfigError as exc:
-            pod.waiting, pod.message = CREATE_CONTAINER_CONFIG_ERROR, str(exc)
-            return pod
-        pod.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(pod.log, "wb") as log:
-            # its own session: a kill reaches torchrun's workers as a pod's end does
-            pod.process = subprocess.Popen(argv, env=env, cwd=pod.directory, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+        pod.start(lambda directory: self.pod_process(template, replica_type, index, directory))
         return pod
 
     def pod_process(self, template: dict, replica_type: str, index: int, pod_dir: Path) -> tuple[list[str], dict]:

@@ -36,6 +36,7 @@ from kubetune_operator.render import serving as serving_render
 from kubetune_testing import auth, enforcement, rbac_coverage, seaweedfs
 from kubetune_testing.emulator import EXEMPT_HEADER, K8sEmulator, declare_resources
 from kubetune_testing.seaweedfs import S3Server
+from kubetune_testing.served_requests import ForgetfulEmulator
 
 pytestmark = pytest.mark.integration
 
@@ -58,11 +59,13 @@ def s3_server(tmp_path_factory) -> S3Server:
 
 
 @pytest_asyncio.fixture()
-async def k8s() -> AsyncIterator[K8sEmulator]:
+async def k8s(request) -> AsyncIterator[K8sEmulator]:
     """The emulator as a cluster with the chart installed sees requests: bearer tokens authenticated
     (`k8s.authenticator`), RBAC of the chart in ClusterRole mode enforced (`k8s.enforcement`; see
-    `enforce_watch_namespaces` for the other mode), every authorized use recorded for the coverage check."""
-    async with K8sEmulator() as emulator, kmock.Server(emulator):
+    `enforce_watch_namespaces` for the other mode), every authorized use recorded for the coverage check.
+    A test marked `forget_served_requests` (it reads no request history) gets the O(1)-routing emulator."""
+    forgetful = request.node.get_closest_marker("forget_served_requests") is not None
+    async with (ForgetfulEmulator if forgetful else K8sEmulator)() as emulator, kmock.Server(emulator):
         declare_resources(emulator)
         emulator.authenticator = auth.TokenAuthenticator().install(emulator)
         emulator.enforcement = enforcement.enforce(emulator, secret_namespaces=SECRET_NAMESPACES,

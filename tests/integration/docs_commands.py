@@ -101,7 +101,8 @@ RUN_BY = [
      "examples/finetunejob-local-intents.yaml"),
     (("kubetune", "local", "-f", "examples/adapterdeployment-local-intents.yaml"),
      "scripts/serve-default.sh", "examples/adapterdeployment-local-intents.yaml"),
-    (("kubetune", "operator"), "tests/integration/test_operator_process.py", "\"operator\""),
+    # tests/integration/test_operator_process.py and others start it through this helper
+    (("kubetune", "operator"), "testing/kubetune_testing/operator_process.py", '"kubetune_operator.cli", "operator"'),
 ]
 SETUP = {"git", "cd"}
 

@@ -18,7 +18,8 @@ from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, eventually
 
-pytestmark = pytest.mark.integration
+# no test here reads kmock's request history: each request is forgotten once served
+pytestmark = [pytest.mark.integration, pytest.mark.forget_served_requests]
 ROLEBINDINGS = kube.Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
 BASE = {"uri": "hf://meta-llama/Llama-2-7b-hf", "revision": "main"}
 

@@ -29,7 +29,8 @@ from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from .conftest import eventually
 from .test_adapterdeployment_flows import publish
 
-pytestmark = pytest.mark.integration
+# no test here reads kmock's request history: each request is forgotten once served
+pytestmark = [pytest.mark.integration, pytest.mark.forget_served_requests]
 
 HOME, TENANTS, REFUSING = "ml-platform", ("team-a", "team-b", "team-c"), "team-c"
 DESIRED = serving.desired_config_map_name("support", HOME)

@@ -4,10 +4,8 @@ Also `kubetune operator` as a process with an exec-plugin kubeconfig (EKS, GKE),
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
-import signal
 import sys
 
 import kmock
@@ -18,9 +16,8 @@ from kubetune.clients import credentials, kube
 from kubetune.clients.storage import publish_adapter
 from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS, PODS
 from kubetune_operator.render import serving as serving_render
-from kubetune_testing import auth
+from kubetune_testing import auth, operator_process
 from kubetune_testing.factories import finetunejob
-from kubetune_testing.ports import free_port
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, OPERATOR_USER, admin_client, eventually, write_kubeconfig
@@ -28,7 +25,8 @@ from .test_adapterdeployment_flows import agent_pods, desired_of, publish, submi
 from .test_finetunejob_flows import fake_adapter, wait_phase
 from .test_finetunejob_flows import submit as submit_job
 
-pytestmark = pytest.mark.integration
+# no test here reads kmock's request history: each request is forgotten once served
+pytestmark = [pytest.mark.integration, pytest.mark.forget_served_requests]
 EXPIRED = "unknown or expired token"
 
 
@@ -136,11 +134,11 @@ async def test_the_operator_process_logs_in_through_an_exec_plugin_again_after_a
         "data": {k: base64.b64encode(v.encode()).decode()
                  for k, v in {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}.items()}})
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_server.endpoint}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetune_operator.cli", "operator", "--namespace", NS,
-        "--health-port", str(free_port()), "--metrics-port", str(free_port()), "--publish-timeout", "5",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    operator = await operator_process.start(env, "--namespace", NS, "--publish-timeout", "5")
     try:
+        # its start-up (imports, the plugin's first run) is not what the 30 s below bound: a loaded
+        # machine took longer than that to start it
+        await eventually(operator.healthy, timeout=120, interval=0.2)
         await client.create(kube.FINETUNEJOBS, _job("before", s3_server.endpoint))
         await eventually(lambda: client.get(kube.PYTORCHJOBS, NS, "before-data"), timeout=30)
         runs_before = runs.read_text().count("run")
@@ -150,12 +148,7 @@ async def test_the_operator_process_logs_in_through_an_exec_plugin_again_after_a
         assert runs.read_text().count("run") > runs_before  # the plugin ran again for the new token
         assert k8s.authenticator.refused[EXPIRED] >= 1
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
-        except TimeoutError:
-            process.kill()
-            output, _ = await process.communicate()
+        output = await operator.stop()
         await client.close()
-    assert process.returncode == 0, output.decode()[-3000:]
-    assert token not in output.decode()
+    assert operator.process.returncode == 0, output[-3000:]
+    assert token not in output

@@ -29,7 +29,8 @@ from .conftest import NS, eventually
 from .stage_helpers import wait_status
 from .test_adapterdeployment_flows import agent_pods, agents_sync
 
-pytestmark = pytest.mark.integration
+# no test here reads kmock's request history: each request is forgotten once served
+pytestmark = [pytest.mark.integration, pytest.mark.forget_served_requests]
 INTENTS, PER_INTENT = 6, 25
 WINDOW = 60
 ALIAS = f"{NS}/support-bot"

@@ -34,7 +34,8 @@ from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, OPERATOR_USER, Api, Operator
 
-pytestmark = pytest.mark.integration
+# no test here reads kmock's request history: each request is forgotten once served
+pytestmark = [pytest.mark.integration, pytest.mark.forget_served_requests]
 
 KILL_TRIALS = 50
 LIFECYCLES = ("train", "baseline-met", "baseline-below", "sweep", "rollout", "canary")

@@ -19,7 +19,8 @@ from .stage_helpers import data_stage_name, wait_status
 from .test_finetunejob_flows import condition, status_of, submit, wait_phase
 from .test_trainer_in_cluster import spec_for
 
-pytestmark = pytest.mark.integration
+# no test here reads kmock's request history: each request is forgotten once served
+pytestmark = [pytest.mark.integration, pytest.mark.forget_served_requests]
 
 def queued_spec(tiny_llama, queue: str) -> dict:
     spec = spec_for(tiny_llama, None)

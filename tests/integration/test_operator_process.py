@@ -7,16 +7,14 @@ import asyncio
 import base64
 import json
 import os
-import signal
-import sys
 
 import aiohttp
 import kmock
 import pytest
 
 from kubetune.clients import kube
+from kubetune_testing import operator_process
 from kubetune_testing.factories import finetunejob
-from kubetune_testing.ports import free_port
 from kubetune_testing.seaweedfs import ACCESS_KEY, SECRET_KEY
 
 from .conftest import OPERATOR_USER, admin_client, enforce_watch_namespaces, eventually, write_kubeconfig
@@ -49,20 +47,10 @@ async def test_operator_process(k8s, s3_server, tmp_path, scope):
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(k8s.url),
                                   {"token": k8s.authenticator.issue(OPERATOR_USER)})
-    health, metrics = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_S3_ENDPOINT": s3_server.endpoint}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetune_operator.cli", "operator", *scope,
-        "--health-port", str(health), "--metrics-port", str(metrics), "--publish-timeout", "5",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    operator = await operator_process.start(env, *scope, "--publish-timeout", "5")
     try:
-        async def healthy():
-            try:
-                status, _ = await _http_get(f"http://127.0.0.1:{health}/healthz")
-            except aiohttp.ClientError:
-                return False
-            return status == 200
-        await eventually(healthy, timeout=30, interval=0.2)
+        await eventually(operator.healthy, timeout=30, interval=0.2)
 
         for namespace in ("team-a", "team-b"):
             await client.create(kube.SECRETS, {
@@ -73,8 +61,7 @@ async def test_operator_process(k8s, s3_server, tmp_path, scope):
         try:
             await eventually(lambda: client.get(kube.PYTORCHJOBS, "team-a", "scoped-data"), timeout=15)
         except TimeoutError:
-            process.send_signal(signal.SIGTERM)
-            print((await process.communicate())[0].decode()[-6000:])
+            print((await operator.stop())[-6000:])
             raise
         if scope == ("--all-namespaces",):
             await eventually(lambda: client.get(kube.PYTORCHJOBS, "team-b", "scoped-data"), timeout=15)
@@ -84,23 +71,18 @@ async def test_operator_process(k8s, s3_server, tmp_path, scope):
             other = await client.get(kube.FINETUNEJOBS, "team-b", "scoped")
             assert not other.get("status")
 
-        status, text = await _http_get(f"http://127.0.0.1:{metrics}/metrics")
+        status, text = await _http_get(operator.metrics_url)
         assert status == 200
         created = 2 if scope == ("--all-namespaces",) else 1
         assert f'kubetune_children_created_total{{kind="PyTorchJob"}} {created}.0' in text
         assert "kubetune_finetunejob_reconcile_seconds_count" in text
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
-        except TimeoutError:
-            process.kill()
-            output, _ = await process.communicate()
+        output = await operator.stop()
         await client.close()
-    assert process.returncode == 0, output.decode()[-3000:]
-    lines = [line for line in output.decode().splitlines() if line.strip()]
+    assert operator.process.returncode == 0, output[-3000:]
+    lines = [line for line in output.splitlines() if line.strip()]
     records = [json.loads(line) for line in lines if line.startswith("{")]
     assert records, lines[:20]
     assert any(r.get("message") == "created child" and r.get("kind") == "PyTorchJob" for r in records)
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
-    assert SECRET_KEY not in output.decode()
+    assert SECRET_KEY not in output

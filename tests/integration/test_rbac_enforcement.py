@@ -16,7 +16,8 @@ from kubetune_testing.factories import adapterdeployment
 
 from .conftest import NS, OPERATOR_USER, enforce_watch_namespaces, eventually
 
-pytestmark = pytest.mark.integration
+# no test here reads kmock's request history: each request is forgotten once served
+pytestmark = [pytest.mark.integration, pytest.mark.forget_served_requests]
 RBAC_API = kube.Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
 SERVICES = kube.Resource("", "v1", "services")
 

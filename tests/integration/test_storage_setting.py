@@ -6,25 +6,21 @@ write results and the adapter to that store, and the operator reads them there."
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import signal
-import sys
 
 import kmock
 import pytest
 
 from kubetune.clients import kube
 from kubetune.clients.storage import check_published
-from kubetune_testing import training_operator_loop
+from kubetune_testing import operator_process, training_operator_loop
 from kubetune_testing.factories import finetunejob
-from kubetune_testing.ports import free_port
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from tests.trainer.conftest import lm_corpus
 
 from .conftest import NS, OPERATOR_USER, eventually, write_kubeconfig
+from .test_trainer_in_cluster import spec_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,42 +28,25 @@ STORAGE_VARIABLES = ("KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_U
                      "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
-@contextlib.asynccontextmanager
-async def operator_process(k8s, tmp_path, storage_endpoint: str):
-    """`kubetune operator -n team-a` with the chart's storage environment and nothing else of storage."""
+def operator_env(k8s, tmp_path, storage_endpoint: str) -> dict[str, str]:
+    """The environment of `kubetune operator -n team-a` with the chart's storage setting and nothing else
+    of storage."""
     k8s.objects[kmock.resource("", "v1", "namespaces"), None, NS] = {
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(k8s.url),
                                   {"token": k8s.authenticator.issue(OPERATOR_USER)})
     env = {key: value for key, value in os.environ.items() if key not in STORAGE_VARIABLES}
     env.update(KUBECONFIG=str(kubeconfig), KUBETUNE_S3_ENDPOINT=storage_endpoint)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetune_operator.cli", "operator", "--namespace", NS, "--health-port",
-        str(free_port()), "--metrics-port", str(free_port()), "--publish-timeout", "30", "--status-min-interval", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.communicate(), timeout=30)
-        except TimeoutError:
-            process.kill()
-            await process.communicate()
+    return env
 
 
 def silent_spec(tiny_llama) -> dict:
     """Storage by URI and credentials only: no endpoint, no region anywhere in the spec."""
-    return {
-        "baseModel": {"uri": f"file://{tiny_llama}"},
-        "dataset": {"uri": f"s3://{BUCKET}/silent/train.jsonl", "format": "prompt-completion"},
-        "method": {"type": "LoRA", "lora": {"rank": 4, "targetModules": ["q_proj", "v_proj"]}},
-        "training": {"maxSteps": 6, "learningRate": 0.01, "perDeviceBatchSize": 4, "maxSeqLength": 64,
-                     "precision": "FP32", "gradientCheckpointing": False, "evalSteps": 6},
-        "distributed": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1, "deepspeed": {"enabled": False}},
-        "output": {"uri": f"s3://{BUCKET}/silent-jobs", "credentials": {"secretName": "s3-creds"}},
-    }
+    spec = spec_for(tiny_llama, None)
+    spec["dataset"]["uri"] = f"s3://{BUCKET}/silent/train.jsonl"
+    spec["training"].update(maxSteps=6, evalSteps=6)
+    spec["output"] = {"uri": f"s3://{BUCKET}/silent-jobs", "credentials": {"secretName": "s3-creds"}}
+    return spec
 
 
 def rendered_env(workload: dict) -> dict[str, str]:
@@ -81,7 +60,9 @@ async def test_a_spec_without_endpoint_trains_against_the_operators_store(k8s, a
     await api.create_secret("s3-creds", {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
     doc = finetunejob(**silent_spec(tiny_llama))
     doc["metadata"] = {"name": "silent", "namespace": NS}
-    async with operator_process(k8s, tmp_path, s3_server.endpoint) as process, \
+    env = operator_env(k8s, tmp_path, s3_server.endpoint)
+    async with operator_process.running(env, "--namespace", NS, "--publish-timeout", "30",
+                                        "--status-min-interval", "0") as operator, \
             training_operator_loop.running(api.client, NS, tmp_path / "pods") as pods:
         await api.client.create(kube.FINETUNEJOBS, doc)
 
@@ -93,8 +74,7 @@ async def test_a_spec_without_endpoint_trains_against_the_operators_store(k8s, a
         try:
             job = await eventually(finished, timeout=240, interval=0.5)
         except TimeoutError:
-            process.send_signal(signal.SIGTERM)
-            print((await process.communicate())[0].decode()[-6000:])
+            print((await operator.stop())[-6000:])
             raise
         runs = {name: (run.phase, run.logs()) for name, run in pods.runs.items()}
         workloads = {name: await api.get(kube.PYTORCHJOBS, name) for name in ("silent-data", "silent")}

@@ -10,7 +10,7 @@ from kubetune.api import jobconfig
 from kubetune_operator.render import training as render
 
 from . import kueue
-from .workload import CREATED, FAILED, RESTARTING, RUNNING, SUCCEEDED, LocalLaunch, WorkloadStatus
+from .workload import CREATED, FAILED, RESTARTING, RUNNING, SUCCEEDED, Backend, LocalLaunch, WorkloadStatus
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -113,22 +113,5 @@ def local_launch(pytorchjob: dict) -> LocalLaunch:
                        config_map=config_map, backoff_limit=int(spec.get("runPolicy", {}).get("backoffLimit", 0) or 0))
 
 
-class PyTorchJobBackend:
-    kind = KIND
-    api_resource = ("kubeflow.org", "v1", "pytorchjobs")
-
-    def render(self, job: dict, settings: render.RenderSettings, config_data: dict[str, str],
-               stage: jobconfig.Stage) -> dict:
-        return render_pytorchjob(job, settings, config_data, stage)
-
-    def read_status(self, workload: dict) -> WorkloadStatus:
-        return read_status(workload)
-
-    def suspend_patch(self, suspend: bool) -> dict:
-        return suspend_patch(suspend)
-
-    def local_launch(self, workload: dict) -> LocalLaunch:
-        return local_launch(workload)
-
-
-BACKEND = PyTorchJobBackend()
+BACKEND = Backend(kind=KIND, api_resource=("kubeflow.org", "v1", "pytorchjobs"), render=render_pytorchjob,
+                  read_status=read_status, suspend_patch=suspend_patch, local_launch=local_launch)

@@ -11,7 +11,7 @@ from kubetune.api import jobconfig
 from kubetune_operator.render import training as render
 
 from . import kueue
-from .workload import CREATED, FAILED, RUNNING, SUCCEEDED, LocalLaunch, WorkloadStatus
+from .workload import CREATED, FAILED, RUNNING, SUCCEEDED, Backend, LocalLaunch, WorkloadStatus
 
 GROUP = "trainer.kubeflow.org"
 API_VERSION = f"{GROUP}/v1alpha1"
@@ -142,22 +142,5 @@ def local_launch(trainjob: dict) -> LocalLaunch:
                        config_map=config_map, backoff_limit=JOB_BACKOFF_LIMIT, replica=NODE)
 
 
-class TrainJobBackend:
-    kind = KIND
-    api_resource = (GROUP, "v1alpha1", "trainjobs")
-
-    def render(self, job: dict, settings: render.RenderSettings, config_data: dict[str, str],
-               stage: jobconfig.Stage) -> dict:
-        return render_trainjob(job, settings, config_data, stage)
-
-    def read_status(self, workload: dict) -> WorkloadStatus:
-        return read_status(workload)
-
-    def suspend_patch(self, suspend: bool) -> dict:
-        return suspend_patch(suspend)
-
-    def local_launch(self, workload: dict) -> LocalLaunch:
-        return local_launch(workload)
-
-
-BACKEND = TrainJobBackend()
+BACKEND = Backend(kind=KIND, api_resource=(GROUP, "v1alpha1", "trainjobs"), render=render_trainjob,
+                  read_status=read_status, suspend_patch=suspend_patch, local_launch=local_launch)

@@ -3,6 +3,7 @@ and what a local run needs to play it on this machine."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .kueue import Admission, managed
@@ -52,3 +53,16 @@ class LocalLaunch:
     config_map: str  # the job-config ConfigMap its pods mount
     backoff_limit: int = 0  # retryable exits (>= 128) restart it up to this many times
     replica: str = "Master"  # the replica type its status counts (a cluster's first pod's)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A training backend made of its module's pure functions (the `TrainingBackend` protocol), so that
+    each backend module states only what differs: its kind, API resource and four functions."""
+
+    kind: str  # the spec.backend value and the workload's kind
+    api_resource: tuple[str, str, str]  # group, version, plural
+    render: Callable[..., dict]  # (job, settings, config_data, stage) -> the workload
+    read_status: Callable[[dict], WorkloadStatus]
+    suspend_patch: Callable[[bool], dict]
+    local_launch: Callable[[dict], LocalLaunch]
