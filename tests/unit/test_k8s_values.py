@@ -77,3 +77,18 @@ def test_not_quantities(text):
 def test_negative_quantities_are_refused_for_resources():
     assert kv.non_negative_quantity("-1") == ["must be greater than or equal to 0"]
     assert kv.non_negative_quantity("0") == [] and kv.non_negative_quantity("4Gi") == []
+
+
+def test_env_var_name_is_printable_ascii_without_equals():
+    assert kv.env_var_name("KUBETUNE_JOB") == [] and kv.env_var_name("1.a-b") == []
+    for bad in ("", "A=B", "tab\there", "é"):
+        assert kv.env_var_name(bad) == ["a valid environment variable name must consist only of printable ASCII "
+                                        "characters other than '='"]
+
+
+def test_port_name_is_an_iana_service_name():
+    assert kv.port_name("http") == [] and kv.port_name("metrics-2") == []
+    assert kv.port_name("8080") == ["must contain at least one letter (a-z)"]
+    assert kv.port_name("a--b") == ["must not contain consecutive hyphens"]
+    assert kv.port_name("a" * 16) == ["must be no more than 15 characters"]
+    assert "must not begin or end with a hyphen" in kv.port_name("-http")
