@@ -81,7 +81,7 @@ def _strict_decoding(k8s: K8sEmulator, request: kmock.Request, warnings: list[st
     elif directive == "Strict":
         message = "strict decoding error: " + ", ".join(problems)
         kind = k8s._kind(request) or request.resource.plural
-        if request.action == kmock.action.CREATE or request.method == kmock.method.PUT:
+        if request.action == kmock.action.CREATE or getattr(request._raw_request, "method", "") == "PUT":
             message = f'{kind} in version "{request.resource.version}" cannot be handled as a {kind}: {message}'
         return _status(400, "BadRequest", message)
     else:

@@ -180,3 +180,18 @@ async def test_duplicate_and_unknown_fields_warn_by_default_and_fail_when_strict
     assert (status, refused["reason"]) == (400, "BadRequest")
     assert refused["message"] == ('ConfigMap in version "v1" cannot be handled as a ConfigMap: strict decoding '
                                   'error: duplicate field "metadata.name", unknown field "metadata.lables"')
+
+
+async def test_a_pytorchjob_the_webhook_denies_is_403_and_a_put_is_checked_too(api):
+    session, url = api
+    jobs = url.replace("/api/v1/", "/apis/kubeflow.org/v1/").replace("/configmaps", "/pytorchjobs")
+    job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "1job"}, "spec": {}}
+    status, _, body = await post(session, jobs, json.dumps(job))
+    assert status == 403 and "denied the request: metadata.name" in body["message"]
+    assert (await post(session, url, json.dumps(config_map())))[0] < 300
+    response = await session.put(f"{url}/cm?fieldValidation=Strict", headers={"Content-Type": "application/json"},
+                                 data=b'{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm"}, '
+                                      b'"data": {"k": "1", "k": "2"}}')
+    assert response.status == 400
+    assert (await response.json())["message"] == ('ConfigMap in version "v1" cannot be handled as a ConfigMap: '
+                                                  'strict decoding error: duplicate field "data.k"')
