@@ -52,6 +52,9 @@ def _go_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, (int, float)):
         return str(value)
+    if isinstance(value, dict):  # Go's %#v of a map[string]string
+        return "map[string]string{" + ", ".join(f"{json.dumps(str(k))}:{json.dumps(str(v))}"
+                                                  for k, v in sorted(value.items())) + "}"
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 

@@ -106,7 +106,8 @@ def test_a_deployments_selector_must_select_its_template():
     deployment = {"metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"app": "a"}}, "template": {
         "metadata": {"labels": {"app": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
     assert texts("apps", "Deployment", deployment) == [
-        'spec.template.metadata.labels: Invalid value: {"app":"b"}: `selector` does not match template `labels`']
+        'spec.template.metadata.labels: Invalid value: map[string]string{"app":"b"}: `selector` does not match '
+        'template `labels`']
 
 
 def test_core_events_keep_the_legacy_rules():
