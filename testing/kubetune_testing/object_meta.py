@@ -4,7 +4,7 @@ kubetune fills (pkg/apis/core/validation/validation.go: ConfigMap/Secret keys, p
 apps/validation: Deployment selectors), Kubeflow's PyTorchJob webhook (training-operator pkg/webhooks/
 pytorch) and TrainJob CEL name rule (kubeflow/trainer trainjob_types.go). `errors` gives field.Error
 texts; `invalid` the 422 errors.NewInvalid answers. Request checks (413, duplicate and unknown fields
-with fieldValidation) are in `request_checks`.
+with fieldValidation) are in `write_checks`.
 """
 
 from __future__ import annotations
