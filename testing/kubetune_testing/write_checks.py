@@ -59,7 +59,9 @@ def duplicate_fields(body: bytes) -> list[str]:
 
 def unknown_metadata_fields(data: Any) -> list[str]:
     meta = data.get("metadata") if isinstance(data, dict) else None
-    return [f"metadata.{key}" for key in meta if key not in METADATA_FIELDS] if isinstance(meta, dict) else []
+    # `$patch`, `$setElementOrder/...`: strategic merge patch directives, not fields
+    return [f"metadata.{key}" for key in meta if key not in METADATA_FIELDS and not str(key).startswith("$")] \
+        if isinstance(meta, dict) else []
 
 
 def _status(code: int, reason: str, message: str, details: dict | None = None) -> aiohttp.web.Response:
