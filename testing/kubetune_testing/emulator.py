@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import json
 import secrets
 import time
 import uuid
@@ -24,6 +25,7 @@ from kmock._internal import parsing as _kmock_parsing
 from kmock._internal import rendering as _kmock_rendering
 
 from kubetune_testing import apiserver_views as views
+from kubetune_testing import write_checks
 from kubetune_testing.emulator_faults import Faults, Write
 
 _parse_path = _kmock_parsing.parse_path
@@ -107,7 +109,8 @@ class K8sEmulator(kmock.KubernetesEmulator):
     API server does).
 
     Other API-server parts plug in through ``gates`` (``auth.TokenAuthenticator``: bearer tokens and
-    their rotation, 401) and ``mutators`` (mutating webhooks, e.g. Kueue's suspend-on-create).
+    their rotation, 401), ``mutators`` (mutating webhooks, e.g. Kueue's suspend-on-create) and ``checks``
+    (``write_checks``: every kind's object validated as the API server does, 413, fieldValidation).
     """
 
     def __attrs_post_init__(self) -> None:
@@ -129,6 +132,15 @@ class K8sEmulator(kmock.KubernetesEmulator):
         # change a create's body before admission and storage (mutating webhooks such as Kueue's)
         self.gates: list[Callable[[kmock.Request], Awaitable[aiohttp.web.StreamResponse | None]]] = []
         self.mutators: list[Callable[[kmock.Request], None]] = []
+        # `checks` see a write once decoded and mutated (the API server's validation of every kind): they
+        # answer it instead (413, 400, 422) or add to the warnings its response carries
+        self.checks: list[Callable[[K8sEmulator, kmock.Request, list[str]], aiohttp.web.Response | None]] = [
+            write_checks.check]
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # aiohttp reads at most 1 MiB; the API server takes 3 MiB and answers 413 above (write_checks)
+        raw_request._client_max_size = 4 * write_checks.kv.MAX_REQUEST_BYTES
+        return await super().__call__(raw_request)
 
     # --- fault injection ---
     def cut_off_after(self, writes: int) -> None:
@@ -376,6 +388,10 @@ class K8sEmulator(kmock.KubernetesEmulator):
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             for mutate in self.mutators:
                 mutate(request)
+        warnings: list[str] = []
+        for check in self.checks:
+            if (answer := check(self, request, warnings)) is not None:
+                return answer
         self._admit(request)
         if request.action == kmock.action.LIST:
             async with self._write_lock:
@@ -399,6 +415,8 @@ class K8sEmulator(kmock.KubernetesEmulator):
                 self._record(request, e.status, self._exempt(request))
                 raise
             self._record(request, response.status, self._exempt(request))
+            for warning in warnings:
+                response.headers.add('Warning', f'299 - {json.dumps(warning)}')
             if response.status < 400:
                 self._rv += 1
             if target_uid and self.objects[target].deleted:

@@ -91,3 +91,17 @@ def test_patterns_agree_with_the_functions(value):
     assert matches(kv.DNS1035_LABEL_PATTERN) == (not [m for m in kv.dns1035_label(value) if "regex" in m])
     assert matches(kv.LABEL_VALUE_PATTERN) == (not [m for m in kv.label_value(value) if "regex" in m])
     assert matches(kv.CONFIG_KEY_PATTERN) == (kv.config_map_key(value) == [])
+
+def test_env_var_name_is_printable_ascii_without_equals():
+    assert kv.env_var_name("KUBETUNE_JOB") == [] and kv.env_var_name("1.a-b") == []
+    for bad in ("", "A=B", "tab\there", "é"):
+        assert kv.env_var_name(bad) == ["a valid environment variable name must consist only of printable ASCII "
+                                        "characters other than '='"]
+
+
+def test_port_name_is_an_iana_service_name():
+    assert kv.port_name("http") == [] and kv.port_name("metrics-2") == []
+    assert kv.port_name("8080") == ["must contain at least one letter (a-z)"]
+    assert kv.port_name("a--b") == ["must not contain consecutive hyphens"]
+    assert kv.port_name("a" * 16) == ["must be no more than 15 characters"]
+    assert "must not begin or end with a hyphen" in kv.port_name("-http")

@@ -342,17 +342,19 @@ def test_stage_job_names_are_deterministic_and_suffixed():
     assert len(names) == 4
 
 
-def test_45_character_job_name_with_rank_512_keeps_its_name():
+def test_stage_names_leave_room_for_the_training_operators_replica_services():
+    # the training operator names a Service `<job>-worker-<index>` per replica (nodes <= 1024): a DNS-1035 label
     name = "a" * 44 + "z"
     assert len(name) == 45
     job_name = render.stage_job_name(name, trial(512))
-    assert job_name == f"{name}-sweep-r512" and len(job_name) == 56 <= render.MAX_WORKLOAD_NAME
+    assert len(job_name) <= render.MAX_WORKLOAD_NAME == 51 and job_name.endswith("-sweep-r512")
+    assert DNS_1035.match(f"{job_name}-worker-1022") and len(f"{job_name}-worker-1022") <= 63
     assert render.stage_job_name(name, trial(512)) == job_name
-    assert render.stage_job_name(name, BASELINE) == f"{name}-baseline"
+    assert render.stage_job_name("a" * 42, BASELINE) == f"{'a' * 42}-baseline"
 
 
 @pytest.mark.parametrize("length", [53, 60, 63, 100, 253])
-def test_long_job_names_are_hashed_within_63_characters(length):
+def test_long_job_names_are_hashed_within_the_workload_limit(length):
     base = ("team-a-llama-2-7b-chat-support-bot-" * 10)[:length - 1] + "x"
     sibling = base[:-1] + "y"  # same prefix, differs only at the end (lost by truncation)
     for stage in (BASELINE, trial(4), trial(512)):
@@ -370,9 +372,10 @@ def test_long_job_names_are_hashed_within_63_characters(length):
 
 
 def test_hashed_name_cut_at_a_dash_has_no_double_dash():
-    name = "x" * 40 + "-" + "y" * 30  # the cut for a 'baseline' suffix falls on the dash
+    cut = render.MAX_WORKLOAD_NAME - len("baseline") - 8 - 2  # what is kept before the hash and the suffix
+    name = "x" * (cut - 1) + "-" + "y" * 30  # the cut for a 'baseline' suffix falls on the dash
     out = render.stage_job_name(name, BASELINE)
-    assert len(out) <= 63 and "--" not in out and out.startswith("x" * 40 + "-")
+    assert len(out) <= render.MAX_WORKLOAD_NAME and "--" not in out and out.startswith("x" * (cut - 1) + "-")
 
 
 def test_stage_job_names_never_collide_with_another_jobs_training_job():
@@ -500,7 +503,7 @@ def test_classification_metrics_are_accepted_for_classification():
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
-    ({"rankSweep": {"ranks": [4, 4]}}, "spec.rankSweep.ranks: rankSweep.ranks must not repeat a rank"),
+    ({"rankSweep": {"ranks": [4, 4]}}, "spec.rankSweep.ranks[1]: Duplicate value: 4"),
     ({"rankSweep": {"ranks": [4]}}, "spec.rankSweep.ranks: [4] is too short"),
     ({"rankSweep": {"ranks": [4, 513]}}, "spec.rankSweep.ranks[1]: 513 is greater than the maximum of 512"),
     ({"rankSweep": {"ranks": [0, 4]}}, "spec.rankSweep.ranks[0]: 0 is less than the minimum of 1"),

@@ -148,3 +148,23 @@ DNS1035_LABEL_PATTERN = f"^{_DNS1035_LABEL}$"
 LABEL_VALUE_PATTERN = f"^{_LABEL_VALUE}$"
 # config_map_key without lookahead: an optional single leading dot, so never '.', '..' or '..x'
 CONFIG_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+
+def env_var_name(value: str) -> list[str]:
+    """Container env names as the API server reads them since v1.34 (RelaxedEnvironmentVariableValidation)."""
+    if value and all(" " <= c <= "~" and c != "=" for c in value):
+        return []
+    return ["a valid environment variable name must consist only of printable ASCII characters other than '='"]
+
+
+def port_name(value: str) -> list[str]:
+    """Container and Service port names (IsValidPortName: an IANA service name)."""
+    errors = [] if len(value) <= 15 else ["must be no more than 15 characters"]
+    if not _full(r"[-a-z0-9]+", value):
+        errors.append("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)")
+    if not re.search(r"[a-z]", value):
+        errors.append("must contain at least one letter (a-z)")
+    if "--" in value:
+        errors.append("must not contain consecutive hyphens")
+    if value.startswith("-") or value.endswith("-"):
+        errors.append("must not begin or end with a hyphen")
+    return errors

@@ -22,7 +22,9 @@ RUN_AS_USER = 1000
 LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_STAGE = "kubetune.io/stage"
 LABEL_RANK = "kubetune.io/rank"
-MAX_WORKLOAD_NAME = 63  # workload names must be DNS-1035 labels (the training operator requires it)
+# Workload names are DNS-1035 labels, and the training operator names a headless Service after each replica
+# (`<job>-worker-<index>`, index < distributed.nodes <= 1024): those must be DNS-1035 labels too.
+MAX_WORKLOAD_NAME = 63 - len("-worker-1023")
 ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
 # The data stage reads the dataset and the tokenizer's files (no weights) and tokenizes every line on one
 # core: a fast tokenizer over ~1M lines fits in a few GiB. No GPU, and no CPU limit (a limit only throttles a
