@@ -24,6 +24,9 @@ from kubetune_operator.render import training as render
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RBAC_RULES, SECURITY_DOC = "charts/kubetune/rbac-rules.yaml", "docs/security.md"
 GENERATED_CRD_DIRS = ("crds", "charts/kubetune/crds")
+# bad input, whatever the layer that sees it (bytes, YAML, the object, a flag): a GitOps pipeline tells it
+# from a failure of kubetune itself (1) by this code alone
+INVALID = 2
 
 
 class InputError(Exception):
@@ -54,14 +57,23 @@ def _read_bounded(stream) -> bytes:
 def load_objects(path: str) -> list[documents.Document]:
     """Every object in the file as kubectl would send it (documents.load); InputError or OSError when
     the file cannot be read as Kubernetes objects."""
-    return documents.load(_read(path), "stdin" if path == "-" else path)
+    return documents.load(_read(path), source_name(path))
 
 
-def _shape_refused(doc: documents.Document) -> bool:
+def source_name(path: str) -> str:
+    return "stdin" if path == "-" else path
+
+
+def where(path: str, doc: documents.Document) -> str:
+    """FILE:LINE: document N: Kind/name, the start of every line about one object (LINE: where it starts)."""
+    return f"{source_name(path)}:{doc.line}: {doc.where}: {doc.name}"
+
+
+def _shape_refused(path: str, doc: documents.Document) -> bool:
     """Print the top-level problems that stop every command (validate reports them itself)."""
     problems = documents.shape_errors(doc.value)
     for field_path, message in problems:
-        print(f"{doc.name}: error: {field_path}: {message}", file=sys.stderr)
+        print(f"{where(path, doc)}: error: {field_path}: {message}", file=sys.stderr)
     return bool(problems)
 
 
@@ -75,9 +87,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         document, notes = documents.as_created(doc.value)
         result = validate(document)
         for field_path, message in notes:
-            print(f"{doc.name}: warning: {field_path}: {message}", file=sys.stderr)
+            print(f"{where(args.file, doc)}: warning: {field_path}: {message}", file=sys.stderr)
         for warning in result.warnings:
-            print(f"{doc.name}: warning: {warning}", file=sys.stderr)
+            print(f"{where(args.file, doc)}: warning: {warning}", file=sys.stderr)
         if result.ok:
             print(f"{doc.name}: valid")
         else:
@@ -86,8 +98,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 if notes and error.path == "metadata.name":  # the user wrote a generateName: say so
                     error = f"metadata.generateName: {error.message} (generated names are the prefix plus " \
                             f"{documents.GENERATED_SUFFIX} characters, e.g. {document['metadata']['name']})"
-                print(f"{doc.name}: error: {error}", file=sys.stderr)
-    return 1 if failed else 0
+                print(f"{where(args.file, doc)}: error: {error}", file=sys.stderr)
+    return INVALID if failed else 0
 
 
 def preview_job(doc: dict, namespace: str) -> dict:
@@ -112,13 +124,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     settings = ftj.Settings(render=render.RenderSettings(trainer_image=args.trainer_image, storage=storage))
     out = []
     for loaded in load_objects(args.file):
-        if _shape_refused(loaded):
-            return 1
+        if _shape_refused(args.file, loaded):
+            return INVALID
         doc = documents.as_created(loaded.value)[0]
         if doc.get("kind") == "AdapterDeployment":
-            children = _render_adapterdeployment(doc, args, serving_render.ServingSettings(storage=storage))
+            children = _render_adapterdeployment(doc, where(args.file, loaded), args,
+                                                 serving_render.ServingSettings(storage=storage))
             if children is None:
-                return 1
+                return INVALID
             out.extend(children)
             continue
         if doc.get("kind") != "FineTuneJob":
@@ -130,8 +143,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         if not plan.create:
             for condition in plan.status.get("conditions", []):
                 if condition["status"] == "False":
-                    print(f"FineTuneJob/{job['metadata']['name']}: {condition['message']}", file=sys.stderr)
-            return 1
+                    print(f"{where(args.file, loaded)}: error: {condition['message']}", file=sys.stderr)
+            return INVALID
         out.extend(plan.create)
         if (plan.status.get("data") or {}).get("state") == "Pending":  # the GPU stage after a successful data stage
             data = {**plan.status["data"], "state": "Succeeded"}
@@ -148,7 +161,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _render_adapterdeployment(doc: dict, args: argparse.Namespace,
+def _render_adapterdeployment(doc: dict, located: str, args: argparse.Namespace,
                               settings: serving_render.ServingSettings) -> list[dict] | None:
     """The AdapterDeployment's children before any adapter is resolved: an empty desired state, and a
     --max-lora-rank from the spec (or the smallest vLLM value until the adapters' manifests are read)."""
@@ -160,7 +173,7 @@ def _render_adapterdeployment(doc: dict, args: argparse.Namespace,
     result = validate(adep)
     if not result.ok:
         for error in result.errors:
-            print(f"AdapterDeployment/{adep['metadata'].get('name')}: error: {error}", file=sys.stderr)
+            print(f"{located}: error: {error}", file=sys.stderr)
         return None
     adep = {**adep, "spec": result.defaulted["spec"]}
     max_rank = adp.runtime_max_rank(adep["spec"], [])
@@ -270,7 +283,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     from kubetune_operator.local import finetunejob as local  # subprocesses and storage only where they are needed
 
     objects = load_objects(args.file)  # once: the file may be stdin
-    if any([_shape_refused(doc) for doc in objects]):
+    if any([_shape_refused(args.file, doc) for doc in objects]):
         return 2
     loaded = [documents.as_created(doc.value)[0] for doc in objects]
     kinds = [d.get("kind") for d in loaded]

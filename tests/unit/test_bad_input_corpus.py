@@ -75,11 +75,13 @@ def test_spec_is_refused_with_field_path_and_reason(path, capsys):
     assert expects, f"{path.name}: no '# expect: PATH: MESSAGE' line in its leading comment"
     assert all(message for _, message in expects), f"{path.name}: an expectation without a message"
 
-    assert cli.main(["validate", "-f", str(path)]) == 1
+    assert cli.main(["validate", "-f", str(path)]) == 2
     out, err = capsys.readouterr()
     assert "valid" not in out  # nothing in the file was accepted
     document = yaml.safe_load(path.read_text())
-    prefix = f"{document['kind']}/{document['metadata']['name']}: error: "
+    # FILE:LINE: document N: Kind/name: error: FIELD: MESSAGE (LINE: where the object starts, after comments)
+    first = next(n for n, line in enumerate(path.read_text().splitlines(), start=1) if not line.startswith("#"))
+    prefix = f"{path}:{first}: document 1: {document['kind']}/{document['metadata']['name']}: error: "
     errors = []
     for line in err.splitlines():
         if ": warning: " in line:

@@ -60,13 +60,13 @@ def test_validate_reports_field_paths(tmp_path, capsys):
     doc["spec"]["training"]["epochs"] = 2
     doc["spec"]["method"]["lora"]["rank"] = 1024
     bad.write_text(yaml.safe_dump(doc))
-    assert cli.main(["validate", "-f", str(bad)]) == 1
+    assert cli.main(["validate", "-f", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "spec.method.lora.rank: 1024 is greater than the maximum of 512" in err
     # structural errors come first; once fixed, the CEL rules speak
     doc["spec"]["method"]["lora"]["rank"] = 64
     bad.write_text(yaml.safe_dump(doc))
-    assert cli.main(["validate", "-f", str(bad)]) == 1
+    assert cli.main(["validate", "-f", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "spec.method.quantization: method.quantization is required when method.type is QLoRA" in err
     assert "spec.training: training: set exactly one of training.epochs or training.maxSteps" in err
@@ -77,7 +77,7 @@ def test_render_refuses_an_invalid_job(tmp_path, capsys):
     doc = yaml.safe_load((REPO_ROOT / "examples" / "finetunejob-qlora.yaml").read_text())
     doc["spec"]["training"]["epochs"] = 1
     bad.write_text(yaml.safe_dump(doc))
-    assert cli.main(["render", "-f", str(bad)]) == 1
+    assert cli.main(["render", "-f", str(bad)]) == 2
     assert "exactly one of training.epochs or training.maxSteps" in capsys.readouterr().err
 
 
@@ -104,7 +104,7 @@ def test_unreadable_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_the_invalid_example_is_refused_with_field_paths(capsys):
-    assert cli.main(["validate", "-f", str(REPO_ROOT / "examples" / "invalid" / "finetunejob-qlora-broken.yaml")]) == 1
+    assert cli.main(["validate", "-f", str(REPO_ROOT / "examples" / "invalid" / "finetunejob-qlora-broken.yaml")]) == 2
     err = capsys.readouterr().err
     assert "spec.method.quantization: method.quantization is required when method.type is QLoRA" in err
     assert "spec.training: training: set exactly one of training.epochs or training.maxSteps" in err
