@@ -33,14 +33,15 @@ def _minilm() -> Path:
 def _job(run_root: Path, sweep: dict | None, training_steps: int | None) -> dict:
     doc = yaml.safe_load((REPO / "examples" / "finetunejob-local-intents.yaml").read_text())
     data = REPO / "examples" / "data" / "intents"
-    overrides = [(["dataset", "uri"], f"file://{data / 'train.jsonl'}"),
-                 (["dataset", "validationUri"], f"file://{data / 'validation.jsonl'}"),
-                 (["baseModel", "uri"], f"file://{_minilm()}")]
+    values = [(["dataset", "uri"], f"file://{data / 'train.jsonl'}"),
+              (["dataset", "validationUri"], f"file://{data / 'validation.jsonl'}"),
+              (["baseModel", "uri"], f"file://{_minilm()}")]
     if training_steps:  # smoke: a few steps instead of the example's epochs
         training = {k: v for k, v in doc["spec"]["training"].items() if k != "epochs"}
-        overrides.append((["training"], {**training, "maxSteps": training_steps}))
+        values.append((["training"], {**training, "maxSteps": training_steps}))
     if sweep:
-        overrides.append((["rankSweep"], sweep))
+        values.append((["rankSweep"], sweep))
+    overrides = [local.Override(item=".".join(path), path=path, value=value) for path, value in values]
     return local.prepare_job(doc, namespace="bench", output=f"file://{run_root / 'storage'}", overrides=overrides)
 
 
