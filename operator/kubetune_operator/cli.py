@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from kubetune.api import crd, documents, reference, storage_location
+from kubetune.api.v1alpha1 import GROUP, KINDS
 from kubetune.api.validation import validate
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.render import rbac_table
@@ -81,10 +82,20 @@ def dump_yaml(documents: list[dict]) -> str:
     return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False, width=110)
 
 
+def _other_group(document: dict) -> bool:
+    """An object of another API group (apiVersion v1, apps/v1...) and kind: a typo in kubetune's
+    apiVersion (its kind is kubetune's) or kind (its group is kubetune.io) is still refused."""
+    api_version = document.get("apiVersion")
+    return isinstance(api_version, str) and not api_version.startswith(GROUP) and document.get("kind") not in KINDS
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
     for doc in load_objects(args.file):
         document, notes = documents.as_created(doc.value)
+        if _other_group(document):  # a Secret or a Namespace next to the jobs: the API server's to judge
+            print(f"{doc.name}: skipped: not a kubetune.io object")
+            continue
         result = validate(document)
         for field_path, message in notes:
             print(f"{where(args.file, doc)}: warning: {field_path}: {message}", file=sys.stderr)

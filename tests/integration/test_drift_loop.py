@@ -47,15 +47,19 @@ def clinc() -> dict:
 
 
 @pytest.fixture(scope="module")
-def serving_adapter(tmp_path_factory) -> dict:
-    """The adapter in production: MiniLM + LoRA on 6 CLINC intents (published with its drift profile)."""
+def serving_adapter(tmp_path_factory, s3_server) -> dict:
+    """The adapter in production: MiniLM + LoRA on 6 CLINC intents (published with its drift profile), in
+    object storage as a cluster's adapters are (admission refuses file:// sources outside `kubetune local`)."""
     root = tmp_path_factory.mktemp("serving-adapter")
     train, validation, intents = clinc_subset(root, intents=INTENTS, per_intent=PER_INTENT)
     config = make_config(minilm_spec(train, validation, f"file://{root / 'out'}", epochs=3), name="support-v1")
     manifest = run_in_process(config, root / "work")
     prefix = next((root / "out").rglob("manifest.json")).parent
     adapter_dir = next((prefix / "adapter").iterdir())
-    return {"manifestUri": f"file://{prefix / 'manifest.json'}", "digest": manifest["digest"], "intents": intents,
+    published = f"s3://{BUCKET}/serving/support-v1"
+    for path in sorted(p for p in prefix.rglob("*") if p.is_file()):
+        s3_server.store().upload_file(path, f"{published}/{path.relative_to(prefix)}")
+    return {"manifestUri": f"{published}/manifest.json", "digest": manifest["digest"], "intents": intents,
             "adapterDir": adapter_dir, "manifest": manifest}
 
 

@@ -85,9 +85,10 @@ def child_value_errors(kind: str, document: dict) -> Found:
 
 
 def _file_sources(kind: str, spec: dict):
-    """(path, uri) of the data sources a pod or the operator reads. Not here: the base model (an image
-    may carry it under file:///), published adapters (an AdapterDeployment's source and the reference
-    a retrain copies from it, which a volume may hold) and the outputs (checked where described)."""
+    """(path, uri) of the sources a pod or the operator reads: data, and published adapters (the
+    operator reads an adapter's manifest itself, so file:// would name the operator's own filesystem).
+    Not here: the base model (an image or a mounted volume of the pods carries it under file:///) and
+    the outputs (checked where described)."""
     if kind == "FineTuneJob":
         dataset = spec.get("dataset") or {}
         for field in ("uri", "validationUri"):
@@ -95,8 +96,10 @@ def _file_sources(kind: str, spec: dict):
         evaluation = spec.get("evaluation") or {}
         for index, entry in enumerate(evaluation.get("sets") or []):
             yield f"spec.evaluation.sets[{index}].uri", entry.get("uri")
+        yield "spec.evaluation.reference.manifestUri", (evaluation.get("reference") or {}).get("manifestUri")
         return
     for index, adapter in enumerate(spec.get("adapters") or []):
+        yield f"spec.adapters[{index}].source.uri", (adapter.get("source") or {}).get("uri")
         labelled = (((adapter.get("drift") or {}).get("retrain") or {}).get("labelledData") or {})
         yield f"spec.adapters[{index}].drift.retrain.labelledData.uri", labelled.get("uri")
 
