@@ -36,7 +36,8 @@ def corpus(n: int) -> list[dict]:
     rows = []
     for i in range(n):
         words = [WORDS[(i + k) % len(WORDS)] for k in range(8)]
-        rows.append({"prompt": " ".join(words[:3]), "completion": " ".join(words[3:])})
+        # the row number keeps rows distinct: copies of training rows would be dropped from validation
+        rows.append({"prompt": " ".join(words[:3]), "completion": " ".join(words[3:]) + f" {i}"})
     return rows
 
 

@@ -212,7 +212,7 @@ class LocalOperator:
         return asyncio.run(sources.verified_source(self.store, uri, None, ADAPTER, {}))
 
     def reconcile(self) -> adp.Plan:
-        result = validate(copy.deepcopy(self.doc))
+        result = validate(copy.deepcopy(self.doc), local=True)  # the pods run on this machine (file:// store)
         assert result.ok, result.errors
         adep = {**self.doc, "spec": result.defaulted["spec"], "status": self.status}
         sources = {a["name"]: self._resolve(a["source"]["uri"]) for a in adep["spec"]["adapters"]}
