@@ -21,11 +21,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_llama, tmp_path_factory) -> dict:
+def classifier(tiny_llama, tmp_path_factory, s3_server) -> dict:
     """A LoRA classifier on the tiny Llama, trained and published by the trainer (2 steps): its head is
-    saved as peft's modules_to_save, as for every SequenceClassification adapter."""
+    saved as peft's modules_to_save, as for every SequenceClassification adapter. Served from object
+    storage, as in a cluster (admission refuses file:// adapter sources outside `kubetune local`)."""
     root = tmp_path_factory.mktemp("classifier")
-    rows = [{"text": f"{r['prompt']} {r['completion']}", "label": "a" if i % 2 else "b"}
+    rows = [{"text": f"{r['prompt']} {r['completion']} {i}", "label": "a" if i % 2 else "b"}  # no copies
             for i, r in enumerate(lm_corpus(24))]
     data = write_jsonl(root / "train.jsonl", rows)
     spec = job_spec(tiny_llama, data, root / "out", task="SequenceClassification", baseline={"enabled": False},
@@ -33,7 +34,11 @@ def classifier(tiny_llama, tmp_path_factory) -> dict:
                     training__maxSteps=2, training__evalSteps=2)
     config = make_config(spec, name="classifier")
     manifest = run_in_process(config, root / "work")
-    return {"manifestUri": config.storage.manifest_uri, "digest": manifest["digest"]}
+    published = Path(config.storage.manifest_uri.removeprefix("file://")).parent
+    prefix = f"s3://{BUCKET}/adapters/classifier"
+    for path in sorted(p for p in published.rglob("*") if p.is_file()):
+        s3_server.store().upload_file(path, f"{prefix}/{path.relative_to(published)}")
+    return {"manifestUri": f"{prefix}/manifest.json", "digest": manifest["digest"]}
 
 
 def upload_model(s3_server, directory: Path, prefix: str) -> str:
@@ -72,7 +77,7 @@ async def test_a_classifier_is_refused_on_vllm_and_served_on_the_cpu_engine_from
     assert (refused["status"], refused["reason"]) == ("False", "AdapterUnsupported")
     assert "modules_to_save" in refused["message"] and "spec.runtime.engine: kubetune-cpu" in refused["message"]
 
-    await submit(api, s3_server, "on-cpu", classifier, mirror, "kubetune-cpu")  # trained on file://, served from s3://
+    await submit(api, s3_server, "on-cpu", classifier, mirror, "kubetune-cpu")  # base and adapter from s3://
     accepted = await validated(api, "on-cpu")
     assert (accepted["status"], accepted["reason"]) == ("True", "PreflightPassed"), accepted
     config_map = await api.get(kube.CONFIGMAPS, serving.desired_config_map_name("on-cpu"))

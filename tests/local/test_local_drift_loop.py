@@ -232,6 +232,8 @@ def test_until_drift_needs_an_adapter_with_drift(tmp_path, capsys):
 
 def test_local_names_the_kinds_it_found_when_it_cannot_choose(tmp_path, capsys):
     path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump_all([{"kind": "AdapterDeployment"}, {"kind": "AdapterDeployment"}]))
+    objects = [{"apiVersion": "kubetune.io/v1alpha1", "kind": "AdapterDeployment", "metadata": {"name": name},
+                "spec": {}} for name in ("a", "b")]
+    path.write_text(yaml.safe_dump_all(objects))
     assert cli.main(["local", "-f", str(path)]) == 2
     assert "found AdapterDeployment, AdapterDeployment" in capsys.readouterr().err

@@ -351,7 +351,7 @@ class LocalOperator:
         return [adp.Pod(a.pod, True, a.raw_report()) for a in self.agents]
 
     def reconcile(self) -> adp.Plan:
-        result = validate(self.doc)
+        result = validate(self.doc, local=True)  # every pod runs on this machine, on a file:// store
         assert result.ok, result.errors
         adep = {**self.doc, "spec": result.defaulted["spec"], "status": self.status}
         sources = {a["name"]: resolve(a["source"]["uri"]) for a in adep["spec"]["adapters"]}
