@@ -34,34 +34,33 @@ def _too_long(value: str, limit: int) -> list[str]:
     return [f"must be no more than {limit} characters"] if len(value) > limit else []
 
 
+def _checked(value: str, limit: int, pattern: str, rule: str) -> list[str]:
+    """A length limit, then a pattern the API server names in its message (validation.go's shape)."""
+    errors = _too_long(value, limit)
+    if not _full(pattern, value):
+        errors.append(f"{rule} (regex used for validation is '{pattern}')")
+    return errors
+
+
 def dns1123_label(value: str) -> list[str]:
     """Names of most namespaced objects' parts (container names, port names, namespace names)."""
-    errors = _too_long(value, DNS1123_LABEL_MAX)
-    if not _full(_DNS1123_LABEL, value):
-        errors.append("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and "
-                      f"must start and end with an alphanumeric character (regex used for validation is "
-                      f"'{_DNS1123_LABEL}')")
-    return errors
+    return _checked(value, DNS1123_LABEL_MAX, _DNS1123_LABEL,
+                    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and "
+                    "must start and end with an alphanumeric character")
 
 
 def dns1123_subdomain(value: str) -> list[str]:
     """Object names of most kinds (ConfigMaps, Secrets, Jobs, custom resources), PriorityClass names."""
-    errors = _too_long(value, DNS1123_SUBDOMAIN_MAX)
-    if not _full(_DNS1123_SUBDOMAIN, value):
-        errors.append("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
-                      f"'.', and must start and end with an alphanumeric character (regex used for validation is "
-                      f"'{_DNS1123_SUBDOMAIN}')")
-    return errors
+    return _checked(value, DNS1123_SUBDOMAIN_MAX, _DNS1123_SUBDOMAIN,
+                    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
+                    "'.', and must start and end with an alphanumeric character")
 
 
 def dns1035_label(value: str) -> list[str]:
     """Service names (and the training operator's workload names)."""
-    errors = _too_long(value, DNS1123_LABEL_MAX)
-    if not _full(_DNS1035_LABEL, value):
-        errors.append("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
-                      f"alphabetic character, and end with an alphanumeric character (regex used for validation "
-                      f"is '{_DNS1035_LABEL}')")
-    return errors
+    return _checked(value, DNS1123_LABEL_MAX, _DNS1035_LABEL,
+                    "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
+                    "alphabetic character, and end with an alphanumeric character")
 
 
 def qualified_name(value: str) -> list[str]:
