@@ -31,7 +31,7 @@ from kubetune_operator.shell.drift import retrain_view
 
 from . import metrics
 from .credentials import PassSecrets, object_store, secret_keys
-from .finetunejob import now_rfc3339, write_status
+from .finetunejob import now_rfc3339, owned, write_status
 from .retry import reconcile_or_retry
 
 log = logging.getLogger("kubetune.adapterdeployment")
@@ -263,10 +263,10 @@ async def release_everywhere(client: kube.KubeClient, home: str, name: str, stat
         await release_namespace(client, home, name, namespace)
 
 
-def _reaches_other_namespaces(spec, status, namespace, **_) -> bool:
-    """Whether it may hold children in other namespaces: its finalizer's condition."""
-    return bool(clusterwide.namespace_selector(dict(spec))) or any(
-        n.get("name") != namespace for n in (status or {}).get("namespaces") or [])
+def _reaches_other_namespaces(spec, status, namespace, name, **_) -> bool:
+    """Whether it may hold children in other namespaces (and is this process's): its finalizer's condition."""
+    return owned(namespace, name) and (bool(clusterwide.namespace_selector(dict(spec))) or any(
+        n.get("name") != namespace for n in (status or {}).get("namespaces") or []))
 
 
 async def reconcile(namespace: str, name: str) -> None:
@@ -287,9 +287,9 @@ async def _reconcile_logged(namespace: str, name: str) -> None:
 def register(registry: kopf.OperatorRegistry | None = None) -> None:
     kw = {"registry": registry} if registry is not None else {}
 
-    @kopf.on.resume(api.GROUP, api.VERSION, "adapterdeployments", **kw)
-    @kopf.on.create(api.GROUP, api.VERSION, "adapterdeployments", **kw)
-    @kopf.on.update(api.GROUP, api.VERSION, "adapterdeployments", field="spec", **kw)
+    @kopf.on.resume(api.GROUP, api.VERSION, "adapterdeployments", when=owned, **kw)
+    @kopf.on.create(api.GROUP, api.VERSION, "adapterdeployments", when=owned, **kw)
+    @kopf.on.update(api.GROUP, api.VERSION, "adapterdeployments", field="spec", when=owned, **kw)
     async def adapterdeployment_changed(namespace, name, **_):
         await _reconcile_logged(namespace, name)
 
@@ -302,6 +302,6 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     # Rollouts move on time (pauses, analysis windows) and on the agents' Pod reports: a periodic pass
     # per AdapterDeployment reads them (one LIST of its pods, one GET of its ConfigMap).
     @kopf.timer(api.GROUP, api.VERSION, "adapterdeployments", interval=RUNTIME.resync_seconds,
-                initial_delay=RUNTIME.resync_seconds, idle=None, **kw)
+                initial_delay=RUNTIME.resync_seconds, idle=None, when=owned, **kw)
     async def adapterdeployment_resync(namespace, name, **_):
         await _reconcile_logged(namespace, name)

@@ -29,6 +29,7 @@ from kubetune_operator.shell import now_rfc3339
 
 from . import metrics
 from .credentials import PassSecrets, object_store, secret_keys
+from .ownership import OWNERSHIP
 from .retry import reconcile_or_retry
 
 log = logging.getLogger("kubetune.finetunejob")
@@ -216,13 +217,18 @@ async def _reconcile_logged(namespace: str, name: str) -> None:
     await reconcile_or_retry(reconcile, namespace, name, metrics.RECONCILE_ERRORS)
 
 
+def owned(namespace, name, **_) -> bool:
+    """kopf's filter: only the objects this process owns are handled (and annotated) by it."""
+    return OWNERSHIP.owns(namespace, name)
+
+
 def register(registry: kopf.OperatorRegistry | None = None) -> None:
     """Register the handlers (on the given registry, or kopf's default one)."""
     kw = {"registry": registry} if registry is not None else {}
 
-    @kopf.on.resume(api.GROUP, api.VERSION, "finetunejobs", **kw)
-    @kopf.on.create(api.GROUP, api.VERSION, "finetunejobs", **kw)
-    @kopf.on.update(api.GROUP, api.VERSION, "finetunejobs", field="spec", **kw)
+    @kopf.on.resume(api.GROUP, api.VERSION, "finetunejobs", when=owned, **kw)
+    @kopf.on.create(api.GROUP, api.VERSION, "finetunejobs", when=owned, **kw)
+    @kopf.on.update(api.GROUP, api.VERSION, "finetunejobs", field="spec", when=owned, **kw)
     async def finetunejob_changed(namespace, name, **_):
         await _reconcile_logged(namespace, name)
 
@@ -233,12 +239,13 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
                        labels={render.LABEL_JOB: kopf.PRESENT}, **kw)
         async def workload_event(body, namespace, type, **_):
             owner = _owner_name(body)
-            if owner:
+            if owner and OWNERSHIP.owns(namespace, owner):
                 await _reconcile_logged(namespace, owner)
 
     @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.resync_seconds,
                 initial_delay=RUNTIME.settings.resync_seconds, idle=None,
-                when=lambda status, **_: (status or {}).get("phase") not in ftj.TERMINAL, **kw)
+                when=lambda status, namespace, name, **_: (status or {}).get("phase") not in ftj.TERMINAL
+                and OWNERSHIP.owns(namespace, name), **kw)
     async def finetunejob_resync(namespace, name, **_):
         await _reconcile_logged(namespace, name)
 
@@ -246,6 +253,7 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     # trainer writes progress.json (a cheap GET per job; status is patched only when it changed).
     @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.progress_seconds,
                 initial_delay=RUNTIME.settings.progress_seconds, idle=None,
-                when=lambda status, **_: (status or {}).get("phase") in ftj.ACTIVE, **kw)
+                when=lambda status, namespace, name, **_: (status or {}).get("phase") in ftj.ACTIVE
+                and OWNERSHIP.owns(namespace, name), **kw)
     async def finetunejob_progress(namespace, name, **_):
         await _reconcile_logged(namespace, name)
