@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,9 +62,14 @@ class ObjectStore:
     def __init__(self, s3: S3Settings | None = None):
         self.s3_settings = s3 or S3Settings()
         self._s3 = None
+        self._s3_lock = threading.Lock()  # one store serves many threads (the operator's passes)
 
     @property
     def s3(self):
+        with self._s3_lock:
+            return self._s3 or self._new_client()
+
+    def _new_client(self):
         if self._s3 is None:
             import boto3
             from botocore.config import Config

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+from kubetune.bounded import BoundedDict
 from kubetune.clients import storage
 from kubetune_operator import stats
 from kubetune_operator.reconcile import driftloop
@@ -43,12 +44,12 @@ class Analyzer:
     embedder: object | None = None  # .embed(texts) -> vectors (clients.embeddings.EmbeddingClient)
     drift_seconds: float = 30.0  # how often each adapter's new samples are read and windows analysed
     max_retrains: int = 2  # retrains in flight at once (the cluster's cap)
-    last_analysis: dict = field(default_factory=dict)  # (namespace, name, adapter) -> monotonic time
-    manifests: dict = field(default_factory=dict)  # manifest uri -> manifest (published manifests never change)
+    last_analysis: dict = field(default_factory=BoundedDict)  # (namespace, name, adapter) -> monotonic time
+    manifests: dict = field(default_factory=BoundedDict)  # manifest uri -> manifest (published manifests never change)
     local: bool = False  # `kubetune local`: retrain FineTuneJobs are validated for this machine (file:// allowed)
-    references: dict = field(default_factory=dict)  # digest -> reference
-    calibrations: dict = field(default_factory=dict)  # (digest, window size, thresholds) -> calibration
-    labelled_counts: dict = field(default_factory=dict)  # labelled object uri -> (examples, problem)
+    references: dict = field(default_factory=BoundedDict)  # digest -> reference
+    calibrations: dict = field(default_factory=BoundedDict)  # (digest, window size, thresholds) -> calibration
+    labelled_counts: dict = field(default_factory=BoundedDict)  # labelled object uri -> (examples, problem)
 
 
 def drift_prefix(sampling_uri: str, namespace: str, adep: str, adapter: str) -> str:
