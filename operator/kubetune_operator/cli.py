@@ -18,6 +18,7 @@ from kubetune.api import crd, documents, reference, storage_location
 from kubetune.api.v1alpha1 import GROUP, KINDS
 from kubetune.api.validation import validate
 from kubetune_operator.reconcile import finetunejob as ftj
+from kubetune_operator.reconcile import schedule
 from kubetune_operator.render import rbac_table
 from kubetune_operator.render import serving as serving_render
 from kubetune_operator.render import training as render
@@ -508,6 +509,9 @@ def _add_operator_command(sub) -> None:
                    help="write fields that change on every poll (FineTuneJob progress, AdapterDeployment drift "
                         "window counts) at most this often per object (status.lastUpdateTime); phase, conditions "
                         "and results are written at once; 0: every change at once")
+    p.add_argument("--poll-budget", type=positive_number, default=schedule.Budgets().total, metavar="PASSES",
+                   help="periodic passes per second at most, all objects together (progress reads, safety "
+                        "resyncs, rollouts); with more objects each is polled less often (docs/scale.md)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_operator)
 

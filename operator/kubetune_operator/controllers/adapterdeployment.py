@@ -1,7 +1,7 @@
 """The AdapterDeployment's cluster adapter: kopf triggers, and the port `shell.adapterdeployment.run_pass`
 reads and writes through (the object, its pods' agent reports, the desired-state ConfigMap, the managed
-runtime's children, retrain FineTuneJobs, status and Events). Rollouts advance on a timer: canary steps
-wait on time and on the agents' reports, which arrive as Pod annotations.
+runtime's children, retrain FineTuneJobs, status and Events). Rollouts advance on periodic passes (the
+`scheduler`): canary steps wait on time and on the agents' reports, which arrive as Pod annotations.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import kopf
 from kubetune.api import serving
 from kubetune.api import v1alpha1 as api
 from kubetune.api.validation import validate
+from kubetune.bounded import BoundedDict
 from kubetune.clients import kube, storage
 from kubetune_operator.clients import drift_storage as drift
 from kubetune_operator.clients.sources import manifest_location
 from kubetune_operator.reconcile import adapterdeployment as adp
-from kubetune_operator.reconcile import clusterwide, driftloop, statuswrite
+from kubetune_operator.reconcile import clusterwide, driftloop, schedule, statuswrite
 from kubetune_operator.reconcile import conditions as cond
 from kubetune_operator.render import gitops
 from kubetune_operator.render import serving as render
@@ -32,7 +33,9 @@ from kubetune_operator.shell.drift import retrain_view
 from . import metrics
 from .credentials import PassSecrets, object_store, secret_keys
 from .finetunejob import now_rfc3339, owned, write_status
+from .ownership import OWNERSHIP
 from .retry import reconcile_or_retry
+from .scheduler import Scheduler
 
 log = logging.getLogger("kubetune.adapterdeployment")
 
@@ -55,12 +58,13 @@ class Runtime:
     render: render.ServingSettings = field(default_factory=render.ServingSettings)
     default_s3: storage.S3Settings = field(default_factory=storage.S3Settings)
     resync_seconds: float = 5.0
-    verified: dict = field(default_factory=dict)  # (manifest uri, digest) -> Source: verification is costly
-    base_identities: dict = field(default_factory=dict)  # (uri, revision) -> the served base's identity
+    verified: dict = field(default_factory=BoundedDict)  # (manifest uri, digest) -> Source: verification is costly
+    base_identities: dict = field(default_factory=BoundedDict)  # (uri, revision) -> the served base's identity
     locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
     analyzer: drift.Analyzer = field(default_factory=drift.Analyzer)  # drift caches and settings
     watch_namespaces: tuple = ()  # empty: the whole cluster (the retrain cap counts these)
     status_min_interval_seconds: float = 0.0  # see finetunejob.Runtime
+    scheduler: Scheduler | None = None  # the periodic passes; made at the operator's start-up
 
 
 RUNTIME = Runtime()
@@ -270,14 +274,24 @@ def _reaches_other_namespaces(spec, status, namespace, name, **_) -> bool:
 
 
 async def reconcile(namespace: str, name: str) -> None:
-    async with RUNTIME.locks[(namespace, name)]:
+    key = (namespace, name)
+    if not OWNERSHIP.owns(namespace, name):  # another replica's now (sharding)
+        if RUNTIME.scheduler is not None:
+            RUNTIME.scheduler.forget(key)
+        return
+    async with RUNTIME.locks[key]:
         started = time.monotonic()
         result = await shell.run_pass(ClusterPort(RUNTIME.client, namespace, name), RUNTIME.settings)
-        if result is None:
+        if result is None:  # gone, or invalid until its spec changes
+            if RUNTIME.scheduler is not None:
+                RUNTIME.scheduler.forget(key)
             return
         for event in result.drift_events:
             metrics.DRIFT_DECISIONS.labels(reason=event.reason).inc()
         metrics.ADEP_RECONCILE_SECONDS.observe(time.monotonic() - started)
+        if RUNTIME.scheduler is not None:
+            RUNTIME.scheduler.after_pass(key, schedule.adapterdeployment_next(result.requeue_after,
+                                                                              RUNTIME.resync_seconds))
 
 
 async def _reconcile_logged(namespace: str, name: str) -> None:
@@ -298,10 +312,3 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     async def adapterdeployment_deleted(namespace, name, status, **_):
         async with RUNTIME.locks[(namespace, name)]:
             await release_everywhere(RUNTIME.client, namespace, name, dict(status or {}))
-
-    # Rollouts move on time (pauses, analysis windows) and on the agents' Pod reports: a periodic pass
-    # per AdapterDeployment reads them (one LIST of its pods, one GET of its ConfigMap).
-    @kopf.timer(api.GROUP, api.VERSION, "adapterdeployments", interval=RUNTIME.resync_seconds,
-                initial_delay=RUNTIME.resync_seconds, idle=None, when=owned, **kw)
-    async def adapterdeployment_resync(namespace, name, **_):
-        await _reconcile_logged(namespace, name)

@@ -1,7 +1,8 @@
 """The cluster adapter for FineTuneJob: kopf triggers and the kube/storage port of `shell.run_pass`.
 
-Every trigger (the job created, changed or resumed; its workload changed; a periodic resync) runs one
-pass under a per-job lock; deterministic names and create-or-get converge on one workload per stage.
+Every trigger (the job created, changed or resumed; its workload changed; its periodic pass, due by
+`scheduler`) runs one pass under a per-job lock; deterministic names and create-or-get converge on one
+workload per stage. Children are read from the watch (`children`), not listed.
 """
 
 from __future__ import annotations
@@ -21,16 +22,18 @@ from kubetune.api import v1alpha1 as api
 from kubetune.clients import kube, storage
 from kubetune_operator.backends import BACKENDS, backend_for_kind, backend_of, kueue
 from kubetune_operator.reconcile import finetunejob as ftj
-from kubetune_operator.reconcile import statuswrite
+from kubetune_operator.reconcile import schedule, statuswrite
 from kubetune_operator.reconcile.finetunejob_plan import Event, StageReport
 from kubetune_operator.render import training as render
 from kubetune_operator.shell import finetunejob as shell
 from kubetune_operator.shell import now_rfc3339
 
+from . import children as children_index
 from . import metrics
 from .credentials import PassSecrets, object_store, secret_keys
 from .ownership import OWNERSHIP
 from .retry import reconcile_or_retry
+from .scheduler import Scheduler
 
 log = logging.getLogger("kubetune.finetunejob")
 
@@ -47,6 +50,9 @@ class Runtime:
     # `kubetune operator --status-min-interval` sets it (default 10 there).
     status_min_interval_seconds: float = 0.0
     locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    children: children_index.Children = field(default_factory=children_index.Children)
+    budgets: schedule.Budgets = field(default_factory=schedule.Budgets)
+    scheduler: Scheduler | None = None  # the periodic passes; made at the operator's start-up
 
 
 RUNTIME = Runtime()
@@ -111,10 +117,16 @@ class ClusterPass:
         return f"{render.LABEL_JOB}={self.name}"
 
     async def list_config_maps(self, job: dict) -> list[dict]:
+        cached = RUNTIME.children.config_maps(self.namespace, self.name)
+        if cached is not None:
+            return cached
         return await self.client.list(kube.CONFIGMAPS, self.namespace, self._selector())
 
     async def list_workloads(self, job: dict) -> list[shell.Workload]:
         backend = backend_of(job)
+        cached = RUNTIME.children.workloads(backend.kind, self.namespace, self.name)
+        if cached is not None:
+            return cached
         found = await self.client.list(_resource(backend.kind), self.namespace, self._selector())
         return [shell.Workload(w["metadata"], backend.read_status(w)) for w in found]
 
@@ -150,7 +162,8 @@ class ClusterPass:
         return await secret_keys(self.secrets, names, output)
 
     async def create_child(self, child: dict) -> None:
-        _, created = await self.client.create(_resource(child["kind"]), child)
+        stored, created = await self.client.create(_resource(child["kind"]), child)
+        RUNTIME.children.created(self.namespace, self.name, {**stored, "kind": child["kind"]})
         if created:
             metrics.CHILDREN_CREATED.labels(kind=child["kind"]).inc()
             log.info("created child", extra={"job": self.name, "namespace": self.namespace, "kind": child["kind"]})
@@ -194,15 +207,29 @@ def _resource(kind: str) -> kube.Resource:
     return kube.Resource(*backend_for_kind(kind).api_resource)
 
 
+def _forget(key: tuple[str, str]) -> None:
+    RUNTIME.locks.pop(key, None)  # waiters keep their reference; memory stays bounded
+    RUNTIME.children.forget(*key)
+    if RUNTIME.scheduler is not None:
+        RUNTIME.scheduler.forget(key)
+
+
 async def reconcile(namespace: str, name: str) -> float | None:
-    """One pass of the FineTuneJob control loop. Returns seconds until the next resync, if any."""
-    async with RUNTIME.locks[(namespace, name)]:
+    """One pass of the FineTuneJob control loop. Returns seconds until the next periodic pass, if any."""
+    key = (namespace, name)
+    if not OWNERSHIP.owns(namespace, name):  # another replica's now (sharding)
+        _forget(key)
+        return None
+    async with RUNTIME.locks[key]:
         started = time.monotonic()
         plan = await shell.run_pass(ClusterPass(RUNTIME.client, namespace, name), RUNTIME.settings, now_rfc3339())
         if plan is None:
-            RUNTIME.locks.pop((namespace, name), None)  # waiters keep their reference; memory stays bounded
+            _forget(key)
             return None
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        after = schedule.finetunejob_next(plan.status.get("phase"), plan.requeue_after)
+        if RUNTIME.scheduler is not None:
+            RUNTIME.scheduler.after_pass(key, after)
         return plan.requeue_after
 
 
@@ -225,11 +252,15 @@ def owned(namespace, name, **_) -> bool:
 def register(registry: kopf.OperatorRegistry | None = None) -> None:
     """Register the handlers (on the given registry, or kopf's default one)."""
     kw = {"registry": registry} if registry is not None else {}
+    children_index.register(registry)
 
+    # The create path: a new job's first pass runs here at once, never behind the periodic passes
+    # (those run in the scheduler's queue, a few at a time).
     @kopf.on.resume(api.GROUP, api.VERSION, "finetunejobs", when=owned, **kw)
     @kopf.on.create(api.GROUP, api.VERSION, "finetunejobs", when=owned, **kw)
     @kopf.on.update(api.GROUP, api.VERSION, "finetunejobs", field="spec", when=owned, **kw)
-    async def finetunejob_changed(namespace, name, **_):
+    async def finetunejob_changed(namespace, name, **kwargs):
+        RUNTIME.children.attach(kwargs)
         await _reconcile_logged(namespace, name)
 
     for backend in BACKENDS.values():
@@ -237,23 +268,8 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
 
         @kopf.on.event(group, version, plural, id=f"{backend.kind.lower()}_event",
                        labels={render.LABEL_JOB: kopf.PRESENT}, **kw)
-        async def workload_event(body, namespace, type, **_):
+        async def workload_event(body, namespace, type, **kwargs):
+            RUNTIME.children.attach(kwargs)
             owner = _owner_name(body)
             if owner and OWNERSHIP.owns(namespace, owner):
                 await _reconcile_logged(namespace, owner)
-
-    @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.resync_seconds,
-                initial_delay=RUNTIME.settings.resync_seconds, idle=None,
-                when=lambda status, namespace, name, **_: (status or {}).get("phase") not in ftj.TERMINAL
-                and OWNERSHIP.owns(namespace, name), **kw)
-    async def finetunejob_resync(namespace, name, **_):
-        await _reconcile_logged(namespace, name)
-
-    # Training progress reaches status within seconds: running jobs are re-read as often as the
-    # trainer writes progress.json (a cheap GET per job; status is patched only when it changed).
-    @kopf.timer(api.GROUP, api.VERSION, "finetunejobs", interval=RUNTIME.settings.progress_seconds,
-                initial_delay=RUNTIME.settings.progress_seconds, idle=None,
-                when=lambda status, namespace, name, **_: (status or {}).get("phase") in ftj.ACTIVE
-                and OWNERSHIP.owns(namespace, name), **kw)
-    async def finetunejob_progress(namespace, name, **_):
-        await _reconcile_logged(namespace, name)

@@ -15,11 +15,11 @@ from kubetune.clients import storage
 from kubetune.logs import configure_logging
 from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import finetunejob as ftj
-from kubetune_operator.reconcile import tenancy
+from kubetune_operator.reconcile import schedule, tenancy
 from kubetune_operator.render import serving as serving_render
 from kubetune_operator.render import training as render
 
-from . import adapterdeployment, finetunejob, login
+from . import adapterdeployment, finetunejob, login, periodic
 
 
 def configure(settings: kopf.OperatorSettings, *, standalone: bool = True) -> None:
@@ -46,9 +46,11 @@ def register_all(registry: kopf.OperatorRegistry | None = None) -> None:
     @kopf.on.startup(**kw)
     async def startup(settings: kopf.OperatorSettings, **_):
         configure(settings)
+        periodic.start()
 
     @kopf.on.cleanup(**kw)
     async def cleanup(**_):
+        await periodic.stop()
         if finetunejob.RUNTIME.client is not None:
             await finetunejob.RUNTIME.client.close()
         if adapterdeployment.RUNTIME.client is not None and \
@@ -97,6 +99,7 @@ def apply_settings(args: argparse.Namespace, storage_setting: storage_location.S
     if args.status_min_interval < 0:
         raise SystemExit("--status-min-interval: seconds >= 0 (0 writes every status change at once)")
     finetunejob.RUNTIME.status_min_interval_seconds = args.status_min_interval
+    finetunejob.RUNTIME.budgets = schedule.Budgets().scaled(args.poll_budget / schedule.Budgets().total)
     adapterdeployment.RUNTIME.status_min_interval_seconds = args.status_min_interval
     if args.embedding_url:
         from kubetune_operator.clients.embeddings import EmbeddingClient

@@ -74,6 +74,7 @@ class PassResult:
     status: dict
     events: list
     drift_events: list  # the drift loop's decisions among `events`
+    requeue_after: float | None = None  # the decision's: when its next pass is wanted (reconcile.schedule)
 
 
 async def resolve_source(port: AdapterDeploymentPort, adep: dict, adapter: dict, store: storage.ObjectStore,
@@ -153,4 +154,4 @@ async def run_pass(port: AdapterDeploymentPort, settings: adp.Settings) -> PassR
     await port.write_status(adep, plan.status)
     events = list(plan.events) + drift_events
     await port.post_events(adep, events)
-    return PassResult(plan.status, events, drift_events)
+    return PassResult(plan.status, events, drift_events, plan.requeue_after)

@@ -1,0 +1,139 @@
+"""The periodic passes of one kind, in one queue per process instead of one kopf timer per object.
+
+Every pass (from any trigger) tells the scheduler what it needs next (`reconcile.schedule.Next`); due
+passes run at most `concurrency` at a time, so that event-driven passes (a new object's first pass) never
+queue behind them. Memory per object: one entry. docs/scale.md says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from kubetune_operator.reconcile import schedule
+
+from .ownership import OWNERSHIP
+
+log = logging.getLogger("kubetune.scheduler")
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+class Scheduler:
+    """Due times of one kind's objects; `run()` is the loop that starts their passes."""
+
+    def __init__(self, kind: str, run_pass: Callable[[str, str], Awaitable[None]],
+                 budgets: schedule.Budgets | None = None, concurrency: int = 4,
+                 clock: Callable[[], float] = time.monotonic):
+        self.kind, self.run_pass, self.clock = kind, run_pass, clock
+        self.budgets = budgets or schedule.Budgets()
+        self.concurrency = concurrency
+        self._due: dict[Key, tuple[float, str]] = {}  # key -> (due, class)
+        self._heap: list[tuple[float, int, Key]] = []
+        self._seq = itertools.count()
+        self._members: Counter = Counter()  # class -> objects in it
+        self._in_flight: set[Key] = set()
+        self._wake = asyncio.Event()
+        self.errors = 0
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def members(self, cls: str) -> int:
+        return self._members[cls]
+
+    def due_in(self, key: Key) -> float | None:
+        entry = self._due.get(key)
+        return None if entry is None else entry[0] - self.clock()
+
+    def after_pass(self, key: Key, after: schedule.Next) -> None:
+        """Record what a pass (of any trigger) needs next: a due time, or nothing."""
+        self._drop(key)
+        if after.cls is None:
+            return
+        self._members[after.cls] += 1  # counted before the period: this object is one of them
+        seconds = schedule.delay(after, self._members[after.cls], self.budgets)
+        if seconds is None:
+            self._members[after.cls] -= 1
+            return
+        self._put(key, after.cls, self.clock() + seconds)
+
+    def soon(self, key: Key, cls: str) -> None:
+        """Due now (an object this process has just come to own): unless it is already queued."""
+        if key not in self._due:
+            self._members[cls] += 1
+            self._put(key, cls, self.clock())
+
+    def forget(self, key: Key) -> None:
+        self._drop(key)
+
+    def _put(self, key: Key, cls: str, due: float) -> None:
+        self._due[key] = (due, cls)
+        heapq.heappush(self._heap, (due, next(self._seq), key))
+        self._wake.set()
+
+    def _drop(self, key: Key) -> None:
+        entry = self._due.pop(key, None)
+        if entry is not None:
+            self._members[entry[1]] -= 1  # its heap item is skipped when it comes up
+
+    def take_due(self) -> list[tuple[Key, str]]:
+        """Pop the keys whose time has come (owned, not already running), oldest first, with their class."""
+        now, taken = self.clock(), []
+        while self._heap and self._heap[0][0] <= now and len(self._in_flight) + len(taken) < self.concurrency:
+            due, _, key = heapq.heappop(self._heap)
+            entry = self._due.get(key)
+            if entry is None or entry[0] != due or key in self._in_flight:
+                continue  # superseded by a later pass, forgotten, or running now (it reschedules itself)
+            self._drop(key)
+            if OWNERSHIP.owns(*key):
+                taken.append((key, entry[1]))
+        if len(self._heap) > 4 * len(self._due) + 1024:  # superseded items: keep the heap bounded
+            self._heap = [(d, s, k) for d, s, k in self._heap if self._due.get(k, (None,))[0] == d]
+            heapq.heapify(self._heap)
+        return taken
+
+    def _next_wait(self) -> float:
+        if not self._heap or len(self._in_flight) >= self.concurrency:
+            return 60.0
+        return max(0.0, self._heap[0][0] - self.clock())
+
+    async def _run_one(self, key: Key, cls: str) -> None:
+        try:
+            await self.run_pass(*key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the pass failed: counted, and tried again after a short delay
+            self.errors += 1
+            log.warning("periodic pass failed", extra={"kind": self.kind, "namespace": key[0], "object": key[1],
+                                                       "error": str(exc)})
+            if key not in self._due:
+                self._members[cls] += 1
+                self._put(key, cls, self.clock() + 5.0)
+        finally:
+            self._in_flight.discard(key)
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Start due passes forever (cancelled at the operator's exit, with the passes in flight)."""
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                for key, cls in self.take_due():
+                    self._in_flight.add(key)
+                    task = asyncio.create_task(self._run_one(key, cls))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._next_wait())
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

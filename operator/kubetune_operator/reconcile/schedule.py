@@ -1,0 +1,78 @@
+"""When an object's next periodic pass is due (docs/scale.md): a decision's own deadline exactly, polling
+as often as what the object waits on needs, backed off so that a whole class of objects together costs at
+most its budget of passes per second however many objects there are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import finetunejob as ftj
+
+# The classes of periodic work. PROGRESS: a job whose pods run and write progress.json, which storage
+# cannot announce, so it is read on a period. WAITING: an unfinished job waiting on what is watched (its
+# workloads, itself) or on Kueue: polled only as a safety net. SERVING: an AdapterDeployment between
+# deadlines (its pods' reports, drift samples).
+PROGRESS, WAITING, SERVING = "progress", "waiting", "serving"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Passes per second each class may cost in all (`kubetune operator --poll-budget` is their total)."""
+
+    progress: float = 25.0
+    waiting: float = 10.0
+    serving: float = 20.0
+
+    @property
+    def total(self) -> float:
+        return self.progress + self.waiting + self.serving
+
+    def of(self, cls: str) -> float:
+        return {PROGRESS: self.progress, WAITING: self.waiting, SERVING: self.serving}[cls]
+
+    def scaled(self, factor: float) -> Budgets:
+        return Budgets(self.progress * factor, self.waiting * factor, self.serving * factor)
+
+
+@dataclass(frozen=True)
+class Next:
+    """What a pass leaves for the scheduler: its class (None: nothing to poll, e.g. a finished job), the
+    period it asks for, and whether that is a deadline (a canary pause's end) rather than a poll."""
+
+    cls: str | None
+    seconds: float | None = None
+    deadline: bool = False
+
+
+def period(seconds: float, members: int, budget: float) -> float:
+    """A class's polling period: what one object needs, or longer once `members` objects polled that often
+    would exceed `budget` passes per second."""
+    if budget <= 0:
+        return seconds
+    return max(seconds, members / budget)
+
+
+def delay(after: Next, members: int, budgets: Budgets) -> float | None:
+    """Seconds until the object's next periodic pass; None: none (it is forgotten until an event)."""
+    if after.cls is None or after.seconds is None:
+        return None
+    if after.deadline:
+        return after.seconds
+    return period(after.seconds, members, budgets.of(after.cls))
+
+
+def finetunejob_next(phase: str | None, requeue_after: float | None) -> Next:
+    """A FineTuneJob's class from the phase its pass left: finished jobs are not polled, running ones read
+    their progress, the rest wait on what is watched."""
+    if phase in ftj.TERMINAL or requeue_after is None:
+        return Next(None)
+    return Next(PROGRESS if phase in ftj.ACTIVE else WAITING, requeue_after)
+
+
+def adapterdeployment_next(requeue_after: float | None, resync_seconds: float) -> Next:
+    """An AdapterDeployment's: a requeue shorter than its resync is a deadline the decision waits for (a
+    pause, an analysis window, an unload grace), kept exactly; otherwise it polls, backed off."""
+    if requeue_after is None:
+        return Next(SERVING, resync_seconds)
+    return Next(SERVING, requeue_after, deadline=requeue_after < resync_seconds)
