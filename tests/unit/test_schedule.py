@@ -9,7 +9,7 @@ import pytest
 from kubetune_operator.controllers import ownership
 from kubetune_operator.controllers.scheduler import Scheduler
 from kubetune_operator.reconcile import schedule
-from kubetune_operator.reconcile.schedule import PROGRESS, SERVING, WAITING, Budgets, Next
+from kubetune_operator.reconcile.schedule import PROGRESS, ROLLING, SERVING, WAITING, Budgets, Next
 
 
 def test_a_class_polls_at_its_own_period_until_its_budget_is_spent():
@@ -36,15 +36,36 @@ def test_finetunejobs_finished_are_not_polled_running_ones_read_progress_the_res
     assert schedule.finetunejob_next("Pending", None) == Next(None)
 
 
+READY = {"phase": "Ready", "adapters": [{"name": "a", "stable": {"version": 1}}]}
+ROLLING_OUT = {"phase": "Progressing", "adapters": [{"name": "a", "stable": {"version": 1}, "canary": {}}]}
+WAITING_ON_JOB = {"phase": "Pending", "adapters": [{"name": "a", "refused": {"reason": "FineTuneJobNotReady"}}]}
+
+
 def test_an_adapterdeployment_deadline_is_kept_exactly_however_many_there_are():
-    pause = schedule.adapterdeployment_next(2.0, resync_seconds=5.0)
-    assert pause == Next(SERVING, 2.0, deadline=True)
+    pause = schedule.adapterdeployment_next(ROLLING_OUT, 2.0, resync_seconds=5.0)
+    assert pause == Next(ROLLING, 2.0, deadline=True)
     assert schedule.delay(pause, 100_000, Budgets()) == 2.0
-    steady = schedule.adapterdeployment_next(10.0, resync_seconds=5.0)
-    assert steady == Next(SERVING, 10.0, deadline=False)
-    assert schedule.delay(steady, 10, Budgets()) == 10.0
-    assert schedule.delay(steady, 1000, Budgets()) == 50.0  # 1000 / 20 passes per second
-    assert schedule.adapterdeployment_next(None, 5.0) == Next(SERVING, 5.0)
+
+
+def test_an_adapterdeployment_polls_as_its_phase_needs_backed_off_with_its_class():
+    rolling = schedule.adapterdeployment_next(ROLLING_OUT, 10.0, resync_seconds=5.0)
+    assert rolling == Next(ROLLING, 5.0)
+    assert schedule.delay(rolling, 10, Budgets()) == 5.0
+    assert schedule.delay(rolling, 300, Budgets()) == 20.0  # 300 / 15 passes per second
+    ready = schedule.adapterdeployment_next(READY, 10.0, resync_seconds=5.0)
+    assert ready == Next(SERVING, 5.0)
+    assert schedule.delay(ready, 1000, Budgets()) == 200.0  # Ready ones: 5 passes per second in all
+    assert schedule.adapterdeployment_next(READY, None, 5.0) == Next(SERVING, 5.0)
+
+
+def test_an_adapterdeployment_waiting_for_its_jobs_is_only_a_safety_net():
+    assert schedule.waits_on_finetunejobs(WAITING_ON_JOB)
+    assert schedule.adapterdeployment_next(WAITING_ON_JOB, 10.0, resync_seconds=5.0) == Next(WAITING, 30.0)
+    mixed = {"adapters": [*WAITING_ON_JOB["adapters"], {"name": "b", "refused": {"reason": "DigestMismatch"}}]}
+    assert not schedule.waits_on_finetunejobs(mixed)
+    serving_old = {"adapters": [{"name": "a", "stable": {"v": 1}, "refused": {"reason": "FineTuneJobNotReady"}}]}
+    assert not schedule.waits_on_finetunejobs(serving_old)  # still serves its last version: rolling
+    assert not schedule.waits_on_finetunejobs({})
 
 
 def test_budgets_scale_to_a_total():
@@ -64,7 +85,7 @@ class Clock:
 def _scheduler(clock, concurrency=4, passes=None):
     async def run_pass(namespace, name):
         passes.append((namespace, name))
-    return Scheduler("FineTuneJob", run_pass, Budgets(progress=2.0, waiting=1.0, serving=1.0),
+    return Scheduler("FineTuneJob", run_pass, Budgets(progress=2.0, waiting=1.0, rolling=1.0, serving=1.0),
                      concurrency=concurrency, clock=clock)
 
 
@@ -117,7 +138,7 @@ def test_a_pass_rescheduled_by_an_event_supersedes_its_queued_one():
     assert [k for k, _ in s.take_due()] == [("ns", "a")]
 
 
-def test_soon_queues_an_object_now_unless_it_is_queued_already():
+def test_soon_queues_an_object_now_unless_it_is_queued_already_and_nudge_does_anyway():
     clock = Clock()
     s = _scheduler(clock, passes=[])
     s.after_pass(("ns", "a"), Next(WAITING, 50.0))
@@ -125,6 +146,8 @@ def test_soon_queues_an_object_now_unless_it_is_queued_already():
     s.soon(("ns", "b"), WAITING)
     assert s.due_in(("ns", "a")) == 50.0 and s.due_in(("ns", "b")) == 0.0
     assert s.members(WAITING) == 2
+    s.nudge(("ns", "a"), ROLLING)
+    assert s.due_in(("ns", "a")) == 0.0 and s.members(WAITING) == 1 and s.members(ROLLING) == 1
 
 
 async def test_the_loop_runs_due_passes_and_retries_a_failed_one_later():

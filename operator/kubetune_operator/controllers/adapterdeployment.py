@@ -32,6 +32,7 @@ from kubetune_operator.shell.drift import retrain_view
 
 from . import metrics
 from .credentials import PassSecrets, object_store, secret_keys
+from .finetunejob import RUNTIME as finetunejob_runtime
 from .finetunejob import now_rfc3339, owned, write_status
 from .ownership import OWNERSHIP
 from .retry import reconcile_or_retry
@@ -290,12 +291,20 @@ async def reconcile(namespace: str, name: str) -> None:
             metrics.DRIFT_DECISIONS.labels(reason=event.reason).inc()
         metrics.ADEP_RECONCILE_SECONDS.observe(time.monotonic() - started)
         if RUNTIME.scheduler is not None:
-            RUNTIME.scheduler.after_pass(key, schedule.adapterdeployment_next(result.requeue_after,
-                                                                              RUNTIME.resync_seconds))
+            RUNTIME.scheduler.after_pass(key, schedule.adapterdeployment_next(
+                result.status, result.requeue_after, RUNTIME.resync_seconds))
 
 
 async def _reconcile_logged(namespace: str, name: str) -> None:
     await reconcile_or_retry(reconcile, namespace, name, metrics.ADEP_RECONCILE_ERRORS)
+
+
+def wake(namespace: str, names: list[str]) -> None:
+    """Pass these AdapterDeployments now: a FineTuneJob they serve has changed phase."""
+    if RUNTIME.scheduler is not None:
+        for name in names:
+            if OWNERSHIP.owns(namespace, name):
+                RUNTIME.scheduler.nudge((namespace, name), schedule.ROLLING)
 
 
 def register(registry: kopf.OperatorRegistry | None = None) -> None:
@@ -304,7 +313,8 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     @kopf.on.resume(api.GROUP, api.VERSION, "adapterdeployments", when=owned, **kw)
     @kopf.on.create(api.GROUP, api.VERSION, "adapterdeployments", when=owned, **kw)
     @kopf.on.update(api.GROUP, api.VERSION, "adapterdeployments", field="spec", when=owned, **kw)
-    async def adapterdeployment_changed(namespace, name, **_):
+    async def adapterdeployment_changed(namespace, name, **kwargs):
+        finetunejob_runtime.children.attach(kwargs)
         await _reconcile_logged(namespace, name)
 
     # What it wrote into other namespaces is deleted before it goes (kopf's finalizer, only on those that may)

@@ -12,11 +12,13 @@ from collections.abc import Mapping
 
 import kopf
 
+from kubetune.api import v1alpha1 as api
 from kubetune_operator.backends import BACKENDS
 from kubetune_operator.render import training as render
 from kubetune_operator.shell import finetunejob as shell
 
 CONFIG_MAPS = "finetunejob_config_maps"
+ADAPTERDEPLOYMENTS = "adapterdeployments_by_finetunejob"  # (namespace, job) -> the names that serve it
 Key = tuple[str, str]  # (namespace, the FineTuneJob's name)
 
 
@@ -24,7 +26,7 @@ def workloads_index(kind: str) -> str:
     return f"{kind.lower()}_by_finetunejob"
 
 
-NAMES = (CONFIG_MAPS, *(workloads_index(b.kind) for b in BACKENDS.values()))
+NAMES = (CONFIG_MAPS, ADAPTERDEPLOYMENTS, *(workloads_index(b.kind) for b in BACKENDS.values()))
 
 
 def metadata_view(metadata: Mapping) -> dict:
@@ -84,6 +86,11 @@ class Children:
     def workloads(self, kind: str, namespace: str, job: str) -> list[shell.Workload] | None:
         return self._views(workloads_index(kind), (namespace, job), kind)
 
+    def serving(self, namespace: str, job: str) -> list[str]:
+        """The AdapterDeployments whose adapters name this FineTuneJob (none known without the index)."""
+        index = self.indexes.get(ADAPTERDEPLOYMENTS)
+        return sorted(set(index.get((namespace, job), ()))) if index is not None else []
+
     def created(self, namespace: str, job: str, child: dict) -> None:
         """A child this process created (the API's answer): counted until the watch delivers it."""
         name, kind = child["metadata"]["name"], child["kind"]
@@ -104,6 +111,12 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     @kopf.index("", "v1", "configmaps", id=CONFIG_MAPS, labels={render.LABEL_JOB: kopf.PRESENT}, **kw)
     def finetunejob_config_maps(namespace, labels, meta, **_):
         return {(namespace, labels[render.LABEL_JOB]): {"metadata": metadata_view(meta)}}
+
+    @kopf.index(api.GROUP, api.VERSION, "adapterdeployments", id=ADAPTERDEPLOYMENTS, **kw)
+    def adapterdeployments_by_finetunejob(namespace, name, spec, **_):
+        refs = {((a.get("source") or {}).get("fineTuneJobRef") or {}).get("name")
+                for a in spec.get("adapters") or [] if isinstance(a, dict)}
+        return {(namespace, ref): name for ref in refs if isinstance(ref, str)}
 
     for backend in BACKENDS.values():
         kopf.index(*backend.api_resource, id=workloads_index(backend.kind), labels={render.LABEL_JOB: kopf.PRESENT},

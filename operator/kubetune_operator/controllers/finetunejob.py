@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import kopf
@@ -53,6 +54,7 @@ class Runtime:
     children: children_index.Children = field(default_factory=children_index.Children)
     budgets: schedule.Budgets = field(default_factory=schedule.Budgets)
     scheduler: Scheduler | None = None  # the periodic passes; made at the operator's start-up
+    wake_serving: Callable[[str, list[str]], None] | None = None  # (namespace, AdapterDeployment names)
 
 
 RUNTIME = Runtime()
@@ -104,9 +106,10 @@ class ClusterPass:
         self.client, self.namespace, self.name = client, namespace, name
         self.secrets = PassSecrets(client, namespace)
         self.stores: _PassStore | None = None  # once the job is read
+        self.job: dict | None = None  # as read at the start of the pass
 
     async def read_job(self) -> dict | None:
-        job = await self.client.get(kube.FINETUNEJOBS, self.namespace, self.name)
+        job = self.job = await self.client.get(kube.FINETUNEJOBS, self.namespace, self.name)
         if job is not None:
             job.setdefault("apiVersion", api.API_VERSION)
             job.setdefault("kind", "FineTuneJob")
@@ -222,14 +225,18 @@ async def reconcile(namespace: str, name: str) -> float | None:
         return None
     async with RUNTIME.locks[key]:
         started = time.monotonic()
-        plan = await shell.run_pass(ClusterPass(RUNTIME.client, namespace, name), RUNTIME.settings, now_rfc3339())
+        port = ClusterPass(RUNTIME.client, namespace, name)
+        plan = await shell.run_pass(port, RUNTIME.settings, now_rfc3339())
         if plan is None:
             _forget(key)
             return None
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-        after = schedule.finetunejob_next(plan.status.get("phase"), plan.requeue_after)
+        phase = plan.status.get("phase")
         if RUNTIME.scheduler is not None:
-            RUNTIME.scheduler.after_pass(key, after)
+            RUNTIME.scheduler.after_pass(key, schedule.finetunejob_next(phase, plan.requeue_after))
+        if phase != ((port.job or {}).get("status") or {}).get("phase") and RUNTIME.wake_serving is not None:
+            # AdapterDeployments waiting for this job are not polled often: its news wakes them
+            RUNTIME.wake_serving(namespace, RUNTIME.children.serving(namespace, name))
         return plan.requeue_after
 
 

@@ -26,6 +26,7 @@ def start() -> None:
     finetunejob.RUNTIME.scheduler = Scheduler("FineTuneJob", finetunejob._reconcile_logged, budgets)
     adapterdeployment.RUNTIME.scheduler = Scheduler("AdapterDeployment", adapterdeployment._reconcile_logged,
                                                     budgets)
+    finetunejob.RUNTIME.wake_serving = adapterdeployment.wake
     _TASKS[:] = [asyncio.create_task(s.run(), name=f"kubetune-{s.kind}-scheduler")
                  for s in (finetunejob.RUNTIME.scheduler, adapterdeployment.RUNTIME.scheduler)]
 

@@ -70,6 +70,12 @@ class Scheduler:
             self._members[cls] += 1
             self._put(key, cls, self.clock())
 
+    def nudge(self, key: Key, cls: str) -> None:
+        """Due now, even if queued for later (what it waited on has changed)."""
+        self._drop(key)
+        self._members[cls] += 1
+        self._put(key, cls, self.clock())
+
     def forget(self, key: Key) -> None:
         self._drop(key)
 

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from . import finetunejob as ftj
 
 # The classes of periodic work. PROGRESS: a job whose pods run and write progress.json, which storage
-# cannot announce, so it is read on a period. WAITING: an unfinished job waiting on what is watched (its
-# workloads, itself) or on Kueue: polled only as a safety net. SERVING: an AdapterDeployment between
-# deadlines (its pods' reports, drift samples).
-PROGRESS, WAITING, SERVING = "progress", "waiting", "serving"
+# cannot announce, so it is read on a period. WAITING: an object waiting on what is watched (a job's
+# workloads, itself; an AdapterDeployment's FineTuneJobs) or on Kueue: polled only as a safety net.
+# ROLLING: an AdapterDeployment on its way to Ready (its agents' reports are Pod annotations, not watched).
+# SERVING: a Ready AdapterDeployment (new pods, drift samples).
+PROGRESS, WAITING, ROLLING, SERVING = "progress", "waiting", "rolling", "serving"
+# An AdapterDeployment whose every adapter waits for one of these is woken by its FineTuneJobs' passes.
+WAITS_ON_JOBS = ("FineTuneJobNotReady", "FineTuneJobNotFound")
 
 
 @dataclass(frozen=True)
@@ -22,17 +25,18 @@ class Budgets:
 
     progress: float = 25.0
     waiting: float = 10.0
-    serving: float = 20.0
+    rolling: float = 15.0
+    serving: float = 5.0
 
     @property
     def total(self) -> float:
-        return self.progress + self.waiting + self.serving
+        return self.progress + self.waiting + self.rolling + self.serving
 
     def of(self, cls: str) -> float:
-        return {PROGRESS: self.progress, WAITING: self.waiting, SERVING: self.serving}[cls]
+        return {PROGRESS: self.progress, WAITING: self.waiting, ROLLING: self.rolling, SERVING: self.serving}[cls]
 
     def scaled(self, factor: float) -> Budgets:
-        return Budgets(self.progress * factor, self.waiting * factor, self.serving * factor)
+        return Budgets(self.progress * factor, self.waiting * factor, self.rolling * factor, self.serving * factor)
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,22 @@ def finetunejob_next(phase: str | None, requeue_after: float | None) -> Next:
     return Next(PROGRESS if phase in ftj.ACTIVE else WAITING, requeue_after)
 
 
-def adapterdeployment_next(requeue_after: float | None, resync_seconds: float) -> Next:
+def waits_on_finetunejobs(status: dict) -> bool:
+    """Every adapter is refused only because its FineTuneJob has not published (or does not exist yet)."""
+    records = status.get("adapters") or []
+    return bool(records) and all((r.get("refused") or {}).get("reason") in WAITS_ON_JOBS and not r.get("stable")
+                                 for r in records)
+
+
+SAFETY_NET_PERIODS = 6  # an object waiting on watched things is re-read every this many resync periods
+
+
+def adapterdeployment_next(status: dict, requeue_after: float | None, resync_seconds: float) -> Next:
     """An AdapterDeployment's: a requeue shorter than its resync is a deadline the decision waits for (a
-    pause, an analysis window, an unload grace), kept exactly; otherwise it polls, backed off."""
-    if requeue_after is None:
-        return Next(SERVING, resync_seconds)
-    return Next(SERVING, requeue_after, deadline=requeue_after < resync_seconds)
+    pause, an analysis window, an unload grace), kept exactly; otherwise it polls, backed off, as often as
+    its phase needs: waiting on its FineTuneJobs (their passes wake it), rolling out, or Ready."""
+    if requeue_after is not None and requeue_after < resync_seconds:
+        return Next(ROLLING, requeue_after, deadline=True)
+    if waits_on_finetunejobs(status):
+        return Next(WAITING, SAFETY_NET_PERIODS * resync_seconds)
+    return Next(SERVING if status.get("phase") == "Ready" else ROLLING, resync_seconds)
