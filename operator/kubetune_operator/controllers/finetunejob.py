@@ -277,6 +277,8 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
                        labels={render.LABEL_JOB: kopf.PRESENT}, **kw)
         async def workload_event(body, namespace, type, **kwargs):
             RUNTIME.children.attach(kwargs)
+            if type == "ADDED" and not body.get("status"):
+                return  # the pass that created it knows all it says; its first status will be news
             owner = _owner_name(body)
             if owner and OWNERSHIP.owns(namespace, owner):
                 await _reconcile_logged(namespace, owner)
