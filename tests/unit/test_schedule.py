@@ -172,3 +172,30 @@ async def test_the_loop_runs_due_passes_and_retries_a_failed_one_later():
     assert sorted(calls) == ["bad", "good"] and s.errors == 1
     assert 4.0 < s.due_in(("ns", "bad")) <= 5.0  # tried again in 5 s
     assert s.due_in(("ns", "good")) > 3000
+
+
+async def test_however_many_are_due_only_a_few_periodic_passes_run_at_once():
+    running, most = 0, 0
+    release = asyncio.Event()
+
+    async def run_pass(namespace, name):
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+
+    s = Scheduler("FineTuneJob", run_pass, Budgets(), concurrency=4)
+    for i in range(100):
+        s.after_pass(("ns", f"j{i}"), Next(WAITING, 0.0, deadline=True))
+    loop = asyncio.create_task(s.run())
+    await asyncio.sleep(0.05)
+    assert running == 4  # the other 96 wait in the queue, not on the API server
+    release.set()
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if len(s) == 0 and running == 0:
+            break
+    loop.cancel()
+    await asyncio.gather(loop, return_exceptions=True)
+    assert most == 4 and len(s) == 0
