@@ -39,6 +39,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._members: Counter = Counter()  # class -> objects in it
         self._in_flight: set[Key] = set()
+        self._base: dict[str, float] = {}  # class -> the period its last pass asked for (retries wait that)
         self._wake = asyncio.Event()
         self.errors = 0
 
@@ -58,6 +59,8 @@ class Scheduler:
         if after.cls is None:
             return
         self._members[after.cls] += 1  # counted before the period: this object is one of them
+        if after.seconds is not None and not after.deadline:
+            self._base[after.cls] = after.seconds
         seconds = schedule.delay(after, self._members[after.cls], self.budgets)
         if seconds is None:
             self._members[after.cls] -= 1
@@ -115,13 +118,13 @@ class Scheduler:
             await self.run_pass(*key)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the pass failed: counted, and tried again after a short delay
+        except Exception as exc:  # the pass failed: counted, and tried again after its class's period (0.5-5 s)
             self.errors += 1
             log.warning("periodic pass failed", extra={"kind": self.kind, "namespace": key[0], "object": key[1],
                                                        "error": str(exc)})
             if key not in self._due:
                 self._members[cls] += 1
-                self._put(key, cls, self.clock() + 5.0)
+                self._put(key, cls, self.clock() + min(5.0, max(0.5, self._base.get(cls, 5.0))))
         finally:
             self._in_flight.discard(key)
             self._wake.set()
