@@ -1,6 +1,7 @@
 """Two `kubetune operator` processes with --shards against one emulator (docs/sharding.md): they split the
 namespaces through Leases, no object is written by both while both live, and when one is SIGKILLed the
-other takes its shards over and reconciles a new object in one of them; the takeover time is reported."""
+other takes its shards over and reconciles a job created in one of them before the takeover (re-queued on
+OWNERSHIP.gained()); the takeover time is reported."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.integration
 SHARDS = 4
 LEASE_NAMESPACE = "kubetune-system"
 # short, so that the takeover fits the test; long enough that a loaded machine's slow answers do not make
-# a replica drop a shard (events it filters out then are re-queued only by the scheduler's OWNERSHIP.gained)
+# a replica drop a shard and hand it over in the middle of the test
 LEASE_SECONDS, RENEW_DEADLINE, RETRY = 8, 6, 1
 TENANTS = [f"team-{c}" for c in "abcdefgh"]  # crc32 spreads them over all four shards
 
@@ -108,14 +109,14 @@ async def test_two_replicas_split_the_work_and_one_takes_over(k8s, s3_server, tm
         assert created == {(namespace, "sharded-data"): 1 for namespace in TENANTS}  # one PyTorchJob each
         assert not k8s.creates("pytorchjobs", succeeded=False)
 
-        # SIGKILL the second: no release, its Leases must expire; then a new job in one of its shards.
-        # (A job created before the takeover waits for the scheduler's re-queue on OWNERSHIP.gained().)
+        # SIGKILL the second: no release, its Leases must expire. A job created in one of its shards at once
+        # is filtered out by the survivor until it takes the shard over, then re-queued (OWNERSHIP.gained()).
         foreign = next(ns for ns in TENANTS if split[sharding.shard_of(ns, SHARDS)] == "kubetune-b")
         second.process.kill()
         killed = time.monotonic()
+        await client.create(kube.FINETUNEJOBS, _job("after", foreign, s3_server.endpoint))
         await eventually(lambda: _all_held_by(client, "kubetune-a"), timeout=LEASE_SECONDS + 30, interval=0.1)
         leases_seconds = time.monotonic() - killed
-        await client.create(kube.FINETUNEJOBS, _job("after", foreign, s3_server.endpoint))
         await eventually(lambda: client.get(kube.PYTORCHJOBS, foreign, "after-data"), timeout=30, interval=0.1)
         takeover_seconds = time.monotonic() - killed
         print(f"\nsharding: split in {split_seconds:.1f} s; after SIGKILL all shards held in {leases_seconds:.1f} s, "
