@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import os
+import socket
 import sys
 import time
 import uuid
@@ -479,6 +480,23 @@ def _add_local_command(sub) -> None:
     p.set_defaults(func=cmd_local)
 
 
+def _add_sharding_flags(p) -> None:
+    """Several replicas splitting the work by namespace (docs/sharding.md)."""
+    p.add_argument("--shards", type=positive_integer, default=1,
+                   help="split the namespaces into this many shards, each held by one replica through a Lease; "
+                        "1 (the default): this process reconciles everything and takes no Lease")
+    p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE"),
+                   help="where the shard Leases live (default: $POD_NAMESPACE, the operator's own namespace)")
+    p.add_argument("--identity", default=(os.environ.get("POD_NAME") or socket.gethostname()).lower(),
+                   help="this replica's name in the Leases (default: $POD_NAME, else the host name)")
+    p.add_argument("--lease-duration", type=positive_number, default=15.0, metavar="SECONDS",
+                   help="a shard whose Lease was not renewed for this long is taken by another replica")
+    p.add_argument("--renew-deadline", type=positive_number, default=10.0, metavar="SECONDS",
+                   help="a replica that could not renew a shard's Lease for this long stops reconciling it")
+    p.add_argument("--retry-period", type=positive_number, default=2.0, metavar="SECONDS",
+                   help="how often each replica renews, takes and hands over shard Leases")
+
+
 def _add_operator_command(sub) -> None:
     p = sub.add_parser("operator", help="run the operator (kopf)")
     p.add_argument("-n", "--namespace", action="append", default=[], help="watch only these namespaces (repeat)")
@@ -505,6 +523,7 @@ def _add_operator_command(sub) -> None:
     p.add_argument("--drift-seconds", type=positive_number, default=30.0,
                    help="how often each drift-watched adapter's new samples are read and analysed")
     _add_storage_flags(p)
+    _add_sharding_flags(p)
     p.add_argument("--status-min-interval", type=non_negative_number, default=10.0, metavar="SECONDS",
                    help="write fields that change on every poll (FineTuneJob progress, AdapterDeployment drift "
                         "window counts) at most this often per object (status.lastUpdateTime); phase, conditions "

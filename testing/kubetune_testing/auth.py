@@ -13,8 +13,8 @@ import aiohttp.web
 import kmock
 
 from kubetune_testing.emulator import EXEMPT_HEADER, K8sEmulator
+from kubetune_testing.emulator_faults import USER_KEY
 
-USER_KEY = aiohttp.web.RequestKey("kubetune.user", "UserInfo")  # where the gate leaves the user
 POD_NAME, POD_UID = "authentication.kubernetes.io/pod-name", "authentication.kubernetes.io/pod-uid"
 
 

@@ -26,7 +26,7 @@ from kmock._internal import rendering as _kmock_rendering
 
 from kubetune_testing import apiserver_views as views
 from kubetune_testing import write_checks
-from kubetune_testing.emulator_faults import Faults, Write
+from kubetune_testing.emulator_faults import USER_KEY, Faults, Write
 
 _parse_path = _kmock_parsing.parse_path
 
@@ -200,7 +200,7 @@ class K8sEmulator(kmock.KubernetesEmulator):
             name = (request.data.get('metadata') or {}).get('name') or name
         method = str(getattr(request.method, 'value', request.method)).upper()
         self.journal.append(Write(method, request.resource.plural, request.namespace, name, request.subresource,
-                                  status, exempt))
+                                  status, exempt, request._raw_request and request._raw_request.get(USER_KEY)))
         key = (request.resource, request.namespace, name)
         if status < 400 and key in self.objects and not self.objects[key].deleted:
             phase = (self.objects[key].get('status') or {}).get('phase')

@@ -6,6 +6,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
+from typing import Any
+
+import aiohttp.web
+
+USER_KEY = aiohttp.web.RequestKey("kubetune.user", "UserInfo")  # where auth.py's gate leaves the user
 
 
 @dataclasses.dataclass
@@ -63,3 +68,4 @@ class Write:
     subresource: str | None
     status: int
     exempt: bool
+    user: Any = None  # the auth.UserInfo that sent it, where an authenticator is installed

@@ -33,14 +33,15 @@ class Enforcement:
 
 
 def enforce(k8s: K8sEmulator, *, watch_namespaces: Sequence[str] = (),
-            secret_namespaces: Sequence[str] = (), uses: set | None = None) -> Enforcement:
+            secret_namespaces: Sequence[str] = (), uses: set | None = None,
+            values: dict[str, object] | None = None) -> Enforcement:
     """Authorize every request from now on against the chart rendered in ClusterRole mode (no
     `watch_namespaces`, Secrets readable in `secret_namespaces`) or in watchNamespaces mode; authorized
-    requests are recorded into `uses` (a session's set) if given."""
-    values: dict[str, object] = {"watchNamespaces": list(watch_namespaces)}
+    requests are recorded into `uses` (a session's set) if given; `values`: any other chart values."""
+    chart_values: dict[str, object] = {"watchNamespaces": list(watch_namespaces), **(values or {})}
     if not watch_namespaces:
-        values["rbac.secretNamespaces"] = list(secret_namespaces)
-    chart = rbac.render_chart(**values)
+        chart_values["rbac.secretNamespaces"] = list(secret_namespaces)
+    chart = rbac.render_chart(**chart_values)
     authorizer = rbac.RbacAuthorizer(k8s, chart, uses)
     policies = AdmissionPolicies(k8s, chart)
     gates = [authorizer.gate, functools.partial(escalation.gate, authorizer), policies.gate]

@@ -15,7 +15,8 @@ from kubetune_testing import rbac
 
 RULES_FILE = rbac.CHART / "rbac-rules.yaml"
 OPERATOR, AGENT = "operator", "agent"
-MODES = ({"rbac.secretNamespaces": ["team-a"]}, {"watchNamespaces": ["team-a"]})  # the chart's two RBAC layouts
+# the chart's two RBAC layouts, and the Leases sharding adds (tests/integration/test_sharding.py)
+MODES = ({"rbac.secretNamespaces": ["team-a"]}, {"watchNamespaces": ["team-a"]}, {"sharding.shards": 4})
 
 
 @dataclasses.dataclass(frozen=True, order=True)

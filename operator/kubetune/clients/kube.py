@@ -48,6 +48,7 @@ PYTORCHJOBS = Resource("kubeflow.org", "v1", "pytorchjobs")
 CONFIGMAPS = Resource("", "v1", "configmaps")
 SECRETS = Resource("", "v1", "secrets")
 EVENTS = Resource("", "v1", "events")
+LEASES = Resource("coordination.k8s.io", "v1", "leases")
 
 
 class ApiError(Exception):
@@ -188,13 +189,13 @@ class KubeClient:
         result = await self._request("GET", resource.path(namespace), params=params)
         return list(result.get("items") or [])
 
-    async def create(self, resource: Resource, body: dict) -> tuple[dict, bool]:
-        """Create; on 409 return the existing object. Returns (object, created)."""
+    async def create(self, resource: Resource, body: dict, *, adopt: bool = True) -> tuple[dict, bool]:
+        """Create; on 409 return the existing object (`adopt=False`: raise the 409). Returns (object, created)."""
         namespace = body["metadata"].get("namespace")
         try:
             return await self._request("POST", resource.path(namespace), json=body), True
         except ApiError as exc:
-            if exc.status != 409:
+            if exc.status != 409 or not adopt:
                 raise
         existing = await self.get(resource, namespace, body["metadata"]["name"])
         if existing is None:
@@ -205,6 +206,12 @@ class KubeClient:
                     subresource: str | None = None) -> dict:
         return await self._request("PATCH", resource.path(namespace, name, subresource), json=patch,
                                    content_type="application/merge-patch+json")
+
+    async def json_patch(self, resource: Resource, namespace: str, name: str, operations: list[dict]) -> dict:
+        """An RFC 6902 patch: with a `test` of metadata.resourceVersion first, a write that fails (422) when
+        anyone wrote the object since it was read (optimistic concurrency, as kopf patches its finalizer)."""
+        return await self._request("PATCH", resource.path(namespace, name), json=operations,
+                                   content_type="application/json-patch+json")
 
     async def delete(self, resource: Resource, namespace: str, name: str) -> bool:
         try:

@@ -11,7 +11,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from kubetune.api import storage_location
-from kubetune.clients import storage
+from kubetune.clients import credentials, storage
 from kubetune.logs import configure_logging
 from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_operator.reconcile import finetunejob as ftj
@@ -19,13 +19,13 @@ from kubetune_operator.reconcile import schedule, tenancy
 from kubetune_operator.render import serving as serving_render
 from kubetune_operator.render import training as render
 
-from . import adapterdeployment, finetunejob, login, periodic
+from . import adapterdeployment, finetunejob, login, periodic, sharding
 
 
 def configure(settings: kopf.OperatorSettings, *, standalone: bool = True) -> None:
     settings.peering.standalone = standalone
     settings.posting.level = logging.WARNING  # our own Events tell the story; kopf's only on problems
-    settings.persistence.finalizer = "kubetune.io/finalizer"
+    settings.persistence.finalizer = sharding.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.io")
     settings.watching.server_timeout = 300
@@ -111,16 +111,23 @@ def run(args: argparse.Namespace, storage_setting: storage_location.StorageLocat
     configure_logging(args.verbose)
     apply_settings(args, storage_setting)
     register_all()
+    if args.shards > 1:
+        sharding.register_finalizer_keepers()
 
-    login.register()  # kopf's login and the reconcilers' client: credentials that follow rotation
+    provider = login.register()  # kopf's login and the reconcilers' client: credentials that follow rotation
 
     start_http_server(args.metrics_port)
     if not args.namespace and not args.all_namespaces:
         raise SystemExit("choose the scope: --all-namespaces, or --namespace NS (repeatable)")
-    asyncio.run(kopf.operator(
-        clusterwide=args.all_namespaces,
-        namespaces=tuple(args.namespace or ()),  # kopf iterates it: None crashed --all-namespaces at start-up
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
-        standalone=True,
-    ))
+    asyncio.run(_operate(args, provider))
     return 0
+
+
+async def _operate(args: argparse.Namespace, provider: credentials.CredentialsProvider) -> None:
+    async with sharding.holding(args, provider):  # --shards > 1: this replica's share (docs/sharding.md)
+        await kopf.operator(
+            clusterwide=args.all_namespaces,
+            namespaces=tuple(args.namespace or ()),  # kopf iterates it: None crashed --all-namespaces at start-up
+            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+            standalone=True,
+        )

@@ -10,13 +10,18 @@ from collections.abc import Callable
 
 
 class Ownership:
-    """Owns everything: one operator process (or one active replica) for the whole scope."""
+    """Owns everything (one operator process for the whole scope) until sharding `delegate`s the answer."""
 
     def __init__(self) -> None:
         self._on_gain: list[Callable[[], None]] = []
+        self._owns: Callable[[str, str], bool] | None = None
 
     def owns(self, namespace: str, name: str) -> bool:
-        return True
+        return self._owns is None or self._owns(namespace, name)
+
+    def delegate(self, owns: Callable[[str, str], bool] | None) -> None:
+        """From now on `owns(namespace, name)` answers (None: everything is owned again)."""
+        self._owns = owns
 
     def on_gain(self, callback: Callable[[], None]) -> None:
         """`callback()` runs whenever this process starts owning more objects than before."""

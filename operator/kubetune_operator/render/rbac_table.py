@@ -13,6 +13,7 @@ SCOPES = {
     "kopf": "cluster",
     "namespaces": "cluster, with `watchNamespaces` only",
     "clusterwide": "cluster",
+    "leases": "the release's namespace (Role), with `sharding.shards` > 1 only",
     "secrets": "each `rbac.secretNamespaces` entry or tenant's RoleBinding of `<release>-secrets`; "
                "each `watchNamespaces` entry (Role)",
 }
