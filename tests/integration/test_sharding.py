@@ -93,7 +93,7 @@ async def test_two_replicas_split_the_work_and_one_takes_over(k8s, s3_server, tm
         for namespace in TENANTS:
             await client.create(kube.FINETUNEJOBS, _job("sharded", namespace, s3_server.endpoint))
         for namespace in TENANTS:
-            await eventually(lambda ns=namespace: client.get(kube.PYTORCHJOBS, ns, "sharded-data"), timeout=30)
+            await eventually(lambda ns=namespace: client.get(kube.PYTORCHJOBS, ns, "sharded-data"), timeout=60)
         await asyncio.sleep(2 * RETRY + 1)  # follow-up passes and kopf's own writes land too
         writers = _writers_by_namespace(k8s, since)
         assert set(writers) == set(TENANTS)

@@ -268,10 +268,11 @@ async def release_everywhere(client: kube.KubeClient, home: str, name: str, stat
         await release_namespace(client, home, name, namespace)
 
 
-def _reaches_other_namespaces(spec, status, namespace, name, **_) -> bool:
-    """Whether it may hold children in other namespaces (and is this process's): its finalizer's condition."""
-    return owned(namespace, name) and (bool(clusterwide.namespace_selector(dict(spec))) or any(
-        n.get("name") != namespace for n in (status or {}).get("namespaces") or []))
+def _reaches_other_namespaces(spec, status, namespace, **_) -> bool:
+    """Whether it may hold children in other namespaces: its finalizer's condition. Not filtered by
+    ownership: every replica then keeps the finalizer until the owner has cleaned up (below)."""
+    return bool(clusterwide.namespace_selector(dict(spec))) or any(
+        n.get("name") != namespace for n in (status or {}).get("namespaces") or [])
 
 
 async def reconcile(namespace: str, name: str) -> None:
@@ -320,5 +321,7 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     # What it wrote into other namespaces is deleted before it goes (kopf's finalizer, only on those that may)
     @kopf.on.delete(api.GROUP, api.VERSION, "adapterdeployments", when=_reaches_other_namespaces, **kw)
     async def adapterdeployment_deleted(namespace, name, status, **_):
+        if not OWNERSHIP.owns(namespace, name):  # the owner cleans up and removes the finalizer; not us
+            raise kopf.TemporaryError("another replica owns it (sharding)", delay=5)
         async with RUNTIME.locks[(namespace, name)]:
             await release_everywhere(RUNTIME.client, namespace, name, dict(status or {}))

@@ -245,8 +245,8 @@ def register_finalizer_keepers(registry: kopf.OperatorRegistry | None = None) ->
     """kopf adds its finalizer where a matching handler needs one and removes it where none does; the
     handlers' ownership filter would make every other replica remove the owner's finalizer (and the owner
     add it back). A timer that does nothing, matching exactly the foreign objects that carry it, makes a
-    non-owner leave the finalizer as it finds it. On deletion kopf stops it, and the first replica to see
-    the deletion may remove the finalizer (docs/sharding.md)."""
+    non-owner leave the finalizer as it finds it. On deletion the clean-up handler, which every replica
+    matches, keeps it until the owner has cleaned up (docs/sharding.md)."""
     kw = {"registry": registry} if registry is not None else {}
     for plural in ("finetunejobs", "adapterdeployments"):
         @kopf.timer(api.GROUP, api.VERSION, plural, id=f"{plural}_finalizer_keeper", interval=86400.0,
