@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubetune_testing.emulator import K8sEmulator, declare_resources
+from kubetune_testing.emulator_oracle import ScanningEmulator
 from kubetune_testing.object_index import ObjectIndex, label_selector_terms, labels_match
 
-SETTINGS = settings(max_examples=40, derandomize=True, deadline=None, database=None,
+SETTINGS = settings(max_examples=30, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 KINDS = {"configmaps": "ConfigMap", "serviceaccounts": "ServiceAccount"}
 NAMESPACES = ("ns-a", "ns-b")
@@ -26,28 +27,6 @@ NAMES = ("x", "y", "z", "w")
 LABEL_KEYS = ("app", "kubetune.io/finetunejob", "tier")
 LABEL_VALUES = ("a", "b")
 VOLATILE = ("creationTimestamp", "deletionTimestamp", "resourceVersion")  # clocks and counters, not lookups
-
-
-class ScanningEmulator(K8sEmulator):
-    """The oracle: kmock's own lookups (a scan of every stored object) and the emulator's garbage
-    collector as it was before the index (a scan per deletion)."""
-
-    _KubernetesEmulator__get_objs = kmock.KubernetesEmulator._KubernetesEmulator__get_objs
-    _get_resources = kmock.KubernetesEmulator._get_resources
-
-    async def _collect_garbage(self, owner_uid: str) -> None:
-        for (resource, _, _), obj in list(self.objects.items()):
-            if obj.deleted:
-                continue
-            meta = obj.get("metadata", {}) or {}
-            if not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
-                continue
-            async with self._lock:
-                raw = obj.raw
-                obj.delete()
-                await self._buses[resource].put({"type": "DELETED", "object": raw})
-            if meta.get("uid"):
-                await self._collect_garbage(meta["uid"])
 
 
 def path(plural: str, namespace: str | None, name: str | None = None) -> str:
