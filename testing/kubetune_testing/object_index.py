@@ -190,14 +190,15 @@ class IndexedObject(k8s_dicts.Object):
     """kmock's Object that tells the index after each change made through its methods (what kmock's
     write path and the tests use). Nested dicts changed in place are not seen: write through these."""
 
-    def __init__(self, history: Any = (), /, *, index: ObjectIndex, key: Key, bounded: bool) -> None:
+    def __init__(self, history: Any = (), /, *, store: dict, index: ObjectIndex, key: Key, bounded: bool) -> None:
         super().__init__(history)
-        self._index, self._key, self._bounded = index, key, bounded
+        self._store, self._index, self._key, self._bounded = store, index, key, bounded
 
     def _changed(self) -> None:
         if self._bounded:
             _trim(self.history)
-        self._index.refresh(self._key, self)
+        if self._store.get(self._key) is self:  # one replaced by a newer object no longer speaks for its key
+            self._index.refresh(self._key, self)
 
     def create(self, changes: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         super().create(changes, **kwargs)
@@ -243,7 +244,8 @@ class IndexedObjects(k8s_views.ObjectsArray):
         if len(key) == 3:
             full = (k8s_views._parse_resource(key[0]), key[1], key[2])
             # a new history; an existing key keeps its place in the dict (and so in kmock's order)
-            obj = IndexedObject(value, index=self.index, key=full, bounded=self.bounded_history)
+            obj = IndexedObject(value, store=self._objects, index=self.index, key=full,
+                                bounded=self.bounded_history)
             self._objects[full] = obj
             obj._changed()
         else:  # a version or a slice of the history

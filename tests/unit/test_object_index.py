@@ -216,3 +216,8 @@ def test_a_hard_deleted_key_is_forgotten_and_comes_back_last():
     assert list(index.keys(res, "ns")) == [key for key in emulator.objects]
     emulator.objects[res, "ns", "b"]["metadata"] = {"name": "b"}  # the label goes with the new metadata
     assert index.live_candidates(res, None, None, "app=x", None) == [(res, "ns", "a")]
+    replaced = emulator.objects[res, "ns", "a"]
+    emulator.objects[res, "ns", "a"] = {"metadata": {"name": "a"}}  # a new object in a's place
+    replaced.patch({"metadata": {"labels": {"app": "x"}}})  # the old one speaks for no key
+    assert index.live_candidates(res, None, None, "app=x", None) == []
+    assert list(index.keys(res, "ns")) == [key for key in emulator.objects]  # still kmock's order
