@@ -110,14 +110,26 @@ def jsonpath(obj: Any, path: str) -> Any:
 
 # --- field selectors -------------------------------------------------------------------------------
 
-def field_selector_matches(selector: str | None, obj: dict) -> bool:
-    """`a.b=v,c!=w` over the object's fields (metadata.name, involvedObject.uid, ...)."""
+def field_selector_terms(selector: str | None) -> list[tuple[str, str, bool]]:
+    """`a.b=v,c!=w` as (field, value, negated) terms."""
+    terms = []
     for term in filter(None, (t.strip() for t in (selector or "").split(","))):
         negate = "!=" in term
         key, value = term.split("!=" if negate else "=", 1)
-        value = value.lstrip("=")
-        actual = jsonpath(obj, "." + key.strip())
-        if (str(actual) if actual is not None else "") == value.strip():
+        terms.append((key.strip(), value.lstrip("=").strip(), negate))
+    return terms
+
+
+def field_selector_equalities(selector: str | None) -> dict[str, str]:
+    """The fields a selector pins to one value (the emulator's index narrows a LIST by them)."""
+    return {key: value for key, value, negate in field_selector_terms(selector) if not negate}
+
+
+def field_selector_matches(selector: str | None, obj: dict) -> bool:
+    """`a.b=v,c!=w` over the object's fields (metadata.name, involvedObject.uid, ...)."""
+    for key, value, negate in field_selector_terms(selector):
+        actual = jsonpath(obj, "." + key)
+        if (str(actual) if actual is not None else "") == value:
             if negate:
                 return False
         elif not negate:

@@ -27,6 +27,7 @@ from kmock._internal import rendering as _kmock_rendering
 from kubetune_testing import apiserver_views as views
 from kubetune_testing import write_checks
 from kubetune_testing.emulator_faults import USER_KEY, Faults, Write
+from kubetune_testing.object_index import IndexedStore, labels_match
 
 _parse_path = _kmock_parsing.parse_path
 
@@ -71,7 +72,7 @@ EXEMPT_HEADER = 'X-Emulator-Exempt'  # a client sending it (the test's own) neve
 WRITES = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
 
 
-class K8sEmulator(kmock.KubernetesEmulator):
+class K8sEmulator(IndexedStore, kmock.KubernetesEmulator):
     """
     Adds what kopf needs but kmock 0.8 does not do by itself (see the report):
 
@@ -90,6 +91,8 @@ class K8sEmulator(kmock.KubernetesEmulator):
     * ``labelSelector`` (k=v, k==v, k!=v, k, !k) on LIST & WATCH (vanilla kmock ignores it).
     * garbage collection: deleting an object deletes its dependents (``ownerReferences`` by uid),
       as the cluster's garbage collector does with background propagation.
+    * stored objects indexed (``object_index``): a LIST, WATCH, GET or write costs what the API
+      server's watch cache costs, not a scan of every stored object.
 
     For the fault tests (``tests/integration/test_faults.py``): ``faults`` (a :class:`Faults`, off by
     default) injects 409/429/500, slow responses and dropped watch streams into the operator's
@@ -216,22 +219,7 @@ class K8sEmulator(kmock.KubernetesEmulator):
     # --- helpers ---
     @staticmethod
     def _labels_match(selector: str | None, labels: dict[str, str] | None) -> bool:
-        labels = labels or {}
-        for term in filter(None, (t.strip() for t in (selector or '').split(','))):
-            if '!=' in term:
-                k, v = term.split('!=', 1)
-                if labels.get(k.strip()) == v.strip():
-                    return False
-            elif '=' in term:
-                k, v = term.replace('==', '=').split('=', 1)
-                if labels.get(k.strip()) != v.strip():
-                    return False
-            elif term.startswith('!'):
-                if term[1:].strip() in labels:
-                    return False
-            elif term not in labels:
-                return False
-        return True
+        return labels_match(selector, labels)
 
     @classmethod
     def _matches(cls, request: kmock.Request, res: Any, ns: str | None, obj: Any) -> bool:
@@ -426,7 +414,8 @@ class K8sEmulator(kmock.KubernetesEmulator):
     async def _collect_garbage(self, owner_uid: str) -> None:
         """The garbage collector's background propagation: delete every object that names the
         deleted one in its ownerReferences, then their dependents."""
-        for (resource, _, _), obj in list(self.objects.items()):
+        for key in self.objects.index.dependents(owner_uid):
+            resource, obj = key[0], self.objects[key]
             if obj.deleted:
                 continue
             meta = obj.get('metadata', {}) or {}
@@ -490,13 +479,17 @@ class K8sEmulator(kmock.KubernetesEmulator):
         async with self._lock:  # the same lock under which kmock puts events to the bus
             marker = await bus.mark()
             initial = []
-            for (res, ns, _), obj in self.objects.items():
-                if not obj.deleted and self._matches(request, res, ns, obj):
-                    obj_rv = str(obj.get('metadata', {}).get('resourceVersion') or '0')
+            keys = self.objects.index.live_candidates(request.resource, request.namespace, request.name,
+                                                      request.params.get('labelSelector'),
+                                                      request.params.get('fieldSelector'))
+            for (res, ns, _), obj in self.objects.live(keys):
+                raw = obj.raw  # a dict: field selectors read dicts (a kmock Object never matched one)
+                if self._matches(request, res, ns, raw):
+                    obj_rv = str(raw.get('metadata', {}).get('resourceVersion') or '0')
                     if since_int is None:
-                        initial.append({'type': 'ADDED', 'object': obj.raw})
+                        initial.append({'type': 'ADDED', 'object': raw})
                     elif obj_rv.isdigit() and int(obj_rv) > since_int:
-                        initial.append({'type': 'MODIFIED', 'object': obj.raw})
+                        initial.append({'type': 'MODIFIED', 'object': raw})
         max_events, max_seconds = (None, None)
         if self.faults is not None and not self._exempt(request):
             max_events, max_seconds = self.faults.watch_limits()

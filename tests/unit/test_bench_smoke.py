@@ -144,3 +144,15 @@ def test_gpu_lora_llama_qlora_cpu_smoke(tmp_path: Path):
     assert report["method"] == "QLoRA" and report["quantization"]["quantType"] == "nf4"
     assert report["quantized_layers"] == 2 * 7  # every linear layer of the 2 decoder layers, not the head
     assert report["tokens_per_second"] > 0 and len(report["losses"]) == report["timed_steps"]
+
+
+def test_emulator_list_smoke(tmp_path: Path):
+    out = tmp_path / "emulator_list.json"
+    _run("emulator_list.py", "--smoke", "--out", str(out), timeout=120)
+    report = json.loads(out.read_text())
+    history = report["results"].pop("history")
+    assert 0 < history["bounded_mib"] < history["every_version_mib"]
+    [result] = report["results"].values()
+    for side in ("indexed", "kmock_scan"):
+        assert set(result[side]) == {"list_ns_label_us", "get_us", "create_us"}
+        assert all(us > 0 for us in result[side].values()), result
