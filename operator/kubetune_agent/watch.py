@@ -54,7 +54,7 @@ def list_params(name: str) -> dict[str, str]:
 
 def watch_params(cursor: Cursor, name: str, spread: float) -> dict[str, str]:
     """The WATCH query from the cursor; `spread` in [0, 1) picks the timeout within [5, 10) min."""
-    return {"watch": "1", "fieldSelector": f"metadata.name={name}", "allowWatchBookmarks": "true",
+    return {"watch": "true", "fieldSelector": f"metadata.name={name}", "allowWatchBookmarks": "true",
             "resourceVersion": cursor.resource_version or "",
             "timeoutSeconds": str(int(MIN_WATCH_TIMEOUT_SECONDS * (1.0 + spread)))}
 

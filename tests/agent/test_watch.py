@@ -72,6 +72,6 @@ def test_backoff_doubles_to_the_cap_with_jitter_on_top():
 
 def test_the_watch_asks_for_one_object_from_the_cursor_with_bookmarks_and_a_spread_timeout():
     params = watch.watch_params(watch.Cursor("1200"), NAME, 0.5)
-    assert params == {"watch": "1", "fieldSelector": f"metadata.name={NAME}", "allowWatchBookmarks": "true",
+    assert params == {"watch": "true", "fieldSelector": f"metadata.name={NAME}", "allowWatchBookmarks": "true",
                       "resourceVersion": "1200", "timeoutSeconds": "450"}
     assert watch.list_params(NAME) == {"fieldSelector": f"metadata.name={NAME}"}
