@@ -75,9 +75,11 @@ class AdapterVersion:
 
 
 class Engine:
-    """`python -m kubetune_engine` on the MiniLM base."""
+    """`python -m kubetune_engine` on the MiniLM base, or its light stand-in (`standin`: the costs in
+    seconds it charges, measured from the real engine: `python -m kubetune_testing.lora_standin`)."""
 
     threads = 1  # OMP_NUM_THREADS of every engine (--engine-threads)
+    standin: dict[str, float] | None = None  # {"start": s, "first_load": s, "load": s}
     spawned: list[Engine] = []  # every engine this run started (all are stopped at the end, whatever happened)
 
     def __init__(self, log_dir: Path, tag: str):
@@ -93,6 +95,11 @@ class Engine:
     def spawn(self) -> Engine:
         command = [sys.executable, "-m", "kubetune_engine", str(minilm_dir()), "--fidelity", "kubetune",
                    "--port", str(self.port), "--served-model-name", "minilm"]
+        if self.standin is not None:
+            command = [sys.executable, "-m", "kubetune_testing.lora_standin", "--port", str(self.port),
+                       "--start-seconds", str(self.standin["start"]),
+                       "--first-load-seconds", str(self.standin["first_load"]),
+                       "--load-seconds", str(self.standin["load"])]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(self.threads)}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
@@ -223,9 +230,12 @@ class LocalOperator:
         self.status = plan.status
         if plan.desired is not None:
             self.desired = plan.desired
-            for agent in self.agents:
-                agent.set_desired(plan.desired)
+            self.write(plan.desired)
         return plan
+
+    def write(self, desired: serving.DesiredState) -> None:
+        for agent in self.agents:
+            agent.set_desired(desired)
 
     def stable_digest(self) -> str | None:
         record = self.status["adapters"][0]
