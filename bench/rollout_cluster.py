@@ -13,14 +13,14 @@ from pathlib import Path
 
 import kmock
 
-from common import free_port
 from kubetune.api import serving
 from kubetune.clients import kube
+from kubetune_operator.reconcile import adapterdeployment as adp
 from kubetune_testing import auth, serving_pods
 from kubetune_testing.emulator import EXEMPT_HEADER, declare_resources
 from kubetune_testing.served_requests import ForgetfulEmulator
 from kubetune_testing.tls_front import TlsFront
-from rollout_pods import ADAPTER, NS, REPO_ROOT, AdapterVersion, Agent, Engine, LocalOperator
+from rollout_pods import ADAPTER, NS, REPO_ROOT, AdapterVersion, Agent, Engine, LocalOperator, unique_port
 
 
 class Cluster:
@@ -73,7 +73,7 @@ class ClusterAgent(Agent):
         self.cluster, self.engine, self.pod = cluster, engine, pod
         root.mkdir(parents=True, exist_ok=True)
         self.log_path = root / "agent.log"
-        self.port = free_port()
+        self.port = unique_port()
         cluster.call(serving_pods.create_pod(cluster.client, cluster.adep, pod))
         account = serving_pods.project_account(cluster.authenticator, root / "account", cluster.adep, pod,
                                                cluster.front.ca_path)
@@ -99,6 +99,13 @@ class ClusterOperator(LocalOperator):
         super().__init__(agents, source, base_model)
         self.cluster = cluster
         self.created = False
+
+    def pods(self) -> list[adp.Pod]:
+        """One LIST of the namespace's Pods, their reports from the annotation (as the controller reads them)."""
+        listed = self.cluster.call(self.cluster.client.list(serving_pods.RESOURCES["Pod"], NS))
+        reports = {p["metadata"]["name"]: ((p["metadata"].get("annotations") or {}).get(serving.ANNOTATION_REPORT))
+                   for p in listed}
+        return [adp.Pod(a.pod, True, json.loads(reports[a.pod]) if reports.get(a.pod) else None) for a in self.agents]
 
     def write(self, desired: serving.DesiredState) -> None:
         if not self.created:
