@@ -248,7 +248,9 @@ class Agent:
         text, self._pushed = self._pushed, None
         if text is None:
             now = time.monotonic()
-            if self.source.watching and now < self._next_read:
+            # before a first desired state, read on every tick as well: a pod that starts before its
+            # ConfigMap exists pays one GET per tick until it does, and then relies on the watch alone
+            if self.source.watching and now < self._next_read and self.desired is not None:
                 return
             self._next_read = now + self.config.resync_seconds
             try:
