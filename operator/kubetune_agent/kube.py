@@ -189,12 +189,14 @@ class DesiredConfigMap:
                     *lines, buffer = buffer.split(b"\n")
                     for line in filter(None, (raw.strip() for raw in lines)):
                         events += 1
-                        step = watch.on_event(cursor, json.loads(line), self.name, self.rng.random())
+                        event = json.loads(line)
+                        step = watch.on_event(cursor, event, self.name, self.rng.random())
                         if step.deliver:
                             changed(step.text)
                         cursor = step.cursor
-                        if step.restart:
-                            self._failed("watch", "the server ended the watch with an error", step)
+                        if step.restart:  # an ERROR event: its Status says why (410 Expired, ...)
+                            status = event.get("object") or {}
+                            self._failed("watch", f"{status.get('code')} {status.get('message')}", step)
                             return step
             # a stream the server closes at once, again and again, is a failure, not a timeout
             return watch.on_stream_end(cursor, dropped=not events and time.monotonic() - began < 1.0,
@@ -215,7 +217,8 @@ class DesiredConfigMap:
         # `watch`: the sync tick reads instead meanwhile) are debug, not a line every 30 s
         level = logging.WARNING if step.cursor.failures <= 1 else logging.DEBUG
         log.log(level, f"desired-state {what} failed", extra={
-            "source": str(self), "error": f"{type(error).__name__}: {error}"[:300],
+            "source": str(self),
+            "error": (f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error))[:300],
             "relist": step.cursor.resource_version is None, "retry_in_seconds": round(step.delay, 2)})
 
     async def close(self) -> None:
