@@ -1,7 +1,8 @@
-"""Adapter rollout on N local serving pods: kubetune's hot load (operator decision -> agents -> engines)
-against a restart-the-engine rollout of the same adapter change, in one run.
+"""Adapter rollout on N serving pods: kubetune's hot load (operator decision -> ConfigMap -> agents watching
+it in the emulator -> engines) against a restart-the-engine rollout of the same adapter change, in one run.
 
     .venv/bin/python bench/adapter_rollout.py --json /tmp/rollout.json           # N=3, 5 runs of each, ~3.5 min
+    .venv/bin/python bench/adapter_rollout.py --pods 30 --engine standin --restart-repeats 1 --json /tmp/r30.json
     .venv/bin/python bench/adapter_rollout.py --smoke --json /tmp/rollout.json   # N=2, 1 run of each, < 60 s
 What is timed, the restart baselines and the fairness details: BENCHMARKS.md ("Adapter rollout")."""
 
@@ -30,6 +31,7 @@ from common import load_average, minilm_dir  # noqa: E402  (bench/, on sys.path)
 from kubetune.api import jobconfig, serving, storage_layout  # noqa: E402
 from kubetune.api.validation import validate  # noqa: E402
 from kubetune.clients.storage import ObjectStore, S3Settings, check_published  # noqa: E402
+from rollout_cluster import Cluster, ClusterAgent, ClusterOperator  # noqa: E402  (bench/, on sys.path)
 from rollout_pods import (  # noqa: E402  (bench/, on sys.path)
     ALIAS,
     FIXED_NAME,
@@ -39,7 +41,6 @@ from rollout_pods import (  # noqa: E402  (bench/, on sys.path)
     AdapterVersion,
     Agent,
     Engine,
-    LocalOperator,
     Trickle,
     http,
     wait_serving,
@@ -109,21 +110,29 @@ def adapters(root: Path) -> tuple[list[AdapterVersion], float]:
 # --- the two rollouts ---------------------------------------------------------------------------------------
 
 
-def reference_restart(version: AdapterVersion, log_dir: Path) -> dict:
-    """One engine restarted alone (nothing else running): cold start to /health, the first adapter load,
-    the first answer. A rolling restart of N pods cannot beat N times this."""
-    t0 = time.monotonic()
-    engine = Engine(log_dir, "reference").spawn().wait_ready()
+def reference_restart(versions: list[AdapterVersion], log_dir: Path) -> dict:
+    """One real engine restarted alone (nothing else running): cold start to /health, the first adapter
+    load, the first answer, then a second adapter's load into the running engine (a hot load's engine
+    part). A rolling restart of N pods cannot beat N times the first three; the stand-in charges them."""
+    standin, Engine.standin = Engine.standin, None
+    try:
+        t0 = time.monotonic()
+        engine = Engine(log_dir, "reference").spawn().wait_ready()
+    finally:
+        Engine.standin = standin
     ready = time.monotonic()
-    engine.load(FIXED_NAME, version.path)
+    engine.load(FIXED_NAME, versions[1].path)
     loaded = time.monotonic()
     status, _, text = http("POST", engine.url + serving.ENGINE_CLASSIFY, {"model": FIXED_NAME, "input": PROBE})
     done = time.monotonic()
+    engine.load("second", versions[0].path)
+    reloaded = time.monotonic()
     engine.stop()
     if status != 200:
         raise RuntimeError(f"reference engine: {status} {text}")
     return {"start_s": round(ready - t0, 3), "load_s": round(loaded - ready, 3),
-            "first_answer_s": round(done - loaded, 3), "total_s": round(done - t0, 3)}
+            "first_answer_s": round(done - loaded, 3), "total_s": round(done - t0, 3),
+            "hot_load_s": round(reloaded - done, 3)}
 
 
 def hot_runs(engines: list[Engine], versions: list[AdapterVersion], runs: int, args, work: Path) -> list[dict]:
@@ -132,15 +141,16 @@ def hot_runs(engines: list[Engine], versions: list[AdapterVersion], runs: int, a
     rng = random.Random(5)
     offsets = sorted(rng.uniform(0, args.sync_seconds) for _ in engines)
     agents, began = [], time.monotonic()
+    cluster = Cluster(work).start()
     try:
         for i, (engine, offset) in enumerate(zip(engines, offsets, strict=True)):
             time.sleep(max(0.0, began + offset - time.monotonic()))
-            agents.append(Agent(engine, work / f"agent-{i}", f"pod-{i}", args.sync_seconds))
+            agents.append(ClusterAgent(cluster, engine, work / f"agent-{i}", f"pod-{i}", args.sync_seconds))
         for agent in agents:
             agent.wait_ready()
         base_model = check_published(ObjectStore(S3Settings()),
                                      versions[0].manifest_uri.rsplit("/", 1)[0] + "/").document["baseModel"]
-        operator = LocalOperator(agents, versions[0], base_model)
+        operator = ClusterOperator(cluster, agents, versions[0], base_model)
         operator.reconcile()
         wait_until(lambda: all((a.report() or {}).get("loaded") == {versions[0].name: versions[0].digest}
                                for a in agents), ROLLOUT_TIMEOUT, "every pod loading the first version")
@@ -180,8 +190,9 @@ def hot_runs(engines: list[Engine], versions: list[AdapterVersion], runs: int, a
                 trickle.halt()
         return results
     finally:
-        for agent in agents:
-            agent.stop()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(Agent.stop, agents))
+        cluster.stop()
 
 
 def _agent_phases(agent: Agent, wall0: float, generation: int, version: str) -> dict:
@@ -203,23 +214,29 @@ class Pod:
 
 
 def _rolling(pods: list[Pod], new: AdapterVersion, log_dir: Path, tag: str, t0: float,
-             stopping: list) -> list[dict]:
-    """maxSurge 1, maxUnavailable 0: per pod, a new engine next to the old one; once it is ready with the
-    new version loaded, the endpoint switches to it and the old one gets SIGTERM. The next pod does not
-    wait for the old process to exit (terminating pods do not count against a Deployment's surge)."""
-    phases = []
-    for i, pod in enumerate(pods):
-        began = time.monotonic()
-        fresh = Engine(log_dir, f"pod{i}-{tag}").spawn().wait_ready()
+             stopping: list, surge: int = 1) -> list[dict]:
+    """maxSurge `surge`, maxUnavailable 0: per batch of `surge` pods, new engines next to the old ones; once
+    one is ready with the new version loaded, its pod's endpoint switches to it and the old one gets
+    SIGTERM. The next batch does not wait for the old processes to exit (terminating pods do not count
+    against a Deployment's surge)."""
+
+    def replace(index: int) -> dict:
+        pod, began = pods[index], time.monotonic()
+        fresh = Engine(log_dir, f"pod{index}-{tag}").spawn().wait_ready()
         ready = time.monotonic()
         fresh.load(FIXED_NAME, new.path)
         fresh.version = new.name
         previous, pod.engine = pod.engine, fresh
         switched = time.monotonic()
-        phases.append({"pod": i, "start_s": round(ready - began, 3), "load_s": round(switched - ready, 3),
-                       "switched_s": round(switched - t0, 3)})
         stopping.append(threading.Thread(target=previous.stop, daemon=True))
         stopping[-1].start()
+        return {"pod": index, "start_s": round(ready - began, 3), "load_s": round(switched - ready, 3),
+                "switched_s": round(switched - t0, 3)}
+
+    phases = []
+    with concurrent.futures.ThreadPoolExecutor(surge) as pool:
+        for first in range(0, len(pods), surge):
+            phases += list(pool.map(replace, range(first, min(first + surge, len(pods)))))
     return phases
 
 
@@ -270,7 +287,7 @@ def restart_runs(engines: list[Engine], versions: list[AdapterVersion], runs: in
             t0 = time.monotonic()
             tag = f"run{run + 1}"
             if strategy == "rolling":
-                phases = _rolling(pods, new, log_dir, tag, t0, stopping)
+                phases = _rolling(pods, new, log_dir, tag, t0, stopping, args.max_surge)
             else:
                 phases = _recreate(pods, new, log_dir, tag, t0)
             per_pod = wait_serving(trickles, new.name, t0)
@@ -308,7 +325,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help=f"CI-sized: {SMOKE}, rolling restarts only")
     parser.add_argument("--restart", choices=("rolling", "recreate", "both", "none"), default=None,
                         help="restart baseline strategies (default both; --smoke: rolling; none: the hot path only)")
-    parser.add_argument("--sync-seconds", type=float, default=2.0, help="the agents' sync period (shipped default 2)")
+    parser.add_argument("--restart-repeats", type=int, default=None,
+                        help="rollouts of each restart baseline (default: --repeats; a rolling restart of 30 pods "
+                             "takes minutes)")
+    parser.add_argument("--max-surge", type=int, default=1,
+                        help="the rolling baseline's maxSurge (maxUnavailable 0); a Deployment's default is 25%%")
+    parser.add_argument("--engine", choices=("real", "standin"), default="real",
+                        help="real: kubetune_engine on MiniLM; standin: kubetune_testing.lora_standin, charging the "
+                             "real engine's start and load seconds measured in the same run")
+    parser.add_argument("--sync-seconds", type=float, default=2.0,
+                        help="the agents' sync period (shipped default 2): the engine check; changes come by watch")
     parser.add_argument("--engine-threads", type=int, default=1,
                         help="OMP_NUM_THREADS of each engine process (N+1 engines share this machine's cores)")
     parser.add_argument("--trickle-interval", type=float, default=0.1,
@@ -334,10 +360,15 @@ def measure(args, pods: int, repeats: int, strategies: list[str]) -> dict:
         print(f"adapters ready in {train_seconds:.1f} s: {versions[0].name} (a), {versions[1].name} (b)", flush=True)
         logs = work / "logs"
         logs.mkdir(exist_ok=True)
-        reference = None if args.smoke or not strategies else reference_restart(versions[1], logs)
+        wanted = args.engine == "standin" or not (args.smoke or not strategies)
+        reference = reference_restart(versions, logs) if wanted else None
         if reference:
-            print(f"one engine alone: start {reference['start_s']} s, first load {reference['load_s']} s, "
-                  f"first answer {reference['first_answer_s']} s", flush=True)
+            print(f"one real engine alone: start {reference['start_s']} s, first load {reference['load_s']} s, "
+                  f"first answer {reference['first_answer_s']} s, a second load {reference['hot_load_s']} s",
+                  flush=True)
+        if args.engine == "standin":
+            Engine.standin = {"start": reference["start_s"], "first_load": reference["load_s"],
+                              "load": reference["hot_load_s"]}
         t = time.monotonic()
         engines = [Engine(logs, f"pod{i}").spawn() for i in range(pods)]
         try:
@@ -348,7 +379,8 @@ def measure(args, pods: int, repeats: int, strategies: list[str]) -> dict:
             hot = hot_runs(engines, versions, repeats, args, work)
             restart = {}
             for strategy in strategies:
-                restart[strategy], engines = restart_runs(engines, versions, repeats, strategy, args, logs)
+                restart[strategy], engines = restart_runs(engines, versions, args.restart_repeats or repeats,
+                                                          strategy, args, logs)
         finally:
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 list(pool.map(Engine.stop, Engine.spawned))
@@ -377,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or sizes["repeats"]
     strategies = {"rolling": ["rolling"], "recreate": ["recreate"], "both": ["rolling", "recreate"], "none": []}[
         args.restart or ("rolling" if args.smoke else "both")]
+    # this process runs the operator's decision, the emulator, its TLS front and every pod's client in
+    # threads: a shorter GIL switch interval keeps the busy client loop from delaying the others by 5 ms
+    # at each hand-over (at 30 pods the decision took 1-2 s with the default)
+    sys.setswitchinterval(0.0005)
     load_before = load_average()
     print(f"adapter rollout bench: {pods} pods, {repeats} run(s) each, sync {args.sync_seconds} s, "
           f"{os.cpu_count()} CPUs, load average {load_before}", flush=True)
@@ -390,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     hot_median = results["hot"]["median_all_serving_s"]
     ratios = {strategy: round(results[f"restart_{strategy}"]["median_all_serving_s"] / hot_median, 2)
               for strategy in restart}
-    report = {"settings": {"pods": pods, "repeats": repeats, "sync_seconds": args.sync_seconds,
+    report = {"settings": {"pods": pods, "repeats": repeats, "restart_repeats": args.restart_repeats or repeats,
+                           "max_surge": args.max_surge,
+                           "engine": args.engine, "standin_costs": Engine.standin, "sync_seconds": args.sync_seconds,
                            "trickle_interval": args.trickle_interval,
                            "engine_threads": args.engine_threads, "smoke": args.smoke, "strategies": strategies,
                            "train_steps": TRAIN_STEPS},

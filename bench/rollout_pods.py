@@ -17,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+
 from common import free_port, minilm_dir, stop_process
 from kubetune.api import serving
 from kubetune.api.validation import validate
@@ -48,6 +50,18 @@ def http(method: str, url: str, body: object = None, timeout: float = 30) -> tup
         return 0, {}, f"{type(exc).__name__}: {exc}"
 
 
+_ports_taken: set[int] = set()
+
+
+def unique_port() -> int:
+    """A free port never handed out before in this run: a process that has not bound its port yet (a
+    starting engine) must not see it given to the next one."""
+    while (port := free_port()) in _ports_taken:
+        pass
+    _ports_taken.add(port)
+    return port
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
     deadline = time.monotonic() + timeout
     while True:
@@ -75,13 +89,15 @@ class AdapterVersion:
 
 
 class Engine:
-    """`python -m kubetune_engine` on the MiniLM base."""
+    """`python -m kubetune_engine` on the MiniLM base, or its light stand-in (`standin`: the costs in
+    seconds it charges, measured from the real engine: `python -m kubetune_testing.lora_standin`)."""
 
     threads = 1  # OMP_NUM_THREADS of every engine (--engine-threads)
+    standin: dict[str, float] | None = None  # {"start": s, "first_load": s, "load": s}
     spawned: list[Engine] = []  # every engine this run started (all are stopped at the end, whatever happened)
 
     def __init__(self, log_dir: Path, tag: str):
-        self.port = free_port()
+        self.port = unique_port()
         self.log_path = log_dir / f"engine-{tag}-{self.port}.log"
         self.process: subprocess.Popen | None = None
         self.version: str | None = None  # restart baseline: the one adapter version this process serves
@@ -93,6 +109,11 @@ class Engine:
     def spawn(self) -> Engine:
         command = [sys.executable, "-m", "kubetune_engine", str(minilm_dir()), "--fidelity", "kubetune",
                    "--port", str(self.port), "--served-model-name", "minilm"]
+        if self.standin is not None:
+            command = [sys.executable, "-m", "kubetune_testing.lora_standin", "--port", str(self.port),
+                       "--start-seconds", str(self.standin["start"]),
+                       "--first-load-seconds", str(self.standin["first_load"]),
+                       "--load-seconds", str(self.standin["load"])]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(self.threads)}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
@@ -133,7 +154,7 @@ class Agent:
         root.mkdir(parents=True, exist_ok=True)
         self.desired_path, self.report_path = root / "desired.json", root / "report.json"
         self.log_path = root / "agent.log"
-        self.port = free_port()
+        self.port = unique_port()
         command = [sys.executable, "-m", "kubetune_agent", "--engine-url", engine.url, "--host", "127.0.0.1",
                    "--port", str(self.port), "--namespace", NS, "--pod-name", pod,
                    "--desired-file", str(self.desired_path), "--report-file", str(self.report_path),
@@ -217,15 +238,21 @@ class LocalOperator:
         adep = {**self.doc, "spec": result.defaulted["spec"], "status": self.status}
         sources = {a["name"]: self._resolve(a["source"]["uri"]) for a in adep["spec"]["adapters"]}
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        pods = [adp.Pod(a.pod, True, a.report()) for a in self.agents]
-        plan = adp.decide(adp.Observed(adep=adep, now=now, sources=sources, pods=pods, desired=self.desired),
+        plan = adp.decide(adp.Observed(adep=adep, now=now, sources=sources, pods=self.pods(), desired=self.desired),
                           adp.Settings())
         self.status = plan.status
         if plan.desired is not None:
             self.desired = plan.desired
-            for agent in self.agents:
-                agent.set_desired(plan.desired)
+            self.write(plan.desired)
         return plan
+
+    def write(self, desired: serving.DesiredState) -> None:
+        for agent in self.agents:
+            agent.set_desired(desired)
+
+    def pods(self) -> list[adp.Pod]:
+        """The serving pods with their agents' reports."""
+        return [adp.Pod(a.pod, True, a.report()) for a in self.agents]
 
     def stable_digest(self) -> str | None:
         record = self.status["adapters"][0]
@@ -243,6 +270,22 @@ class Answer:
     version: str | None
 
 
+_clients: asyncio.AbstractEventLoop | None = None
+_clients_lock = threading.Lock()
+
+
+def _client_loop() -> asyncio.AbstractEventLoop:
+    """One thread and event loop for every pod's client, on kept-alive connections: 30 client threads
+    opening a connection per request took the GIL (and the cores) from the emulator and the operator's
+    decision in this process, and made the agents accept a connection per request."""
+    global _clients
+    with _clients_lock:
+        if _clients is None:
+            _clients = asyncio.new_event_loop()
+            threading.Thread(target=_clients.run_forever, name="clients", daemon=True).start()
+        return _clients
+
+
 @dataclass
 class Trickle:
     """One client per pod: a /classify request at a time, then a short sleep. `target()` says where the
@@ -253,31 +296,37 @@ class Trickle:
     interval: float
     answers: list = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
+    future: object = None
 
     def start(self) -> Trickle:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.future = asyncio.run_coroutine_threadsafe(self._run(), _client_loop())
         return self
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            where = self.target()
-            sent = time.monotonic()
-            if where is None:
-                self.answers.append(Answer(sent, sent, False, None))
-            else:
-                url, model, version = where
-                status, headers, _ = http("POST", url + serving.ENGINE_CLASSIFY, {"model": model, "input": PROBE},
-                                          timeout=30)
-                self.answers.append(Answer(sent, time.monotonic(), status == 200,
-                                           (version or headers.get("x-kubetune-version")) if status == 200 else None))
-            time.sleep(self.interval)
+    async def _run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while not self.stop.is_set():
+                where = self.target()
+                sent = time.monotonic()
+                if where is None:
+                    self.answers.append(Answer(sent, sent, False, None))
+                else:
+                    url, model, version = where
+                    try:
+                        async with session.post(url + serving.ENGINE_CLASSIFY,
+                                                json={"model": model, "input": PROBE}) as response:
+                            await response.read()
+                            status, header = response.status, response.headers.get("x-kubetune-version")
+                    except (aiohttp.ClientError, TimeoutError):
+                        status, header = 0, None
+                    self.answers.append(Answer(sent, time.monotonic(), status == 200,
+                                               (version or header) if status == 200 else None))
+                await asyncio.sleep(self.interval)
 
     def halt(self) -> None:
         self.stop.set()
-        if self.thread is not None:
-            self.thread.join(60)
+        if self.future is not None:
+            self.future.result(60)
 
     def first(self, version: str, after: float) -> float | None:
         return next((a.done for a in list(self.answers) if a.sent >= after and a.ok and a.version == version), None)

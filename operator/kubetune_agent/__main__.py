@@ -62,7 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="verified adapter copies; the engine must see them at the same path "
                              "(a shared volume) (KUBETUNE_CACHE_DIR)")
     parser.add_argument("--sync-seconds", type=float, default=float(_env("SYNC_SECONDS", default="2")),
-                        help="sync period (KUBETUNE_SYNC_SECONDS)")
+                        help="sync period: the engine is checked, and the desired state read unless it is "
+                             "watched (KUBETUNE_SYNC_SECONDS)")
+    parser.add_argument("--resync-seconds", type=float, default=float(_env("RESYNC_SECONDS", default="300")),
+                        help="while the desired ConfigMap is watched, read it anyway this often "
+                             "(KUBETUNE_RESYNC_SECONDS)")
+    parser.add_argument("--service-account-dir", type=Path,
+                        default=Path(_env("SERVICE_ACCOUNT_DIR", default=str(kube.SERVICE_ACCOUNT_DIR))),
+                        help="the token and ca.crt of the Pod's service account (a projected volume mounted "
+                             "elsewhere) (KUBETUNE_SERVICE_ACCOUNT_DIR)")
     parser.add_argument("--report-seconds", type=float, default=float(_env("REPORT_SECONDS", default="5")),
                         help="report period; a change is reported at once (KUBETUNE_REPORT_SECONDS)")
     parser.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", default="600")),
@@ -86,15 +94,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--namespace is required (or KUBETUNE_NAMESPACE / POD_NAMESPACE)")
     if not (args.desired_file or args.desired_configmap):
         parser.error("one of --desired-file and --desired-configmap is required")
-    if args.sync_seconds <= 0 or args.report_seconds <= 0:
-        parser.error("--sync-seconds and --report-seconds must be positive")
+    if min(args.sync_seconds, args.report_seconds, args.resync_seconds) <= 0:
+        parser.error("--sync-seconds, --resync-seconds and --report-seconds must be positive")
     return args
 
 
 def build(args: argparse.Namespace) -> sync.Agent:
     kubernetes = None
     if args.desired_configmap or not args.report_file:
-        kubernetes = kube.InClusterKube()
+        kubernetes = kube.InClusterKube(root=args.service_account_dir)
     source = (kube.DesiredFile(Path(args.desired_file)) if args.desired_file
               else kube.DesiredConfigMap(kubernetes, args.namespace, args.desired_configmap))
     sink = (kube.ReportFile(Path(args.report_file)) if args.report_file
@@ -104,7 +112,8 @@ def build(args: argparse.Namespace) -> sync.Agent:
                                    secret_key=os.environ.get(jobconfig.ENV_S3_SECRET_KEY) or None))
     config = sync.AgentConfig(
         engine_url=args.engine_url, namespace=args.namespace, pod=args.pod_name, cache_dir=Path(args.cache_dir),
-        sync_seconds=args.sync_seconds, report_seconds=args.report_seconds, request_timeout=args.request_timeout,
+        sync_seconds=args.sync_seconds, resync_seconds=args.resync_seconds, report_seconds=args.report_seconds,
+        request_timeout=args.request_timeout,
         max_backoff=args.max_backoff, sample_flush_records=args.sample_flush_records,
         sample_flush_seconds=args.sample_flush_seconds, runtime=args.runtime)
     return sync.Agent(config, source, sink, store)

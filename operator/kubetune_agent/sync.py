@@ -36,6 +36,10 @@ class AgentConfig:
     pod: str
     cache_dir: Path
     sync_seconds: float = 2.0
+    # with a watch open, the desired state is still read this often: a safety net for a watch that went
+    # quiet without ending (a half-open connection through a proxy); far above the sync tick, since each
+    # read is an API request per pod and the watch already delivers every change
+    resync_seconds: float = 300.0
     report_seconds: float = 5.0
     request_timeout: float = 600.0
     max_backoff: float = 300.0
@@ -54,6 +58,8 @@ class Agent:
         self.telemetry = Telemetry()
         self.desired: serving.DesiredState | None = None
         self._desired_text: str | None = None
+        self._pushed: str | None = None  # a desired state the source's watch handed over, not yet applied
+        self._next_read = 0.0  # monotonic time of the next safety-net read while the source watches
         self.applied_generation = -1
         self.engine_ready = False
         self.engine_loaded: frozenset[str] = frozenset()  # replaced, never mutated: the proxy reads it
@@ -76,7 +82,8 @@ class Agent:
         self.engine = EngineClient(self.config.engine_url, self.session,
                                    runtimes.RUNTIMES[self.config.runtime].api)
         self._tasks = [asyncio.create_task(self._sync_loop(), name="kubetune-agent-sync"),
-                       asyncio.create_task(self._report_loop(), name="kubetune-agent-report")]
+                       asyncio.create_task(self._report_loop(), name="kubetune-agent-report"),
+                       asyncio.create_task(self._watch_loop(), name="kubetune-agent-watch")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -106,10 +113,28 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self._next_tick())
 
+    async def _watch_loop(self) -> None:
+        """The source's watch hands each new desired state to the sync loop, which runs at once."""
+        while True:
+            try:
+                await self.source.watch(self.desired_changed)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in the watch must not stop the ticks: they still read
+                log.exception("desired-state watch failed")
+                self.telemetry.sync_errors.labels("Internal").inc()
+                await asyncio.sleep(self.config.sync_seconds)
+
+    def desired_changed(self, text: str) -> None:
+        self._pushed = text
+        self.wake.set()
+
     def _next_tick(self) -> float:
         """The sync period, or sooner when a failed version's backoff ends first."""
         now = time.monotonic()
         soonest = min((at for _, at in self._failures.values() if at > now), default=None)
+        if self.source.watching:
+            soonest = min(soonest or self._next_read, self._next_read)
         delay = self.config.sync_seconds
         if soonest is not None:
             delay = min(delay, max(0.05, soonest - now))
@@ -218,13 +243,23 @@ class Agent:
             self.wake.set()
 
     async def _read_desired(self) -> None:
-        try:
-            text = await self.source.read()
-        except Exception as exc:
-            log.warning("cannot read the desired state", extra={"source": str(self.source),
-                                                                 "error": f"{type(exc).__name__}: {exc}"})
-            self.telemetry.sync_errors.labels("DesiredUnavailable").inc()
-            return
+        """The watch's latest text if it handed one over; else a read, on every tick while the source
+        does not watch (a local file, a watch being re-established) and every resync_seconds while it does."""
+        text, self._pushed = self._pushed, None
+        if text is None:
+            now = time.monotonic()
+            # before a first desired state, read on every tick as well: a pod that starts before its
+            # ConfigMap exists pays one GET per tick until it does, and then relies on the watch alone
+            if self.source.watching and now < self._next_read and self.desired is not None:
+                return
+            self._next_read = now + self.config.resync_seconds
+            try:
+                text = await self.source.read()
+            except Exception as exc:
+                log.warning("cannot read the desired state", extra={"source": str(self.source),
+                                                                     "error": f"{type(exc).__name__}: {exc}"})
+                self.telemetry.sync_errors.labels("DesiredUnavailable").inc()
+                return
         if text is None:
             if self.desired is None:
                 log.info("no desired state yet", extra={"source": str(self.source)})

@@ -79,9 +79,18 @@ def attributes(method: str, path: str, query: dict[str, str]) -> Attributes:
     resource, name, subresource = [*rest, "", ""][:3]
     if not name and verb == "get":
         verb = "watch" if query.get("watch") in ("1", "true") else "list"
+        # a list or watch of one object by `fieldSelector=metadata.name=X` is authorized as a request for X,
+        # so a Role's resourceNames can allow it (requestinfo.go: RequiresExactMatch("metadata.name"))
+        name = _exact_name(query.get("fieldSelector") or "")
     elif not name and verb == "delete":
         verb = "deletecollection"
     return Attributes(verb, "/" + "/".join(parts), resource, group, subresource, namespace, name)
+
+
+def _exact_name(field_selector: str) -> str:
+    terms = [t.strip() for t in field_selector.split(",") if t.strip()]
+    names = [t.split("=", 1)[1].lstrip("=") for t in terms if t.startswith(("metadata.name=", "metadata.name=="))]
+    return names[0] if len(names) == 1 else ""
 
 
 # --- rules (rule.go / rbac.go RuleAllows) ----------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_adapter_rollout_smoke(tmp_path: Path):
     assert hot["failed_requests"] == 0  # the hot load never drops a request
     [run] = hot["runs"]
     assert all(a["read_desired_s"] is not None and a["loaded_s"] is not None for a in run["agents"])
-    assert report["ratio"]["rolling"] > 1  # two engine start-ups in a row vs one sync tick and a load
+    assert report["ratio"]["rolling"] > 1  # two engine start-ups in a row vs a watch event and a load
 
 
 def test_drift_analysis_smoke(tmp_path: Path):

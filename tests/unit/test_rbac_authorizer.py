@@ -33,6 +33,20 @@ def test_rules_match_verbs_groups_resources_subresources_and_names():
     assert not rbac.rule_allows(urls, rbac.Attributes("get", "/metrics"))
 
 
+def test_a_list_or_watch_of_one_name_by_field_selector_is_authorized_for_that_name():
+    path = "/api/v1/namespaces/team-a/configmaps"
+    watch = rbac.attributes("GET", path, {"watch": "1", "fieldSelector": "metadata.name=a-desired"})
+    assert (watch.verb, watch.resource, watch.name) == ("watch", "configmaps", "a-desired")
+    listed = rbac.attributes("GET", path, {"fieldSelector": "metadata.name==a-desired"})
+    assert (listed.verb, listed.name) == ("list", "a-desired")
+    named = {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["a-desired"], "verbs": ["list", "watch"]}
+    assert rbac.rule_allows(named, watch) and rbac.rule_allows(named, listed)
+    assert not rbac.rule_allows({**named, "verbs": ["get", "list"]}, watch)  # a Role without watch
+    for selector in ("metadata.name=other", "metadata.name!=a-desired", "metadata.name=a-desired,metadata.name=b",
+                     "metadata.namespace=team-a"):
+        assert not rbac.rule_allows(named, rbac.attributes("GET", path, {"watch": "1", "fieldSelector": selector}))
+
+
 def _authorizer(*docs: dict) -> rbac.RbacAuthorizer:
     return rbac.RbacAuthorizer(types.SimpleNamespace(objects={}), docs)
 

@@ -52,13 +52,18 @@ def test_managed_runtime_children_are_valid_kubernetes_objects():
     assert all(template_labels[k] == v for k, v in deployment["spec"]["selector"]["matchLabels"].items())
 
 
-def test_agent_rbac_reads_one_configmap_and_patches_pods_only():
+def test_agent_rbac_reads_and_watches_one_configmap_and_patches_pods_only():
     role = next(c for c in render.render_agent_rbac(defaulted(adapterdeployment())) if c["kind"] == "Role")
     rules = role["rules"]
     assert {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["support-desired"],
-            "verbs": ["get"]} in rules
+            "verbs": ["get", "list", "watch"]} in rules
     assert all("*" not in json.dumps(rule) for rule in rules)
-    assert sorted(v for r in rules for v in r["verbs"]) == ["get", "patch"]
+    assert sorted(v for r in rules for v in r["verbs"]) == ["get", "list", "patch", "watch"]
+    remote = render.render_remote_children(defaulted(adapterdeployment()), "team-b", DESIRED)
+    remote_role = next(c for c in remote if c["kind"] == "Role")
+    assert remote_role["rules"][0]["verbs"] == ["get", "list", "watch"]
+    assert remote_role["rules"][0]["resourceNames"] == [next(c for c in remote if c["kind"] == "ConfigMap")[
+        "metadata"]["name"]]
 
 
 def test_selected_pods_get_only_the_desired_state_and_rbac():

@@ -102,7 +102,7 @@ def render_desired_config_map(adep: dict, desired: serving.DesiredState, target:
 
 
 def render_agent_rbac(adep: dict, target: str | None = None) -> list[dict]:
-    """The agent reads one ConfigMap and writes its report on its own Pod; nothing else. In `target`
+    """The agent reads and watches one ConfigMap and writes its report on its own Pod; nothing else. In `target`
     (cluster-wide) the same, under names qualified with the AdapterDeployment's namespace. RBAC cannot
     name "its own Pod": the chart's ValidatingAdmissionPolicy (templates/agent-policy.yaml) limits the
     `patch` to the Pod the agent's token is bound to and to the report annotation."""
@@ -115,7 +115,9 @@ def render_agent_rbac(adep: dict, target: str | None = None) -> list[dict]:
          "automountServiceAccountToken": True},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(adep, name, "agent", target),
          "rules": [
-             {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [desired], "verbs": ["get"]},
+             # list and watch by `fieldSelector=metadata.name=...`, which resourceNames allows
+             {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [desired],
+              "verbs": ["get", "list", "watch"]},
              {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},
          ]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
