@@ -9,7 +9,9 @@ import logging
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; `extra=` fields become keys. Secrets are never passed to logs."""
 
-    _skip = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+    # kopf adds its whole OperatorSettings to every record (`settings`): ~3 KB of repr per line, at every
+    # handler call, that says nothing about the event
+    _skip = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "settings"}
 
     def format(self, record: logging.LogRecord) -> str:
         payload = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
