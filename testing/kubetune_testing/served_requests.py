@@ -5,6 +5,7 @@ docs/testing.md ("Request history")."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import kmock
@@ -25,6 +26,14 @@ class ForgetfulEmulator(K8sEmulator):
         finally:
             if self.forget_served:
                 forget(self._requests, request)
+
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+        # Routed already; a watch streams for minutes, and every request routed meanwhile would test each
+        # fallback's filters against it (an operator keeps a watch per kind and namespace open).
+        if self.forget_served:
+            forget(self._requests, request)
+        async for event in super()._serve_watch(request):
+            yield event
 
 
 def forget(history: list, request: kmock.Request) -> None:
