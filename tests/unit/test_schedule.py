@@ -27,11 +27,13 @@ def test_the_load_of_a_class_never_exceeds_its_budget():
 
 
 def test_finetunejobs_finished_are_not_polled_running_ones_read_progress_the_rest_wait():
-    assert schedule.finetunejob_next("Succeeded", 30.0) == Next(None)
+    assert schedule.finetunejob_next("Succeeded", 30.0, True) == Next(None)
     assert schedule.finetunejob_next("Failed", 30.0) == Next(None)
-    assert schedule.finetunejob_next("Running", 4.0) == Next(PROGRESS, 4.0)
-    assert schedule.finetunejob_next("Validating", 4.0) == Next(PROGRESS, 4.0)
-    assert schedule.finetunejob_next("Pending", 30.0) == Next(WAITING, 30.0)
+    assert schedule.finetunejob_next("Running", 4.0, reads_progress=True) == Next(PROGRESS, 4.0)
+    # a stage job (data validation, baseline, trials) reports when it finishes, by its watched status:
+    # nothing to poll while it runs, however ACTIVE the phase
+    assert schedule.finetunejob_next("Validating", 4.0, False, resync_seconds=30.0) == Next(WAITING, 30.0)
+    assert schedule.finetunejob_next("Pending", 30.0, False, 30.0) == Next(WAITING, 30.0)
     assert schedule.finetunejob_next("Queued", 30.0) == Next(WAITING, 30.0)
     assert schedule.finetunejob_next("Pending", None) == Next(None)
 

@@ -107,6 +107,7 @@ class ClusterPass:
         self.secrets = PassSecrets(client, namespace)
         self.stores: _PassStore | None = None  # once the job is read
         self.job: dict | None = None  # as read at the start of the pass
+        self.read_progress_file = False  # whether the pass read a running workload's progress.json
 
     async def read_job(self) -> dict | None:
         job = self.job = await self.client.get(kube.FINETUNEJOBS, self.namespace, self.name)
@@ -144,6 +145,7 @@ class ClusterPass:
 
     async def read_progress(self, prefix: str) -> dict | None:
         """The trainer's progress.json (None when absent, unreadable or storage is down: progress can wait)."""
+        self.read_progress_file = True
         store = await self.stores.get()
         try:
             return await _read_json(store, storage_layout.progress_uri(prefix))
@@ -233,7 +235,8 @@ async def reconcile(namespace: str, name: str) -> float | None:
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         phase = plan.status.get("phase")
         if RUNTIME.scheduler is not None:
-            RUNTIME.scheduler.after_pass(key, schedule.finetunejob_next(phase, plan.requeue_after))
+            RUNTIME.scheduler.after_pass(key, schedule.finetunejob_next(
+                phase, plan.requeue_after, port.read_progress_file, RUNTIME.settings.resync_seconds))
         if phase != ((port.job or {}).get("status") or {}).get("phase") and RUNTIME.wake_serving is not None:
             # AdapterDeployments waiting for this job are not polled often: its news wakes them
             RUNTIME.wake_serving(namespace, RUNTIME.children.serving(namespace, name))

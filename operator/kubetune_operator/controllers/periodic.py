@@ -44,7 +44,7 @@ async def requeue_owned() -> None:
     if client is None or finetunejob.RUNTIME.scheduler is None:
         return
     kinds = ((kube.FINETUNEJOBS, finetunejob.RUNTIME.scheduler,
-              lambda o: schedule.finetunejob_next((o.get("status") or {}).get("phase"), 0.0).cls),
+              lambda o: schedule.finetunejob_next((o.get("status") or {}).get("phase"), 0.0, True).cls),
              (adapterdeployment.ADAPTERDEPLOYMENTS, adapterdeployment.RUNTIME.scheduler,
               lambda o: schedule.SERVING))
     for resource, scheduler, cls_of in kinds:

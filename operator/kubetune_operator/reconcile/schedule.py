@@ -66,12 +66,16 @@ def delay(after: Next, members: int, budgets: Budgets) -> float | None:
     return period(after.seconds, members, budgets.of(after.cls))
 
 
-def finetunejob_next(phase: str | None, requeue_after: float | None) -> Next:
-    """A FineTuneJob's class from the phase its pass left: finished jobs are not polled, running ones read
-    their progress, the rest wait on what is watched."""
+def finetunejob_next(phase: str | None, requeue_after: float | None, reads_progress: bool = False,
+                     resync_seconds: float | None = None) -> Next:
+    """A FineTuneJob's class from the pass it just had: finished jobs are not polled; one whose running
+    workload's progress.json the pass read is polled for it; every other one waits on what is watched
+    (its workloads' events), and is re-read only as a safety net every `resync_seconds`."""
     if phase in ftj.TERMINAL or requeue_after is None:
         return Next(None)
-    return Next(PROGRESS if phase in ftj.ACTIVE else WAITING, requeue_after)
+    if reads_progress:
+        return Next(PROGRESS, requeue_after)
+    return Next(WAITING, max(requeue_after, resync_seconds or 0.0))
 
 
 def waits_on_finetunejobs(status: dict) -> bool:
