@@ -109,11 +109,11 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
     kw = {"registry": registry} if registry is not None else {}
 
     @kopf.index("", "v1", "configmaps", id=CONFIG_MAPS, labels={render.LABEL_JOB: kopf.PRESENT}, **kw)
-    def finetunejob_config_maps(namespace, labels, meta, **_):
+    async def finetunejob_config_maps(namespace, labels, meta, **_):
         return {(namespace, labels[render.LABEL_JOB]): {"metadata": metadata_view(meta)}}
 
     @kopf.index(api.GROUP, api.VERSION, "adapterdeployments", id=ADAPTERDEPLOYMENTS, **kw)
-    def adapterdeployments_by_finetunejob(namespace, name, spec, **_):
+    async def adapterdeployments_by_finetunejob(namespace, name, spec, **_):
         refs = {((a.get("source") or {}).get("fineTuneJobRef") or {}).get("name")
                 for a in spec.get("adapters") or [] if isinstance(a, dict)}
         return {(namespace, ref): name for ref in refs if isinstance(ref, str)}
@@ -124,6 +124,6 @@ def register(registry: kopf.OperatorRegistry | None = None) -> None:
 
 
 def _workload_indexer(kind: str):
-    def workloads_by_finetunejob(namespace, labels, body, **_):
+    async def workloads_by_finetunejob(namespace, labels, body, **_):
         return {(namespace, labels[render.LABEL_JOB]): workload_view(kind, body)}
     return workloads_by_finetunejob
