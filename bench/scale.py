@@ -107,7 +107,7 @@ async def run_size(n_jobs: int, n_adeps: int, args, s3_endpoint: str, keys: tupl
     result: dict = {"jobs": n_jobs, "adapterdeployments": n_adeps, "namespaces": len(namespaces),
                     "load_before": load_average()}
     with open(work / f"emulator-{n_jobs}.log", "wb") as emulator_log:
-        emulator = await EmulatorProcess.start(emulator_log, args.keep_history)
+        emulator = await EmulatorProcess.start(emulator_log, args.keep_history, args.keep_versions)
     client = kube.KubeClient(emulator.url, timeout=120)
     try:
         await populate(emulator, client, namespaces, keys)
@@ -131,7 +131,7 @@ async def run_size(n_jobs: int, n_adeps: int, args, s3_endpoint: str, keys: tupl
                                  work / f"metrics-{n_jobs}-settled.txt")
             state = await emulator.call("state")
             result["pytorchjobs"], result["duplicate_child_creates"] = state["pytorchjobs"], state["duplicates"]
-            result["emulator_objects"] = state["objects"]
+            result["emulator_objects"], result["emulator_object_versions"] = state["objects"], state["object_versions"]
             result.update(run.bench_memory())
             result["load_after"] = load_average()
         finally:
@@ -388,7 +388,8 @@ async def main_async(args) -> int:
     report = {"settings": {"sizes": args.sizes, "namespaces": args.namespaces, "concurrency": args.concurrency,
                            "probes": args.probes, "probe_rate": args.probe_rate, "settle_s": args.settle,
                            "timeout_s": args.timeout, "cpus": os.cpu_count(),
-                           "kmock_keeps_history": args.keep_history, "all_namespaces": args.all_namespaces},
+                           "kmock_keeps_history": args.keep_history,
+                           "kmock_keeps_versions": args.keep_versions, "all_namespaces": args.all_namespaces},
               "results": results, "ratio_largest_vs_smallest": report_.ratios(results)}
     print(report_.table(results))
     if report["ratio_largest_vs_smallest"]:
@@ -420,6 +421,8 @@ def main() -> int:
                         help="run the operator with --all-namespaces instead of one --namespace per namespace")
     parser.add_argument("--keep-history", action="store_true",
                         help="let kmock keep every request (its routing then costs O(requests so far) per request)")
+    parser.add_argument("--keep-versions", action="store_true",
+                        help="let kmock keep every version of every object (memory grows with every write)")
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (operator and emulator logs)")
     args = parser.parse_args()

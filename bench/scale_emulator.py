@@ -24,6 +24,7 @@ from kubetune.api import serving  # noqa: E402
 from kubetune_testing.emulator import declare_resources  # noqa: E402
 from kubetune_testing.served_requests import ForgetfulEmulator  # noqa: E402
 
+WRITES = (kmock.action.CREATE, kmock.action.UPDATE)  # POST and PATCH: what the operator and kopf write
 STREAM_LIMIT = 1 << 30  # a latencies answer at 10,000 jobs is a few hundred KiB on one line
 
 
@@ -41,6 +42,7 @@ class CountingEmulator(ForgetfulEmulator):
         self.parent_seen: dict[tuple[str, str, str], float] = {}  # (plural, ns, name) -> POST arrived
         self.children: dict[tuple[str, str, str], dict[str, float]] = collections.defaultdict(dict)
         self.duplicates: list[str] = []
+        self.forget_versions = True
 
     async def _handle(self, request: kmock.Request):
         plural = request.resource.plural if request.resource is not None else "-"
@@ -54,6 +56,8 @@ class CountingEmulator(ForgetfulEmulator):
             self.parent_seen.setdefault((plural, request.namespace or meta.get("namespace"), meta.get("name")),
                                         time.monotonic())
         response = await super()._handle(request)
+        if self.forget_versions and request.action in WRITES and response.status < 400:
+            self.forget_old_versions(request)
         if request.action == kmock.action.CREATE and isinstance(request.data, dict) and response.status < 400:
             meta = request.data.get("metadata") or {}
             for owner in meta.get("ownerReferences") or []:
@@ -63,6 +67,20 @@ class CountingEmulator(ForgetfulEmulator):
                     self.duplicates.append(child)
                 self.children[key][child] = time.monotonic()
         return response
+
+    def forget_old_versions(self, request: kmock.Request) -> None:
+        """Keeps only an object's current version, as an API server does once etcd compacts: kmock keeps
+        every version of every object (the bench reads none), memory that grows with every write and so
+        with the settle's length, not only with the objects."""
+        name = request.name
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            name = (request.data.get("metadata") or {}).get("name") or name
+        key = (request.resource, request.namespace, name)
+        if key not in self.objects:  # kmock's ObjectsArray has no get()
+            return
+        stored = self.objects[key]
+        if not stored.deleted and len(stored.history) > 1:
+            del stored.history[:-1]
 
 
 def first_child(job_name: str) -> str:
@@ -125,17 +143,20 @@ def answer(k8s: CountingEmulator, sets: dict[str, Expected], command: dict) -> d
         return {"counts": [[verb, plural, count] for (verb, plural), count in k8s.counts.items()]}
     if op == "state":
         pytorchjobs = sum(1 for key, obj in k8s.objects.items() if key[0].plural == "pytorchjobs" and not obj.deleted)
-        return {"duplicates": k8s.duplicates[:10], "pytorchjobs": pytorchjobs, "objects": len(k8s.objects)}
+        versions = sum(len(obj.history) for obj in k8s.objects.values())
+        return {"duplicates": k8s.duplicates[:10], "pytorchjobs": pytorchjobs, "objects": len(k8s.objects),
+                "object_versions": versions}
     raise ValueError(f"unknown command op {op!r} (line: {json.dumps(command)[:200]})")
 
 
-async def serve(keep_history: bool) -> None:
+async def serve(keep_history: bool, keep_versions: bool) -> None:
     CountingEmulator.forget_served = not keep_history
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader(limit=STREAM_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     sets: dict[str, Expected] = {}
     async with CountingEmulator() as k8s, kmock.Server(k8s):
+        k8s.forget_versions = not keep_versions
         declare_resources(k8s)
         print(json.dumps({"url": str(k8s.url), "pid": os.getpid()}), flush=True)
         while line := await stdin.readline():
@@ -153,8 +174,9 @@ class EmulatorProcess:
         self.process, self.url, self.lock = process, url, asyncio.Lock()
 
     @classmethod
-    async def start(cls, log_file, keep_history: bool) -> EmulatorProcess:
-        args = [sys.executable, str(Path(__file__).resolve())] + (["--keep-history"] if keep_history else [])
+    async def start(cls, log_file, keep_history: bool, keep_versions: bool) -> EmulatorProcess:
+        args = [sys.executable, str(Path(__file__).resolve())]
+        args += (["--keep-history"] if keep_history else []) + (["--keep-versions"] if keep_versions else [])
         process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
             limit=STREAM_LIMIT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -188,4 +210,4 @@ class EmulatorProcess:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(keep_history="--keep-history" in sys.argv[1:]))
+    asyncio.run(serve(keep_history="--keep-history" in sys.argv[1:], keep_versions="--keep-versions" in sys.argv[1:]))
