@@ -122,7 +122,7 @@ async def run_size(n_jobs: int, n_adeps: int, args, s3_endpoint: str, keys: tupl
             await run.measure(client, args, s3_endpoint, namespaces, result)
             if operator.process.returncode is None:
                 await scrape(session, operator.metrics_port, result, "", work / f"metrics-{n_jobs}.txt")
-            if args.probes > 0 and operator.process.returncode is None:
+            if args.probes > 0 and result["converged"] and operator.process.returncode is None:  # the others wait
                 await run.probe(client, args, s3_endpoint, namespaces, result)
             if args.settle > 0 and operator.process.returncode is None:
                 await run.settle(args.settle, n_jobs + result.get("probes", 0), result)

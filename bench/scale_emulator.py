@@ -94,6 +94,8 @@ class Expected:
     def __init__(self, jobs: list[list[str]], adeps: list[list[str]]):
         self.jobs = [tuple(job) for job in jobs]  # (namespace, name)
         self.adeps = [tuple(adep) for adep in adeps]  # (namespace, name, job)
+        # the parents still missing a child: the bench asks 4 times a second, over 11,000 parents at 10,000
+        self.waiting_jobs, self.waiting_adeps = list(self.jobs), list(self.adeps)
 
     def adep_children(self, k8s: CountingEmulator, namespace: str, name: str) -> list[float]:
         """Creation times of an AdapterDeployment's Deployment and desired-state ConfigMap (what it has)."""
@@ -102,8 +104,13 @@ class Expected:
                 if child.startswith("Deployment/") or child == config_map]
 
     def missing(self, k8s: CountingEmulator) -> int:
-        left = sum(1 for ns, name in self.jobs if first_child(name) not in k8s.children["FineTuneJob", ns, name])
-        return left + sum(2 - min(2, len(self.adep_children(k8s, ns, name))) for ns, name, _ in self.adeps)
+        """Children not created yet (one per FineTuneJob, two per AdapterDeployment)."""
+        self.waiting_jobs = [(ns, name) for ns, name in self.waiting_jobs
+                             if first_child(name) not in k8s.children["FineTuneJob", ns, name]]
+        adep_missing = {adep: 2 - min(2, len(self.adep_children(k8s, adep[0], adep[1])))
+                        for adep in self.waiting_adeps}
+        self.waiting_adeps = [adep for adep, count in adep_missing.items() if count]
+        return len(self.waiting_jobs) + sum(adep_missing.values())
 
     def latencies(self, k8s: CountingEmulator) -> dict:
         """Per parent, its POST arriving -> its child's POST answered; and the last such child."""
