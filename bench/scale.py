@@ -1,7 +1,8 @@
 """Scale: N FineTuneJobs and N/10 AdapterDeployments against the emulator, the operator as a real process.
 
-    .venv/bin/python bench/scale.py --sizes 100 300 1000 --out /tmp/scale.json   # several minutes
-    .venv/bin/python bench/scale.py --sizes 5 --settle 1 --out /tmp/scale.json  # smoke, < 30 s
+    .venv/bin/python bench/scale.py --out /tmp/scale.json            # 1,000 / 3,000 / 10,000: the issue 19 run
+    .venv/bin/python bench/scale.py --sizes 100 300 --out /tmp/s.json  # a few minutes
+    .venv/bin/python bench/scale.py --sizes 5 --probes 3 --settle 1   # smoke, < 40 s
 Exits 1 when a size does not converge within `--timeout`. What is measured: BENCHMARKS.md ("Scale")."""
 
 from __future__ import annotations
@@ -25,81 +26,16 @@ for _src in (REPO_ROOT / "operator", REPO_ROOT / "testing"):
         sys.path.insert(0, str(_src))
 
 import aiohttp  # noqa: E402
-import kmock  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-from common import load_average  # noqa: E402  (bench/, on sys.path)
-from kubetune.api import serving  # noqa: E402
+import scale_report as report_  # noqa: E402  (bench/, on sys.path)
+from common import load_average  # noqa: E402
 from kubetune.clients import kube  # noqa: E402
 from kubetune_operator.controllers.adapterdeployment import ADAPTERDEPLOYMENTS  # noqa: E402
 from kubetune_testing import operator_process, seaweedfs  # noqa: E402
-from kubetune_testing.emulator import declare_resources  # noqa: E402
 from kubetune_testing.factories import adapterdeployment, finetunejob  # noqa: E402
-from kubetune_testing.served_requests import ForgetfulEmulator  # noqa: E402
-
-
-class CountingEmulator(ForgetfulEmulator):
-    """The emulator, plus: every request counted by verb and resource, and when each kubetune child was
-    created (keyed by its owner), so convergence is timed where it happens, with no extra requests.
-
-    A served request is forgotten (ForgetfulEmulator): with kmock's whole history kept, at 30
-    FineTuneJobs 165 of the 190 CPU seconds of this process went to kmock's filtering and a FineTuneJob
-    waited 60 s for its PyTorchJob (--keep-history brings that back)."""
-
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self.counts: collections.Counter = collections.Counter()
-        self.parent_seen: dict[tuple[str, str, str], float] = {}  # (kind, ns, name) -> POST arrived
-        self.children: dict[tuple[str, str, str], dict[str, float]] = collections.defaultdict(dict)
-        self.duplicates: list[str] = []
-
-    async def _handle(self, request: kmock.Request):
-        plural = request.resource.plural if request.resource is not None else "-"
-        action = request.action.name if request.action is not None else request.method.name
-        if action == "LIST" and request.params.get("watch") in ("true", "1"):
-            action = "WATCH"
-        self.counts[action, plural] += 1
-        if request.action == kmock.action.CREATE and isinstance(request.data, dict) and plural in (
-                "finetunejobs", "adapterdeployments"):
-            meta = request.data.get("metadata") or {}
-            self.parent_seen.setdefault((plural, request.namespace or meta.get("namespace"), meta.get("name")),
-                                        time.monotonic())
-        response = await super()._handle(request)
-        if request.action == kmock.action.CREATE and isinstance(request.data, dict) and response.status < 400:
-            meta = request.data.get("metadata") or {}
-            for owner in meta.get("ownerReferences") or []:
-                key = (owner.get("kind"), meta.get("namespace"), owner.get("name"))
-                child = f"{request.data.get('kind') or plural}/{meta.get('name')}"
-                if child in self.children[key]:
-                    self.duplicates.append(child)
-                self.children[key][child] = time.monotonic()
-        return response
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def histogram_quantile(text: str, name: str, q: float) -> tuple[float | None, int]:
-    """Prometheus' histogram_quantile over a text exposition: (quantile, count of observations)."""
-    buckets = []
-    for le, value in re.findall(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M):
-        buckets.append((float("inf") if le == "+Inf" else float(le), float(value)))
-    if not buckets or buckets[-1][1] == 0:
-        return None, 0
-    total = buckets[-1][1]
-    rank, lower, below = q * total, 0.0, 0.0
-    for upper, cumulative in buckets:
-        if cumulative >= rank:
-            if upper == float("inf"):
-                return lower, int(total)
-            return lower + (upper - lower) * (rank - below) / max(cumulative - below, 1e-9), int(total)
-        lower, below = upper, cumulative
-    return lower, int(total)
+from scale_emulator import EmulatorProcess  # noqa: E402
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -131,9 +67,10 @@ async def scrape(session: aiohttp.ClientSession, port: int, result: dict, prefix
     keep.write_text(text)
     for kind, metric in (("FineTuneJob", "kubetune_finetunejob_reconcile_seconds"),
                          ("AdapterDeployment", "kubetune_adapterdeployment_reconcile_seconds")):
-        p50, count = histogram_quantile(text, metric, 0.5)
-        p99, _ = histogram_quantile(text, metric, 0.99)
-        result[f"{prefix}{kind}_reconcile_p50_s"], result[f"{prefix}{kind}_reconcile_p99_s"] = _round(p50), _round(p99)
+        p50, count = report_.histogram_quantile(text, metric, 0.5)
+        p99, _ = report_.histogram_quantile(text, metric, 0.99)
+        result[f"{prefix}{kind}_reconcile_p50_s"] = report_.rounded(p50)
+        result[f"{prefix}{kind}_reconcile_p99_s"] = report_.rounded(p99)
         result[f"{prefix}{kind}_reconciles"] = count
     errors = 0
     for value in re.findall(r"^kubetune_\w+_reconcile_errors_total (\S+)$", text, re.M):
@@ -169,47 +106,49 @@ async def run_size(n_jobs: int, n_adeps: int, args, s3_endpoint: str, keys: tupl
     adeps = [(ns, f"serve-{i}", job) for i, (ns, job) in enumerate(jobs[:n_adeps])]
     result: dict = {"jobs": n_jobs, "adapterdeployments": n_adeps, "namespaces": len(namespaces),
                     "load_before": load_average()}
-    async with CountingEmulator() as k8s, kmock.Server(k8s):
-        declare_resources(k8s)
-        client = kube.KubeClient(str(k8s.url), timeout=120)
-        await populate(k8s, client, namespaces, keys)
-        kubeconfig = write_kubeconfig(work / f"kubeconfig-{n_jobs}", str(k8s.url))
+    with open(work / f"emulator-{n_jobs}.log", "wb") as emulator_log:
+        emulator = await EmulatorProcess.start(emulator_log, args.keep_history, args.keep_versions)
+    client = kube.KubeClient(emulator.url, timeout=120)
+    try:
+        await populate(emulator, client, namespaces, keys)
+        kubeconfig = write_kubeconfig(work / f"kubeconfig-{n_jobs}", emulator.url)
         log_path = work / f"operator-{n_jobs}.log"
         with open(log_path, "wb") as log_file:
             operator = await start_operator(args, namespaces, kubeconfig, s3_endpoint, log_file)
-        process, metrics_port = operator.process, operator.metrics_port
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         try:
             await wait_healthy(operator, log_path)
-            run = Measured(k8s, process, s3_pid, jobs, adeps)
-            await run.converge(client, args, s3_endpoint, result)
-            run.record_costs(result)
-            run.record_latencies(result)
-            if process.returncode is None:
-                await scrape(session, metrics_port, result, "", work / f"metrics-{n_jobs}.txt")
-            if args.settle > 0 and process.returncode is None:
-                await run.settle(args.settle, result)
-                if process.returncode is None:
-                    await scrape(session, metrics_port, result, "settled_", work / f"metrics-{n_jobs}-settled.txt")
-            pytorchjobs = [k for k in k8s.objects if k[0].plural == "pytorchjobs" and not k8s.objects[k].deleted]
-            result["pytorchjobs"] = len(pytorchjobs)
-            result["duplicate_child_creates"] = k8s.duplicates[:10]
+            run = Measured(emulator, operator.process, s3_pid, jobs, adeps)
+            await run.measure(client, args, s3_endpoint, namespaces, result)
+            if operator.process.returncode is None:
+                await scrape(session, operator.metrics_port, result, "", work / f"metrics-{n_jobs}.txt")
+            if args.probes > 0 and result["converged"] and operator.process.returncode is None:  # the others wait
+                await run.probe(client, args, s3_endpoint, namespaces, result)
+            if args.settle > 0 and operator.process.returncode is None:
+                await run.settle(args.settle, n_jobs + result.get("probes", 0), result)
+                if operator.process.returncode is None:
+                    await scrape(session, operator.metrics_port, result, "settled_",
+                                 work / f"metrics-{n_jobs}-settled.txt")
+            state = await emulator.call("state")
+            result["pytorchjobs"], result["duplicate_child_creates"] = state["pytorchjobs"], state["duplicates"]
+            result["emulator_objects"], result["emulator_object_versions"] = state["objects"], state["object_versions"]
+            result.update(run.bench_memory())
             result["load_after"] = load_average()
         finally:
             await session.close()
             await operator.stop(grace=60)
-            await client.close()
-        result["operator_exit"] = process.returncode
+        result["operator_exit"] = operator.process.returncode
         result.update(log_counts(log_path))
+    finally:
+        await client.close()
+        await emulator.stop()
     return result
 
 
-async def populate(k8s: CountingEmulator, client: kube.KubeClient, namespaces: list[str],
+async def populate(emulator: EmulatorProcess, client: kube.KubeClient, namespaces: list[str],
                    keys: tuple[str, str]) -> None:
     """The namespaces, each with the `s3-creds` Secret the jobs name."""
-    for namespace in namespaces:  # KMock's HTTP side cannot create cluster-scoped objects
-        k8s.objects[kmock.resource("", "v1", "namespaces"), None, namespace] = {
-            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+    await emulator.call("namespaces", names=namespaces)
     for namespace in namespaces:
         await client.create(kube.SECRETS, {
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": namespace},
@@ -260,40 +199,62 @@ def log_counts(log_path: Path) -> dict:
             "log_first_error": next((line[:400] for line in log_lines[:stop] if is_error(line)), None)}
 
 
-def first_child(job_name: str) -> str:
-    """A FineTuneJob's first workload: its CPU data stage (`<job>-data`), created before any GPU stage."""
-    return f"PyTorchJob/{job_name}-data"
+class CpuClock:
+    """CPU seconds of each process of a run, and of the whole machine (`busy`: every core's non-idle time,
+    so that other engineers' processes show as `others`)."""
+
+    def __init__(self, processes: dict[str, psutil.Process]):
+        self.processes, self.last = processes, {}
+
+    def sample(self) -> dict[str, float]:
+        for name, process in self.processes.items():
+            try:
+                self.last[name] = cpu_seconds(process)
+            except psutil.NoSuchProcess:  # it died: its last figure stays
+                self.last.setdefault(name, 0.0)
+        machine = psutil.cpu_times()
+        self.last["busy"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0) - getattr(
+            machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)  # guest time is in user already
+        return dict(self.last)
 
 
 class Measured:
     """One size's run once the operator is up: the baselines taken before the creates, and what is
     measured from them."""
 
-    def __init__(self, k8s: CountingEmulator, process: asyncio.subprocess.Process, s3_pid: int,
+    def __init__(self, emulator: EmulatorProcess, process: asyncio.subprocess.Process, s3_pid: int,
                  jobs: list[tuple[str, str]], adeps: list[tuple[str, str, str]]):
-        self.k8s, self.process, self.jobs, self.adeps = k8s, process, jobs, adeps
+        self.emulator, self.process, self.jobs, self.adeps = emulator, process, jobs, adeps
         self.proc = psutil.Process(process.pid)
         self.idle_rss = proc_status(process.pid)["VmRSS"]
-        self.cpu_before = sum(self.proc.cpu_times()[:2])
-        self.me, self.s3_process = psutil.Process(), psutil.Process(s3_pid)
-        self.me_before, self.s3_before = cpu_seconds(self.me), cpu_seconds(self.s3_process)
-        self.requests_before = sum(k8s.counts.values())
-        self.counts_before = collections.Counter(k8s.counts)
+        self.clock = CpuClock({"operator": self.proc, "emulator": psutil.Process(emulator.process.pid),
+                               "client": psutil.Process(), "s3": psutil.Process(s3_pid)})
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
 
     @property
     def objects(self) -> int:
         return len(self.jobs) + len(self.adeps)
 
-    def missing(self) -> int:
-        k8s = self.k8s
-        left = sum(1 for ns, name in self.jobs if first_child(name) not in k8s.children["FineTuneJob", ns, name])
-        for ns, name, _ in self.adeps:
-            have = k8s.children["AdapterDeployment", ns, name]
-            left += (f"Deployment/{name}" not in have and not any(c.startswith("Deployment/") for c in have))
-            left += f"ConfigMap/{serving.desired_config_map_name(name)}" not in have
-        return left
+    async def measure(self, client: kube.KubeClient, args, s3_endpoint: str, namespaces: list[str],
+                      result: dict) -> None:
+        """The bulk: create, converge, and what it cost."""
+        await self.emulator.call("expect", set="bulk", jobs=self.jobs, adeps=self.adeps)
+        counts_before, cpu_before = await self.emulator.requests(), self.clock.sample()
+        t0 = time.monotonic()
+        await self.converge(client, args, s3_endpoint, t0, result)
+        cpu_after = self.clock.sample()
+        wall = time.monotonic() - t0
+        self.record_costs(result, counts_before, await self.emulator.requests(), cpu_before, cpu_after, wall)
+        latencies = await self.emulator.call("latencies", set="bulk")
+        if result["converged"] and latencies["last_child"] is not None:  # the last child, not when it was noticed
+            result["converge_s"] = round(latencies["last_child"] - t0, 3)
+        result["converge_s_per_object"] = round(result["converge_s"] / max(self.objects, 1), 5)
+        record_latencies(latencies, "", result)
 
-    async def converge(self, client: kube.KubeClient, args, s3_endpoint: str, result: dict) -> None:
+    async def converge(self, client: kube.KubeClient, args, s3_endpoint: str, t0: float, result: dict) -> None:
         """Create everything, as fast as the client can, and wait until every child exists."""
         semaphore = asyncio.Semaphore(args.concurrency)
 
@@ -301,136 +262,111 @@ class Measured:
             async with semaphore:
                 await client.create(resource, doc)
 
-        t0 = time.monotonic()
         creations = [create(kube.FINETUNEJOBS, job_doc(name, ns, s3_endpoint)) for ns, name in self.jobs]
         creations += [create(ADAPTERDEPLOYMENTS, adep_doc(name, ns, job)) for ns, name, job in self.adeps]
         create_task = asyncio.gather(*creations)
-        converged = False
-        while True:
+        converged, missing = False, None
+        while self.alive:
             await asyncio.sleep(0.25)
-            if self.process.returncode is not None:
-                break
             if create_task.done() and "create_s" not in result:
                 create_task.result()  # raises if a create failed
                 result["create_s"] = round(time.monotonic() - t0, 3)
-            if create_task.done() and self.missing() == 0:
+            missing = (await self.emulator.call("missing", set="bulk"))["missing"]
+            if create_task.done() and missing == 0:
                 converged = True
                 break
             if time.monotonic() - t0 > args.timeout:
                 break
-        done_at = time.monotonic()
         if not create_task.done():
             create_task.cancel()
-        result["converged"] = converged
-        result["missing"] = self.missing()
-        result["converge_s"] = round(done_at - t0, 3)
-        # the last child's creation time, not when this loop noticed it
-        child_times = [t for key, children in self.k8s.children.items()
-                       if key[0] in ("FineTuneJob", "AdapterDeployment") for t in children.values()]
-        if converged and child_times:
-            result["converge_s"] = round(max(child_times) - t0, 3)
-        result["converge_s_per_object"] = round(result["converge_s"] / max(self.objects, 1), 5)
+        result["converged"], result["missing"] = converged, missing
+        result["converge_s"] = round(time.monotonic() - t0, 3)
 
-    def record_costs(self, result: dict) -> None:
-        """CPU, memory and API requests from the baselines to now."""
-        alive = self.process.returncode is None
-        result["operator_alive"] = alive
-        status = proc_status(self.process.pid) if alive else {}
-        result["cpu_s"] = round(sum(self.proc.cpu_times()[:2]) - self.cpu_before, 2) if alive else None
-        result["emulator_cpu_s"] = round(cpu_seconds(self.me) - self.me_before, 2)  # this process: emulator + client
-        result["s3_cpu_s"] = round(cpu_seconds(self.s3_process) - self.s3_before, 2)
+    def record_costs(self, result: dict, counts_before: collections.Counter, counts_after: collections.Counter,
+                     cpu_before: dict, cpu_after: dict, wall: float) -> None:
+        """CPU (seconds and cores, per process), memory and API requests of the bulk."""
+        status = proc_status(self.process.pid) if self.alive else {}
+        result["operator_alive"] = self.alive
+        for name, key in (("operator", "cpu_s"), ("emulator", "emulator_cpu_s"), ("client", "client_cpu_s"),
+                          ("s3", "s3_cpu_s"), ("busy", "machine_busy_cpu_s")):
+            result[key] = round(cpu_after[name] - cpu_before[name], 2)
+        result["converge_cores"] = report_.cpu_shares(cpu_before, cpu_after, wall)
+        result["limited_by"] = report_.limited_by(result["converge_cores"], os.cpu_count() or 1)
         result["rss_idle_mib"] = round(self.idle_rss / 1024, 1)
         result["rss_peak_mib"] = round(status.get("VmHWM", 0) / 1024, 1)
         result["rss_after_mib"] = round(status.get("VmRSS", 0) / 1024, 1)
         result["rss_kib_per_object"] = round((status.get("VmRSS", self.idle_rss) - self.idle_rss)
                                              / max(self.objects, 1), 1)
-        counts = self.k8s.counts - self.counts_before
-        requests = sum(self.k8s.counts.values()) - self.requests_before
+        counts = counts_after - counts_before
         by_verb = collections.Counter()
         for (verb, _plural), count in counts.items():
             by_verb[verb] += count
-        result["requests"] = requests
-        result["requests_per_object"] = round(requests / max(self.objects, 1), 2)
+        result["requests"] = sum(counts.values())
+        result["requests_per_object"] = round(result["requests"] / max(self.objects, 1), 2)
         result["requests_by_verb"] = dict(by_verb.most_common())
         result["requests_by_resource"] = {f"{v} {p}": c for (v, p), c in counts.most_common(12)}
 
-    def record_latencies(self, result: dict) -> None:
-        """Per object, the parent's POST arriving -> its child's POST answered (emulator side)."""
-        k8s = self.k8s
-        latencies = {"FineTuneJob": [], "AdapterDeployment": []}
-        for ns, name in self.jobs:
-            created = k8s.children["FineTuneJob", ns, name].get(first_child(name))
-            if created is not None and ("finetunejobs", ns, name) in k8s.parent_seen:
-                latencies["FineTuneJob"].append(created - k8s.parent_seen["finetunejobs", ns, name])
-        for ns, name, _ in self.adeps:
-            have = k8s.children["AdapterDeployment", ns, name]
-            times = [t for c, t in have.items() if c.startswith("Deployment/")
-                     or c == f"ConfigMap/{serving.desired_config_map_name(name)}"]
-            if len(times) >= 2 and ("adapterdeployments", ns, name) in k8s.parent_seen:
-                latencies["AdapterDeployment"].append(max(times) - k8s.parent_seen["adapterdeployments", ns, name])
-        for kind, values in latencies.items():
-            result[f"{kind}_child_latency_p50_s"] = _round(percentile(values, 0.5))
-            result[f"{kind}_child_latency_p99_s"] = _round(percentile(values, 0.99))
+    async def probe(self, client: kube.KubeClient, args, s3_endpoint: str, namespaces: list[str],
+                    result: dict) -> None:
+        """With every bulk job waiting (its timers running), new FineTuneJobs at a steady rate, spread over
+        the namespaces: how long the create path takes behind the timer load."""
+        probes = [(namespaces[i % len(namespaces)], f"probe-{i}") for i in range(args.probes)]
+        await self.emulator.call("expect", set="probes", jobs=probes)
+        cpu_before, t0, creates = self.clock.sample(), time.monotonic(), []
+        for index, (ns, name) in enumerate(probes):
+            await asyncio.sleep(max(0.0, t0 + index / args.probe_rate - time.monotonic()))
+            creates.append(asyncio.create_task(client.create(kube.FINETUNEJOBS, job_doc(name, ns, s3_endpoint))))
+        await asyncio.gather(*creates)
+        missing = len(probes)
+        while self.alive and time.monotonic() - t0 < len(probes) / args.probe_rate + args.probe_timeout:
+            if (missing := (await self.emulator.call("missing", set="probes"))["missing"]) == 0:
+                break
+            await asyncio.sleep(0.1)
+        result["probes"], result["probe_missing"], result["probe_rate"] = len(probes), missing, args.probe_rate
+        result["probe_s"] = round(time.monotonic() - t0, 2)
+        result["probe_cores"] = report_.cpu_shares(cpu_before, self.clock.sample(), time.monotonic() - t0)
+        record_latencies(await self.emulator.call("latencies", set="probes"), "probe_", result)
 
-    async def settle(self, seconds: float, result: dict) -> None:
-        """Steady state: the per-object timers alone."""
-        before, cpu0, t1 = sum(self.k8s.counts.values()), sum(self.proc.cpu_times()[:2]), time.monotonic()
-        me0 = cpu_seconds(self.me)
+    async def settle(self, seconds: float, unfinished_jobs: int, result: dict) -> None:
+        """Steady state: the per-object timers alone, per 1,000 unfinished (all Pending) jobs."""
+        counts_before, cpu_before, t1 = await self.emulator.requests(), self.clock.sample(), time.monotonic()
         await asyncio.sleep(seconds)
-        if self.process.returncode is None:
-            elapsed = time.monotonic() - t1
-            result["settle_s"] = round(elapsed, 1)
-            result["settle_requests_per_s"] = round((sum(self.k8s.counts.values()) - before) / elapsed, 1)
-            result["settle_operator_cpu_share"] = round((sum(self.proc.cpu_times()[:2]) - cpu0) / elapsed, 2)
-            result["settle_emulator_cpu_share"] = round((cpu_seconds(self.me) - me0) / elapsed, 2)
-            result["rss_settled_mib"] = round(proc_status(self.process.pid)["VmRSS"] / 1024, 1)
+        if not self.alive:
+            return
+        counts, elapsed = await self.emulator.requests() - counts_before, time.monotonic() - t1
+        cores = report_.cpu_shares(cpu_before, self.clock.sample(), elapsed)
+        per_1000 = 1000 / max(unfinished_jobs, 1)
+        result["settle_s"], result["settle_unfinished_jobs"] = round(elapsed, 1), unfinished_jobs
+        result["settle_requests_per_s"] = round(sum(counts.values()) / elapsed, 1)
+        result["settle_requests_by_resource"] = {f"{verb} {plural}": round(count / elapsed, 2)
+                                                 for (verb, plural), count in counts.most_common(8)}
+        result["settle_cores"] = cores
+        result["settle_operator_cpu_share"], result["settle_emulator_cpu_share"] = cores["operator"], cores["emulator"]
+        result["settle_requests_per_s_per_1000_jobs"] = round(result["settle_requests_per_s"] * per_1000, 1)
+        result["settle_operator_cores_per_1000_jobs"] = round(cores["operator"] * per_1000, 3)
+        result["rss_settled_mib"] = round(proc_status(self.process.pid)["VmRSS"] / 1024, 1)
+        result["rss_peak_mib"] = round(proc_status(self.process.pid)["VmHWM"] / 1024, 1)
+
+    def bench_memory(self) -> dict:
+        """Peak RSS of the emulator's process and of this one (the client), in MiB."""
+        out = {}
+        for name, pid in (("emulator", self.emulator.process.pid), ("client", os.getpid())):
+            try:
+                out[f"{name}_rss_peak_mib"] = round(proc_status(pid)["VmHWM"] / 1024, 1)
+            except FileNotFoundError:
+                out[f"{name}_rss_peak_mib"] = None
+        return out
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
-
-
-COLUMNS = [("jobs", "FTJ"), ("adapterdeployments", "ADep"), ("create_s", "create s"), ("converge_s", "converge s"),
-           ("converge_s_per_object", "s/obj"), ("FineTuneJob_child_latency_p50_s", "FTJ->PJ p50"),
-           ("FineTuneJob_child_latency_p99_s", "FTJ->PJ p99"), ("AdapterDeployment_child_latency_p99_s", "AD->Dep p99"),
-           ("FineTuneJob_reconcile_p50_s", "rec p50"), ("FineTuneJob_reconcile_p99_s", "rec p99"),
-           ("FineTuneJob_reconciles", "FTJ passes"),
-           ("settled_AdapterDeployment_reconcile_p50_s", "AD rec p50"),
-           ("settled_AdapterDeployment_reconcile_p99_s", "AD rec p99"),
-           ("rss_idle_mib", "RSS idle"), ("rss_peak_mib", "RSS peak"),
-           ("rss_after_mib", "RSS after"), ("rss_kib_per_object", "KiB/obj"), ("cpu_s", "CPU s"),
-           ("emulator_cpu_s", "emu CPU s"),
-           ("requests", "requests"), ("requests_per_object", "req/obj"), ("settle_requests_per_s", "settle req/s"),
-           ("settle_operator_cpu_share", "settle CPU"), ("settle_emulator_cpu_share", "settle emu CPU")]
-
-
-def table(results: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for result in results:
-        lines.append("| " + " | ".join("" if result.get(key) is None else str(result.get(key))
-                                       for key, _ in COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def ratios(results: list[dict]) -> dict | None:
-    if len(results) < 2:
-        return None
-    small, large = results[0], results[-1]
-    out = {"sizes": [small["jobs"], large["jobs"]], "objects": round(large["jobs"] / max(small["jobs"], 1), 2)}
-    extra = large["jobs"] + large["adapterdeployments"] - small["jobs"] - small["adapterdeployments"]
-    if extra > 0 and large.get("rss_after_mib") and small.get("rss_after_mib"):  # marginal memory per object
-        out["marginal_rss_kib_per_object"] = round((large["rss_after_mib"] - small["rss_after_mib"]) * 1024 / extra, 1)
-    for key in ("converge_s", "converge_s_per_object", "cpu_s", "emulator_cpu_s", "requests", "requests_per_object",
-                "rss_after_mib",
-                "rss_peak_mib", "FineTuneJob_child_latency_p50_s", "FineTuneJob_child_latency_p99_s",
-                "FineTuneJob_reconcile_p50_s", "FineTuneJob_reconcile_p99_s", "settle_requests_per_s"):
-        if small.get(key) and large.get(key) is not None:
-            out[key] = round(large[key] / small[key], 2)
-    return out
+def record_latencies(latencies: dict, prefix: str, result: dict) -> None:
+    """p50/p99 of the parent's POST arriving -> its child's POST answered (emulator side)."""
+    for kind in ("FineTuneJob", "AdapterDeployment"):
+        if latencies[kind] or kind == "FineTuneJob" or not prefix:
+            result[f"{prefix}{kind}_child_latency_p50_s"] = report_.rounded(report_.percentile(latencies[kind], 0.5))
+            result[f"{prefix}{kind}_child_latency_p99_s"] = report_.rounded(report_.percentile(latencies[kind], 0.99))
 
 
 async def main_async(args) -> int:
-    CountingEmulator.forget_served = not args.keep_history
     work = Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
     weed = start_s3(work)
     keys = (seaweedfs.ACCESS_KEY, seaweedfs.SECRET_KEY)
@@ -448,11 +384,14 @@ async def main_async(args) -> int:
         weed.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    report_.add_slopes(results)
     report = {"settings": {"sizes": args.sizes, "namespaces": args.namespaces, "concurrency": args.concurrency,
-                           "settle_s": args.settle, "timeout_s": args.timeout, "cpus": os.cpu_count(),
-                           "kmock_keeps_history": args.keep_history, "all_namespaces": args.all_namespaces},
-              "results": results, "ratio_largest_vs_smallest": ratios(results)}
-    print(table(results))
+                           "probes": args.probes, "probe_rate": args.probe_rate, "settle_s": args.settle,
+                           "timeout_s": args.timeout, "cpus": os.cpu_count(),
+                           "kmock_keeps_history": args.keep_history,
+                           "kmock_keeps_versions": args.keep_versions, "all_namespaces": args.all_namespaces},
+              "results": results, "ratio_largest_vs_smallest": report_.ratios(results)}
+    print(report_.table(results))
     if report["ratio_largest_vs_smallest"]:
         print("ratio largest/smallest:", json.dumps(report["ratio_largest_vs_smallest"]))
     if args.out:
@@ -466,19 +405,29 @@ async def main_async(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000], help="FineTuneJobs per run")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000], help="FineTuneJobs per run")
     parser.add_argument("--adeps", type=int, default=None, help="AdapterDeployments per run (default: size/10, >= 1)")
     parser.add_argument("--namespaces", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=16, help="creates in flight")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a size may take to converge")
-    parser.add_argument("--settle", type=float, default=20, help="seconds to measure the steady load after")
+    parser.add_argument("--probes", type=int, default=50,
+                        help="FineTuneJobs created after convergence, while the others wait (0: none)")
+    parser.add_argument("--probe-rate", type=float, default=5.0, help="probe creates per second")
+    parser.add_argument("--probe-timeout", type=float, default=120,
+                        help="seconds the probes may take after the last is created")
+    parser.add_argument("--settle", type=float, default=30,
+                        help="seconds to measure the steady load after (30: one resync period of a Pending job)")
     parser.add_argument("--all-namespaces", action="store_true",
                         help="run the operator with --all-namespaces instead of one --namespace per namespace")
     parser.add_argument("--keep-history", action="store_true",
                         help="let kmock keep every request (its routing then costs O(requests so far) per request)")
+    parser.add_argument("--keep-versions", action="store_true",
+                        help="let kmock keep every version of every object (memory grows with every write)")
     parser.add_argument("--out", help="write the JSON report here")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (operator logs)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (operator and emulator logs)")
     args = parser.parse_args()
+    if args.probe_rate <= 0:
+        parser.error(f"--probe-rate must be > 0 (got {args.probe_rate})")
     return asyncio.run(main_async(args))
 
 

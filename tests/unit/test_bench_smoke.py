@@ -113,13 +113,16 @@ def test_generative_drift_smoke(tmp_path: Path):
 
 def test_scale_smoke(tmp_path: Path):
     out = tmp_path / "scale.json"
-    _run("scale.py", "--sizes", "5", "--adeps", "1", "--namespaces", "2", "--settle", "1", "--timeout", "60",
-         "--out", str(out), timeout=120)
+    _run("scale.py", "--sizes", "5", "--adeps", "1", "--namespaces", "2", "--probes", "3", "--probe-rate", "20",
+         "--settle", "1", "--timeout", "60", "--out", str(out), timeout=120)
     report = json.loads(out.read_text())
     [result] = report["results"]
     assert (result["jobs"], result["adapterdeployments"], result["namespaces"]) == (5, 1, 2)
     assert result["converged"] and result["missing"] == 0 and result["converge_s"] > 0
-    assert result["pytorchjobs"] == 5 and result["duplicate_child_creates"] == []  # one PyTorchJob per job
+    assert result["pytorchjobs"] == 5 + 3 and result["duplicate_child_creates"] == []  # one per job and probe
+    assert result["probe_missing"] == 0 and result["probe_FineTuneJob_child_latency_p99_s"] > 0
+    assert result["limited_by"] and set(result["converge_cores"]) >= {"operator", "emulator", "client", "s3"}
+    assert result["settle_unfinished_jobs"] == 5 + 3 and result["settle_requests_per_s_per_1000_jobs"] is not None
     assert result["operator_alive"] and result["operator_exit"] == 0 and result["reconcile_errors"] == 0
     assert result["FineTuneJob_child_latency_p50_s"] > 0 and result["AdapterDeployment_child_latency_p99_s"] > 0
     assert result["FineTuneJob_reconciles"] >= 5 and result["FineTuneJob_reconcile_p99_s"] > 0
