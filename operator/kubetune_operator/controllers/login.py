@@ -1,6 +1,7 @@
 """The operator's API login, one function for kopf's `@kopf.on.login` and for our `KubeClient`'s
 credentials provider, so both follow rotated tokens: in a cluster the projected ServiceAccount token
-re-read, outside it a kubeconfig through kubernetes_asyncio (exec plugins, tokenFile, OIDC).
+re-read, outside it a kubeconfig: read here when it names only a server, a CA file, a token (file) or a
+client certificate; through kubernetes_asyncio otherwise (exec plugins, OIDC, inline data).
 docs/operations.md "API credentials".
 """
 
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 import kopf
+import yaml
 
 from kubetune.clients import credentials, kube
 
@@ -46,10 +48,56 @@ async def login(source: Source) -> kopf.ConnectionInfo:
     return await _kubeconfig_login(kubeconfig or os.path.expanduser("~/.kube/config"), source.context)
 
 
+# What a kubeconfig may hold for this module to read it itself; anything else goes to kubernetes_asyncio,
+# whose client package alone is ~40 MiB of memory (all the API's models) that such logins never need.
+_STATIC_USER = {"token", "tokenFile", "client-certificate", "client-key", "username", "password"}
+_STATIC_CLUSTER = {"server", "certificate-authority", "insecure-skip-tls-verify"}
+
+
+def _named(entries: object, name: object) -> dict | None:
+    found = [e for e in entries or [] if isinstance(e, dict) and e.get("name") == name] if isinstance(
+        entries, list) else []
+    return found[0] if found and isinstance(found[0], dict) else None
+
+
+def static_kubeconfig(path: str, context: str | None) -> dict | None:
+    """kopf.ConnectionInfo's fields from one kubeconfig file that needs no plugin, inline data or merge;
+    None: leave it to kubernetes_asyncio (which also gives the errors). Paths in it are relative to its
+    directory, as client-go resolves them; a token file is re-read on every login (rotation)."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+        ctx = (_named(doc.get("contexts"), context or doc.get("current-context")) or {}).get("context") or {}
+        cluster = (_named(doc.get("clusters"), ctx.get("cluster")) or {}).get("cluster")
+        user = (_named(doc.get("users"), ctx.get("user")) or {}).get("user")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(cluster, dict) or not isinstance(user, dict) or not cluster.get("server") \
+            or set(cluster) - _STATIC_CLUSTER or set(user) - _STATIC_USER:
+        return None
+    base = Path(path).parent
+
+    def local(value: object) -> str | None:
+        return str(base / value) if isinstance(value, str) and value else None
+
+    try:
+        token = user.get("token") or (Path(local(user["tokenFile"])).read_text().strip() if "tokenFile" in user
+                                      else None)
+    except OSError:
+        return None
+    return {"server": cluster["server"], "ca_path": local(cluster.get("certificate-authority")),
+            "insecure": bool(cluster.get("insecure-skip-tls-verify")), "token": token or None,
+            "certificate_path": local(user.get("client-certificate")),
+            "private_key_path": local(user.get("client-key")), "username": user.get("username"),
+            "password": user.get("password"), "default_namespace": ctx.get("namespace")}
+
+
 async def _kubeconfig_login(paths: str, context: str | None) -> kopf.ConnectionInfo:
     """Each call loads the kubeconfig anew, so an exec plugin runs again (kopf's own
     `login_via_async_client` does the same through the global configuration; this keeps the plugin's
     expirationTimestamp, which it drops)."""
+    static = None if os.pathsep in paths else static_kubeconfig(paths, context)
+    if static is not None:
+        return kopf.ConnectionInfo(**static)
     try:
         from kubernetes_asyncio import client as k8s_client
         from kubernetes_asyncio import config as k8s_config

@@ -35,6 +35,11 @@ def configure(settings: kopf.OperatorSettings, *, standalone: bool = True) -> No
     settings.background.instant_exit_timeout = 1.0
     settings.background.cancellation_polling = 2
     settings.networking.request_timeout = 60
+    # At most this many objects are processed at once (a burst of creations queues instead of running
+    # thousands of passes side by side: their transient memory stayed as the process's RSS high-water),
+    # and an idle object's worker exits after a second to free its slot (kopf's default: 5 s).
+    settings.batching.worker_limit = 64
+    settings.batching.idle_timeout = 1.0
 
 
 def register_all(registry: kopf.OperatorRegistry | None = None) -> None:
