@@ -84,10 +84,10 @@ class Clock:
         return self.now
 
 
-def _scheduler(clock, concurrency=4, passes=None):
+def _scheduler(clock, concurrency=4, passes=None, budgets=None):
     async def run_pass(namespace, name):
         passes.append((namespace, name))
-    return Scheduler("FineTuneJob", run_pass, Budgets(progress=2.0, waiting=1.0, rolling=1.0, serving=1.0),
+    return Scheduler("FineTuneJob", run_pass, budgets or Budgets(progress=2.0, waiting=1.0, rolling=1.0, serving=1.0),
                      concurrency=concurrency, clock=clock)
 
 
@@ -109,7 +109,7 @@ def test_the_scheduler_backs_off_as_members_join_and_forgets_finished_objects():
 
 def test_due_passes_are_taken_oldest_first_a_few_at_a_time_and_only_if_owned(monkeypatch):
     clock = Clock()
-    s = _scheduler(clock, concurrency=2, passes=[])
+    s = _scheduler(clock, concurrency=2, passes=[], budgets=Budgets(100.0, 100.0, 100.0, 100.0))
     for i, seconds in enumerate((5.0, 1.0, 3.0)):
         s.after_pass(("ns", f"j{i}"), Next(PROGRESS, seconds))
     assert s.take_due() == []
@@ -187,7 +187,7 @@ async def test_however_many_are_due_only_a_few_periodic_passes_run_at_once():
         await release.wait()
         running -= 1
 
-    s = Scheduler("FineTuneJob", run_pass, Budgets(), concurrency=4)
+    s = Scheduler("FineTuneJob", run_pass, Budgets(waiting=10_000.0), concurrency=4)
     for i in range(100):
         s.after_pass(("ns", f"j{i}"), Next(WAITING, 0.0, deadline=True))
     loop = asyncio.create_task(s.run())
@@ -201,3 +201,19 @@ async def test_however_many_are_due_only_a_few_periodic_passes_run_at_once():
     loop.cancel()
     await asyncio.gather(loop, return_exceptions=True)
     assert most == 4 and len(s) == 0
+
+
+def test_a_backlog_of_overdue_passes_starts_at_its_class_budget_not_at_once():
+    clock = Clock()
+    s = _scheduler(clock, concurrency=1000, passes=[], budgets=Budgets(progress=5.0, waiting=2.0))
+    for i in range(50):
+        s.after_pass(("ns", f"w{i}"), Next(WAITING, 1.0, deadline=True))
+        s.after_pass(("ns", f"p{i}"), Next(PROGRESS, 1.0, deadline=True))
+    clock.now += 100  # all 100 overdue (an operator busy creating, say)
+    first = s.take_due()
+    assert sorted(c for _, c in first) == [PROGRESS] * 5 + [WAITING] * 2  # one second's worth each
+    assert s.take_due() == []  # nothing more until the buckets refill
+    clock.now += 1.0
+    assert sorted(c for _, c in s.take_due()) == [PROGRESS] * 5 + [WAITING] * 2
+    clock.now += 0.5
+    assert sorted(c for _, c in s.take_due()) == [PROGRESS] * 2 + [WAITING]  # 2.5 and 1 tokens

@@ -1,8 +1,9 @@
 """The periodic passes of one kind, in one queue per process instead of one kopf timer per object.
 
-Every pass (from any trigger) tells the scheduler what it needs next (`reconcile.schedule.Next`); due
-passes run at most `concurrency` at a time, so that event-driven passes (a new object's first pass) never
-queue behind them. Memory per object: one entry. docs/scale.md says why.
+Every pass (from any trigger) tells the scheduler what it needs next (`reconcile.schedule.Next`). Due
+passes start at most at each class's budget of passes per second (a token bucket: a backlog of overdue
+passes drains at that rate, not at once) and run at most `concurrency` at a time, so that event-driven
+passes (a new object's first pass) never queue behind them. docs/scale.md says why.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 
 from kubetune_operator.reconcile import schedule
@@ -35,7 +36,8 @@ class Scheduler:
         self.budgets = budgets or schedule.Budgets()
         self.concurrency = concurrency
         self._due: dict[Key, tuple[float, str]] = {}  # key -> (due, class)
-        self._heap: list[tuple[float, int, Key]] = []
+        self._heaps: dict[str, list[tuple[float, int, Key]]] = defaultdict(list)  # one per class
+        self._tokens: dict[str, tuple[float, float]] = {}  # class -> (passes it may start now, as of when)
         self._seq = itertools.count()
         self._members: Counter = Counter()  # class -> objects in it
         self._in_flight: set[Key] = set()
@@ -84,7 +86,7 @@ class Scheduler:
 
     def _put(self, key: Key, cls: str, due: float) -> None:
         self._due[key] = (due, cls)
-        heapq.heappush(self._heap, (due, next(self._seq), key))
+        heapq.heappush(self._heaps[cls], (due, next(self._seq), key))
         self._wake.set()
 
     def _drop(self, key: Key) -> None:
@@ -92,26 +94,50 @@ class Scheduler:
         if entry is not None:
             self._members[entry[1]] -= 1  # its heap item is skipped when it comes up
 
+    def _tokens_now(self, cls: str, now: float) -> float:
+        """Passes the class may start now: refilled at its budget per second, at most one second's worth."""
+        budget = self.budgets.of(cls)
+        if budget <= 0:
+            return float("inf")
+        tokens, when = self._tokens.get(cls, (max(1.0, budget), now))
+        tokens = min(max(1.0, budget), tokens + (now - when) * budget)
+        self._tokens[cls] = (tokens, now)
+        return tokens
+
     def take_due(self) -> list[tuple[Key, str]]:
-        """Pop the keys whose time has come (owned, not already running), oldest first, with their class."""
+        """Pop the keys whose time has come (owned, not already running) within their class's budget,
+        oldest first, with their class."""
         now, taken = self.clock(), []
-        while self._heap and self._heap[0][0] <= now and len(self._in_flight) + len(taken) < self.concurrency:
-            due, _, key = heapq.heappop(self._heap)
-            entry = self._due.get(key)
-            if entry is None or entry[0] != due or key in self._in_flight:
-                continue  # superseded by a later pass, forgotten, or running now (it reschedules itself)
-            self._drop(key)
-            if OWNERSHIP.owns(*key):
-                taken.append((key, entry[1]))
-        if len(self._heap) > 4 * len(self._due) + 1024:  # superseded items: keep the heap bounded
-            self._heap = [(d, s, k) for d, s, k in self._heap if self._due.get(k, (None,))[0] == d]
-            heapq.heapify(self._heap)
+        for cls in sorted(self._heaps, key=lambda c: self._heaps[c][0][0] if self._heaps[c] else float("inf")):
+            heap = self._heaps[cls]
+            while heap and heap[0][0] <= now and len(self._in_flight) + len(taken) < self.concurrency:
+                due, _, key = heap[0]
+                if self._due.get(key) != (due, cls) or key in self._in_flight:
+                    heapq.heappop(heap)  # superseded by a later pass, forgotten, or running (it reschedules)
+                    continue
+                if self._tokens_now(cls, now) < 1:
+                    break  # this class has spent its budget for now
+                heapq.heappop(heap)
+                tokens, when = self._tokens[cls]
+                self._tokens[cls] = (tokens - 1, when)
+                self._drop(key)
+                if OWNERSHIP.owns(*key):
+                    taken.append((key, cls))
+            if len(heap) > 4 * self._members[cls] + 1024:  # superseded items: keep the heap bounded
+                self._heaps[cls] = [(d, q, k) for d, q, k in heap if self._due.get(k) == (d, cls)]
+                heapq.heapify(self._heaps[cls])
         return taken
 
     def _next_wait(self) -> float:
-        if not self._heap or len(self._in_flight) >= self.concurrency:
+        if len(self._in_flight) >= self.concurrency:
             return 60.0
-        return max(0.0, self._heap[0][0] - self.clock())
+        now, waits = self.clock(), [60.0]
+        for cls, heap in self._heaps.items():
+            if heap:
+                tokens = self._tokens_now(cls, now)
+                refill = 0.0 if tokens >= 1 else (1 - tokens) / self.budgets.of(cls)
+                waits.append(max(heap[0][0] - now, refill))
+        return max(0.0, min(waits))
 
     async def _run_one(self, key: Key, cls: str) -> None:
         try:

@@ -24,7 +24,7 @@ class Budgets:
     """Passes per second each class may cost in all (`kubetune operator --poll-budget` is their total)."""
 
     progress: float = 25.0
-    waiting: float = 10.0
+    waiting: float = 5.0
     rolling: float = 15.0
     serving: float = 5.0
 
