@@ -414,7 +414,7 @@ class K8sEmulator(IndexedStore, kmock.KubernetesEmulator):
     async def _collect_garbage(self, owner_uid: str) -> None:
         """The garbage collector's background propagation: delete every object that names the
         deleted one in its ownerReferences, then their dependents."""
-        for key in self.objects.index.dependents(owner_uid):
+        for key in self._dependents(owner_uid):
             resource, obj = key[0], self.objects[key]
             if obj.deleted:
                 continue
@@ -427,6 +427,10 @@ class K8sEmulator(IndexedStore, kmock.KubernetesEmulator):
                 await self._buses[resource].put({'type': 'DELETED', 'object': raw})
             if meta.get('uid'):
                 await self._collect_garbage(meta['uid'])
+
+    def _dependents(self, owner_uid: str) -> list:
+        """The keys of the objects that may name `owner_uid` as an owner (checked again by the caller)."""
+        return list(self.objects.index.dependents(owner_uid))
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         result = await super()._serve_list(request)

@@ -16,16 +16,5 @@ class ScanningEmulator(K8sEmulator):
     _KubernetesEmulator__get_objs = kmock.KubernetesEmulator._KubernetesEmulator__get_objs
     _get_resources = kmock.KubernetesEmulator._get_resources
 
-    async def _collect_garbage(self, owner_uid: str) -> None:
-        for (resource, _, _), obj in list(self.objects.items()):
-            if obj.deleted:
-                continue
-            meta = obj.get('metadata', {}) or {}
-            if not any(ref.get('uid') == owner_uid for ref in meta.get('ownerReferences') or []):
-                continue
-            async with self._lock:
-                raw = obj.raw
-                obj.delete()
-                await self._buses[resource].put({'type': 'DELETED', 'object': raw})
-            if meta.get('uid'):
-                await self._collect_garbage(meta['uid'])
+    def _dependents(self, owner_uid: str) -> list:
+        return list(self.objects)  # every stored object, as the scanning collector read them

@@ -115,22 +115,28 @@ def apply_settings(args: argparse.Namespace, storage_setting: storage_location.S
 def run(args: argparse.Namespace, storage_setting: storage_location.StorageLocation) -> int:
     configure_logging(args.verbose)
     apply_settings(args, storage_setting)
-    register_all()
+    # A plain registry: kopf's default one probes for the Kubernetes client libraries to add fallback
+    # logins, importing kubernetes_asyncio (~40 MiB) although kubetune's own login handles every case.
+    registry = kopf.OperatorRegistry()
+    register_all(registry)
     if args.shards > 1:
-        sharding.register_finalizer_keepers()
+        sharding.register_finalizer_keepers(registry)
 
-    provider = login.register()  # kopf's login and the reconcilers' client: credentials that follow rotation
+    # kopf's login and the reconcilers' client: credentials that follow rotation
+    provider = login.register(registry)
 
     start_http_server(args.metrics_port)
     if not args.namespace and not args.all_namespaces:
         raise SystemExit("choose the scope: --all-namespaces, or --namespace NS (repeatable)")
-    asyncio.run(_operate(args, provider))
+    asyncio.run(_operate(args, provider, registry))
     return 0
 
 
-async def _operate(args: argparse.Namespace, provider: credentials.CredentialsProvider) -> None:
+async def _operate(args: argparse.Namespace, provider: credentials.CredentialsProvider,
+                   registry: kopf.OperatorRegistry) -> None:
     async with sharding.holding(args, provider):  # --shards > 1: this replica's share (docs/sharding.md)
         await kopf.operator(
+            registry=registry,
             clusterwide=args.all_namespaces,
             namespaces=tuple(args.namespace or ()),  # kopf iterates it: None crashed --all-namespaces at start-up
             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
