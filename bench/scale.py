@@ -122,13 +122,15 @@ async def run_size(n_jobs: int, n_adeps: int, args, s3_endpoint: str, keys: tupl
             await run.measure(client, args, s3_endpoint, namespaces, result)
             if operator.process.returncode is None:
                 await scrape(session, operator.metrics_port, result, "", work / f"metrics-{n_jobs}.txt")
-            if args.probes > 0 and result["converged"] and operator.process.returncode is None:  # the others wait
-                await run.probe(client, args, s3_endpoint, namespaces, result)
             if args.settle > 0 and operator.process.returncode is None:
-                await run.settle(args.settle, n_jobs + result.get("probes", 0), result)
+                await run.settle(args.settle, n_jobs, result)
                 if operator.process.returncode is None:
                     await scrape(session, operator.metrics_port, result, "settled_",
                                  work / f"metrics-{n_jobs}-settled.txt")
+            # the others wait (Pending, their periodic passes due): after the settle, so that the probes
+            # measure the create path beside the steady load, not beside the burst's trailing events
+            if args.probes > 0 and result["converged"] and operator.process.returncode is None:
+                await run.probe(client, args, s3_endpoint, namespaces, result)
             state = await emulator.call("state")
             result["pytorchjobs"], result["duplicate_child_creates"] = state["pytorchjobs"], state["duplicates"]
             result["emulator_objects"], result["emulator_object_versions"] = state["objects"], state["object_versions"]
