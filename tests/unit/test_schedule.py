@@ -217,3 +217,15 @@ def test_a_backlog_of_overdue_passes_starts_at_its_class_budget_not_at_once():
     assert sorted(c for _, c in s.take_due()) == [PROGRESS] * 5 + [WAITING] * 2
     clock.now += 0.5
     assert sorted(c for _, c in s.take_due()) == [PROGRESS] * 2 + [WAITING]  # 2.5 and 1 tokens
+
+
+def test_a_failed_pass_of_any_trigger_is_retried_unless_already_queued():
+    clock = Clock()
+    s = _scheduler(clock, passes=[])
+    s.retry(("ns", "new"), WAITING)  # its first pass (kopf's create handler) failed: no entry yet
+    assert s.due_in(("ns", "new")) == 5.0  # no period known yet for the class: 5 s
+    s.after_pass(("ns", "other"), Next(WAITING, 0.5))
+    s.retry(("ns", "again"), WAITING)
+    assert s.due_in(("ns", "again")) == 0.5  # the class's period, at least 0.5 s
+    s.retry(("ns", "other"), WAITING)
+    assert s.due_in(("ns", "other")) == 2.0 and s.members(WAITING) == 3  # queued already: unchanged

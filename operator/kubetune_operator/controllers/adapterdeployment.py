@@ -297,7 +297,12 @@ async def reconcile(namespace: str, name: str) -> None:
 
 
 async def _reconcile_logged(namespace: str, name: str) -> None:
-    await reconcile_or_retry(reconcile, namespace, name, metrics.ADEP_RECONCILE_ERRORS)
+    try:
+        await reconcile_or_retry(reconcile, namespace, name, metrics.ADEP_RECONCILE_ERRORS)
+    except kopf.TemporaryError:
+        if RUNTIME.scheduler is not None:  # whatever triggered it, the scheduler tries again
+            RUNTIME.scheduler.retry((namespace, name), schedule.ROLLING)
+        raise
 
 
 def wake(namespace: str, names: list[str]) -> None:

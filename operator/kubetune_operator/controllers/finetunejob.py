@@ -251,7 +251,12 @@ def _owner_name(body: dict) -> str | None:
 
 
 async def _reconcile_logged(namespace: str, name: str) -> None:
-    await reconcile_or_retry(reconcile, namespace, name, metrics.RECONCILE_ERRORS)
+    try:
+        await reconcile_or_retry(reconcile, namespace, name, metrics.RECONCILE_ERRORS)
+    except kopf.TemporaryError:
+        if RUNTIME.scheduler is not None:  # whatever triggered it, the scheduler tries again
+            RUNTIME.scheduler.retry((namespace, name), schedule.WAITING)
+        raise
 
 
 def owned(namespace, name, **_) -> bool:

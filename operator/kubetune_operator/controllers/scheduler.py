@@ -81,6 +81,13 @@ class Scheduler:
         self._members[cls] += 1
         self._put(key, cls, self.clock())
 
+    def retry(self, key: Key, cls: str) -> None:
+        """A pass of any trigger failed: try again after the class's period (0.5-5 s) unless it is queued.
+        kopf retries its own handlers too, but not when writing its retry state failed as well."""
+        if key not in self._due:
+            self._members[cls] += 1
+            self._put(key, cls, self.clock() + min(5.0, max(0.5, self._base.get(cls, 5.0))))
+
     def forget(self, key: Key) -> None:
         self._drop(key)
 
@@ -148,9 +155,7 @@ class Scheduler:
             self.errors += 1
             log.warning("periodic pass failed", extra={"kind": self.kind, "namespace": key[0], "object": key[1],
                                                        "error": str(exc)})
-            if key not in self._due:
-                self._members[cls] += 1
-                self._put(key, cls, self.clock() + min(5.0, max(0.5, self._base.get(cls, 5.0))))
+            self.retry(key, cls)
         finally:
             self._in_flight.discard(key)
             self._wake.set()
