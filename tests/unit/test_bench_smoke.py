@@ -122,7 +122,7 @@ def test_scale_smoke(tmp_path: Path):
     assert result["pytorchjobs"] == 5 + 3 and result["duplicate_child_creates"] == []  # one per job and probe
     assert result["probe_missing"] == 0 and result["probe_FineTuneJob_child_latency_p99_s"] > 0
     assert result["limited_by"] and set(result["converge_cores"]) >= {"operator", "emulator", "client", "s3"}
-    assert result["settle_unfinished_jobs"] == 5 + 3 and result["settle_requests_per_s_per_1000_jobs"] is not None
+    assert result["settle_unfinished_jobs"] == 5 and result["settle_requests_per_s_per_1000_jobs"] is not None
     assert result["operator_alive"] and result["operator_exit"] == 0 and result["reconcile_errors"] == 0
     assert result["FineTuneJob_child_latency_p50_s"] > 0 and result["AdapterDeployment_child_latency_p99_s"] > 0
     assert result["FineTuneJob_reconciles"] >= 5 and result["FineTuneJob_reconcile_p99_s"] > 0
