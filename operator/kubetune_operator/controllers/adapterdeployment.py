@@ -297,12 +297,12 @@ async def reconcile(namespace: str, name: str) -> None:
 
 
 async def _reconcile_logged(namespace: str, name: str) -> None:
-    try:
-        await reconcile_or_retry(reconcile, namespace, name, metrics.ADEP_RECONCILE_ERRORS)
-    except kopf.TemporaryError:
-        if RUNTIME.scheduler is not None:  # whatever triggered it, the scheduler tries again
-            RUNTIME.scheduler.retry((namespace, name), schedule.ROLLING)
-        raise
+    await reconcile_or_retry(reconcile, namespace, name, metrics.ADEP_RECONCILE_ERRORS, _retry)
+
+
+def _retry(key: tuple[str, str]) -> None:
+    if RUNTIME.scheduler is not None:  # whatever triggered the failed pass, the scheduler tries again
+        RUNTIME.scheduler.retry(key, schedule.ROLLING)
 
 
 def wake(namespace: str, names: list[str]) -> None:

@@ -251,12 +251,12 @@ def _owner_name(body: dict) -> str | None:
 
 
 async def _reconcile_logged(namespace: str, name: str) -> None:
-    try:
-        await reconcile_or_retry(reconcile, namespace, name, metrics.RECONCILE_ERRORS)
-    except kopf.TemporaryError:
-        if RUNTIME.scheduler is not None:  # whatever triggered it, the scheduler tries again
-            RUNTIME.scheduler.retry((namespace, name), schedule.WAITING)
-        raise
+    await reconcile_or_retry(reconcile, namespace, name, metrics.RECONCILE_ERRORS, _retry)
+
+
+def _retry(key: tuple[str, str]) -> None:
+    if RUNTIME.scheduler is not None:  # whatever triggered the failed pass, the scheduler tries again
+        RUNTIME.scheduler.retry(key, schedule.WAITING)
 
 
 def owned(namespace, name, **_) -> bool:
