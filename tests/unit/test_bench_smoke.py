@@ -159,3 +159,16 @@ def test_emulator_list_smoke(tmp_path: Path):
     for side in ("indexed", "kmock_scan"):
         assert set(result[side]) == {"list_ns_label_us", "get_us", "create_us"}
         assert all(us > 0 for us in result[side].values()), result
+
+
+def test_quality_smoke(tmp_path: Path):
+    """The CLINC150 side by side on 2 lines per intent: the PEFT script and kubetune both train and score
+    the same test split; kubetune derived its settings and pooled as MiniLM was trained."""
+    _run("quality.py", "--runs", "baseline", "kubetune", "--per-intent", "2", "--baseline-epochs", "1",
+         "--set", "training.maxSteps=6", "--out", str(tmp_path), timeout=600)
+    report = json.loads((tmp_path / "quality.json").read_text())
+    for name in ("baseline", "kubetune"):
+        assert 0 <= report[name]["accuracy"] <= 1 and report[name]["wall_seconds"] > 0, report[name]
+    kubetune = report["kubetune"]
+    assert kubetune["pooling"] == "mean" and kubetune["steps"] == 6
+    assert {"learningRate", "headLearningRate", "perDeviceBatchSize"} <= set(kubetune["derived"])

@@ -69,7 +69,7 @@ def test_validate_reports_field_paths(tmp_path, capsys):
     assert cli.main(["validate", "-f", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "spec.method.quantization: method.quantization is required when method.type is QLoRA" in err
-    assert "spec.training: training: set exactly one of training.epochs or training.maxSteps" in err
+    assert "spec.training: training: set at most one of training.epochs or training.maxSteps" in err
 
 
 def test_render_refuses_an_invalid_job(tmp_path, capsys):
@@ -78,7 +78,7 @@ def test_render_refuses_an_invalid_job(tmp_path, capsys):
     doc["spec"]["training"]["epochs"] = 1
     bad.write_text(yaml.safe_dump(doc))
     assert cli.main(["render", "-f", str(bad)]) == 2
-    assert "exactly one of training.epochs or training.maxSteps" in capsys.readouterr().err
+    assert "at most one of training.epochs or training.maxSteps" in capsys.readouterr().err
 
 
 def test_generate_check_passes_on_the_committed_tree():
@@ -107,7 +107,7 @@ def test_the_invalid_example_is_refused_with_field_paths(capsys):
     assert cli.main(["validate", "-f", str(REPO_ROOT / "examples" / "invalid" / "finetunejob-qlora-broken.yaml")]) == 2
     err = capsys.readouterr().err
     assert "spec.method.quantization: method.quantization is required when method.type is QLoRA" in err
-    assert "spec.training: training: set exactly one of training.epochs or training.maxSteps" in err
+    assert "spec.training: training: set at most one of training.epochs or training.maxSteps" in err
 
 
 def test_a_traffic_file_that_is_not_utf8_is_one_line(tmp_path):

@@ -167,7 +167,7 @@ def test_trial_spec_is_the_job_at_one_rank_short_and_plain():
     assert out["training"]["epochs"] == 0.5
     for key in ("maxSteps", "earlyStopping", "evalSteps"):
         assert key not in out["training"]
-    assert out["training"]["learningRate"] == spec["training"]["learningRate"]
+    assert out["training"].get("learningRate") == spec["training"].get("learningRate")
     assert out["baseline"] == {"enabled": False, "forceTraining": False}
     assert out["output"]["mergeAdapter"] is False
     assert out["output"]["uri"] == "s3://adapters/x"

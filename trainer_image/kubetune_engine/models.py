@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .pooling import ARCHITECTURE, use_pooling
+from .pooling import MODES as POOLING_MODES
 from .vllm_api import (
     FIDELITIES,
     VLLM,
@@ -71,7 +73,7 @@ def detect_task(model_dir: Path) -> str:
 class Instance:
     """One base model in memory and the adapters attached to it."""
 
-    key: tuple  # (task, the adapters' label list or None for the base's own head)
+    key: tuple  # (task, the adapters' label list or None for the base's own head, the head's pooling)
     task: str
     labels: tuple[str, ...] | None  # classification: class names in id order
     raw: torch.nn.Module  # the transformers model (peft injects its layers into it in place)
@@ -167,8 +169,8 @@ class ModelHost:
                 tokenizer_max if isinstance(tokenizer_max, int) and tokenizer_max < 1_000_000 else 2048)
         elif limits:
             self.max_model_len = min(self.max_model_len, limits[0])
-        self.default_key = (self.task, None)
-        self._instance(self.task, None)
+        self.default_key = (self.task, None, None)
+        self._instance(*self.default_key)
         log.info("base model loaded", extra={"model": str(self.model_dir), "task": self.task,
                                              "max_model_len": self.max_model_len,
                                              "labels": list(self.default.labels or [])})
@@ -177,9 +179,10 @@ class ModelHost:
     def default(self) -> Instance:
         return self.instances[self.default_key]
 
-    def _instance(self, task: str, labels: tuple[str, ...] | None) -> Instance:
-        """The instance for (task, labels), created on first use; `labels=None`: the base's own head."""
-        key = (task, labels)
+    def _instance(self, task: str, labels: tuple[str, ...] | None, pooling: str | None) -> Instance:
+        """The instance for (task, labels, pooling), created on first use; `labels=None`: the base's own
+        head (pooling as its config's `kubetune_pooling` says, when a merged kubetune model has one)."""
+        key = (task, labels, pooling)
         if key in self.instances:
             return self.instances[key]
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -195,6 +198,7 @@ class ModelHost:
                 id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
         model.eval()
         if task == CLASSIFICATION:
+            use_pooling(model, pooling if labels is not None else getattr(model.config, "kubetune_pooling", None))
             if model.config.pad_token_id is None and self.tokenizer.pad_token_id is not None:
                 model.config.pad_token_id = self.tokenizer.pad_token_id
             labels = tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels))
@@ -220,14 +224,14 @@ class ModelHost:
         if not (directory / ADAPTER_CONFIG).is_file():
             raise no_adapter_found(name, path)
         adapter_config = self._adapter_config(name, directory)
-        labels = self._labels(name, directory)
+        labels, pooling = self._head(name, directory)
         task = CLASSIFICATION if labels is not None or adapter_config.get("task_type") == "SEQ_CLS" else CAUSAL_LM
         if self.requested_task != "auto" and task != self.task:
             raise bad_request(f"Loading lora {name} failed: it is a {task} adapter and this engine serves "
                               f"{self.task} (--task {self.requested_task}).")
         internal = f"a{self._next_internal}"
         self._next_internal += 1
-        adapter = Adapter(name, internal, path, task, adapter_rank(adapter_config), labels, (task, labels),
+        adapter = Adapter(name, internal, path, task, adapter_rank(adapter_config), labels, (task, labels, pooling),
                           int(time.time()))
         self._make_resident(adapter)
         with self._registry:
@@ -297,10 +301,11 @@ class ModelHost:
         return config
 
     @staticmethod
-    def _labels(name: str, directory: Path) -> tuple[str, ...] | None:
+    def _head(name: str, directory: Path) -> tuple[tuple[str, ...] | None, str | None]:
+        """A classification adapter's class names and pooling (labels.json); (None, None) for a causal one."""
         path = directory / LABELS_FILE
         if not path.exists():
-            return None
+            return None, None
         try:
             document = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -309,7 +314,11 @@ class ModelHost:
         if not isinstance(labels, list) or len(labels) < 1 or not all(isinstance(x, str) for x in labels) \
                 or len(set(labels)) != len(labels):
             raise bad_request(f"Loading lora {name} failed: {path} must be {{\"labels\": [distinct names]}}")
-        return tuple(labels)
+        pooling = document.get("pooling")
+        if pooling not in (None, ARCHITECTURE, *POOLING_MODES):
+            raise bad_request(f"Loading lora {name} failed: {path}: pooling {pooling!r} is not one of "
+                              f"{', '.join((ARCHITECTURE, *POOLING_MODES))}")
+        return tuple(labels), pooling
 
     def _attach(self, instance: Instance, internal: str, directory: Path) -> None:
         from peft import PeftConfig, PeftModelForCausalLM, PeftModelForSequenceClassification
@@ -350,7 +359,7 @@ class ModelHost:
         keep = [a for a in self.listing() if a.instance == instance.key and a.internal in instance.adapters]
         if not keep and instance.key != self.default_key:
             return
-        fresh = self._instance(instance.task, instance.key[1])
+        fresh = self._instance(*instance.key)
         for adapter in keep:
             self._attach(fresh, adapter.internal, Path(adapter.path))
 

@@ -202,8 +202,10 @@ def load_reference_model(reference: Reference, model_dir: Path, spec: dict, *, p
     if reference_method is not None and reference_method.publishes_adapter:
         from peft import PeftModel
 
+        # the reference's head pools as it was trained (manifests before pooling was recorded: the architecture's)
+        pooling = (reference.manifest.get("head") or {}).get("pooling") if labels else None
         base = modeling.load_model(model_dir, spec, precision=precision, num_labels=len(labels) or None,
-                                   label_ids=ids, device=device)
+                                   label_ids=ids, device=device, pooling=pooling)
         model = PeftModel.from_pretrained(base, str(reference.directory), is_trainable=False)
     else:
         model = modeling.load_model(reference.directory, spec, precision=precision, num_labels=len(labels) or None,

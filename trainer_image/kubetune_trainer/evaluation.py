@@ -54,66 +54,95 @@ class Scorer:
         (self.deepspeed or self.module).train(mode)
 
 
-@torch.no_grad()
-def evaluate(runner: StepRunner, examples: list[text.Example], *, task: str, batch_size: int, pad_id: int,
+EVAL_BATCH_FACTOR = {"SequenceClassification": 4, "CausalLM": 1}  # no activations kept: larger batches fit
+# (a causal LM's logits are batch x length x vocabulary floats: its batch stays the training one)
+
+
+def evaluate(runner, examples: list[text.Example], *, task: str, batch_size: int, pad_id: int,
              pack: bool) -> Evaluation:
     """Loss, and accuracy + macro-F1 (classification) or perplexity (causal LM), on every rank.
 
-    Every rank evaluates the whole holdout: under ZeRO-3 each forward is a collective, so all ranks
-    must run the same number of them; the holdout is small next to training.
+    At inference speed: length-sorted batches (little padding), `EVAL_BATCH_FACTOR` x the training batch
+    for classification, inference mode outside DeepSpeed (whose ZeRO-3 hooks must not create inference
+    tensors), no loss inside the model, per-example figures vectorised; results come back in input order.
+    Every rank evaluates the whole holdout: under ZeRO-3 each forward is a collective, so all ranks must
+    run the same number of them; the holdout is small next to training.
     """
     runner.train(False)
-    loss_sum, weight, predictions, labels, confidences, entropies = 0.0, 0, [], [], [], []
-    # Classification gold ids may be text.IGNORE (an evaluation set's label the model does not know): left
-    # out of the loss, always a wrong prediction.
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        if task == "SequenceClassification":
-            batch = text.padded_batch(chunk, pad_id, torch)
-            out = runner.forward(batch.tensors)
-            logits = out.logits.float()
-            gold = batch.tensors["labels"]
-            loss_sum += float(F.cross_entropy(logits, gold.to(logits.device), reduction="sum",
-                                              ignore_index=text.IGNORE))
-            weight += int((gold != text.IGNORE).sum())
-            probs = logits.softmax(-1)
-            predictions.extend(probs.argmax(-1).tolist())
-            labels.extend(gold.tolist())
-            confidences.extend(probs.max(-1).values.tolist())
-            entropies.extend((-(probs * probs.clamp_min(1e-12).log()).sum(-1)).tolist())
-            continue
-        # One forward per micro-batch (packed or padded, as in training); per-example confidence and
-        # entropy come from knowing which sequence owns each predicted token.
-        batch = text.make_batch(chunk, pack=pack, pad_id=pad_id, torch=torch)
-        logits = runner.forward(batch.tensors).logits.float()
+    try:
+        with torch.inference_mode() if getattr(runner, "deepspeed", None) is None else torch.no_grad():
+            if task == "SequenceClassification":
+                return _evaluate_classifier(runner, examples, batch_size * EVAL_BATCH_FACTOR[task], pad_id)
+            return _evaluate_causal(runner, examples, batch_size * EVAL_BATCH_FACTOR["CausalLM"], pad_id, pack)
+    finally:
+        runner.train(True)
+
+
+def _sorted_chunks(examples: list[text.Example], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _inputs(batch: text.Batch) -> dict:
+    return {k: v for k, v in batch.tensors.items() if k != "labels"}
+
+
+def _evaluate_classifier(runner, examples: list[text.Example], batch_size: int, pad_id: int) -> Evaluation:
+    # Gold ids may be text.IGNORE (an evaluation set's label the model does not know): left out of the
+    # loss, always a wrong prediction.
+    n = len(examples)
+    predictions, labels, confidences, entropies = [0] * n, [0] * n, [0.0] * n, [0.0] * n
+    loss_sum, weight = 0.0, 0
+    for chunk in _sorted_chunks(examples, batch_size):
+        batch = text.padded_batch([examples[i] for i in chunk], pad_id, torch)
+        logits = runner.forward(_inputs(batch)).logits.float()
+        gold = batch.tensors["labels"].to(logits.device)
+        loss_sum += float(F.cross_entropy(logits, gold, reduction="sum", ignore_index=text.IGNORE))
+        weight += int((gold != text.IGNORE).sum())
+        log_probs = logits.log_softmax(-1)
+        confidence, predicted = log_probs.max(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        for i, p, g, c, e in zip(chunk, predicted.tolist(), gold.tolist(), confidence.exp().tolist(),
+                                 entropy.tolist(), strict=True):
+            predictions[i], labels[i], confidences[i], entropies[i] = p, g, c, e
+    result = {"eval_loss": loss_sum / max(weight, 1), "accuracy": metrics.accuracy(predictions, labels),
+              "macro_f1": metrics.macro_f1(predictions, labels)}
+    return Evaluation(result, confidences, entropies, predictions, weight)
+
+
+def _evaluate_causal(runner, examples: list[text.Example], batch_size: int, pad_id: int, pack: bool) -> Evaluation:
+    """One forward per micro-batch (packed or padded, as in training); per-example confidence and entropy
+    come from knowing which sequence owns each predicted token (summed per owner in one scatter)."""
+    n = len(examples)
+    confidence_sum, entropy_sum, token_count = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    loss_sum, weight = 0.0, 0
+    for chunk in _sorted_chunks(examples, batch_size):
+        batch = text.make_batch([examples[i] for i in chunk], pack=pack, pad_id=pad_id, torch=torch)
+        logits = runner.forward(_inputs(batch)).logits.float()
         rows, width = batch.tensors["input_ids"].shape
         if rows == 1:  # packed: sequences side by side in one row
-            owner_rows = [[i for i, e in enumerate(chunk) for _ in e.input_ids]]
+            owner_rows = [[i for i in chunk for _ in examples[i].input_ids]]
         else:  # padded: one sequence per row, -1 on padding
-            owner_rows = [[i] * len(e.input_ids) + [-1] * (width - len(e.input_ids)) for i, e in enumerate(chunk)]
+            owner_rows = [[i] * len(examples[i].input_ids) + [-1] * (width - len(examples[i].input_ids))
+                          for i in chunk]
         owner = torch.tensor(owner_rows, device=logits.device)
         target = batch.tensors["labels"][:, 1:].to(logits.device)
         keep = target != text.IGNORE
         log_probs = logits[:, :-1][keep].log_softmax(-1)
         token_lp = log_probs.gather(-1, target[keep].unsqueeze(-1)).squeeze(-1)
         token_entropy = -(log_probs.exp() * log_probs).sum(-1)
-        token_owner = owner[:, 1:][keep]
+        token_owner = owner[:, 1:][keep].cpu()
         loss_sum += float(-token_lp.sum())
         weight += int(keep.sum())
-        for index in range(len(chunk)):
-            mine = token_owner == index
-            if bool(mine.any()):
-                confidences.append(float(token_lp[mine].exp().mean()))
-                entropies.append(float(token_entropy[mine].mean()))
-    runner.train(True)
+        confidence_sum.index_add_(0, token_owner, token_lp.exp().cpu())
+        entropy_sum.index_add_(0, token_owner, token_entropy.cpu())
+        token_count.index_add_(0, token_owner, torch.ones_like(token_owner, dtype=torch.float))
+    scored = token_count > 0  # an example with no scored token (all masked) has no confidence
+    confidences = (confidence_sum[scored] / token_count[scored]).tolist()
+    entropies = (entropy_sum[scored] / token_count[scored]).tolist()
     mean_loss = loss_sum / max(weight, 1)
-    result = {"eval_loss": mean_loss}
-    if task == "SequenceClassification":
-        result["accuracy"] = metrics.accuracy(predictions, labels)
-        result["macro_f1"] = metrics.macro_f1(predictions, labels)
-    else:
-        result["perplexity"] = metrics.perplexity(mean_loss)
-    return Evaluation(result, confidences, entropies, predictions, weight)
+    return Evaluation({"eval_loss": mean_loss, "perplexity": metrics.perplexity(mean_loss)}, confidences, entropies,
+                      [], weight)
 
 
 def _score(model, eval_set: evalsets.EvalSet, labels: list[str], *, task: str, batch_size: int, pad_id: int,

@@ -111,8 +111,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_model(model_dir: Path, spec: dict, *, precision: str, num_labels: int | None, label_ids: dict | None,
-               device: torch.device):
-    """The base model for the task, loaded as the method asks (QLoRA: quantized)."""
+               device: torch.device, pooling: str | None = None):
+    """The base model for the task, loaded as the method asks (QLoRA: quantized); a classifier pooling
+    as `pooling` says (a mode of `pooling.MODES`; None or ARCHITECTURE: the architecture's head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict = {"trust_remote_code": bool(spec["baseModel"].get("trustRemoteCode", False))}
@@ -123,6 +124,10 @@ def load_model(model_dir: Path, spec: dict, *, precision: str, num_labels: int |
         id2label = {i: name for name, i in label_ids.items()}
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=num_labels, id2label=id2label, label2id=label_ids, **kwargs)
+        if pooling is not None:
+            from .pooling import apply_pooling
+
+            apply_pooling(model, pooling)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False  # no KV cache in training (and needed for padding-free packing)
@@ -136,6 +141,23 @@ def head_module_names(model: nn.Module) -> list[str]:
         if getattr(model, candidate, None) is not None:
             heads.append(candidate)
     return heads
+
+
+def is_head_parameter(name: str, heads: list[str]) -> bool:
+    """Whether a parameter (by its name, peft's wrapping included) belongs to an output head."""
+    return any(part in heads for part in name.split("."))
+
+
+def optimizer_groups(model: nn.Module, parameters: list, learning_rate: float, head_learning_rate: float | None):
+    """AdamW parameter groups: a new classification head at its own rate, everything else at the base rate."""
+    if head_learning_rate is None or head_learning_rate == learning_rate:
+        return [{"params": parameters, "lr": learning_rate}]
+    heads = head_module_names(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    head_ids = {id(p) for name, p in model.named_parameters() if is_head_parameter(name, heads)}
+    head = [p for p in parameters if id(p) in head_ids]
+    rest = [p for p in parameters if id(p) not in head_ids]
+    groups = [{"params": rest, "lr": learning_rate, "name": "weights"}] if rest else []
+    return groups + ([{"params": head, "lr": head_learning_rate, "name": "head"}] if head else [])
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -49,7 +49,8 @@ def save_weights(run: TrainingRun, target: Path, state_dict: dict | None) -> Non
     run.tokenizer.save_pretrained(target)
     if labels and spec["task"] == "SequenceClassification":
         # the serving engine needs the class names in id order to size the head and name its predictions
-        (target / LABELS_FILE).write_text(json.dumps({"labels": labels}))
+        # and how the head pools, so that it reads the encoder as it was trained to
+        (target / LABELS_FILE).write_text(json.dumps({"labels": labels, "pooling": (run.head or {}).get("pooling")}))
     refuse_empty_tensors(target)
 
 
@@ -59,7 +60,7 @@ def save_merged(run: TrainingRun, adapter_dir: Path) -> Path | None:
     if not (run.spec["output"].get("mergeAdapter") and run.method.publishes_adapter):
         return None
     target = Path(tempfile.mkdtemp(prefix="merged-", dir=run.work_dir))
-    merge(run.model_dir, adapter_dir, run.spec, target, list(run.loaded.labels))
+    merge(run.model_dir, adapter_dir, run.spec, target, list(run.loaded.labels), (run.head or {}).get("pooling"))
     run.tokenizer.save_pretrained(target)  # a merged model is used on its own: it needs its tokenizer
     refuse_empty_tensors(target)
     return target
@@ -80,8 +81,10 @@ def refuse_empty_tensors(directory: Path) -> None:
         raise RuntimeError(f"refusing to publish: no tensors were saved in {directory}")
 
 
-def merge(model_dir: Path, adapter_dir: Path, spec: dict, target: Path, labels: list[str]) -> None:
-    """Merge into a bf16 (or fp32 on CPU) copy of the base: never into 4-bit weights."""
+def merge(model_dir: Path, adapter_dir: Path, spec: dict, target: Path, labels: list[str],
+          pooling: str | None = None) -> None:
+    """Merge into a bf16 (or fp32 on CPU) copy of the base: never into 4-bit weights. A classifier's
+    pooling goes into its config (`kubetune_pooling`), which the serving engine honours."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -90,6 +93,8 @@ def merge(model_dir: Path, adapter_dir: Path, spec: dict, target: Path, labels: 
     kwargs = {"num_labels": len(labels)} if spec["task"] == "SequenceClassification" else {}
     base = cls.from_pretrained(model_dir, dtype=dtype, **kwargs)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    if pooling is not None:
+        merged.config.kubetune_pooling = pooling
     merged.save_pretrained(target, safe_serialization=True)
 
 
@@ -143,6 +148,7 @@ def manifest_fields(run: TrainingRun, final: Evaluation, seconds: float, answers
         "method": spec["method"]["type"],
         **run.method.manifest_fields(spec),
         "labels": list(loaded.labels) if spec["task"] == "SequenceClassification" else None,
+        "head": run.head,
         "baseModel": {"uri": spec["baseModel"]["uri"], "revision": spec["baseModel"].get("revision"),
                       "identity": modeling.model_identity(run.model_dir, spec["baseModel"])},
         "dataset": {"uri": spec["dataset"]["uri"], "validationUri": spec["dataset"].get("validationUri"),
@@ -153,7 +159,7 @@ def manifest_fields(run: TrainingRun, final: Evaluation, seconds: float, answers
         "metrics": final.metrics,
         "baselineMetrics": state.baseline,
         "training": {"steps": state.step, "stopReason": run.stop_reason, "bestStep": state.best_step,
-                     "precision": run.precision,
+                     "precision": run.precision, "derivedDefaults": run.derived_defaults,
                      "schedule": run.schedule.__dict__, "paddingFraction": padding, "realTokens": state.real_tokens,
                      "trainSeconds": round(state.train_seconds, 3),
                      "realTokensPerSecond": state.real_tokens / max(state.train_seconds, 1e-9),

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from kubetune.api import jobconfig
+from kubetune.api import jobconfig, training_defaults
 from kubetune.api.jobconfig import JobConfig
 from kubetune.clients.storage import ObjectStore
 
-from . import answers, data, distributed, ds_config, evalsets, metrics, modeling, storage, text, tracking
+from . import answers, data, distributed, ds_config, evalsets, metrics, modeling, pooling, storage, text, tracking
 from .checkpoints import TrainerState, resume, save_checkpoint
 from .evaluation import Evaluation, evaluate, evaluate_sets
 from .inputs import fetch_reference, load_data, load_evaluation_sets, prepare_data, resolve_base_model
@@ -119,6 +119,8 @@ class TrainingRun:
     thawing: Thawing | None = None
     pad_id: int = 0
     pack: bool = False
+    head: dict | None = None  # classification: how the head pools (pooling.prepare_head), for the manifest
+    derived_defaults: dict = field(default_factory=dict)  # training settings derived, and why
     # progress
     state: TrainerState = field(default_factory=TrainerState)
     stop_reason: str = ""
@@ -197,6 +199,13 @@ def load_inputs(run: TrainingRun) -> None:
     causal = spec["task"] == "CausalLM"
     pad_note = text.choose_pad_token(tokenizer) if causal else "classification: the tokenizer's pad"
     run.label_ids, run.train_examples, run.val_examples, run.token_stats = prepare_data(config, run.loaded, tokenizer)
+    # Settings left out of the spec are derived from the task and the data, once, for every later stage.
+    spec["training"], run.derived_defaults = training_defaults.resolve(
+        spec["training"], task=spec["task"], method=spec["method"]["type"],
+        train_examples=len(run.train_examples), world_size=run.dist.world_size)
+    if run.derived_defaults:
+        log.info("derived training defaults", extra={"derived": {k: _resolved(spec["training"], k)
+                                                                 for k in run.derived_defaults}})
     log.info("dataset report", extra={"summary": run.loaded.summary()})
     log.info("data ready", extra={"train": len(run.train_examples), "validation": len(run.val_examples),
                                   "truncated": run.token_stats["train"]["truncated"], "pad": pad_note})
@@ -205,6 +214,11 @@ def load_inputs(run: TrainingRun) -> None:
         run.reference = fetch_reference(config, run.store, run.dist, run.work_dir)
     run.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run.pack = bool(spec["training"]["packing"]) and causal
+
+
+def _resolved(training: dict, key: str):
+    section, _, name = key.rpartition(".")
+    return (training.get(section) or {}).get(name) if section else training.get(key)
 
 
 def build_model(run: TrainingRun) -> None:
@@ -224,9 +238,15 @@ def build_model(run: TrainingRun) -> None:
     model = modeling.load_model(run.model_dir, spec, precision=run.precision,
                                 num_labels=len(run.label_ids or {}) or None, label_ids=run.label_ids,
                                 device=dist.device)
-    if spec["task"] == "SequenceClassification" and model.config.pad_token_id is None:
-        model.config.pad_token_id = run.tokenizer.pad_token_id
-    model, run.thawing = run.method.prepare(model, spec, gradient_checkpointing=training["gradientCheckpointing"])
+    if spec["task"] == "SequenceClassification":
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = run.tokenizer.pad_token_id
+        run.head = pooling.prepare_head(model, run.model_dir, (spec.get("classifier") or {}).get("pooling", "Auto"))
+    checkpointing, why = training_defaults.gradient_checkpointing(training, modeling.trainable_parameters(model)[1])
+    if why:
+        training["gradientCheckpointing"] = checkpointing
+        run.derived_defaults["gradientCheckpointing"] = why
+    model, run.thawing = run.method.prepare(model, spec, gradient_checkpointing=checkpointing)
     if not run.method.quantized and run.deepspeed_config is None:  # DeepSpeed places (and partitions) it itself
         model.to(dist.device)
     trainable, total = modeling.trainable_parameters(model)
@@ -253,8 +273,9 @@ def _make_deepspeed_config(run: TrainingRun) -> dict | None:
 
 def _step_runner(run: TrainingRun, model) -> StepRunner:
     training, schedule, precision = run.spec["training"], run.schedule, run.precision
-    optimizer = torch.optim.AdamW(run.method.optimizer_parameters(model), lr=training["learningRate"],
-                                  weight_decay=training["weightDecay"])
+    groups = modeling.optimizer_groups(model, run.method.optimizer_parameters(model), training["learningRate"],
+                                       training.get("headLearningRate"))
+    optimizer = torch.optim.AdamW(groups, lr=training["learningRate"], weight_decay=training["weightDecay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(training["scheduler"]["type"], schedule.warmup_steps, schedule.total_steps))
     use_scaler = precision == "fp16" and run.deepspeed_config is None

@@ -206,7 +206,7 @@ def semantic_errors(spec: dict, *, local: bool = False) -> tuple[list[FieldError
     deepspeed = distributed.get("deepspeed", {})
     world = world_size(spec)
 
-    per_device = training.get("perDeviceBatchSize", 1)
+    per_device = training.get("perDeviceBatchSize", 1)  # unset: derived as a divisor (training_defaults)
     effective = training.get("effectiveBatchSize")
     if effective is not None and effective % (per_device * world):
         errors.append(

@@ -32,12 +32,11 @@ from .common import (
     secret_name,
 )
 from .dataset import DATASET
+from .training import CLASSIFIER, PRECISIONS, SCHEDULERS, TRAINING  # noqa: F401 - PRECISIONS, SCHEDULERS: API
 
 TASKS = ("CausalLM", "SequenceClassification")
 TRAINING_BACKENDS = ("PyTorchJob", "TrainJob")  # kubetune_operator.backends.BACKENDS keys
 METHODS = ("LoRA", "QLoRA", "Full", "FreezeThaw")
-PRECISIONS = ("Auto", "BF16", "FP16", "FP32")
-SCHEDULERS = ("linear", "cosine", "constant")
 MAX_LORA_RANK = 512
 METRICS = ("eval_loss", "accuracy", "macro_f1", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "macro_f1")
@@ -136,70 +135,6 @@ METHOD = obj(
             "self.type == 'FreezeThaw' || !has(self.freezeThaw)",
             "method.freezeThaw is only valid when method.type is FreezeThaw",
             field_path=".freezeThaw",
-        ),
-    ],
-)
-
-TRAINING = obj(
-    "Optimisation hyperparameters. Set exactly one of epochs or maxSteps.",
-    {
-        "epochs": number("Passes over the training split.", minimum=0, exclusive_minimum=True, maximum=1000),
-        "maxSteps": integer("Optimizer steps to run.", minimum=1, maximum=10_000_000),
-        "learningRate": number("Peak learning rate.", default=2e-4, minimum=0, exclusive_minimum=True,
-                               maximum=1),
-        "scheduler": obj(
-            "Learning-rate schedule.",
-            {
-                "type": string("linear decay, cosine decay, or constant, each after warmup.", default="linear",
-                               enum=SCHEDULERS),
-                "warmupRatio": number("Share of the steps spent warming up linearly from 0.", default=0.1,
-                                      minimum=0, maximum=0.5),
-            },
-            default={},
-        ),
-        "weightDecay": number("AdamW weight decay.", default=0.0, minimum=0, maximum=1),
-        "maxGradNorm": number("Gradient clipping norm.", default=1.0, minimum=0, exclusive_minimum=True),
-        "perDeviceBatchSize": integer("Sequences (or packed rows) per device per micro-step.", default=4,
-                                      minimum=1, maximum=4096),
-        "effectiveBatchSize": integer(
-            "Sequences per optimizer step across all devices; gradient accumulation is derived from it, "
-            "the per-device batch and the world size. Default: per-device batch x world size.",
-            minimum=1,
-            maximum=1_000_000,
-        ),
-        "maxSeqLength": integer("Tokens per sequence after tokenisation; longer examples are truncated "
-                                "and counted.", default=2048, minimum=16, maximum=262_144),
-        "precision": string("Auto picks bf16 where the GPU supports it, fp16 with loss scaling otherwise, "
-                            "fp32 on CPU.", default="Auto", enum=PRECISIONS),
-        "gradientCheckpointing": boolean("Recompute activations in backward (non-reentrant).", default=True),
-        "packing": boolean("Padding-free packing of several sequences per row (position ids reset per "
-                           "sequence); off means length-grouped dynamic padding.", default=True),
-        "evalSteps": integer("Evaluate every N optimizer steps (default: once per epoch, or every 10% of "
-                             "maxSteps).", minimum=1),
-        "checkpointSteps": integer("Save a resumable checkpoint to storage every N steps.", default=500,
-                                   minimum=1),
-        "earlyStopping": obj(
-            "Stop when the eval metric stops improving.",
-            {
-                "patience": integer("Evaluations without improvement before stopping.", default=3, minimum=1),
-                "metric": string("Metric to watch.", default="eval_loss",
-                                 enum=["eval_loss", "accuracy", "macro_f1", "perplexity"]),
-                "minDelta": number("Smallest improvement that counts.", default=0.0, minimum=0),
-            },
-        ),
-        "seed": integer("Seed of initialisation, dropout and data order.", default=42, minimum=0),
-    },
-    default={},
-    rules=[
-        rule(
-            "has(self.epochs) != has(self.maxSteps)",
-            "training: set exactly one of training.epochs or training.maxSteps",
-            reason="FieldValueInvalid",
-        ),
-        rule(
-            "!has(self.effectiveBatchSize) || self.effectiveBatchSize >= self.perDeviceBatchSize",
-            "training.effectiveBatchSize must be >= training.perDeviceBatchSize",
-            field_path=".effectiveBatchSize",
         ),
     ],
 )
@@ -465,6 +400,7 @@ FINETUNEJOB_SPEC = obj(
         ),
         "dataset": DATASET,
         "method": METHOD,
+        "classifier": CLASSIFIER,
         "training": TRAINING,
         "backend": string("Which workload kind trains the job (and runs its data, baseline and sweep stages): "
                           "a Kubeflow PyTorchJob (kubeflow.org/v1) or a Kubeflow Trainer v2 TrainJob "
@@ -540,6 +476,18 @@ FINETUNEJOB_SPEC = obj(
             "!has(self.labels) || self.task == 'SequenceClassification'",
             "labels: only valid when task is SequenceClassification",
             field_path=".labels",
+        ),
+        rule(
+            "!has(self.training.headLearningRate) || self.task == 'SequenceClassification'",
+            "training.headLearningRate: only valid when task is SequenceClassification (a causal LM's head is "
+            "the base model's own)",
+            field_path=".training.headLearningRate",
+        ),
+        rule(
+            "!has(self.classifier) || !has(self.classifier.pooling) || self.classifier.pooling == 'Auto' "
+            "|| self.task == 'SequenceClassification'",
+            "classifier.pooling: only valid when task is SequenceClassification",
+            field_path=".classifier.pooling",
         ),
         rule(
             "!has(self.trainingRuntime) || self.backend == 'TrainJob'",
