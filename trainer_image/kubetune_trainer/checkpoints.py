@@ -3,10 +3,8 @@ uploaded on one background thread: docs/trainer.md, Checkpoints)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
 import re
 import shutil
 import threading
@@ -101,9 +99,6 @@ def _download_checkpoint(run: TrainingRun, prefix: str, local: Path) -> int:
     return len(objects)
 
 
-UPLOAD_NICENESS = 10  # added to the upload thread's nice value
-
-
 class CheckpointUploads:
     """At most one checkpoint write + upload in flight, on a background thread of the pod's uploader
     (local rank 0). A next checkpoint waits for the previous one rather than skip it, so `checkpointSteps`
@@ -123,11 +118,6 @@ class CheckpointUploads:
 
     def _run(self, work: Callable[[], None]) -> None:
         try:
-            # Linux nices threads one by one: on a pod's few cores the training thread keeps priority
-            with contextlib.suppress(AttributeError, OSError):
-                thread = threading.get_native_id()
-                niceness = os.getpriority(os.PRIO_PROCESS, thread) + UPLOAD_NICENESS
-                os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness))
             work()
         except BaseException as exc:  # raised on the training thread by wait()'s caller
             self._error = exc
