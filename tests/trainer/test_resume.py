@@ -1,6 +1,7 @@
 """The rendered PyTorchJob's pods, run verbatim by the training-operator stand-in, SIGKILLed after a
 checkpoint (the master pod, then a worker pod) and restarted by `restartPolicy: ExitCode`: the new pods
-resume at the last checkpoint and finish with the uninterrupted run's metrics. Tolerance: docs/testing.md."""
+resume at the last checkpoint and finish with the uninterrupted run's metrics. Tolerance: docs/testing.md.
+Checkpoints are written and uploaded in the background: a kill may land while one is in flight."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ DDP = {"enabled": False}
 # 1 node x 2 processes (DDP and ZeRO-3) runs through the same stand-in in test_multiprocess.py.
 CASES = {
     # nodes, processes per node, DeepSpeed, method, pods SIGKILLed one after the other
+    "1x1-lora": (1, 1, DDP, None, [(MASTER, 0)]),  # one pod: its upload thread marks each checkpoint
     "2x2-zero3-lora": (2, 2, ZERO3, None, [(MASTER, 0), (WORKER, 0)]),
     "2x2-ddp-full": (2, 2, DDP, FULL, [(WORKER, 0)]),
 }

@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         from .data_stage import run  # no torch, no weights: the CPU pod before any GPU
     else:
         from . import train  # torch is imported here, after the cheap checks
+        from .threads import set_worker_threads
 
+        set_worker_threads()
         run, halted = train.run, train.TrainingHalted
     try:
         document = run(config, work_dir=work_dir)
@@ -121,8 +123,9 @@ def exit_without_teardown(code: int) -> None:
     cannot prevent this. The launcher would turn the abort into exit 134, which `restartPolicy: ExitCode`
     retries: a finished, published job would train again.
 
-    Skipping teardown loses nothing: the manifest is written last, the tracker is finished and the
-    process group destroyed in `train.run`, files are closed by `with`, and the trainer starts no threads.
+    Skipping teardown loses nothing: the manifest is written last, the tracker is finished, the
+    checkpoint upload thread joined and the process group destroyed in `train.run`, and files are closed
+    by `with`.
     """
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

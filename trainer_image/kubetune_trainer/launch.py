@@ -2,7 +2,8 @@
 
     python -m kubetune_trainer.launch --module kubetune_trainer --config /etc/kubetune/job/config.json
 
-Why (torchrun exits 1 for any failure, which `restartPolicy: ExitCode` cannot tell apart): docs/trainer.md.
+Why (torchrun exits 1 for any failure, which `restartPolicy: ExitCode` cannot tell apart) and how the
+workers' thread count is chosen (not torchrun's 1 for every process): docs/trainer.md.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import sys
 
 from kubetune.api import jobconfig
+from kubetune.logs import configure_logging
+
+from .threads import set_launcher_threads
 
 
 def exit_code_of(worker_code: int) -> int:
@@ -25,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(False)
+    set_launcher_threads(torchrun.determine_local_world_size(args.nproc_per_node))
     try:
         torchrun.run(args)
     except ChildFailedError as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, modeling, zero_state
-from .checkpoints import TrainerState
+from .checkpoints import TrainerState, cpu_snapshot
 
 
 class StepRunner:
@@ -128,22 +128,25 @@ class StepRunner:
 
     # checkpoints --------------------------------------------------------------------------------
 
-    def save(self, directory: Path, state: TrainerState) -> None:
-        """Every rank writes its part (a collective under DeepSpeed: frozen weights left out, one RNG file
-        per rank); the plain/DDP model and optimizer are the same on every rank, so rank 0 writes them."""
+    def save(self, directory: Path, state: TrainerState) -> dict:
+        """Every rank writes its part now (a collective under DeepSpeed: frozen weights left out, one RNG
+        file per rank). The plain/DDP model and optimizer are the same on every rank: rank 0 returns them
+        as CPU copies, {file name: object}, for the upload thread to write while training goes on."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.deepspeed is not None:
             checkpoint = distributed.save_checkpoint(self.deepspeed, directory, "ds", {"trainer": state.__dict__})
             if self.best_weights is not None:  # each rank's own share (the checkpoint's barrier follows)
                 torch.save(self.best_weights, checkpoint / _best_file(self.dist.rank))
-            return
+            return {}
         torch.save(distributed.capture_rng_state(), directory / f"rng-rank{self.dist.rank}.pt")
-        if self.dist.is_main:
-            trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
-            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(), "best": self.best_weights,
-                        "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict() if self.scaler else None,
-                        "trainer": state.__dict__}, directory / "state.pt")
+        if not self.dist.is_main:
+            return {}
+        trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        # best_weights is already a CPU copy that remember_best replaces, never updates in place
+        return {"state.pt": {**cpu_snapshot({
+            "model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None, "trainer": state.__dict__}),
+            "best": self.best_weights}}
 
     def load(self, directory: Path) -> TrainerState:
         if self.deepspeed is not None:

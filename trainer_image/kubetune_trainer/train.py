@@ -21,7 +21,7 @@ from kubetune.api.jobconfig import JobConfig
 from kubetune.clients.storage import ObjectStore
 
 from . import answers, data, distributed, ds_config, evalsets, metrics, modeling, pooling, storage, text, tracking
-from .checkpoints import TrainerState, resume, save_checkpoint
+from .checkpoints import CheckpointUploads, TrainerState, abandon_uploads, resume, save_checkpoint, settle_uploads
 from .evaluation import Evaluation, evaluate, evaluate_sets
 from .inputs import fetch_reference, load_data, load_evaluation_sets, prepare_data, resolve_base_model
 from .methods import TrainingMethod, method_of
@@ -123,6 +123,7 @@ class TrainingRun:
     derived_defaults: dict = field(default_factory=dict)  # training settings derived, and why
     # progress
     state: TrainerState = field(default_factory=TrainerState)
+    uploads: CheckpointUploads = field(default_factory=CheckpointUploads)
     stop_reason: str = ""
 
     @property
@@ -178,9 +179,14 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
         # Every rank halts at the same micro-step (the guarded loss is all-reduced). Rank 0 records why
         # before any rank exits: the launcher stops the other workers as soon as one exits, which could
         # cut rank 0 off before the entrypoint records it.
+        abandon_uploads(run)
         run.progress.update(force=True, stage="failed", failure={"reason": halt.reason, "message": str(halt)})
         distributed.barrier()
         raise
+    except BaseException:
+        abandon_uploads(run)
+        raise
+    settle_uploads(run)  # the last checkpoint uploaded (and marked) before anything is published
     log.info("training finished", extra={"step": run.state.step, "reason": run.stop_reason})
     restore_best_weights(run)
     return finish(run)
