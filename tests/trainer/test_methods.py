@@ -82,7 +82,8 @@ def test_loss_decreases(method, extra, min_drop, tiny_llama, tmp_path):
     method_section = {"type": method}
     if method == "LoRA":
         method_section["lora"] = {"rank": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
-    spec = job_spec(tiny_llama, data, tmp_path / "out", method=method_section, training__maxSteps=40, **extra)
+    spec = job_spec(tiny_llama, data, tmp_path / "out", method=method_section, training__maxSteps=40,
+                    training__packing=True, **extra)
     config = make_config(spec, name=method.lower())
     manifest = run_in_process(config, tmp_path / "work")
     first, last = _first_last(losses(manifest))

@@ -62,3 +62,11 @@ def test_gradient_checkpointing_only_where_activations_fill_memory():
     assert gradient_checkpointing(small, 7_000_000_000)[0] is True
     assert gradient_checkpointing({"perDeviceBatchSize": 8, "maxSeqLength": 2048}, 100_000_000)[0] is True
     assert gradient_checkpointing({**small, "gradientCheckpointing": True}, 1) == (True, None)
+
+
+def test_packing_on_gpus_unless_the_user_says():
+    from kubetune.api.training_defaults import packing
+
+    assert packing({}, "cuda")[0] is True
+    assert packing({}, "cpu") == (False, "accelerator cpu")
+    assert packing({"packing": True}, "cpu") == (True, None)

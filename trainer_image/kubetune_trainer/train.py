@@ -219,7 +219,11 @@ def load_inputs(run: TrainingRun) -> None:
         run.eval_sets = load_evaluation_sets(config, run.loaded, tokenizer, run.work_dir / "cache")
         run.reference = fetch_reference(config, run.store, run.dist, run.work_dir)
     run.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    run.pack = bool(spec["training"]["packing"]) and causal
+    pack, why = training_defaults.packing(spec["training"], run.dist.device.type)
+    if why and causal:
+        spec["training"]["packing"] = pack
+        run.derived_defaults["packing"] = why
+    run.pack = pack and causal
 
 
 def _resolved(training: dict, key: str):

@@ -23,7 +23,10 @@ def resolve_target_modules(model, requested: list[str]) -> list[str] | str:
     if requested == ["all-linear"]:
         return "all-linear"
     available = linear_module_names(model)
-    missing = [name for name in requested if name not in available]
+    # as peft matches them: a module's last name, or a dotted suffix of its full name (attention.output.dense)
+    full_names = [name for name, _ in model.named_modules()]
+    missing = [name for name in requested if name not in available
+               and not ("." in name and any(full.endswith("." + name) for full in full_names))]
     if missing:
         raise BadInput(
             f"method.lora.targetModules {missing} match no module of this model; its linear modules are: "

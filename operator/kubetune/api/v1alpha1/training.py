@@ -52,8 +52,10 @@ TRAINING = obj(
         "gradientCheckpointing": boolean("Recompute activations in backward (non-reentrant): less memory, ~30% "
                                          "more compute. Default: on for models of 1B parameters or more, or "
                                          "micro-batches of 16k tokens or more (docs/trainer.md#defaults)."),
-        "packing": boolean("Padding-free packing of several sequences per row (position ids reset per "
-                           "sequence); off means length-grouped dynamic padding.", default=True),
+        "packing": boolean("Padding-free packing of several sequences per row (position ids reset per sequence); "
+                           "off means length-grouped dynamic padding. Default: on GPUs, off on CPU, where "
+                           "attention over a packed row costs more than the padding it saves "
+                           "(docs/trainer.md#defaults)."),
         "evalSteps": integer("Evaluate every N optimizer steps (default: once per epoch, or every 10% of "
                              "maxSteps).", minimum=1),
         "checkpointSteps": integer("Save a resumable checkpoint to storage every N steps.", default=500,
