@@ -143,6 +143,7 @@ def test_sweep_spec_is_the_job_own_without_a_baseline_or_merge():
     assert out["baseline"] == {"enabled": False, "forceTraining": False}
     assert out["output"]["mergeAdapter"] is False and out["output"]["uri"] == "s3://adapters/x"
     assert (out["distributed"]["nodes"], out["distributed"]["gpusPerNode"]) == (1, 2)
+    assert out["distributed"]["deepspeed"]["enabled"] is False and spec["distributed"]["deepspeed"]["enabled"]
     out["training"]["learningRate"] = 1.0
     assert spec == before  # nested objects are not shared
 

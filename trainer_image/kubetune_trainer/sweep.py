@@ -66,9 +66,10 @@ def run_sweep(run) -> dict:
 
     spec = run.spec
     if spec["distributed"]["deepspeed"]["enabled"]:
-        raise BadInput("rankSweep cannot run under distributed.deepspeed: DeepSpeed owns one optimizer per "
-                       "model and the sweep trains one per config; remove rankSweep and set method.lora.rank, "
-                       "or sweep with DeepSpeed disabled (a smaller model or fewer nodes)")
+        # the operator turns DeepSpeed off for the sweep workload (stages.sweep_spec): a config asking for it
+        # here was written by hand
+        raise BadInput("the rank sweep cannot run under distributed.deepspeed: DeepSpeed owns one optimizer "
+                       "per model and the sweep trains one per config")
     sweep_spec = spec["rankSweep"]
     full_steps = Schedule.from_spec(spec["training"], run.dist.world_size,
                                     len(run.train_examples) + len(run.val_examples)).total_steps

@@ -22,7 +22,7 @@ DEFAULT_BUDGET = 0.3  # share of the full run's optimizer steps all configs toge
 RETRY_LR_FACTOR = 0.25  # a config that diverged or stayed at chance retries once at lr/4
 DIVERGED_MARGIN = 0.10  # holdout loss more than 10% above the base model's: training made it worse
 CHANCE_ACCURACY_FACTOR = 1.5  # accuracy at most 1.5/classes (and at most 10 points above 1/classes)
-CHANCE_LOSS_FACTOR = 0.97  # holdout loss at least 0.97 ln(classes): the prior, nothing learned
+CHANCE_LOSS_FACTOR = 0.97  # holdout loss at least 0.97 ln(classes): the prior (when no accuracy says more)
 
 
 def _finite(value) -> bool:
@@ -151,7 +151,9 @@ def mark(metrics: dict, base: dict, *, task: str, classes: int) -> tuple[str, st
         accuracy_bound = min(CHANCE_ACCURACY_FACTOR / classes, 1 / classes + 0.1)
         if _finite(accuracy) and accuracy <= accuracy_bound:
             return AT_CHANCE, f"holdout accuracy {accuracy:.4g} <= {accuracy_bound:.4g} ({classes} classes)"
-        if loss >= CHANCE_LOSS_FACTOR * math.log(classes):
+        # Early on the loss lags the argmax: a loss still near ln(classes) with accuracy above chance is a
+        # config that is learning, so the loss decides only without an accuracy
+        if not _finite(accuracy) and loss >= CHANCE_LOSS_FACTOR * math.log(classes):
             return AT_CHANCE, (f"holdout loss {loss:.4g} >= {CHANCE_LOSS_FACTOR} ln({classes}) = "
                                f"{CHANCE_LOSS_FACTOR * math.log(classes):.4g}")
     elif task != "SequenceClassification" and _finite(base_loss) and loss >= base_loss:

@@ -82,9 +82,11 @@ def sweep_stage(spec: dict) -> jobconfig.Stage:
 def sweep_spec(spec: dict) -> dict:
     """The spec the sweep workload runs: the job's own (its training settings size the budget), without
     a separate baseline (the sweep scores the base model on its holdout itself) or a merged copy, on the
-    smaller world rankSweep.nodes / gpusPerNode asks for."""
+    smaller world rankSweep.nodes / gpusPerNode asks for, and without DeepSpeed (one engine owns one
+    optimizer; the sweep trains one per config, each process holding the whole base model)."""
     out = copy.deepcopy(spec)
     out["baseline"] = {"enabled": False, "forceTraining": False}
+    out["distributed"]["deepspeed"] = {**out["distributed"]["deepspeed"], "enabled": False}
     out["output"]["mergeAdapter"] = False
     for key in ("nodes", "gpusPerNode"):
         if spec["rankSweep"].get(key) is not None:
