@@ -55,7 +55,7 @@ class Observed:
     workload: WorkloadStatus | None = None  # the training job's workload, read by its backend
     manifest: manifest_api.ManifestCheck | None = None  # None: not looked at (see `needs_manifest`)
     progress: dict | None = None  # progress.json as the trainer last wrote it (see `needs_progress`)
-    stage_jobs: dict = field(default_factory=dict)  # name -> WorkloadStatus of the baseline and the trials
+    stage_jobs: dict = field(default_factory=dict)  # name -> WorkloadStatus of each stage job
     stage_config_maps: frozenset = frozenset()  # names of the stages' ConfigMaps that exist
     stage_reports: dict = field(default_factory=dict)  # name -> StageReport (see `needs_stage_reports`)
     # Secret name -> its keys (None: no such Secret), for the names `needs_secrets` asked for; None: not
