@@ -19,9 +19,8 @@ import torch
 from kubetune.api import manifest as manifest_api
 from kubetune.api import sweep_rules as rules
 
-from . import distributed, modeling, text
+from . import distributed, text
 from .evaluation import evaluate
-from .methods.lora import lora_config
 from .modeling import BadInput
 from .publishing import finish_stage
 from .step_runner import StepRunner
@@ -53,7 +52,6 @@ class _Sweep:
     classes: int
     trials: list[_Trial] = field(default_factory=list)
     spent: int = 0
-    lora_configs: dict = field(default_factory=dict)  # rank -> its peft LoraConfig
 
     @property
     def rows(self) -> list[dict]:
@@ -96,48 +94,49 @@ def run_sweep(run) -> dict:
 
 
 def _load_model(sweep: _Sweep, configs: list[rules.Config]) -> _Trial:
-    """The base model once, wrapped by the method with the first config's adapter ("default")."""
-    config = configs[0]
-    run = sweep.run
-    spec, training = run.spec, run.spec["training"]
-    run.precision = modeling.pick_precision(training["precision"], run.dist.device)
-    model = modeling.load_model(run.model_dir, spec, precision=run.precision,
-                                num_labels=len(run.label_ids or {}) or None, label_ids=run.label_ids,
-                                device=run.dist.device)
-    if spec["task"] == "SequenceClassification" and model.config.pad_token_id is None:
-        model.config.pad_token_id = run.tokenizer.pad_token_id
-    # Every rank's LoRA config is read off the bare model: once wrapped, its targets are LoRA layers
-    sweep.lora_configs = {c.rank: lora_config(model, rules.config_spec(spec, c.rank)) for c in configs}
-    model, _ = run.method.prepare(model, rules.config_spec(spec, config.rank, config.learning_rate),
-                                  gradient_checkpointing=training["gradientCheckpointing"])
-    if not run.method.quantized:
-        model.to(run.dist.device)
-    sweep.model = model
-    return _trial(sweep, config, "default")
+    """The base model once, loaded and wrapped exactly as the full run's `build_model` does, with the
+    first config's adapter ("default") and its runner."""
+    from .train import build_model
+
+    first = _config_run(sweep, configs[0])
+    build_model(first)
+    sweep.run.precision = first.precision
+    sweep.model = first.runner.module
+    return _record(sweep, configs[0], "default", first.runner, first.schedule)
 
 
 def _add_trial(sweep: _Sweep, config: rules.Config) -> _Trial:
     """A new named adapter (fresh LoRA weights, a fresh copy of the initial head) and its optimizer."""
-    name = f"c{len(sweep.trials)}"
-    sweep.model.add_adapter(name, copy.deepcopy(sweep.lora_configs[config.rank]))
-    return _trial(sweep, config, name)
-
-
-def _trial(sweep: _Sweep, config: rules.Config, adapter: str) -> _Trial:
     from .train import Schedule, _step_runner
 
+    name = f"c{len(sweep.trials)}"
+    # the first adapter's config (targets, head, dropout) at this config's rank and alpha
+    lora = copy.deepcopy(sweep.model.peft_config["default"])
+    lora.r, lora.lora_alpha = config.rank, config.alpha
+    sweep.model.add_adapter(name, lora)
+    sweep.model.set_adapter(name)  # only this adapter's weights (and head) require grad now
+    config_run = _config_run(sweep, config)
+    config_run.schedule = Schedule.from_spec(config_run.spec["training"], sweep.run.dist.world_size,
+                                             len(sweep.run.train_examples))
+    return _record(sweep, config, name, _step_runner(config_run, sweep.model), config_run.schedule)
+
+
+def _config_run(sweep: _Sweep, config: rules.Config):
+    """The run as one config sees it: its rank, alpha and learning rate, and a schedule (warmup, LR decay)
+    spanning its last planned step rather than a whole run."""
     run = sweep.run
     spec = rules.config_spec(run.spec, config.rank, config.learning_rate)
-    # the warmup and the LR schedule span the config's last planned step, not a whole run
     spec["training"] = {**spec["training"], "maxSteps": sweep.plan.final_steps}
-    schedule = Schedule.from_spec(spec["training"], run.dist.world_size, len(run.train_examples))
-    sweep.model.set_adapter(adapter)  # only this adapter's weights (and head) require grad now
-    config_run = dataclasses.replace(run, config=dataclasses.replace(run.config, spec=spec), schedule=schedule)
+    spec["training"].pop("epochs", None)
+    return dataclasses.replace(run, config=dataclasses.replace(run.config, spec=spec), schedule=None, runner=None)
+
+
+def _record(sweep: _Sweep, config: rules.Config, adapter: str, runner: StepRunner, schedule) -> _Trial:
     row = {"name": config.name, "rank": config.rank, "alpha": config.alpha, "learningRate": config.learning_rate,
            "state": rules.RUNNING, "steps": 0, "rung": 0}
     if config.retry_of:
         row["retryOf"] = config.retry_of
-    trial = _Trial(config, adapter, _step_runner(config_run, sweep.model), schedule, row)
+    trial = _Trial(config, adapter, runner, schedule, row)
     sweep.trials.append(trial)
     return trial
 

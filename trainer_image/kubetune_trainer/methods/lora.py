@@ -31,15 +31,14 @@ def resolve_target_modules(model, requested: list[str]) -> list[str] | str:
     return requested
 
 
-def lora_config(model, spec: dict):
-    """The peft LoraConfig of `spec` for the bare (not yet wrapped) `model`."""
-    from peft import LoraConfig
+def apply_lora(model, spec: dict):
+    from peft import LoraConfig, get_peft_model
 
     from ..modeling import head_module_names
 
     lora = spec["method"]["lora"]
     classification = spec["task"] == "SequenceClassification"
-    return LoraConfig(
+    config = LoraConfig(
         r=lora["rank"],
         lora_alpha=lora["alpha"],
         lora_dropout=lora["dropout"],
@@ -49,12 +48,7 @@ def lora_config(model, spec: dict):
         # The classifier head starts random: it must be trained and saved with the adapter.
         modules_to_save=head_module_names(model) if classification else None,
     )
-
-
-def apply_lora(model, spec: dict):
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(model, spec))
+    return get_peft_model(model, config)
 
 
 class LoRA:
