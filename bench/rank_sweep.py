@@ -1,6 +1,6 @@
 """What a rank sweep costs next to the run it precedes, on this machine: successive halving in one process.
 
-    .venv/bin/python bench/rank_sweep.py                      # about 2 minutes on 2 cores
+    .venv/bin/python bench/rank_sweep.py                      # a few minutes on a quiet 2-core machine
     .venv/bin/python bench/rank_sweep.py --smoke --json /tmp/sweep.json   # CI-sized
 
 What runs and what is reported: bench/README.md.
