@@ -298,12 +298,14 @@ def _sweep_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, 
                     "chance or failed; see status.sweep.trials):\n" + stages.table(trials, sweep["metric"], None))
         return False
     # a row the trainer wrote without them (not finite) ran at the spec's own values
-    best = {"alpha": sweep_rules.lora_alpha(spec, best["rank"]), "learningRate": spec["training"]["learningRate"],
-            **best}
-    record.update(bestRank=best["rank"], bestLearningRate=best["learningRate"], bestMetric=best["metric"])
+    best = {"alpha": sweep_rules.lora_alpha(spec, best["rank"]), **best}
+    record.update(bestRank=best["rank"], bestMetric=best["metric"])
+    if best.get("learningRate") is not None:
+        record["bestLearningRate"] = best["learningRate"]
     status.value["rank"] = best["rank"]
     direction = "highest" if stages.higher_is_better(sweep["metric"]) else "lowest"
-    message = (f"rank {best['rank']} (alpha {best['alpha']}) at learning rate {best['learningRate']:.3g} has the "
+    rate = f" at learning rate {best['learningRate']:.3g}" if best.get("learningRate") is not None else ""
+    message = (f"rank {best['rank']} (alpha {best['alpha']}){rate} has the "
                f"{direction} holdout {sweep['metric']} ({best['metric']:.4g}) after {best.get('steps', '?')} steps, "
                f"of {len(trials)} configs by successive halving")
     if sweep["tieTolerance"]:
@@ -316,7 +318,7 @@ def _sweep_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, 
 
 def _configs_text(spec: dict) -> str:
     ranks = ", ".join(str(c) for c in sorted({int(r) for r in spec["rankSweep"]["ranks"]}))
-    rates = sweep_rules.learning_rates(spec)
+    rates = sorted(float(r) for r in spec["rankSweep"].get("learningRates") or [])
     return f"ranks {ranks}" + (f" x learning rates {', '.join(f'{r:g}' for r in rates)}" if len(rates) > 1 else "")
 
 
