@@ -11,10 +11,11 @@ run: setup
 serve: setup
 	@bash scripts/serve-default.sh
 
-# The main job with the baseline gate and a rank sweep in front (two trials in parallel, ~45 s on 2 cores)
+# The main job with the baseline gate and a rank sweep in front (one process halving four ranks
+# within 30% of the run's steps)
 sweep: setup
 	@bash scripts/run-default.sh --set 'baseline={target: {metric: accuracy, value: 0.95}}' \
-	  --set 'rankSweep={ranks: [1, 2, 4, 8], metric: eval_loss, maxSteps: 12, parallelism: 2}'
+	  --set 'rankSweep={ranks: [1, 2, 4, 8], metric: eval_loss}'
 
 test: setup
 	@bash scripts/test.sh

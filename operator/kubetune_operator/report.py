@@ -15,22 +15,32 @@ from kubetune.api.v1alpha1.finetunejob import HIGHER_IS_BETTER
 from kubetune_operator.reconcile import data_report, stages, statuswrite
 
 
+def _chosen(sweep: dict) -> dict | None:
+    return next((t for t in sweep.get("trials") or [] if t.get("rank") == sweep.get("bestRank")
+                 and t.get("learningRate") == sweep.get("bestLearningRate")
+                 and t.get("metric") == sweep.get("bestMetric")), None)
+
+
 def sweep_table(status: dict) -> str:
     sweep = status.get("sweep") or {}
     if not sweep.get("trials"):
         return ""
-    return stages.table(sweep["trials"], sweep.get("metric", "eval_loss"), sweep.get("bestRank"))
+    return stages.table(sweep["trials"], sweep.get("metric", "eval_loss"), _chosen(sweep))
 
 
 def _finite(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_STATE_MARKS = {"Succeeded": ("*", "tab:orange"), "Stopped": ("o", "tab:blue"), "Diverged": ("x", "tab:red"),
+                "AtChance": ("v", "tab:red"), "Failed": ("x", "black"), "Running": ("o", "gray")}
+
+
 def sweep_chart(status: dict, path: Path, title: str = "") -> Path | None:
-    """Holdout metric by rank (failed trials marked, the choice highlighted, the base model's score as
-    a line when it is the same metric) next to each trial's wall time. None when there was no sweep."""
+    """Each config's holdout metric at the rung it reached (marked by its state; the base model's score as
+    a line when it is the same metric) next to the optimizer steps each config got. None without a sweep."""
     sweep = status.get("sweep") or {}
-    trials = sorted(sweep.get("trials") or [], key=lambda t: t["rank"])
+    trials = list(sweep.get("trials") or [])
     if not trials:
         return None
     import matplotlib
@@ -39,41 +49,30 @@ def sweep_chart(status: dict, path: Path, title: str = "") -> Path | None:
     import matplotlib.pyplot as plt
 
     metric = sweep.get("metric", "eval_loss")
-    best = sweep.get("bestRank")
-    positions = {t["rank"]: i for i, t in enumerate(trials)}
+    names = [t.get("name") or f"r{t['rank']}" for t in trials]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
-    scored = [t for t in trials if t.get("state") == stages.SUCCEEDED and _finite(t.get("metric"))]
-    left.plot([positions[t["rank"]] for t in scored], [t["metric"] for t in scored], "o-", color="tab:blue",
-              label=f"holdout {metric}")
-    for t in scored:
-        left.annotate(f"{t['metric']:.3g}", (positions[t["rank"]], t["metric"]), textcoords="offset points",
-                      xytext=(0, 7), ha="center", fontsize=8)
-    chosen = [t for t in scored if t["rank"] == best]
-    if chosen:
-        left.plot([positions[best]], [chosen[0]["metric"]], "*", markersize=18, color="tab:orange",
-                  label=f"chosen r{best}")
-    failed = [t for t in trials if t.get("state") == stages.FAILED]
-    if failed:
-        low = min((t["metric"] for t in scored), default=0.0)
-        left.plot([positions[t["rank"]] for t in failed], [low] * len(failed), "x", color="tab:red", markersize=10,
-                  label="failed")
+    chosen = _chosen(sweep)
+    for state, (marker, color) in _STATE_MARKS.items():
+        shown = [(i, t) for i, t in enumerate(trials) if t.get("state") == state and _finite(t.get("metric"))]
+        if shown:
+            left.plot([i for i, _ in shown], [t["metric"] for _, t in shown], marker, color=color, markersize=9,
+                      linestyle="none", label=state)
+        for i, t in shown:
+            left.annotate(f"{t['metric']:.3g} @{t.get('steps', '?')}", (i, t["metric"]), textcoords="offset points",
+                          xytext=(0, 7), ha="center", fontsize=7)
     baseline = ((status.get("baseline") or {}).get("metrics") or {}).get(metric)
     if _finite(baseline):
         left.axhline(baseline, linestyle="--", color="gray", label=f"base model, validation split ({baseline:.3g})")
     direction = "higher" if metric in HIGHER_IS_BETTER else "lower"
-    left.set_title(f"{metric} by LoRA rank ({direction} is better)")
-    left.set_xticks(range(len(trials)), [f"r{t['rank']}" for t in trials])
-    left.set_xlabel("rank")
+    left.set_title(f"holdout {metric} by config ({direction} is better)")
+    left.set_xticks(range(len(trials)), names, rotation=30, fontsize=7)
     left.set_ylabel(metric)
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    seconds = [t.get("durationSeconds") if _finite(t.get("durationSeconds")) else 0.0 for t in trials]
-    colors = ["tab:red" if t.get("state") == stages.FAILED else
-              ("tab:orange" if t["rank"] == best else "tab:blue") for t in trials]
-    right.bar(range(len(trials)), seconds, color=colors)
-    right.set_xticks(range(len(trials)), [f"r{t['rank']}" for t in trials])
-    right.set_title("trial wall time")
-    right.set_ylabel("seconds")
+    right.bar(range(len(trials)), [t.get("steps", 0) for t in trials],
+              color=["tab:orange" if t is chosen else "tab:blue" for t in trials])
+    right.set_xticks(range(len(trials)), names, rotation=30, fontsize=7)
+    right.set_title("optimizer steps per config")
     right.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title)

@@ -38,9 +38,9 @@ async def submit(api, s3_server, name: str, data_stage: bool = True, **overrides
     return created
 
 
-def sweep(ranks: list[int], parallelism: int = 1, **extra) -> dict:
-    return {"ranks": ranks, "holdoutFraction": 0.1, "epochs": 1, "metric": "eval_loss", "parallelism": parallelism,
-            "alpha": "Proportional", "tieTolerance": 0, **extra}
+def sweep(ranks: list[int], **extra) -> dict:
+    return {"ranks": ranks, "holdoutFraction": 0.1, "metric": "eval_loss", "alpha": "Proportional", "tieTolerance": 0,
+            **extra}
 
 
 def prefix_of(created: dict) -> str:
@@ -48,8 +48,17 @@ def prefix_of(created: dict) -> str:
     return storage_layout.job_prefix(OUTPUT_URI, NS, meta["name"], meta["uid"])
 
 
-def trial_name(job: str, rank: int) -> str:
-    return f"{job}-sweep-r{rank}"
+def sweep_name(job: str) -> str:
+    return f"{job}-rank-sweep"
+
+
+def row(rank: int, state: str, metric: float | None, *, rung: int, lr: float = 2e-4, **extra) -> dict:
+    """One config's row as the sweep's trainer writes it (alpha 2 x rank: the factory's 16/32)."""
+    out = {"name": f"r{rank}-lr{lr:.3g}", "rank": rank, "alpha": 2 * rank, "learningRate": lr, "state": state,
+           "steps": 10 * 2 ** rung, "rung": rung, **extra}
+    if metric is not None:
+        out["metric"] = metric
+    return out
 
 
 def write_json(s3_server, uri: str, doc: dict) -> None:
@@ -78,14 +87,15 @@ async def pass_data_stage(api, s3_server, created: dict, report: dict | None = N
     await succeed(api, name, startTime=START, completionTime=DONE)
 
 
-def write_trial_result(s3_server, created: dict, rank: int, eval_loss: float) -> None:
-    prefix = storage_layout.trial_prefix(prefix_of(created), rank)
-    write_json(s3_server, storage_layout.result_uri(prefix), {"metrics": {"eval_loss": eval_loss}, "seconds": 42})
+def write_sweep_result(s3_server, created: dict, rows: list[dict]) -> None:
+    prefix = storage_layout.sweep_prefix(prefix_of(created))
+    write_json(s3_server, storage_layout.result_uri(prefix), {
+        "kind": "sweep", "metric": "eval_loss", "trials": rows, "fullRunSteps": 200, "budgetSteps": 60,
+        "usedSteps": 60, "seconds": 42})
 
 
-def write_trial_failure(s3_server, created: dict, rank: int, reason: str, message: str) -> None:
-    prefix = storage_layout.trial_prefix(prefix_of(created), rank)
-    write_json(s3_server, storage_layout.progress_uri(prefix), {"failure": {"reason": reason, "message": message}})
+def write_sweep_progress(s3_server, created: dict, progress: dict) -> None:
+    write_json(s3_server, storage_layout.progress_uri(storage_layout.sweep_prefix(prefix_of(created))), progress)
 
 
 async def status_of(api, name: str) -> dict:
@@ -108,16 +118,8 @@ def condition(status: dict, kind: str) -> dict:
     return cond.find(status.get("conditions"), kind) or {}
 
 
-def trial(status: dict, rank: int) -> dict:
-    return next(t for t in status["sweep"]["trials"] if t["rank"] == rank)
-
-
-def trial_states(status: dict) -> dict[int, str]:
-    return {t["rank"]: t["state"] for t in (status.get("sweep") or {}).get("trials") or []}
-
-
-async def wait_trial_state(api, name: str, rank: int, state: str) -> dict:
-    return await wait_status(api, name, lambda s: trial_states(s).get(rank) == state)
+def sweep_state(status: dict) -> str | None:
+    return (status.get("sweep") or {}).get("state")
 
 
 async def events_for(api, name: str) -> list[dict]:
@@ -135,22 +137,11 @@ async def wait_exists(api, resource: kube.Resource, name: str) -> dict:
     return await eventually(lambda: api.get(resource, name))
 
 
-async def trial_jobs(api, job: str) -> dict[str, dict]:
-    """The job's trial PyTorchJobs, by name."""
-    return {p["metadata"]["name"]: p for p in await api.list(kube.PYTORCHJOBS)
-            if (p["metadata"].get("labels") or {}).get(render.LABEL_JOB) == job
-            and (p["metadata"].get("labels") or {}).get(render.LABEL_STAGE) == "trial"}
-
-
-def unfinished(pytorchjob: dict) -> bool:
-    done = {c["type"] for c in (pytorchjob.get("status") or {}).get("conditions") or []
-            if c.get("status") == "True" and c["type"] in ("Succeeded", "Failed")}
-    return not done
-
-
-async def assert_active_trials_at_most(api, job: str, limit: int) -> None:
-    active = [n for n, p in (await trial_jobs(api, job)).items() if unfinished(p)]
-    assert len(active) <= limit, f"{len(active)} trials unfinished at once: {sorted(active)}"
+async def sweep_jobs(api, job: str) -> list[str]:
+    """The job's sweep workloads, by name."""
+    return sorted(p["metadata"]["name"] for p in await api.list(kube.PYTORCHJOBS)
+                  if (p["metadata"].get("labels") or {}).get(render.LABEL_JOB) == job
+                  and (p["metadata"].get("labels") or {}).get(render.LABEL_STAGE) == "sweep")
 
 
 def config_of(config_map: dict) -> dict:
@@ -165,10 +156,10 @@ async def run(api, name: str) -> None:
     await api.set_pytorchjob_conditions(name, ("Running", "PyTorchJobRunning", "running"), startTime=START)
 
 
-async def finish_trial(api, s3_server, created: dict, rank: int, eval_loss: float) -> None:
+async def finish_sweep(api, s3_server, created: dict, rows: list[dict]) -> None:
     """The trainer writes result.json last, then the training operator marks the PyTorchJob Succeeded."""
-    write_trial_result(s3_server, created, rank, eval_loss)
-    await succeed(api, trial_name(created["metadata"]["name"], rank), startTime=START, completionTime=DONE)
+    write_sweep_result(s3_server, created, rows)
+    await succeed(api, sweep_name(created["metadata"]["name"]), startTime=START, completionTime=DONE)
 
 
 def pytorchjob_creates(k8s) -> int:

@@ -42,7 +42,7 @@ LIFECYCLES = ("train", "baseline-met", "baseline-below", "sweep", "rollout", "ca
 FINAL_PHASE = {"train": "Succeeded", "baseline-met": "Skipped", "baseline-below": "Succeeded",
                "sweep": "Succeeded", "rollout": "Ready", "canary": "Ready"}
 # roughly how many writes the operator makes in each lifecycle (kopf's included): kill points land in it
-WRITES = {"train": 13, "baseline-met": 12, "baseline-below": 16, "sweep": 23, "rollout": 10, "canary": 16}
+WRITES = {"train": 13, "baseline-met": 12, "baseline-below": 16, "sweep": 18, "rollout": 10, "canary": 16}
 CHILD_KINDS = ("pytorchjobs", "configmaps", "deployments", "services", "serviceaccounts", "roles", "rolebindings")
 OUTPUT_URI = f"s3://{BUCKET}/jobs"
 CANARY = {"type": "Canary", "unloadGraceSeconds": 0, "canary": {"steps": [{"setWeight": 50}, {"setWeight": 100}]}}
@@ -128,8 +128,8 @@ async def submit_job(world: World, name: str, lifecycle: str) -> dict:
         overrides["baseline"] = {"enabled": True, "target": {"metric": "eval_loss", "value": 1.0},
                                  "forceTraining": False}
     if lifecycle == "sweep":
-        overrides["rankSweep"] = {"ranks": [4, 8], "holdoutFraction": 0.1, "epochs": 1, "metric": "eval_loss",
-                                  "parallelism": 2, "alpha": "Proportional", "tieTolerance": 0}
+        overrides["rankSweep"] = {"ranks": [4, 8], "holdoutFraction": 0.1, "metric": "eval_loss",
+                                  "alpha": "Proportional", "tieTolerance": 0}
     doc = finetunejob(**overrides)
     doc["metadata"] = {"name": name, "namespace": NS}
     doc["spec"]["output"] = {"uri": OUTPUT_URI, "endpoint": world.s3.endpoint,
@@ -163,10 +163,11 @@ async def play_training(world: World, created: dict, lifecycle: str) -> None:
             elif stage == "baseline":
                 await write(storage_layout.result_uri(storage_layout.baseline_prefix(prefix)),
                             {"metrics": {"eval_loss": baseline_loss}, "seconds": 3})
-            elif stage == "trial":
-                rank = int(labels[render.LABEL_RANK])
-                await write(storage_layout.result_uri(storage_layout.trial_prefix(prefix, rank)),
-                            {"metrics": {"eval_loss": 1.0 / rank}, "seconds": 3})
+            elif stage == "sweep":
+                rows = [{"rank": rank, "alpha": 2 * rank, "learningRate": 2e-4, "metric": 1.0 / rank, "rung": 0,
+                         "steps": 10, "state": "Succeeded" if rank == 8 else "Stopped"} for rank in (4, 8)]
+                await write(storage_layout.result_uri(storage_layout.sweep_prefix(prefix)),
+                            {"metric": "eval_loss", "trials": rows, "seconds": 3})
             elif "Running" not in done:
                 await api.set_pytorchjob_conditions(pj_name, ("Running", "PyTorchJobRunning", "running"))
                 continue
@@ -263,7 +264,7 @@ async def check_job(k8s, world: World, name: str, lifecycle: str) -> None:
     assert status.get("phase") == FINAL_PHASE[lifecycle], status
     stages = [f"{name}-data", *{"train": [name], "baseline-met": [f"{name}-baseline"],
                                 "baseline-below": [f"{name}-baseline", name],
-                                "sweep": [f"{name}-sweep-r4", f"{name}-sweep-r8", name]}[lifecycle]]
+                                "sweep": [f"{name}-rank-sweep", name]}[lifecycle]]
     pytorchjobs = sorted(p["metadata"]["name"] for p in await api.list(kube.PYTORCHJOBS))
     config_maps = sorted(c["metadata"]["name"] for c in await api.list(kube.CONFIGMAPS)
                          if (c["metadata"].get("labels") or {}).get(render.LABEL_JOB) == name)

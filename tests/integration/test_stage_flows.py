@@ -21,30 +21,26 @@ from .stage_helpers import (
     BASELINE_TARGET,
     DONE,
     START,
-    assert_active_trials_at_most,
     condition,
     config_of,
-    events_for,
-    finish_trial,
+    finish_sweep,
     prefix_of,
     pytorchjob_creates,
+    row,
     run,
     status_of,
     submit,
     succeed,
     sweep,
-    trial,
-    trial_jobs,
-    trial_name,
-    trial_states,
+    sweep_jobs,
+    sweep_state,
     wait_event,
     wait_exists,
     wait_phase,
     wait_status,
-    wait_trial_state,
     write_json,
-    write_trial_failure,
-    write_trial_result,
+    write_sweep_progress,
+    write_sweep_result,
 )
 
 pytestmark = pytest.mark.integration
@@ -136,254 +132,141 @@ async def test_failed_baseline_fails_the_job_with_the_trainers_reason(operator, 
 # --- rank sweep --------------------------------------------------------------------------------------
 
 
-async def test_sweep_runs_trials_in_parallel_and_picks_the_smaller_of_tied_ranks(operator, api, s3_server, k8s):
-    created = await submit(api, s3_server, "sw", rankSweep=sweep([4, 8, 16, 32], parallelism=2))
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-sweep-r4")
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-sweep-r8")
+FINISHED_ROWS = [row(4, "Stopped", 0.9, rung=0, message="halved out after rung 0 (10 steps)"),
+                 row(8, "Stopped", 0.75, rung=1, message="halved out after rung 1 (20 steps)"),
+                 row(16, "Diverged", None, rung=0, message="holdout loss is nan"),
+                 row(16, "Stopped", 0.95, rung=0, lr=5e-5, retryOf="r16-lr0.0002"),
+                 row(32, "Succeeded", 0.7, rung=1, message="the last config left after rung 1")]
+
+
+async def test_sweep_runs_one_workload_shows_its_table_and_trains_the_chosen_config(operator, api, s3_server, k8s):
+    created = await submit(api, s3_server, "sw", rankSweep=sweep([4, 8, 16, 32], learningRates=[2e-4]))
+    pytorchjob = await wait_exists(api, kube.PYTORCHJOBS, "sw-rank-sweep")
     status = await wait_phase(api, "sw", "Sweeping")
-    await asyncio.sleep(1.0)  # several resyncs: no third trial before one finishes
-    assert sorted(await trial_jobs(api, "sw")) == ["sw-sweep-r4", "sw-sweep-r8"]
-    status = await status_of(api, "sw")
-    assert trial_states(status) == {4: "Pending", 8: "Pending", 16: "Queued", 32: "Queued"}
-    assert status["sweep"]["total"] == 4 and status["sweep"]["completed"] == 0
-    assert "rank" not in status  # not chosen yet
-    assert await api.get(kube.PYTORCHJOBS, "sw") is None
+    assert status["sweep"]["job"] == "sw-rank-sweep" and "rank" not in status
+    assert await sweep_jobs(api, "sw") == ["sw-rank-sweep"] and await api.get(kube.PYTORCHJOBS, "sw") is None
+    labels = pytorchjob["metadata"]["labels"]
+    assert labels[render.LABEL_JOB] == "sw" and labels[render.LABEL_STAGE] == "sweep"
+    config = config_of(await api.get(kube.CONFIGMAPS, "sw-rank-sweep-config"))
+    assert config["stage"] == {"kind": "sweep", "holdout_fraction": 0.1, "baseline_metrics": None}
+    assert config["spec"]["rankSweep"]["ranks"] == [4, 8, 16, 32] and config["spec"]["rankSweep"]["budget"] == 0.3
+    assert config["storage"]["result_uri"] == storage_layout.result_uri(storage_layout.sweep_prefix(prefix_of(created)))
+    await wait_event(api, "sw", "SweepStarted", "ranks 4, 8, 16, 32")
 
-    r4 = await api.get(kube.PYTORCHJOBS, "sw-sweep-r4")
-    labels = r4["metadata"]["labels"]
-    assert labels[render.LABEL_JOB] == "sw" and labels[render.LABEL_STAGE] == "trial"
-    assert labels[render.LABEL_RANK] == "4"
-    r4_config = config_of(await api.get(kube.CONFIGMAPS, "sw-sweep-r4-config"))
-    assert r4_config["stage"]["kind"] == "trial" and r4_config["stage"]["rank"] == 4
-    assert r4_config["stage"]["holdout_fraction"] == 0.1
-    assert r4_config["spec"]["method"]["lora"]["rank"] == 4
-    assert r4_config["spec"]["method"]["lora"]["alpha"] == 8  # proportional: 32 * 4 / 16
-    assert r4_config["storage"]["result_uri"] == storage_layout.result_uri(
-        storage_layout.trial_prefix(prefix_of(created), 4))
-    await wait_event(api, "sw", "TrialStarted", "rank 4")
+    # while it runs, its progress.json is the live table
+    await run(api, "sw-rank-sweep")
+    write_sweep_progress(s3_server, created, {"stage": "sweeping", "sweep": {
+        "trials": [row(4, "Running", 0.9, rung=0), row(8, "Running", 0.8, rung=0)], "usedSteps": 20,
+        "budgetSteps": 60}})
+    status = await wait_status(api, "sw", lambda s: len((s.get("sweep") or {}).get("trials") or []) == 2)
+    assert status["sweep"]["state"] == "Running" and status["sweep"]["usedSteps"] == 20
+    assert status["sweep"]["summary"] == "2 configs, 2 running"
 
-    await run(api, "sw-sweep-r4")
-    await run(api, "sw-sweep-r8")
-    await wait_status(api, "sw", lambda s: trial_states(s).get(4) == "Running" and trial_states(s).get(8) == "Running")
-
-    await finish_trial(api, s3_server, created, 4, 0.9)
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-sweep-r16")
-    await wait_trial_state(api, "sw", 4, "Succeeded")
-    await assert_active_trials_at_most(api, "sw", 2)
-    assert await api.get(kube.PYTORCHJOBS, "sw-sweep-r32") is None
-
-    # the larger rank finishes first with the same metric the smaller one will report
-    await finish_trial(api, s3_server, created, 16, 0.7)
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-sweep-r32")
-    await assert_active_trials_at_most(api, "sw", 2)
-    await finish_trial(api, s3_server, created, 8, 0.7)
-    await wait_trial_state(api, "sw", 8, "Succeeded")
-    assert await api.get(kube.PYTORCHJOBS, "sw") is None  # r32 still running
-    await finish_trial(api, s3_server, created, 32, 0.75)
-
+    await finish_sweep(api, s3_server, created, FINISHED_ROWS)
     training = await wait_exists(api, kube.PYTORCHJOBS, "sw")
     assert training["metadata"]["labels"][render.LABEL_STAGE] == "train"
     config = config_of(await api.get(kube.CONFIGMAPS, "sw-config"))
     assert config["stage"]["kind"] == "train"
-    assert config["spec"]["method"]["lora"]["rank"] == 8
-    assert config["spec"]["method"]["lora"]["alpha"] == 16
+    assert config["spec"]["method"]["lora"]["rank"] == 32 and config["spec"]["method"]["lora"]["alpha"] == 64
+    assert config["spec"]["training"]["learningRate"] == 2e-4
     status = await wait_phase(api, "sw", "Pending")
-    assert status["rank"] == 8
     record = status["sweep"]
-    assert record["bestRank"] == 8 and record["bestMetric"] == 0.7
-    assert record["completed"] == 4 and record["total"] == 4 and record["metric"] == "eval_loss"
-    assert "best r8" in record["summary"]
-    assert {t["rank"]: t["metric"] for t in record["trials"]} == {4: 0.9, 8: 0.7, 16: 0.7, 32: 0.75}
-    for t in record["trials"]:
-        assert t["state"] == "Succeeded"
-        assert t["alpha"] == 2 * t["rank"]
-        assert t["job"] == trial_name("sw", t["rank"])
-        assert t["metrics"] == {"eval_loss": t["metric"]}
-        assert t["durationSeconds"] == 300
-        assert t["startTime"] == START and t["completionTime"] == DONE
+    assert status["rank"] == 32 and record["bestRank"] == 32 and record["bestMetric"] == 0.7
+    assert record["bestLearningRate"] == 2e-4 and record["state"] == "Succeeded"
+    assert [t["state"] for t in record["trials"]] == ["Stopped", "Stopped", "Diverged", "Stopped", "Succeeded"]
+    assert record["trials"][3]["retryOf"] == "r16-lr0.0002"
+    assert record["durationSeconds"] == 300 and record["startTime"] == START and record["completionTime"] == DONE
+    assert record["summary"] == "5 configs, 3 halved, 1 diverged, best r32 lr0.0002"
     selected = condition(status, "RankSelected")
-    assert selected["status"] == "True" and selected["reason"] == "BestHoldoutMetric"
-    assert "rank 8 (alpha 16)" in selected["message"]
+    assert selected["status"] == "True" and "rank 32 (alpha 64)" in selected["message"]
     chosen = await wait_event(api, "sw", "RankChosen")
-    assert "rank 8" in chosen["message"] and "<- chosen" in chosen["message"]
-    events = await events_for(api, "sw")
-    assert sorted(e["message"].split(":")[0] for e in events if e["reason"] == "TrialSucceeded") == [
-        "rank 16", "rank 32", "rank 4", "rank 8"]
-    assert len([e for e in events if e["reason"] == "TrialStarted"]) == 4
-    assert pytorchjob_creates(k8s) == 6  # the data stage, four trials and the training job, each exactly once
+    assert "<- chosen" in chosen["message"] and "Diverged" in chosen["message"]
+    assert pytorchjob_creates(k8s) == 3  # the data stage, the sweep and the training job, each exactly once
 
 
-async def test_sweep_with_a_failed_trial_continues_and_chooses_among_the_others(operator, api, s3_server):
-    created = await submit(api, s3_server, "sw-fail", rankSweep=sweep([4, 8, 16]))
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-fail-sweep-r4")
-    write_trial_failure(s3_server, created, 4, "OutOfMemory", "CUDA out of memory at step 3")
-    await api.set_pytorchjob_conditions("sw-fail-sweep-r4",
-                                        ("Failed", "PyTorchJobFailed", "1 Master replica(s) failed."))
-
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-fail-sweep-r8")  # the others go on
-    status = await wait_trial_state(api, "sw-fail", 4, "Failed")
-    failed = trial(status, 4)
-    assert failed["message"].startswith("OutOfMemory: CUDA out of memory at step 3")
-    assert "1 Master replica(s) failed." in failed["message"]
-    assert "metric" not in failed
-    assert "1 failed" in status["sweep"]["summary"]
-    assert status["phase"] == "Sweeping"
-    event = await wait_event(api, "sw-fail", "TrialFailed")
-    assert event["type"] == "Warning" and "rank 4" in event["message"] and "CUDA out of memory" in event["message"]
-
-    await finish_trial(api, s3_server, created, 8, 0.6)
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-fail-sweep-r16")
-    await finish_trial(api, s3_server, created, 16, 0.5)
-
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-fail")
-    config = config_of(await api.get(kube.CONFIGMAPS, "sw-fail-config"))
-    assert config["spec"]["method"]["lora"]["rank"] == 16
-    assert config["spec"]["method"]["lora"]["alpha"] == 32
-    status = await wait_phase(api, "sw-fail", "Pending")
-    assert status["rank"] == 16
-    assert status["sweep"]["bestRank"] == 16 and status["sweep"]["bestMetric"] == 0.5
-    assert trial_states(status) == {4: "Failed", 8: "Succeeded", 16: "Succeeded"}
-    assert status["sweep"]["completed"] == 3
-    assert condition(status, "RankSelected")["status"] == "True"
-    await wait_event(api, "sw-fail", "RankChosen", "rank 16")
-
-
-async def test_sweep_where_every_trial_fails_fails_the_job(operator, api, s3_server):
-    created = await submit(api, s3_server, "sw-dead", rankSweep=sweep([4, 8], parallelism=2))
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-dead-sweep-r4")
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-dead-sweep-r8")
-    write_trial_failure(s3_server, created, 4, "BadInput", "train line 7 has no messages")
-    await api.set_pytorchjob_conditions("sw-dead-sweep-r4", ("Failed", "PyTorchJobFailed", "r4 master failed"))
-    await wait_trial_state(api, "sw-dead", 4, "Failed")
-    await api.set_pytorchjob_conditions("sw-dead-sweep-r8", ("Failed", "PyTorchJobFailed", "r8 master failed"))
-
+async def test_sweep_workload_failing_fails_the_job_with_the_trainers_reason(operator, api, s3_server):
+    created = await submit(api, s3_server, "sw-dead", rankSweep=sweep([4, 8]))
+    await wait_exists(api, kube.PYTORCHJOBS, "sw-dead-rank-sweep")
+    write_sweep_progress(s3_server, created, {"failure": {"reason": "BadInput",
+                                                          "message": "rankSweep cannot run under deepspeed"}})
+    await api.set_pytorchjob_conditions("sw-dead-rank-sweep", ("Failed", "PyTorchJobFailed", "master failed"))
     status = await wait_phase(api, "sw-dead", "Failed")
-    assert status["failure"]["reason"] == "SweepFailed"
-    message = status["failure"]["message"]
-    assert "all 2 rank-sweep trials failed" in message
-    assert "r4: BadInput: train line 7 has no messages" in message
-    assert "r8: TrainingFailed: r8 master failed" in message
-    assert condition(status, "Failed")["reason"] == "SweepFailed"
-    assert trial_states(status) == {4: "Failed", 8: "Failed"}
+    assert status["failure"]["reason"] == "SweepFailed" and sweep_state(status) == "Failed"
+    assert "BadInput: rankSweep cannot run under deepspeed (master failed)" in status["failure"]["message"]
     assert "bestRank" not in status["sweep"] and "rank" not in status
-    assert condition(status, "RankSelected").get("status") != "True"
     event = await wait_event(api, "sw-dead", "SweepFailed")
     assert event["type"] == "Warning"
     await asyncio.sleep(1.0)
     assert await api.get(kube.PYTORCHJOBS, "sw-dead") is None
-    assert await api.get(kube.CONFIGMAPS, "sw-dead-config") is None
 
 
-async def test_operator_restart_mid_sweep_resumes_without_rerunning_trials(operator, api, s3_server, k8s):
+async def test_sweep_where_no_config_learned_fails_the_job_with_the_table(operator, api, s3_server):
+    created = await submit(api, s3_server, "sw-chance", rankSweep=sweep([4, 8]))
+    await wait_exists(api, kube.PYTORCHJOBS, "sw-chance-rank-sweep")
+    await finish_sweep(api, s3_server, created, [
+        row(4, "AtChance", 4.31, rung=0, message="holdout loss 4.31 >= 0.97 ln(77) = 4.213"),
+        row(8, "Diverged", None, rung=0, message="the training loss became non-finite at step 3")])
+    status = await wait_phase(api, "sw-chance", "Failed")
+    assert status["failure"]["reason"] == "SweepFailed"
+    assert "no config of the rank sweep learned anything" in status["failure"]["message"]
+    assert "AtChance" in status["failure"]["message"] and "non-finite" in status["failure"]["message"]
+    assert [t["state"] for t in status["sweep"]["trials"]] == ["AtChance", "Diverged"]
+    await asyncio.sleep(1.0)
+    assert await api.get(kube.PYTORCHJOBS, "sw-chance") is None
+
+
+async def test_operator_restart_mid_sweep_keeps_its_one_workload(operator, api, s3_server, k8s):
     created = await submit(api, s3_server, "sw-rs", rankSweep=sweep([4, 8, 16]))
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-rs-sweep-r4")
-    await finish_trial(api, s3_server, created, 4, 0.8)
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-rs-sweep-r8")
-    await run(api, "sw-rs-sweep-r8")
-    await wait_status(api, "sw-rs", lambda s: trial_states(s) == {4: "Succeeded", 8: "Running", 16: "Queued"})
-    r8_uid = (await api.get(kube.PYTORCHJOBS, "sw-rs-sweep-r8"))["metadata"]["uid"]
-    assert pytorchjob_creates(k8s) == 3  # the data stage, r4 and r8
+    await wait_exists(api, kube.PYTORCHJOBS, "sw-rs-rank-sweep")
+    await run(api, "sw-rs-rank-sweep")
+    await wait_status(api, "sw-rs", lambda s: sweep_state(s) == "Running")
+    uid = (await api.get(kube.PYTORCHJOBS, "sw-rs-rank-sweep"))["metadata"]["uid"]
 
     await operator.stop()
-    await api.client.delete(kube.PYTORCHJOBS, NS, "sw-rs-sweep-r4")  # the finished trial's TTL removed it
     await operator.start()
     await asyncio.sleep(1.5)  # the resume handler and a few resyncs
+    assert (await api.get(kube.PYTORCHJOBS, "sw-rs-rank-sweep"))["metadata"]["uid"] == uid
+    assert pytorchjob_creates(k8s) == 2  # the data stage and the sweep
+    assert sweep_state(await status_of(api, "sw-rs")) == "Running"
 
-    assert await api.get(kube.PYTORCHJOBS, "sw-rs-sweep-r4") is None  # a finished trial is never re-run
-    assert list(await trial_jobs(api, "sw-rs")) == ["sw-rs-sweep-r8"]
-    assert (await api.get(kube.PYTORCHJOBS, "sw-rs-sweep-r8"))["metadata"]["uid"] == r8_uid
-    assert pytorchjob_creates(k8s) == 3
-    status = await status_of(api, "sw-rs")
-    assert trial_states(status) == {4: "Succeeded", 8: "Running", 16: "Queued"}
-    assert trial(status, 4)["metric"] == 0.8
-    assert status["phase"] == "Sweeping"
-
-    await finish_trial(api, s3_server, created, 8, 0.6)
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-rs-sweep-r16")
-    await finish_trial(api, s3_server, created, 16, 0.65)
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-rs")
-    status = await wait_phase(api, "sw-rs", "Pending")
-    assert status["rank"] == 8 and status["sweep"]["bestRank"] == 8
-    assert config_of(await api.get(kube.CONFIGMAPS, "sw-rs-config"))["spec"]["method"]["lora"]["rank"] == 8
-    assert await api.get(kube.PYTORCHJOBS, "sw-rs-sweep-r4") is None
-    assert pytorchjob_creates(k8s) == 5  # data, r4, r8, r16, training
-
-
-async def test_trials_that_vanished_while_the_operator_was_away(operator, api, s3_server, k8s):
-    """A trial that finished and was TTL-removed is read from its result.json; one deleted before it
-    finished is lost (Failed, JobLost); neither is created again."""
-    created = await submit(api, s3_server, "sw-gone", rankSweep=sweep([4, 8, 16], parallelism=2))
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-gone-sweep-r4")
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-gone-sweep-r8")
-    await run(api, "sw-gone-sweep-r4")
-    await run(api, "sw-gone-sweep-r8")
-    await wait_status(api, "sw-gone", lambda s: trial_states(s) == {4: "Running", 8: "Running", 16: "Queued"})
-
+    # it finishes and its TTL removes it while the operator is away: its result.json decides
     await operator.stop()
-    write_trial_result(s3_server, created, 4, 0.55)
-    await api.client.delete(kube.PYTORCHJOBS, NS, "sw-gone-sweep-r4")
-    await api.client.delete(kube.PYTORCHJOBS, NS, "sw-gone-sweep-r8")
+    write_sweep_result(s3_server, created, FINISHED_ROWS[:2])
+    await api.client.delete(kube.PYTORCHJOBS, NS, "sw-rs-rank-sweep")
     await operator.start()
-
-    status = await wait_status(api, "sw-gone", lambda s: trial_states(s).get(8) == "Failed")
-    assert trial_states(status)[4] == "Succeeded"
-    assert trial(status, 4)["metric"] == 0.55
-    assert trial(status, 8)["message"].startswith("JobLost:")
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-gone-sweep-r16")
-    await asyncio.sleep(1.0)
-    assert list(await trial_jobs(api, "sw-gone")) == ["sw-gone-sweep-r16"]
-    assert pytorchjob_creates(k8s) == 4  # with the data stage
-    await finish_trial(api, s3_server, created, 16, 0.6)
-    status = await wait_phase(api, "sw-gone", "Pending")
-    assert status["rank"] == 4
-    assert config_of(await api.get(kube.CONFIGMAPS, "sw-gone-config"))["spec"]["method"]["lora"]["rank"] == 4
+    status = await wait_phase(api, "sw-rs", "Pending")
+    assert status["rank"] == 8 and sweep_state(status) == "Succeeded"  # r8 reached the deeper rung
+    assert await api.get(kube.PYTORCHJOBS, "sw-rs-rank-sweep") is None
+    assert pytorchjob_creates(k8s) == 3  # with the training job
 
 
 async def set_suspend(api, name: str, suspend: bool) -> None:
     await api.client.patch(kube.FINETUNEJOBS, NS, name, {"spec": {"runPolicy": {"suspend": suspend}}})
 
 
-async def test_suspend_during_a_sweep_holds_the_trials_and_resume_continues(operator, api, s3_server):
-    created = await submit(api, s3_server, "sw-pause", rankSweep=sweep([4, 8, 16], parallelism=2))
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-pause-sweep-r4")
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-pause-sweep-r8")
-    await run(api, "sw-pause-sweep-r4")
-    await run(api, "sw-pause-sweep-r8")
-    await wait_status(api, "sw-pause", lambda s: trial_states(s) == {4: "Running", 8: "Running", 16: "Queued"})
+async def test_suspend_during_a_sweep_holds_it_and_resume_continues(operator, api, s3_server):
+    created = await submit(api, s3_server, "sw-pause", rankSweep=sweep([4, 8, 16]))
+    await wait_exists(api, kube.PYTORCHJOBS, "sw-pause-rank-sweep")
+    await run(api, "sw-pause-rank-sweep")
+    await wait_status(api, "sw-pause", lambda s: sweep_state(s) == "Running")
 
     await set_suspend(api, "sw-pause", True)
-    await eventually(lambda: trial_suspended(api, "sw-pause-sweep-r4", True))
-    await eventually(lambda: trial_suspended(api, "sw-pause-sweep-r8", True))
+    await eventually(lambda: workload_suspended(api, "sw-pause-rank-sweep", True))
     status = await wait_phase(api, "sw-pause", "Suspended")
-    assert condition(status, "Suspended")["status"] == "True"
     assert condition(status, "Suspended")["reason"] == "SuspendedBySpec"
-    await api.set_pytorchjob_conditions("sw-pause-sweep-r8", ("Suspended", "PyTorchJobSuspended", "suspended"))
-
-    # r4 finishes just as it is suspended: its slot frees up, but nothing new starts while suspended
-    await finish_trial(api, s3_server, created, 4, 0.7)
-    await wait_trial_state(api, "sw-pause", 4, "Succeeded")
-    await asyncio.sleep(1.0)
-    assert await api.get(kube.PYTORCHJOBS, "sw-pause-sweep-r16") is None
-    status = await status_of(api, "sw-pause")
-    assert status["phase"] == "Suspended" and trial_states(status)[16] == "Queued"
-    assert (await api.get(kube.PYTORCHJOBS, "sw-pause-sweep-r4"))["spec"]["runPolicy"]["suspend"] is True
 
     await set_suspend(api, "sw-pause", False)
-    await eventually(lambda: trial_suspended(api, "sw-pause-sweep-r8", False))
-    r16 = await wait_exists(api, kube.PYTORCHJOBS, "sw-pause-sweep-r16")
-    assert r16["spec"]["runPolicy"]["suspend"] is False
+    await eventually(lambda: workload_suspended(api, "sw-pause-rank-sweep", False))
     status = await wait_phase(api, "sw-pause", "Sweeping")
-    assert condition(status, "Suspended")["status"] == "False"
     assert condition(status, "Suspended")["reason"] == "Resumed"
-    await finish_trial(api, s3_server, created, 8, 0.9)
-    await finish_trial(api, s3_server, created, 16, 0.8)
+    await finish_sweep(api, s3_server, created, FINISHED_ROWS[:2])
     training = await wait_exists(api, kube.PYTORCHJOBS, "sw-pause")
     assert training["spec"]["runPolicy"]["suspend"] is False
     status = await wait_phase(api, "sw-pause", "Pending")
-    assert status["rank"] == 4
+    assert status["rank"] == 8
 
 
-async def trial_suspended(api, name: str, suspend: bool) -> bool:
+async def workload_suspended(api, name: str, suspend: bool) -> bool:
     pytorchjob = await api.get(kube.PYTORCHJOBS, name)
     return pytorchjob["spec"]["runPolicy"]["suspend"] is suspend
 
@@ -395,21 +278,19 @@ async def test_baseline_below_target_then_sweep_then_training(operator, api, s3_
     created = await submit(api, s3_server, "both", baseline=BASELINE_TARGET, rankSweep=sweep([4, 8]))
     await wait_exists(api, kube.PYTORCHJOBS, "both-baseline")
     await wait_phase(api, "both", "Baseline")
-    assert await trial_jobs(api, "both") == {}  # the sweep waits for the baseline's verdict
+    assert await sweep_jobs(api, "both") == []  # the sweep waits for the baseline's verdict
     metrics = {"eval_loss": 2.5}
     prefix = storage_layout.baseline_prefix(prefix_of(created))
     write_json(s3_server, storage_layout.result_uri(prefix), {"metrics": metrics, "seconds": 3})
     await succeed(api, "both-baseline")
 
-    await wait_exists(api, kube.PYTORCHJOBS, "both-sweep-r4")
+    await wait_exists(api, kube.PYTORCHJOBS, "both-rank-sweep")
     status = await wait_phase(api, "both", "Sweeping")
     assert condition(status, "BaselineSufficient")["reason"] == "BelowTarget"
-    trial_config = config_of(await api.get(kube.CONFIGMAPS, "both-sweep-r4-config"))
-    assert trial_config["spec"]["baseline"]["enabled"] is False  # trials do not evaluate the base model
-    assert trial_config["stage"]["baseline_metrics"] is None
-    await finish_trial(api, s3_server, created, 4, 1.1)
-    await wait_exists(api, kube.PYTORCHJOBS, "both-sweep-r8")
-    await finish_trial(api, s3_server, created, 8, 1.0)
+    sweep_config = config_of(await api.get(kube.CONFIGMAPS, "both-rank-sweep-config"))
+    assert sweep_config["spec"]["baseline"]["enabled"] is False  # no separate baseline: it scores the holdout
+    assert sweep_config["stage"]["baseline_metrics"] is None
+    await finish_sweep(api, s3_server, created, [row(4, "Stopped", 1.1, rung=0), row(8, "Succeeded", 1.0, rung=0)])
 
     await wait_exists(api, kube.PYTORCHJOBS, "both")
     config = config_of(await api.get(kube.CONFIGMAPS, "both-config"))
@@ -458,27 +339,18 @@ async def test_force_training_needs_no_separate_baseline_job(operator, api, s3_s
     assert await api.get(kube.PYTORCHJOBS, "forced-baseline") is None
 
 
-async def test_trials_without_a_usable_result_fail(operator, api, s3_server):
-    created = await submit(api, s3_server, "sw-nores", rankSweep=sweep([4, 8], parallelism=2))
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-nores-sweep-r4")
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-nores-sweep-r8")
-    # r4 succeeded long ago (longer than the publish timeout) and never wrote result.json
-    await succeed(api, "sw-nores-sweep-r4", completionTime="2026-01-01T00:00:00Z")
-    # r8 wrote a result without the sweep metric
-    prefix = storage_layout.trial_prefix(prefix_of(created), 8)
-    write_json(s3_server, storage_layout.result_uri(prefix), {"metrics": {"perplexity": 3.0}})
-    await succeed(api, "sw-nores-sweep-r8")
-
+async def test_sweep_without_a_result_beyond_the_publish_timeout_fails(operator, api, s3_server):
+    await submit(api, s3_server, "sw-nores", rankSweep=sweep([4, 8]))
+    await wait_exists(api, kube.PYTORCHJOBS, "sw-nores-rank-sweep")
+    # it succeeded long ago (longer than the publish timeout) and never wrote result.json
+    await succeed(api, "sw-nores-rank-sweep", completionTime="2026-01-01T00:00:00Z")
     status = await wait_phase(api, "sw-nores", "Failed")
-    assert status["failure"]["reason"] == "SweepFailed"
-    assert trial(status, 4)["message"].startswith("ResultMissing:")
-    assert trial(status, 8)["message"].startswith("MetricMissing:")
+    assert status["failure"]["reason"] == "SweepFailed" and "ResultMissing:" in status["failure"]["message"]
     assert await api.get(kube.PYTORCHJOBS, "sw-nores") is None
 
 
-async def test_trial_created_just_before_a_crash_is_adopted_not_duplicated(operator, api, s3_server, k8s):
-    """The operator died after creating a trial's children but before recording them in status."""
-    from kubetune.api import jobconfig
+async def test_sweep_created_just_before_a_crash_is_adopted_not_duplicated(operator, api, s3_server, k8s):
+    """The operator died after creating the sweep's children but before recording them in status."""
     from kubetune.api.validation import validate
     from kubetune_operator.reconcile import stages
 
@@ -487,24 +359,22 @@ async def test_trial_created_just_before_a_crash_is_adopted_not_duplicated(opera
     created = await submit(api, s3_server, "sw-adopt", data_stage=False, rankSweep=sweep([4, 8]))
     job = {**created, "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"}
     spec = validate(job).defaulted["spec"]
-    stage = stages.trial_stage(spec, 4)
-    assert stage.kind == jobconfig.STAGE_TRIAL
-    for child in render_children({**job, "spec": stages.trial_spec(spec, 4)}, operator.settings.render, stage):
+    for child in render_children({**job, "spec": stages.sweep_spec(spec)}, operator.settings.render,
+                                 stages.sweep_stage(spec)):
         resource = kube.CONFIGMAPS if child["kind"] == "ConfigMap" else kube.PYTORCHJOBS
         await api.client.create(resource, child)
-    uid = (await api.get(kube.PYTORCHJOBS, "sw-adopt-sweep-r4"))["metadata"]["uid"]
+    uid = (await api.get(kube.PYTORCHJOBS, "sw-adopt-rank-sweep"))["metadata"]["uid"]
     await operator.start()
 
-    status = await wait_status(api, "sw-adopt", lambda s: trial_states(s).get(4) == "Pending")
-    assert trial_states(status) == {4: "Pending", 8: "Queued"}
+    await wait_status(api, "sw-adopt", lambda s: sweep_state(s) == "Pending")
     await asyncio.sleep(1.0)
-    assert list(await trial_jobs(api, "sw-adopt")) == ["sw-adopt-sweep-r4"]
-    assert (await api.get(kube.PYTORCHJOBS, "sw-adopt-sweep-r4"))["metadata"]["uid"] == uid
-    assert pytorchjob_creates(k8s) == 1
-    # an unfinished trial's pods cannot start without their job config: a deleted one comes back
-    await api.client.delete(kube.CONFIGMAPS, NS, "sw-adopt-sweep-r4-config")
-    config_map = await wait_exists(api, kube.CONFIGMAPS, "sw-adopt-sweep-r4-config")
-    assert config_of(config_map)["stage"]["rank"] == 4
-    await finish_trial(api, s3_server, created, 4, 0.5)
-    await wait_exists(api, kube.PYTORCHJOBS, "sw-adopt-sweep-r8")
+    assert await sweep_jobs(api, "sw-adopt") == ["sw-adopt-rank-sweep"]
+    assert (await api.get(kube.PYTORCHJOBS, "sw-adopt-rank-sweep"))["metadata"]["uid"] == uid
+    assert pytorchjob_creates(k8s) == 1  # the test's own
+    # an unfinished sweep's pods cannot start without their job config: a deleted one comes back
+    await api.client.delete(kube.CONFIGMAPS, NS, "sw-adopt-rank-sweep-config")
+    config_map = await wait_exists(api, kube.CONFIGMAPS, "sw-adopt-rank-sweep-config")
+    assert config_of(config_map)["stage"]["kind"] == "sweep"
+    await finish_sweep(api, s3_server, created, [row(4, "Succeeded", 0.5, rung=0), row(8, "Stopped", 0.6, rung=0)])
+    await wait_exists(api, kube.PYTORCHJOBS, "sw-adopt")
     assert pytorchjob_creates(k8s) == 2

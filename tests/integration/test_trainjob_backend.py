@@ -23,13 +23,14 @@ from tests.trainer.conftest import lm_corpus
 from .conftest import NS, eventually
 from .stage_helpers import (
     data_stage_name,
+    row,
     sweep,
-    trial_name,
-    trial_states,
+    sweep_name,
+    sweep_state,
     wait_exists,
     wait_status,
     write_data_result,
-    write_trial_result,
+    write_sweep_result,
 )
 from .test_finetunejob_flows import submit, wait_phase
 from .test_kueue import wait_queued
@@ -99,34 +100,29 @@ async def suspended_is(api, name: str, suspend: bool) -> bool:
     return (await api.get(TRAINJOBS, name))["spec"]["suspend"] is suspend
 
 
-async def test_suspend_during_a_sweep_suspends_the_trial_trainjobs_and_resume_releases_them(operator, api,
-                                                                                              s3_server):
+async def test_suspend_during_a_sweep_suspends_its_trainjob_and_resume_releases_it(operator, api, s3_server):
     created = await submit(api, s3_server, "v2-pause", data_stage=False, backend="TrainJob",
-                           rankSweep=sweep([4, 8], parallelism=2))
+                           rankSweep=sweep([4, 8]))
     await wait_exists(api, TRAINJOBS, "v2-pause-data")
     write_data_result(s3_server, created)
     await write_trainjob_status(api, "v2-pause-data", complete=True)
-    for rank in (4, 8):
-        await wait_exists(api, TRAINJOBS, trial_name("v2-pause", rank))
-        await write_trainjob_status(api, trial_name("v2-pause", rank), active=1)
-    await wait_status(api, "v2-pause", lambda s: trial_states(s) == {4: "Running", 8: "Running"})
+    await wait_exists(api, TRAINJOBS, sweep_name("v2-pause"))
+    await write_trainjob_status(api, sweep_name("v2-pause"), active=1)
+    await wait_status(api, "v2-pause", lambda s: sweep_state(s) == "Running")
 
     await api.client.patch(kube.FINETUNEJOBS, NS, "v2-pause", {"spec": {"runPolicy": {"suspend": True}}})
-    for rank in (4, 8):
-        await eventually(lambda r=rank: suspended_is(api, trial_name("v2-pause", r), True))
+    await eventually(lambda: suspended_is(api, sweep_name("v2-pause"), True))
     await wait_phase(api, "v2-pause", "Suspended")
     await api.client.patch(kube.FINETUNEJOBS, NS, "v2-pause", {"spec": {"runPolicy": {"suspend": False}}})
-    for rank in (4, 8):
-        await eventually(lambda r=rank: suspended_is(api, trial_name("v2-pause", r), False))
+    await eventually(lambda: suspended_is(api, sweep_name("v2-pause"), False))
     await wait_phase(api, "v2-pause", "Sweeping")
 
-    for rank, loss in ((4, 0.9), (8, 0.7)):
-        write_trial_result(s3_server, created, rank, loss)
-        await write_trainjob_status(api, trial_name("v2-pause", rank), complete=True)
+    write_sweep_result(s3_server, created, [row(4, "Stopped", 0.9, rung=0), row(8, "Succeeded", 0.7, rung=0)])
+    await write_trainjob_status(api, sweep_name("v2-pause"), complete=True)
     training = await wait_exists(api, TRAINJOBS, "v2-pause")
     assert training["spec"]["suspend"] is False and training["spec"]["trainer"]["numNodes"] == 2
     status = await wait_phase(api, "v2-pause", "Pending")
-    assert status["rank"] == 8 and status["sweep"]["trials"][0]["job"] == trial_name("v2-pause", 4)
+    assert status["rank"] == 8 and status["sweep"]["job"] == sweep_name("v2-pause")
     assert await api.list(kube.PYTORCHJOBS) == []
 
 

@@ -18,10 +18,10 @@ from .conftest import job_spec, make_config
 def test_every_process_of_a_pod_shares_one_work_dir(tmp_path):
     spec = job_spec(tmp_path, tmp_path / "d.jsonl", tmp_path / "out")
     train = make_config(spec, name="w")
-    trial = make_config(spec, name="w", stage=jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=8))
+    trial = make_config(spec, name="w", stage=jobconfig.Stage(kind=jobconfig.STAGE_SWEEP))
     assert default_work_dir(train, Path("/tmp")) == default_work_dir(train, Path("/tmp"))  # never per process
     assert default_work_dir(train, Path("/tmp")) == Path("/tmp/kubetune-uid-w-train")
-    assert default_work_dir(trial, Path("/tmp")) == Path("/tmp/kubetune-uid-w-trial-r8")
+    assert default_work_dir(trial, Path("/tmp")) == Path("/tmp/kubetune-uid-w-sweep")
     rendered = {e["name"]: e.get("value") for e in trainer_env(spec)}
     assert rendered["KUBETUNE_WORK_DIR"] == WORK_DIR == "/var/cache/kubetune/work"  # on the pod's cache volume
 

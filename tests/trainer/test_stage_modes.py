@@ -1,4 +1,4 @@
-"""The trainer's baseline and trial stages (what a `<job>-baseline` or `<job>-sweep-r<rank>` PyTorchJob
+"""The trainer's baseline and sweep stages (what a `<job>-baseline` or `<job>-sweep` PyTorchJob
 runs): they write result.json under their own prefix and never publish an adapter."""
 
 from __future__ import annotations
@@ -51,21 +51,36 @@ def test_baseline_stage_without_validation_data_is_bad_input(tmp_path, tiny_llam
         run_in_process(config, tmp_path / "work")
 
 
-def test_trial_trains_on_the_training_split_minus_a_holdout_and_scores_it(tmp_path, tiny_llama):
+def test_sweep_halves_the_configs_on_a_holdout_within_the_budget(tmp_path, tiny_llama):
     data = write_jsonl(tmp_path / "train.jsonl", lm_corpus(60))
     spec = make_config(job_spec(tiny_llama, data, tmp_path / "out", training={
-        "epochs": 1, "learningRate": 0.01, "perDeviceBatchSize": 4, "maxSeqLength": 64, "precision": "FP32",
-        "gradientCheckpointing": False, "checkpointSteps": 1000}), name="trial").spec
-    spec["rankSweep"] = {"ranks": [2, 8], "holdoutFraction": 0.25, "epochs": 1, "maxSteps": 5, "metric": "eval_loss",
-                         "parallelism": 1, "alpha": "Proportional", "tieTolerance": 0.0}
-    stage = stages.trial_stage(spec, 8)
-    config = jobconfig.job_config("test", "trial", "uid-trial", stages.trial_spec(spec, 8), stage)
+        "epochs": 4, "learningRate": 0.01, "perDeviceBatchSize": 4, "maxSeqLength": 64, "precision": "FP32",
+        "gradientCheckpointing": False, "checkpointSteps": 1000}), name="sweep").spec
+    spec["rankSweep"] = {"ranks": [2, 8], "learningRates": [0.01, 0.03], "holdoutFraction": 0.25, "budget": 0.5,
+                         "metric": "eval_loss", "alpha": "Proportional", "tieTolerance": 0.0}
+    config = jobconfig.job_config("test", "sweep", "uid-sweep", stages.sweep_spec(spec), stages.sweep_stage(spec))
     result = run_in_process(config, tmp_path / "work")
-    assert config.storage.result_uri.endswith("/sweep/rank-8/result.json")
+    assert config.storage.result_uri.endswith("/sweep/result.json")
     written = _read(config.storage.result_uri)
-    assert written["kind"] == "trial" and written["rank"] == 8 and written["alpha"] == 32  # alpha/rank 16/4 kept
+    assert written == result and written["kind"] == "sweep"
     # 48 training lines after the validation split; a quarter of them is the holdout
     assert written["examples"] == {"train": 36, "holdout": 12}
-    assert written["steps"] == 5  # rankSweep.maxSteps caps the epoch
-    assert written["metrics"]["eval_loss"] == result["metrics"]["eval_loss"] > 0
-    assert _read(config.storage.manifest_uri) is None  # trials never publish adapters
+    # the full run: 4 epochs of 48 lines at batch 4 = 48 steps; half of it is the budget. 4 configs: rung 0
+    # gives each s0, rung 1 gives the best two s0 more: 6 units plus one reserved retry -> s0 = 24 // 7 = 3
+    assert (written["fullRunSteps"], written["budgetSteps"], written["firstRungSteps"]) == (48, 24, 3)
+    assert written["usedSteps"] <= written["budgetSteps"]
+    rows = written["trials"]
+    assert {(r["rank"], r["learningRate"]) for r in rows if not r.get("retryOf")} == {
+        (2, 0.01), (2, 0.03), (8, 0.01), (8, 0.03)}
+    assert {r["alpha"] for r in rows if r["rank"] == 8} == {32}  # alpha/rank 16/4 kept
+    finalists = [r for r in rows if r["state"] == "Succeeded"]
+    assert len(finalists) == 1 and finalists[0]["steps"] == 6 and finalists[0]["rung"] == 1
+    halved = [r for r in rows if r["state"] == "Stopped"]
+    assert {r["steps"] for r in halved} <= {3, 6} and all("halved out" in r["message"] for r in halved)
+    # the finalist beat the config halved at the same rung, at the same number of steps
+    same_rung = [r for r in halved if r["rung"] == 1]
+    assert all(finalists[0]["metric"] <= r["metric"] for r in same_rung)
+    assert written["best"]["name"] == finalists[0]["name"]
+    assert written["baseMetrics"]["eval_loss"] > finalists[0]["metric"]
+    assert _read(config.storage.manifest_uri) is None  # the sweep never publishes an adapter
+    assert _read(storage_layout.progress_uri(config.storage.job_prefix))["sweep"]["trials"]

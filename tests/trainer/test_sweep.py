@@ -1,6 +1,6 @@
-"""The baseline gate and the rank sweep for real: `kubetune local` runs the baseline job, one trial
-process per rank (the real trainer on the pretrained MiniLM, CLINC150 subset) and the full run with
-the chosen rank, all through the operator's state machine."""
+"""The baseline gate and the rank sweep for real: `kubetune local` runs the baseline job, the one sweep
+process (successive halving over the ranks, the real trainer on the pretrained MiniLM, CLINC150
+subset) and the full run with the chosen rank, all through the operator's state machine."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import yaml
 
-from kubetune_operator.reconcile import stages
+from kubetune.api import sweep_rules
 
 from .test_minilm_clinc import clinc_subset, minilm_spec
 
@@ -40,7 +40,7 @@ def test_sweep_picks_the_rank_by_its_holdout_metric_then_trains_with_it(tmp_path
     train, validation, _ = clinc_subset(tmp_path)
     job_file = _job_file(tmp_path, train, validation,
                          baseline={"target": {"metric": "accuracy", "value": 0.9}},
-                         rankSweep={"ranks": [1, 16], "metric": "eval_loss", "parallelism": 2})
+                         rankSweep={"ranks": [1, 16], "metric": "eval_loss"})
     result, status = _run(tmp_path, job_file)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert status["phase"] == "Succeeded"
@@ -50,15 +50,18 @@ def test_sweep_picks_the_rank_by_its_holdout_metric_then_trains_with_it(tmp_path
     assert baseline["source"] == "BaselineJob" and baseline["state"] == "Succeeded" and baseline["met"] is False
     assert baseline["metrics"]["accuracy"] < 0.9
 
-    # every rank was tried on the holdout, the metrics differ by rank, and the choice follows the rule
+    # every rank was tried on the holdout in one process, halved to one within the budget
     sweep = status["sweep"]
-    trials = {t["rank"]: t for t in sweep["trials"]}
+    assert sweep["state"] == "Succeeded" and sweep["usedSteps"] <= sweep["budgetSteps"]
+    assert sweep["budgetSteps"] == int(0.3 * sweep["fullRunSteps"])
+    trials = {t["rank"]: t for t in sweep["trials"] if "retryOf" not in t}
     assert sorted(trials) == [1, 16]
-    assert all(t["state"] == "Succeeded" and t["durationSeconds"] > 0 for t in trials.values())
     assert trials[1]["alpha"] == 2 and trials[16]["alpha"] == 32  # alpha/rank kept at the spec's 16/8
-    assert trials[1]["metric"] != trials[16]["metric"]
-    expected = stages.choose_rank(sweep["trials"], "eval_loss")
-    assert sweep["bestRank"] == expected["rank"] == min(trials, key=lambda r: trials[r]["metric"])
+    states = sorted(t["state"] for t in sweep["trials"])
+    assert states.count("Succeeded") == 1, sweep["trials"]
+    assert all(t["steps"] > 0 and t["seconds"] > 0 for t in sweep["trials"])
+    best = sweep_rules.choose(sweep["trials"], "eval_loss")
+    assert sweep["bestRank"] == best["rank"] and best["state"] == "Succeeded"
     assert status["rank"] == sweep["bestRank"]
 
     # the full run trained with the chosen rank, and did not evaluate the base model a second time
@@ -68,14 +71,14 @@ def test_sweep_picks_the_rank_by_its_holdout_metric_then_trains_with_it(tmp_path
     assert config["stage"]["baseline_metrics"] == baseline["metrics"]
     assert status["adapter"]["baselineMetrics"] == baseline["metrics"]
     assert status["adapter"]["metrics"]["accuracy"] > baseline["metrics"]["accuracy"]
-    for rank in (1, 16):
-        assert (run_dir / f"clinc-sweep-sweep-r{rank}" / "trainer.log").exists()  # one process per trial
+    assert (run_dir / "clinc-sweep-rank-sweep" / "trainer.log").exists()  # one process for the sweep
+    assert not list(run_dir.glob("clinc-sweep-sweep-r*"))
 
     # the summary shows the sweep as a table and as a chart
     assert "rank sweep (holdout eval_loss)" in result.stdout and "<- chosen" in result.stdout
     chart = run_dir / "sweep.png"
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5_000
-    for reason in ("BaselineEvaluated", "TrialStarted", "TrialSucceeded", "RankChosen", "AdapterPublished"):
+    for reason in ("BaselineEvaluated", "SweepStarted", "RankChosen", "AdapterPublished"):
         assert reason in result.stderr
 
 

@@ -54,11 +54,11 @@ def test_each_stage_is_its_own_run_with_a_stable_wandb_id():
     job = {"namespace": "team-a", "name": "bot", "uid": "u-1"}
     train = tracking.stage_run(job, jobconfig.Stage())
     baseline = tracking.stage_run(job, jobconfig.Stage(kind=jobconfig.STAGE_BASELINE))
-    trial = tracking.stage_run(job, jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=8))
+    trial = tracking.stage_run(job, jobconfig.Stage(kind=jobconfig.STAGE_SWEEP))
     assert (train.name, train.wandb_id, train.experiment) == ("team-a/bot", "u-1", "team-a")
     assert (baseline.name, baseline.wandb_id) == ("team-a/bot/baseline", "u-1-baseline")
-    assert (trial.name, trial.wandb_id) == ("team-a/bot/trial-rank-8", "u-1-trial-rank-8")
-    assert trial.tags == {"kubetune.io/job-uid": "u-1", "kubetune.io/stage": "trial"}
+    assert (trial.name, trial.wandb_id) == ("team-a/bot/sweep", "u-1-sweep")
+    assert trial.tags == {"kubetune.io/job-uid": "u-1", "kubetune.io/stage": "sweep"}
 
 
 def test_a_continued_run_skips_what_it_already_logged():

@@ -22,8 +22,7 @@ BASELINE_JOB = "llama-lora-baseline"
 TARGET = {"metric": "eval_loss", "value": 1.0}
 
 
-def trial_name(rank: int) -> str:
-    return f"llama-lora-sweep-r{rank}"
+SWEEP_JOB = "llama-lora-rank-sweep"
 
 
 def with_conditions(pytorchjob: dict, *kinds: str, message: str = "", completion: str | None = None,
@@ -118,8 +117,8 @@ class Cluster:
     def condition(self, kind: str) -> dict | None:
         return cond.find(self.status.get("conditions"), kind)
 
-    def trials(self) -> dict[int, dict]:
-        return {t["rank"]: t for t in self.status["sweep"]["trials"]}
+    def trials(self) -> dict[str, dict]:
+        return {t["name"]: t for t in self.status["sweep"]["trials"]}
 
 
 def created_pytorchjobs(plan: Plan) -> list[str]:
@@ -142,5 +141,19 @@ def baseline_cluster(**spec) -> Cluster:
     return Cluster(finetunejob(baseline={"target": dict(TARGET)}, **spec))
 
 
-def sweep_cluster(ranks=(4, 8, 16), parallelism=1, **sweep) -> Cluster:
-    return Cluster(finetunejob(rankSweep={"ranks": list(ranks), "parallelism": parallelism, **sweep}))
+def sweep_cluster(ranks=(4, 8, 16), **sweep) -> Cluster:
+    return Cluster(finetunejob(rankSweep={"ranks": list(ranks), **sweep}))
+
+
+def row(rank: int, state: str, metric: float | None, *, rung: int, lr: float = 2e-4, **extra) -> dict:
+    """One config's row as the sweep's trainer writes it (alpha 2 x rank: the factory's 16/8)."""
+    out = {"name": f"r{rank}-lr{lr:.3g}", "rank": rank, "alpha": 2 * rank, "learningRate": lr, "state": state,
+           "steps": 10 * 2 ** rung, "rung": rung, **extra}
+    if metric is not None:
+        out["metric"] = metric
+    return out
+
+
+def sweep_result(rows: list[dict], **extra) -> dict:
+    return {"api": jobconfig.STAGE_RESULT_API, "kind": "sweep", "metric": "eval_loss", "trials": rows,
+            "fullRunSteps": 200, "budgetSteps": 60, "usedSteps": 60, **extra}

@@ -34,7 +34,7 @@ def test_render_children_is_the_config_map_then_the_backends_workload():
 
 
 def _pj(*conditions: tuple[str, str], **status) -> dict:
-    return {"metadata": {"name": "j", "labels": {render.LABEL_STAGE: jobconfig.STAGE_TRIAL}},
+    return {"metadata": {"name": "j", "labels": {render.LABEL_STAGE: jobconfig.STAGE_SWEEP}},
             "spec": {"runPolicy": {"suspend": status.pop("suspend", False)}},
             "status": {"conditions": [{"type": t, "status": s, "reason": f"R{t}", "message": f"m {t}",
                                        "lastTransitionTime": "2026-01-01T00:00:00Z"} for t, s in conditions],
@@ -56,7 +56,7 @@ def test_pytorchjob_status_reads_into_the_neutral_view():
     assert pytorchjob.read_status(_pj(("Succeeded", "True"))).phase == SUCCEEDED
     view = pytorchjob.read_status(_pj(suspend=True, replicaStatuses={"Master": {"active": 1, "failed": 2},
                                                                      "Worker": {"active": 1}}))
-    assert view.suspended and view.attempts == 3 and view.labels == {render.LABEL_STAGE: jobconfig.STAGE_TRIAL}
+    assert view.suspended and view.attempts == 3 and view.labels == {render.LABEL_STAGE: jobconfig.STAGE_SWEEP}
     assert view.replicas["Worker"] == {"active": 1, "succeeded": 0, "failed": 0}
 
 

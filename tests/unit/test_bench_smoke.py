@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO_ROOT, SHARED, shared_file
 
 
@@ -47,18 +45,16 @@ def test_gpu_lora_llama_cpu_smoke(tmp_path: Path):
 
 def test_rank_sweep_smoke(tmp_path: Path):
     out = tmp_path / "sweep.json"
-    _run("rank_sweep.py", "--smoke", "--json", str(out), timeout=300)
+    # 1 min 50 s of CPU in two jobs of three processes each: on a shared 2-core machine the wall time is 5 min
+    _run("rank_sweep.py", "--smoke", "--json", str(out), timeout=600)
     report = json.loads(out.read_text())
     results = report["results"]
     assert results["plain"]["best_rank"] is None and results["plain"]["sweep_seconds"] == 0
-    for name in ("sequential", "parallel"):
-        assert [t["rank"] for t in results[name]["trials"]] == report["settings"]["ranks"]
-        assert all(t["state"] == "Succeeded" for t in results[name]["trials"])
-        assert results[name]["sweep_seconds"] > 0
-    # seeded trials: the parallel sweep measures the same metrics (up to thread-count rounding)
-    sequential = [t["metric"] for t in results["sequential"]["trials"]]
-    assert [t["metric"] for t in results["parallel"]["trials"]] == pytest.approx(sequential, rel=1e-4)
-    assert report["same_choice"]
+    swept = results["sweep"]
+    assert sorted({t["rank"] for t in swept["trials"]}) == report["settings"]["ranks"]
+    assert [t["state"] for t in swept["trials"]].count("Succeeded") == 1
+    assert swept["steps"]["usedSteps"] <= max(swept["steps"]["budgetSteps"], 2)
+    assert swept["sweep_seconds"] > 0 and report["sweep_to_plain_ratio"] > 0
 
 
 def test_adapter_rollout_smoke(tmp_path: Path):

@@ -21,7 +21,7 @@ from tests.conftest import REPO_ROOT
 EXAMPLES = sorted(p.name for p in (REPO_ROOT / "examples").glob("*.yaml") if p.name != "secrets.yaml")
 SETTINGS = render.RenderSettings(trainer_image="ghcr.io/kubetune/trainer:1.0")
 STAGES = [jobconfig.Stage(kind=jobconfig.STAGE_DATA), jobconfig.Stage(kind=jobconfig.STAGE_BASELINE),
-          jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=256, holdout_fraction=0.1, max_steps=300),
+          jobconfig.Stage(kind=jobconfig.STAGE_SWEEP, holdout_fraction=0.1),
           jobconfig.Stage()]
 
 

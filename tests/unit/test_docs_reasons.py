@@ -100,7 +100,7 @@ REASON_SOURCES = [
     # Accepted=False
     (CONTROL_PLANE / "reconcile/finetunejob.py", r"condition\(\s*\"Accepted\",\s*False,\s*\"(\w+)\"",
      "InvalidSpecUpdate"),
-    # a stage's (baseline, trial) failure reasons, inside BaselineFailed / SweepFailed / TrialFailed messages
+    # a stage's (baseline, sweep) failure reasons, inside BaselineFailed / SweepFailed messages
     (CONTROL_PLANE / "reconcile/stage_jobs.py", r"_stage_failed\(\s*record,\s*\"(\w+)\"", "ResultMissing"),
     # the reason when the training workload's failure has none
     (CONTROL_PLANE / "reconcile/finetunejob.py", r"workload\.reason\s*or\s*\"(\w+)\"", "TrainingFailed"),
@@ -131,7 +131,7 @@ REASON_SOURCES = [
     # Secrets or keys the pods reference that do not exist (SecretsFound=False, a Warning Event)
     (CONTROL_PLANE / "reconcile/secrets.py", r"^SECRET_\w+\s*=\s*\"(\w+)\"", "SecretNotFound"),
     # every Warning Event of the state machines
-    (CONTROL_PLANE / "reconcile/stage_jobs.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "TrialFailed"),
+    (CONTROL_PLANE / "reconcile/stage_jobs.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "DataLeakage"),
     (CONTROL_PLANE / "reconcile/adapterdeployment.py", r"Event\(\s*\"Warning\",\s*\"(\w+)\"", "RolledBack"),
     # the drift loop: every decision and Event (it sets no condition), retrain outcomes, gate verdicts
     (CONTROL_PLANE / "reconcile/driftloop.py", r"(?:Event|decision)\(\s*\"(?:Warning|Normal)\",\s*\"(\w+)\"",

@@ -85,7 +85,7 @@ def test_the_helper_strips_exactly_the_tracking_keys():
     ("data", {}, {"ConfigMap", "PyTorchJob"}),
     ("training", {}, {"ConfigMap", "PyTorchJob"}),
     ("baseline", {"baseline": {"target": {"metric": "eval_loss", "value": 1.0}}}, {"ConfigMap", "PyTorchJob"}),
-    ("sweep", {"rankSweep": {"ranks": [4, 8, 16], "parallelism": 3}}, {"ConfigMap", "PyTorchJob"}),
+    ("sweep", {"rankSweep": {"ranks": [4, 8, 16]}}, {"ConfigMap", "PyTorchJob"}),
 ])
 def test_finetunejob_children_of_every_stage_carry_no_tracking_keys(stage, spec, kinds):
     job = tracked(finetunejob(**spec))
@@ -94,16 +94,16 @@ def test_finetunejob_children_of_every_stage_carry_no_tracking_keys(stage, spec,
     children = decide_children(job)
     assert {c["kind"] for c in children} == kinds
     if stage == "sweep":
-        assert sum(c["kind"] == "PyTorchJob" for c in children) == 3
+        assert [c["metadata"]["name"] for c in children] == ["llama-lora-rank-sweep-config", "llama-lora-rank-sweep"]
     for child in children:
         assert_clean(child, job)
 
 
 def test_training_after_the_sweep_carries_no_tracking_keys():
-    job = tracked(finetunejob(rankSweep={"ranks": [4, 8], "parallelism": 2}))
-    job["status"] = {"phase": "Sweeping", "sweep": {"trials": [
-        {"rank": 4, "alpha": 8, "state": "Succeeded", "metric": 0.5, "job": "llama-lora-sweep-r4"},
-        {"rank": 8, "alpha": 16, "state": "Succeeded", "metric": 0.6, "job": "llama-lora-sweep-r8"}]}}
+    job = data_validated(tracked(finetunejob(rankSweep={"ranks": [4, 8]})))
+    job["status"] |= {"phase": "Sweeping", "sweep": {"job": "llama-lora-rank-sweep", "state": "Succeeded", "trials": [
+        {"rank": 4, "alpha": 8, "learningRate": 2e-4, "state": "Succeeded", "metric": 0.5, "rung": 0},
+        {"rank": 8, "alpha": 16, "learningRate": 2e-4, "state": "Stopped", "metric": 0.6, "rung": 0}]}}
     children = decide_children(job)
     assert [c["metadata"]["name"] for c in children] == ["llama-lora-config", "llama-lora"]
     for child in children:

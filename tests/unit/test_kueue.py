@@ -81,7 +81,7 @@ def condition(plan, kind: str) -> dict:
 def test_with_a_queue_every_stage_is_created_suspended_and_labelled_without_volcano_fields():
     job = finetunejob(scheduling={"queueName": QUEUE, "priorityClassName": "batch"})
     for stage in (jobconfig.Stage(kind=jobconfig.STAGE_DATA), jobconfig.Stage(kind=jobconfig.STAGE_BASELINE),
-                  jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=8), jobconfig.Stage()):
+                  jobconfig.Stage(kind=jobconfig.STAGE_SWEEP), jobconfig.Stage()):
         workload = rendered(job, stage)
         assert workload["metadata"]["labels"][kueue.LABEL_QUEUE] == QUEUE
         assert workload["spec"]["runPolicy"]["suspend"] is True
@@ -208,19 +208,15 @@ def test_a_queued_data_stage_shows_queued_and_is_never_resumed():
     assert not plan.suspend_stage_jobs
 
 
-def test_a_sweep_with_one_trial_admitted_is_sweeping_and_says_the_other_waits():
+def test_a_sweep_waiting_for_admission_is_queued_and_names_its_workload():
     job = data_validated(finetunejob(scheduling={"queueName": QUEUE}, rankSweep=SWEEP))
-    job["status"]["sweep"] = {"trials": [{"rank": 8, "state": "Pending"}, {"rank": 16, "state": "Pending"}]}
-    trials = {}
-    for rank, suspended in ((8, False), (16, True)):
-        workload = copy.deepcopy(rendered(job, jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=rank)))
-        workload["spec"]["runPolicy"]["suspend"] = suspended
-        workload["status"] = {"conditions": [{"type": "Running", "status": "True"}]} if not suspended else {}
-        trials[workload["metadata"]["name"]] = pytorchjob.read_status(workload)
-    plan = ftj.decide(ftj.Observed(job=job, now=NOW, stage_jobs=trials,
-                                   stage_config_maps=frozenset(f"{n}-config" for n in trials)), ftj.Settings())
-    assert plan.status["phase"] == "Sweeping"
-    assert condition(plan, "Queued")["status"] == "True" and "sweep-r16" in condition(plan, "Queued")["message"]
+    job["status"]["sweep"] = {"job": "llama-lora-rank-sweep", "state": "Pending"}
+    workload = rendered(job, jobconfig.Stage(kind=jobconfig.STAGE_SWEEP))  # created suspended: not admitted
+    name = workload["metadata"]["name"]
+    plan = ftj.decide(ftj.Observed(job=job, now=NOW, stage_jobs={name: pytorchjob.read_status(workload)},
+                                   stage_config_maps=frozenset({f"{name}-config"})), ftj.Settings())
+    assert name == "llama-lora-rank-sweep"
+    assert condition(plan, "Queued")["status"] == "True" and name in condition(plan, "Queued")["message"]
     assert not plan.suspend_stage_jobs
 
 

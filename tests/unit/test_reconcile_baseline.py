@@ -18,14 +18,16 @@ from tests.unit.stage_cluster import (
     ROOT,
     SETTINGS,
     START,
+    SWEEP_JOB,
     TARGET,
     Cluster,
     baseline_cluster,
     config_json,
     created_pytorchjobs,
     reasons,
+    row,
     sweep_cluster,
-    trial_name,
+    sweep_result,
 )
 
 # --- baseline ----------------------------------------------------------------------------------------
@@ -262,10 +264,12 @@ def status_errors(status: dict) -> list[str]:
 
 
 def test_status_of_a_finished_sweep_and_a_training_baseline_conforms_to_the_crd_schema():
-    c = sweep_cluster(ranks=(4, 8), parallelism=2)
+    c = sweep_cluster(ranks=(4, 8))
     c.reconcile()
-    c.succeed(trial_name(4), {"eval_loss": 1.1, "perplexity": 3.0})
-    c.fail(trial_name(8))
+    rows = [row(4, "Succeeded", 1.1, rung=0), row(8, "Diverged", None, rung=0, message="holdout loss is nan"),
+            row(8, "Stopped", 1.2, rung=0, lr=5e-5, retryOf="r8-lr0.0002")]
+    c.results[SWEEP_JOB] = sweep_result(rows)
+    c.set(SWEEP_JOB, "Created", "Running", "Succeeded", completion=DONE)
     c.reconcile()
     c.set("llama-lora", "Created", "Running")
     c.reconcile(progress={"baselineMetrics": {"eval_loss": 2.0}})
@@ -273,10 +277,13 @@ def test_status_of_a_finished_sweep_and_a_training_baseline_conforms_to_the_crd_
     assert status_errors(c.status) == []
 
 
-def test_sweep_status_with_queued_trials_conforms_to_the_crd_schema():
-    c = sweep_cluster(ranks=(4, 8), parallelism=1)
+def test_running_sweep_status_conforms_to_the_crd_schema():
+    c = sweep_cluster(ranks=(4, 8))
     c.reconcile()
-    assert c.trials()[8]["state"] == "Queued"
+    c.set(SWEEP_JOB, "Created", "Running")
+    c.progress[SWEEP_JOB] = {"sweep": {"trials": [row(4, "Running", 1.3, rung=0)], "usedSteps": 10}}
+    c.reconcile()
+    assert c.status["sweep"]["trials"][0]["state"] == "Running"
     assert status_errors(c.status) == []
 
 

@@ -139,12 +139,14 @@ def ftj_status(draw, name: str) -> dict | None:
         ranks = draw(st.lists(st.sampled_from(RANKS), max_size=4, unique=True))
         trials = []
         for rank in sorted(ranks):
-            trial = {"rank": rank, "state": draw(st.sampled_from(ftj_status_api.TRIAL_STATES)), "alpha": 2 * rank,
-                     "job": f"{name}-sweep-r{rank}"}
-            if trial["state"] == "Succeeded" and draw(st.booleans()):
+            trial = {"rank": rank, "state": draw(st.sampled_from(ftj_status_api.SWEEP_TRIAL_STATES)),
+                     "alpha": 2 * rank, "learningRate": 1e-3, "rung": draw(st.integers(0, 2))}
+            if trial["state"] != "Running" and draw(st.booleans()):
                 trial["metric"] = draw(FINITE)
             trials.append(trial)
-        status["sweep"] = {"trials": trials}
+        status["sweep"] = {"trials": trials, "job": f"{name}-rank-sweep"}
+        if draw(st.booleans()):
+            status["sweep"]["state"] = draw(st.sampled_from(ftj_status_api.STAGE_STATES))
         if trials and draw(st.booleans()):
             status["sweep"]["bestRank"] = trials[0]["rank"]
     if draw(st.booleans()):
@@ -211,12 +213,10 @@ def ftj_observations(draw, specs) -> ftj.Observed:
     stage_jobs = {}
     stage_names = [render.stage_job_name(name, jobconfig.Stage(kind=jobconfig.STAGE_BASELINE))]
     stage_labels = [{render.LABEL_STAGE: jobconfig.STAGE_BASELINE}]
-    for rank in RANKS:
-        stage_names.append(render.stage_job_name(name, jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=rank)))
-        stage_labels.append({render.LABEL_STAGE: jobconfig.STAGE_TRIAL, render.LABEL_RANK: str(rank)})
+    stage_names.append(render.stage_job_name(name, jobconfig.Stage(kind=jobconfig.STAGE_SWEEP)))
+    stage_labels.append({render.LABEL_STAGE: jobconfig.STAGE_SWEEP})
     for index in draw(st.lists(st.integers(0, len(stage_names) - 1), max_size=3, unique=True)):
-        labels = stage_labels[index] if draw(st.integers(0, 4)) else {render.LABEL_STAGE: "trial",
-                                                                      render.LABEL_RANK: "r?"}
+        labels = stage_labels[index] if draw(st.integers(0, 4)) else {render.LABEL_STAGE: "trial"}
         stage_jobs[stage_names[index]] = pytorchjob.read_status(draw(pytorchjobs(stage_names[index], labels)))
     reports = {n: draw(STAGE_REPORTS) for n in stage_names if draw(st.booleans())}
     return ftj.Observed(
@@ -259,8 +259,7 @@ def check_finetunejob_plan(observed: ftj.Observed, plan: Plan) -> None:
         assert meta["namespace"] == namespace
         assert meta["ownerReferences"] == [render.owner_reference(job)]
         assert meta["labels"][render.LABEL_JOB] == name
-        rank = meta["labels"].get(render.LABEL_RANK)
-        stage = jobconfig.Stage(kind=meta["labels"][render.LABEL_STAGE], rank=int(rank) if rank else None)
+        stage = jobconfig.Stage(kind=meta["labels"][render.LABEL_STAGE])
         if child["kind"] == "PyTorchJob":
             assert meta["name"] == render.stage_job_name(name, stage)
             assert meta["name"] not in existing, f"{meta['name']} exists and would be created again"
@@ -319,40 +318,41 @@ def test_finetunejob_garbage_spec_is_invalid_spec(spec, name, generation):
 
 
 def _sweeping_job() -> dict:
-    """A job whose rank-4 trial ran and whose PyTorchJob is gone (TTL): its result.json decides."""
+    """A job whose sweep ran and whose PyTorchJob is gone (TTL): its result.json decides."""
     spec = {"baseModel": {"uri": "hf://org/model"}, "dataset": {"uri": "s3://data/train.jsonl", "format": "chat"},
             "method": {"type": "LoRA", "lora": {"rank": 8}}, "training": {"maxSteps": 100},
             "distributed": {"nodes": 1, "gpusPerNode": 1}, "rankSweep": {"ranks": [4, 8]},
             "output": {"uri": "s3://adapters/team-a"}}
     return {"apiVersion": api.API_VERSION, "kind": "FineTuneJob",
             "metadata": {"name": "llama-lora", "namespace": NS, "uid": "uid-1", "generation": 1}, "spec": spec,
-            "status": {"phase": "Sweeping", "sweep": {"trials": [
-                {"rank": 4, "state": "Running", "alpha": 8, "job": "llama-lora-sweep-r4"},
-                {"rank": 8, "state": "Queued", "alpha": 16, "job": "llama-lora-sweep-r8"}]}}}
+            "status": {"phase": "Sweeping", "data": {"state": "Succeeded", "job": "llama-lora-data"},
+                       "sweep": {"job": "llama-lora-rank-sweep", "state": "Running"}}}
 
 
-def test_trial_result_with_nan_seconds_keeps_status_writable():
-    result = {"metrics": {"eval_loss": 1.25}, "seconds": float("nan")}
+def test_sweep_result_with_nan_seconds_and_metrics_keeps_status_writable():
+    rows = [{"rank": 4, "state": "Succeeded", "metric": 1.25, "rung": 0, "learningRate": 1e-3, "seconds": float("nan")},
+            {"rank": 8, "state": "Stopped", "metric": float("nan"), "rung": 0, "learningRate": float("inf")}]
+    result = {"trials": rows, "metrics": {"eval_loss": float("nan")}, "seconds": float("nan")}
     observed = ftj.Observed(job=_sweeping_job(), now=NOW,
-                            stage_reports={"llama-lora-sweep-r4": StageReport(result=result)})
+                            stage_reports={"llama-lora-rank-sweep": StageReport(result=result)})
     plan = ftj.decide(observed, SETTINGS)
-    trial = plan.status["sweep"]["trials"][0]
-    assert trial["state"] == "Succeeded" and trial["metric"] == 1.25 and "durationSeconds" not in trial
+    sweep = plan.status["sweep"]
+    assert sweep["state"] == "Succeeded" and sweep["bestRank"] == 4 and "durationSeconds" not in sweep
+    assert sweep["trials"][1] == {"rank": 8, "state": "Stopped", "rung": 0}
     assert_writable(plan.status, FTJ_STATUS_SCHEMA)
 
 
 def test_trainer_files_that_are_not_objects():
     """progress.json or result.json holding a list, a number or a string (a truncated or foreign file): read as
-    empty objects (the trial reported no metric), never an AttributeError that stops every reconcile of the job."""
+    empty objects (the sweep reported no table), never an AttributeError that stops every reconcile of the job."""
     for garbage in ([], [1, 2], True, 3, "done"):
         observed = ftj.Observed(job=_sweeping_job(), now=NOW, stage_reports={
-            "llama-lora-sweep-r4": StageReport(result=garbage, progress=garbage)})
+            "llama-lora-rank-sweep": StageReport(result=garbage, progress=garbage)})
         plan = ftj.decide(observed, SETTINGS)
-        trial = plan.status["sweep"]["trials"][0]
-        assert trial["state"] == "Failed" and "reported no eval_loss" in trial["message"], garbage
+        assert plan.status["failure"]["reason"] == "SweepFailed", garbage
         observed = ftj.Observed(job=_sweeping_job(), now=NOW, stage_reports={
-            "llama-lora-sweep-r4": StageReport(result={"metrics": garbage})})
-        assert ftj.decide(observed, SETTINGS).status["sweep"]["trials"][0]["state"] == "Failed"
+            "llama-lora-rank-sweep": StageReport(result={"trials": garbage})})
+        assert ftj.decide(observed, SETTINGS).status["failure"]["reason"] == "SweepFailed"
         job = {**_sweeping_job(), "status": {"phase": "Running", "trainingJob": {"name": "llama-lora"}}}
         running = {"metadata": {"name": "llama-lora"}, "status": {"conditions": [
             {"type": "Running", "status": "True", "lastTransitionTime": NOW}]}}

@@ -35,7 +35,7 @@ NOW = "2026-11-28T12:00:00Z"
 STAGES = {
     "train": jobconfig.Stage(kind=jobconfig.STAGE_TRAIN),
     "baseline": jobconfig.Stage(kind=jobconfig.STAGE_BASELINE),
-    "trial": jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=8, holdout_fraction=0.1, max_steps=50),
+    "sweep": jobconfig.Stage(kind=jobconfig.STAGE_SWEEP, holdout_fraction=0.1),
 }
 JOBS = {
     "multi-node": finetunejob(),
@@ -143,7 +143,7 @@ def assert_restricted(where: str, pod: dict, *, writable_root: tuple[str, ...] =
 
 def test_every_trainer_pod_is_restricted_with_a_read_only_root():
     pods = training_pods()
-    assert any("/baseline/" in k for k in pods) and any("sweep-r8" in k for k in pods)
+    assert any("/baseline/" in k for k in pods) and any("-sweep/" in k for k in pods)
     assert any(k.endswith("/Worker") for k in pods)
     for where, pod in pods.items():
         assert_restricted(where, pod)

@@ -21,8 +21,7 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 BASELINE = jobconfig.Stage(kind=jobconfig.STAGE_BASELINE)
 
 
-def trial(rank: int) -> jobconfig.Stage:
-    return jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=rank)
+SWEEP = jobconfig.Stage(kind=jobconfig.STAGE_SWEEP, holdout_fraction=0.1)
 
 
 def defaulted(**overrides) -> dict:
@@ -129,200 +128,86 @@ def test_sweep_requested_only_for_lora_and_qlora():
     assert not stages.sweep_requested({**full, "rankSweep": {"ranks": [4, 8]}})
 
 
-def test_sweep_ranks_sorted_and_unique():
-    spec = sweep_spec(ranks=[32, 4, 16])
-    assert stages.sweep_ranks(spec) == [4, 16, 32]
-    assert stages.sweep_ranks({"rankSweep": {"ranks": [8, 4, 8, 2]}}) == [2, 4, 8]
-    assert stages.sweep_ranks(sweep_spec()) == [4, 8, 16, 32]
-
-
-def test_lora_alpha_proportional_keeps_the_ratio():
-    spec = sweep_spec()  # lora rank 16, alpha 32 (default 2 x rank)
-    assert spec["method"]["lora"] == {**spec["method"]["lora"], "rank": 16, "alpha": 32}
-    assert spec["rankSweep"]["alpha"] == "Proportional"
-    assert [stages.lora_alpha(spec, r) for r in (1, 4, 8, 16, 32, 512)] == [2, 8, 16, 32, 64, 1024]
-    low = copy.deepcopy(spec)
-    low["method"]["lora"]["alpha"] = 1
-    assert stages.lora_alpha(low, 4) == 1  # never below 1 (0.25 rounds to 0)
-    assert stages.lora_alpha(low, 64) == 4
-
-
-def test_lora_alpha_fixed_keeps_the_spec_alpha():
-    spec = sweep_spec(alpha="Fixed")
-    assert [stages.lora_alpha(spec, r) for r in (4, 8, 64)] == [32, 32, 32]
-
-
-def test_trial_spec_is_the_job_at_one_rank_short_and_plain():
+def test_sweep_spec_is_the_job_own_without_a_baseline_or_merge():
     spec = defaulted(
         training={"epochs": 3, "evalSteps": 50, "earlyStopping": {"patience": 2}},
         output={"uri": "s3://adapters/x", "mergeAdapter": True},
         baseline={"target": {"metric": "eval_loss", "value": 1.0}},
-        rankSweep={"ranks": [8, 4], "epochs": 0.5, "maxSteps": 20},
+        rankSweep={"ranks": [8, 4], "maxSteps": 20, "nodes": 1, "gpusPerNode": 2},
     )
     before = copy.deepcopy(spec)
-    out = stages.trial_spec(spec, 4)
+    out = stages.sweep_spec(spec)
     assert spec == before  # the input is not mutated
-    assert out["method"]["lora"]["rank"] == 4 and out["method"]["lora"]["alpha"] == 8
-    assert out["method"]["lora"]["dropout"] == spec["method"]["lora"]["dropout"]
-    assert out["training"]["epochs"] == 0.5
-    for key in ("maxSteps", "earlyStopping", "evalSteps"):
-        assert key not in out["training"]
-    assert out["training"].get("learningRate") == spec["training"].get("learningRate")
+    assert out["training"] == spec["training"]  # the full run's settings size the budget
+    assert out["rankSweep"] == spec["rankSweep"]  # the trainer reads the sweep's own settings
     assert out["baseline"] == {"enabled": False, "forceTraining": False}
-    assert out["output"]["mergeAdapter"] is False
-    assert out["output"]["uri"] == "s3://adapters/x"
-    assert "rankSweep" not in out
-    assert out["dataset"] == spec["dataset"]
-    # and nested objects are not shared with the input
+    assert out["output"]["mergeAdapter"] is False and out["output"]["uri"] == "s3://adapters/x"
+    assert (out["distributed"]["nodes"], out["distributed"]["gpusPerNode"]) == (1, 2)
+    assert out["distributed"]["deepspeed"]["enabled"] is False and spec["distributed"]["deepspeed"]["enabled"]
     out["training"]["learningRate"] = 1.0
-    out["output"]["uri"] = "s3://elsewhere/y"
-    assert spec == before
+    assert spec == before  # nested objects are not shared
 
 
-def test_trial_spec_fixed_alpha_and_max_steps_dropped_from_training():
-    spec = defaulted(training={"maxSteps": 300}, rankSweep={"ranks": [4, 8], "alpha": "Fixed", "epochs": 2})
-    out = stages.trial_spec(spec, 8)
-    assert out["method"]["lora"] == {**spec["method"]["lora"], "rank": 8, "alpha": 32}
-    assert "maxSteps" not in out["training"] and out["training"]["epochs"] == 2
-    assert spec["training"]["maxSteps"] == 300
+def test_sweep_stage_carries_the_holdout():
+    assert stages.sweep_stage(sweep_spec(holdoutFraction=0.2)) == jobconfig.Stage(
+        kind=jobconfig.STAGE_SWEEP, holdout_fraction=0.2)
 
 
-def test_trial_stage_carries_rank_holdout_and_step_cap():
-    assert stages.trial_stage(sweep_spec(maxSteps=20, holdoutFraction=0.2), 8) == jobconfig.Stage(
-        kind=jobconfig.STAGE_TRIAL, rank=8, holdout_fraction=0.2, max_steps=20)
-    assert stages.trial_stage(sweep_spec(), 4) == jobconfig.Stage(
-        kind=jobconfig.STAGE_TRIAL, rank=4, holdout_fraction=0.1, max_steps=None)
-
-
-def test_training_spec_applies_the_chosen_rank():
+def test_training_spec_applies_the_chosen_rank_and_the_swept_learning_rate():
     spec = sweep_spec()
     before = copy.deepcopy(spec)
-    out = stages.training_spec(spec, 8)
+    out = stages.training_spec(spec, 8, 1e-3)
     assert out["method"]["lora"]["rank"] == 8 and out["method"]["lora"]["alpha"] == 16
-    assert out["training"] == spec["training"]  # the full run keeps its own schedule
-    assert out["output"] == spec["output"]
+    assert out["training"] == spec["training"]  # learning rates were not swept: the spec's own
     assert spec == before
     assert stages.training_spec(spec, None) is spec
     plain = defaulted()
     assert stages.training_spec(plain, 8) is plain  # no sweep: the spec's own rank
     fixed = stages.training_spec(sweep_spec(alpha="Fixed"), 4)
     assert fixed["method"]["lora"]["rank"] == 4 and fixed["method"]["lora"]["alpha"] == 32
+    swept = stages.training_spec(sweep_spec(learningRates=[1e-3, 4e-3]), 4, 4e-3)
+    assert swept["training"]["learningRate"] == 4e-3
 
 
-# --- sweep: choosing ---------------------------------------------------------------------------------
+# --- sweep: its table --------------------------------------------------------------------------------
 
 
-def test_choose_rank_lower_is_better():
-    trials = [t(4, metric=1.3), t(8, metric=1.1), t(16, metric=1.2), t(32, metric=1.15)]
-    assert stages.choose_rank(trials, "eval_loss")["rank"] == 8
-    assert stages.choose_rank(trials, "perplexity")["rank"] == 8
+def test_trial_rows_keep_what_status_can_store():
+    rows = [{"name": "r8-lr0.001", "rank": 8, "alpha": 16, "learningRate": 1e-3, "state": "Stopped", "metric": 1.2,
+             "steps": 10, "rung": 0, "seconds": 3.5, "message": "halved out", "metrics": {"eval_loss": 1.2}},
+            {"rank": 4, "state": "Diverged", "metric": float("nan"), "learningRate": float("inf"), "steps": -1},
+            {"rank": 4, "state": "Queued"}, {"state": "Succeeded"}, {"rank": 0, "state": "Succeeded"},
+            {"rank": True, "state": "Succeeded"}, "not a row", {"rank": 4, "state": "AtChance", "message": "x" * 5000}]
+    assert stages.trial_rows(rows) == [
+        {"name": "r8-lr0.001", "rank": 8, "alpha": 16, "learningRate": 1e-3, "state": "Stopped", "metric": 1.2,
+         "steps": 10, "rung": 0, "seconds": 3.5, "message": "halved out"},
+        {"rank": 4, "state": "Diverged"},
+        {"rank": 4, "state": "AtChance", "message": "x" * 1024}]
+    assert stages.trial_rows(None) == [] and stages.trial_rows({"rank": 4}) == []
+    assert len(stages.trial_rows([{"rank": 4, "state": "Stopped"}] * 100)) == stages.MAX_TRIAL_ROWS
 
 
-def test_choose_rank_higher_is_better():
-    trials = [t(4, metric=0.70), t(8, metric=0.91), t(16, metric=0.85)]
-    assert stages.choose_rank(trials, "accuracy")["rank"] == 8
-    assert stages.choose_rank(trials, "macro_f1")["rank"] == 8
-    assert stages.choose_rank(trials, "eval_loss")["rank"] == 4  # same numbers, other direction
+def test_sweep_summary_counts_states():
+    rows = [t(4, "Stopped"), t(8, "Stopped"), t(16, "Diverged"), t(32, "AtChance"), t(16, "Succeeded")]
+    assert stages.sweep_summary(rows, None) == "5 configs, 2 halved, 1 diverged, 1 at chance"
+    best = {"rank": 16, "learningRate": 2e-4}
+    assert stages.sweep_summary(rows, best) == "5 configs, 2 halved, 1 diverged, 1 at chance, best r16 lr0.0002"
+    assert stages.sweep_summary([], None) == "0 configs"
 
 
-def test_choose_rank_exact_tie_goes_to_the_smaller_rank():
-    trials = [t(32, metric=1.0), t(8, metric=1.0), t(16, metric=1.0), t(4, metric=1.5)]
-    best = stages.choose_rank(trials, "eval_loss")
-    assert best == t(8, metric=1.0)
-    assert stages.choose_rank([t(16, metric=0.9), t(8, metric=0.9)], "accuracy")["rank"] == 8
-
-
-def test_choose_rank_tolerance_ties_go_to_the_smallest_rank_within_it():
-    trials = [t(4, metric=1.30), t(8, metric=1.12), t(16, metric=1.10), t(32, metric=1.00)]
-    assert stages.choose_rank(trials, "eval_loss", 0.0)["rank"] == 32
-    assert stages.choose_rank(trials, "eval_loss", 0.05)["rank"] == 32
-    assert stages.choose_rank(trials, "eval_loss", 0.11)["rank"] == 16  # 1.10 is within 0.11 of 1.00
-    assert stages.choose_rank(trials, "eval_loss", 0.15)["rank"] == 8  # 1.12 too; 1.30 is not
-    assert stages.choose_rank(trials, "eval_loss", 0.5)["rank"] == 4
-    accuracy = [t(4, metric=0.80), t(8, metric=0.89), t(16, metric=0.90)]
-    assert stages.choose_rank(accuracy, "accuracy", 0.02)["rank"] == 8
-    assert stages.choose_rank(accuracy, "accuracy", 0.2)["rank"] == 4
-    assert stages.choose_rank(accuracy, "accuracy", 0.0)["rank"] == 16
-
-
-def test_choose_rank_ignores_failed_and_non_finite_trials():
-    trials = [
-        t(4, stages.FAILED, metric=0.1, message="TrainingFailed: oom"),
-        t(8, metric=float("nan")),
-        t(16, metric=float("-inf")),
-        t(32, stages.RUNNING, metric=0.2),
-        t(64, stages.QUEUED),
-        t(128, metric=1.4),
-        t(256, metric=True),
-        t(512),  # succeeded without a metric
-    ]
-    assert stages.choose_rank(trials, "eval_loss")["rank"] == 128
-    assert stages.choose_rank(trials, "eval_loss", 10.0)["rank"] == 128
-
-
-def test_choose_rank_none_when_nothing_succeeded():
-    assert stages.choose_rank([], "eval_loss") is None
-    assert stages.choose_rank([t(4, stages.FAILED), t(8, stages.FAILED, metric=1.0)], "eval_loss") is None
-    assert stages.choose_rank([t(4, metric=float("nan")), t(8, stages.RUNNING)], "eval_loss") is None
-
-
-@pytest.mark.parametrize(("trials", "parallelism", "ranks"), [
-    ([t(16, stages.QUEUED), t(4, stages.QUEUED), t(8, stages.QUEUED)], 1, [4]),
-    ([t(16, stages.QUEUED), t(4, stages.QUEUED), t(8, stages.QUEUED)], 2, [4, 8]),
-    ([t(16, stages.QUEUED), t(4, stages.QUEUED), t(8, stages.QUEUED)], 16, [4, 8, 16]),
-    ([t(4, stages.RUNNING), t(8, stages.QUEUED), t(16, stages.QUEUED)], 1, []),
-    ([t(4, stages.PENDING), t(8, stages.QUEUED), t(16, stages.QUEUED)], 2, [8]),
-    ([t(4, stages.PENDING), t(8, stages.RUNNING), t(16, stages.QUEUED)], 2, []),
-    ([t(4, stages.SUCCEEDED), t(8, stages.FAILED), t(16, stages.QUEUED), t(32, stages.QUEUED)], 1, [16]),
-    ([t(4, stages.RUNNING), t(8, stages.RUNNING), t(16, stages.QUEUED)], 1, []),  # over the limit: none
-    ([t(4, stages.SUCCEEDED), t(8, stages.FAILED)], 4, []),
-])
-def test_runnable_fills_free_slots_in_rank_order(trials, parallelism, ranks):
-    assert stages.runnable(trials, parallelism) == ranks
-
-
-def test_sweep_summary():
-    queued = [t(4, stages.QUEUED), t(8, stages.QUEUED), t(16, stages.QUEUED)]
-    assert stages.sweep_summary(queued, None) == "0/3 done"
-    running = [t(4, stages.PENDING), t(8, stages.RUNNING), t(16, stages.QUEUED)]
-    assert stages.sweep_summary(running, None) == "0/3 done, 2 running"
-    mixed = [t(4, metric=1.0), t(8, stages.FAILED), t(16, stages.RUNNING)]
-    assert stages.sweep_summary(mixed, None) == "2/3 done, 1 failed, 1 running"
-    done = [t(4, metric=1.0), t(8, stages.FAILED), t(16, metric=0.9)]
-    assert stages.sweep_summary(done, done[2]) == "3/3 done, 1 failed, best r16"
-    assert stages.sweep_summary([t(4, metric=1.0), t(8, metric=2.0)], t(4, metric=1.0)) == "2/2 done, best r4"
-
-
-def test_trial_metric_from_result_json():
-    assert stages.trial_metric({"metrics": {"eval_loss": 1.25, "accuracy": 0.5}}, "eval_loss") == 1.25
-    value = stages.trial_metric({"metrics": {"accuracy": 1}}, "accuracy")
-    assert value == 1.0 and isinstance(value, float)
-    assert stages.trial_metric({"metrics": {"eval_loss": 1.25}}, "accuracy") is None
-    assert stages.trial_metric({"metrics": {"eval_loss": float("nan")}}, "eval_loss") is None
-    assert stages.trial_metric({"metrics": {"eval_loss": "1.2"}}, "eval_loss") is None
-    assert stages.trial_metric({"metrics": None}, "eval_loss") is None
-    assert stages.trial_metric({}, "eval_loss") is None
-    assert stages.trial_metric(None, "eval_loss") is None
-
-
-def test_table_rows_in_rank_order_with_the_choice_marked():
-    trials = [
-        t(16, metric=1.2, alpha=32, durationSeconds=95.4),
-        t(4, metric=1.3, alpha=8, durationSeconds=120.0),
-        t(8, stages.FAILED, alpha=16, message="x"),
-        t(32, stages.RUNNING),
-    ]
-    lines = stages.table(trials, "eval_loss", 16).splitlines()
-    assert len(lines) == 5
-    assert lines[0].split() == ["rank", "alpha", "state", "eval_loss", "seconds"]
-    assert lines[1].split() == ["4", "8", "Succeeded", "1.3000", "120"]
-    assert lines[2].split() == ["8", "16", "Failed", "-", "-"]
-    assert lines[3].split() == ["16", "32", "Succeeded", "1.2000", "95", "<-", "chosen"]
-    assert lines[4].split() == ["32", "-", "Running", "-", "-"]
-    assert [line.endswith("<- chosen") for line in lines] == [False, False, False, True, False]
-    assert lines[1] == "    4     8 Succeeded       1.3000      120"
-    assert len({len(line) for line in lines[:3]}) == 1  # aligned columns
-    assert "<- chosen" not in stages.table(trials, "eval_loss", None)
+def test_table_rows_in_order_tried_with_the_choice_and_the_retry_marked():
+    rows = [t(4, "Stopped", 1.3, name="r4-lr0.001", alpha=8, learningRate=1e-3, rung=0, steps=5,
+              message="halved out after rung 0 (5 steps)"),
+            t(8, "Diverged", None, name="r8-lr0.001", alpha=16, learningRate=1e-3, rung=0, steps=3,
+              message="holdout loss is nan"),
+            t(8, "Succeeded", 1.1, name="r8-lr0.00025-retry", alpha=16, learningRate=2.5e-4, rung=1, steps=10,
+              retryOf="r8-lr0.001")]
+    table = stages.table(rows, "eval_loss", rows[2]).splitlines()
+    assert table[0].split() == ["rank", "alpha", "lr", "state", "rung", "steps", "eval_loss", "note"]
+    assert table[1].split()[:7] == ["4", "8", "0.001", "Stopped", "0", "5", "1.3000"]
+    assert table[2].split()[:7] == ["8", "16", "0.001", "Diverged", "0", "3", "-"]
+    assert table[2].endswith("holdout loss is nan")
+    assert table[3].endswith("retry of r8-lr0.001; <- chosen")
 
 
 # --- names of the stage jobs -------------------------------------------------------------------------
@@ -330,45 +215,41 @@ def test_table_rows_in_rank_order_with_the_choice_marked():
 
 def test_stage_job_names_are_deterministic_and_suffixed():
     assert render.stage_job_name("llama-lora", BASELINE) == "llama-lora-baseline"
-    assert render.stage_job_name("llama-lora", trial(8)) == "llama-lora-sweep-r8"
+    assert render.stage_job_name("llama-lora", SWEEP) == "llama-lora-rank-sweep"
     assert render.stage_job_name("llama-lora", jobconfig.Stage()) == "llama-lora"
     assert render.stage_config_map_name("llama-lora", BASELINE) == "llama-lora-baseline-config"
-    assert render.stage_config_map_name("llama-lora", trial(8)) == "llama-lora-sweep-r8-config"
+    assert render.stage_config_map_name("llama-lora", SWEEP) == "llama-lora-rank-sweep-config"
     assert render.stage_config_map_name("llama-lora", jobconfig.Stage()) == "llama-lora-config"
-    # a trial's name does not depend on anything but the rank (not holdout, steps or metrics)
-    other = jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=8, holdout_fraction=0.3, max_steps=5)
-    assert render.stage_job_name("llama-lora", other) == "llama-lora-sweep-r8"
-    names = {render.stage_job_name("llama-lora", trial(r)) for r in (4, 8, 16, 32)}
-    assert len(names) == 4
+    # the sweep's name depends on nothing but its kind (not the holdout)
+    other = jobconfig.Stage(kind=jobconfig.STAGE_SWEEP, holdout_fraction=0.3)
+    assert render.stage_job_name("llama-lora", other) == "llama-lora-rank-sweep"
 
 
 def test_stage_names_leave_room_for_the_training_operators_replica_services():
     # the training operator names a Service `<job>-worker-<index>` per replica (nodes <= 1024): a DNS-1035 label
     name = "a" * 44 + "z"
     assert len(name) == 45
-    job_name = render.stage_job_name(name, trial(512))
-    assert len(job_name) <= render.MAX_WORKLOAD_NAME == 51 and job_name.endswith("-sweep-r512")
+    job_name = render.stage_job_name(name, BASELINE)
+    assert len(job_name) <= render.MAX_WORKLOAD_NAME == 51 and job_name.endswith("-baseline")
     assert DNS_1035.match(f"{job_name}-worker-1022") and len(f"{job_name}-worker-1022") <= 63
-    assert render.stage_job_name(name, trial(512)) == job_name
-    assert render.stage_job_name("a" * 42, BASELINE) == f"{'a' * 42}-baseline"
+    swept = render.stage_job_name(name, SWEEP)  # 56 characters: hashed within the limit
+    assert len(swept) <= render.MAX_WORKLOAD_NAME and swept.endswith("-rank-sweep")
 
 
 @pytest.mark.parametrize("length", [53, 60, 63, 100, 253])
 def test_long_job_names_are_hashed_within_the_workload_limit(length):
     base = ("team-a-llama-2-7b-chat-support-bot-" * 10)[:length - 1] + "x"
     sibling = base[:-1] + "y"  # same prefix, differs only at the end (lost by truncation)
-    for stage in (BASELINE, trial(4), trial(512)):
+    for stage in (BASELINE, SWEEP):
         first, again = render.stage_job_name(base, stage), render.stage_job_name(base, stage)
         other = render.stage_job_name(sibling, stage)
         assert first == again
         assert len(first) <= render.MAX_WORKLOAD_NAME and len(other) <= render.MAX_WORKLOAD_NAME
         assert first != other
         assert DNS_1035.match(first), first
-        suffix = "baseline" if stage.kind == jobconfig.STAGE_BASELINE else f"sweep-r{stage.rank}"
-        assert first.endswith("-" + suffix)
+        assert first.endswith("-baseline" if stage == BASELINE else "-rank-sweep")
         assert "--" not in first
-    names = {render.stage_job_name(base, s) for s in (BASELINE, trial(4), trial(8), trial(512))}
-    assert len(names) == 4
+    assert render.stage_job_name(base, BASELINE) != render.stage_job_name(base, SWEEP)
 
 
 def test_hashed_name_cut_at_a_dash_has_no_double_dash():
@@ -379,35 +260,34 @@ def test_hashed_name_cut_at_a_dash_has_no_double_dash():
 
 
 def test_stage_job_names_never_collide_with_another_jobs_training_job():
-    # "llama" (with a baseline and a sweep) next to a FineTuneJob named "llama-baseline" or "llama-sweep-r4"
+    # "llama" (with a baseline and a sweep) next to a FineTuneJob named "llama-baseline" or "llama-rank-sweep"
     # would share PyTorchJob and ConfigMap names: the API refuses such job names.
-    for name in ("llama-baseline", "llama-sweep-r4"):
+    for name in ("llama-baseline", "llama-rank-sweep"):
         job = finetunejob()
         job["metadata"]["name"] = name
         errors = [str(e) for e in validate(job).errors]
-        assert any("must not end in -baseline or -sweep-r<number>" in e for e in errors), errors
-    for name in ("llama-baseline2", "baseline", "llama-sweep-rx"):
+        assert any("must not end in -baseline or -rank-sweep" in e for e in errors), errors
+    for name in ("llama-baseline2", "baseline", "llama-sweep", "llama-sweep-r4", "rank-sweep"):
         job = finetunejob()
         job["metadata"]["name"] = name
         assert validate(job).ok, name
 
 
-def test_rendered_trial_children_carry_stage_labels_and_mount_their_own_config():
+def test_rendered_sweep_children_carry_stage_labels_and_mount_their_own_config():
     spec = sweep_spec()
-    job = {**finetunejob(), "spec": stages.trial_spec(spec, 8)}
-    config_map, pytorchjob = render_children(job, render.RenderSettings(), stages.trial_stage(spec, 8))
-    assert config_map["metadata"]["name"] == "llama-lora-sweep-r8-config"
-    assert pytorchjob["metadata"]["name"] == "llama-lora-sweep-r8"
+    job = {**finetunejob(), "spec": stages.sweep_spec(spec)}
+    config_map, pytorchjob = render_children(job, render.RenderSettings(), stages.sweep_stage(spec))
+    assert config_map["metadata"]["name"] == "llama-lora-rank-sweep-config"
+    assert pytorchjob["metadata"]["name"] == "llama-lora-rank-sweep"
     labels = pytorchjob["metadata"]["labels"]
-    assert labels[render.LABEL_STAGE] == "trial" and labels[render.LABEL_RANK] == "8"
-    assert labels[render.LABEL_JOB] == "llama-lora"
+    assert labels[render.LABEL_STAGE] == "sweep" and labels[render.LABEL_JOB] == "llama-lora"
     template = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     volume = next(v for v in template["spec"]["volumes"] if v["name"] == "job-config")
-    assert volume["configMap"]["name"] == "llama-lora-sweep-r8-config"
+    assert volume["configMap"]["name"] == "llama-lora-rank-sweep-config"
     config = json.loads(config_map["data"][jobconfig.CONFIG_FILE])
-    assert config["stage"]["kind"] == "trial" and config["stage"]["rank"] == 8
-    assert config["spec"]["method"]["lora"]["rank"] == 8
-    assert config["storage"]["result_uri"] == ROOT + "sweep/rank-8/result.json"
+    assert config["stage"]["kind"] == "sweep" and config["stage"]["holdout_fraction"] == 0.1
+    assert config["spec"]["rankSweep"]["ranks"] == [4, 8, 16, 32]
+    assert config["storage"]["result_uri"] == ROOT + "sweep/result.json"
 
 
 # --- job config and storage layout -------------------------------------------------------------------
@@ -415,9 +295,9 @@ def test_rendered_trial_children_carry_stage_labels_and_mount_their_own_config()
 
 def test_stage_prefix():
     assert jobconfig.stage_prefix(ROOT, BASELINE) == ROOT + "baseline/"
-    assert jobconfig.stage_prefix(ROOT, trial(8)) == ROOT + "sweep/rank-8/"
+    assert jobconfig.stage_prefix(ROOT, SWEEP) == ROOT + "sweep/"
     assert jobconfig.stage_prefix(ROOT, jobconfig.Stage()) == ROOT
-    assert jobconfig.stage_prefix(ROOT.rstrip("/"), trial(4)) == ROOT + "sweep/rank-4/"
+    assert jobconfig.stage_prefix(ROOT.rstrip("/"), SWEEP) == ROOT + "sweep/"
 
 
 def test_job_config_of_the_baseline_stage():
@@ -430,13 +310,12 @@ def test_job_config_of_the_baseline_stage():
     assert config.storage.manifest_uri == ROOT + "manifest.json"  # at the job root, not the stage's
 
 
-def test_job_config_of_a_trial_stage():
-    stage = jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=16, holdout_fraction=0.1, max_steps=20)
-    config = jobconfig.job_config("team-a", "llama-lora", "0b7f-uid", defaulted(), stage)
-    assert config.storage.job_prefix == ROOT + "sweep/rank-16/"
-    assert config.storage.result_uri == ROOT + "sweep/rank-16/result.json"
-    assert config.storage.checkpoints_prefix == ROOT + "sweep/rank-16/checkpoints/"
-    assert storage_layout.progress_uri(config.storage.job_prefix) == ROOT + "sweep/rank-16/progress.json"
+def test_job_config_of_the_sweep_stage():
+    config = jobconfig.job_config("team-a", "llama-lora", "0b7f-uid", defaulted(), SWEEP)
+    assert config.storage.job_prefix == ROOT + "sweep/"
+    assert config.storage.result_uri == ROOT + "sweep/result.json"
+    assert config.storage.checkpoints_prefix == ROOT + "sweep/checkpoints/"
+    assert storage_layout.progress_uri(config.storage.job_prefix) == ROOT + "sweep/progress.json"
     assert config.storage.manifest_uri == ROOT + "manifest.json"
 
 
@@ -449,7 +328,7 @@ def test_job_config_of_training_has_no_result():
 
 
 @pytest.mark.parametrize("stage", [
-    jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=8, holdout_fraction=0.15, max_steps=20),
+    jobconfig.Stage(kind=jobconfig.STAGE_SWEEP, holdout_fraction=0.15),
     jobconfig.Stage(kind=jobconfig.STAGE_BASELINE),
     jobconfig.Stage(kind=jobconfig.STAGE_TRAIN, baseline_metrics={"eval_loss": 2.5, "perplexity": 12.2}),
 ])
@@ -477,7 +356,7 @@ def test_job_config_without_a_stage_reads_as_training():
 
 def test_rank_sweep_and_baseline_defaults():
     spec = defaulted(rankSweep={}, baseline={"target": {"metric": "eval_loss", "value": 1.0}})
-    assert spec["rankSweep"] == {"ranks": [4, 8, 16, 32], "holdoutFraction": 0.1, "epochs": 1,
+    assert spec["rankSweep"] == {"ranks": [4, 8, 16, 32], "budget": 0.3, "holdoutFraction": 0.1, "epochs": 1,
                                  "metric": "eval_loss", "parallelism": 1, "alpha": "Proportional",
                                  "tieTolerance": 0.0}
     assert spec["baseline"] == {"target": {"metric": "eval_loss", "value": 1.0}, "enabled": True,
@@ -488,10 +367,13 @@ def test_rank_sweep_and_baseline_defaults():
 
 
 def test_rank_sweep_values_are_kept():
+    # epochs and parallelism no longer act but stay accepted: GitOps repositories carry them
     spec = defaulted(rankSweep={"ranks": [2, 64], "holdoutFraction": 0.25, "epochs": 0.5, "maxSteps": 30,
-                                "parallelism": 2, "alpha": "Fixed", "tieTolerance": 0.01})
+                                "parallelism": 2, "alpha": "Fixed", "tieTolerance": 0.01, "budget": 0.5,
+                                "learningRates": [1e-3, 3e-3]})
     assert spec["rankSweep"] == {"ranks": [2, 64], "holdoutFraction": 0.25, "epochs": 0.5, "maxSteps": 30,
-                                 "metric": "eval_loss", "parallelism": 2, "alpha": "Fixed", "tieTolerance": 0.01}
+                                 "metric": "eval_loss", "parallelism": 2, "alpha": "Fixed", "tieTolerance": 0.01,
+                                 "budget": 0.5, "learningRates": [1e-3, 3e-3]}
 
 
 def test_classification_metrics_are_accepted_for_classification():
@@ -515,6 +397,12 @@ def test_classification_metrics_are_accepted_for_classification():
     ({"rankSweep": {"alpha": "Scaled"}}, "spec.rankSweep.alpha: 'Scaled' is not one of"),
     ({"rankSweep": {"tieTolerance": -0.1}}, "spec.rankSweep.tieTolerance: -0.1 is less than the minimum of 0"),
     ({"rankSweep": {"maxSteps": 0}}, "spec.rankSweep.maxSteps: 0 is less than the minimum of 1"),
+    ({"rankSweep": {"budget": 0}}, "spec.rankSweep.budget: 0 is less than or equal to the minimum of 0"),
+    ({"rankSweep": {"budget": 1.5}}, "spec.rankSweep.budget: 1.5 is greater than the maximum of 1"),
+    ({"rankSweep": {"learningRates": [1e-3, 1e-3]}}, "spec.rankSweep.learningRates[1]: Duplicate value"),
+    ({"rankSweep": {"learningRates": []}}, "spec.rankSweep.learningRates: [] should be non-empty"),
+    ({"rankSweep": {"ranks": list(range(1, 10)), "learningRates": [1e-4, 1e-3, 1e-2, 1e-1]}},
+     "spec.rankSweep.learningRates: rankSweep: at most 32 configs (ranks x learningRates)"),
     ({"rankSweep": {"metric": "bleu"}}, "spec.rankSweep.metric: 'bleu' is not one of"),
     ({"rankSweep": {"rank": [4, 8]}}, "spec.rankSweep.rank: unknown field"),
     ({"rankSweep": {"metric": "accuracy"}},
@@ -549,12 +437,3 @@ def test_perplexity_needs_a_causal_lm():
                       rankSweep={"metric": "perplexity"})
     errors = [str(e) for e in validate(doc).errors]
     assert "spec.rankSweep.metric: rankSweep.metric perplexity needs task CausalLM" in errors
-
-
-def test_tie_tolerance_holds_at_its_boundary_despite_float_rounding():
-    # 1.10 - 1.00 is 0.10000000000000009 in floats: still a tie at tolerance 0.1
-    trials = [{"rank": 4, "state": "Succeeded", "metric": 1.10}, {"rank": 16, "state": "Succeeded", "metric": 1.00}]
-    assert stages.choose_rank(trials, "eval_loss", 0.1)["rank"] == 4
-    trials = [{"rank": 8, "state": "Succeeded", "metric": 0.90}, {"rank": 32, "state": "Succeeded", "metric": 0.91}]
-    assert stages.choose_rank(trials, "accuracy", 0.01)["rank"] == 8
-    assert stages.choose_rank(trials, "accuracy", 0.009)["rank"] == 32

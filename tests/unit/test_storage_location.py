@@ -27,7 +27,7 @@ from kubetune_testing.factories import adapterdeployment, finetunejob
 SETTING = StorageLocation(endpoint="http://seaweedfs.storage:8333", region="eu-west-3")
 SPEC_ENDPOINT = "http://minio.team-a:9000"
 STAGES = [jobconfig.Stage(kind=jobconfig.STAGE_DATA), jobconfig.Stage(kind=jobconfig.STAGE_BASELINE),
-          jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=8), jobconfig.Stage()]
+          jobconfig.Stage(kind=jobconfig.STAGE_SWEEP), jobconfig.Stage()]
 AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "RUNAI_STREAMER_S3_ENDPOINT",
                  "KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "KUBETUNE_S3_REGION")
 

@@ -25,7 +25,7 @@ SETTINGS = render.RenderSettings(trainer_image="registry.local/kubetune/trainer:
 SCHEMA_FILE = "schemas/trainer.kubeflow.org_trainjobs.yaml"
 SCHEMA_SOURCE = "github.com/kubeflow/trainer commit 8c0f505, manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml"
 STAGES = [jobconfig.Stage(), jobconfig.Stage(kind=jobconfig.STAGE_DATA),
-          jobconfig.Stage(kind=jobconfig.STAGE_BASELINE), jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=8)]
+          jobconfig.Stage(kind=jobconfig.STAGE_BASELINE), jobconfig.Stage(kind=jobconfig.STAGE_SWEEP)]
 EXAMPLES = {
     "lora-2x8": finetunejob(backend="TrainJob"),
     "cpu": finetunejob(backend="TrainJob", trainingRuntime="torch-cpu",

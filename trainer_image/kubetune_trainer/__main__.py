@@ -46,8 +46,7 @@ def _report_failure(config: jobconfig.JobConfig, reason: str, message: str, find
 def default_work_dir(config: jobconfig.JobConfig, temp: Path) -> Path:
     """One directory for every process of the pod (torchrun's workers share the pod's temp dir): local
     rank 0 downloads into it what the others then read. Named by job and stage, never per process."""
-    stage = config.stage.kind + (f"-r{config.stage.rank}" if config.stage.rank is not None else "")
-    return temp / f"kubetune-{config.job.uid}-{stage}"
+    return temp / f"kubetune-{config.job.uid}-{config.stage.kind}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if document and config.stage.kind == jobconfig.STAGE_DATA:
         print(json.dumps({"stage": config.stage.kind, "result": config.storage.result_uri, "data": document["data"]}))
     elif document and config.stage.kind != jobconfig.STAGE_TRAIN:
-        print(json.dumps({"stage": config.stage.kind, "rank": config.stage.rank, "result": config.storage.result_uri,
+        print(json.dumps({"stage": config.stage.kind, "result": config.storage.result_uri,
                           "metrics": document.get("metrics")}))
     elif document:
         print(json.dumps({"published": config.storage.manifest_uri, "digest": document["digest"],

@@ -70,16 +70,16 @@ def resolve_base_model(spec: dict, dist, cache_dir: Path) -> Path:
 def prepare_data(config: JobConfig, loaded: data.LoadedData, tokenizer) -> tuple:
     spec = config.spec
     fmt, max_len = spec["dataset"]["format"], spec["training"]["maxSeqLength"]
-    holdout = config.stage.holdout_fraction if config.stage.kind == jobconfig.STAGE_TRIAL else None
+    holdout = config.stage.holdout_fraction if config.stage.kind == jobconfig.STAGE_SWEEP else None
     check_lengths(config, loaded, tokenizer)
     if holdout:
-        # A rank-sweep trial trains on the training split minus a holdout and is scored on that holdout:
+        # The rank sweep trains on the training split minus a holdout and scores its configs on that holdout:
         # the validation split stays unseen until the full run's final evaluation (no selection bias).
         loaded.train, loaded.validation = data.split_records(loaded.train, holdout, spec["dataset"]["seed"] + 1,
                                                              stratify_field(spec))
         if not loaded.validation:
             raise BadInput(f"rankSweep.holdoutFraction {holdout} of {len(loaded.train)} training examples "
-                           "leaves no holdout to score the trial")
+                           "leaves no holdout to score the sweep")
     label_ids = None
     if fmt == "text-label":
         label_ids = {name: i for i, name in enumerate(loaded.labels)}

@@ -1,6 +1,6 @@
 """Validation rows that copy training rows, matched on normalised text, and spec.dataset.leakage's policy.
 
-Pure (no torch, no tokenizer): the data stage, the baseline, sweep trials and training apply the same
+Pure (no torch, no tokenizer): the data stage, the baseline, the sweep and training apply the same
 policy to the same splits. Which fields form the text of each format: docs/trainer.md.
 """
 

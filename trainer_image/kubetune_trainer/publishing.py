@@ -171,7 +171,7 @@ def manifest_fields(run: TrainingRun, final: Evaluation, seconds: float, answers
 
 
 def finish_stage(run: TrainingRun, fields: dict) -> dict:
-    """A baseline or trial stage ends with its result.json (written last: its presence means done)."""
+    """A baseline, data or sweep stage ends with its result.json (written last: its presence means done)."""
     config = run.config
     document = {"api": jobconfig.STAGE_RESULT_API, "kind": config.stage.kind,
                 "job": {"namespace": config.job.namespace, "name": config.job.name, "uid": config.job.uid},
@@ -179,7 +179,7 @@ def finish_stage(run: TrainingRun, fields: dict) -> dict:
     if run.dist.is_main:
         run.store.write(config.storage.result_uri, json.dumps(document, sort_keys=True).encode())
         run.progress.update(stage="done", force=True)
-        log.info("stage finished", extra={"stage": config.stage.kind, "rank": config.stage.rank,
+        log.info("stage finished", extra={"stage": config.stage.kind,
                                           "metrics": fields.get("metrics"), "result": config.storage.result_uri})
     distributed.barrier()
     return document

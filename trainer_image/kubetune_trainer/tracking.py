@@ -40,14 +40,13 @@ class StageRun:
 
 
 def stage_run(job: dict, stage: jobconfig.Stage) -> StageRun:
-    """The training stage keeps the job's own name (and the job uid as W&B id); the baseline and each
-    rank-sweep trial are runs of their own, so their steps never mix with training's."""
+    """The training stage keeps the job's own name (and the job uid as W&B id); the baseline and the
+    rank sweep are runs of their own, so their steps never mix with training's."""
     name, uid = f"{job['namespace']}/{job['name']}", job["uid"]
     tags = {"kubetune.io/job-uid": uid, "kubetune.io/stage": stage.kind}
     if stage.kind == jobconfig.STAGE_TRAIN:
         return StageRun(name, job["namespace"], uid, tags)
-    suffix = f"trial-rank-{stage.rank}" if stage.kind == jobconfig.STAGE_TRIAL else stage.kind
-    return StageRun(f"{name}/{suffix}", job["namespace"], f"{uid}-{suffix}", tags)
+    return StageRun(f"{name}/{stage.kind}", job["namespace"], f"{uid}-{stage.kind}", tags)
 
 
 def unlogged(numbers: dict, step: int, logged_through: dict[str, int]) -> dict:

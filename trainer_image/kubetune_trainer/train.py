@@ -29,6 +29,7 @@ from .methods.freeze_thaw import Thawing
 from .modeling import BadInput
 from .publishing import finish_stage, gather_adapter_state, publish
 from .step_runner import StepRunner
+from .sweep import run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Schedule:
 
     @classmethod
     def from_spec(cls, training: dict, world_size: int, train_size: int, cap: int | None = None) -> Schedule:
-        """`cap` bounds the steps (a rank-sweep trial's maxSteps); warmup and evaluation follow the cap."""
+        """`cap` bounds the steps; warmup and evaluation follow the cap."""
         per_device = training["perDeviceBatchSize"]
         effective = training.get("effectiveBatchSize") or per_device * world_size
         accum = max(1, effective // (per_device * world_size))
@@ -168,6 +169,8 @@ def _run(config: JobConfig, dist, work_dir: Path, tracker: tracking.Tracker) -> 
     progress = storage.ProgressWriter(store, config.storage.job_prefix, enabled=dist.is_main)
     run = TrainingRun(config, dist, work_dir, tracker, store, progress, method_of(config.spec))
     load_inputs(run)
+    if config.stage.kind == jobconfig.STAGE_SWEEP:
+        return run_sweep(run)
     build_model(run)
     stage_result = resume_or_baseline(run)
     if stage_result is not None:
@@ -235,8 +238,7 @@ def build_model(run: TrainingRun) -> None:
     """The base model, prepared by the method, behind a StepRunner with its optimizer and LR schedule."""
     spec, training, dist = run.spec, run.spec["training"], run.dist
     run.precision = modeling.pick_precision(training["precision"], dist.device)
-    run.schedule = Schedule.from_spec(training, dist.world_size, len(run.train_examples),
-                                      cap=run.config.stage.max_steps)
+    run.schedule = Schedule.from_spec(training, dist.world_size, len(run.train_examples))
     log.info("schedule", extra=run.schedule.__dict__)
     run.deepspeed_config = _make_deepspeed_config(run)
     zero_stage = spec["distributed"]["deepspeed"]["zeroStage"]
@@ -503,13 +505,6 @@ def finish(run: TrainingRun) -> dict:
     progress.update(stage="evaluating", force=True)
     final = run.validate() if run.val_examples else Evaluation({}, [], [])
     run.tracker.log({f"final_{k}": v for k, v in final.metrics.items()}, step=state.step)
-    if run.config.stage.kind == jobconfig.STAGE_TRIAL:
-        lora = run.spec["method"].get("lora") or {}
-        return finish_stage(run, {
-            "rank": lora.get("rank"), "alpha": lora.get("alpha"), "metrics": final.metrics,
-            "examples": {"train": len(run.train_examples), "holdout": len(run.val_examples)},
-            "steps": state.step, "stopReason": run.stop_reason, "trainSeconds": round(state.train_seconds, 3),
-            "seconds": round(run.seconds(), 1), "history": state.history[-200:]})
     evaluations = evaluate_sets(run) if run.eval_sets else None
     reference_answers = answers.measure(run)  # all ranks under ZeRO-3 (collective forwards), else rank 0
     weights = gather_adapter_state(run.runner, only_trainable=run.method.publishes_adapter)

@@ -151,8 +151,8 @@ if phase == nil or phase == "Pending" or phase == "Queued" or phase == "Validati
     local sweep = status.sweep or {}
     if sweep.summary ~= nil then
       table.insert(parts, "rank sweep " .. tostring(sweep.summary))
-    elseif sweep.completed ~= nil and sweep.total ~= nil then
-      table.insert(parts, "rank sweep " .. num(sweep.completed) .. "/" .. num(sweep.total) .. " trials done")
+    elseif sweep.state ~= nil then
+      table.insert(parts, "rank sweep " .. tostring(sweep.state))
     end
   end
   local progress = status.progress or {}

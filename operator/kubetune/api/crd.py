@@ -18,13 +18,13 @@ NAME_RULES = {
             field_path=".metadata.name",
             reason="FieldValueInvalid",
         ),
-        # Stage jobs are named <job>-baseline and <job>-sweep-r<rank>: a FineTuneJob with such a name
+        # Stage jobs are named <job>-baseline and <job>-rank-sweep: a FineTuneJob with such a name
         # would own a training PyTorchJob (and ConfigMap) of the same name as another job's stage.
         rule(
             "!has(self.metadata) || !has(self.metadata.name) || (!self.metadata.name.endsWith('-baseline')"
-            " && !self.metadata.name.matches('-sweep-r[0-9]+$'))",
-            "metadata.name must not end in -baseline or -sweep-r<number>: those are the names of another "
-            "FineTuneJob's baseline and rank-sweep jobs",
+            " && !self.metadata.name.endsWith('-rank-sweep'))",
+            "metadata.name must not end in -baseline or -rank-sweep: those are the names of another FineTuneJob's "
+            "baseline and rank-sweep jobs",
             field_path=".metadata.name",
             reason="FieldValueInvalid",
         ),

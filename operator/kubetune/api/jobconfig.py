@@ -47,7 +47,9 @@ class JobIdentity:
 
 STAGE_TRAIN = "train"  # train and publish the adapter
 STAGE_BASELINE = "baseline"  # evaluate the base model on the validation split, write result.json, stop
-STAGE_TRIAL = "trial"  # a rank-sweep trial: train on the training split minus a holdout, score the holdout
+# the rank sweep: every rank (x learning rate) config in one process, successive halving on a holdout of
+# the training split, the table written to result.json
+STAGE_SWEEP = "sweep"
 # the data stage: a CPU-only pod (tokenizer files only, no weights) that parses, validates, splits,
 # tokenizes and measures the dataset, writes result.json {"data": DataReport} and stops; bad data exits 2
 STAGE_DATA = "data"
@@ -58,9 +60,7 @@ class Stage:
     """Which of a FineTuneJob's stages this PyTorchJob runs (all stages share one trainer image)."""
 
     kind: str = STAGE_TRAIN
-    rank: int | None = None  # trial: the LoRA rank under test (also in the spec the trial gets)
-    holdout_fraction: float | None = None  # trial: share of the training split held out for scoring
-    max_steps: int | None = None  # trial: cap on optimizer steps (rankSweep.maxSteps)
+    holdout_fraction: float | None = None  # sweep: share of the training split held out for scoring
     # train: the separate baseline job's metrics, so training does not evaluate the base model again
     baseline_metrics: dict | None = None
 
@@ -70,7 +70,7 @@ class JobStorage:
     job_prefix: str  # s3://bucket/prefix/<namespace>/<name>/<uid>/ (a stage's own prefix under it)
     checkpoints_prefix: str
     manifest_uri: str  # written last: its presence means "published"
-    result_uri: str = ""  # baseline and trial stages: their result.json, written last
+    result_uri: str = ""  # baseline, data and sweep stages: their result.json, written last
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,8 @@ def stage_prefix(job_prefix: str, stage: Stage) -> str:
     """Where a stage writes progress, checkpoints and its result: each stage has its own prefix."""
     if stage.kind == STAGE_BASELINE:
         return storage_layout.baseline_prefix(job_prefix)
-    if stage.kind == STAGE_TRIAL:
-        return storage_layout.trial_prefix(job_prefix, stage.rank)
+    if stage.kind == STAGE_SWEEP:
+        return storage_layout.sweep_prefix(job_prefix)
     if stage.kind == STAGE_DATA:
         return storage_layout.data_stage_prefix(job_prefix)
     return job_prefix

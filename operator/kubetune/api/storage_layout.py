@@ -51,12 +51,12 @@ def data_stage_prefix(job_prefix_uri: str) -> str:
     return _join(job_prefix_uri, "data") + "/"
 
 
-def trial_prefix(job_prefix_uri: str, rank: int) -> str:
-    return _join(job_prefix_uri, "sweep", f"rank-{int(rank)}") + "/"
+def sweep_prefix(job_prefix_uri: str) -> str:
+    return _join(job_prefix_uri, "sweep") + "/"
 
 
 def result_uri(stage_prefix_uri: str) -> str:
-    """A stage's outcome (baseline metrics, a trial's holdout metrics): written last by the trainer."""
+    """A stage's outcome (baseline metrics, the sweep's table): written last by the trainer."""
     return _join(stage_prefix_uri, RESULT_FILE)
 
 

@@ -35,7 +35,6 @@ from kubetune_operator.backends.workload import (
 )
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.reconcile.finetunejob_plan import Event, StageReport
-from kubetune_operator.render import training as render
 from kubetune_operator.shell import finetunejob as shell
 from kubetune_operator.shell import now_rfc3339
 
@@ -174,8 +173,7 @@ class LocalPass:
         work.mkdir(parents=True, exist_ok=True)
         (work / jobconfig.CONFIG_FILE).write_text(self.config_maps[launch.config_map]["data"][jobconfig.CONFIG_FILE])
         self.workloads[name] = LocalWorkload(child, launch, work / jobconfig.CONFIG_FILE, work,
-                                             env={"KUBETUNE_LOCAL": "1", **_threads_per_process(self.job, child,
-                                                                                                launch)})
+                                             env={"KUBETUNE_LOCAL": "1"})
         self.workloads[name].start()
 
     async def patch_child(self, kind: str, name: str, patch: dict) -> None:
@@ -300,20 +298,10 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else f"a {type(value).__name__.replace('dict', 'mapping')}"
 
 
-def _threads_per_process(job: dict, workload: dict, launch: LocalLaunch) -> dict:
-    """Trials running side by side share the cores instead of each taking all of them."""
-    labels = workload["metadata"].get("labels") or {}
-    parallel = int((job["spec"].get("rankSweep") or {}).get("parallelism", 1) or 1)
-    if labels.get(render.LABEL_STAGE) != jobconfig.STAGE_TRIAL or parallel <= 1:
-        return {}
-    per = max(1, (os.cpu_count() or 1) // (parallel * launch.processes))
-    return {"OMP_NUM_THREADS": str(per)}
-
-
 def run(job: dict, *, run_dir: Path, on_change=None, poll_seconds: float = 1.0,
         settings: ftj.Settings | None = None) -> LocalResult:
     """Drive `job` to a terminal phase, one `shell.run_pass` at a time. `on_change(job, events)` is called
-    after every pass. The training job runs in `run_dir`; a baseline or sweep-trial job in `run_dir/<its name>/`."""
+    after every pass. The training job runs in `run_dir`; a baseline, data or sweep job in `run_dir/<its name>/`."""
     settings = settings or ftj.Settings(local=True, publish_timeout_seconds=60)
     run_dir.mkdir(parents=True, exist_ok=True)
     port = LocalPass(job, run_dir)

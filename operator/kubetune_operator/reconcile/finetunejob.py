@@ -55,7 +55,7 @@ class Observed:
     workload: WorkloadStatus | None = None  # the training job's workload, read by its backend
     manifest: manifest_api.ManifestCheck | None = None  # None: not looked at (see `needs_manifest`)
     progress: dict | None = None  # progress.json as the trainer last wrote it (see `needs_progress`)
-    stage_jobs: dict = field(default_factory=dict)  # name -> WorkloadStatus of the baseline and the trials
+    stage_jobs: dict = field(default_factory=dict)  # name -> WorkloadStatus of each stage job
     stage_config_maps: frozenset = frozenset()  # names of the stages' ConfigMaps that exist
     stage_reports: dict = field(default_factory=dict)  # name -> StageReport (see `needs_stage_reports`)
     # Secret name -> its keys (None: no such Secret), for the names `needs_secrets` asked for; None: not
@@ -99,15 +99,16 @@ def _stage_entries(job: dict) -> dict[str, tuple[jobconfig.Stage, str | None]]:
     if baseline.get("source") == "BaselineJob":
         stage = jobconfig.Stage(kind=jobconfig.STAGE_BASELINE)
         out[render.stage_job_name(name, stage)] = (stage, baseline.get("state"))
-    for trial in (status.get("sweep") or {}).get("trials") or []:
-        stage = jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=int(trial["rank"]))
-        out[render.stage_job_name(name, stage)] = (stage, trial.get("state"))
+    sweep = status.get("sweep") or {}
+    if sweep.get("job") and job["spec"].get("rankSweep"):
+        out[sweep["job"]] = (jobconfig.Stage(kind=jobconfig.STAGE_SWEEP), sweep.get("state"))
     return out
 
 
 def needs_stage_reports(job: dict, stage_jobs: dict) -> dict[str, str]:
     """Stage jobs whose result.json / progress.json the shell should read: name -> the stage's storage
-    prefix. Those that finished (or vanished) and whose outcome the status has not recorded yet."""
+    prefix. Those that finished (or vanished) and whose outcome the status has not recorded yet, and the
+    running sweep (its progress.json holds the table so far)."""
     if (job.get("status") or {}).get("phase") in TERMINAL:
         return {}
     root = job_prefix(job)
@@ -124,7 +125,8 @@ def needs_stage_reports(job: dict, stage_jobs: dict) -> dict[str, str]:
         if state == stages.QUEUED:
             state = None  # created, then the status write was lost: adopted like an unrecorded job
         finished = workload is not None and workload.finished
-        if finished or (workload is None and state is not None):
+        live_table = stage.kind == jobconfig.STAGE_SWEEP and workload is not None
+        if finished or live_table or (workload is None and state is not None):
             wanted[name] = jobconfig.stage_prefix(root, stage)
     return wanted
 
@@ -322,9 +324,10 @@ def _secrets_missing(observed: Observed, job: dict, plan: Plan, status: Status, 
 
 
 def _training_inputs(job: dict, status: dict) -> tuple[dict, jobconfig.Stage]:
-    """The spec the full run trains with (the sweep's rank) and its stage (the separate baseline's
+    """The spec the full run trains with (the sweep's rank and learning rate) and its stage (the separate baseline's
     metrics, so the base model is not evaluated twice)."""
-    spec = stages.training_spec(job["spec"], (status.get("sweep") or {}).get("bestRank"))
+    sweep = status.get("sweep") or {}
+    spec = stages.training_spec(job["spec"], sweep.get("bestRank"), sweep.get("bestLearningRate"))
     baseline = status.get("baseline") or {}
     metrics = None
     if baseline.get("source") == "BaselineJob" and baseline.get("state") == stages.SUCCEEDED:

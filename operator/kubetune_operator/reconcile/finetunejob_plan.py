@@ -11,7 +11,7 @@ from . import conditions as cond
 
 @dataclass(frozen=True)
 class StageReport:
-    """What a baseline or trial job left in its storage prefix."""
+    """What a stage job (data, baseline, sweep) left in its storage prefix."""
 
     result: dict | None = None  # result.json: written last, so its presence means the stage finished
     progress: dict | None = None  # progress.json: carries the trainer's failure reason

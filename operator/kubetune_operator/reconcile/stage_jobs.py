@@ -1,5 +1,5 @@
 """The stage jobs before training (pure): launch and follow the CPU-only data stage, the baseline job and
-the rank-sweep trials, and record their outcomes in status.data, status.baseline and status.sweep
+the rank sweep (one workload), and record their outcomes in status.data, status.baseline and status.sweep
 (reconcile.stages judges them). No GPU workload is created before the data stage has succeeded."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from kubetune.api import jobconfig
+from kubetune.api import jobconfig, sweep_rules
 from kubetune.api import manifest as manifest_api
 from kubetune_operator.backends import backend_of, render_children
 from kubetune_operator.backends.workload import FAILED, RESTARTING, RUNNING, SUCCEEDED, WorkloadStatus
@@ -24,19 +24,17 @@ def stage_of(job: dict, workload: WorkloadStatus) -> jobconfig.Stage | None:
     """The stage a child workload runs, from its labels (None: the training job, or not a stage)."""
     labels = workload.labels
     kind = labels.get(render.LABEL_STAGE)
-    if kind in (jobconfig.STAGE_BASELINE, jobconfig.STAGE_DATA):
+    if kind in (jobconfig.STAGE_BASELINE, jobconfig.STAGE_DATA, jobconfig.STAGE_SWEEP):
         return jobconfig.Stage(kind=kind)
-    if kind == jobconfig.STAGE_TRIAL and str(labels.get(render.LABEL_RANK, "")).isdigit():
-        return jobconfig.Stage(kind=kind, rank=int(labels[render.LABEL_RANK]))
     return None
 
 
 def gpu_stages_started(status: dict) -> bool:
-    """Whether a baseline job or a sweep trial was ever launched (status.baseline, status.sweep)."""
+    """Whether a baseline job or the sweep was ever launched (status.baseline, status.sweep)."""
     baseline = status.get("baseline") or {}
     if baseline.get("source") == "BaselineJob" and baseline.get("state"):
         return True
-    return any(t.get("state") != stages.QUEUED for t in (status.get("sweep") or {}).get("trials") or [])
+    return bool((status.get("sweep") or {}).get("state"))
 
 
 def data_stage_started(status: dict) -> bool:
@@ -256,92 +254,76 @@ def _baseline_stage(observed: Observed, settings: Settings, job: dict, plan: Pla
 
 
 def _sweep_stage(observed: Observed, settings: Settings, job: dict, plan: Plan, status: Status) -> bool:
+    """The one sweep workload: launched, followed (its live table from progress.json), and its table
+    and choice recorded in status.sweep; True once a config is chosen."""
     spec, meta = job["spec"], job["metadata"]
     sweep = spec["rankSweep"]
-    metric = sweep["metric"]
-    suspended = bool(spec.get("runPolicy", {}).get("suspend"))
-    previous = {int(t["rank"]): t for t in (status.value.get("sweep") or {}).get("trials") or []}
-    # Ranks added to the spec while the sweep runs join it; a trial that has started stays in it even when
-    # its rank is removed (its job runs on, counts against parallelism and its result is still compared).
-    launched = {rank for rank, t in previous.items() if t.get("state") != stages.QUEUED}
-    launched |= {stage.rank for workload in observed.stage_jobs.values()
-                 if (stage := stage_of(job, workload)) is not None and stage.kind == jobconfig.STAGE_TRIAL}
-    trials, workloads = [], []
-    for rank in sorted(set(stages.sweep_ranks(spec)) | launched):
-        stage = stages.trial_stage(spec, rank)
-        name = render.stage_job_name(meta["name"], stage)
-        record = dict(previous.get(rank) or {"rank": rank, "state": stages.QUEUED})
-        record.setdefault("alpha", stages.lora_alpha(spec, rank))
-        record["job"] = name
-        before = record["state"]
-        workload = observed.stage_jobs.get(name)
-        if before not in stages.FINISHED and (workload is not None or before != stages.QUEUED):
-            _follow_stage(observed, settings, job, stages.trial_spec(spec, rank), stage, record, plan)
-            if record["state"] == stages.SUCCEEDED and "metric" not in record:
-                report = observed.stage_reports.get(name) or StageReport()
-                value = stages.trial_metric(report.result, metric)
-                if value is None:
-                    _stage_failed(record, "MetricMissing", f"the trial reported no {metric}",
-                                  record["completionTime"])
-                else:
-                    record["metric"] = value
+    stage, stage_spec = stages.sweep_stage(spec), stages.sweep_spec(spec)
+    name = render.stage_job_name(meta["name"], stage)
+    record = dict(status.value.get("sweep") or {})
+    record.update(job=name, metric=sweep["metric"])
+    before = record.get("state")
+    workload = observed.stage_jobs.get(name)
+    if before not in stages.FINISHED:
+        if workload is not None or before is not None:
+            _follow_stage(observed, settings, job, stage_spec, stage, record, plan)
+        elif not spec.get("runPolicy", {}).get("suspend"):
+            _launch_stage(observed, settings, job, stage_spec, stage, plan)
+            record["state"] = stages.PENDING
+            plan.events.append(Event("Normal", "SweepStarted", f"successive halving over {_configs_text(spec)} "
+                                     f"within {sweep.get('budget', sweep_rules.DEFAULT_BUDGET):g} of the full "
+                                     f"run's steps ({name})"))
         if workload is not None:
             queueing.hold(plan, workload, spec)
-            workloads.append(workload)
-        if record["state"] != before:
-            _trial_event(plan, record, metric)
-        trials.append(record)
-    if not suspended:
-        for rank in stages.runnable(trials, sweep["parallelism"]):
-            record = next(t for t in trials if t["rank"] == rank)
-            _launch_stage(observed, settings, job, stages.trial_spec(spec, rank), stages.trial_stage(spec, rank),
-                          plan)
-            record["state"] = stages.PENDING
-            plan.events.append(Event("Normal", "TrialStarted",
-                                     f"rank {rank} (alpha {record['alpha']}): {record['job']}"))
-    finished = all(t["state"] in stages.FINISHED for t in trials)
-    best = stages.choose_rank(trials, metric, sweep["tieTolerance"]) if finished else None
-    record = {
-        "metric": metric,
-        "trials": trials,
-        "completed": sum(1 for t in trials if t["state"] in stages.FINISHED),
-        "total": len(trials),
-        "summary": stages.sweep_summary(trials, best),
-    }
-    had_best = (status.value.get("sweep") or {}).get("bestRank")
+    record.pop("metrics", None)  # the chosen row holds them
+    report = observed.stage_reports.get(name) or StageReport()
+    progress = (report.progress or {}).get("sweep")
+    source = report.result if report.result is not None else progress if isinstance(progress, dict) else None
+    if before not in stages.FINISHED and isinstance(source, dict):
+        record["trials"] = stages.trial_rows(source.get("trials"))
+        record |= {k: int(source[k]) for k in ("budgetSteps", "usedSteps", "fullRunSteps")
+                   if isinstance(source.get(k), int) and source[k] >= 0}
+    trials = record.get("trials") or []
+    best = sweep_rules.choose(trials, sweep["metric"], sweep["tieTolerance"])
+    record["summary"] = stages.sweep_summary(trials, best if record.get("state") == stages.SUCCEEDED else None)
     status.value["sweep"] = record
-    if not finished:
-        queueing.stage_phase(status, spec, "Sweeping", "the rank sweep is suspended", workloads)
+    if record.get("state") == stages.FAILED:
+        status.fail("SweepFailed", f"the rank sweep ({name}) failed: {record.get('message', '')}")
+        return False
+    if record.get("state") != stages.SUCCEEDED:
+        queueing.stage_phase(status, spec, "Sweeping", "the rank sweep is suspended", _present(workload))
         return False
     if best is None:
-        reasons = "; ".join(f"r{t['rank']}: {t.get('message', 'failed')}" for t in trials)
-        status.fail("SweepFailed", f"all {len(trials)} rank-sweep trials failed: {reasons}")
+        status.fail("SweepFailed", "no config of the rank sweep learned anything (each diverged, stayed at "
+                    "chance or failed; see status.sweep.trials):\n" + stages.table(trials, sweep["metric"], None))
         return False
-    record["bestRank"], record["bestMetric"] = best["rank"], best["metric"]
+    # a row the trainer wrote without them (not finite) ran at the spec's own values
+    best = {"alpha": sweep_rules.lora_alpha(spec, best["rank"]), **best}
+    record.update(bestRank=best["rank"], bestMetric=best["metric"])
+    if best.get("learningRate") is not None:
+        record["bestLearningRate"] = best["learningRate"]
     status.value["rank"] = best["rank"]
-    direction = "highest" if stages.higher_is_better(metric) else "lowest"
-    message = (f"rank {best['rank']} (alpha {best['alpha']}) has the {direction} holdout {metric} "
-               f"({best['metric']:.4g}) of {len(trials)} trials")
+    direction = "highest" if stages.higher_is_better(sweep["metric"]) else "lowest"
+    rate = f" at learning rate {best['learningRate']:.3g}" if best.get("learningRate") is not None else ""
+    message = (f"rank {best['rank']} (alpha {best['alpha']}){rate} has the "
+               f"{direction} holdout {sweep['metric']} ({best['metric']:.4g}) after {best.get('steps', '?')} steps, "
+               f"of {len(trials)} configs by successive halving")
     if sweep["tieTolerance"]:
         message += f"; ties within {sweep['tieTolerance']:g} go to the smaller rank"
     status.condition("RankSelected", True, "BestHoldoutMetric", message)
-    if had_best != best["rank"]:
-        plan.events.append(Event("Normal", "RankChosen", message + "\n" + stages.table(trials, metric, best["rank"])))
+    if before != stages.SUCCEEDED:
+        plan.events.append(Event("Normal", "RankChosen", message + "\n" + stages.table(trials, sweep["metric"], best)))
     return True
+
+
+def _configs_text(spec: dict) -> str:
+    ranks = ", ".join(str(c) for c in sorted({int(r) for r in spec["rankSweep"]["ranks"]}))
+    rates = sorted(float(r) for r in spec["rankSweep"].get("learningRates") or [])
+    return f"ranks {ranks}" + (f" x learning rates {', '.join(f'{r:g}' for r in rates)}" if len(rates) > 1 else "")
 
 
 def _present(workload: WorkloadStatus | None) -> list[WorkloadStatus]:
     return [] if workload is None else [workload]
-
-
-def _trial_event(plan: Plan, record: dict, metric: str) -> None:
-    if record["state"] == stages.SUCCEEDED:
-        seconds = record.get("durationSeconds")
-        took = f" in {seconds:.0f}s" if isinstance(seconds, int | float) else ""
-        plan.events.append(Event("Normal", "TrialSucceeded",
-                                 f"rank {record['rank']}: holdout {metric} {record['metric']:.4g}{took}"))
-    elif record["state"] == stages.FAILED:
-        plan.events.append(Event("Warning", "TrialFailed", f"rank {record['rank']}: {record.get('message', '')}"))
 
 
 def _metrics_text(metrics: dict) -> str:

@@ -1,7 +1,8 @@
 """The stages before training (pure): the baseline gate and the LoRA rank sweep, as functions of the
 spec and the results the stage jobs left. `baseline_gates`: whether the base model gets its own job
-(only when a target can stop the run); `trial_spec`: the spec at one rank (short, no early stopping);
-`choose_rank`: the best holdout metric, the smallest rank among ties; `training_spec`: the chosen rank.
+(only when a target can stop the run); `sweep_spec`: what the one sweep workload gets; `trial_rows`:
+its table made fit for status; `training_spec`: the chosen rank (and learning rate). The halving and
+the choice themselves are kubetune.api.sweep_rules (the trainer runs them too).
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import copy
 import math
 
-from kubetune.api import jobconfig
+from kubetune.api import jobconfig, sweep_rules
 from kubetune.api.methods import METHODS
 from kubetune.api.v1alpha1.finetunejob import HIGHER_IS_BETTER
 
 QUEUED, PENDING, RUNNING, SUCCEEDED, FAILED = "Queued", "Pending", "Running", "Succeeded", "Failed"
+MAX_TRIAL_ROWS = 64  # status.sweep.trials: rankSweep allows 32 configs, each may add one retry
 FINISHED = (SUCCEEDED, FAILED)
 
 
@@ -73,109 +75,80 @@ def sweep_requested(spec: dict) -> bool:
     return bool(spec.get("rankSweep")) and METHODS[spec["method"]["type"]].has_lora_rank
 
 
-def sweep_ranks(spec: dict) -> list[int]:
-    return sorted({int(r) for r in spec["rankSweep"]["ranks"]})
+def sweep_stage(spec: dict) -> jobconfig.Stage:
+    return jobconfig.Stage(kind=jobconfig.STAGE_SWEEP, holdout_fraction=spec["rankSweep"]["holdoutFraction"])
 
 
-def lora_alpha(spec: dict, rank: int) -> int:
-    """Proportional keeps alpha/rank at the spec's ratio, so every rank trains at the same update scale
-    (with a fixed alpha the scale alpha/r would shrink as the rank grows and confound the comparison)."""
-    lora = spec["method"]["lora"]
-    if (spec.get("rankSweep") or {}).get("alpha", "Proportional") == "Fixed":
-        return int(lora["alpha"])
-    return max(1, round(lora["alpha"] * rank / lora["rank"]))
-
-
-def _with_rank(spec: dict, rank: int) -> dict:
+def sweep_spec(spec: dict) -> dict:
+    """The spec the sweep workload runs: the job's own (its training settings size the budget), without
+    a separate baseline (the sweep scores the base model on its holdout itself) or a merged copy, on the
+    smaller world rankSweep.nodes / gpusPerNode asks for, and without DeepSpeed (one engine owns one
+    optimizer; the sweep trains one per config, each process holding the whole base model)."""
     out = copy.deepcopy(spec)
-    out["method"]["lora"]["alpha"] = lora_alpha(spec, rank)
-    out["method"]["lora"]["rank"] = int(rank)
-    return out
-
-
-def trial_stage(spec: dict, rank: int) -> jobconfig.Stage:
-    sweep = spec["rankSweep"]
-    return jobconfig.Stage(kind=jobconfig.STAGE_TRIAL, rank=int(rank), holdout_fraction=sweep["holdoutFraction"],
-                           max_steps=sweep.get("maxSteps"))
-
-
-def trial_spec(spec: dict, rank: int) -> dict:
-    """The spec a trial trains with: the job's own, at `rank`, for rankSweep.epochs, scored once at the
-    end (no early stopping, no intermediate evaluations beyond the schedule's), without a baseline
-    evaluation (the base model's score does not depend on the rank) and without a merged copy."""
-    sweep = spec["rankSweep"]
-    out = _with_rank(spec, rank)
-    training = out["training"]
-    training.pop("maxSteps", None)
-    training.pop("earlyStopping", None)
-    training.pop("evalSteps", None)
-    training["epochs"] = sweep["epochs"]
     out["baseline"] = {"enabled": False, "forceTraining": False}
+    out["distributed"]["deepspeed"] = {**out["distributed"]["deepspeed"], "enabled": False}
     out["output"]["mergeAdapter"] = False
-    for key in ("nodes", "gpusPerNode"):  # a smaller world per trial, when asked
-        if sweep.get(key) is not None:
-            out["distributed"][key] = sweep[key]
-    out.pop("rankSweep", None)
+    for key in ("nodes", "gpusPerNode"):
+        if spec["rankSweep"].get(key) is not None:
+            out["distributed"][key] = spec["rankSweep"][key]
     return out
 
 
-def training_spec(spec: dict, best_rank: int | None) -> dict:
-    """The full run's spec: the chosen rank (and its alpha) when a sweep chose one."""
+def training_spec(spec: dict, best_rank: int | None, best_learning_rate: float | None = None) -> dict:
+    """The full run's spec: the chosen rank (and its alpha), and the chosen learning rate when the sweep
+    tried several."""
     if best_rank is None or not sweep_requested(spec):
         return spec
-    return _with_rank(spec, best_rank)
+    swept_rate = best_learning_rate if spec["rankSweep"].get("learningRates") else None
+    return sweep_rules.config_spec(spec, best_rank, swept_rate)
 
 
-def choose_rank(trials: list[dict], metric: str, tolerance: float = 0.0) -> dict | None:
-    """The best succeeded trial by `metric`; trials within `tolerance` of the best tie, and the smallest
-    tied rank wins (fewer parameters to serve for the same quality). None when no trial succeeded."""
-    scored = [t for t in trials if t.get("state") == SUCCEEDED and _finite(t.get("metric"))]
-    if not scored:
-        return None
-    values = [t["metric"] for t in scored]
-    best = max(values) if higher_is_better(metric) else min(values)
-    slack = 1e-9 * max(1.0, abs(best))  # 1.10 vs 1.00 with tolerance 0.1 is a tie, whatever the float rounding
-    tied = [t for t in scored if abs(t["metric"] - best) <= tolerance + slack]
-    return min(tied, key=lambda t: t["rank"])
+_ROW_NUMBERS = ("learningRate", "metric", "seconds")
+_ROW_INTEGERS = ("rank", "alpha", "steps", "rung")
+_ROW_TEXT = {"name": 64, "retryOf": 64, "message": 1024}
 
 
-def runnable(trials: list[dict], parallelism: int) -> list[int]:
-    """Ranks to launch now: queued trials in rank order, as many as free slots allow."""
-    active = sum(1 for t in trials if t.get("state") in (PENDING, RUNNING))
-    free = max(0, parallelism - active)
-    queued = sorted(t["rank"] for t in trials if t.get("state") == QUEUED)
-    return queued[:free]
+def trial_rows(rows: object) -> list[dict]:
+    """The sweep's table from its result.json or progress.json (whatever JSON it holds), kept to what
+    status.sweep.trials can store: rows without a rank or a known state are left out."""
+    out = []
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, dict) or row.get("state") not in sweep_rules.TRIAL_STATES:
+            continue
+        clean = {"state": row["state"]}
+        clean |= {k: float(row[k]) for k in _ROW_NUMBERS if _finite(row.get(k))}
+        clean |= {k: int(row[k]) for k in _ROW_INTEGERS if _finite(row.get(k)) and row[k] >= 0}
+        clean |= {k: str(row[k])[:limit] for k, limit in _ROW_TEXT.items() if row.get(k)}
+        if clean.get("rank", 0) >= 1:
+            out.append(clean)
+    return out[:MAX_TRIAL_ROWS]
 
 
 def sweep_summary(trials: list[dict], best: dict | None) -> str:
-    done = sum(1 for t in trials if t.get("state") in FINISHED)
-    failed = sum(1 for t in trials if t.get("state") == FAILED)
-    running = sum(1 for t in trials if t.get("state") in (PENDING, RUNNING))
-    text = f"{done}/{len(trials)} done"
-    if failed:
-        text += f", {failed} failed"
-    if running:
-        text += f", {running} running"
+    """`4 configs, 2 halved, 1 diverged, best r8 lr0.003`."""
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    words = {sweep_rules.STOPPED: "halved", sweep_rules.DIVERGED: "diverged", sweep_rules.AT_CHANCE: "at chance",
+             sweep_rules.FAILED: "failed", sweep_rules.RUNNING: "running"}
+    text = ", ".join([f"{len(trials)} configs"] + [f"{counts[s]} {w}" for s, w in words.items() if counts.get(s)])
     if best is not None:
-        text += f", best r{best['rank']}"
+        rate = best.get("learningRate")
+        text += f", best r{best['rank']}" + (f" lr{rate:.3g}" if _finite(rate) else "")
     return text
 
 
-def trial_metric(result: dict, metric: str) -> float | None:
-    """The sweep metric from a trial's result.json; accuracy asked of a causal LM has no value."""
-    metrics = (result or {}).get("metrics")
-    value = metrics.get(metric) if isinstance(metrics, dict) else None  # result.json is whatever JSON it holds
-    return float(value) if _finite(value) else None
-
-
-def table(trials: list[dict], metric: str, best_rank: int | None) -> str:
+def table(trials: list[dict], metric: str, best: dict | None) -> str:
     """The sweep as a text table (events, `kubetune local`)."""
-    rows = [f"{'rank':>5} {'alpha':>5} {'state':<9} {metric:>12} {'seconds':>8}"]
-    for t in sorted(trials, key=lambda t: t["rank"]):
+    rows = [f"{'rank':>5} {'alpha':>5} {'lr':>9} {'state':<9} {'rung':>4} {'steps':>6} {metric:>12}  note"]
+    chosen = (best or {}).get("name")
+    for t in trials:
         value = t.get("metric")
         shown = f"{value:.4f}" if _finite(value) else "-"
-        seconds = t.get("durationSeconds")
-        mark = "  <- chosen" if t["rank"] == best_rank else ""
-        rows.append(f"{t['rank']:>5} {t.get('alpha', '-')!s:>5} {t.get('state', ''):<9} {shown:>12} "
-                    f"{(f'{seconds:.0f}' if _finite(seconds) else '-'):>8}{mark}")
+        lr = t.get("learningRate")
+        note = "<- chosen" if chosen and t.get("name") == chosen else t.get("message", "")
+        if t.get("retryOf"):
+            note = f"retry of {t['retryOf']}; {note}"
+        rows.append(f"{t['rank']:>5} {t.get('alpha', '-')!s:>5} {(f'{lr:.3g}' if _finite(lr) else '-'):>9} "
+                    f"{t['state']:<9} {t.get('rung', '-')!s:>4} {t.get('steps', '-')!s:>6} {shown:>12}  {note}")
     return "\n".join(rows)

@@ -1,7 +1,7 @@
 """What every stage's children share: names, labels, the job-config ConfigMap, the trainer pod.
 
 Pure. The workload around the pod is its training backend's (kubetune_operator.backends). Names are
-deterministic (`<job>`, `<job>-data`, `<job>-baseline`, `<job>-sweep-r<rank>`): reconciles converge on one
+deterministic (`<job>`, `<job>-data`, `<job>-baseline`, `<job>-rank-sweep`): reconciles converge on one
 of each. The data stage's pod is CPU-only (`DATA_STAGE_RESOURCES`, docs/operations.md says why).
 """
 
@@ -21,7 +21,6 @@ RUN_AS_USER = 1000
 
 LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_STAGE = "kubetune.io/stage"
-LABEL_RANK = "kubetune.io/rank"
 # Workload names are DNS-1035 labels, and the training operator names a headless Service after each replica
 # (`<job>-worker-<index>`, index < distributed.nodes <= 1024): those must be DNS-1035 labels too.
 MAX_WORKLOAD_NAME = 63 - len("-worker-1023")
@@ -65,8 +64,8 @@ def stage_job_name(job_name: str, stage: jobconfig.Stage) -> str:
     """The workload of a stage (the training stage keeps the job's own name)."""
     if stage.kind == jobconfig.STAGE_BASELINE:
         return _suffixed(job_name, "baseline")
-    if stage.kind == jobconfig.STAGE_TRIAL:
-        return _suffixed(job_name, f"sweep-r{int(stage.rank)}")
+    if stage.kind == jobconfig.STAGE_SWEEP:
+        return _suffixed(job_name, "rank-sweep")
     if stage.kind == jobconfig.STAGE_DATA:
         return _suffixed(job_name, "data")
     return workload_name(job_name)
@@ -117,8 +116,6 @@ def config_map_data(job: dict, stage: jobconfig.Stage | None = None) -> dict[str
 def _stage_labels(job_name: str, component: str, stage: jobconfig.Stage) -> dict[str, str]:
     out = labels(job_name, component)
     out[LABEL_STAGE] = stage.kind
-    if stage.rank is not None:
-        out[LABEL_RANK] = str(stage.rank)
     return out
 
 
@@ -281,7 +278,7 @@ def pod_template(job: dict, settings: RenderSettings, stage: jobconfig.Stage, co
 
 
 def _component(stage: jobconfig.Stage) -> str:
-    return {jobconfig.STAGE_BASELINE: "baseline", jobconfig.STAGE_TRIAL: "sweep-trial",
+    return {jobconfig.STAGE_BASELINE: "baseline", jobconfig.STAGE_SWEEP: "sweep",
             jobconfig.STAGE_DATA: "data"}.get(stage.kind, "training")
 
 

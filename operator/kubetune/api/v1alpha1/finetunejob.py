@@ -335,30 +335,41 @@ BASELINE = obj(
 )
 
 RANK_SWEEP = obj(
-    "Choose the LoRA rank before training: one short trial per rank, each its own workload, trained on "
-    "the training split minus a holdout and scored on that holdout (the validation split stays unseen "
-    "until the final evaluation). The best rank (ties go to the smaller rank) is used for the full run.",
+    "Choose the LoRA rank (and, when asked, the learning rate) before training, in one workload: every "
+    "config (rank x learning rate) trains a few steps on the training split minus a holdout and is scored "
+    "on that holdout (the validation split stays unseen until the final evaluation); the better half "
+    "trains on to twice the steps, and so on until one is left (successive halving), within `budget`. A "
+    "config that diverges or stays at chance is marked so and retried once at a quarter of its learning "
+    "rate. The winner (ties go to the smaller rank) is used for the full run.",
     {
         "ranks": array("Ranks to try.", integer("A LoRA rank.", minimum=1, maximum=MAX_LORA_RANK),
                        default=[4, 8, 16, 32], min_items=2, max_items=16, list_type="set"),
-        "holdoutFraction": number("Share of the training split held out to score the trials.", default=0.1,
+        "learningRates": array("Learning rates to try with every rank (default: training.learningRate "
+                               "alone); the chosen one is used for the full run.",
+                               number("A learning rate.", minimum=0, exclusive_minimum=True, maximum=1),
+                               min_items=1, max_items=4, list_type="set"),
+        "budget": number("Optimizer steps all configs together may use, as a share of the full run's steps "
+                         "(computed from spec.training and the dataset's size).", default=0.3, minimum=0,
+                         exclusive_minimum=True, maximum=1),
+        "holdoutFraction": number("Share of the training split held out to score the configs.", default=0.1,
                                   minimum=0, exclusive_minimum=True, maximum=0.5),
-        "epochs": number("Passes over the remaining training data per trial.", default=1, minimum=0,
-                         exclusive_minimum=True, maximum=100),
-        "maxSteps": integer("Cap on each trial's optimizer steps (default: no cap beyond epochs).", minimum=1),
-        "metric": string("Holdout metric that ranks the trials: eval_loss, perplexity (lower is better), "
+        "epochs": number("Deprecated, no longer used: `budget` sizes the sweep. Still accepted.", default=1,
+                         minimum=0, exclusive_minimum=True, maximum=100),
+        "maxSteps": integer("Cap on the first rung's optimizer steps per config (later rungs double it); "
+                            "default: what the budget allows.", minimum=1),
+        "metric": string("Holdout metric that ranks the configs: eval_loss, perplexity (lower is better), "
                          "accuracy or macro_f1 (higher is better; SequenceClassification).",
                          default="eval_loss", enum=list(METRICS)),
-        "parallelism": integer("Trials running at once.", default=1, minimum=1, maximum=16),
-        "alpha": string("Proportional keeps alpha/rank at the spec's ratio for every trial (and the full run), "
+        "parallelism": integer("Deprecated, no longer used: every config trains in the one sweep process. "
+                               "Still accepted.", default=1, minimum=1, maximum=16),
+        "alpha": string("Proportional keeps alpha/rank at the spec's ratio for every config (and the full run), "
                         "so ranks are compared at the same update scale; Fixed keeps method.lora.alpha.",
                         default="Proportional", enum=["Proportional", "Fixed"]),
         "tieTolerance": number("Metrics within this distance of the best count as a tie; the smallest tied "
                                "rank wins.", default=0.0, minimum=0),
-        "nodes": integer("Pods per trial (default: distributed.nodes). Trials are short: a smaller world "
-                         "lets several run side by side; the effective batch stays the same.", minimum=1,
-                         maximum=1024),
-        "gpusPerNode": integer("GPUs per trial pod (default: distributed.gpusPerNode).", minimum=0, maximum=16),
+        "nodes": integer("Pods of the sweep workload (default: distributed.nodes); the effective batch stays "
+                         "the same.", minimum=1, maximum=1024),
+        "gpusPerNode": integer("GPUs per sweep pod (default: distributed.gpusPerNode).", minimum=0, maximum=16),
     },
 )
 
@@ -438,8 +449,15 @@ FINETUNEJOB_SPEC = obj(
         rule(
             "!has(self.rankSweep) || !has(self.rankSweep.gpusPerNode) "
             "|| (self.rankSweep.gpusPerNode > 0) == (self.distributed.gpusPerNode > 0)",
-            "rankSweep.gpusPerNode: trials run on the same kind of device as training (both on GPUs or both on CPU)",
+            "rankSweep.gpusPerNode: the sweep runs on the same kind of device as training (both on GPUs or both "
+            "on CPU)",
             field_path=".rankSweep.gpusPerNode",
+        ),
+        rule(
+            "!has(self.rankSweep) || !has(self.rankSweep.learningRates) "
+            "|| size(self.rankSweep.ranks) * size(self.rankSweep.learningRates) <= 32",
+            "rankSweep: at most 32 configs (ranks x learningRates)",
+            field_path=".rankSweep.learningRates",
         ),
         rule(
             "!has(self.rankSweep) || self.rankSweep.metric != 'perplexity' || self.task == 'CausalLM'",

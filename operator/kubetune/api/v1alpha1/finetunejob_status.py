@@ -30,7 +30,7 @@ _METRICS = {
 FINETUNEJOB_PHASES = ("Pending", "Queued", "Validating", "Baseline", "Sweeping", "Suspended", "Running", "Publishing",
                       "Succeeded", "Skipped", "Failed")
 STAGE_STATES = ("Pending", "Running", "Succeeded", "Failed")
-TRIAL_STATES = ("Queued", *STAGE_STATES)  # Queued: waiting for a free slot (rankSweep.parallelism)
+SWEEP_TRIAL_STATES = ("Running", "Succeeded", "Stopped", "Diverged", "AtChance", "Failed")  # sweep_rules
 
 BASELINE_STATUS = obj(
     "The base model's evaluation on the validation split.",
@@ -93,40 +93,46 @@ DATA_STATUS = obj(
 )
 
 SWEEP_TRIAL = obj(
-    "One rank's trial.",
+    "One config (rank x learning rate) of the rank sweep, as far as successive halving took it.",
     {
+        "name": string("The config, e.g. r8-lr0.003 (a retry ends in -retry).", max_length=64),
         "rank": integer("LoRA rank.", minimum=1),
         "alpha": integer("LoRA alpha used.", minimum=1),
-        "job": string("The trial's workload (PyTorchJob or TrainJob).", max_length=253),
-        "state": string("Queued (waiting for a free slot), Pending (created), Running, Succeeded or Failed.",
-                        enum=list(TRIAL_STATES)),
-        "metric": number("The sweep metric on the holdout."),
-        "metrics": _METRICS,
-        "durationSeconds": number("Wall time from start to completion.", minimum=0),
-        "startTime": string("When the trial started.", fmt="date-time"),
-        "completionTime": string("When it finished.", fmt="date-time"),
-        "message": string("Why it failed, when it did.", max_length=32_768),
+        "learningRate": number("Learning rate used.", minimum=0),
+        "state": string("Running; Succeeded (a finalist); Stopped (halved out at `rung`); Diverged (a "
+                        "non-finite loss, or a holdout loss above the base model's); AtChance (learned "
+                        "nothing: accuracy near 1/classes, loss near ln(classes), or no better than the base "
+                        "model for a causal LM); Failed.", enum=list(SWEEP_TRIAL_STATES)),
+        "metric": number("The sweep metric on the holdout at the config's last rung."),
+        "steps": integer("Optimizer steps the config trained.", minimum=0),
+        "rung": integer("The last rung the config reached (0: the first).", minimum=0),
+        "seconds": number("Training and scoring time of this config.", minimum=0),
+        "retryOf": string("The config this one retries at a quarter of its learning rate.", max_length=64),
+        "message": string("Why it stopped, diverged or is at chance.", max_length=1024),
     },
     required=["rank", "state"],
 )
 
-
-def _trials() -> dict:
-    schema = array("Trials in rank order.", SWEEP_TRIAL, list_type="map", max_items=16)
-    schema["x-kubernetes-list-map-keys"] = ["rank"]
-    return schema
-
-
 SWEEP_STATUS = obj(
-    "The rank sweep: every trial and the choice.",
+    "The rank sweep (one workload, successive halving): every config and the choice.",
     {
-        "metric": string("Metric that ranks the trials.", max_length=64),
-        "trials": _trials(),
+        "job": string("The sweep's workload (PyTorchJob or TrainJob).", max_length=253),
+        "state": string("Pending (created), Running, Succeeded or Failed.", enum=list(STAGE_STATES)),
+        "metric": string("Metric that ranks the configs.", max_length=64),
+        "trials": array("Configs in the order they were tried.", SWEEP_TRIAL, max_items=64),
         "bestRank": integer("The rank chosen for training.", minimum=1),
-        "bestMetric": number("The chosen rank's metric."),
-        "completed": integer("Trials finished (succeeded or failed).", minimum=0),
-        "total": integer("Trials in the sweep.", minimum=0),
-        "summary": string("One line for kubectl get, e.g. '3/4 done, best r8'.", max_length=256),
+        "bestLearningRate": number("The learning rate of the chosen config (applied to the full run when "
+                                   "rankSweep.learningRates is set).", minimum=0),
+        "bestMetric": number("The chosen config's metric."),
+        "fullRunSteps": integer("Optimizer steps of the full run (the budget's base).", minimum=0),
+        "budgetSteps": integer("Steps the sweep may use: rankSweep.budget x fullRunSteps.", minimum=0),
+        "usedSteps": integer("Steps the configs trained, all together.", minimum=0),
+        "startTime": string("When the sweep started.", fmt="date-time"),
+        "completionTime": string("When it finished.", fmt="date-time"),
+        "durationSeconds": number("Wall time from start to completion.", minimum=0),
+        "message": string("Why it failed, when it did.", max_length=32_768),
+        "summary": string("One line for kubectl get, e.g. '4 configs, 3 halved, best r8 lr0.003'.",
+                          max_length=256),
     },
 )
 
