@@ -34,7 +34,7 @@ def test_configs_are_ranks_times_learning_rates_sorted_with_proportional_alpha()
         (4, 8, 1e-3), (4, 8, 3e-3), (16, 32, 1e-3), (16, 32, 3e-3)]
     assert [c.name for c in rules.configs(spec)][:2] == ["r4-lr0.001", "r4-lr0.003"]
     plain = spec_of(ranks=[4, 8])
-    assert [c.learning_rate for c in rules.configs(plain)] == [plain["training"]["learningRate"]] * 2
+    assert [c.learning_rate for c in rules.configs(plain)] == [2e-4] * 2  # the causal LoRA default
 
 
 def test_lora_alpha_proportional_never_below_one_and_fixed_kept():
@@ -50,8 +50,8 @@ def test_config_spec_sets_rank_alpha_and_learning_rate_without_touching_the_inpu
     out = rules.config_spec(spec, 8, 5e-3)
     assert (out["method"]["lora"]["rank"], out["method"]["lora"]["alpha"], out["training"]["learningRate"]) == (
         8, 16, 5e-3)
-    assert spec["method"]["lora"]["rank"] == 16 and spec["training"]["learningRate"] != 5e-3
-    assert rules.config_spec(spec, 8)["training"]["learningRate"] == spec["training"]["learningRate"]
+    assert spec["method"]["lora"]["rank"] == 16 and spec["training"].get("learningRate") != 5e-3
+    assert rules.config_spec(spec, 8)["training"].get("learningRate") == spec["training"].get("learningRate")
 
 
 def test_retry_is_a_quarter_of_the_learning_rate_named_apart():

@@ -10,6 +10,7 @@ import copy
 import math
 from dataclasses import dataclass
 
+from . import training_defaults
 from .v1alpha1.finetunejob import HIGHER_IS_BETTER
 from .v1alpha1.finetunejob_status import SWEEP_TRIAL_STATES
 
@@ -45,7 +46,8 @@ class Config:
 
 def learning_rates(spec: dict) -> list[float]:
     """rankSweep.learningRates when set, else the training learning rate alone."""
-    rates = (spec.get("rankSweep") or {}).get("learningRates") or [spec["training"]["learningRate"]]
+    rates = (spec.get("rankSweep") or {}).get("learningRates") or [training_defaults.learning_rate(
+        spec.get("training") or {}, task=spec.get("task", "CausalLM"), method=spec["method"]["type"])]
     return sorted({float(r) for r in rates})
 
 

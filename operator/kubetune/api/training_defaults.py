@@ -27,14 +27,21 @@ CHECKPOINTING_PARAMETERS = 1_000_000_000
 CHECKPOINTING_TOKENS = 16_384  # per micro-batch: perDeviceBatchSize x maxSeqLength
 
 
+def learning_rate(training: dict, *, task: str, method: str) -> float:
+    """The peak learning rate: the spec's, else the task's and method's default (needs no data)."""
+    if training.get("learningRate") is not None:
+        return float(training["learningRate"])
+    adapter = METHODS[method].publishes_adapter if method in METHODS else True
+    rates = LEARNING_RATES.get(task, LEARNING_RATES["CausalLM"])
+    return rates[0] if adapter else rates[1]
+
+
 def resolve(training: dict, *, task: str, method: str, train_examples: int, world_size: int) -> tuple[dict, dict]:
     """(the training settings with every unset field derived, {field: why} for the derived ones)."""
     out, why = dict(training), {}
-    adapter = METHODS[method].publishes_adapter if method in METHODS else True
-    rates = LEARNING_RATES.get(task, LEARNING_RATES["CausalLM"])
     if out.get("learningRate") is None:
-        out["learningRate"] = rates[0] if adapter else rates[1]
-        why["learningRate"] = f"{task}, {'adapter' if adapter else 'whole-model'} method {method}"
+        out["learningRate"] = learning_rate(out, task=task, method=method)
+        why["learningRate"] = f"{task}, method {method}"
     if task == CLASSIFICATION and out.get("headLearningRate") is None:
         out["headLearningRate"] = max(out["learningRate"], min(HEAD_LEARNING_RATE_MAX,
                                                                HEAD_LEARNING_RATE_FACTOR * out["learningRate"]))
