@@ -20,7 +20,13 @@ from kubetune.api import serving
 from kubetune_operator import stats
 from tests.conftest import shared_file
 from tests.trainer.conftest import adapter_dir, make_config, run_in_process
-from tests.trainer.test_minilm_clinc import TRAIN_PER_INTENT, clinc_subset, minilm_dir, minilm_spec
+from tests.trainer.test_minilm_clinc import (
+    TRAIN_PER_INTENT,
+    clinc_subset,
+    minilm_dir,
+    minilm_spec,
+    with_drift_calibrated_head,
+)
 
 WINDOW = 100
 WINDOWS = 3  # of each kind of traffic
@@ -89,7 +95,7 @@ def _clinc(root: Path) -> Clinc:
     from kubetune_engine.server import classification_body
 
     train_path, validation_path, intents = clinc_subset(root)  # 10 intents x 30 utterances; 200 validation
-    spec = minilm_spec(train_path, validation_path, f"file://{root / 'out'}", epochs=3)
+    spec = with_drift_calibrated_head(minilm_spec(train_path, validation_path, f"file://{root / 'out'}", epochs=3))
     spec["training"]["evalSteps"] = 10_000  # one evaluation, at the end: the profile's holdout pass
     config = make_config(spec, name="drift-clinc")
     started = time.monotonic()

@@ -23,7 +23,7 @@ import yaml
 from kubetune_operator import cli
 from tests.conftest import REPO_ROOT, shared_file
 from tests.trainer.conftest import make_config, run_in_process, write_jsonl
-from tests.trainer.test_minilm_clinc import clinc_subset, minilm_dir, minilm_spec
+from tests.trainer.test_minilm_clinc import clinc_subset, minilm_dir, minilm_spec, with_drift_calibrated_head
 
 NS = "team-a"
 NAME = "intents"
@@ -43,7 +43,8 @@ def train_serving_adapter(root: Path) -> tuple[dict, str, list[str], Path, Path]
     its drift profile (the validation set's confidences)."""
     (root / "data").mkdir()
     train, validation, intents = clinc_subset(root / "data", INTENTS, TRAIN_PER_INTENT)
-    config = make_config(minilm_spec(train, validation, f"file://{root / 'store'}", epochs=4), name=NAME)
+    spec = with_drift_calibrated_head(minilm_spec(train, validation, f"file://{root / 'store'}", epochs=4))
+    config = make_config(spec, name=NAME)
     manifest = run_in_process(config, root / "work")
     assert manifest["driftProfile"]["kind"] == "classification"
     return manifest, config.storage.manifest_uri, intents, train, validation
@@ -78,7 +79,7 @@ def write_traffic(path: Path, data: dict, intents: list[str]) -> int:
 
 
 def adapterdeployment(root: Path, manifest_uri: str, digest: str, train: Path, validation: Path) -> dict:
-    template = minilm_spec(train, validation, f"file://{root / 'retrains'}", epochs=3)
+    template = with_drift_calibrated_head(minilm_spec(train, validation, f"file://{root / 'retrains'}", epochs=3))
     template.pop("dataset")  # the operator fills it in: the serving adapter's data plus the new labelled data
     return {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "AdapterDeployment",

@@ -1,5 +1,6 @@
 """The README's `make sweep`: the Makefile recipe as it is, run into a temporary directory (the job's
-training one epoch; the sweep as the recipe sets it, its budget a share of that epoch). `make run` and
+training three epochs of batch 32, so that 30% of them leave the sweep more than its one-step-per-rung
+minimum; the sweep as the recipe sets it). `make run` and
 `make serve` are run by tests/local/test_local_serve_quickstart.py through the same scripts
 (scripts/run-default.sh, scripts/serve-default.sh); `make test` is CI itself (.ci/run)."""
 
@@ -18,7 +19,7 @@ def test_make_sweep_recipe_sweeps_four_ranks_then_trains_with_the_best(tmp_path)
     recipe = make_recipe("sweep")
     assert recipe.startswith("bash scripts/run-default.sh --set 'baseline=")
     run_dir = tmp_path / "runs"
-    result = subprocess.run(f"{recipe} --set training.epochs=1 --poll 0.5", shell=True, capture_output=True,
+    result = subprocess.run(f"{recipe} --set training.epochs=3 --poll 0.5", shell=True, capture_output=True,
                             text=True, timeout=900, cwd=REPO_ROOT, check=False,
                             env={**os.environ, "KUBETUNE_RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]

@@ -91,7 +91,7 @@ def test_invalid_spec_fails_without_children():
 
 
 def test_fixed_spec_after_invalid_one_proceeds():
-    _, job = step(finetunejob(training={}), config_map=False)
+    _, job = step(finetunejob(training={"epochs": 1, "maxSteps": 5}), config_map=False)
     assert job["status"]["phase"] == "Failed"
     job["spec"]["training"] = {"epochs": 1}
     job["metadata"]["generation"] = 2
