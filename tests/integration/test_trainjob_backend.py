@@ -60,7 +60,7 @@ async def test_every_stage_runs_as_a_trainjob(operator, api, s3_server, tiny_lla
         status = await wait_phase(api, "v2", "Succeeded", timeout=420)
         runs = dict(nodes.runs)
         logs = "\n".join(run.logs() for run in runs.values())
-    names = {"v2-data", "v2-baseline", "v2-sweep-r2", "v2-sweep-r4", "v2"}
+    names = {"v2-data", "v2-baseline", "v2-rank-sweep", "v2"}  # one halving workload for the sweep
     assert set(runs) == names, logs
     assert all(run.phase == "Complete" and run.restarts == 0 for run in runs.values()), logs
     assert await api.list(kube.PYTORCHJOBS) == []
@@ -70,7 +70,9 @@ async def test_every_stage_runs_as_a_trainjob(operator, api, s3_server, tiny_lla
     assert {c["type"]: c["reason"] for c in train["status"]["conditions"]} == {"Complete": "AllJobsCompleted"}
     assert train["status"]["jobsStatus"][0]["succeeded"] == 1
     assert status["data"]["state"] == "Succeeded" and status["baseline"]["met"] is False
-    assert {t["rank"]: t["state"] for t in status["sweep"]["trials"]} == {2: "Succeeded", 4: "Succeeded"}
+    trials = status["sweep"]["trials"]
+    assert sorted(t["rank"] for t in trials if "retryOf" not in t) == [2, 4]
+    assert [t["state"] for t in trials].count("Succeeded") == 1  # halved down to one
     assert status["rank"] in (2, 4) and status["replicas"]["node"]["succeeded"] == 1
     adapter = status["adapter"]
     assert adapter["metrics"]["eval_loss"] < status["baseline"]["metrics"]["eval_loss"]
