@@ -104,3 +104,13 @@ TRACKING_ANNOTATIONS = {
     "kustomize.toolkit.fluxcd.io/checksum": "flux-checksum-5f1d",
     "helm.toolkit.fluxcd.io/driftDetection": "flux-drift-disabled",
 }
+
+
+def sweep_row(rank: int, state: str, metric: float | None, *, rung: int, lr: float = 2e-4, **extra) -> dict:
+    """One config's row of status.sweep as the sweep's trainer writes it (alpha 2 x rank, as the factory's
+    LoRA alpha/rank ratio; 10 steps at rung 0, doubling per rung)."""
+    out = {"name": f"r{rank}-lr{lr:.3g}", "rank": rank, "alpha": 2 * rank, "learningRate": lr, "state": state,
+           "steps": 10 * 2 ** rung, "rung": rung, **extra}
+    if metric is not None:
+        out["metric"] = metric
+    return out

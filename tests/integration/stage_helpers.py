@@ -10,7 +10,7 @@ from kubetune.api import storage_layout
 from kubetune.clients import kube
 from kubetune_operator.reconcile import conditions as cond
 from kubetune_operator.render import training as render
-from kubetune_testing.factories import data_result, finetunejob
+from kubetune_testing.factories import data_result, finetunejob, sweep_row
 from kubetune_testing.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
 from .conftest import NS, eventually
@@ -52,13 +52,7 @@ def sweep_name(job: str) -> str:
     return f"{job}-rank-sweep"
 
 
-def row(rank: int, state: str, metric: float | None, *, rung: int, lr: float = 2e-4, **extra) -> dict:
-    """One config's row as the sweep's trainer writes it (alpha 2 x rank: the factory's 16/32)."""
-    out = {"name": f"r{rank}-lr{lr:.3g}", "rank": rank, "alpha": 2 * rank, "learningRate": lr, "state": state,
-           "steps": 10 * 2 ** rung, "rung": rung, **extra}
-    if metric is not None:
-        out["metric"] = metric
-    return out
+row = sweep_row  # one config's row as the sweep's trainer writes it
 
 
 def write_json(s3_server, uri: str, doc: dict) -> None:

@@ -11,7 +11,7 @@ from kubetune_operator.reconcile import conditions as cond
 from kubetune_operator.reconcile import finetunejob as ftj
 from kubetune_operator.reconcile.finetunejob_plan import Plan, StageReport
 from kubetune_operator.render import training as render
-from kubetune_testing.factories import data_validated, finetunejob
+from kubetune_testing.factories import data_validated, finetunejob, sweep_row
 
 NOW = "2026-11-28T12:00:00Z"
 START = "2026-11-28T11:00:00Z"
@@ -145,13 +145,7 @@ def sweep_cluster(ranks=(4, 8, 16), **sweep) -> Cluster:
     return Cluster(finetunejob(rankSweep={"ranks": list(ranks), **sweep}))
 
 
-def row(rank: int, state: str, metric: float | None, *, rung: int, lr: float = 2e-4, **extra) -> dict:
-    """One config's row as the sweep's trainer writes it (alpha 2 x rank: the factory's 16/8)."""
-    out = {"name": f"r{rank}-lr{lr:.3g}", "rank": rank, "alpha": 2 * rank, "learningRate": lr, "state": state,
-           "steps": 10 * 2 ** rung, "rung": rung, **extra}
-    if metric is not None:
-        out["metric"] = metric
-    return out
+row = sweep_row  # one config's row as the sweep's trainer writes it
 
 
 def sweep_result(rows: list[dict], **extra) -> dict:
