@@ -134,7 +134,10 @@ def _model_with_a_nan_embedding(directory: Path, word: str) -> Path:
 def test_a_nan_loss_under_zero3_fails_the_job_with_the_step_and_the_reason(tmp_path):
     model = _model_with_a_nan_embedding(tmp_path / "model", "zulu")
     rows = lm_corpus(40)
-    rows[17] = {"prompt": rows[17]["prompt"], "completion": f"{rows[17]['completion']} zulu"}
+    # The word replaces the row's last one, so the row keeps its length and its place among the
+    # length-grouped batches (lengthened, its batch moved to the first step of this seed).
+    completion = rows[17]["completion"].rsplit(" ", 1)[0]
+    rows[17] = {"prompt": rows[17]["prompt"], "completion": f"{completion} zulu"}
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     validation = write_jsonl(tmp_path / "validation.jsonl", lm_corpus(8, seed=1))
     config = make_config(job_spec(model, data, tmp_path / "out", training__maxSteps=30,
