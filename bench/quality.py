@@ -102,7 +102,7 @@ def run_kubetune(paths: dict[str, Path], out: Path, name: str, sweep: bool, sets
     training = manifest["training"]
     row = {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "wall_seconds": round(wall, 1),
            "validation_accuracy": manifest["metrics"].get("accuracy"), "steps": training["steps"],
-           "train_seconds": training["trainSeconds"], "derived": {k: _setting(manifest["config"]["training"], k)
+           "train_seconds": training["trainSeconds"], "derived": {k: _setting(manifest["config"], k)
                                                                   for k in training.get("derivedDefaults", {})},
            "pooling": (manifest.get("head") or {}).get("pooling"), "rank": manifest.get("rank")}
     if sweep:
@@ -110,9 +110,12 @@ def run_kubetune(paths: dict[str, Path], out: Path, name: str, sweep: bool, sets
     return row
 
 
-def _setting(training: dict, key: str):
-    section, _, name = key.rpartition(".")
-    return (training.get(section) or {}).get(name) if section else training.get(key)
+def _setting(spec: dict, key: str):
+    """A derived setting's value: its path under spec.training, or a spec path (method.lora.dropout)."""
+    node = spec if key.startswith("method.") else spec["training"]
+    for part in key.split("."):
+        node = (node or {}).get(part)
+    return node
 
 
 def _manifest(status: dict) -> dict:

@@ -165,7 +165,8 @@ def test_job_config_is_the_resolved_spec_with_storage_layout():
     config = json.loads(config_map["data"]["config.json"])
     assert config["api"] == "kubetune.io/jobconfig/v1"
     assert config["job"] == {"namespace": "team-a", "name": "llama-lora", "uid": "0b7f-uid"}
-    assert config["spec"]["method"]["lora"] == {"rank": 16, "alpha": 32, "dropout": 0.05,
+    # dropout: derived by the trainer once the data is loaded (training_defaults.lora_dropout)
+    assert config["spec"]["method"]["lora"] == {"rank": 16, "alpha": 32,
                                                 "targetModules": ["all-linear"], "useRslora": False}
     assert config["spec"]["training"]["scheduler"] == {"type": "linear"}  # warmupRatio: derived by the trainer
     assert config["storage"]["job_prefix"] == "s3://adapters/team-a/team-a/llama-lora/0b7f-uid/"

@@ -70,3 +70,21 @@ def test_packing_on_gpus_unless_the_user_says():
     assert packing({}, "cuda")[0] is True
     assert packing({}, "cpu") == (False, "accelerator cpu")
     assert packing({"packing": True}, "cpu") == (True, None)
+
+
+def test_lora_dropout_only_where_the_run_repeats_its_examples_many_times():
+    from kubetune.api.training_defaults import lora_dropout
+
+    lora = {"type": "LoRA", "lora": {"rank": 8}}
+    two_epochs = {"epochs": 2, "perDeviceBatchSize": 32}
+    assert lora_dropout(lora, two_epochs, train_examples=15_000, world_size=1) == (
+        0.0, "2.0 passes over the training examples (<= 2)")
+    value, why = lora_dropout(lora, {"epochs": 10, "perDeviceBatchSize": 32}, train_examples=1_000, world_size=1)
+    assert value == 0.05 and why.startswith("9.9 passes")
+    # maxSteps counts too: 300 steps x 8 x 2 ranks over 1,000 examples
+    assert lora_dropout(lora, {"maxSteps": 300, "perDeviceBatchSize": 8}, train_examples=1_000, world_size=2)[0] == 0.05
+    assert lora_dropout({"type": "QLoRA", "lora": {"dropout": 0.1}}, two_epochs, train_examples=10,
+                        world_size=1) == (0.1, None)
+    assert lora_dropout({"type": "LoRA", "lora": {"dropout": 0}}, {"epochs": 10, "perDeviceBatchSize": 1},
+                        train_examples=10, world_size=1) == (0.0, None)
+    assert lora_dropout({"type": "Full"}, two_epochs, train_examples=10, world_size=1) == (None, None)

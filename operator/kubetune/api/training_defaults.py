@@ -22,6 +22,10 @@ CLASSIFICATION_EXAMPLES_SEEN = 30_000
 EPOCH_BOUNDS = {CLASSIFICATION: (1, 10), "CausalLM": (1, 3)}
 CAUSAL_EXAMPLES_SEEN = 6_000
 LONG_RUN_STEPS = 1_000  # longer runs warm up for 6% of their steps, shorter ones for 10%
+# LoRA dropout regularises against memorising examples seen many times; over one or two passes it buys
+# nothing (CLINC150, 2 epochs: 0.9582 with 0.05, 0.9589 without) and a CPU step costs 1.4x with it.
+LORA_DROPOUT = 0.05
+PASSES_WITHOUT_DROPOUT = 2
 # Recomputing activations costs ~30% more compute: worth it only where activations are what fills memory.
 CHECKPOINTING_PARAMETERS = 1_000_000_000
 CHECKPOINTING_TOKENS = 16_384  # per micro-batch: perDeviceBatchSize x maxSeqLength
@@ -58,6 +62,24 @@ def resolve(training: dict, *, task: str, method: str, train_examples: int, worl
                                        f"{LONG_RUN_STEPS})"
     out["scheduler"] = scheduler
     return out, why
+
+
+def lora_dropout(method: dict, training: dict, *, train_examples: int,
+                 world_size: int) -> tuple[float | None, str | None]:
+    """(the LoRA dropout, why when derived): the spec's, else LORA_DROPOUT when the run passes over its
+    examples more than PASSES_WITHOUT_DROPOUT times, else 0. None for methods without LoRA settings.
+    `training` is resolved already (epochs or maxSteps, batch)."""
+    facts = METHODS.get(method.get("type"))
+    lora = method.get("lora") or {}
+    if facts is None or facts.settings != "lora":
+        return None, None
+    if lora.get("dropout") is not None:
+        return float(lora["dropout"]), None
+    effective = training.get("effectiveBatchSize") or training["perDeviceBatchSize"] * world_size
+    passes = _planned_steps(training, train_examples, world_size) * effective / max(1, train_examples)
+    many = passes > PASSES_WITHOUT_DROPOUT
+    return (LORA_DROPOUT if many else 0.0), (f"{passes:.1f} passes over the training examples "
+                                             f"({'>' if many else '<='} {PASSES_WITHOUT_DROPOUT})")
 
 
 def _batch(task: str, effective: int | None, world_size: int) -> tuple[int, str]:

@@ -51,7 +51,8 @@ LORA = obj(
     {
         "rank": integer("Adapter rank r.", default=16, minimum=1, maximum=MAX_LORA_RANK),
         "alpha": integer("Scaling alpha; the update is scaled by alpha/r.", default=32, minimum=1, maximum=4096),
-        "dropout": number("Dropout on the adapter input.", default=0.05, minimum=0, maximum=0.9),
+        "dropout": number("Dropout on the adapter input. Left out: 0.05 when the run passes over its training "
+                          "examples more than twice (small data), else 0.", minimum=0, maximum=0.9),
         "targetModules": array(
             "Module names to adapt (e.g. q_proj, v_proj), or the single entry all-linear for every linear "
             "layer except the output head. A name that matches no module fails the job at once and lists "
