@@ -128,6 +128,9 @@ class TrainingRun:
     state: TrainerState = field(default_factory=TrainerState)
     uploads: CheckpointUploads = field(default_factory=CheckpointUploads)
     stop_reason: str = ""
+    # (step, result) of the latest in-loop evaluation; cleared when other weights are restored. The final
+    # validation of those same weights reuses it instead of scoring the split twice.
+    last_evaluation: tuple[int, Evaluation] | None = None
 
     @property
     def spec(self) -> dict:
@@ -452,7 +455,9 @@ def _evaluate_and_decide(run: TrainingRun) -> str | None:
     """Evaluate, then early stopping and thawing decide; returns a stop reason, or None to go on."""
     state, runner, thawing = run.state, run.runner, run.thawing
     stopping = run.spec["training"].get("earlyStopping")
-    result = run.validate().metrics
+    evaluation = run.validate()
+    run.last_evaluation = (state.step, evaluation)
+    result = evaluation.metrics
     watch = (stopping or {}).get("metric", "eval_loss")
     if watch not in result:  # e.g. accuracy asked of a causal LM: the loss is what there is
         watch = "eval_loss"
@@ -504,6 +509,7 @@ def restore_best_weights(run: TrainingRun) -> None:
     state, runner = run.state, run.runner
     if runner.best_weights is not None and state.best_step != state.step:
         runner.restore_best()
+        run.last_evaluation = None
         run.stop_reason += f"; restored the weights of step {state.best_step} (best {state.best_metric:.6g})"
         log.info("restored the best weights", extra={"step": state.best_step, "metric": state.best_metric})
 
@@ -514,7 +520,7 @@ def restore_best_weights(run: TrainingRun) -> None:
 def finish(run: TrainingRun) -> dict:
     state, progress = run.state, run.progress
     progress.update(stage="evaluating", force=True)
-    final = run.validate() if run.val_examples else Evaluation({}, [], [])
+    final = _final_validation(run)
     run.tracker.log({f"final_{k}": v for k, v in final.metrics.items()}, step=state.step)
     evaluations = evaluate_sets(run) if run.eval_sets else None
     reference_answers = answers.measure(run)  # all ranks under ZeRO-3 (collective forwards), else rank 0
@@ -527,3 +533,12 @@ def finish(run: TrainingRun) -> dict:
         progress.update(stage="done", force=True, step=state.step)
     distributed.barrier()
     return document
+
+
+def _final_validation(run: TrainingRun) -> Evaluation:
+    if not run.val_examples:
+        return Evaluation({}, [], [])
+    if run.last_evaluation is not None and run.last_evaluation[0] == run.state.step:
+        log.info("final validation: the evaluation of this step, same weights", extra={"step": run.state.step})
+        return run.last_evaluation[1]
+    return run.validate()
