@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from common import load_average, minilm_dir
+from kubetune.api import training_defaults
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -102,20 +103,13 @@ def run_kubetune(paths: dict[str, Path], out: Path, name: str, sweep: bool, sets
     training = manifest["training"]
     row = {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "wall_seconds": round(wall, 1),
            "validation_accuracy": manifest["metrics"].get("accuracy"), "steps": training["steps"],
-           "train_seconds": training["trainSeconds"], "derived": {k: _setting(manifest["config"], k)
-                                                                  for k in training.get("derivedDefaults", {})},
+           "train_seconds": training["trainSeconds"],
+           "derived": {k: training_defaults.derived_value(manifest["config"], k)
+                       for k in training.get("derivedDefaults", {})},
            "pooling": (manifest.get("head") or {}).get("pooling"), "rank": manifest.get("rank")}
     if sweep:
         row["sweep"] = status.get("sweep")
     return row
-
-
-def _setting(spec: dict, key: str):
-    """A derived setting's value: its path under spec.training, or a spec path (method.lora.dropout)."""
-    node = spec if key.startswith("method.") else spec["training"]
-    for part in key.split("."):
-        node = (node or {}).get(part)
-    return node
 
 
 def _manifest(status: dict) -> dict:

@@ -32,8 +32,6 @@ from .step_runner import StepRunner
 from .sweep import run_sweep
 
 log = logging.getLogger(__name__)
-# The one derived default outside spec.training (the others are keyed by their path under it).
-LORA_DROPOUT_KEY = "method.lora.dropout"
 
 
 class TrainingHalted(Exception):
@@ -222,9 +220,9 @@ def load_inputs(run: TrainingRun) -> None:
                                                   world_size=run.dist.world_size)
     if why:
         spec["method"]["lora"] = {**spec["method"].get("lora", {}), "dropout": dropout}
-        run.derived_defaults[LORA_DROPOUT_KEY] = why
+        run.derived_defaults[training_defaults.LORA_DROPOUT_KEY] = why
     if run.derived_defaults:
-        log.info("derived training defaults", extra={"derived": {k: _resolved(spec, k)
+        log.info("derived training defaults", extra={"derived": {k: training_defaults.derived_value(spec, k)
                                                                  for k in run.derived_defaults}})
     log.info("dataset report", extra={"summary": run.loaded.summary()})
     log.info("data ready", extra={"train": len(run.train_examples), "validation": len(run.val_examples),
@@ -238,14 +236,6 @@ def load_inputs(run: TrainingRun) -> None:
         spec["training"]["packing"] = pack
         run.derived_defaults["packing"] = why
     run.pack = pack and causal
-
-
-def _resolved(spec: dict, key: str):
-    """A derived setting's value: keys are paths under spec.training, or a spec path (method.lora.dropout)."""
-    node = spec if key.startswith("method.") else spec["training"]
-    for part in key.split("."):
-        node = (node or {}).get(part)
-    return node
 
 
 def build_model(run: TrainingRun) -> None:

@@ -26,6 +26,8 @@ LONG_RUN_STEPS = 1_000  # longer runs warm up for 6% of their steps, shorter one
 # nothing (CLINC150, 2 epochs: 0.9582 with 0.05, 0.9589 without) and a CPU step costs 1.4x with it.
 LORA_DROPOUT = 0.05
 PASSES_WITHOUT_DROPOUT = 2
+# The one derived default outside spec.training (the others are keyed by their path under it).
+LORA_DROPOUT_KEY = "method.lora.dropout"
 # Recomputing activations costs ~30% more compute: worth it only where activations are what fills memory.
 CHECKPOINTING_PARAMETERS = 1_000_000_000
 CHECKPOINTING_TOKENS = 16_384  # per micro-batch: perDeviceBatchSize x maxSeqLength
@@ -75,11 +77,23 @@ def lora_dropout(method: dict, training: dict, *, train_examples: int,
         return None, None
     if lora.get("dropout") is not None:
         return float(lora["dropout"]), None
-    effective = training.get("effectiveBatchSize") or training["perDeviceBatchSize"] * world_size
-    passes = _planned_steps(training, train_examples, world_size) * effective / max(1, train_examples)
+    passes = (_planned_steps(training, train_examples, world_size) * _effective_batch(training, world_size)
+              / max(1, train_examples))
     many = passes > PASSES_WITHOUT_DROPOUT
     return (LORA_DROPOUT if many else 0.0), (f"{passes:.1f} passes over the training examples "
                                              f"({'>' if many else '<='} {PASSES_WITHOUT_DROPOUT})")
+
+
+def derived_value(spec: dict, key: str):
+    """The value of a derived default, by its `derivedDefaults` key (see LORA_DROPOUT_KEY)."""
+    node = spec if key == LORA_DROPOUT_KEY else spec["training"]
+    for part in key.split("."):
+        node = (node or {}).get(part)
+    return node
+
+
+def _effective_batch(training: dict, world_size: int) -> int:
+    return training.get("effectiveBatchSize") or training["perDeviceBatchSize"] * world_size
 
 
 def _batch(task: str, effective: int | None, world_size: int) -> tuple[int, str]:
@@ -103,8 +117,7 @@ def _planned_steps(training: dict, train_examples: int, world_size: int) -> int:
     """Optimizer steps the run will take (as the trainer's Schedule counts them)."""
     if training.get("maxSteps"):
         return int(training["maxSteps"])
-    per_device = training["perDeviceBatchSize"]
-    effective = training.get("effectiveBatchSize") or per_device * world_size
+    effective = _effective_batch(training, world_size)
     steps_per_epoch = max(1, train_examples // max(1, effective))
     return max(1, math.ceil(training["epochs"] * steps_per_epoch))
 
